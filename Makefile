@@ -1,0 +1,25 @@
+# Two commands do all the set-up on a fresh Debian machine (as root): `make demo` and `make test`.
+.PHONY: setup test lint typecheck unit demo cluster-down protos
+
+VENV := .venv/bin
+
+setup:
+	@bash hack/setup.sh
+
+lint: setup
+	$(VENV)/ruff check agent dht registry tests bench hack
+
+typecheck: setup
+	$(VENV)/mypy agent dht registry
+
+test: setup lint typecheck
+	$(VENV)/python -m pytest -q -p no:cacheprovider
+
+demo: setup
+	$(VENV)/python -m hack.demo
+
+cluster-down: setup
+	$(VENV)/python -m hack.cluster down
+
+protos: setup
+	bash hack/gen-protos.sh

@@ -1,0 +1,1 @@
+"""Shared pytest set-up. The real-component harness fixtures live in tests/harness/fixtures.py."""
