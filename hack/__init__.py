@@ -1,0 +1,1 @@
+"""Developer and demo tooling built on the test harness (python -m hack.cluster, python -m hack.demo)."""
