@@ -1,1 +1,1 @@
-"""OCI distribution pull API and the peer-to-peer mirror logic (Quart-Trio app, pure parsing cores)."""
+"""OCI distribution pull API and the peer-to-peer mirror (Quart-Trio app, pure parsing cores)."""
