@@ -1,1 +1,3 @@
 """Shared pytest set-up. The real-component harness fixtures live in tests/harness/fixtures.py."""
+
+pytest_plugins = ["tests.harness.fixtures"]
