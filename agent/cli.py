@@ -1,32 +1,620 @@
-"""Command-line entry point: parses flags (with env twins) and dispatches to subcommands."""
+"""Command-line entry point: flags with env twins (Spegel's names and defaults) and subcommand
+dispatch.
+
+Why this shape: every flag is declared once in a table (`_FLAGS`) giving its env twin, default and
+parser, so `--help`, env handling and error messages cannot drift apart. Values are converted while
+parsing; a bad value (on the command line or in the environment) ends the process with one `spegla:
+error:` line and exit code 2. `build_parser()` is public: the manifests' tests parse the
+DaemonSet's args with it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from agent import __version__
+from agent.config import (
+    BOOTSTRAP_KINDS,
+    BootstrapConfig,
+    ConfigError,
+    MirrorConfig,
+    RegistryConfig,
+    parse_bool,
+    parse_duration,
+    parse_listen_addr,
+    parse_log_level,
+    parse_mirrored_registry,
+    parse_peer,
+    parse_port,
+    parse_regex,
+    parse_url,
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """One command-line flag and its environment twin."""
+
+    name: str
+    env: str | None
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+    many: bool = False
+    boolean: bool = False
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+
+def _text(value: str) -> str:
+    return value
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"invalid integer {value!r}") from None
+
+
+def _kind(value: str) -> str:
+    if value not in BOOTSTRAP_KINDS:
+        raise ConfigError(f"invalid bootstrap kind {value!r} (one of {', '.join(BOOTSTRAP_KINDS)})")
+    return value
+
+
+def _mirror_target(value: str) -> str:
+    from agent.hosts_toml import encapsulate_ipv6
+
+    return parse_url(encapsulate_ipv6(value.strip()), what="mirror target")
+
+
+def _http_url(value: str) -> str:
+    return parse_url(value, what="URL", allow_path=True) if value else ""
+
+
+def _optional_listen(value: str) -> Any:
+    return parse_listen_addr(value) if value else None
+
+
+_LOG_LEVEL = Flag(
+    "--log-level",
+    "LOG_LEVEL",
+    "INFO",
+    parse_log_level,
+    "minimum log level: DEBUG, INFO, WARN, ERROR",
+)
+_SOCK = Flag(
+    "--containerd-sock",
+    "CONTAINERD_SOCK",
+    "/run/containerd/containerd.sock",
+    _text,
+    "containerd gRPC socket",
+    metavar="PATH",
+)
+_NAMESPACE = Flag(
+    "--containerd-namespace",
+    "CONTAINERD_NAMESPACE",
+    "k8s.io",
+    _text,
+    "containerd namespace",
+    metavar="NS",
+)
+_MIRRORED = Flag(
+    "--mirrored-registries",
+    "MIRRORED_REGISTRIES",
+    (),
+    parse_mirrored_registry,
+    "registry URLs to mirror (e.g. https://docker.io); empty, _default or * means all",
+    many=True,
+    metavar="URL",
+)
+_FILTERS = Flag(
+    "--registry-filters",
+    "REGISTRY_FILTERS",
+    (),
+    parse_regex,
+    "regexes over registry/repository[:tag]; a match is not served nor advertised (':latest$')",
+    many=True,
+    metavar="REGEX",
+)
+_CONFIG_PATH = Flag(
+    "--containerd-registry-config-path",
+    "CONTAINERD_REGISTRY_CONFIG_PATH",
+    "/etc/containerd/certs.d",
+    _text,
+    "containerd registry config_path (certs.d) directory",
+    metavar="DIR",
+)
+
+_FLAGS: dict[str, tuple[Flag, ...]] = {
+    "registry": (
+        _LOG_LEVEL,
+        Flag(
+            "--registry-addr",
+            "REGISTRY_ADDR",
+            ":5000",
+            parse_listen_addr,
+            "registry HTTP listen address; its port is every peer's registry port",
+            metavar="ADDR",
+        ),
+        Flag(
+            "--router-addr",
+            "ROUTER_ADDR",
+            ":5001",
+            parse_listen_addr,
+            "DHT (UDP) listen address",
+            metavar="ADDR",
+        ),
+        Flag(
+            "--metrics-addr",
+            "METRICS_ADDR",
+            ":9090",
+            parse_listen_addr,
+            "serves /metrics, /debug/tasks and /debug/web",
+            metavar="ADDR",
+        ),
+        _SOCK,
+        _NAMESPACE,
+        Flag(
+            "--containerd-content-path",
+            "CONTAINERD_CONTENT_PATH",
+            "/var/lib/containerd/io.containerd.content.v1.content",
+            _text,
+            "containerd content directory read directly; empty means stream blobs over gRPC",
+            metavar="DIR",
+        ),
+        _MIRRORED,
+        _FILTERS,
+        Flag(
+            "--mirror-resolve-timeout",
+            "MIRROR_RESOLVE_TIMEOUT",
+            "20ms",
+            parse_duration,
+            "how long to wait for a peer before each retry (Go duration)",
+            metavar="DURATION",
+        ),
+        Flag(
+            "--mirror-resolve-retries",
+            "MIRROR_RESOLVE_RETRIES",
+            "3",
+            _int,
+            "peer look-up attempts per request",
+            metavar="N",
+        ),
+        Flag(
+            "--bootstrap-kind",
+            "BOOTSTRAP_KIND",
+            "none",
+            _kind,
+            f"how to find the first peers: {', '.join(BOOTSTRAP_KINDS)}",
+            metavar="KIND",
+        ),
+        Flag(
+            "--dns-bootstrap-domain",
+            "DNS_BOOTSTRAP_DOMAIN",
+            "",
+            _text,
+            "dns: headless Service name; first 3 A and 3 AAAA records (sorted) are the seeds",
+            metavar="DOMAIN",
+        ),
+        Flag(
+            "--http-bootstrap-addr",
+            "HTTP_BOOTSTRAP_ADDR",
+            "",
+            _optional_listen,
+            "http: address to serve GET /id on (empty: don't serve)",
+            metavar="ADDR",
+        ),
+        Flag(
+            "--http-bootstrap-url",
+            "HTTP_BOOTSTRAP_URL",
+            "",
+            _http_url,
+            "http: URL answering like /id, fetched for the seed peers",
+            metavar="URL",
+        ),
+        Flag(
+            "--static-bootstrap-peers",
+            "STATIC_BOOTSTRAP_PEERS",
+            (),
+            parse_peer,
+            "static: seed peers as host:port (the DHT port)",
+            many=True,
+            metavar="HOST:PORT",
+        ),
+        Flag(
+            "--kubeconfig",
+            "KUBECONFIG",
+            "",
+            _text,
+            "kubernetes: kubeconfig file (empty: in-cluster service account)",
+            metavar="PATH",
+        ),
+        Flag(
+            "--leader-election-name",
+            "LEADER_ELECTION_NAME",
+            "spegla-leader-election",
+            _text,
+            "kubernetes: Lease name",
+            metavar="NAME",
+        ),
+        Flag(
+            "--leader-election-namespace",
+            "LEADER_ELECTION_NAMESPACE",
+            "spegla",
+            _text,
+            "kubernetes: Lease namespace",
+            metavar="NS",
+        ),
+        Flag(
+            "--data-dir",
+            "DATA_DIR",
+            "",
+            _text,
+            "directory keeping the node id across restarts (empty: new id per start)",
+            metavar="DIR",
+        ),
+        Flag(
+            "--debug-web-enabled",
+            "DEBUG_WEB_ENABLED",
+            "true",
+            parse_bool,
+            "serve /debug/web on the metrics address",
+            boolean=True,
+        ),
+        Flag(
+            "--advertise-addr",
+            "ADVERTISE_ADDR",
+            "",
+            _text,
+            "IP peers reach this node on (default: detected; set it to the pod IP)",
+            metavar="IP",
+        ),
+        Flag(
+            "--dht-psk-file",
+            "DHT_PSK_FILE",
+            "",
+            _text,
+            "file holding a pre-shared key: only nodes with the same key join the DHT",
+            metavar="PATH",
+        ),
+        Flag(
+            "--standalone",
+            "STANDALONE",
+            "false",
+            parse_bool,
+            "ready without any peer (a single-node cluster)",
+            boolean=True,
+        ),
+        Flag(
+            "--shutdown-grace",
+            "SHUTDOWN_GRACE",
+            "5s",
+            parse_duration,
+            "on SIGTERM, how long in-flight requests may finish",
+            metavar="DURATION",
+        ),
+        Flag(
+            "--state-refresh",
+            "STATE_REFRESH",
+            "9m",
+            parse_duration,
+            "full re-scan and re-advertise of containerd content",
+            metavar="DURATION",
+        ),
+    ),
+    "configuration": (
+        _LOG_LEVEL,
+        _CONFIG_PATH,
+        _MIRRORED,
+        Flag(
+            "--mirror-targets",
+            "MIRROR_TARGETS",
+            (),
+            _mirror_target,
+            "mirror URLs containerd tries first, in order (required)",
+            many=True,
+            metavar="URL",
+        ),
+        Flag(
+            "--resolve-tags",
+            "RESOLVE_TAGS",
+            "true",
+            parse_bool,
+            "let mirrors resolve tags (capabilities pull+resolve, else pull)",
+            boolean=True,
+        ),
+        Flag(
+            "--prepend-existing",
+            "PREPEND_EXISTING",
+            "false",
+            parse_bool,
+            "keep the mirrors that were configured before, after ours",
+            boolean=True,
+        ),
+        Flag(
+            "--dial-timeout",
+            "DIAL_TIMEOUT",
+            "200ms",
+            parse_duration,
+            "dial_timeout written for each mirror (containerd >= 2.1 honours it)",
+            metavar="DURATION",
+        ),
+    ),
+    "cleanup": (
+        _LOG_LEVEL,
+        _CONFIG_PATH,
+        Flag(
+            "--addr",
+            "ADDR",
+            "",
+            _optional_listen,
+            "after restoring, answer 200 on this address until terminated",
+            metavar="ADDR",
+        ),
+    ),
+    "keys": (_LOG_LEVEL, _SOCK, _NAMESPACE, _MIRRORED, _FILTERS),
+}
+
+_DESCRIPTIONS = {
+    "registry": "run the node agent: DHT, containerd state tracker, mirror, metrics and debug",
+    "configuration": "write containerd hosts.toml files pointing mirrored registries at the agent",
+    "cleanup": "restore the containerd registry config that was there before `configuration`",
+    "keys": "print the keys this node would advertise (one per line)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, and env twins applied after the command line."""
+
+    environ: Mapping[str, str] = os.environ
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        ns, extra = super().parse_known_args(args, namespace)
+        command = getattr(ns, "command", None)
+        if self.prog == "spegla" and command in _FLAGS:
+            _apply_env_and_defaults(self, ns, _FLAGS[command], self.environ)
+        return ns, extra
+
+
+def _apply_env_and_defaults(
+    parser: _Parser, ns: argparse.Namespace, flags: Sequence[Flag], environ: Mapping[str, str]
+) -> None:
+    for flag in flags:
+        if getattr(ns, flag.dest, None) is not None:
+            continue
+        source = f"default of {flag.name}"
+        raw: Any = flag.default
+        if flag.env is not None and flag.env in environ:
+            source, raw = f"{flag.env} (env)", environ[flag.env]
+        try:
+            if flag.many:
+                items = raw.split(",") if isinstance(raw, str) else list(raw)
+                value: Any = tuple(flag.parse(item.strip()) for item in items if item.strip())
+            else:
+                value = flag.parse(raw) if isinstance(raw, str) else raw
+        except ConfigError as exc:
+            parser.error(f"{source}: {exc}")
+        setattr(ns, flag.dest, value)
+
+
+def _converter(flag: Flag) -> Callable[[str], Any]:
+    def convert(value: str) -> Any:
+        try:
+            return flag.parse(value)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = flag.dest
+    return convert
+
+
+def _add_flag(parser: argparse.ArgumentParser, flag: Flag) -> None:
+    default = flag.default
+    shown = ",".join(default) if isinstance(default, tuple) else default
+    twin = f"env {flag.env}; " if flag.env else ""
+    help_text = (
+        f"{flag.help} ({twin}default {shown!r})"
+        if shown != ""
+        else f"{flag.help} ({twin}default empty)"
+    )
+    if flag.many:
+        parser.add_argument(
+            flag.name,
+            dest=flag.dest,
+            nargs="*",
+            action="extend",
+            type=_split_converter(flag),
+            default=None,
+            help=help_text,
+            metavar=flag.metavar,
+        )
+    elif flag.boolean:
+        parser.add_argument(
+            flag.name,
+            dest=flag.dest,
+            nargs="?",
+            const=True,
+            type=_converter(flag),
+            default=None,
+            help=help_text,
+            metavar="BOOL",
+        )
+    else:
+        parser.add_argument(
+            flag.name,
+            dest=flag.dest,
+            type=_converter(flag),
+            default=None,
+            help=help_text,
+            metavar=flag.metavar,
+        )
+
+
+def _split_converter(flag: Flag) -> Callable[[str], Any]:
+    """List flags take several values after the flag and/or comma-separated values."""
+
+    def convert(value: str) -> Any:
+        try:
+            return [flag.parse(item.strip()) for item in value.split(",") if item.strip()]
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = flag.dest
+    return convert
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The full `spegla` parser; env twins come from `environ` (default: the process env)."""
+    parser = _Parser(
         prog="spegla",
         description="Node agent that makes every Kubernetes node a pull-only OCI registry mirror.",
+        epilog="Every flag can also be set through the environment variable named in its help. "
+        "Durations use Go syntax (20ms, 2s, 1m30s).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.environ = os.environ if environ is None else environ
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
+    for command, flags in _FLAGS.items():
+        cmd = sub.add_parser(
+            command, help=_DESCRIPTIONS[command], description=_DESCRIPTIONS[command]
+        )
+        for flag in flags:
+            _add_flag(cmd, flag)
     version = sub.add_parser("version", help="print the version and exit")
     version.add_argument("--format", choices=["text", "json"], default="text")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _flatten(values: Any) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for value in values:
+        if isinstance(value, list):
+            out.extend(value)
+        else:
+            out.append(value)
+    return tuple(out)
+
+
+def registry_config(ns: argparse.Namespace) -> RegistryConfig:
+    """Build and cross-check the frozen config of `spegla registry` from parsed args."""
+    bootstrap = BootstrapConfig(
+        kind=ns.bootstrap_kind,
+        dns_domain=ns.dns_bootstrap_domain,
+        http_addr=ns.http_bootstrap_addr,
+        http_url=ns.http_bootstrap_url,
+        static_peers=_flatten(ns.static_bootstrap_peers),
+        kubeconfig=ns.kubeconfig,
+        lease_name=ns.leader_election_name,
+        lease_namespace=ns.leader_election_namespace,
+    )
+    return RegistryConfig(
+        registry_addr=ns.registry_addr,
+        router_addr=ns.router_addr,
+        metrics_addr=ns.metrics_addr,
+        containerd_sock=ns.containerd_sock,
+        containerd_namespace=ns.containerd_namespace,
+        containerd_content_path=ns.containerd_content_path,
+        mirrored_registries=_flatten(ns.mirrored_registries),
+        registry_filters=_flatten(ns.registry_filters),
+        mirror_resolve_timeout=ns.mirror_resolve_timeout,
+        mirror_resolve_retries=ns.mirror_resolve_retries,
+        bootstrap=bootstrap,
+        data_dir=ns.data_dir,
+        debug_web_enabled=ns.debug_web_enabled,
+        log_level=ns.log_level,
+        advertise_addr=ns.advertise_addr,
+        dht_psk_file=ns.dht_psk_file,
+        standalone=ns.standalone,
+        shutdown_grace=ns.shutdown_grace,
+        state_refresh=ns.state_refresh,
+    ).validate()
+
+
+def mirror_config(ns: argparse.Namespace) -> MirrorConfig:
+    targets = _flatten(ns.mirror_targets)
+    if not targets:
+        raise ConfigError("--mirror-targets is required (e.g. http://$(NODE_IP):30020)")
+    return MirrorConfig(
+        config_path=ns.containerd_registry_config_path,
+        mirrored_registries=_flatten(ns.mirrored_registries),
+        mirror_targets=targets,
+        resolve_tags=ns.resolve_tags,
+        prepend_existing=ns.prepend_existing,
+        dial_timeout=ns.dial_timeout,
+    )
+
+
+def _keys_main(
+    sock: str, namespace: str, mirrored: tuple[str, ...], filters: tuple[str, ...]
+) -> int:
+    import trio
+
+    from agent.keys import collect_keys
+
+    keys = trio.run(
+        lambda: collect_keys(
+            sock, namespace, mirrored_registries=list(mirrored), registry_filters=list(filters)
+        )
+    )
+    for key in keys:
+        print(key)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
     if args.command == "version":
         if args.format == "json":
             print(json.dumps({"version": __version__, "python": sys.version.split()[0]}))
         else:
             print(f"spegla {__version__}")
         return 0
+    from agent.logs import configure_logging
+
+    try:
+        if args.command == "registry":
+            cfg = registry_config(args)
+            configure_logging(cfg.log_level)
+            from agent.run import main as run_registry
+
+            return run_registry(cfg)
+        configure_logging(args.log_level)
+        if args.command == "configuration":
+            from agent.hosts_toml import configure_main
+
+            return configure_main(mirror_config(args))
+        if args.command == "cleanup":
+            from agent.hosts_toml import cleanup_main
+
+            return cleanup_main(args.containerd_registry_config_path, args.addr)
+        if args.command == "keys":
+            return _keys_main(
+                args.containerd_sock,
+                args.containerd_namespace,
+                _flatten(args.mirrored_registries),
+                _flatten(args.registry_filters),
+            )
+    except ConfigError as exc:
+        parser.error(f"{args.command}: {exc}")
     return 2
+
+
+__all__ = ["build_parser", "main", "mirror_config", "parse_port", "parse_url", "registry_config"]

@@ -1,0 +1,275 @@
+"""Typed, validated agent configuration: value parsers (Go durations, listen addresses, peers) and
+frozen records built from flags <- env <- defaults.
+
+Why a module of its own: the CLI, the manifests' tests and the wiring all need the same meaning for
+`--registry-addr :5000` or `MIRROR_RESOLVE_TIMEOUT=20ms`; parsing lives here as pure functions that
+raise `ConfigError` with a message fit for one line on stderr.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """A flag or env value is malformed; the message names what is wrong, in one line."""
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go duration (`20ms`, `2s`, `1m30s`, `0`) into seconds (never negative)."""
+    raw = text.strip()
+    if raw == "0":
+        return 0.0
+    if not raw:
+        raise ConfigError("empty duration")
+    pos = 0
+    total = 0.0
+    while pos < len(raw):
+        match = _DURATION_PART.match(raw, pos)
+        if match is None:
+            raise ConfigError(f"invalid duration {text!r} (use Go syntax such as 20ms, 2s, 1m30s)")
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds in the shortest Go-like form used in help texts (`20ms`, `2s`, `10m`)."""
+    if seconds == 0:
+        return "0s"
+    for unit, factor in (("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        value = seconds / factor
+        if value >= 1 and abs(value - round(value)) < 1e-9:
+            return f"{round(value)}{unit}"
+    return f"{seconds}s"
+
+
+def parse_bool(text: str | bool) -> bool:
+    """Accept the spellings Go's strconv.ParseBool does (true/false, 1/0, t/f), any case."""
+    if isinstance(text, bool):
+        return text
+    value = text.strip().lower()
+    if value in ("1", "t", "true", "yes", "on"):
+        return True
+    if value in ("0", "f", "false", "no", "off"):
+        return False
+    raise ConfigError(f"invalid boolean {text!r} (use true or false)")
+
+
+def parse_port(text: str) -> int:
+    if not text.isdigit():
+        raise ConfigError(f"invalid port {text!r}")
+    port = int(text)
+    if port > 65535:
+        raise ConfigError(f"port {port} out of range 0-65535")
+    return port
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddr:
+    """Where to bind: an empty host means every interface (Go's `:5000`)."""
+
+    host: str
+    port: int
+
+    @property
+    def bind_host(self) -> str:
+        return self.host or "0.0.0.0"
+
+    def __str__(self) -> str:
+        return f"{_bracket(self.host)}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A peer endpoint: an IP literal or DNS name and a port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{_bracket(self.host)}:{self.port}"
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _split_host_port(text: str) -> tuple[str, str]:
+    raw = text.strip()
+    if raw.startswith("["):
+        end = raw.find("]")
+        if end < 0 or raw[end + 1 : end + 2] != ":":
+            raise ConfigError(f"invalid address {text!r} (expected [v6]:port)")
+        return raw[1:end], raw[end + 2 :]
+    if raw.count(":") != 1:
+        raise ConfigError(f"invalid address {text!r} (expected host:port, [v6]:port or :port)")
+    host, _, port = raw.partition(":")
+    return host, port
+
+
+def _check_host(host: str, text: str) -> None:
+    if not host:
+        return
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    if not all(
+        re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label) for label in labels
+    ):
+        raise ConfigError(f"invalid host in {text!r}")
+
+
+def parse_listen_addr(text: str) -> ListenAddr:
+    """`:5000`, `0.0.0.0:5000`, `127.0.0.1:0`, `[::]:5001`, `localhost:9090`."""
+    host, port = _split_host_port(text)
+    _check_host(host, text)
+    return ListenAddr(host, parse_port(port))
+
+
+def parse_peer(text: str, default_port: int | None = None) -> HostPort:
+    """`10.0.0.1:5001`, `[fd00::1]:5001`, `node-a:5001`; a bare IP takes `default_port`."""
+    raw = text.strip()
+    if default_port is not None:
+        try:
+            ipaddress.ip_address(raw.strip("[]"))
+        except ValueError:
+            pass
+        else:
+            return HostPort(raw.strip("[]"), default_port)
+    host, port = _split_host_port(raw)
+    if not host:
+        raise ConfigError(f"peer {text!r} has no host")
+    _check_host(host, text)
+    return HostPort(host, parse_port(port))
+
+
+def parse_url(text: str, *, what: str, allow_path: bool = False) -> str:
+    """An http(s) URL with a host; no userinfo, query or fragment (no path unless `allow_path`)."""
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{what} {text!r} must be an http:// or https:// URL with a host")
+    if parts.username is not None or parts.query or parts.fragment:
+        raise ConfigError(f"{what} {text!r} must not carry userinfo, a query or a fragment")
+    if not allow_path and parts.path not in ("", "/"):
+        raise ConfigError(f"{what} {text!r} must not have a path")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{what} {text!r} has an invalid port") from exc
+    return text.strip().rstrip("/") if not allow_path else text.strip()
+
+
+def parse_mirrored_registry(text: str) -> str:
+    """A registry URL such as `https://docker.io`, or `_default` / `*` for all registries."""
+    value = text.strip()
+    if value in ("_default", "*"):
+        return value
+    return parse_url(value, what="mirrored registry")
+
+
+def parse_regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ConfigError(f"invalid registry filter regex {text!r}: {exc}") from exc
+    return text
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARN", "WARNING", "ERROR")
+
+
+def parse_log_level(text: str) -> str:
+    value = text.strip().upper()
+    if value not in LOG_LEVELS:
+        raise ConfigError(f"invalid log level {text!r} (use DEBUG, INFO, WARN or ERROR)")
+    return "WARNING" if value == "WARN" else value
+
+
+BOOTSTRAP_KINDS = ("dns", "http", "static", "kubernetes", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapConfig:
+    """How this node finds its first DHT peers."""
+
+    kind: str = "none"
+    dns_domain: str = ""
+    http_addr: ListenAddr | None = None
+    http_url: str = ""
+    static_peers: tuple[HostPort, ...] = ()
+    kubeconfig: str = ""
+    lease_name: str = "spegla-leader-election"
+    lease_namespace: str = "spegla"
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryConfig:
+    """Everything `spegla registry` needs, validated."""
+
+    registry_addr: ListenAddr = ListenAddr("", 5000)
+    router_addr: ListenAddr = ListenAddr("", 5001)
+    metrics_addr: ListenAddr = ListenAddr("", 9090)
+    containerd_sock: str = "/run/containerd/containerd.sock"
+    containerd_namespace: str = "k8s.io"
+    containerd_content_path: str = "/var/lib/containerd/io.containerd.content.v1.content"
+    mirrored_registries: tuple[str, ...] = ()
+    registry_filters: tuple[str, ...] = ()
+    mirror_resolve_timeout: float = 0.020
+    mirror_resolve_retries: int = 3
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    data_dir: str = ""
+    debug_web_enabled: bool = True
+    log_level: str = "INFO"
+    advertise_addr: str = ""
+    dht_psk_file: str = ""
+    standalone: bool = False
+    shutdown_grace: float = 5.0
+    state_refresh: float = 540.0
+
+    def validate(self) -> RegistryConfig:
+        """Cross-field checks (each flag alone was already parsed)."""
+        kind = self.bootstrap.kind
+        if kind == "dns" and not self.bootstrap.dns_domain:
+            raise ConfigError("--bootstrap-kind=dns needs --dns-bootstrap-domain")
+        if kind == "static" and not self.bootstrap.static_peers:
+            raise ConfigError("--bootstrap-kind=static needs --static-bootstrap-peers")
+        if kind == "http" and not (self.bootstrap.http_url or self.bootstrap.http_addr):
+            raise ConfigError(
+                "--bootstrap-kind=http needs --http-bootstrap-url and/or --http-bootstrap-addr"
+            )
+        if self.mirror_resolve_retries < 1:
+            raise ConfigError("--mirror-resolve-retries must be at least 1")
+        if self.mirror_resolve_timeout <= 0:
+            raise ConfigError("--mirror-resolve-timeout must be greater than 0")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorConfig:
+    """What `spegla configuration` writes into containerd's registry config path."""
+
+    config_path: str = "/etc/containerd/certs.d"
+    mirrored_registries: tuple[str, ...] = ()
+    mirror_targets: tuple[str, ...] = ()
+    resolve_tags: bool = True
+    prepend_existing: bool = False
+    dial_timeout: float = 0.2

@@ -1,0 +1,276 @@
+"""containerd `hosts.toml` mirror configuration: render (pure), install with a one-time backup,
+clean up.
+
+Why: containerd only asks a mirror when `<config_path>/<registry>/hosts.toml` lists it. The
+rendered file must work on containerd 1.6 through 2.x: explicit `http://` mirror URLs (no scheme
+means https), at least one `[host]` table (1.6 silently ignores a file without one), `capabilities`
+pull/resolve or pull only, and `dial_timeout` (ignored by < 2.1, bounds the connect to a dead agent
+on newer ones). Whatever was in the directory before the first install is moved to `_backup` once
+and put back by `cleanup`, so uninstalling leaves the node as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from agent.config import ConfigError, MirrorConfig, format_duration
+
+logger = logging.getLogger(__name__)
+
+BACKUP_DIR = "_backup"
+_BACKUP_PENDING = ".spegla-backup-pending"
+DEFAULT_REGISTRY = "_default"
+
+
+def encapsulate_ipv6(url: str) -> str:
+    """`http://fd00::1:30020` -> `http://[fd00::1]:30020` (a bare v6 literal with a port)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, path = rest.partition("/")
+    if netloc.count(":") > 1 and not netloc.startswith("["):
+        host, _, port = netloc.rpartition(":")
+        netloc = f"[{host}]:{port}" if port.isdigit() else f"[{netloc}]"
+    return f"{scheme}://{netloc}{slash}{path}"
+
+
+def registry_dir_name(registry: str) -> str:
+    """The certs.d sub-directory containerd looks up for a mirrored registry URL (`host[:port]`)."""
+    if registry in (DEFAULT_REGISTRY, "*"):
+        return DEFAULT_REGISTRY
+    netloc = urlsplit(registry).netloc
+    if not netloc or "/" in netloc or netloc in (".", ".."):
+        raise ConfigError(f"mirrored registry {registry!r} has no usable host")
+    return netloc
+
+
+def server_url(registry: str) -> str | None:
+    """The upstream `server` line: none for `_default`; Docker Hub's real endpoint for docker.io."""
+    if registry in (DEFAULT_REGISTRY, "*"):
+        return None
+    parts = urlsplit(registry)
+    if parts.netloc == "docker.io":
+        return f"{parts.scheme}://registry-1.docker.io"
+    return registry.rstrip("/")
+
+
+def _toml_string(value: str) -> str:
+    if "'" not in value and "\n" not in value and "\r" not in value:
+        return f"'{value}'"
+    escaped = (
+        value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    )
+    return f'"{escaped}"'
+
+
+def _toml_key(key: str) -> str:
+    bare = key.replace("-", "").replace("_", "")
+    return key if key and bare.isalnum() and key.isascii() else _toml_string(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise ConfigError(f"cannot render {type(value).__name__} in hosts.toml")
+
+
+def _render_table(path: Sequence[str], table: Mapping[str, Any]) -> list[str]:
+    """A `[a.'b']` table: scalar keys first (original order), then sub-tables."""
+    lines = ["[" + ".".join(_toml_key(part) for part in path) + "]"]
+    subtables: list[tuple[str, Mapping[str, Any]]] = []
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            subtables.append((key, value))
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, value in subtables:
+        lines.extend(_render_table([*path, key], value))
+    return lines
+
+
+def render_hosts_toml(
+    registry: str,
+    targets: Sequence[str],
+    *,
+    resolve_tags: bool = True,
+    dial_timeout: float = 0.2,
+    existing_hosts: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
+    """The hosts.toml text for one mirrored registry: our mirrors first, then the previous ones."""
+    if not targets:
+        raise ConfigError("at least one mirror target is needed")
+    blocks: list[list[str]] = []
+    server = server_url(registry)
+    if server is not None:
+        blocks.append([f"server = {_toml_string(server)}"])
+    capabilities = ["pull", "resolve"] if resolve_tags else ["pull"]
+    for target in targets:
+        table = {"capabilities": capabilities, "dial_timeout": format_duration(dial_timeout)}
+        blocks.append(_render_table(["host", encapsulate_ipv6(target)], table))
+    ours = {encapsulate_ipv6(target) for target in targets}
+    for url, table in (existing_hosts or {}).items():
+        if url not in ours:
+            blocks.append(_render_table(["host", url], table))
+    return "\n\n".join("\n".join(block) for block in blocks) + "\n"
+
+
+def _existing_host_tables(backup_dir: str) -> dict[str, Mapping[str, Any]]:
+    path = os.path.join(backup_dir, "hosts.toml")
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        logger.warning(
+            "existing hosts.toml unreadable, not prepended", extra={"path": path, "error": str(exc)}
+        )
+        return {}
+    hosts = data.get("host")
+    if not isinstance(hosts, dict):
+        return {}
+    return {str(url): table for url, table in hosts.items() if isinstance(table, dict)}
+
+
+def _atomic_write(path: str, text: str) -> None:
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".hosts.toml.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _entries_except(directory: str, keep: Iterable[str]) -> list[str]:
+    skip = set(keep)
+    return sorted(name for name in os.listdir(directory) if name not in skip)
+
+
+def ensure_backup(config_path: str) -> str:
+    """Move what is in `config_path` into `_backup`, once (a later install keeps the first backup).
+
+    The move goes through a pending directory renamed at the end, so a crash halfway never leaves a
+    `_backup` missing entries (the next run finishes the move).
+    """
+    backup = os.path.join(config_path, BACKUP_DIR)
+    if os.path.isdir(backup):
+        return backup
+    pending = os.path.join(config_path, _BACKUP_PENDING)
+    os.makedirs(pending, mode=0o755, exist_ok=True)
+    for name in _entries_except(config_path, (_BACKUP_PENDING,)):
+        os.replace(os.path.join(config_path, name), os.path.join(pending, name))
+    os.replace(pending, backup)
+    logger.info("backed up existing containerd registry config", extra={"path": backup})
+    return backup
+
+
+def configure(cfg: MirrorConfig) -> list[str]:
+    """Install hosts.toml files for every mirrored registry; returns the paths written."""
+    registries = list(cfg.mirrored_registries) or [DEFAULT_REGISTRY]
+    if any(r in (DEFAULT_REGISTRY, "*") for r in registries):
+        registries = [DEFAULT_REGISTRY] + [
+            r for r in registries if r not in (DEFAULT_REGISTRY, "*")
+        ]
+    dirs = [registry_dir_name(r) for r in registries]  # validate before touching anything
+    os.makedirs(cfg.config_path, mode=0o755, exist_ok=True)
+    backup = ensure_backup(cfg.config_path)
+    for name in _entries_except(cfg.config_path, (BACKUP_DIR,)):
+        _remove(os.path.join(cfg.config_path, name))
+    written: list[str] = []
+    for registry, dir_name in zip(registries, dirs, strict=True):
+        target_dir = os.path.join(cfg.config_path, dir_name)
+        os.makedirs(target_dir, mode=0o755, exist_ok=True)
+        existing: dict[str, Mapping[str, Any]] = {}
+        if cfg.prepend_existing:
+            old_dir = os.path.join(backup, dir_name)
+            existing = _existing_host_tables(old_dir)
+            if os.path.isdir(old_dir):
+                for name in _entries_except(old_dir, ("hosts.toml",)):
+                    src = os.path.join(old_dir, name)
+                    dst = os.path.join(target_dir, name)
+                    if os.path.isdir(src):
+                        shutil.copytree(src, dst, symlinks=True)
+                    else:
+                        shutil.copy2(src, dst, follow_symlinks=False)
+        text = render_hosts_toml(
+            registry,
+            cfg.mirror_targets,
+            resolve_tags=cfg.resolve_tags,
+            dial_timeout=cfg.dial_timeout,
+            existing_hosts=existing,
+        )
+        path = os.path.join(target_dir, "hosts.toml")
+        _atomic_write(path, text)
+        written.append(path)
+        logger.info(
+            "wrote containerd mirror configuration", extra={"path": path, "registry": registry}
+        )
+    return written
+
+
+def cleanup(config_path: str) -> bool:
+    """Put back what `configure` backed up; returns False when there was nothing to restore."""
+    backup = os.path.join(config_path, BACKUP_DIR)
+    if not os.path.isdir(backup):
+        logger.info("no backup to restore", extra={"path": config_path})
+        return False
+    for name in _entries_except(config_path, (BACKUP_DIR,)):
+        _remove(os.path.join(config_path, name))
+    for name in _entries_except(backup, ()):
+        os.replace(os.path.join(backup, name), os.path.join(config_path, name))
+    os.rmdir(backup)
+    logger.info("restored containerd registry config", extra={"path": config_path})
+    return True
+
+
+def configure_main(cfg: MirrorConfig) -> int:
+    try:
+        configure(cfg)
+    except OSError as exc:
+        logger.error("could not write containerd configuration", extra={"error": str(exc)})
+        return 1
+    return 0
+
+
+def cleanup_main(config_path: str, addr: Any = None) -> int:
+    """`spegla cleanup`: restore, then (with `--addr`) answer 200 until SIGTERM (cleanup-wait)."""
+    try:
+        cleanup(config_path)
+    except OSError as exc:
+        logger.error("could not restore containerd configuration", extra={"error": str(exc)})
+        return 1
+    if addr is None:
+        return 0
+    import trio
+
+    from agent.metrics_server import serve_ok_until_signalled
+
+    trio.run(serve_ok_until_signalled, addr)
+    return 0

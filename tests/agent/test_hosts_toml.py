@@ -1,0 +1,150 @@
+"""Golden-file tests of the containerd hosts.toml writer, backup, prepend and cleanup."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.config import ConfigError, MirrorConfig
+from agent.hosts_toml import cleanup, configure, encapsulate_ipv6, render_hosts_toml
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        out[rel] = "<dir>" if path.is_dir() else path.read_text()
+    return out
+
+
+def test_default_registry_two_targets() -> None:
+    text = render_hosts_toml(
+        "_default", ["http://10.0.0.5:30020", "http://10.0.0.5:30021"], dial_timeout=0.2
+    )
+    golden("default_two_targets.toml", text)
+    data = tomllib.loads(text)
+    assert "server" not in data
+    assert list(data["host"]) == ["http://10.0.0.5:30020", "http://10.0.0.5:30021"]
+
+
+def test_docker_hub_is_rewritten_and_pull_only() -> None:
+    text = render_hosts_toml("https://docker.io", ["http://10.0.0.5:30020"], resolve_tags=False)
+    golden("docker_io_pull_only.toml", text)
+    data = tomllib.loads(text)
+    assert data["server"] == "https://registry-1.docker.io"
+    assert data["host"]["http://10.0.0.5:30020"]["capabilities"] == ["pull"]
+
+
+def test_plain_http_registry_and_ipv6_target() -> None:
+    text = render_hosts_toml("http://10.213.0.2:5000", ["http://fd00::5:30020"])
+    golden("http_registry_ipv6.toml", text)
+    assert "[host.'http://[fd00::5]:30020']" in text
+
+
+def test_encapsulate_ipv6() -> None:
+    assert encapsulate_ipv6("http://fd00::1:30020") == "http://[fd00::1]:30020"
+    assert encapsulate_ipv6("http://[fd00::1]:30020") == "http://[fd00::1]:30020"
+    assert encapsulate_ipv6("http://10.0.0.1:30020") == "http://10.0.0.1:30020"
+
+
+def test_no_targets_is_an_error() -> None:
+    with pytest.raises(ConfigError):
+        render_hosts_toml("_default", [])
+
+
+def test_configure_backs_up_once_prepends_and_cleanup_restores(tmp_path: Path) -> None:
+    certs = tmp_path / "certs.d"
+    (certs / "docker.io").mkdir(parents=True)
+    (certs / "docker.io" / "hosts.toml").write_text(
+        'server = "https://registry-1.docker.io"\n\n'
+        '[host."https://mirror.example.com"]\n'
+        '  capabilities = ["pull"]\n'
+        "  skip_verify = true\n"
+        '  [host."https://mirror.example.com".header]\n'
+        '    X-Token = ["abc"]\n'
+    )
+    (certs / "docker.io" / "ca.crt").write_text("CERT\n")
+    (certs / "quay.io").mkdir()
+    (certs / "quay.io" / "hosts.toml").write_text('server = "https://quay.io"\n')
+    before = snapshot(certs)
+
+    cfg = MirrorConfig(
+        config_path=str(certs),
+        mirrored_registries=("https://docker.io", "https://ghcr.io"),
+        mirror_targets=("http://127.0.0.1:30020",),
+        prepend_existing=True,
+    )
+    written = configure(cfg)
+    assert [Path(p).relative_to(certs).as_posix() for p in written] == [
+        "docker.io/hosts.toml",
+        "ghcr.io/hosts.toml",
+    ]
+    golden("prepend_docker_io.toml", (certs / "docker.io" / "hosts.toml").read_text())
+    golden("ghcr_io.toml", (certs / "ghcr.io" / "hosts.toml").read_text())
+    assert (certs / "docker.io" / "ca.crt").read_text() == "CERT\n"
+    assert not (certs / "quay.io").exists()
+    backup = snapshot(certs / "_backup")
+    assert backup == before
+
+    # A second install keeps the first backup and rewrites without prepend.
+    configure(MirrorConfig(config_path=str(certs), mirror_targets=("http://127.0.0.1:30020",)))
+    assert snapshot(certs / "_backup") == before
+    assert sorted(p.name for p in certs.iterdir()) == ["_backup", "_default"]
+
+    assert cleanup(str(certs)) is True
+    assert snapshot(certs) == before
+    assert cleanup(str(certs)) is False
+
+
+def test_cleanup_of_a_fresh_node_leaves_an_empty_dir(tmp_path: Path) -> None:
+    certs = tmp_path / "certs.d"
+    assert (
+        main(
+            [
+                "configuration",
+                f"--containerd-registry-config-path={certs}",
+                "--mirror-targets",
+                "http://127.0.0.1:30020",
+            ],
+            environ={},
+        )
+        == 0
+    )
+    golden("cli_default.toml", (certs / "_default" / "hosts.toml").read_text())
+    assert main(["cleanup", f"--containerd-registry-config-path={certs}"], environ={}) == 0
+    assert list(certs.iterdir()) == []
+
+
+def test_configuration_requires_targets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["configuration", f"--containerd-registry-config-path={tmp_path}"], environ={})
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--mirror-targets" in err[0]
+
+
+def test_configuration_from_env(tmp_path: Path) -> None:
+    env = {
+        "CONTAINERD_REGISTRY_CONFIG_PATH": str(tmp_path),
+        "MIRRORED_REGISTRIES": "https://docker.io,http://10.213.0.2:5000",
+        "MIRROR_TARGETS": "http://127.0.0.1:30020",
+        "RESOLVE_TAGS": "false",
+    }
+    assert main(["configuration"], environ=env) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["10.213.0.2:5000", "_backup", "docker.io"]
+    data = tomllib.loads((tmp_path / "10.213.0.2:5000" / "hosts.toml").read_text())
+    assert data["server"] == "http://10.213.0.2:5000"
+    assert data["host"]["http://127.0.0.1:30020"]["capabilities"] == ["pull"]
