@@ -1,0 +1,109 @@
+"""The in-memory Router and ContentStore behave as the interfaces promise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+
+from registry.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha256_digest
+from registry.interfaces import ContentNotFound, ContentStore, Peer, Router
+from registry.mediatypes import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, OCTET_STREAM
+
+
+def peer(n: int) -> Peer:
+    return Peer(node_id=bytes([n]) * 32, host="127.0.0.1", port=5000 + n)
+
+
+async def collect(router: Router, key: str) -> list[Peer]:
+    async with router.resolve(key) as peers:
+        return [p async for p in peers]
+
+
+async def test_routers_share_a_network_and_exclude_self() -> None:
+    net = MemoryNetwork()
+    a, b, c = net.router(peer(1)), net.router(peer(2)), net.router(peer(3))
+    await a.advertise(["k"])
+    await b.advertise(["k"])
+    assert await collect(c, "k") == [peer(1), peer(2)]
+    assert await collect(a, "k") == [peer(2)]
+    assert await collect(c, "other") == []
+    await a.withdraw(["k"])
+    assert await collect(c, "k") == [peer(2)]
+    assert c.resolved == ["k", "other", "k"]
+
+
+async def test_slow_and_non_converging_lookups(autojump_clock: trio.abc.Clock) -> None:
+    net = MemoryNetwork()
+    net.add("k", peer(1))
+    router = MemoryRouter(net, peer(9), lookup_delay=0.05, converges=False)
+    start = trio.current_time()
+    got: list[Peer] = []
+    with trio.move_on_after(1):
+        async with router.resolve("k") as peers:
+            async for p in peers:
+                got.append(p)
+    assert got == [peer(1)]
+    assert trio.current_time() - start == pytest.approx(1)
+
+
+async def test_content_store_memory_and_files(tmp_path: Path) -> None:
+    store = MemoryContentStore()
+    manifest = json.dumps({"schemaVersion": 2, "config": {}, "layers": []}).encode()
+    m = store.add(manifest)
+    layer = tmp_path / "layer"
+    layer.write_bytes(b"\x1f\x8b" + bytes(range(256)) * 9000)
+    blob = store.add_file(layer)
+    assert blob == sha256_digest(layer.read_bytes())
+    store.tag("docker.io/a/b:v1", m)
+    cs: ContentStore = store
+    assert await cs.resolve_tag("docker.io/a/b:v1") == m
+    assert (await cs.describe(m)).media_type == OCI_MANIFEST
+    d = await cs.describe(blob)
+    assert (d.size, d.media_type) == (layer.stat().st_size, OCTET_STREAM)
+    async with cs.open(blob) as reader:
+        assert reader.path == str(layer)
+        data = b"".join([c async for c in reader.read(10, reader.size - 20)])
+    assert data == layer.read_bytes()[10:-10]
+    async with cs.open(m) as reader:
+        assert reader.path is None
+        assert b"".join([c async for c in reader.read(0, reader.size)]) == manifest
+    with pytest.raises(ContentNotFound):
+        await cs.resolve_tag("docker.io/a/b:v2")
+    with pytest.raises(ContentNotFound):
+        await cs.describe("sha256:" + "0" * 64)
+    with pytest.raises(ContentNotFound):
+        async with cs.open("sha256:" + "0" * 64):
+            pass
+    weird = store.add(b'{"hello": 1}')
+    with pytest.raises(ContentNotFound):
+        await cs.describe(weird)
+
+
+async def test_load_oci_layout(tmp_path: Path) -> None:
+    blobs = tmp_path / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> str:
+        digest = sha256_digest(data)
+        (blobs / digest.removeprefix("sha256:")).write_bytes(data)
+        return digest
+
+    config = put(json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {}}).encode())
+    index = put(json.dumps({"schemaVersion": 2, "manifests": []}).encode())
+    (tmp_path / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {"digest": index, "annotations": {"org.opencontainers.image.ref.name": "v1"}}
+                ],
+            }
+        )
+    )
+    store = MemoryContentStore.from_oci_layout(tmp_path, "example.com/x")
+    assert await store.resolve_tag("example.com/x:v1") == index
+    assert (await store.describe(index)).media_type == OCI_INDEX
+    assert (await store.describe(config)).media_type == OCI_CONFIG
