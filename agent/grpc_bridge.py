@@ -106,19 +106,35 @@ def _make_channel(path: str) -> Channel:
     return Channel(path=path)
 
 
+def _lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc
+
+
 @asynccontextmanager
 async def open_grpc_channel(socket_path: str) -> AsyncIterator[GrpcChannel]:
     """Run an asyncio loop for the block's duration; open a lazy grpclib channel to a unix socket.
 
     The channel connects on first use and reconnects by itself after the server restarts.
+    An exception leaving the block comes out as itself, not wrapped in the loop's exception groups.
     """
-    async with trio_asyncio.open_loop() as loop:
+    try:
+        async with trio_asyncio.open_loop() as loop:
 
-        async def make() -> Channel:
-            return _make_channel(socket_path)
+            async def make() -> Channel:
+                return _make_channel(socket_path)
 
-        channel = await trio_asyncio.aio_as_trio(make, loop=loop)()
-        try:
-            yield GrpcChannel(loop, channel)
-        finally:
-            channel.close()
+            channel = await trio_asyncio.aio_as_trio(make, loop=loop)()
+            try:
+                yield GrpcChannel(loop, channel)
+            finally:
+                channel.close()
+    except BaseExceptionGroup as group:
+        lone = _lone_exception(group)
+        if lone is None:
+            raise
+        raise lone from lone.__cause__

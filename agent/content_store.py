@@ -1,0 +1,252 @@
+"""`ContentStore` backed by this node's containerd: what the registry serves to peers.
+
+Why: the agent keeps no storage of its own; it serves exactly the content containerd holds in the
+configured namespace. Presence is always checked through containerd's API (Images.Get for tags,
+Content.Info for digests) so content of other namespaces, or content already garbage-collected, is
+never served. The bytes then come straight from the content directory
+(`<root>/blobs/<alg>/<hex>`) when this process can read it (fast, and `BlobReader.path` lets the
+registry use sendfile), else over gRPC `Content.Read`. An opened file descriptor stays readable even
+if containerd's GC unlinks the file while a peer is still downloading it.
+
+Media types are detected from the bytes (see `agent.media_types`) and cached by digest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from agent.containerd import ContainerdClient, ContainerdUnavailable, NotFound
+from agent.media_types import (
+    OCTET_STREAM,
+    MediaTypeCache,
+    detect_media_type,
+    may_be_json_object,
+    needs_content,
+)
+from registry.interfaces import ContentNotFound, Descriptor
+from registry.reference import ReferenceError, parse_digest, parse_image_name
+
+logger = logging.getLogger(__name__)
+
+READ_CHUNK = 1024 * 1024  # per pread; 1 MiB keeps the thread round trip cost negligible
+SNIFF_BYTES = 64  # read first to tell JSON from layers before reading a whole small blob
+
+
+def _check_range(size: int, offset: int, length: int) -> None:
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ValueError(f"range {offset}+{length} is outside a blob of {size} bytes")
+
+
+@dataclass(slots=True)
+class FileBlobReader:
+    """A blob read from an open file descriptor of the content directory."""
+
+    digest: str
+    size: int
+    path: str | None
+    fd: int
+
+    async def read(self, offset: int, length: int) -> AsyncIterator[bytes]:
+        _check_range(self.size, offset, length)
+        end = offset + length
+        while offset < end:
+            n = min(READ_CHUNK, end - offset)
+            chunk = await trio.to_thread.run_sync(os.pread, self.fd, n, offset)
+            if not chunk:
+                raise ContentNotFound(f"{self.digest} ended early at byte {offset}")
+            offset += len(chunk)
+            yield chunk
+
+
+@dataclass(slots=True)
+class GrpcBlobReader:
+    """A blob streamed over containerd's Content.Read (no local file)."""
+
+    client: ContainerdClient
+    digest: str
+    size: int
+    path: str | None = None
+    _streams: list[AsyncGenerator[bytes, None]] = field(default_factory=list)
+
+    def read(self, offset: int, length: int) -> AsyncIterator[bytes]:
+        _check_range(self.size, offset, length)
+        stream = self._read(offset, length)
+        self._streams.append(stream)  # closed when the open() block ends, even if not drained
+        return stream
+
+    async def _read(self, offset: int, length: int) -> AsyncGenerator[bytes, None]:
+        if length == 0:
+            return  # containerd reads to the end when asked for 0 bytes
+        left = length
+        try:
+            async with self.client.read_content(self.digest, offset, length) as chunks:
+                async for chunk in chunks:
+                    if len(chunk) > left:
+                        chunk = chunk[:left]
+                    left -= len(chunk)
+                    yield chunk
+                    if left == 0:
+                        return
+        except NotFound as exc:
+            raise ContentNotFound(f"{self.digest} is no longer in containerd") from exc
+        if left:
+            got = length - left
+            raise ContentNotFound(f"{self.digest}: containerd returned {got}/{length} bytes")
+
+    async def aclose(self) -> None:
+        for stream in self._streams:
+            await stream.aclose()
+        self._streams.clear()
+
+
+class ContainerdContentStore:
+    """The registry's view of this node's containerd content (read-only).
+
+    `content_path` is containerd's content directory (the one holding `blobs/`); empty means "ask
+    containerd (introspection)". When the directory is not readable, or `direct_reads` is False,
+    every read goes over gRPC.
+    """
+
+    def __init__(
+        self,
+        client: ContainerdClient,
+        content_path: str = "",
+        *,
+        direct_reads: bool = True,
+        media_types: MediaTypeCache | None = None,
+    ) -> None:
+        self._client = client
+        self._configured_path = content_path
+        self._direct_reads = direct_reads
+        self._media_types = media_types if media_types is not None else MediaTypeCache()
+        self._content_dir: str | None = None
+        self._content_dir_known = False
+        self._lock = trio.Lock()
+
+    async def content_dir(self) -> str | None:
+        """The readable content directory in use, or None when reads go over gRPC."""
+        if self._content_dir_known:
+            return self._content_dir
+        async with self._lock:
+            if not self._content_dir_known:
+                self._content_dir = await self._find_content_dir()
+                self._content_dir_known = True
+                logger.info(
+                    "content store reads",
+                    extra={"mode": "file" if self._content_dir else "grpc",
+                           "content_path": self._content_dir or ""},
+                )
+        return self._content_dir
+
+    async def _find_content_dir(self) -> str | None:
+        if not self._direct_reads:
+            return None
+        path = self._configured_path
+        if not path:
+            try:
+                path = await self._client.content_root() or ""
+            except ContainerdUnavailable:
+                raise
+            except Exception as exc:  # an old containerd without introspection: use gRPC
+                logger.warning("content root unknown, reading over gRPC", extra={"error": str(exc)})
+                return None
+        blobs = os.path.join(path, "blobs")
+        if path and os.access(blobs, os.R_OK | os.X_OK):
+            return path
+        logger.warning(
+            "content directory not readable, reading over gRPC", extra={"content_path": path}
+        )
+        return None
+
+    async def resolve_tag(self, reference: str) -> str:
+        try:
+            ref = parse_image_name(reference, allow_tag_only=True)
+        except ReferenceError as exc:
+            raise ContentNotFound(f"invalid reference {reference[:200]!r}: {exc}") from exc
+        if ref.tag_key is None or ref.digest is not None:
+            raise ContentNotFound(f"{reference[:200]!r} is not a registry/repo:tag reference")
+        try:
+            image = await self._client.get_image(ref.tag_key)
+        except NotFound as exc:
+            raise ContentNotFound(f"no image {ref.tag_key} in containerd") from exc
+        except ContainerdUnavailable as exc:
+            logger.warning("containerd unavailable", extra={"error": str(exc)})
+            raise ContentNotFound(f"containerd unavailable: {exc}") from exc
+        return image.target.digest
+
+    async def _info_size(self, digest: str) -> int:
+        try:
+            parse_digest(digest)
+        except ReferenceError as exc:
+            raise ContentNotFound(str(exc)) from exc
+        try:
+            info = await self._client.content_info(digest)
+        except NotFound as exc:
+            raise ContentNotFound(f"{digest} is not in containerd") from exc
+        except ContainerdUnavailable as exc:
+            logger.warning("containerd unavailable", extra={"error": str(exc)})
+            raise ContentNotFound(f"containerd unavailable: {exc}") from exc
+        return info.size
+
+    async def describe(self, digest: str) -> Descriptor:
+        size = await self._info_size(digest)
+        media_type = self._media_types.get(digest)
+        if media_type is None:
+            media_type = OCTET_STREAM
+            if needs_content(size):
+                async with self._open_present(digest, size) as reader:
+                    head = min(size, SNIFF_BYTES)
+                    data = b"".join([chunk async for chunk in reader.read(0, head)])
+                    if may_be_json_object(data):
+                        if size > head:
+                            data += b"".join([c async for c in reader.read(head, size - head)])
+                        media_type = detect_media_type(size, data)
+            self._media_types.put(digest, media_type)
+        return Descriptor(digest=digest, size=size, media_type=media_type)
+
+    @asynccontextmanager
+    async def open(self, digest: str) -> AsyncIterator[FileBlobReader | GrpcBlobReader]:
+        size = await self._info_size(digest)
+        async with self._open_present(digest, size) as reader:
+            yield reader
+
+    @asynccontextmanager
+    async def _open_present(
+        self, digest: str, size: int
+    ) -> AsyncIterator[FileBlobReader | GrpcBlobReader]:
+        root = await self.content_dir()
+        fd = -1
+        path: str | None = None
+        if root is not None:
+            algorithm, _, encoded = digest.partition(":")
+            path = os.path.join(root, "blobs", algorithm, encoded)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                if os.fstat(fd).st_size != size:
+                    logger.warning("blob file size differs", extra={"digest": digest})
+                    os.close(fd)
+                    fd = -1
+            except OSError as exc:
+                logger.warning(
+                    "blob file unreadable, reading over gRPC",
+                    extra={"digest": digest, "error": str(exc)},
+                )
+                fd = -1
+        if fd >= 0:
+            try:
+                yield FileBlobReader(digest, size, path, fd)
+            finally:
+                os.close(fd)
+        else:
+            reader = GrpcBlobReader(self._client, digest, size)
+            try:
+                yield reader
+            finally:
+                with trio.CancelScope(shield=True):
+                    await reader.aclose()
