@@ -25,8 +25,8 @@ from agent.containerd import ContainerdClient, ContainerdUnavailable, NotFound
 from agent.media_types import (
     OCTET_STREAM,
     MediaTypeCache,
-    detect_media_type,
     may_be_json_object,
+    media_type_of,
     needs_content,
 )
 from registry.interfaces import ContentNotFound, Descriptor
@@ -206,7 +206,7 @@ class ContainerdContentStore:
                     if may_be_json_object(data):
                         if size > head:
                             data += b"".join([c async for c in reader.read(head, size - head)])
-                        media_type = detect_media_type(size, data)
+                        media_type = media_type_of(size, data)
             self._media_types.put(digest, media_type)
         return Descriptor(digest=digest, size=size, media_type=media_type)
 
