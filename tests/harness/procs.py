@@ -7,7 +7,8 @@ never signalled; whether it has exited is judged from /proc/PID/status (gone or 
 
 API
 - ``Daemon.start(argv, log_path, netns=None, env=None)`` -> ``Daemon`` (``pid``, ``start_time``,
-  ``log_path``, ``alive()``, ``stop(timeout)``, ``record()`` -> dict for a state file).
+  ``log_path``, ``alive()``, ``stop(timeout)``, ``kill()``, ``record()`` -> dict for a state file,
+  ``Daemon.from_record(d)``).
 - ``stop_recorded(record, timeout)``: stop a daemon described by ``Daemon.record()`` output.
 - ``is_alive(pid, start_time=None)``, ``process_start_time(pid)``.
 """
@@ -144,8 +145,14 @@ class Daemon:
             return ""
 
     def record(self) -> dict[str, Any]:
-        return {"name": self.name, "pid": self.pid, "start_time": self.start_time,
-                "log": str(self.log_path)}  # fmt: skip
+        return {"name": self.name, "argv": self.argv, "pid": self.pid,
+                "start_time": self.start_time, "log": str(self.log_path)}  # fmt: skip
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Daemon:
+        """A handle on a daemon another process started (for ``hack/cluster`` commands)."""
+        return cls(record["name"], list(record.get("argv", [])), Path(record["log"]),
+                   int(record["pid"]), record.get("start_time"))  # fmt: skip
 
 
 def stop_recorded(record: dict[str, Any], timeout: float = 5.0) -> None:
