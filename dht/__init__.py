@@ -1,1 +1,1 @@
-"""A Kademlia DHT over msgpack/UDP: sans-IO core, a Trio driver and an in-memory simulated network."""
+"""A Kademlia DHT over msgpack/UDP: sans-IO core, a Trio driver, an in-memory simulated network."""

@@ -1,0 +1,87 @@
+"""When each of our own keys is next announced: a due-time heap with jitter, plus a paced queue.
+
+Why: a node may hold thousands of keys. Announcing them all at once would be a burst of 20 x N
+datagrams; instead keys wait in a FIFO and only a few announce jobs run at a time, and refresh times
+are jittered so the keys advertised together drift apart instead of re-announcing in lockstep.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+
+
+class AnnounceSchedule:
+    def __init__(self, refresh: float, rng: random.Random, jitter: float = 0.1) -> None:
+        self.refresh = refresh
+        self.jitter = jitter
+        self._rng = rng
+        self._keys: dict[bytes, str] = {}  # key id -> key string
+        self._due: list[tuple[float, bytes]] = []  # lazy heap
+        self._when: dict[bytes, float] = {}
+        self._queue: deque[bytes] = deque()
+        self._queued: set[bytes] = set()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, kid: bytes) -> bool:
+        return kid in self._keys
+
+    def key(self, kid: bytes) -> str | None:
+        return self._keys.get(kid)
+
+    def add(self, kid: bytes, key: str) -> bool:
+        """Start advertising `kid`: it is queued for announcing now. False if already advertised."""
+        if kid in self._keys:
+            return False
+        self._keys[kid] = key
+        self._enqueue(kid)
+        return True
+
+    def remove(self, kid: bytes) -> bool:
+        if self._keys.pop(kid, None) is None:
+            return False
+        self._when.pop(kid, None)
+        self._queued.discard(kid)
+        return True
+
+    def _enqueue(self, kid: bytes) -> None:
+        if kid not in self._queued:
+            self._queued.add(kid)
+            self._queue.append(kid)
+
+    def reschedule(self, kid: bytes, now: float, delay: float | None = None) -> None:
+        """Announce `kid` again after `delay` (default: `refresh`, minus up to `jitter` of it)."""
+        if kid not in self._keys:
+            return
+        if delay is None:
+            delay = self.refresh * (1.0 - self.jitter * self._rng.random())
+        when = now + delay
+        self._when[kid] = when
+        heapq.heappush(self._due, (when, kid))
+
+    def release_due(self, now: float) -> None:
+        """Move every key whose refresh time has come into the queue."""
+        while self._due and self._due[0][0] <= now:
+            when, kid = heapq.heappop(self._due)
+            if self._when.get(kid) == when:
+                del self._when[kid]
+                self._enqueue(kid)
+
+    def next_due(self) -> float | None:
+        while self._due and self._when.get(self._due[0][1]) != self._due[0][0]:
+            heapq.heappop(self._due)
+        return self._due[0][0] if self._due else None
+
+    def pop_queued(self) -> bytes | None:
+        while self._queue:
+            kid = self._queue.popleft()
+            if kid in self._queued:
+                self._queued.discard(kid)
+                return kid
+        return None
+
+    def queued(self) -> int:
+        return len(self._queued)

@@ -1,0 +1,332 @@
+"""The wire format: versioned msgpack arrays, one message per UDP datagram, validated field by
+field.
+
+Why strict: every datagram is untrusted input. `decode` either returns a well-typed message or
+raises `DecodeError`, never anything else, so the protocol core can count and drop bad input in one
+place. Replies that carry lists (nodes, providers) are trimmed so the datagram stays under
+`MAX_PAYLOAD` bytes.
+
+Layout: ``[VERSION, kind, txid, sender_id, *fields]``; with a cluster pre-shared key the datagram is
+``payload || HMAC-SHA256(psk, payload)[:16]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import socket
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+
+from dht.ids import ID_BYTES, Contact, ProviderInfo
+
+VERSION = 1
+MAX_PAYLOAD = 1200  # what we send, before the optional MAC
+MAX_DATAGRAM = 1400  # what we accept at all
+MAC_BYTES = 16
+TOKEN_MAX = 32
+MAX_TXID = 2**32 - 1
+MAX_TTL = 24 * 3600
+
+
+class DecodeError(ValueError):
+    """The datagram is not a valid message of this protocol."""
+
+
+class Kind(IntEnum):
+    PING = 1
+    PONG = 2
+    FIND_NODE = 3
+    NODES = 4
+    GET_PROVIDERS = 5
+    PROVIDERS = 6
+    ADD_PROVIDER = 7
+    ACK = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    txid: int
+    sender: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    txid: int
+    sender: bytes
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FindNode:
+    txid: int
+    sender: bytes
+    target: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Nodes:
+    txid: int
+    sender: bytes
+    token: bytes
+    nodes: tuple[Contact, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GetProviders:
+    txid: int
+    sender: bytes
+    key: bytes
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Providers:
+    txid: int
+    sender: bytes
+    token: bytes
+    providers: tuple[ProviderInfo, ...]
+    more: bool  # the responder holds more providers than fit; ask again with a larger offset
+    nodes: tuple[Contact, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AddProvider:
+    txid: int
+    sender: bytes
+    key: bytes
+    port: int  # the sender's registry port; its IP is the datagram's source address
+    ttl: int
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    txid: int
+    sender: bytes
+    stored: bool
+
+
+Request = Ping | FindNode | GetProviders | AddProvider
+Reply = Pong | Nodes | Providers | Ack
+Message = Request | Reply
+
+REQUEST_TYPES = (Ping, FindNode, GetProviders, AddProvider)
+
+
+# -- framing -------------------------------------------------------------------------------------
+
+
+def seal(payload: bytes, psk: bytes | None) -> bytes:
+    if psk is None:
+        return payload
+    return payload + hmac.new(psk, payload, hashlib.sha256).digest()[:MAC_BYTES]
+
+
+def unseal(data: bytes, psk: bytes | None) -> bytes:
+    if len(data) > MAX_DATAGRAM:
+        raise DecodeError("datagram too large")
+    if psk is None:
+        return data
+    if len(data) <= MAC_BYTES:
+        raise DecodeError("datagram too short for a MAC")
+    payload, mac = data[:-MAC_BYTES], data[-MAC_BYTES:]
+    expected = hmac.new(psk, payload, hashlib.sha256).digest()[:MAC_BYTES]
+    if not hmac.compare_digest(mac, expected):
+        raise DecodeError("bad MAC")
+    return payload
+
+
+# -- addresses -----------------------------------------------------------------------------------
+
+
+def pack_ip(host: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+
+
+def unpack_ip(raw: object) -> str:
+    if type(raw) is not bytes:
+        raise DecodeError("ip must be bytes")
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw)
+    if len(raw) == 16:
+        return socket.inet_ntop(socket.AF_INET6, raw)
+    raise DecodeError("ip must be 4 or 16 bytes")
+
+
+def _entry_size(ip: bytes, port: int) -> int:
+    # fixarray(3) + bin8 id + bin8 ip + uint port, exactly as msgpack packs them
+    port_size = 1 if port < 128 else 2 if port < 256 else 3
+    return 1 + 2 + ID_BYTES + 2 + len(ip) + port_size
+
+
+def _list_header(n: int) -> int:
+    return 1 if n <= 15 else 3
+
+
+# -- encoding ------------------------------------------------------------------------------------
+
+
+def _entries(items: tuple[Contact, ...] | tuple[ProviderInfo, ...], budget: int) -> tuple[
+    list[list[Any]], int
+]:
+    out: list[list[Any]] = []
+    used = 0
+    for item in items:
+        ip = pack_ip(item.host)
+        size = _entry_size(ip, item.port)
+        extra = 2 if len(out) == 15 else 0  # list header grows from fixarray to array16
+        if used + size + extra > budget:
+            break
+        out.append([item.node_id, ip, item.port])
+        used += size + extra
+    return out, used
+
+
+def encode(msg: Message) -> bytes:
+    """Pack a message; nodes/providers lists are trimmed so the result fits in MAX_PAYLOAD."""
+    head: list[Any] = [VERSION]
+    match msg:
+        case Ping():
+            return msgpack.packb([VERSION, Kind.PING, msg.txid, msg.sender])  # type: ignore[no-any-return]
+        case Pong():
+            body = [Kind.PONG, msg.txid, msg.sender, msg.token]
+        case FindNode():
+            body = [Kind.FIND_NODE, msg.txid, msg.sender, msg.target]
+        case GetProviders():
+            body = [Kind.GET_PROVIDERS, msg.txid, msg.sender, msg.key, msg.offset]
+        case AddProvider():
+            body = [Kind.ADD_PROVIDER, msg.txid, msg.sender, msg.key, msg.port, msg.ttl, msg.token]
+        case Ack():
+            body = [Kind.ACK, msg.txid, msg.sender, msg.stored]
+        case Nodes():
+            base = len(msgpack.packb([VERSION, Kind.NODES, msg.txid, msg.sender, msg.token, []]))
+            nodes, _ = _entries(msg.nodes, MAX_PAYLOAD - base - 2)
+            body = [Kind.NODES, msg.txid, msg.sender, msg.token, nodes]
+        case Providers():
+            base = len(
+                msgpack.packb(
+                    [VERSION, Kind.PROVIDERS, msg.txid, msg.sender, msg.token, [], True, []]
+                )
+            )
+            budget = MAX_PAYLOAD - base - 4
+            providers, used = _entries(msg.providers, budget)
+            more = msg.more or len(providers) < len(msg.providers)
+            nodes, _ = _entries(msg.nodes, budget - used)
+            body = [Kind.PROVIDERS, msg.txid, msg.sender, msg.token, providers, more, nodes]
+    return msgpack.packb(head + body)  # type: ignore[no-any-return]
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+
+def _id(raw: object, what: str) -> bytes:
+    if type(raw) is not bytes or len(raw) != ID_BYTES:
+        raise DecodeError(f"{what} must be {ID_BYTES} bytes")
+    return raw
+
+
+def _uint(raw: object, what: str, low: int, high: int) -> int:
+    if type(raw) is not int or not low <= raw <= high:
+        raise DecodeError(f"{what} must be an integer in [{low}, {high}]")
+    return raw
+
+
+def _token(raw: object) -> bytes:
+    if type(raw) is not bytes or len(raw) > TOKEN_MAX:
+        raise DecodeError("token must be at most 32 bytes")
+    return raw
+
+
+def _bool(raw: object, what: str) -> bool:
+    if type(raw) is not bool:
+        raise DecodeError(f"{what} must be a boolean")
+    return raw
+
+
+def _triples(raw: object, what: str) -> list[tuple[bytes, str, int]]:
+    if type(raw) is not list:
+        raise DecodeError(f"{what} must be a list")
+    out = []
+    for entry in raw:
+        if type(entry) is not list or len(entry) != 3:
+            raise DecodeError(f"{what} entries must be [id, ip, port]")
+        out.append((_id(entry[0], "id"), unpack_ip(entry[1]), _uint(entry[2], "port", 1, 65535)))
+    return out
+
+
+_ARITY = {
+    Kind.PING: 4,
+    Kind.PONG: 5,
+    Kind.FIND_NODE: 5,
+    Kind.NODES: 6,
+    Kind.GET_PROVIDERS: 6,
+    Kind.PROVIDERS: 8,
+    Kind.ADD_PROVIDER: 8,
+    Kind.ACK: 5,
+}
+
+
+def decode(payload: bytes) -> Message:
+    """Parse and validate one payload (MAC already checked); raise DecodeError on anything wrong."""
+    if len(payload) > MAX_DATAGRAM:
+        raise DecodeError("datagram too large")
+    try:
+        obj = msgpack.unpackb(
+            payload,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=256,
+            max_bin_len=MAX_DATAGRAM,
+            max_array_len=64,
+            max_map_len=16,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises a zoo of exception types on garbage
+        raise DecodeError(f"not msgpack: {type(exc).__name__}") from None
+    if type(obj) is not list or len(obj) < 4:
+        raise DecodeError("message must be an array of at least 4 items")
+    if type(obj[0]) is not int or obj[0] != VERSION:
+        raise DecodeError(f"unsupported version: {obj[0]!r}")
+    if type(obj[1]) is not int:
+        raise DecodeError("message kind must be an integer")
+    try:
+        kind = Kind(obj[1])
+    except ValueError:
+        raise DecodeError("unknown message kind") from None
+    if len(obj) != _ARITY[kind]:
+        raise DecodeError(f"{kind.name} must have {_ARITY[kind]} items")
+    txid = _uint(obj[2], "txid", 0, MAX_TXID)
+    sender = _id(obj[3], "sender")
+    match kind:
+        case Kind.PING:
+            return Ping(txid, sender)
+        case Kind.PONG:
+            return Pong(txid, sender, _token(obj[4]))
+        case Kind.FIND_NODE:
+            return FindNode(txid, sender, _id(obj[4], "target"))
+        case Kind.NODES:
+            nodes = tuple(Contact(*t) for t in _triples(obj[5], "nodes"))
+            return Nodes(txid, sender, _token(obj[4]), nodes)
+        case Kind.GET_PROVIDERS:
+            return GetProviders(txid, sender, _id(obj[4], "key"), _uint(obj[5], "offset", 0, 2**20))
+        case Kind.PROVIDERS:
+            providers = tuple(ProviderInfo(*t) for t in _triples(obj[5], "providers"))
+            nodes = tuple(Contact(*t) for t in _triples(obj[7], "nodes"))
+            return Providers(txid, sender, _token(obj[4]), providers, _bool(obj[6], "more"), nodes)
+        case Kind.ADD_PROVIDER:
+            return AddProvider(
+                txid,
+                sender,
+                _id(obj[4], "key"),
+                _uint(obj[5], "port", 1, 65535),
+                _uint(obj[6], "ttl", 1, MAX_TTL),
+                _token(obj[7]),
+            )
+        case Kind.ACK:
+            return Ack(txid, sender, _bool(obj[4], "stored"))
+    raise DecodeError("unknown message kind")  # pragma: no cover - the match is exhaustive

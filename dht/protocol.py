@@ -1,0 +1,481 @@
+"""The Kademlia protocol core: datagrams and time in, effects out. No sockets, no clock reads.
+
+Why sans-IO: the same object runs under the Trio driver (`dht.node`), under an in-memory network
+with a mock clock (`dht.simulation`), and in unit tests, so what the tests and the 5000-node
+simulation prove is what runs in production. The caller passes `now` (seconds, monotonic) into every
+call and asks `next_deadline()` when to call `handle_timeouts` next.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from dht import codec
+from dht.announce import AnnounceSchedule
+from dht.codec import (
+    Ack,
+    AddProvider,
+    DecodeError,
+    FindNode,
+    GetProviders,
+    Message,
+    Nodes,
+    Ping,
+    Pong,
+    Providers,
+)
+from dht.effects import BootstrapDone, Effect, LookupDone, ProvidersFound, Send
+from dht.ids import ID_BYTES, Contact, ProviderInfo, key_id, random_id_in_bucket
+from dht.lookup import Lookup
+from dht.providers import ProviderStore
+from dht.ratelimit import SourceLimiter
+from dht.routing_table import RoutingTable
+from dht.tokens import TokenIssuer
+
+UNSPECIFIED = ("0.0.0.0", "::")  # a provider entry meaning "at the address this reply came from"
+
+# what a pending RPC is for
+P_LOOKUP, P_EVICT_PING, P_BOOTSTRAP, P_ADD = range(4)
+# lookup purposes
+L_RESOLVE, L_ANNOUNCE, L_JOIN, L_REFRESH = range(4)
+# timer kinds
+T_STALL, T_TIMEOUT, T_MAINTENANCE, T_DUE = range(4)
+
+_REPLY_TYPE = {Ping: Pong, FindNode: Nodes, GetProviders: Providers, AddProvider: Ack}
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolConfig:
+    node_id: bytes
+    registry_port: int
+    k: int = 20
+    alpha: int = 3
+    ttl: float = 600.0  # how long others keep our records
+    refresh: float = 540.0  # how often we re-announce our keys
+    psk: bytes | None = None  # cluster pre-shared key: HMAC on every datagram
+    rpc_stall: float = 0.01  # a lookup stops waiting for a request after this and asks someone else
+    rpc_timeout: float = 0.5  # after this a request has failed
+    rate: float = 2000.0  # datagrams per second per source IP
+    burst: float = 4000.0
+    announce_concurrency: int = 8  # announce jobs (lookup + ADD_PROVIDERs) running at once
+    bucket_refresh: float = 900.0  # refresh a bucket nobody looked into for this long
+    maintenance_every: float = 30.0
+
+    def __post_init__(self) -> None:
+        if len(self.node_id) != ID_BYTES:
+            raise ValueError("node_id must be 32 bytes")
+        if not 0 < self.registry_port < 65536:
+            raise ValueError("registry_port must be in 1..65535")
+        if not (0 < self.refresh and 0 < self.ttl):
+            raise ValueError("refresh and ttl must be positive")
+        if self.refresh >= self.ttl:
+            raise ValueError("refresh must be shorter than ttl, or records lapse between announces")
+        if self.k < 1 or self.alpha < 1 or self.announce_concurrency < 1:
+            raise ValueError("k, alpha and announce_concurrency must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Statistics:
+    table_size: int
+    records_held: int
+    keys_advertised: int
+    announces_queued: int
+    lookups_active: int
+    rpcs_sent: int
+    rpcs_received: int
+    rpcs_timed_out: int
+    bad_datagrams: int
+    rate_limited: int
+    tokens_refused: int
+    unexpected_replies: int
+    datagrams_sent: int
+    datagrams_received: int
+
+
+@dataclass(slots=True)
+class _Pending:
+    addr: tuple[str, int]
+    node_id: bytes | None
+    reply_type: type
+    purpose: int
+    ref: int
+
+
+@dataclass(slots=True)
+class _LookupJob:
+    lookup: Lookup
+    purpose: int
+    ref: int = 0  # bootstrap job id for joins
+    key: bytes = b""
+    seen: set[bytes] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class _Bootstrap:
+    addrs: list[tuple[str, int]]
+    waiting: int
+
+
+class DhtProtocol:
+    def __init__(self, config: ProtocolConfig, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.rng = rng or random.Random()
+        self.table = RoutingTable(config.node_id, config.k)
+        self.store = ProviderStore()
+        self.tokens = TokenIssuer(self.rng.randbytes)
+        self.limiter = SourceLimiter(config.rate, config.burst)
+        self.schedule = AnnounceSchedule(config.refresh, self.rng)
+        self._pending: dict[int, _Pending] = {}
+        self._txids = itertools.count(self.rng.getrandbits(31))
+        self._timers: list[tuple[float, int, int, int]] = []  # (when, seq, kind, ref)
+        self._seq = itertools.count()
+        self._lookups: dict[int, _LookupJob] = {}
+        self._ids = itertools.count(1)
+        self._bootstraps: dict[int, _Bootstrap] = {}
+        self._bootstrap_addrs: list[tuple[str, int]] = []
+        self._announcing = 0
+        self._maintenance_at: float | None = None
+        self._due_at: float | None = None
+        self._starting = False
+        self._c = dict.fromkeys(
+            (
+                "rpcs_sent rpcs_received rpcs_timed_out bad_datagrams rate_limited tokens_refused"
+                " unexpected_replies datagrams_sent datagrams_received"
+            ).split(),
+            0,
+        )
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def statistics(self) -> Statistics:
+        return Statistics(
+            table_size=len(self.table),
+            records_held=len(self.store),
+            keys_advertised=len(self.schedule),
+            announces_queued=self.schedule.queued(),
+            lookups_active=len(self._lookups),
+            **self._c,
+        )
+
+    def next_deadline(self) -> float | None:
+        return self._timers[0][0] if self._timers else None
+
+    def start_resolve(self, key: str, now: float) -> tuple[int, list[Effect]]:
+        """Start finding providers of `key`; results come as ProvidersFound / LookupDone effects."""
+        out: list[Effect] = []
+        self._ensure_maintenance(now, out)
+        kid = key_id(key)
+        job = self._new_lookup(kid, L_RESOLVE, now)
+        local = [p for p in self.store.get(kid, now, self.rng) if p.node_id != self.node_id]
+        if local:
+            job.seen.update(p.node_id for p in local)
+            job.lookup.found_locally(len(local))
+            out.append(ProvidersFound(job.ref, tuple(local)))
+        self._pump(job, now, out)
+        return job.ref, out
+
+    def cancel_lookup(self, lookup_id: int) -> None:
+        job = self._lookups.pop(lookup_id, None)
+        if job is not None and job.purpose == L_ANNOUNCE:
+            self._announcing -= 1
+
+    def advertise(self, keys: Iterable[str], now: float) -> list[Effect]:
+        out: list[Effect] = []
+        self._ensure_maintenance(now, out)
+        me = ProviderInfo(self.node_id, UNSPECIFIED[0], self.config.registry_port)
+        for key in keys:
+            kid = key_id(key)
+            if self.schedule.add(kid, key):
+                self.store.add(kid, me, float("inf"))
+        self._start_announces(now, out)
+        return out
+
+    def withdraw(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            kid = key_id(key)
+            if self.schedule.remove(kid):
+                self.store.remove(kid, self.node_id)
+
+    def bootstrap(self, addrs: Iterable[tuple[str, int]], now: float) -> tuple[int, list[Effect]]:
+        """Ping `addrs`, then look up our own id. Ends with a BootstrapDone effect."""
+        out: list[Effect] = []
+        self._ensure_maintenance(now, out)
+        return self._bootstrap(list(dict.fromkeys(addrs)), now, out), out
+
+    def _bootstrap(self, addrs: list[tuple[str, int]], now: float, out: list[Effect]) -> int:
+        job_id = next(self._ids)
+        if addrs:
+            self._bootstrap_addrs = addrs
+        self._bootstraps[job_id] = _Bootstrap(addrs, len(addrs))
+        for addr in addrs:
+            ping = Ping(self._txid(), self.node_id)
+            self._request(ping, addr, None, P_BOOTSTRAP, job_id, now, out)
+        if not addrs:
+            self._join(job_id, now, out)
+        return job_id
+
+    # -- input -----------------------------------------------------------------------------------
+
+    def handle_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> list[Effect]:
+        out: list[Effect] = []
+        self._c["datagrams_received"] += 1
+        if not self.limiter.allow(addr[0], now):
+            self._c["rate_limited"] += 1
+            return out
+        try:
+            msg = codec.decode(codec.unseal(data, self.config.psk))
+        except DecodeError:
+            self._c["bad_datagrams"] += 1
+            return out
+        if msg.sender == self.node_id:
+            self._c["bad_datagrams"] += 1  # our own datagram, looped back
+            return out
+        if isinstance(msg, codec.REQUEST_TYPES):
+            self._c["rpcs_received"] += 1
+            self._seen(Contact(msg.sender, addr[0], addr[1]), now, out)
+            self._answer(msg, addr, now, out)
+        else:
+            self._on_reply(msg, addr, now, out)
+        return out
+
+    def handle_timeouts(self, now: float) -> list[Effect]:
+        out: list[Effect] = []
+        while self._timers and self._timers[0][0] <= now:
+            when, _, kind, ref = heapq.heappop(self._timers)
+            if kind == T_MAINTENANCE:
+                if when == self._maintenance_at:
+                    self._maintenance_at = None
+                    self._maintenance(now, out)
+            elif kind == T_DUE:
+                if when == self._due_at:
+                    self._due_at = None
+                    self.schedule.release_due(now)
+                    self._start_announces(now, out)
+                    self._arm_due()
+            elif kind == T_STALL:
+                pending = self._pending.get(ref)
+                if pending is not None and pending.purpose == P_LOOKUP:
+                    job = self._lookups.get(pending.ref)
+                    if job is not None and pending.node_id is not None:
+                        job.lookup.stalled(pending.node_id)
+                        self._pump(job, now, out)
+            else:
+                pending = self._pending.pop(ref, None)
+                if pending is not None:
+                    self._c["rpcs_timed_out"] += 1
+                    self._on_failure(pending, now, out)
+        return out
+
+    # -- internals: requests -----------------------------------------------------------------------
+
+    def _txid(self) -> int:
+        return next(self._txids) & codec.MAX_TXID
+
+    def _timer(self, when: float, kind: int, ref: int) -> None:
+        heapq.heappush(self._timers, (when, next(self._seq), kind, ref))
+
+    def _send(self, msg: Message, addr: tuple[str, int], out: list[Effect]) -> None:
+        self._c["datagrams_sent"] += 1
+        out.append(Send(addr, codec.seal(codec.encode(msg), self.config.psk)))
+
+    def _request(
+        self,
+        msg: Ping | FindNode | GetProviders | AddProvider,
+        addr: tuple[str, int],
+        node_id: bytes | None,
+        purpose: int,
+        ref: int,
+        now: float,
+        out: list[Effect],
+    ) -> None:
+        self._pending[msg.txid] = _Pending(addr, node_id, _REPLY_TYPE[type(msg)], purpose, ref)
+        self._c["rpcs_sent"] += 1
+        self._send(msg, addr, out)
+        if purpose == P_LOOKUP:
+            self._timer(now + self.config.rpc_stall, T_STALL, msg.txid)
+        self._timer(now + self.config.rpc_timeout, T_TIMEOUT, msg.txid)
+
+    def _seen(self, contact: Contact, now: float, out: list[Effect]) -> None:
+        stale = self.table.seen(contact, now)
+        if stale is not None:  # bucket full: ping its oldest contact before evicting it
+            ping = Ping(self._txid(), self.node_id)
+            self._request(ping, stale.addr, stale.node_id, P_EVICT_PING, 0, now, out)
+
+    def _answer(self, msg: Message, addr: tuple[str, int], now: float, out: list[Effect]) -> None:
+        me = self.node_id
+        k = self.config.k
+        match msg:
+            case Ping():
+                self._send(Pong(msg.txid, me, self.tokens.issue(addr[0], now)), addr, out)
+            case FindNode():
+                nodes = tuple(self.table.closest(msg.target, k, exclude=msg.sender))
+                self._send(Nodes(msg.txid, me, self.tokens.issue(addr[0], now), nodes), addr, out)
+            case GetProviders():
+                providers = self.store.get(msg.key, now, self.rng)[msg.offset :]
+                nodes = tuple(self.table.closest(msg.key, k, exclude=msg.sender))
+                token = self.tokens.issue(addr[0], now)
+                reply = Providers(msg.txid, me, token, tuple(providers), False, nodes)
+                self._send(reply, addr, out)
+            case AddProvider():
+                stored = False
+                if self.tokens.check(addr[0], msg.token, now):
+                    ttl = min(float(msg.ttl), float(codec.MAX_TTL))
+                    record = ProviderInfo(msg.sender, addr[0], msg.port)
+                    stored = self.store.add(msg.key, record, now + ttl)
+                else:
+                    self._c["tokens_refused"] += 1
+                self._send(Ack(msg.txid, me, stored), addr, out)
+
+    def _on_reply(self, msg: Message, addr: tuple[str, int], now: float, out: list[Effect]) -> None:
+        pending = self._pending.get(msg.txid)
+        if (
+            pending is None
+            or pending.addr != addr
+            or type(msg) is not pending.reply_type
+            or (pending.node_id is not None and pending.node_id != msg.sender)
+        ):
+            self._c["unexpected_replies"] += 1
+            return
+        del self._pending[msg.txid]
+        self._seen(Contact(msg.sender, addr[0], addr[1]), now, out)
+        if pending.purpose == P_BOOTSTRAP:
+            self._bootstrap_step(pending.ref, now, out)
+        elif pending.purpose == P_LOOKUP:
+            job = self._lookups.get(pending.ref)
+            if job is None:
+                return
+            token = getattr(msg, "token", b"")
+            if isinstance(msg, Nodes):
+                job.lookup.replied(msg.sender, msg.nodes, token)
+            elif isinstance(msg, Providers):
+                found = []
+                for p in msg.providers:
+                    if p.host in UNSPECIFIED:
+                        if p.node_id != msg.sender:
+                            continue
+                        p = ProviderInfo(p.node_id, addr[0], p.port)
+                    if p.node_id != self.node_id and p.node_id not in job.seen:
+                        job.seen.add(p.node_id)
+                        found.append(p)
+                job.lookup.replied(msg.sender, msg.nodes, token, len(found))
+                if found and job.purpose == L_RESOLVE:
+                    out.append(ProvidersFound(job.ref, tuple(found)))
+            self._pump(job, now, out)
+
+    def _on_failure(self, pending: _Pending, now: float, out: list[Effect]) -> None:
+        if pending.node_id is not None:
+            self.table.failed(pending.node_id)
+        if pending.purpose == P_BOOTSTRAP:
+            self._bootstrap_step(pending.ref, now, out)
+        elif pending.purpose == P_LOOKUP:
+            job = self._lookups.get(pending.ref)
+            if job is not None and pending.node_id is not None:
+                job.lookup.failed(pending.node_id)
+                self._pump(job, now, out)
+
+    # -- internals: lookups ----------------------------------------------------------------------
+
+    def _new_lookup(self, target: bytes, purpose: int, now: float) -> _LookupJob:
+        seeds = self.table.closest(target, self.config.k)
+        k, alpha = self.config.k, self.config.alpha
+        lookup = Lookup(target, seeds, self_id=self.node_id, k=k, alpha=alpha)
+        job = _LookupJob(lookup, purpose, next(self._ids), target)
+        self._lookups[job.ref] = job
+        self.table.touch(target, now)
+        return job
+
+    def _pump(self, job: _LookupJob, now: float, out: list[Effect]) -> None:
+        lookup = job.lookup
+        for cand in lookup.next_queries():
+            txid = self._txid()
+            msg: FindNode | GetProviders
+            if job.purpose == L_RESOLVE:
+                msg = GetProviders(txid, self.node_id, lookup.target, 0)
+            else:
+                msg = FindNode(txid, self.node_id, lookup.target)
+            self._request(msg, cand.contact.addr, cand.contact.node_id, P_LOOKUP, job.ref, now, out)
+        if lookup.finished and self._lookups.pop(job.ref, None) is not None:
+            self._finished(job, now, out)
+
+    def _finished(self, job: _LookupJob, now: float, out: list[Effect]) -> None:
+        if job.purpose == L_RESOLVE:
+            out.append(LookupDone(job.ref, job.lookup.stats()))
+        elif job.purpose == L_JOIN:
+            out.append(BootstrapDone(job.ref, len(self.table)))
+        elif job.purpose == L_ANNOUNCE:
+            self._announcing -= 1
+            kid = job.key
+            responders = job.lookup.responders()
+            if kid in self.schedule:
+                ttl = int(self.config.ttl)
+                for cand in responders:
+                    msg = AddProvider(
+                        self._txid(), self.node_id, kid, self.config.registry_port, ttl, cand.token
+                    )
+                    self._request(msg, cand.contact.addr, cand.contact.node_id, P_ADD, 0, now, out)
+                # nobody to tell yet (alone, or cut off): try again soon rather than in `refresh`
+                delay = None if responders else min(self.config.refresh, 30.0)
+                self.schedule.reschedule(kid, now, delay)
+                self._arm_due()
+            self._start_announces(now, out)
+
+    def _start_announces(self, now: float, out: list[Effect]) -> None:
+        if self._starting or not len(self.table):
+            return  # re-entered from a job that finished at once; or nobody to announce to yet
+        self._starting = True
+        try:
+            while self._announcing < self.config.announce_concurrency:
+                kid = self.schedule.pop_queued()
+                if kid is None:
+                    return
+                self._announcing += 1
+                self._pump(self._new_lookup(kid, L_ANNOUNCE, now), now, out)
+        finally:
+            self._starting = False
+
+    def _arm_due(self) -> None:
+        due = self.schedule.next_due()
+        if due is not None and (self._due_at is None or due < self._due_at):
+            self._due_at = due
+            self._timer(due, T_DUE, 0)
+
+    def _bootstrap_step(self, job_id: int, now: float, out: list[Effect]) -> None:
+        boot = self._bootstraps.get(job_id)
+        if boot is None:
+            return
+        boot.waiting -= 1
+        if boot.waiting <= 0:
+            self._join(job_id, now, out)
+
+    def _join(self, job_id: int, now: float, out: list[Effect]) -> None:
+        self._bootstraps.pop(job_id, None)
+        job = self._new_lookup(self.node_id, L_JOIN, now)
+        self._lookups.pop(job.ref)
+        job.ref = job_id
+        self._lookups[job_id] = job
+        self._pump(job, now, out)
+        self._start_announces(now, out)
+
+    # -- internals: maintenance ------------------------------------------------------------------
+
+    def _ensure_maintenance(self, now: float, out: list[Effect]) -> None:
+        if self._maintenance_at is None:
+            self._maintenance_at = now + self.config.maintenance_every
+            self._timer(self._maintenance_at, T_MAINTENANCE, 0)
+
+    def _maintenance(self, now: float, out: list[Effect]) -> None:
+        self.store.expire(now)
+        self.schedule.release_due(now)
+        self._start_announces(now, out)
+        if not len(self.table) and self._bootstrap_addrs and not self._bootstraps:
+            self._bootstrap(self._bootstrap_addrs, now, out)  # cut off: try the seeds again
+        refreshing = sum(1 for j in self._lookups.values() if j.purpose == L_REFRESH)
+        for index in self.table.stale_buckets(now, self.config.bucket_refresh)[: 3 - refreshing]:
+            target = random_id_in_bucket(self.node_id, index, self.rng)
+            self._pump(self._new_lookup(target, L_REFRESH, now), now, out)
+        self._ensure_maintenance(now, out)

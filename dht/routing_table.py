@@ -1,0 +1,153 @@
+"""The routing table: 256 k-buckets by XOR distance, favouring long-lived contacts.
+
+Why this shape: Kademlia's observation that a node seen for long is likely to stay. A full bucket
+never drops its least recently seen contact for a newcomer; it asks the caller to ping that contact
+first and only evicts it when the ping fails. Newcomers wait in a bounded replacement cache.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from dht.ids import ID_BITS, Contact, as_int, bucket_index
+
+
+@dataclass(slots=True)
+class _Entry:
+    contact: Contact
+    last_seen: float
+    failures: int = 0
+
+
+@dataclass(slots=True)
+class Bucket:
+    entries: OrderedDict[bytes, _Entry]  # least recently seen first
+    replacements: OrderedDict[bytes, Contact]  # most recent last
+    pinging: bytes | None = None  # the contact being pinged before a possible eviction
+    touched: float = 0.0  # last lookup into this bucket's range
+
+
+class RoutingTable:
+    def __init__(self, self_id: bytes, k: int = 20, max_failures: int = 3) -> None:
+        self.self_id = self_id
+        self.k = k
+        self.max_failures = max_failures
+        self.buckets = [Bucket(OrderedDict(), OrderedDict()) for _ in range(ID_BITS)]
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __contains__(self, node_id: bytes) -> bool:
+        i = bucket_index(self.self_id, node_id)
+        return i >= 0 and node_id in self.buckets[i].entries
+
+    def get(self, node_id: bytes) -> Contact | None:
+        i = bucket_index(self.self_id, node_id)
+        entry = self.buckets[i].entries.get(node_id) if i >= 0 else None
+        return entry.contact if entry else None
+
+    def contacts(self) -> list[Contact]:
+        return [e.contact for b in self.buckets for e in b.entries.values()]
+
+    def seen(self, contact: Contact, now: float) -> Contact | None:
+        """Record that `contact` just spoke to us.
+
+        Returns a contact the caller should ping (the oldest of a full bucket), or None.
+        """
+        i = bucket_index(self.self_id, contact.node_id)
+        if i < 0:
+            return None
+        bucket = self.buckets[i]
+        entry = bucket.entries.get(contact.node_id)
+        if entry is not None:
+            entry.contact = contact  # the address may have changed
+            entry.last_seen = now
+            entry.failures = 0
+            bucket.entries.move_to_end(contact.node_id)
+            if bucket.pinging == contact.node_id:
+                bucket.pinging = None
+            return None
+        if len(bucket.entries) < self.k:
+            bucket.entries[contact.node_id] = _Entry(contact, now)
+            bucket.replacements.pop(contact.node_id, None)
+            self._size += 1
+            return None
+        bucket.replacements.pop(contact.node_id, None)
+        bucket.replacements[contact.node_id] = contact
+        if len(bucket.replacements) > self.k:
+            bucket.replacements.popitem(last=False)
+        if bucket.pinging is None:
+            oldest = next(iter(bucket.entries.values()))
+            bucket.pinging = oldest.contact.node_id
+            return oldest.contact
+        return None
+
+    def failed(self, node_id: bytes) -> None:
+        """An RPC to `node_id` timed out: drop it if unreliable or if someone can replace it."""
+        i = bucket_index(self.self_id, node_id)
+        if i < 0:
+            return
+        bucket = self.buckets[i]
+        entry = bucket.entries.get(node_id)
+        if entry is None:
+            bucket.replacements.pop(node_id, None)
+            return
+        entry.failures += 1
+        if bucket.pinging == node_id or bucket.replacements or entry.failures >= self.max_failures:
+            self.remove(node_id)
+
+    def remove(self, node_id: bytes) -> None:
+        i = bucket_index(self.self_id, node_id)
+        if i < 0:
+            return
+        bucket = self.buckets[i]
+        if bucket.entries.pop(node_id, None) is None:
+            bucket.replacements.pop(node_id, None)
+            return
+        self._size -= 1
+        if bucket.pinging == node_id:
+            bucket.pinging = None
+        if bucket.replacements:
+            _, newcomer = bucket.replacements.popitem(last=True)
+            bucket.entries[newcomer.node_id] = _Entry(newcomer, 0.0)
+            self._size += 1
+
+    def closest(self, target: bytes, count: int, exclude: bytes | None = None) -> list[Contact]:
+        """The `count` known contacts nearest to `target` by XOR distance."""
+        t = as_int(target)
+        found: list[tuple[int, Contact]] = []
+        # walk from the bucket `target` falls in outwards; stop once `count` are surely found
+        start = bucket_index(self.self_id, target)
+        order = (
+            [start, *range(start - 1, -1, -1), *range(start + 1, ID_BITS)]
+            if start >= 0
+            else list(range(ID_BITS))
+        )
+        for i in order:
+            # buckets past `start` are each strictly farther than everything before them
+            if i > start and len(found) >= count:
+                break
+            for node_id, entry in self.buckets[i].entries.items():
+                if node_id != exclude:
+                    found.append((as_int(node_id) ^ t, entry.contact))
+        found.sort(key=lambda pair: pair[0])
+        return [c for _, c in found[:count]]
+
+    def touch(self, target: bytes, now: float) -> None:
+        i = bucket_index(self.self_id, target)
+        if i >= 0:
+            self.buckets[i].touched = now
+
+    def stale_buckets(self, now: float, older_than: float) -> list[int]:
+        """Indices of buckets worth refreshing: not looked into for `older_than` seconds, from the
+        nearest non-empty bucket outwards (nearer ones cannot hold anybody)."""
+        nearest = next((i for i, b in enumerate(self.buckets) if b.entries), None)
+        if nearest is None:
+            return []
+        return [
+            i
+            for i in range(nearest, ID_BITS)
+            if now - self.buckets[i].touched >= older_than
+        ]
