@@ -1,0 +1,279 @@
+"""The Trio driver: one UDP socket, the core's timers, and the `Router` face for the registry.
+
+Why thin: all decisions live in `dht.protocol`. This module only moves datagrams between the socket
+and the core, sleeps (in a cancel scope, `trio.move_on_at`) until the core's next deadline, and
+turns the core's lookup effects into `Peer`s for whoever is resolving. Sends are non-blocking
+`sendto`: a full send buffer drops the datagram, which the protocol already tolerates as loss.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import random
+import socket
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from dht.effects import BootstrapDone, Effect, LookupDone, ProvidersFound, Send
+from dht.protocol import DhtProtocol, ProtocolConfig, Statistics
+from registry.interfaces import Peer
+
+logger = logging.getLogger(__name__)
+
+RECV_BUFFER = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    node_id: bytes
+    bind_host: str = "0.0.0.0"
+    bind_port: int = 5001
+    registry_port: int = 5000
+    refresh: float = 540.0
+    ttl: float = 600.0
+    psk: bytes | None = None
+    standalone: bool = False  # alone by configuration: ready without any peer
+    k: int = 20
+    alpha: int = 3
+    rpc_stall: float = 0.01
+    rpc_timeout: float = 0.5
+    rate: float = 2000.0  # datagrams/s accepted per source IP
+    burst: float = 4000.0
+
+    def protocol_config(self) -> ProtocolConfig:
+        return ProtocolConfig(
+            node_id=self.node_id,
+            registry_port=self.registry_port,
+            k=self.k,
+            alpha=self.alpha,
+            ttl=self.ttl,
+            refresh=self.refresh,
+            psk=self.psk,
+            rpc_stall=self.rpc_stall,
+            rpc_timeout=self.rpc_timeout,
+            rate=self.rate,
+            burst=self.burst,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ContactView:
+    """A known contact, for the debug page."""
+
+    node_id: str  # hex
+    host: str
+    port: int
+
+
+def _normalize(addr: Any) -> tuple[str, int]:
+    host, port = addr[0], addr[1]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]  # an IPv4 peer seen through a dual-stack socket
+    return (host, port)
+
+
+class _PeerStream:
+    """Providers of one lookup, as an async iterator; ends when the lookup has converged."""
+
+    def __init__(self) -> None:
+        self._queue: deque[Peer] = deque()
+        self._done = False
+        self._wakeup = trio.Event()
+
+    def push(self, peers: Iterable[Peer]) -> None:
+        self._queue.extend(peers)
+        self._wakeup.set()
+
+    def finish(self) -> None:
+        self._done = True
+        self._wakeup.set()
+
+    def __aiter__(self) -> _PeerStream:
+        return self
+
+    async def __anext__(self) -> Peer:
+        while True:
+            if self._queue:
+                await trio.lowlevel.checkpoint()
+                return self._queue.popleft()
+            if self._done:
+                await trio.lowlevel.checkpoint()
+                raise StopAsyncIteration
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+
+
+class Node:
+    def __init__(self, config: NodeConfig, *, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.protocol = DhtProtocol(config.protocol_config(), rng)
+        self.router = DhtRouter(self)
+        self._sock: socket.socket | None = None
+        self._bound: tuple[str, int] | None = None
+        self._timer_changed = trio.Event()
+        self._armed = math.inf
+        self._streams: dict[int, _PeerStream] = {}
+        self._bootstraps: dict[int, trio.Event] = {}
+
+    # -- running ---------------------------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind the UDP socket and run until cancelled; reports the bound (host, port) on start."""
+        family = socket.AF_INET6 if ":" in self.config.bind_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((self.config.bind_host, self.config.bind_port))
+            self._sock = sock
+            self._bound = _normalize(sock.getsockname())
+            logger.info("dht listening", extra={"addr": f"{self._bound[0]}:{self._bound[1]}"})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive_loop, sock)
+                nursery.start_soon(self._timer_loop)
+                task_status.started(self._bound)
+        finally:
+            self._sock = None
+            sock.close()
+            for stream in self._streams.values():
+                stream.finish()
+            for event in self._bootstraps.values():
+                event.set()
+
+    async def _receive_loop(self, sock: socket.socket) -> None:
+        handled = 0
+        while True:
+            try:
+                data, addr = sock.recvfrom(RECV_BUFFER)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError:  # e.g. an ICMP error queued on the socket
+                await trio.lowlevel.checkpoint()
+                continue
+            self._apply(self.protocol.handle_datagram(data, _normalize(addr), trio.current_time()))
+            handled += 1
+            if handled % 64 == 0:
+                await trio.lowlevel.checkpoint()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            deadline = self.protocol.next_deadline()
+            self._armed = math.inf if deadline is None else deadline
+            with trio.move_on_at(self._armed):
+                await self._timer_changed.wait()
+            self._timer_changed = trio.Event()
+            self._apply(self.protocol.handle_timeouts(trio.current_time()))
+
+    def _apply(self, effects: list[Effect]) -> None:
+        sock = self._sock
+        for effect in effects:
+            if isinstance(effect, Send):
+                if sock is None:
+                    continue
+                try:
+                    sock.sendto(effect.data, effect.addr)
+                except BlockingIOError:
+                    pass  # send buffer full: the same as a lost datagram
+                except OSError as exc:
+                    if exc.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EINVAL):
+                        logger.debug("dht send failed", extra={"error": str(exc)})
+            elif isinstance(effect, ProvidersFound):
+                stream = self._streams.get(effect.lookup_id)
+                if stream is not None:
+                    stream.push(Peer(p.node_id, p.host, p.port) for p in effect.providers)
+            elif isinstance(effect, LookupDone):
+                stream = self._streams.get(effect.lookup_id)
+                if stream is not None:
+                    stream.finish()
+            elif isinstance(effect, BootstrapDone):
+                event = self._bootstraps.pop(effect.job_id, None)
+                if event is not None:
+                    event.set()
+        deadline = self.protocol.next_deadline()
+        if deadline is not None and deadline < self._armed:
+            self._armed = deadline
+            self._timer_changed.set()
+
+    # -- public ----------------------------------------------------------------------------------
+
+    @property
+    def bound(self) -> tuple[str, int] | None:
+        return self._bound
+
+    async def bootstrap(self, addrs: Iterable[tuple[str, int]]) -> None:
+        """Join through `addrs` (host or IP, port); returns once this first attempt is over."""
+        if self._sock is None:
+            raise RuntimeError("Node.bootstrap needs a running Node.serve")
+        resolved: list[tuple[str, int]] = []
+        for host, port in addrs:
+            try:
+                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            except OSError as exc:
+                logger.warning(
+                    "dht bootstrap address not resolved", extra={"host": host, "error": str(exc)}
+                )
+                continue
+            for info in infos:
+                addr = _normalize(info[4])
+                if addr != self._bound and addr not in resolved:
+                    resolved.append(addr)
+        job_id, effects = self.protocol.bootstrap(resolved, trio.current_time())
+        done = self._bootstraps[job_id] = trio.Event()
+        self._apply(effects)
+        await done.wait()
+        logger.info(
+            "dht bootstrap attempt finished",
+            extra={"seeds": len(resolved), "table_size": len(self.protocol.table)},
+        )
+
+    def statistics(self) -> Statistics:
+        return self.protocol.statistics()
+
+    def contacts(self) -> list[ContactView]:
+        table = self.protocol.table
+        return [ContactView(c.node_id.hex(), c.host, c.port) for c in table.contacts()]
+
+
+class DhtRouter:
+    """`registry.interfaces.Router` over a running `Node`."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def ready(self) -> bool:
+        return self._node.config.standalone or len(self._node.protocol.table) > 0
+
+    async def advertise(self, keys: Iterable[str]) -> None:
+        node = self._node
+        node._apply(node.protocol.advertise(list(keys), trio.current_time()))
+        await trio.lowlevel.checkpoint()
+
+    async def withdraw(self, keys: Iterable[str]) -> None:
+        self._node.protocol.withdraw(list(keys))
+        await trio.lowlevel.checkpoint()
+
+    @asynccontextmanager
+    async def resolve(self, key: str) -> AsyncIterator[AsyncIterator[Peer]]:
+        node = self._node
+        stream = _PeerStream()
+        if node._sock is None:
+            stream.finish()  # not serving: nobody can be asked
+            yield stream
+            return
+        lookup_id, effects = node.protocol.start_resolve(key, trio.current_time())
+        node._streams[lookup_id] = stream
+        try:
+            node._apply(effects)
+            yield stream
+        finally:
+            del node._streams[lookup_id]
+            node.protocol.cancel_lookup(lookup_id)
