@@ -5,7 +5,7 @@ can look at a real cluster: N node namespaces with containerd each, an upstream 
 test images, and a mirror on every node's 127.0.0.1:5000.  State lives in a state dir, so each
 command can run in its own process.  Needs root.
 
-  python -m hack.cluster up 3 [--rate-mbit 100] [--large-mib 200] [--mirror standin|none]
+  python -m hack.cluster up 3 [--rate-mbit 100] [--large-mib 200] [--mirror standin|agent|none]
   python -m hack.cluster pull 2 small          # node index (or n2); test image name or full ref
   python -m hack.cluster status
   python -m hack.cluster down [--all]          # --all: also leftovers of crashed tests
@@ -50,6 +50,10 @@ def cmd_up(a: argparse.Namespace) -> int:
     c.up(large_mib=a.large_mib)
     if a.mirror == "standin":
         c.start_standin_mirrors()
+    elif a.mirror == "agent":
+        from tests.harness.agents import start_agents  # the agent's own dependencies
+
+        start_agents(c)
     c.save()
     cmd_status(a)
     return 0
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("nodes", type=int)
     up.add_argument("--rate-mbit", type=float, default=None, help="tbf limit on the upstream link")
     up.add_argument("--large-mib", type=int, default=4, help="size of the e2e/big image")
-    up.add_argument("--mirror", choices=("standin", "none"), default="standin")
+    up.add_argument("--mirror", choices=("standin", "agent", "none"), default="standin")
     pull = sub.add_parser("pull", help="CRI pull on one node")
     pull.add_argument("node")
     pull.add_argument("image")

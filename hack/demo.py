@@ -1,0 +1,121 @@
+"""``make demo``: three nodes, real containerd and real spegla agents; watch pulls come from peers.
+
+Why: the quickest way to see what spegla does.  It brings up the harness cluster (network
+namespaces, one containerd and one ``spegla registry`` per node, a docker-registry upstream behind
+a rate-limited link), pulls an image on node 1 (from upstream), then on nodes 2 and 3, and reports
+where each blob came from (upstream or which peer), the pull times and the agents' hit/miss
+counters.  Everything is torn down at the end (``--keep`` leaves it up for ``hack/cluster``).
+Needs root.
+
+  python -m hack.demo [--nodes 3] [--size-mib 64] [--rate-mbit 100] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.harness import agents as ag
+from tests.harness.cluster import Cluster, Node
+from tests.harness.fixtures import missing_requirements
+from tests.harness.images import BuiltImage, build_test_set
+
+
+def step(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _short(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:12]
+
+
+def blob_sources(c: Cluster, node: Node, image: BuiltImage, mark: int) -> list[tuple[str, str]]:
+    """(digest, where it came from) for every blob ``node`` needed for ``image``."""
+    upstream = {r.blob_digest for r in c.upstream.blob_fetches(mark) if r.remote_ip == node.ip}
+    out = []
+    for digest in image.blob_digests():
+        if digest in upstream:
+            out.append((digest, "upstream"))
+            continue
+        peers = ag.served_to(c, digest, node.ip)
+        out.append((digest, "peer " + ",".join(p.name for p in peers) if peers else "peer"))
+    return out
+
+
+def run(a: argparse.Namespace) -> int:
+    t_start = time.monotonic()
+    step(f"building test images ({a.size_mib} MiB image e2e/big)")
+    images = build_test_set(Path(tempfile.mkdtemp(prefix="spg-demo-img-")), large_mib=a.size_mib)
+    workdir = Path(tempfile.gettempdir()) / "spegla-cluster" if a.keep else None
+    if workdir is not None and (workdir / "state.json").exists():
+        step(f"a cluster is already up in {workdir}: run `hack/cluster down` first")
+        return 1
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="spg-demo-"))
+    c = Cluster(workdir, nodes=a.nodes, tag="c" if a.keep else None, persistent=a.keep)
+    try:
+        step(f"bringing up {a.nodes} node namespaces, upstream registry and containerd per node")
+        c.up(images=images)
+        if a.rate_mbit:
+            c.limit_upstream(a.rate_mbit)
+            step(f"upstream link limited to {a.rate_mbit:g} Mbit/s (tbf)")
+        step("starting spegla agents (static bootstrap), waiting for /readyz")
+        ag.start_agents(c, log_level="DEBUG")
+        c.save()
+        ref = c.ref(images.large.name)
+        rows = []
+        for node in c.nodes:
+            mark = c.upstream.mark()
+            step(f"{node.name} ({node.ip}): CRI pull {ref}")
+            r = node.pull(ref, timeout=900)
+            sources = blob_sources(c, node, images.large, mark)
+            n_up = sum(1 for _, s in sources if s == "upstream")
+            step(f"{node.name}: pulled in {r.seconds:.2f}s; {n_up}/{len(sources)} blobs upstream")
+            rows.append((node, r.seconds, sources, c.upstream.blob_bytes(mark)))
+        print()
+        mib = images.large.total_size / 2**20
+        link = f", upstream {a.rate_mbit:g} Mbit/s" if a.rate_mbit else ""
+        print(f"spegla demo: {a.nodes} nodes, image {ref} ({mib:.0f} MiB{link})")
+        for node, seconds, sources, up_bytes in rows:
+            print(f"  {node.name}  pull {seconds:6.2f}s  upstream blob bytes {up_bytes:>11,}")
+            for digest, src in sources:
+                print(f"      {_short(digest)}  {src}")
+        print("  agent counters (spegel_mirror_requests_total):")
+        for node in c.nodes:
+            hits, misses = ag.mirror_counts(node)
+            print(f"      {node.name}  hit {hits:3d}  miss {misses:3d}")
+        print(f"  total {time.monotonic() - t_start:.1f}s")
+        if a.keep:
+            print(f"  cluster left up in {workdir}: `hack/cluster status`, `hack/cluster down`")
+        return 0
+    finally:
+        if not a.keep:
+            step("tearing down")
+            c.down()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hack.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--size-mib", type=int, default=64)
+    p.add_argument("--rate-mbit", type=float, default=100.0, help="0: no limit")
+    p.add_argument("--keep", action="store_true", help="leave the cluster up afterwards")
+    a = p.parse_args(argv)
+    reason = missing_requirements()
+    if reason:
+        print(f"demo: {reason}", file=sys.stderr)
+        return 2
+    if not 2 <= a.nodes <= 10 or a.size_mib < 1:
+        print("demo: --nodes must be 2..10 and --size-mib >= 1", file=sys.stderr)
+        return 2
+    try:
+        return run(a)
+    except Exception as e:
+        print(f"demo: failed: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
