@@ -139,8 +139,10 @@ class ContainerdContentStore:
                 self._content_dir_known = True
                 logger.info(
                     "content store reads",
-                    extra={"mode": "file" if self._content_dir else "grpc",
-                           "content_path": self._content_dir or ""},
+                    extra={
+                        "mode": "file" if self._content_dir else "grpc",
+                        "content_path": self._content_dir or "",
+                    },
                 )
         return self._content_dir
 

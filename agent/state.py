@@ -1,0 +1,609 @@
+"""State tracker: keeps what this node advertises equal to what its containerd holds.
+
+Why: peers find content through what each node advertises, so an advertised key whose content is
+missing costs them a slow 404, and an unadvertised one costs an upstream download. The tracker
+lists every image in the namespace, walks it (index -> the platform manifests that are present ->
+their config and layers that are present; missing content is skipped, never advertised), and
+advertises every present digest plus the `registry/repo:tag` key of tagged images. Then it follows
+containerd's event stream (image create/update/delete, content create on containerd >= 2.1, content
+delete) and re-walks on a timer. Keys are reference-counted across images, so content shared by two
+images stays advertised when one of them is deleted. When containerd restarts, the tracker
+resubscribes with backoff and resyncs; the agent keeps running.
+
+The pure parts (walking over a `ContentSource`, decoding events, key diffs, gauge values) have no
+I/O of their own and are tested with fakes; `StateTracker` is the Trio driver.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import trio
+from google.protobuf.message import DecodeError
+from prometheus_client import Gauge
+
+from agent.containerd import (
+    ContainerdClient,
+    ContainerdUnavailable,
+    Descriptor,
+    Envelope,
+    Image,
+    NotFound,
+)
+from agent.proto import containerd_content_events_pb2, containerd_images_pb2
+from registry.filters import ReferenceFilter
+from registry.interfaces import Router
+from registry.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
+from registry.reference import Reference, ReferenceError, is_digest, parse_image_name
+
+logger = logging.getLogger(__name__)
+
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+MANIFEST_READ_LIMIT = 4 * 1024 * 1024  # an index or manifest larger than this is not walked
+WALK_LIMIT = 10_000  # descriptors per image: a bound against pathological manifests
+SOURCE_LABEL = "containerd.io/distribution.source."
+
+ADVERTISED_IMAGES = Gauge(
+    "spegel_advertised_images", "Number of images advertised to be available.", ["registry"]
+)
+ADVERTISED_KEYS = Gauge(
+    "spegel_advertised_keys", "Number of keys advertised to be available.", ["registry"]
+)
+ADVERTISED_IMAGE_TAGS = Gauge(
+    "spegel_advertised_image_tags", "Number of image tags advertised to be available.", ["registry"]
+)
+ADVERTISED_IMAGE_DIGESTS = Gauge(
+    "spegel_advertised_image_digests",
+    "Number of image digests advertised to be available.",
+    ["registry"],
+)
+ADVERTISED_CONTENT_DIGESTS = Gauge(
+    "spegel_advertised_content_digests",
+    "Number of content digests advertised to be available.",
+    ["registry"],
+)
+_GAUGES = {
+    "images": ADVERTISED_IMAGES,
+    "keys": ADVERTISED_KEYS,
+    "image_tags": ADVERTISED_IMAGE_TAGS,
+    "image_digests": ADVERTISED_IMAGE_DIGESTS,
+    "content_digests": ADVERTISED_CONTENT_DIGESTS,
+}
+
+
+# ---------------------------------------------------------------- walking (pure over a source)
+
+
+class ContentSource(Protocol):
+    """What a walk needs from the content store."""
+
+    async def present(self, digest: str) -> bool: ...
+
+    async def read(self, digest: str, limit: int) -> bytes: ...
+
+
+def children(media_type: str, data: bytes) -> list[Descriptor]:
+    """The descriptors an index or manifest points at; [] for anything else or malformed JSON."""
+    if media_type not in INDEX_TYPES and media_type not in MANIFEST_TYPES:
+        return []
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return []
+    if not isinstance(doc, dict):
+        return []
+    raw: list[object] = []
+    if media_type in INDEX_TYPES:
+        manifests = doc.get("manifests")
+        raw = list(manifests) if isinstance(manifests, list) else []
+    else:
+        raw = [doc.get("config")]
+        layers = doc.get("layers")
+        raw += list(layers) if isinstance(layers, list) else []
+    out: list[Descriptor] = []
+    for item in raw:
+        if not isinstance(item, dict):
+            continue
+        digest, mt, size = item.get("digest"), item.get("mediaType", ""), item.get("size", 0)
+        if isinstance(digest, str) and is_digest(digest) and isinstance(mt, str):
+            out.append(Descriptor(mt, digest, size if isinstance(size, int) else 0))
+    return out
+
+
+class ChildrenCache:
+    """digest -> children of that index/manifest (content is immutable, so never stale)."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._entries: OrderedDict[str, tuple[Descriptor, ...]] = OrderedDict()
+
+    def get(self, digest: str) -> tuple[Descriptor, ...] | None:
+        found = self._entries.get(digest)
+        if found is not None:
+            self._entries.move_to_end(digest)
+        return found
+
+    def put(self, digest: str, kids: Iterable[Descriptor]) -> tuple[Descriptor, ...]:
+        value = self._entries[digest] = tuple(kids)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+        return value
+
+
+async def walk(
+    source: ContentSource, root: Descriptor, cache: ChildrenCache | None = None
+) -> frozenset[str]:
+    """Every digest reachable from `root` that is present; missing content is not descended."""
+    cache = cache if cache is not None else ChildrenCache()
+    seen: set[str] = set()
+    present: set[str] = set()
+    stack = [root]
+    while stack and len(seen) < WALK_LIMIT:
+        desc = stack.pop()
+        if desc.digest in seen:
+            continue
+        seen.add(desc.digest)
+        if not await source.present(desc.digest):
+            continue
+        present.add(desc.digest)
+        if desc.media_type in INDEX_TYPES or desc.media_type in MANIFEST_TYPES:
+            kids = cache.get(desc.digest)
+            if kids is None:
+                try:
+                    data = await source.read(desc.digest, MANIFEST_READ_LIMIT)
+                except (NotFound, ValueError):
+                    continue
+                kids = cache.put(desc.digest, children(desc.media_type, data))
+            stack.extend(reversed(kids))
+    return frozenset(present)
+
+
+class LiveSource:
+    """Presence by Content.Info per digest: for walking one image after an event."""
+
+    def __init__(self, client: ContainerdClient) -> None:
+        self._client = client
+
+    async def present(self, digest: str) -> bool:
+        try:
+            await self._client.content_info(digest)
+        except NotFound:
+            return False
+        return True
+
+    async def read(self, digest: str, limit: int) -> bytes:
+        return await self._client.read_blob(digest, limit)
+
+
+class SnapshotSource(LiveSource):
+    """Presence from one Content.List of the namespace: for walking every image at once."""
+
+    def __init__(self, client: ContainerdClient, digests: Iterable[str]) -> None:
+        super().__init__(client)
+        self._digests = frozenset(digests)
+
+    async def present(self, digest: str) -> bool:
+        return digest in self._digests
+
+
+# ---------------------------------------------------------------- images -> keys (pure)
+
+
+@dataclass(frozen=True, slots=True)
+class AdvertisedImage:
+    """One image record and the keys it contributes."""
+
+    name: str  # the containerd record name
+    registry: str
+    repository: str
+    tag_key: str | None  # `registry/repo:tag` for tagged records
+    target: str  # the record's target digest (index or manifest)
+    digests: frozenset[str]  # present content reachable from target
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return self.digests if self.tag_key is None else self.digests | {self.tag_key}
+
+
+def parse_record(image: Image, filters: ReferenceFilter | None) -> Reference | None:
+    """The reference of an image record worth advertising, or None (image ids, bad or filtered)."""
+    if "/" not in image.name:
+        return None  # an image id record (`sha256:...`)
+    try:
+        ref = parse_image_name(image.name, digest=image.target.digest)
+    except ReferenceError as exc:
+        logger.warning(
+            "skipping image with unparsable name", extra={"image": image.name, "error": str(exc)}
+        )
+        return None
+    if filters is not None and filters.is_filtered(ref):
+        return None
+    return ref
+
+
+async def image_keys(
+    source: ContentSource, image: Image, ref: Reference, cache: ChildrenCache | None = None
+) -> AdvertisedImage:
+    digests = await walk(source, image.target, cache)
+    return AdvertisedImage(
+        name=image.name,
+        registry=ref.registry,
+        repository=ref.repository,
+        tag_key=ref.tag_key if ref.tag is not None and ref.tag_key is not None else None,
+        target=image.target.digest,
+        digests=digests,
+    )
+
+
+def gauge_values(
+    images: Iterable[AdvertisedImage], loose: Mapping[str, frozenset[str]] | None = None
+) -> dict[str, dict[str, int]]:
+    """Per registry: images, keys, image_tags, image_digests, content_digests (see module doc).
+
+    A digest-only record whose target is also the target of a tagged record of the same
+    repository is the same image: it is not counted again.
+    """
+    images = list(images)
+    tagged = {(i.registry, i.repository, i.target) for i in images if i.tag_key is not None}
+    tags: Counter[str] = Counter()
+    digest_images: Counter[str] = Counter()
+    content: dict[str, set[str]] = {}
+    for img in images:
+        content.setdefault(img.registry, set()).update(img.digests)
+        if img.tag_key is not None:
+            tags[img.registry] += 1
+        elif (img.registry, img.repository, img.target) not in tagged:
+            digest_images[img.registry] += 1
+    for digest, registries in (loose or {}).items():
+        for registry in registries:
+            content.setdefault(registry, set()).add(digest)
+    out: dict[str, dict[str, int]] = {}
+    for registry in set(content) | set(tags) | set(digest_images):
+        n_content = len(content.get(registry, ()))
+        out[registry] = {
+            "images": tags[registry] + digest_images[registry],
+            "keys": n_content + tags[registry],
+            "image_tags": tags[registry],
+            "image_digests": digest_images[registry],
+            "content_digests": n_content,
+        }
+    return out
+
+
+class KeyCounts:
+    """Reference counts of advertised keys; reports which keys appear and disappear."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+
+    def change(self, old: Iterable[str], new: Iterable[str]) -> tuple[set[str], set[str]]:
+        """Replace one contributor's keys `old` by `new`; return (now advertised, now withdrawn)."""
+        old_set, new_set = set(old), set(new)
+        added: set[str] = set()
+        removed: set[str] = set()
+        for key in new_set - old_set:
+            self._counts[key] += 1
+            if self._counts[key] == 1:
+                added.add(key)
+        for key in old_set - new_set:
+            self._counts[key] -= 1
+            if self._counts[key] <= 0:
+                del self._counts[key]
+                removed.add(key)
+        return added, removed
+
+    def keys(self) -> frozenset[str]:
+        return frozenset(self._counts)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._counts
+
+
+# ---------------------------------------------------------------- events (pure)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageEvent:
+    action: Literal["create", "update", "delete"]
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContentEvent:
+    action: Literal["create", "delete"]
+    digest: str
+
+
+_IMAGE_TOPICS: dict[str, Literal["create", "update", "delete"]] = {
+    "/images/create": "create",
+    "/images/update": "update",
+    "/images/delete": "delete",
+}
+_CONTENT_TOPICS: dict[str, Literal["create", "delete"]] = {
+    "/content/create": "create",
+    "/content/delete": "delete",
+}
+
+
+def event_filters(namespace: str) -> list[str]:
+    """Subscription filters: image and content events of our namespace only."""
+    return [
+        f'topic~="^/images/",namespace=="{namespace}"',
+        f'topic~="^/content/",namespace=="{namespace}"',
+    ]
+
+
+def decode_event(env: Envelope) -> ImageEvent | ContentEvent | None:
+    """Decode by topic (stable across containerd 1.6-2.x, unlike the payload type names)."""
+    try:
+        if env.topic in _IMAGE_TOPICS:
+            # ImageCreate/ImageUpdate/ImageDelete all carry the name in field 1.
+            msg = containerd_images_pb2.ImageDelete.FromString(env.payload)
+            return ImageEvent(_IMAGE_TOPICS[env.topic], msg.name) if msg.name else None
+        if env.topic in _CONTENT_TOPICS:
+            cmsg = containerd_content_events_pb2.ContentDelete.FromString(env.payload)
+            if is_digest(cmsg.digest):
+                return ContentEvent(_CONTENT_TOPICS[env.topic], cmsg.digest)
+    except DecodeError:
+        logger.warning(
+            "undecodable containerd event", extra={"topic": env.topic, "type": env.type_url}
+        )
+    return None
+
+
+def source_registries(
+    labels: Mapping[str, str], digest: str, filters: ReferenceFilter | None
+) -> frozenset[str]:
+    """Registries a blob was pulled from (distribution-source labels) that are not filtered out."""
+    out: set[str] = set()
+    for key, value in labels.items():
+        if not key.startswith(SOURCE_LABEL):
+            continue
+        registry = key[len(SOURCE_LABEL) :]
+        for repository in value.split(","):
+            try:
+                ref = Reference(registry=registry, repository=repository, digest=digest)
+            except ReferenceError:
+                continue
+            if filters is None or not filters.is_filtered(ref):
+                out.add(registry)
+    return frozenset(out)
+
+
+# ---------------------------------------------------------------- the Trio driver
+
+
+class StateTracker:
+    """Advertises through `router` exactly what containerd holds; see the module docstring.
+
+    ``await nursery.start(tracker.run)`` returns after the first full list + walk + advertise, then
+    the tracker follows events and refreshes every `refresh_interval` seconds. If containerd is
+    unreachable, `run` keeps retrying with exponential backoff (`start` waits until it succeeds;
+    use `nursery.start_soon(tracker.run)` and `tracker.synced` to not wait).
+    """
+
+    def __init__(
+        self,
+        client: ContainerdClient,
+        router: Router,
+        *,
+        filters: ReferenceFilter | None = None,
+        refresh_interval: float = 300.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+    ) -> None:
+        if refresh_interval <= 0:
+            raise ValueError("refresh_interval must be positive")
+        self._client = client
+        self._router = router
+        self._filters = filters
+        self._refresh_interval = refresh_interval
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._images: dict[str, AdvertisedImage] = {}
+        self._loose: dict[str, frozenset[str]] = {}  # digest -> registries, from content events
+        self._counts = KeyCounts()
+        self._cache = ChildrenCache()
+        self.synced = trio.Event()  # set after the first full sync
+        self._connected = False
+        self._stats: Counter[str] = Counter()
+        self._last_sync: float | None = None
+        self._last_error = ""
+
+    # -- reading the state (debug page, `spegla keys`)
+
+    def keys(self) -> list[str]:
+        """Every key currently advertised, sorted."""
+        return sorted(self._counts.keys())
+
+    def advertised_images(self) -> list[AdvertisedImage]:
+        return sorted(self._images.values(), key=lambda i: i.name)
+
+    def statistics(self) -> dict[str, object]:
+        images = list(self._images.values())
+        return {
+            "connected": self._connected,
+            "synced": self.synced.is_set(),
+            "images": len(images),
+            "tags": sum(1 for i in images if i.tag_key is not None),
+            "keys": len(self._counts.keys()),
+            "loose_content": len(self._loose),
+            "syncs": self._stats["syncs"],
+            "events": self._stats["events"],
+            "reconnects": self._stats["reconnects"],
+            "last_sync_unix": self._last_sync,
+            "last_error": self._last_error,
+        }
+
+    # -- the loop
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        backoff = self._backoff_initial
+        status: trio.TaskStatus[None] | None = task_status
+        while True:
+            try:
+                async with self._client.subscribe(event_filters(self._client.namespace)) as events:
+                    self._connected = True
+                    backoff = self._backoff_initial
+                    await self._session(events, status)
+                    status = None
+            except* ContainerdUnavailable as group:
+                status = status if not self.synced.is_set() else None
+                self._connected = False
+                self._stats["reconnects"] += 1
+                self._last_error = str(group.exceptions[0])
+                logger.warning(
+                    "containerd unavailable, retrying",
+                    extra={"error": self._last_error, "retry_in": backoff},
+                )
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, self._backoff_max)
+
+    async def _session(
+        self, events: AsyncIterator[Envelope], status: trio.TaskStatus[None] | None
+    ) -> None:
+        send, recv = trio.open_memory_channel[Envelope](10_000)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump, events, send)  # buffer events that arrive during sync
+            await self.sync()
+            if status is not None:
+                status.started()
+            async with recv:
+                next_refresh = trio.current_time() + self._refresh_interval
+                while True:
+                    env: Envelope | None = None
+                    with trio.move_on_at(next_refresh):
+                        env = await recv.receive()
+                    if env is None:
+                        await self.sync()
+                        next_refresh = trio.current_time() + self._refresh_interval
+                    else:
+                        await self.handle(env)
+
+    async def _pump(
+        self, events: AsyncIterator[Envelope], send: trio.MemorySendChannel[Envelope]
+    ) -> None:
+        async with send:
+            async for env in events:
+                await send.send(env)
+        raise ContainerdUnavailable("event stream ended")  # pragma: no cover - _envelopes raises
+
+    async def sync(self) -> None:
+        """List and walk every image; advertise what is new, withdraw what is gone."""
+        client = self._client
+        present = {info.digest for info in await client.list_content()}
+        source = SnapshotSource(client, present)
+        images: dict[str, AdvertisedImage] = {}
+        for image in await client.list_images(['name~="^.+/"']):
+            ref = parse_record(image, self._filters)
+            if ref is not None:
+                images[image.name] = await image_keys(source, image, ref, self._cache)
+        covered = set().union(*(i.digests for i in images.values()))
+        loose = {d: r for d, r in self._loose.items() if d in present and d not in covered}
+        counts = KeyCounts()
+        for img in images.values():
+            counts.change((), img.keys)
+        for digest in loose:
+            counts.change((), {digest})
+        old_keys, new_keys = self._counts.keys(), counts.keys()
+        self._images, self._loose, self._counts = images, loose, counts
+        self._stats["syncs"] += 1
+        self._last_sync = time.time()
+        await self._publish(set(new_keys - old_keys), set(old_keys - new_keys))
+        self.synced.set()
+        logger.info("containerd state synced", extra={"images": len(images), "keys": len(new_keys)})
+
+    async def handle(self, env: Envelope) -> None:
+        """Apply one containerd event."""
+        event = decode_event(env)
+        if event is None:
+            return
+        self._stats["events"] += 1
+        logger.debug("containerd event", extra={"topic": env.topic, "event": str(event)})
+        if isinstance(event, ImageEvent):
+            if event.action == "delete":
+                await self._set_image(event.name, None)
+            else:
+                await self._set_image(event.name, await self._walk_image(event.name))
+        elif event.action == "create":
+            await self._content_created(event.digest)
+        else:
+            await self._content_deleted(event.digest)
+
+    async def _walk_image(self, name: str) -> AdvertisedImage | None:
+        if "/" not in name:
+            return None
+        try:
+            image = await self._client.get_image(name)
+        except NotFound:
+            return None
+        ref = parse_record(image, self._filters)
+        if ref is None:
+            return None
+        return await image_keys(LiveSource(self._client), image, ref, self._cache)
+
+    async def _set_image(self, name: str, new: AdvertisedImage | None) -> None:
+        old = self._images.pop(name, None)
+        if new is not None:
+            self._images[name] = new
+        added, removed = self._counts.change(old.keys if old else (), new.keys if new else ())
+        if new is not None:  # content announced early by content events now belongs to an image
+            for digest in new.digests & self._loose.keys():
+                del self._loose[digest]
+                a, r = self._counts.change({digest}, ())
+                added |= a
+                removed |= r
+        await self._publish(added, removed)
+
+    async def _content_created(self, digest: str) -> None:
+        """containerd >= 2.1: advertise a blob as soon as it is committed, once labelled."""
+        if digest in self._counts:
+            return
+        delay = 0.01
+        for _ in range(10):  # the distribution-source label is written just after the commit
+            try:
+                info = await self._client.content_info(digest)
+            except NotFound:
+                return
+            if any(k.startswith(SOURCE_LABEL) for k in info.labels):
+                registries = source_registries(info.labels, digest, self._filters)
+                if registries and digest not in self._counts:
+                    self._loose[digest] = registries
+                    added, removed = self._counts.change((), {digest})
+                    await self._publish(added, removed)
+                return
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    async def _content_deleted(self, digest: str) -> None:
+        if digest in self._loose:
+            del self._loose[digest]
+            await self._publish(*self._counts.change({digest}, ()))
+        for name in [n for n, img in self._images.items() if digest in img.digests]:
+            await self._set_image(name, await self._walk_image(name))
+
+    async def _publish(self, added: set[str], removed: set[str]) -> None:
+        if added:
+            await self._router.advertise(sorted(added))
+        if removed:
+            await self._router.withdraw(sorted(removed))
+        if added or removed:
+            logger.info(
+                "advertised keys changed", extra={"added": len(added), "withdrawn": len(removed)}
+            )
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        values = gauge_values(self._images.values(), self._loose)
+        for kind, gauge in _GAUGES.items():
+            gauge.clear()
+            for registry, counts in values.items():
+                gauge.labels(registry=registry).set(counts[kind])
