@@ -120,12 +120,15 @@ def render_hosts_toml(
         blocks.append([f"server = {_toml_string(server)}"])
     capabilities = ["pull", "resolve"] if resolve_tags else ["pull"]
     for target in targets:
-        table = {"capabilities": capabilities, "dial_timeout": format_duration(dial_timeout)}
+        table: dict[str, Any] = {
+            "capabilities": capabilities,
+            "dial_timeout": format_duration(dial_timeout),
+        }
         blocks.append(_render_table(["host", encapsulate_ipv6(target)], table))
     ours = {encapsulate_ipv6(target) for target in targets}
-    for url, table in (existing_hosts or {}).items():
+    for url, old in (existing_hosts or {}).items():
         if url not in ours:
-            blocks.append(_render_table(["host", url], table))
+            blocks.append(_render_table(["host", url], old))
     return "\n\n".join("\n".join(block) for block in blocks) + "\n"
 
 

@@ -59,7 +59,8 @@ class CrashBudget:
         count = len(self.crashes)
         if count > self.policy.max_restarts:
             return None
-        return min(self.policy.max_backoff, self.policy.initial_backoff * 2 ** (count - 1))
+        delay: float = self.policy.initial_backoff * 2.0 ** (count - 1)
+        return min(self.policy.max_backoff, delay)
 
 
 @dataclass(slots=True)

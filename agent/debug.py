@@ -1,0 +1,222 @@
+"""What an operator looks at when a node misbehaves: the live Trio task tree, and the state behind
+the debug page (peers, advertised images, recent mirror results, last success, services).
+
+Why here and not in the registry: these views span every service of the agent. Updates reach live
+viewers through bounded memory channels and are dropped when a viewer is slow (`WouldBlock`), so a
+stuck browser tab can never stall the agent. Mirror outcomes are tapped from the registry's log
+records (`MirrorLogTap`), which keeps the registry free of any dependency on this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import trio
+
+logger = logging.getLogger(__name__)
+
+
+# --- task tree ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TaskNode:
+    name: str
+    location: str  # "file.py:123 function" of the innermost non-Trio frame, or ""
+    children: tuple[TaskNode, ...] = ()
+
+
+def _location(task: trio.lowlevel.Task) -> str:
+    frames = [
+        (frame, lineno)
+        for frame, lineno in task.iter_await_frames()
+        if "/trio/" not in frame.f_code.co_filename
+    ]
+    if not frames:
+        return ""
+    frame, lineno = frames[-1]
+    return f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{lineno} {frame.f_code.co_name}"
+
+
+def _walk(task: trio.lowlevel.Task) -> TaskNode:
+    children: list[TaskNode] = []
+    for nursery in task.child_nurseries:
+        for child in sorted(nursery.child_tasks, key=lambda t: t.name):
+            children.append(_walk(child))
+    return TaskNode(task.name, _location(task), tuple(children))
+
+
+def task_tree() -> TaskNode:
+    """Snapshot of every task under the root task (call from inside `trio.run`)."""
+    root = trio.lowlevel.current_root_task()
+    if root is None:
+        raise RuntimeError("task_tree() must run inside trio.run")
+    return _walk(root)
+
+
+def render_task_tree(node: TaskNode, depth: int = 0) -> str:
+    lines = ["  " * depth + f"- {node.name}" + (f"  @ {node.location}" if node.location else "")]
+    lines.extend(render_task_tree(child, depth + 1) for child in node.children)
+    return "\n".join(lines)
+
+
+def task_tree_json(node: TaskNode) -> dict[str, Any]:
+    return {
+        "name": node.name,
+        "location": node.location,
+        "children": [task_tree_json(child) for child in node.children],
+    }
+
+
+def count_tasks(node: TaskNode) -> int:
+    return 1 + sum(count_tasks(child) for child in node.children)
+
+
+# --- debug page state ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorResult:
+    """One mirror attempt as the debug page shows it."""
+
+    at: float  # unix time
+    key: str
+    outcome: str  # "hit" / "miss" / "error"
+    peer: str = ""
+    duration_ms: float | None = None
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class DebugState:
+    """Everything the debug page shows, with providers for the parts owned by other services."""
+
+    node_id: str = ""
+    peers: Callable[[], Iterable[Any]] = lambda: ()
+    images: Callable[[], Iterable[str]] = lambda: ()
+    services: Callable[[], dict[str, str]] = dict
+    ready: Callable[[], bool] = lambda: False
+    max_results: int = 50
+    results: deque[MirrorResult] = field(default_factory=deque)
+    last_success: float | None = None
+    _subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = field(default_factory=set)
+    dropped: int = 0
+
+    def record_mirror(self, result: MirrorResult) -> None:
+        self.results.appendleft(result)
+        while len(self.results) > self.max_results:
+            self.results.pop()
+        if result.outcome == "hit":
+            self.last_success = result.at
+        self.publish({"type": "mirror", "result": asdict(result)})
+
+    def publish(self, event: dict[str, Any]) -> None:
+        """Fan out to live viewers; a full viewer channel drops the event (never blocks)."""
+        for channel in list(self._subscribers):
+            try:
+                channel.send_nowait(event)
+            except trio.WouldBlock:
+                self.dropped += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.discard(channel)
+
+    def subscribe(self, size: int = 64) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+        send, receive = trio.open_memory_channel[dict[str, Any]](size)
+        self._subscribers.add(send)
+        return receive
+
+    def unsubscribe_closed(self) -> None:
+        for channel in list(self._subscribers):
+            try:
+                channel.send_nowait({"type": "ping"})
+            except trio.WouldBlock:
+                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.discard(channel)
+
+    @property
+    def viewers(self) -> int:
+        return len(self._subscribers)
+
+    def snapshot(self) -> dict[str, Any]:
+        peers = []
+        for peer in self.peers():
+            peers.append(_describe_peer(peer))
+        images = sorted(self.images())
+        return {
+            "type": "snapshot",
+            "node_id": self.node_id,
+            "ready": self.ready(),
+            "now": time.time(),
+            "last_success": self.last_success,
+            "last_success_ago_s": None
+            if self.last_success is None
+            else round(time.time() - self.last_success, 1),
+            "peers": peers,
+            "images": images,
+            "results": [asdict(r) for r in self.results],
+            "services": self.services(),
+        }
+
+
+def _describe_peer(peer: Any) -> dict[str, Any]:
+    if isinstance(peer, dict):
+        return {str(k): _plain(v) for k, v in peer.items()}
+    out: dict[str, Any] = {}
+    for name in ("node_id", "host", "port", "last_seen", "rtt"):
+        if hasattr(peer, name):
+            out[name] = _plain(getattr(peer, name))
+    if not out:
+        out["peer"] = str(peer)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+class MirrorLogTap(logging.Handler):
+    """Turns the registry's mirror log records into `MirrorResult`s for the debug page.
+
+    A record counts when it carries a `cache` (hit/miss) or `outcome` extra field; `key`/`digest`/
+    `path`, `peer` and `duration_ms`/`elapsed_ms` are picked up when present.
+    """
+
+    def __init__(self, state: DebugState) -> None:
+        super().__init__(logging.DEBUG)
+        self.state = state
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = vars(record)
+        outcome = fields.get("cache") or fields.get("outcome")
+        if outcome is None:
+            return
+        try:
+            key = str(
+                fields.get("key")
+                or fields.get("digest")
+                or fields.get("path")
+                or record.getMessage()
+            )
+            duration = fields.get("duration_ms", fields.get("elapsed_ms"))
+            self.state.record_mirror(
+                MirrorResult(
+                    at=record.created,
+                    key=key,
+                    outcome=str(outcome),
+                    peer=str(fields.get("peer") or ""),
+                    duration_ms=float(duration) if duration is not None else None,
+                    detail=record.getMessage(),
+                )
+            )
+        except Exception:  # a debug view must never break logging
+            self.handleError(record)

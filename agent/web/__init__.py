@@ -1,0 +1,1 @@
+"""Static assets of the debug page (`/debug/web`), shipped as package data."""
