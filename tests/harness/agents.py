@@ -8,6 +8,8 @@ served which blob.
 
 API
 - ``agent_argv(cluster, node, log_level="DEBUG", extra=())`` -> argv (pure, for inspection).
+  ``SPEGLA_E2E_AGENT`` (env) replaces ``python -m agent`` with another command (split on spaces),
+  e.g. to run the same tests against another build of the agent.
 - ``start_agents(cluster, log_level="DEBUG", extra=(), nodes=None, ready_timeout=30)``: start and
   wait until every agent's ``/readyz`` answers 200 (from inside its namespace).
 - ``start_agent(cluster, node, ...)``, ``stop_agent(cluster, node)``, ``wait_ready(node, timeout)``.
@@ -19,6 +21,7 @@ API
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -36,8 +39,9 @@ def agent_argv(
     cluster: Cluster, node: Node, log_level: str = "DEBUG", extra: Sequence[str] = ()
 ) -> list[str]:
     peers = [f"{n.ip}:{ROUTER_PORT}" for n in cluster.nodes if n is not node]
+    command = os.environ.get("SPEGLA_E2E_AGENT", "").split() or [sys.executable, "-m", "agent"]
     argv = [
-        sys.executable, "-m", "agent", "registry",
+        *command, "registry",
         "--log-level", log_level,
         "--registry-addr", f":{REGISTRY_PORT}",
         "--router-addr", f":{ROUTER_PORT}",
