@@ -86,6 +86,18 @@ class SimNetwork:
         node = self.nodes[addr] = SimNode(addr, protocol)
         return node
 
+    def grow(self, count: int, seeds_per_node: int = 3, join_gap: float = 0.05) -> list[SimNode]:
+        """Add `count` nodes one after another, each joining through a few random earlier nodes."""
+        added = []
+        for _ in range(count):
+            earlier = [n.addr for n in self.nodes.values() if n.alive]
+            node = self.add_node()
+            seeds = self.rng.sample(earlier, min(seeds_per_node, len(earlier)))
+            self.bootstrap(node, seeds)
+            self.run_for(join_gap)
+            added.append(node)
+        return added
+
     def kill(self, node: SimNode) -> None:
         """The node vanishes without notice: it neither sends nor answers from now on."""
         node.alive = False

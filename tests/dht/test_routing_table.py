@@ -1,0 +1,96 @@
+"""k-buckets: long-lived contacts stay, the oldest is evicted only after a failed ping."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dht.ids import Contact, distance, random_id_in_bucket
+from dht.routing_table import RoutingTable
+
+ME = bytes(32)
+
+
+def contact_in_bucket(index: int, rng: random.Random, n: int = 0) -> Contact:
+    return Contact(random_id_in_bucket(ME, index, rng), f"10.0.{n // 250}.{n % 250 + 1}", 5001)
+
+
+def full_bucket(k: int = 4) -> tuple[RoutingTable, list[Contact], random.Random]:
+    rng = random.Random(1)
+    table = RoutingTable(ME, k=k)
+    members = [contact_in_bucket(200, rng, i) for i in range(k)]
+    for t, c in enumerate(members):
+        assert table.seen(c, float(t)) is None
+    return table, members, rng
+
+
+def test_full_bucket_asks_to_ping_the_oldest_and_keeps_it_when_it_answers() -> None:
+    table, members, rng = full_bucket()
+    newcomer = contact_in_bucket(200, rng, 99)
+    assert table.seen(newcomer, 10.0) == members[0]
+    assert newcomer.node_id not in table
+    # a second newcomer while the ping is outstanding does not ask again
+    assert table.seen(contact_in_bucket(200, rng, 98), 11.0) is None
+    table.seen(members[0], 12.0)  # the pong
+    assert members[0].node_id in table
+    assert newcomer.node_id not in table
+    assert len(table) == 4
+
+
+def test_oldest_is_evicted_only_after_the_ping_fails() -> None:
+    table, members, rng = full_bucket()
+    newcomer = contact_in_bucket(200, rng, 99)
+    assert table.seen(newcomer, 10.0) == members[0]
+    table.failed(members[0].node_id)  # the ping timed out
+    assert members[0].node_id not in table
+    assert newcomer.node_id in table
+    assert len(table) == 4
+
+
+def test_seen_again_moves_to_the_tail() -> None:
+    table, members, rng = full_bucket()
+    table.seen(members[0], 20.0)
+    assert table.seen(contact_in_bucket(200, rng, 50), 21.0) == members[1]
+
+
+def test_failures_without_replacement_drop_after_max_failures() -> None:
+    table = RoutingTable(ME, k=4, max_failures=3)
+    c = contact_in_bucket(10, random.Random(2))
+    table.seen(c, 0.0)
+    table.failed(c.node_id)
+    table.failed(c.node_id)
+    assert c.node_id in table
+    table.failed(c.node_id)
+    assert c.node_id not in table and len(table) == 0
+
+
+def test_self_is_never_added() -> None:
+    table = RoutingTable(ME)
+    assert table.seen(Contact(ME, "10.0.0.1", 1), 0.0) is None
+    assert len(table) == 0
+
+
+@given(
+    st.lists(st.binary(min_size=32, max_size=32), max_size=120),
+    st.binary(min_size=32, max_size=32),
+    st.integers(1, 30),
+)
+def test_closest_matches_brute_force(node_ids: list[bytes], target: bytes, count: int) -> None:
+    table = RoutingTable(ME, k=8)
+    for i, nid in enumerate(node_ids):
+        table.seen(Contact(nid, "10.0.0.1", 1000 + i % 1000), float(i))
+    held = [c.node_id for c in table.contacts()]
+    assert len(held) == len(table) == len(set(held))
+    expected = sorted(held, key=lambda n: distance(n, target))[:count]
+    assert [c.node_id for c in table.closest(target, count)] == expected
+
+
+def test_stale_buckets_start_at_the_nearest_non_empty_one() -> None:
+    table = RoutingTable(ME)
+    rng = random.Random(3)
+    table.seen(contact_in_bucket(250, rng), 0.0)
+    assert table.stale_buckets(1000.0, 900.0) == [250, 251, 252, 253, 254, 255]
+    table.touch(random_id_in_bucket(ME, 252, rng), 999.0)
+    assert 252 not in table.stale_buckets(1000.0, 900.0)
