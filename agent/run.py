@@ -1,0 +1,382 @@
+"""`spegla registry`: the node agent as one Trio nursery of supervised services.
+
+Why this shape: every service (DHT node, metrics/debug server, registry server, bootstrap,
+containerd state tracker) is started with `nursery.start` under a `Supervisor`, so readiness flows
+upwards and a crash is restarted with backoff or, when it keeps happening, ends the process non-
+zero. SIGTERM/SIGINT stop the HTTP servers from accepting, let in-flight requests finish within the
+grace period and exit 0; a second signal cancels at once. SIGUSR1 prints the live task tree to
+stderr.
+
+The containerd side and the HTTP registry app come from factories (`Backend`, `RegistryParts`) so
+the same wiring runs in-process in tests with in-memory fakes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from agent.bootstrap import (
+    Bootstrapper,
+    DnsBootstrap,
+    HttpBootstrap,
+    KubernetesBootstrap,
+    NoBootstrap,
+    SelfInfo,
+    StaticBootstrap,
+    keep_joined,
+)
+from agent.config import ConfigError, ListenAddr, RegistryConfig
+from agent.debug import DebugState, MirrorLogTap, render_task_tree, task_tree
+from agent.identity import load_or_create_node_id
+from agent.metrics_server import create_metrics_app, serve_app
+from agent.supervise import ServiceFailed, Supervisor
+from registry.interfaces import ContentStore, Router
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Backend:
+    """What the containerd side gives the agent."""
+
+    store: ContentStore
+    run_tracker: Callable[..., Any]  # service: started() after the first full advertise
+    connected: Callable[[], bool] = lambda: True
+    images: Callable[[], list[str]] = list
+
+
+BackendFactory = Callable[[RegistryConfig, Router], AbstractAsyncContextManager[Backend]]
+# (app, ListenAddr, shutdown_trigger, grace) -> service reporting the bound port
+ServeRegistry = Callable[..., Any]
+AppFactory = Callable[[ContentStore, Router, RegistryConfig, Callable[[], bool]], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentHandle:
+    """What `nursery.start(run_agent, ...)` reports once every service is up."""
+
+    node_id: bytes
+    registry_port: int
+    router_port: int
+    metrics_port: int
+
+
+@dataclass(slots=True)
+class Readiness:
+    """containerd reachable + state advertised once + DHT table non-empty (or alone by config)."""
+
+    router: Router
+    connected: Callable[[], bool] = lambda: False
+    advertised: bool = False
+
+    def __call__(self) -> bool:
+        return self.advertised and self.connected() and self.router.ready()
+
+    def detail(self) -> dict[str, bool]:
+        return {
+            "containerd": self.connected(),
+            "advertised": self.advertised,
+            "router": self.router.ready(),
+        }
+
+
+@dataclass(slots=True)
+class Hooks:
+    """Injection points for tests; defaults build the real thing."""
+
+    backend: BackendFactory | None = None
+    app: AppFactory | None = None
+    serve_registry: ServeRegistry | None = None
+    bootstrapper: Bootstrapper | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- defaults -------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def containerd_backend(cfg: RegistryConfig, router: Router) -> AsyncIterator[Backend]:
+    from agent.containerd import open_containerd
+    from agent.content_store import ContainerdContentStore
+    from agent.state import StateTracker
+    from registry.filters import ReferenceFilter
+
+    filters = ReferenceFilter.from_config(cfg.mirrored_registries, cfg.registry_filters)
+    async with open_containerd(
+        cfg.containerd_sock, cfg.containerd_namespace, check=False
+    ) as client:
+        store = ContainerdContentStore(client, cfg.containerd_content_path)
+        tracker = StateTracker(client, router, filters=filters, refresh_interval=cfg.state_refresh)
+
+        def connected() -> bool:
+            return bool(tracker.statistics().get("connected"))
+
+        yield Backend(
+            store=store,
+            run_tracker=tracker.run,
+            connected=connected,
+            images=lambda: [image.name for image in tracker.advertised_images()],
+        )
+
+
+def default_app(
+    store: ContentStore, router: Router, cfg: RegistryConfig, ready: Callable[[], bool]
+) -> Any:
+    from registry.app import RegistrySettings, create_app
+    from registry.filters import ReferenceFilter
+
+    settings = RegistrySettings(
+        resolve_timeout=cfg.mirror_resolve_timeout,
+        resolve_retries=cfg.mirror_resolve_retries,
+        filters=ReferenceFilter.from_config(cfg.mirrored_registries, cfg.registry_filters),
+        readiness=ready,
+    )
+    return create_app(store, router, settings)
+
+
+async def default_serve_registry(
+    app: Any,
+    addr: ListenAddr,
+    *,
+    shutdown_trigger: Callable[[], Any],
+    grace: float,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    try:
+        from registry.server import serve_registry
+    except ImportError:  # the registry's own server not available: plain Hypercorn
+        await serve_app(
+            app, addr, shutdown_trigger=shutdown_trigger, grace=grace, task_status=task_status
+        )
+        return
+    with trio.CancelScope() as scope:
+
+        async def bounded_trigger() -> None:
+            await shutdown_trigger()
+            scope.deadline = trio.current_time() + grace
+
+        await serve_registry(
+            app,
+            addr.bind_host,
+            addr.port,
+            shutdown_trigger=bounded_trigger,
+            task_status=task_status,
+        )
+
+
+def detect_advertise_addr(cfg: RegistryConfig) -> str:
+    """The IP peers should use for us: the flag, else a routable-looking address of this host."""
+    if cfg.advertise_addr:
+        return cfg.advertise_addr
+    if cfg.router_addr.host and cfg.router_addr.host not in ("0.0.0.0", "::"):
+        return cfg.router_addr.host
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, type=socket.SOCK_DGRAM)
+    except OSError:
+        return ""
+    addrs = [str(info[4][0]) for info in infos]
+    for addr in addrs:
+        if not addr.startswith("127.") and addr != "::1":
+            return addr
+    return addrs[0] if addrs else ""
+
+
+def make_bootstrapper(cfg: RegistryConfig, me: SelfInfo) -> Bootstrapper:
+    boot = cfg.bootstrap
+    if boot.kind == "static":
+        return StaticBootstrap(boot.static_peers)
+    if boot.kind == "dns":
+        return DnsBootstrap(boot.dns_domain, me.port)
+    if boot.kind == "http":
+        return HttpBootstrap(me, boot.http_addr, boot.http_url)
+    if boot.kind == "kubernetes":
+        from agent.config import HostPort
+        from agent.k8s import LeaseElector, make_api_client
+
+        if not me.host:
+            raise ConfigError("--bootstrap-kind=kubernetes needs --advertise-addr (the pod IP)")
+        identity = str(HostPort(me.host, me.port))
+        elector = LeaseElector(
+            make_api_client(boot.kubeconfig), boot.lease_name, boot.lease_namespace, identity
+        )
+        return KubernetesBootstrap(elector, me.port)
+    return NoBootstrap()
+
+
+def read_psk(path: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            key = fh.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --dht-psk-file {path}: {exc.strerror}") from None
+    if len(key) < 16:
+        raise ConfigError(f"--dht-psk-file {path} must hold at least 16 bytes")
+    return key
+
+
+# --- the agent ------------------------------------------------------------------------------------
+
+
+async def _signals(shutdown: trio.Event, root: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+        async for signum in signals:
+            if signum == signal.SIGUSR1:
+                print(render_task_tree(task_tree()), file=sys.stderr, flush=True)
+            elif shutdown.is_set():
+                logger.warning("second signal: stopping now")
+                root.cancel()
+            else:
+                logger.info("shutting down", extra={"signal": signal.Signals(signum).name})
+                shutdown.set()
+
+
+async def run_agent(
+    cfg: RegistryConfig,
+    shutdown: trio.Event | None = None,
+    hooks: Hooks | None = None,
+    *,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[AgentHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run every service until `shutdown` is set (or a signal arrives); raise ServiceFailed on a
+    service that keeps crashing."""
+    from dht.node import Node, NodeConfig
+
+    hooks = hooks or Hooks()
+    shutdown = trio.Event() if shutdown is None else shutdown
+    started_at = trio.current_time()
+    node_id = load_or_create_node_id(cfg.data_dir)
+    psk = read_psk(cfg.dht_psk_file)
+    node = Node(
+        NodeConfig(
+            node_id=node_id,
+            bind_host=cfg.router_addr.bind_host,
+            bind_port=cfg.router_addr.port,
+            registry_port=cfg.registry_addr.port,
+            psk=psk,
+            standalone=cfg.standalone,
+        )
+    )
+    router: Router = hooks.extra.get("router", node.router)
+    supervisor = Supervisor()
+    readiness = Readiness(router)
+    debug = DebugState(
+        node_id=node_id.hex(),
+        peers=node.contacts,
+        services=lambda: dict(supervisor.states),
+        ready=readiness,
+    )
+    tap = MirrorLogTap(debug)
+    registry_logger = logging.getLogger("registry")
+    previous_level = registry_logger.level
+    registry_logger.addHandler(tap)
+    registry_logger.setLevel(logging.DEBUG)  # the tap sees mirror results whatever --log-level says
+    backend_factory = hooks.backend or containerd_backend
+    try:
+        async with backend_factory(cfg, router) as backend, trio.open_nursery() as root:
+            readiness.connected = backend.connected
+            debug.images = backend.images
+            if handle_signals:
+                root.start_soon(_signals, shutdown, root.cancel_scope, name="signals")
+            bound = await root.start(supervisor.run, "dht", node.serve)
+            me = SelfInfo(node_id, detect_advertise_addr(cfg), int(bound[1]))
+            app = (hooks.app or default_app)(backend.store, router, cfg, readiness)
+            serve_registry = hooks.serve_registry or default_serve_registry
+            metrics_app = create_metrics_app(debug, web_enabled=cfg.debug_web_enabled)
+            with trio.CancelScope() as http_scope:
+                async with trio.open_nursery() as http:
+                    metrics_port = await http.start(
+                        supervisor.run,
+                        "metrics",
+                        functools.partial(
+                            serve_app,
+                            metrics_app,
+                            cfg.metrics_addr,
+                            shutdown_trigger=shutdown.wait,
+                            grace=cfg.shutdown_grace,
+                        ),
+                    )
+                    registry_port = await http.start(
+                        supervisor.run,
+                        "registry",
+                        functools.partial(
+                            serve_registry,
+                            app,
+                            cfg.registry_addr,
+                            shutdown_trigger=shutdown.wait,
+                            grace=cfg.shutdown_grace,
+                        ),
+                    )
+                    bootstrapper = hooks.bootstrapper or make_bootstrapper(cfg, me)
+                    await root.start(supervisor.run, "bootstrap-source", bootstrapper.run)
+                    await root.start(
+                        supervisor.run,
+                        "bootstrap",
+                        functools.partial(
+                            keep_joined, bootstrapper, node.bootstrap, router.ready, me
+                        ),
+                    )
+                    root.start_soon(
+                        _run_state, supervisor, backend, readiness, started_at, name="state"
+                    )
+                    logger.info(
+                        "agent started",
+                        extra={
+                            "node_id": node_id.hex(),
+                            "registry_port": registry_port,
+                            "router_port": me.port,
+                            "metrics_port": metrics_port,
+                            "advertise_addr": me.host,
+                            "bootstrap": cfg.bootstrap.kind,
+                        },
+                    )
+                    task_status.started(AgentHandle(node_id, registry_port, me.port, metrics_port))
+                    await shutdown.wait()
+                    # Servers stop accepting now; give in-flight requests the grace period.
+                    http_scope.deadline = trio.current_time() + cfg.shutdown_grace + 1.0
+            if http_scope.cancelled_caught:
+                logger.warning("grace period over; cancelling remaining requests")
+            root.cancel_scope.cancel()
+    finally:
+        registry_logger.removeHandler(tap)
+        registry_logger.setLevel(previous_level)
+    logger.info("exit gracefully")
+
+
+async def _run_state(
+    supervisor: Supervisor, backend: Backend, readiness: Readiness, started_at: float
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run, "state", backend.run_tracker)
+        readiness.advertised = True
+        logger.info(
+            "containerd state advertised",
+            extra={"elapsed_s": round(trio.current_time() - started_at, 3), **readiness.detail()},
+        )
+
+
+def main(cfg: RegistryConfig) -> int:
+    """Blocking entry for the CLI: 0 after a signal, 1 when a service keeps failing."""
+    code = 0
+    try:
+        trio.run(run_agent, cfg)
+    except* ServiceFailed as group:
+        for exc in group.exceptions:
+            logger.error("agent stopping: a service keeps failing", extra={"error": str(exc)})
+        code = 1
+    except* ConfigError as group:
+        print(f"spegla registry: error: {group.exceptions[0]}", file=sys.stderr)
+        code = 2
+    return code

@@ -1,0 +1,203 @@
+"""In-process wiring of `spegla registry`: two agents with the real DHT on loopback, in-memory
+content and a fake state tracker; readiness, metrics, debug endpoints, websocket, graceful drain,
+crash exit."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+from quart import Response
+from quart_trio import QuartTrio
+
+from agent.config import BootstrapConfig, HostPort, ListenAddr, RegistryConfig
+from agent.run import AgentHandle, Backend, Hooks, run_agent
+from agent.supervise import ServiceFailed
+from registry.fakes import MemoryContentStore
+from registry.interfaces import ContentStore, Router
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def config(tmp: str, peers: tuple[HostPort, ...] = (), **kw: Any) -> RegistryConfig:
+    return RegistryConfig(
+        registry_addr=ListenAddr("127.0.0.1", free_port()),
+        router_addr=ListenAddr("127.0.0.1", free_port(socket.SOCK_DGRAM)),
+        metrics_addr=ListenAddr("127.0.0.1", 0),
+        bootstrap=BootstrapConfig(kind="static", static_peers=peers)
+        if peers
+        else BootstrapConfig(),
+        data_dir=tmp,
+        advertise_addr="127.0.0.1",
+        shutdown_grace=2.0,
+        **kw,
+    )
+
+
+def memory_backend(keys: list[str], images: list[str]) -> Callable[..., Any]:
+    @asynccontextmanager
+    async def factory(cfg: RegistryConfig, router: Router) -> AsyncIterator[Backend]:
+        store = MemoryContentStore()
+        store.add(b"hello")
+
+        async def run_tracker(
+            *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
+            await router.advertise(keys)
+            task_status.started()
+            await trio.sleep_forever()
+
+        yield Backend(store=store, run_tracker=run_tracker, images=lambda: list(images))
+
+    return factory
+
+
+def mini_app(
+    store: ContentStore, router: Router, cfg: RegistryConfig, ready: Callable[[], bool]
+) -> Any:
+    """Stands in for the registry app: /readyz and a slow route to watch draining."""
+    app = QuartTrio("mini-registry")
+
+    @app.route("/readyz")
+    async def readyz() -> Response:
+        return Response("ok" if ready() else "not ready", status=200 if ready() else 503)
+
+    @app.route("/slow")
+    async def slow() -> Response:
+        await trio.sleep(0.5)
+        return Response("done")
+
+    return app
+
+
+async def test_two_agents_join_serve_debug_and_drain(tmp_path: Any, nursery: trio.Nursery) -> None:
+    key = "sha256:" + "ab" * 32
+    cfg_a = config(str(tmp_path / "a"))
+    cfg_b = config(str(tmp_path / "b"), peers=(HostPort("127.0.0.1", cfg_a.router_addr.port),))
+    stop_a, stop_b = trio.Event(), trio.Event()
+    hooks_a = Hooks(backend=memory_backend([key], ["example.com/app:v1"]), app=mini_app)
+    hooks_b = Hooks(backend=memory_backend([], []), app=mini_app)
+    done: list[str] = []
+
+    async def agent(
+        cfg: RegistryConfig,
+        stop: trio.Event,
+        hooks: Hooks,
+        name: str,
+        *,
+        task_status: trio.TaskStatus[AgentHandle],
+    ) -> None:
+        await run_agent(cfg, stop, hooks, handle_signals=False, task_status=task_status)
+        done.append(name)
+
+    a = await nursery.start(agent, cfg_a, stop_a, hooks_a, "a")
+    b = await nursery.start(agent, cfg_b, stop_b, hooks_b, "b")
+    assert (tmp_path / "a" / "node-id").read_text().strip() == a.node_id.hex()
+
+    async with httpx.AsyncClient() as http:
+        reg_b = f"http://127.0.0.1:{b.registry_port}"
+        with trio.fail_after(10):
+            while (await http.get(f"{reg_b}/readyz")).status_code != 200:
+                await trio.sleep(0.05)
+        reg_a = f"http://127.0.0.1:{a.registry_port}"
+        with trio.fail_after(10):
+            while (await http.get(f"{reg_a}/readyz")).status_code != 200:
+                await trio.sleep(0.05)
+
+        metrics = f"http://127.0.0.1:{b.metrics_port}"
+        text = (await http.get(f"{metrics}/metrics")).text
+        assert "process_resident_memory_bytes" in text or "python_info" in text
+        tasks = (await http.get(f"{metrics}/debug/tasks")).text
+        assert "- <init>" in tasks and "dht" in tasks and "registry" in tasks
+        tree = (await http.get(f"{metrics}/debug/tasks", params={"format": "json"})).json()
+        assert tree["tasks"] > 10 and tree["root"]["name"] == "<init>"
+        page = await http.get(f"{metrics}/debug/web")
+        assert page.status_code == 200 and "/debug/web/ws" in page.text
+        stats = (await http.get(f"http://127.0.0.1:{a.metrics_port}/debug/web/stats")).json()
+        assert stats["node_id"] == a.node_id.hex() and stats["images"] == ["example.com/app:v1"]
+        assert stats["services"]["dht"] == "running" and stats["ready"] is True
+        assert any(p.get("port") == cfg_b.router_addr.port for p in stats["peers"])
+
+        # Live page over the websocket: a snapshot first, then mirror results as they happen.
+        url = f"ws://127.0.0.1:{a.metrics_port}/debug/web/ws"
+        async with trio_websocket.open_websocket_url(url) as ws:
+            first = json.loads(await ws.get_message())
+            assert first["type"] == "snapshot" and first["last_success"] is None
+            logging.getLogger("registry.mirror").info(
+                "mirrored",
+                extra={"cache": "hit", "key": key, "peer": "127.0.0.1:5000", "duration_ms": 3.5},
+            )
+            with trio.fail_after(5):
+                while True:
+                    event = json.loads(await ws.get_message())
+                    if event["type"] == "mirror":
+                        break
+            assert event["result"]["outcome"] == "hit" and event["result"]["key"] == key
+
+        # Graceful drain: a request in flight when shutdown starts still completes.
+        results: list[int] = []
+
+        async def slow() -> None:
+            results.append((await http.get(f"{reg_b}/slow")).status_code)
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(slow)
+            await trio.sleep(0.2)
+            stop_b.set()
+        assert results == [200]
+        with trio.fail_after(5):
+            while "b" not in done:
+                await trio.sleep(0.02)
+        with pytest.raises(httpx.ConnectError):
+            await http.get(f"{reg_b}/readyz")
+    stop_a.set()
+
+
+async def test_node_id_survives_restart(tmp_path: Any) -> None:
+    ids = []
+    for _ in range(2):
+        stop = trio.Event()
+        cfg = config(str(tmp_path), standalone=True)
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(
+                functools.partial(
+                    run_agent,
+                    cfg,
+                    stop,
+                    Hooks(backend=memory_backend([], []), app=mini_app),
+                    handle_signals=False,
+                )
+            )
+            ids.append(handle.node_id)
+            stop.set()
+    assert ids[0] == ids[1]
+
+
+async def test_crashing_service_takes_the_agent_down(tmp_path: Any, autojump_clock: Any) -> None:
+    @asynccontextmanager
+    async def broken_backend(cfg: RegistryConfig, router: Router) -> AsyncIterator[Backend]:
+        async def run_tracker(
+            *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
+            raise OSError("containerd socket vanished")
+
+        yield Backend(store=MemoryContentStore(), run_tracker=run_tracker)
+
+    cfg = config(str(tmp_path), standalone=True)
+    with pytest.RaisesGroup(ServiceFailed, flatten_subgroups=True):
+        await run_agent(
+            cfg, trio.Event(), Hooks(backend=broken_backend, app=mini_app), handle_signals=False
+        )
