@@ -52,8 +52,11 @@ class FileBlobReader:
     path: str | None
     fd: int
 
-    async def read(self, offset: int, length: int) -> AsyncIterator[bytes]:
-        _check_range(self.size, offset, length)
+    def read(self, offset: int, length: int) -> AsyncIterator[bytes]:
+        _check_range(self.size, offset, length)  # raises here, not on first iteration
+        return self._read(offset, length)
+
+    async def _read(self, offset: int, length: int) -> AsyncIterator[bytes]:
         end = offset + length
         while offset < end:
             n = min(READ_CHUNK, end - offset)
