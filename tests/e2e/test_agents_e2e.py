@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -236,3 +237,52 @@ def test_corrupted_content_on_peer_never_reaches_containerd(c: Cluster, fresh: F
     assert n2.pull(ref).image_id == img.for_platform().config.digest
     got = n2.containerd.blob_path(layer.digest).read_bytes()
     assert "sha256:" + hashlib.sha256(got).hexdigest() == layer.digest
+
+
+def _ingest_bytes(node: Node) -> int:
+    ingest = node.containerd.content_path / "ingest"
+    return sum(p.stat().st_size for p in ingest.glob("*/data")) if ingest.exists() else 0
+
+
+def test_peer_killed_mid_transfer_pull_still_succeeds(c: Cluster) -> None:
+    """n1 and n3 hold the image; their links are slowed so n2's pull from them takes seconds;
+    while it runs, the agent serving n2 is killed.  The pull must still succeed, intact."""
+    assert c.images is not None
+    big = c.images.large
+    ref = c.ref(big.name)
+    n1, n2, n3 = c.node(1), c.node(2), c.node(3)
+    n1.pull(ref)
+    n3.pull(ref)
+    wait_served_by_peer(n2, f"e2e/{big.name}", big.blob_digests()[:1])
+    for n in (n1, n3):
+        c.limit_node(n, 8)  # 8 MiB at 8 Mbit/s: ~8 s from one peer
+    box: dict[str, object] = {}
+
+    def pull() -> None:
+        try:
+            box["result"] = n2.pull(ref, timeout=120)
+        except Exception as e:
+            box["error"] = e
+
+    t = threading.Thread(target=pull)
+    killed: list[Node] = []
+    try:
+        t.start()
+        deadline = time.monotonic() + 20
+        while not killed and time.monotonic() < deadline and t.is_alive():
+            serving = ag.serving_peers(c, n2)
+            if serving and _ingest_bytes(n2) > 0:
+                serving[0].processes["agent"].kill()
+                killed.append(serving[0])
+            time.sleep(0.05)
+        t.join(timeout=120)
+    finally:
+        for n in (n1, n3):
+            c.limit_node(n, None)
+        for n in killed:
+            ag.start_agent(c, n)
+    assert killed, "no transfer from a peer was seen to kill"
+    assert "error" not in box, box.get("error")
+    for d in big.blob_digests():
+        got = n2.containerd.blob_path(d).read_bytes()
+        assert "sha256:" + hashlib.sha256(got).hexdigest() == d

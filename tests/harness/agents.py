@@ -11,9 +11,11 @@ API
   ``SPEGLA_E2E_AGENT`` (env) replaces ``python -m agent`` with another command (split on spaces),
   e.g. to run the same tests against another build of the agent.
 - ``start_agents(cluster, log_level="DEBUG", extra=(), nodes=None, ready_timeout=30)``: start and
-  wait until every agent's ``/readyz`` answers 200 (from inside its namespace).
+  wait until every agent's ``/readyz`` answers 200 (from inside its namespace); returns seconds.
 - ``start_agent(cluster, node, ...)``, ``stop_agent(cluster, node)``, ``wait_ready(node, timeout)``.
 - ``metrics(node)`` -> {(name, labels-tuple): value}; ``mirror_counts(node)`` -> (hits, misses).
+- ``process_stats(pid)`` -> (rss_bytes, cpu_seconds); ``idle_usage(node, seconds)``.
+- ``serving_peers(cluster, client)`` -> nodes whose agent has a connection from ``client``.
 - ``agent_log(node)`` -> list of JSON records; ``served_to(cluster, digest, client_ip)`` -> the
   nodes whose agent logs show they served ``digest`` to ``client_ip``.
 """
@@ -22,9 +24,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .cluster import Cluster, Node
@@ -105,13 +109,52 @@ def start_agents(
     extra: Sequence[str] = (),
     nodes: Iterable[Node] | None = None,
     ready_timeout: float = 30.0,
-) -> None:
+) -> float:
+    """Start the agents; returns the seconds from the first start until all were ready."""
     chosen = list(nodes) if nodes is not None else cluster.nodes
+    t0 = time.monotonic()
     for n in chosen:
         start_agent(cluster, n, log_level, extra, ready_timeout=None)
     for n in chosen:
         wait_ready(n, ready_timeout, n.processes.get("agent"))
     cluster.configure_mirrors(REGISTRY_PORT)
+    return time.monotonic() - t0
+
+
+def process_stats(pid: int) -> tuple[int, float]:
+    """(resident set size in bytes, user+system CPU seconds) from /proc."""
+    rss = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) * 1024
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return rss, (int(fields[11]) + int(fields[12])) / ticks
+
+
+def idle_usage(node: Node, seconds: float = 5.0) -> dict[str, float]:
+    """RSS (MB) and CPU (% of one core) of the node's agent over an idle window."""
+    d = node.processes["agent"]
+    _, cpu0 = process_stats(d.pid)
+    time.sleep(seconds)
+    rss, cpu1 = process_stats(d.pid)
+    return {"rss_mb": round(rss / 1e6, 1), "cpu_pct": round(100 * (cpu1 - cpu0) / seconds, 2)}
+
+
+def serving_peers(cluster: Cluster, client: Node) -> list[Node]:
+    """Nodes whose agent port has an established connection from ``client`` right now."""
+    out = []
+    for n in cluster.nodes:
+        if n is client:
+            continue
+        r = subprocess.run(
+            ["ip", "netns", "exec", n.netns, "ss", "-Htn", "state", "established",
+             f"( sport = :{REGISTRY_PORT} )"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if any(f"{client.ip}:" in line for line in r.stdout.splitlines()):
+            out.append(n)
+    return out
 
 
 def _parse_prometheus(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -22,7 +22,8 @@ API
 - ``Node.pull(image, timeout)`` -> ``PullResult`` (seconds, image_id) via CRI;
   ``Node.remove(image)``; ``Node.http_get(url)`` (from inside the node namespace);
   ``Node.containerd``, ``Node.cri``.
-- ``.limit_upstream(mbit)`` / ``.unlimit_upstream()``: tbf on the upstream's link.
+- ``.limit_upstream(mbit)`` / ``.unlimit_upstream()``: tbf on the upstream's link;
+  ``.limit_node(node, mbit | None)``: the same on a node's link.
 - ``live_clusters()``, ``teardown_leftovers()``.
 """
 
@@ -258,6 +259,13 @@ class Cluster:
     def unlimit_upstream(self) -> None:
         netns.clear_rate(self.topology.upstream)
         self.rate_mbit = None
+
+    def limit_node(self, node: Node, mbit: float | None) -> None:
+        """tbf on a node's own link (what its agent serves to peers); ``None`` removes it."""
+        if mbit:
+            netns.limit_rate(node.netns, mbit)
+        else:
+            netns.clear_rate(node.netns)
 
     # -- state -----------------------------------------------------------------------------------
 
