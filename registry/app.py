@@ -1,0 +1,405 @@
+"""The registry's face: a Quart-Trio app serving the OCI pull API, /readyz and /livez (spec §3).
+
+Why this shape: the app only maps outcomes of the pure cores (`distribution`, `ranges`, `mirror`)
+to HTTP responses; local content comes from a `ContentStore`, everything else goes through a
+`Forwarder` task that resolves providers with the `Router`.  Every other method or path is a 404
+with an empty body, like Spegel.  Malformed names, tags, digests and `ns` values get a 404 (what
+containerd treats as "next host") whose OCI error body says what was wrong; malformed ranges 400,
+unsatisfiable ranges 416.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import trio
+from quart import request
+from quart_trio import QuartTrio
+from quart_trio.wrappers import TrioResponse
+
+from registry.distribution import (
+    ApiVersionCheck,
+    ContentKind,
+    ContentRequest,
+    ErrorCode,
+    PathError,
+    error_body,
+    parse_request_path,
+)
+from registry.filters import ReferenceFilter
+from registry.forwarder import (
+    Forwarder,
+    MirrorAbort,
+    MirrorFailure,
+    MirrorHead,
+    MirrorItem,
+    MirrorJob,
+    MirrorSettings,
+)
+from registry.interfaces import BlobReader, ContentNotFound, ContentStore, Descriptor, Router
+from registry.mediatypes import OCTET_STREAM, is_manifest_media_type
+from registry.metrics import (
+    HTTP_INFLIGHT,
+    HTTP_REQUEST_DURATION,
+    HTTP_RESPONSE_SIZE,
+    MIRROR_LAST_SUCCESS,
+    MIRROR_REQUESTS,
+)
+from registry.mirror import Quarantine
+from registry.peer_client import PeerClient
+from registry.ranges import ByteRange, RangeError, RangeNotSatisfiable, RangeSpec, parse_range
+
+__all__ = ["MirrorAborted", "RegistrySettings", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+MIRRORED_HEADER = "X-Spegel-Mirrored"
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySettings:
+    """How the registry serves and mirrors (flag values of `spegla registry`)."""
+
+    resolve_timeout: float = 0.020  # --mirror-resolve-timeout: per attempt
+    resolve_retries: int = 3  # --mirror-resolve-retries: failed attempts before giving up
+    filters: ReferenceFilter | None = None  # --mirrored-registries / --registry-filters
+    readiness: Callable[[], bool] | None = None  # default: router.ready
+    response_timeout: float = 0.25  # connect + headers from a peer
+    stall_timeout: float = 5.0  # no body bytes from a peer for this long = broken stream
+    manifest_deadline: float = 3.0  # HEAD and manifest mirror requests finish within this
+    read_size: int = 1024 * 1024  # chunk size for local reads and peer socket reads
+    channel_depth: int = 4  # chunks buffered between the mirror task and the response
+    mirror: MirrorSettings = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.resolve_timeout > 0 or not math.isfinite(self.resolve_timeout):
+            raise ValueError("resolve_timeout must be a positive number of seconds")
+        if self.resolve_retries < 1:
+            raise ValueError("resolve_retries must be at least 1")
+        mirror = MirrorSettings(
+            resolve_timeout=self.resolve_timeout,
+            resolve_retries=self.resolve_retries,
+            response_timeout=self.response_timeout,
+            stall_timeout=self.stall_timeout,
+            manifest_deadline=self.manifest_deadline,
+        )
+        object.__setattr__(self, "mirror", mirror)
+
+
+class Response(TrioResponse):
+    """Responses carry no Content-Type unless one is set (Spegel's empty-bodied answers)."""
+
+    default_mimetype = None  # type: ignore[assignment]
+
+
+class MirrorAborted(Exception):
+    """Raised inside a response body to cut it short (peer content failed or ran out)."""
+
+
+def _empty(status: int, headers: dict[str, str] | None = None) -> Response:
+    response = Response(b"", status=status, headers=headers or {})
+    response.headers["Content-Length"] = "0"
+    return response
+
+
+def _oci_error(
+    status: int,
+    code: ErrorCode,
+    message: str,
+    detail: object = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body = error_body(code, message, detail)
+    response = Response(body, status=status, headers=headers or {})
+    response.headers["Content-Type"] = "application/json"
+    response.headers["Content-Length"] = str(len(body))
+    return response
+
+
+class _Registry:
+    def __init__(
+        self, app: QuartTrio, store: ContentStore, router: Router, settings: RegistrySettings
+    ) -> None:
+        self.app = app
+        self.store = store
+        self.router = router
+        self.settings = settings
+        self.filters = settings.filters or ReferenceFilter()
+        self.readiness = settings.readiness or router.ready
+        self._streams: dict[int, _BodyDone] = {}  # id(response) -> its body's end callback
+        self.forwarder = Forwarder(
+            router, PeerClient(read_size=settings.read_size), settings.mirror, Quarantine()
+        )
+
+    async def dispatch(self, path: str) -> Response:
+        started = time.monotonic()
+        method = request.method
+        handler = "/v2/*" if path.startswith("/v2") else path
+        if handler not in ("/v2/*", "/readyz", "/livez"):
+            handler = "other"
+        HTTP_INFLIGHT.labels(handler).inc()
+        try:
+            response = await self._dispatch(path, method)
+        except BaseException:
+            HTTP_INFLIGHT.labels(handler).dec()
+            raise
+        self._observe(response, handler, method, started)
+        return response
+
+    def _observe(self, response: Response, handler: str, method: str, started: float) -> None:
+        code = str(response.status_code)
+        size = 0 if method == "HEAD" else int(response.headers.get("Content-Length", "0"))
+        done = self._streams.pop(id(response), None)
+        if done is not None:
+            done.callback = lambda: _record(handler, method, code, size, started)
+        else:
+            _record(handler, method, code, size, started)
+
+    async def _dispatch(self, path: str, method: str) -> Response:
+        if method not in ("GET", "HEAD"):
+            return _empty(404)
+        if path == "/livez":
+            return _empty(200)
+        if path == "/readyz":
+            try:
+                ready = self.readiness()
+            except Exception as exc:
+                logger.warning("readiness check failed", extra={"error": str(exc)})
+                ready = False
+            return _empty(200 if ready else 500)
+        try:
+            parsed = parse_request_path(path, request.args.get("ns"))
+        except PathError as exc:
+            return _oci_error(404, exc.code, exc.message)
+        if isinstance(parsed, ApiVersionCheck):
+            return _empty(200)
+        if self.filters.is_filtered(parsed.reference):
+            return _empty(404)
+        range_spec: RangeSpec | None = None
+        range_header = request.headers.get("Range")
+        if parsed.kind is ContentKind.BLOB and range_header is not None:
+            try:
+                range_spec = parse_range(range_header)
+            except RangeError as exc:
+                return _oci_error(400, ErrorCode.RANGE_INVALID, str(exc))
+        mirrored = request.headers.get(MIRRORED_HEADER, "").strip().lower() == "true"
+        descriptor = await self._local(parsed)
+        if descriptor is None:
+            if mirrored:
+                return _oci_error(404, parsed.unknown_code, f"{parsed.reference} not found")
+            return await self._mirror(MirrorJob(parsed, method, range_spec))
+        if parsed.kind is ContentKind.MANIFEST:
+            return await self._serve_manifest(parsed, descriptor, method)
+        return await self._serve_blob(parsed, descriptor, method, range_spec)
+
+    async def _local(self, parsed: ContentRequest) -> Descriptor | None:
+        ref = parsed.reference
+        try:
+            digest = ref.digest or await self.store.resolve_tag(f"{ref.name}:{ref.tag}")
+            return await self.store.describe(digest)
+        except ContentNotFound:
+            return None
+        except Exception as exc:
+            logger.warning(
+                "local store lookup failed", extra={"key": ref.identifier, "error": str(exc)}
+            )
+            return None
+
+    async def _serve_manifest(
+        self, parsed: ContentRequest, descriptor: Descriptor, method: str
+    ) -> Response:
+        if not is_manifest_media_type(descriptor.media_type):
+            return _oci_error(
+                404, ErrorCode.MANIFEST_UNKNOWN, f"{descriptor.digest} is not a manifest"
+            )
+        headers = {
+            "Content-Type": descriptor.media_type,
+            "Docker-Content-Digest": descriptor.digest,
+            "OCI-Namespace": parsed.reference.registry,
+        }
+        body = b""
+        if method == "GET":
+            try:
+                body = await self._read_all(descriptor)
+            except ContentNotFound:
+                return _oci_error(
+                    404, ErrorCode.MANIFEST_UNKNOWN, f"{descriptor.digest} disappeared"
+                )
+        response = Response(body, status=200, headers=headers)
+        response.headers["Content-Length"] = str(descriptor.size)
+        return response
+
+    async def _read_all(self, descriptor: Descriptor) -> bytes:
+        async with self.store.open(descriptor.digest) as reader:
+            parts = [chunk async for chunk in reader.read(0, reader.size)]
+        return b"".join(parts)
+
+    async def _serve_blob(
+        self,
+        parsed: ContentRequest,
+        descriptor: Descriptor,
+        method: str,
+        range_spec: RangeSpec | None,
+    ) -> Response:
+        if is_manifest_media_type(descriptor.media_type):
+            return _oci_error(404, ErrorCode.BLOB_UNKNOWN, f"{descriptor.digest} is a manifest")
+        size = descriptor.size
+        headers = {
+            "Docker-Content-Digest": descriptor.digest,
+            "OCI-Namespace": parsed.reference.registry,
+            "Accept-Ranges": "bytes",
+        }
+        selected: ByteRange | None = None
+        if range_spec is not None:
+            try:
+                selected = range_spec.resolve(size)
+            except RangeNotSatisfiable:
+                return _oci_error(
+                    416,
+                    ErrorCode.RANGE_INVALID,
+                    f"range not satisfiable for {size} bytes",
+                    headers={"Content-Range": f"bytes */{size}"},
+                )
+        if selected is None:
+            status, start, length = 200, 0, size
+            headers["Content-Type"] = descriptor.media_type
+        else:
+            status, start, length = 206, selected.start, selected.length
+            headers["Content-Type"] = OCTET_STREAM
+            headers["Content-Range"] = selected.content_range
+        if method == "HEAD" or length == 0:
+            response = Response(b"", status=status, headers=headers)
+        else:
+            response = self._stream(
+                self._local_chunks(descriptor.digest, start, length), status, headers
+            )
+        response.headers["Content-Length"] = str(length)
+        return response
+
+    def _stream(
+        self, chunks: AsyncIterator[bytes], status: int, headers: dict[str, str]
+    ) -> Response:
+        done = _BodyDone()
+        response = Response(_streaming(chunks, done), status=status, headers=headers)
+        self._streams[id(response)] = done
+        return response
+
+    async def _local_chunks(self, digest: str, start: int, length: int) -> AsyncIterator[bytes]:
+        async with self.store.open(digest) as reader:
+            reader_checked: BlobReader = reader
+            async for chunk in reader_checked.read(start, length):
+                yield chunk
+
+    async def _mirror(self, job: MirrorJob) -> Response:
+        registry = job.request.reference.registry
+        send, receive = trio.open_memory_channel[MirrorItem](self.settings.channel_depth)
+        self.app.nursery.start_soon(self.forwarder.run, job, send)
+        try:
+            first = await receive.receive()
+        except trio.EndOfChannel:
+            first = MirrorFailure(500, job.request.unknown_code, "mirror ended without answer", 0)
+        except BaseException:
+            receive.close()
+            raise
+        if isinstance(first, MirrorHead):
+            MIRROR_REQUESTS.labels(registry, "hit").inc()
+            MIRROR_LAST_SUCCESS.set(time.time())
+            headers = dict(first.headers)
+            if job.method == "HEAD":
+                receive.close()
+                response = Response(b"", status=first.status, headers=headers)
+            else:
+                response = self._stream(_mirror_chunks(receive), first.status, headers)
+            response.headers["Content-Length"] = headers["Content-Length"]
+            return response
+        receive.close()
+        MIRROR_REQUESTS.labels(registry, "miss").inc()
+        if isinstance(first, MirrorFailure):
+            return _oci_error(
+                first.status,
+                first.code,
+                first.message,
+                {"attempts": first.attempts},
+                dict(first.headers),
+            )
+        return _oci_error(500, job.request.unknown_code, "mirror failed")
+
+
+async def _mirror_chunks(receive: trio.MemoryReceiveChannel[MirrorItem]) -> AsyncIterator[bytes]:
+    with receive:
+        async for item in receive:
+            if isinstance(item, bytes):
+                if item:
+                    yield item
+            elif isinstance(item, MirrorAbort):
+                raise MirrorAborted(item.reason)
+
+
+class _BodyDone:
+    """Called back when a streamed body ends, however it ends (for the request metrics)."""
+
+    def __init__(self) -> None:
+        self.callback: Callable[[], None] | None = None
+
+    def fire(self) -> None:
+        callback, self.callback = self.callback, None
+        if callback is not None:
+            callback()
+
+
+async def _streaming(chunks: AsyncIterator[bytes], done: _BodyDone) -> AsyncGenerator[bytes, None]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            with trio.CancelScope(shield=True):
+                await aclose()
+        done.fire()
+
+
+def _record(handler: str, method: str, code: str, size: int, started: float) -> None:
+    HTTP_INFLIGHT.labels(handler).dec()
+    HTTP_REQUEST_DURATION.labels(handler, method, code).observe(time.monotonic() - started)
+    HTTP_RESPONSE_SIZE.labels(handler, method, code).observe(size)
+
+
+def create_app(
+    store: ContentStore, router: Router, settings: RegistrySettings | None = None
+) -> QuartTrio:
+    """The registry app; serve it with `registry.server.serve_registry`."""
+    app = QuartTrio(__name__)
+    app.response_class = Response
+    app.config["RESPONSE_TIMEOUT"] = None
+    registry = _Registry(app, store, router, settings or RegistrySettings())
+    app.extensions["spegla.registry"] = registry
+
+    async def handle(path: str = "") -> Response:
+        return await registry.dispatch("/" + path)
+
+    app.add_url_rule("/", "root", handle, methods=ALL_METHODS, provide_automatic_options=False)
+    app.add_url_rule(
+        "/<path:path>",
+        "any",
+        handle,
+        methods=ALL_METHODS,
+        provide_automatic_options=False,
+        strict_slashes=False,
+    )
+
+    @app.errorhandler(404)
+    @app.errorhandler(405)
+    async def not_found(_: Exception) -> Response:
+        return _empty(404)
+
+    @app.after_serving
+    async def close_client() -> None:
+        await registry.forwarder.client.aclose()
+
+    return app

@@ -1,0 +1,446 @@
+"""The mirror path's Trio driver: resolve providers, fetch from one, fail over, resume, verify.
+
+Why a producer task: a blob response outlives the request handler, and the fetch needs cancel
+scopes and a nursery (the lookup runs beside it) that must not be held across a `yield` of the
+response body.  So `Forwarder.run` runs as its own task (in the app's nursery) and sends, over a
+bounded memory channel: first a `MirrorHead` or a `MirrorFailure`, then body chunks, and finally
+nothing (success) or a `MirrorAbort` (the response must be cut short).  A consumer that goes away
+closes its channel; the producer then stops at its next send.
+
+Deadlines, all Trio cancel scopes: each wait for a provider `resolve_timeout` (20 ms), at most
+`resolve_retries` failed attempts; connect + response headers `response_timeout`; no body bytes
+for `stall_timeout` counts as a broken stream; HEAD and manifests finish within
+`manifest_deadline` (3 s) overall, blob GETs have no overall deadline.
+
+Verification: a manifest body is read whole and hashed before its first byte is sent; a blob is
+hashed from byte 0 as it streams (a client range still fetches from 0 and skips), and the final
+byte of the response is held back until the digest is checked.  On a mismatch every peer that
+contributed is quarantined for that digest and the response is aborted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import trio
+
+from registry.distribution import ContentKind, ContentRequest, ErrorCode
+from registry.interfaces import Peer, Router
+from registry.mediatypes import MANIFEST_MEDIA_TYPES, OCTET_STREAM, SNIFF_LIMIT
+from registry.metrics import PEER_QUARANTINED, RESOLVE_DURATION
+from registry.mirror import (
+    GiveUp,
+    MirrorAttempts,
+    PeerAnswer,
+    PeerAnswerError,
+    Quarantine,
+    check_peer_answer,
+    peer_key,
+)
+from registry.peer_client import PeerClient, PeerError, PeerResponse
+from registry.ranges import ByteRange, RangeNotSatisfiable, RangeSpec
+
+__all__ = [
+    "Forwarder",
+    "MirrorAbort",
+    "MirrorFailure",
+    "MirrorHead",
+    "MirrorItem",
+    "MirrorJob",
+    "MirrorSettings",
+]
+
+logger = logging.getLogger(__name__)
+
+ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorSettings:
+    resolve_timeout: float = 0.020
+    resolve_retries: int = 3
+    response_timeout: float = 0.25
+    stall_timeout: float = 5.0
+    manifest_deadline: float = 3.0
+    max_manifest_size: int = SNIFF_LIMIT
+    user_agent: str = "spegla"
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorJob:
+    request: ContentRequest
+    method: str  # "GET" or "HEAD"
+    range_spec: RangeSpec | None  # blobs only
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorHead:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorFailure:
+    status: int
+    code: ErrorCode
+    message: str
+    attempts: int
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorAbort:
+    reason: str
+
+
+MirrorItem = MirrorHead | MirrorFailure | MirrorAbort | bytes
+
+
+class _PeerSupply:
+    """Runs one Router lookup and hands its providers out; None once it has converged."""
+
+    def __init__(self, router: Router, key: str) -> None:
+        self._router = router
+        self._key = key
+        self._send, self._receive = trio.open_memory_channel[Peer](math.inf)
+
+    async def feed(self) -> None:
+        started = time.monotonic()
+        seen: set[tuple[str, int]] = set()
+        async with self._send:
+            async with self._router.resolve(self._key) as peers:
+                async for peer in peers:
+                    RESOLVE_DURATION.labels("dht").observe(time.monotonic() - started)
+                    if peer_key(peer) not in seen:
+                        seen.add(peer_key(peer))
+                        self._send.send_nowait(peer)
+
+    async def next(self) -> Peer | None:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            return None
+
+
+class _Fetch:
+    """One open peer response and what it announced."""
+
+    def __init__(self, peer: Peer, response: PeerResponse, answer: PeerAnswer) -> None:
+        self.peer = peer
+        self.response = response
+        self.answer = answer
+
+
+class Forwarder:
+    """Serves requests the local store cannot, from peers found through the Router."""
+
+    def __init__(
+        self,
+        router: Router,
+        client: PeerClient | None = None,
+        settings: MirrorSettings | None = None,
+        quarantine: Quarantine | None = None,
+    ) -> None:
+        self.router = router
+        self.client = client if client is not None else PeerClient()
+        self.settings = settings if settings is not None else MirrorSettings()
+        self.quarantine = quarantine if quarantine is not None else Quarantine()
+
+    async def run(self, job: MirrorJob, send: trio.MemorySendChannel[MirrorItem]) -> None:
+        """Produce the mirror response for `job` on `send` (closed when done)."""
+        async with send:
+            state = _Run(self, job, send)
+            try:
+                await state.run()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client went away
+            except Exception as exc:  # never let a peer's behaviour crash the app's nursery
+                logger.exception("mirror request failed", extra={"key": job.request.reference})
+                await state.fail(500, f"internal error while mirroring: {exc}", 0)
+
+
+class _Run:
+    def __init__(
+        self, forwarder: Forwarder, job: MirrorJob, send: trio.MemorySendChannel[MirrorItem]
+    ) -> None:
+        self.fw = forwarder
+        self.settings = forwarder.settings
+        self.job = job
+        self.send = send
+        self.ref = job.request.reference
+        self.is_blob = job.request.kind is ContentKind.BLOB
+        self.is_head = job.method == "HEAD"
+        self.head_sent = False
+        avoid = forwarder.quarantine.peers(self.ref.digest) if self.ref.digest else frozenset()
+        self.attempts = MirrorAttempts(self.ref.identifier, self.settings.resolve_retries, avoid)
+        self.target = f"{job.request.path}?ns={quote(self.ref.registry, safe=':[]')}"
+
+    async def fail(self, status: int, message: str, attempts: int) -> None:
+        if not self.head_sent:
+            self.head_sent = True
+            code = self.job.request.unknown_code
+            await self.send.send(MirrorFailure(status, code, message, attempts))
+        else:
+            await self.send.send(MirrorAbort(message))
+
+    async def run(self) -> None:
+        bounded = self.is_head or not self.is_blob
+        deadline = self.settings.manifest_deadline if bounded else math.inf
+        with trio.move_on_after(deadline) as overall:
+            async with trio.open_nursery() as nursery:
+                supply = _PeerSupply(self.fw.router, self.ref.identifier)
+                nursery.start_soon(supply.feed)
+                async with AsyncExitStack() as stack:
+                    await self._serve(supply, stack)
+                nursery.cancel_scope.cancel()
+        if overall.cancelled_caught:
+            await self.fail(
+                404, f"mirror deadline exceeded for {self.ref.identifier}", self.attempts.failed
+            )
+
+    async def _next_peer(self, supply: _PeerSupply) -> Peer | GiveUp:
+        while True:
+            with trio.move_on_after(self.settings.resolve_timeout):
+                while True:
+                    peer = await supply.next()
+                    if peer is None:
+                        return self.attempts.converged()
+                    if self.attempts.usable(peer):
+                        return peer
+            give_up = self.attempts.wait_timed_out()
+            if give_up is not None:
+                return give_up
+
+    async def _fetch(
+        self,
+        supply: _PeerSupply,
+        stack: AsyncExitStack,
+        requested: ByteRange | None,
+        expected_size: int | None,
+    ) -> _Fetch | GiveUp:
+        """Open a usable response from the next working provider (failing over as needed)."""
+        headers = [
+            ("X-Spegel-Mirrored", "true"),
+            ("User-Agent", self.settings.user_agent),
+            ("Accept", ACCEPT),
+        ]
+        if requested is not None:
+            headers.append(("Range", requested.header))
+        while True:
+            peer = await self._next_peer(supply)
+            if isinstance(peer, GiveUp):
+                return peer
+            self.attempts.start_fetch(peer)
+            inner = AsyncExitStack()
+            try:
+                with trio.fail_after(self.settings.response_timeout):
+                    response = await inner.enter_async_context(
+                        self.fw.client.request(
+                            peer.host, peer.port, self.job.method, self.target, headers
+                        )
+                    )
+                answer = check_peer_answer(
+                    status=response.status,
+                    headers=response.headers,
+                    expected_digest=self.ref.digest,
+                    is_blob=self.is_blob,
+                    is_head=self.is_head,
+                    requested=requested,
+                    expected_size=expected_size,
+                )
+                if not self.is_blob and answer.media_type not in MANIFEST_MEDIA_TYPES:
+                    raise PeerAnswerError(f"peer sent media type {answer.media_type}")
+            except (PeerError, PeerAnswerError, trio.TooSlowError) as exc:
+                await inner.aclose()
+                logger.info(
+                    "peer fetch failed",
+                    extra={
+                        "peer": f"{peer.host}:{peer.port}",
+                        "key": self.ref.identifier,
+                        "error": str(exc) or type(exc).__name__,
+                    },
+                )
+                give_up = self.attempts.fetch_failed()
+                if give_up is not None:
+                    return give_up
+                continue
+            stack.push_async_callback(inner.aclose)
+            return _Fetch(peer, response, answer)
+
+    async def _serve(self, supply: _PeerSupply, stack: AsyncExitStack) -> None:
+        if self.is_head:
+            await self._serve_head(supply, stack)
+        elif self.is_blob:
+            await self._serve_blob(supply, stack)
+        else:
+            await self._serve_manifest(supply, stack)
+
+    def _blob_range(self, size: int) -> ByteRange | None:
+        if self.job.range_spec is None:
+            return None
+        return self.job.range_spec.resolve(size)
+
+    def _content_headers(self, answer: PeerAnswer, delivered: ByteRange | None) -> MirrorHead:
+        headers = [("Docker-Content-Digest", answer.digest)]
+        if delivered is None:
+            headers += [("Content-Type", answer.media_type), ("Content-Length", str(answer.size))]
+            status = 200
+        else:
+            headers += [
+                ("Content-Type", OCTET_STREAM),
+                ("Content-Length", str(delivered.length)),
+                ("Content-Range", delivered.content_range),
+            ]
+            status = 206
+        if self.is_blob:
+            headers.append(("Accept-Ranges", "bytes"))
+        return MirrorHead(status, tuple(headers))
+
+    async def _send_head(self, head: MirrorHead | MirrorFailure) -> None:
+        self.head_sent = True
+        await self.send.send(head)
+
+    async def _unsatisfiable(self, size: int) -> None:
+        failure = MirrorFailure(
+            416,
+            ErrorCode.RANGE_INVALID,
+            f"range not satisfiable for {size} bytes",
+            0,
+            (("Content-Range", f"bytes */{size}"),),
+        )
+        await self._send_head(failure)
+
+    async def _serve_head(self, supply: _PeerSupply, stack: AsyncExitStack) -> None:
+        fetch = await self._fetch(supply, stack, None, None)
+        if isinstance(fetch, GiveUp):
+            await self.fail(404, fetch.message, fetch.attempts)
+            return
+        try:
+            delivered = self._blob_range(fetch.answer.size)
+        except RangeNotSatisfiable:
+            await self._unsatisfiable(fetch.answer.size)
+            return
+        await self._send_head(self._content_headers(fetch.answer, delivered))
+
+    async def _serve_manifest(self, supply: _PeerSupply, stack: AsyncExitStack) -> None:
+        while True:
+            fetch = await self._fetch(supply, stack, None, None)
+            if isinstance(fetch, GiveUp):
+                await self.fail(404, fetch.message, fetch.attempts)
+                return
+            body = await self._read_manifest(fetch)
+            if body is not None:
+                await self._send_head(self._content_headers(fetch.answer, None))
+                await self.send.send(body)
+                return
+            await stack.aclose()
+            give_up = self.attempts.fetch_failed()
+            if give_up is not None:
+                await self.fail(404, give_up.message, give_up.attempts)
+                return
+
+    async def _read_manifest(self, fetch: _Fetch) -> bytes | None:
+        """The peer's verified manifest body, or None (peer failed or lied)."""
+        answer = fetch.answer
+        if answer.size > self.settings.max_manifest_size:
+            return None
+        parts: list[bytes] = []
+        try:
+            with trio.fail_after(self.settings.stall_timeout):
+                while (chunk := await fetch.response.receive()) is not None:
+                    parts.append(chunk)
+        except (PeerError, trio.TooSlowError):
+            return None
+        body = b"".join(parts)
+        if len(body) != answer.size or _sha256(body) != answer.digest:
+            self._quarantine(answer.digest, [fetch.peer])
+            return None
+        return body
+
+    def _quarantine(self, digest: str, peers: list[Peer]) -> None:
+        for peer in peers:
+            self.fw.quarantine.add(digest, peer_key(peer))
+            PEER_QUARANTINED.labels(self.ref.registry).inc()
+            logger.warning(
+                "peer served content not matching its digest; quarantined",
+                extra={"peer": f"{peer.host}:{peer.port}", "digest": digest},
+            )
+
+    async def _serve_blob(self, supply: _PeerSupply, stack: AsyncExitStack) -> None:
+        fetch = await self._fetch(supply, stack, None, None)
+        if isinstance(fetch, GiveUp):
+            await self.fail(404, fetch.message, fetch.attempts)
+            return
+        size, digest = fetch.answer.size, fetch.answer.digest
+        try:
+            delivered = self._blob_range(size)
+        except RangeNotSatisfiable:
+            await self._unsatisfiable(size)
+            return
+        await self._send_head(self._content_headers(fetch.answer, delivered))
+        if size == 0:
+            if digest != _sha256(b""):
+                self._quarantine(digest, [fetch.peer])
+                await self.send.send(MirrorAbort("empty content does not match its digest"))
+            return
+        start, end = (0, size - 1) if delivered is None else (delivered.start, delivered.end)
+        hasher = hashlib.sha256()
+        contributors = [fetch.peer]
+        held = b""
+        position = 0
+        response: PeerResponse | None = fetch.response
+        while position < size:
+            chunk: bytes | None = None
+            if response is not None:
+                try:
+                    with trio.fail_after(self.settings.stall_timeout):
+                        chunk = await response.receive()
+                    if chunk is None or position + len(chunk) > size:
+                        raise PeerError("peer sent a body of the wrong length")
+                except (PeerError, trio.TooSlowError) as exc:
+                    logger.info(
+                        "peer stream broke; resuming",
+                        extra={"key": digest, "offset": position, "error": str(exc) or "stalled"},
+                    )
+                    chunk = None
+            if chunk is None:
+                await stack.aclose()
+                give_up = self.attempts.fetch_failed()
+                if give_up is not None:
+                    await self.send.send(MirrorAbort(give_up.message))
+                    return
+                resumed = await self._fetch(
+                    supply, stack, ByteRange(position, size - 1, size), size
+                )
+                if isinstance(resumed, GiveUp):
+                    await self.send.send(MirrorAbort(resumed.message))
+                    return
+                contributors.append(resumed.peer)
+                response = resumed.response
+                continue
+            hasher.update(chunk)
+            first, last = max(position, start), min(position + len(chunk) - 1, end)
+            if first <= last:
+                piece = chunk
+                if first != position or last != position + len(chunk) - 1:
+                    piece = chunk[first - position : last - position + 1]
+                if last == end:
+                    piece, held = piece[:-1], piece[-1:]
+                if piece:
+                    await self.send.send(piece)
+            position += len(chunk)
+        if "sha256:" + hasher.hexdigest() != digest:
+            self._quarantine(digest, contributors)
+            await self.send.send(MirrorAbort(f"content from peers does not match {digest}"))
+            return
+        await self.send.send(held)
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()

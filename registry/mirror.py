@@ -1,0 +1,190 @@
+"""The mirror's decisions, without I/O: when to give up, which peer next, what a peer's answer means.
+
+Why pure: the fail-over rules (20 ms per resolve attempt, at most N failed attempts, converged
+lookups answer at once, quarantined peers are skipped) and the checks of peer answers are where
+correctness lives; the Trio driver (`registry.forwarder`) only performs what these say.
+
+Terms: an *attempt* is one wait for a provider (at most `resolve_timeout`) plus, if one arrived,
+one fetch from it.  An attempt *fails* when no provider arrived in time, or the fetch failed
+(connect error, non-2xx, stall, bad headers, digest mismatch, body cut off).  Successful fetches
+do not use up attempts, so a long blob can resume as long as fewer than `max_attempts` failed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from registry.interfaces import Peer
+from registry.ranges import ByteRange
+from registry.reference import ReferenceError, parse_digest
+
+__all__ = [
+    "GiveUp",
+    "MirrorAttempts",
+    "PeerAnswer",
+    "PeerAnswerError",
+    "Quarantine",
+    "check_peer_answer",
+    "peer_key",
+]
+
+PeerKey = tuple[str, int]
+
+
+def peer_key(peer: Peer) -> PeerKey:
+    """Peers are told apart by where they answer (a node id may move, an address may not)."""
+    return (peer.host, peer.port)
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    """The mirror request ends with 404 and this message; `attempts` = failed attempts."""
+
+    message: str
+    attempts: int
+
+
+@dataclass(slots=True)
+class MirrorAttempts:
+    """Counts failed attempts of one mirror request and picks usable peers."""
+
+    identifier: str
+    max_attempts: int
+    avoid: frozenset[PeerKey] = frozenset()
+    failed: int = 0
+    fetched: int = 0
+    tried: set[PeerKey] = field(default_factory=set)
+
+    def usable(self, peer: Peer) -> bool:
+        """True when `peer` should be fetched from (not tried before, not quarantined)."""
+        key = peer_key(peer)
+        return key not in self.tried and key not in self.avoid
+
+    def start_fetch(self, peer: Peer) -> None:
+        self.tried.add(peer_key(peer))
+        self.fetched += 1
+
+    def fetch_failed(self) -> GiveUp | None:
+        """Record a failed fetch; GiveUp when no attempt is left."""
+        self.failed += 1
+        if self.failed >= self.max_attempts:
+            return GiveUp(f"all request retries exhausted for {self.identifier}", self.failed)
+        return None
+
+    def wait_timed_out(self) -> GiveUp | None:
+        """No provider arrived within the resolve timeout: an attempt is used up."""
+        self.failed += 1
+        if self.failed >= self.max_attempts:
+            return GiveUp(
+                f"waited too long for new peer with no inflight fetches for {self.identifier}",
+                self.failed,
+            )
+        return None
+
+    def converged(self) -> GiveUp:
+        """The lookup ended and no usable provider is left: give up at once."""
+        if self.fetched == 0:
+            return GiveUp(f"could not find peer for {self.identifier}", self.failed)
+        return GiveUp(f"all request retries exhausted for {self.identifier}", self.failed)
+
+
+class Quarantine:
+    """Peers caught serving bytes that do not match a digest, per digest (bounded LRU)."""
+
+    def __init__(self, max_digests: int = 4096) -> None:
+        self._max = max_digests
+        self._entries: OrderedDict[str, set[PeerKey]] = OrderedDict()
+
+    def add(self, digest: str, peer: PeerKey) -> None:
+        self._entries.setdefault(digest, set()).add(peer)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def peers(self, digest: str) -> frozenset[PeerKey]:
+        return frozenset(self._entries.get(digest, ()))
+
+
+class PeerAnswerError(ValueError):
+    """A peer's response headers cannot be used (wrong status, missing or inconsistent fields)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAnswer:
+    """What a usable peer response says about the content."""
+
+    digest: str
+    size: int  # full content size
+    media_type: str
+    offset: int  # first content byte in the body
+    length: int  # body bytes (0 for HEAD)
+
+
+def check_peer_answer(
+    *,
+    status: int,
+    headers: dict[str, str],
+    expected_digest: str | None,
+    is_blob: bool,
+    is_head: bool,
+    requested: ByteRange | None,
+    expected_size: int | None = None,
+) -> PeerAnswer:
+    """Validate a peer's status and headers (lower-cased names) against what was asked for.
+
+    `expected_digest` is the requested digest (None for a tag); `requested` the range asked of the
+    peer (None: everything); `expected_size` the size learnt from an earlier peer, when resuming.
+    """
+    if requested is None and status != 200:
+        raise PeerAnswerError(f"peer answered {status}")
+    if requested is not None and status != 206:
+        raise PeerAnswerError(f"peer answered {status} to a range request")
+    digest_header = headers.get("docker-content-digest")
+    if digest_header is None:
+        if expected_digest is None or not is_blob:
+            raise PeerAnswerError("peer sent no Docker-Content-Digest")
+        digest_header = expected_digest
+    try:
+        digest = parse_digest(digest_header.strip())
+    except ReferenceError as exc:
+        raise PeerAnswerError(f"peer sent a bad Docker-Content-Digest: {exc}") from None
+    if expected_digest is not None and digest != expected_digest:
+        raise PeerAnswerError(f"peer sent digest {digest}, asked for {expected_digest}")
+    media_type = headers.get("content-type")
+    if media_type is None:
+        if not is_blob:
+            raise PeerAnswerError("peer sent no Content-Type for a manifest")
+        media_type = "application/octet-stream"
+    length = _non_negative(headers.get("content-length"), "Content-Length")
+    if requested is None:
+        size, offset = length, 0
+    else:
+        size, offset, last = _content_range(headers.get("content-range"))
+        if offset != requested.start or last != requested.end or size != requested.size:
+            raise PeerAnswerError("peer sent a Content-Range other than the one asked for")
+        if length != last - offset + 1:
+            raise PeerAnswerError("peer's Content-Length does not match its Content-Range")
+    if expected_size is not None and size != expected_size:
+        raise PeerAnswerError(f"peer has {size} bytes, another peer had {expected_size}")
+    return PeerAnswer(digest, size, media_type, offset, 0 if is_head else length)
+
+
+def _non_negative(value: str | None, name: str) -> int:
+    if value is None or not value.strip().isdigit() or len(value.strip()) > 19:
+        raise PeerAnswerError(f"peer sent a missing or bad {name}")
+    return int(value.strip())
+
+
+def _content_range(value: str | None) -> tuple[int, int, int]:
+    """`bytes a-b/size` -> (size, a, b)."""
+    if value is None or not value.startswith("bytes "):
+        raise PeerAnswerError("peer sent a missing or bad Content-Range")
+    span, _, total = value[len("bytes ") :].partition("/")
+    first, _, last = span.partition("-")
+    size = _non_negative(total, "Content-Range")
+    start = _non_negative(first, "Content-Range")
+    end = _non_negative(last, "Content-Range")
+    if start > end or end >= size:
+        raise PeerAnswerError("peer sent an inconsistent Content-Range")
+    return size, start, end

@@ -1,0 +1,204 @@
+"""A small HTTP/1.1 client for fetching from peer registries: h11 over Trio TCP streams.
+
+Why not httpx: httpcore reads at most 64 KiB per `receive_some`, which caps proxying at ~0.7 GB/s
+(stack notes §2.5).  Here reads are up to `read_size` (1 MiB) and the body is handed out in the
+sizes the kernel returns.  Idle keep-alive connections are pooled per peer, so a hit costs no
+handshake.  There are no timeouts inside: callers bound every step with Trio cancel scopes.
+
+Usage::
+
+    async with client.request(peer_host, peer_port, "GET", "/v2/...?ns=...", headers) as resp:
+        resp.status, resp.headers["content-length"]
+        while (chunk := await resp.receive()) is not None: ...
+
+A response leaves its connection in the pool only when its body was read to the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import h11
+import trio
+
+__all__ = ["PeerClient", "PeerError", "PeerResponse"]
+
+logger = logging.getLogger(__name__)
+
+READ_SIZE = 1024 * 1024
+
+
+class PeerError(Exception):
+    """The peer could not be reached, broke the protocol, or closed the connection early."""
+
+
+@dataclass(slots=True)
+class _Connection:
+    stream: trio.SocketStream
+    h11: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
+    reused: bool = False
+
+
+class PeerResponse:
+    """Status, lower-cased headers and the body of one peer response."""
+
+    def __init__(self, conn: _Connection, response: h11.Response, read_size: int) -> None:
+        self._conn = conn
+        self._read_size = read_size
+        self.status: int = response.status_code
+        self.headers: dict[str, str] = {
+            name.decode("latin-1").lower(): value.decode("latin-1")
+            for name, value in response.headers
+        }
+        self.complete = False
+
+    async def receive(self) -> bytes | None:
+        """The next piece of the body, or None once the body is complete."""
+        if self.complete:
+            return None
+        conn = self._conn
+        while True:
+            try:
+                event = conn.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise PeerError(f"peer broke HTTP/1.1: {exc}") from None
+            if event is h11.NEED_DATA:
+                try:
+                    data = await conn.stream.receive_some(self._read_size)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    raise PeerError(f"connection to peer broke: {exc}") from None
+                if not data:
+                    try:
+                        conn.h11.receive_data(b"")
+                        event = conn.h11.next_event()
+                    except h11.RemoteProtocolError as exc:
+                        raise PeerError(f"peer closed the connection early: {exc}") from None
+                    if isinstance(event, h11.EndOfMessage):
+                        self.complete = True
+                        return None
+                    raise PeerError("peer closed the connection before the body was complete")
+                conn.h11.receive_data(data)
+                continue
+            if isinstance(event, h11.Data):
+                if event.data:
+                    return bytes(event.data)
+                continue
+            if isinstance(event, h11.EndOfMessage):
+                self.complete = True
+                return None
+            raise PeerError(f"unexpected HTTP event from peer: {type(event).__name__}")
+
+    async def drain(self, limit: int) -> bool:
+        """Drop at most `limit` body bytes; True when the body ended (connection reusable)."""
+        seen = 0
+        while seen <= limit:
+            chunk = await self.receive()
+            if chunk is None:
+                return True
+            seen += len(chunk)
+        return False
+
+
+class PeerClient:
+    """Opens requests to peers, reusing idle keep-alive connections (`max_idle` per peer)."""
+
+    def __init__(self, *, read_size: int = READ_SIZE, max_idle: int = 8) -> None:
+        self._read_size = read_size
+        self._max_idle = max_idle
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                await conn.stream.aclose()
+
+    @asynccontextmanager
+    async def request(
+        self,
+        host: str,
+        port: int,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> AsyncIterator[PeerResponse]:
+        """Send a request and yield the response once its headers arrived."""
+        key = (host, port)
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        request = h11.Request(method=method, target=target, headers=[("Host", authority), *headers])
+        conn, response = await self._exchange(key, request)
+        resp = PeerResponse(conn, response, self._read_size)
+        reusable = False
+        try:
+            yield resp
+            reusable = (
+                resp.complete
+                and conn.h11.our_state is h11.DONE
+                and conn.h11.their_state is h11.DONE
+            )
+        finally:
+            if reusable:
+                conn.h11.start_next_cycle()
+                conn.reused = True
+                pool = self._idle.setdefault(key, [])
+                if len(pool) < self._max_idle:
+                    pool.append(conn)
+                else:
+                    reusable = False
+            if not reusable:
+                with trio.CancelScope(shield=True):
+                    await conn.stream.aclose()
+
+    async def _exchange(
+        self, key: tuple[str, int], request: h11.Request
+    ) -> tuple[_Connection, h11.Response]:
+        pool = self._idle.get(key)
+        while pool:
+            conn = pool.pop()
+            try:
+                return conn, await self._send(conn, request)
+            except PeerError:
+                # a pooled connection the peer has closed meanwhile: try the next one
+                await conn.stream.aclose()
+        try:
+            stream = await trio.open_tcp_stream(*key)
+        except OSError as exc:
+            raise PeerError(f"cannot connect to {key[0]}:{key[1]}: {exc}") from None
+        conn = _Connection(stream)
+        try:
+            return conn, await self._send(conn, request)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+
+    async def _send(self, conn: _Connection, request: h11.Request) -> h11.Response:
+        try:
+            payload = (conn.h11.send(request) or b"") + (conn.h11.send(h11.EndOfMessage()) or b"")
+            await conn.stream.send_all(payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise PeerError(f"cannot send request to peer: {exc}") from None
+        except h11.LocalProtocolError as exc:
+            raise PeerError(f"invalid request: {exc}") from None
+        while True:
+            try:
+                event = conn.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise PeerError(f"peer broke HTTP/1.1: {exc}") from None
+            if event is h11.NEED_DATA:
+                try:
+                    data = await conn.stream.receive_some(self._read_size)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    raise PeerError(f"connection to peer broke: {exc}") from None
+                if not data:
+                    raise PeerError("peer closed the connection without answering")
+                conn.h11.receive_data(data)
+                continue
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if isinstance(event, h11.Response):
+                return event
+            raise PeerError(f"unexpected HTTP event from peer: {type(event).__name__}")

@@ -1,0 +1,57 @@
+"""Serving the registry app: Hypercorn's trio worker inside the caller's nursery.
+
+Why a module of its own: the agent starts the registry with `nursery.start(serve_registry, ...)`
+and needs the bound port back (port 0 in tests) and a graceful stop (shutdown_trigger).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from quart_trio import QuartTrio
+
+__all__ = ["hypercorn_config", "serve_registry"]
+
+logger = logging.getLogger(__name__)
+
+
+def hypercorn_config(host: str, port: int, *, graceful_timeout: float = 3.0) -> Config:
+    config = Config()
+    host_text = f"[{host}]" if ":" in host else host
+    config.bind = [f"{host_text}:{port}"]
+    config.graceful_timeout = graceful_timeout
+    config.keep_alive_timeout = 30.0
+    config.include_server_header = False
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+async def serve_registry(
+    app: QuartTrio,
+    host: str,
+    port: int,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    graceful_timeout: float = 3.0,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `app` on host:port until `shutdown_trigger` returns; `task_status.started(port)`."""
+    config = hypercorn_config(host, port, graceful_timeout=graceful_timeout)
+
+    async def started(binds: list[str]) -> None:
+        bound = int(binds[0].rsplit(":", 1)[1])
+        logger.info("registry listening", extra={"address": binds[0]})
+        task_status.started(bound)
+
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(
+            lambda task_status: serve(
+                app, config, shutdown_trigger=shutdown_trigger, task_status=task_status
+            )
+        )
+        await started(binds)
