@@ -1,4 +1,4 @@
-"""Lease leader election with the real kubernetes client against the fake API server (real sockets)."""
+"""Lease leader election with the real kubernetes client against the fake API server."""
 
 from __future__ import annotations
 

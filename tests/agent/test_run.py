@@ -110,11 +110,11 @@ async def test_two_agents_join_serve_debug_and_drain(tmp_path: Any, nursery: tri
     async with httpx.AsyncClient() as http:
         reg_b = f"http://127.0.0.1:{b.registry_port}"
         with trio.fail_after(10):
-            while (await http.get(f"{reg_b}/readyz")).status_code != 200:
+            while (await http.get(f"{reg_b}/readyz")).status_code != 200:  # noqa: ASYNC110
                 await trio.sleep(0.05)
         reg_a = f"http://127.0.0.1:{a.registry_port}"
         with trio.fail_after(10):
-            while (await http.get(f"{reg_a}/readyz")).status_code != 200:
+            while (await http.get(f"{reg_a}/readyz")).status_code != 200:  # noqa: ASYNC110
                 await trio.sleep(0.05)
 
         metrics = f"http://127.0.0.1:{b.metrics_port}"
@@ -159,7 +159,7 @@ async def test_two_agents_join_serve_debug_and_drain(tmp_path: Any, nursery: tri
             stop_b.set()
         assert results == [200]
         with trio.fail_after(5):
-            while "b" not in done:
+            while "b" not in done:  # noqa: ASYNC110
                 await trio.sleep(0.02)
         with pytest.raises(httpx.ConnectError):
             await http.get(f"{reg_b}/readyz")

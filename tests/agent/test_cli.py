@@ -1,0 +1,166 @@
+"""Flags, env twins, defaults and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from agent.cli import _FLAGS, build_parser, main, registry_config
+from agent.config import (
+    ConfigError,
+    HostPort,
+    ListenAddr,
+    format_duration,
+    parse_duration,
+    parse_listen_addr,
+    parse_peer,
+)
+
+
+def registry(argv: list[str], env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return registry_config(build_parser(env or {}).parse_args(["registry", *argv]))
+
+
+def test_defaults_follow_spegel() -> None:
+    cfg = registry([])
+    assert cfg.registry_addr == ListenAddr("", 5000)
+    assert cfg.router_addr == ListenAddr("", 5001)
+    assert cfg.metrics_addr == ListenAddr("", 9090)
+    assert cfg.containerd_sock == "/run/containerd/containerd.sock"
+    assert cfg.containerd_namespace == "k8s.io"
+    assert cfg.containerd_content_path == "/var/lib/containerd/io.containerd.content.v1.content"
+    assert cfg.mirror_resolve_timeout == pytest.approx(0.020)
+    assert cfg.mirror_resolve_retries == 3
+    assert cfg.debug_web_enabled is True
+    assert cfg.mirrored_registries == () and cfg.registry_filters == ()
+    assert cfg.log_level == "INFO" and cfg.data_dir == ""
+
+
+def test_chart_style_args() -> None:
+    cfg = registry(
+        [
+            "--log-level",
+            "DEBUG",
+            "--mirror-resolve-retries=3",
+            "--mirror-resolve-timeout=20ms",
+            "--registry-addr=:5000",
+            "--router-addr=:5001",
+            "--metrics-addr=:9090",
+            "--mirrored-registries",
+            "https://docker.io",
+            "https://ghcr.io",
+            "--containerd-sock=/run/containerd/containerd.sock",
+            "--containerd-namespace=k8s.io",
+            "--bootstrap-kind=dns",
+            "--dns-bootstrap-domain=spegla-bootstrap.spegla.svc.cluster.local.",
+            "--registry-filters",
+            ":latest$",
+            "--containerd-content-path=/var/lib/containerd/io.containerd.content.v1.content",
+            "--debug-web-enabled=true",
+            "--data-dir=/var/lib/spegla",
+        ]
+    )
+    assert cfg.mirrored_registries == ("https://docker.io", "https://ghcr.io")
+    assert cfg.registry_filters == (":latest$",)
+    assert cfg.bootstrap.kind == "dns" and cfg.log_level == "DEBUG"
+
+
+def test_env_twins_and_cli_precedence() -> None:
+    env = {
+        "REGISTRY_ADDR": "127.0.0.1:6000",
+        "MIRROR_RESOLVE_TIMEOUT": "1.5s",
+        "MIRRORED_REGISTRIES": "https://docker.io, https://quay.io",
+        "STATIC_BOOTSTRAP_PEERS": "10.0.0.1:5001,[fd00::2]:5001",
+        "BOOTSTRAP_KIND": "static",
+        "DEBUG_WEB_ENABLED": "false",
+        "LOG_LEVEL": "warn",
+    }
+    cfg = registry(["--registry-addr", "[::1]:7000"], env)
+    assert cfg.registry_addr == ListenAddr("::1", 7000)  # the flag wins over the env
+    assert cfg.mirror_resolve_timeout == 1.5
+    assert cfg.mirrored_registries == ("https://docker.io", "https://quay.io")
+    assert cfg.bootstrap.static_peers == (HostPort("10.0.0.1", 5001), HostPort("fd00::2", 5001))
+    assert cfg.debug_web_enabled is False and cfg.log_level == "WARNING"
+
+
+def test_bool_flags() -> None:
+    assert registry(["--debug-web-enabled=false"]).debug_web_enabled is False
+    assert registry(["--standalone"]).standalone is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "needle"),
+    [
+        (["--registry-addr", "5000"], {}, "--registry-addr"),
+        (["--metrics-addr", ":70000"], {}, "out of range"),
+        (["--mirror-resolve-timeout", "20"], {}, "Go syntax"),
+        ([], {"MIRROR_RESOLVE_TIMEOUT": "fast"}, "MIRROR_RESOLVE_TIMEOUT"),
+        (["--bootstrap-kind", "mdns"], {}, "bootstrap kind"),
+        (["--mirrored-registries", "docker.io"], {}, "http:// or https://"),
+        (["--registry-filters", "("], {}, "regex"),
+        (["--bootstrap-kind=dns"], {}, "--dns-bootstrap-domain"),
+        (["--mirror-resolve-retries=0"], {}, "at least 1"),
+        (["--debug-web-enabled=maybe"], {}, "boolean"),
+        (["--no-such-flag"], {}, "unrecognized"),
+    ],
+)
+def test_bad_values_exit_2_with_one_line(
+    argv: list[str], env: dict[str, str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["registry", *argv], environ=env)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("spegla") and "error:" in err[0] and needle in err[0]
+
+
+def test_help_lists_every_flag_and_env(capsys: pytest.CaptureFixture[str]) -> None:
+    for command, flags in _FLAGS.items():
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"], environ={})
+        assert exc.value.code == 0
+        out = capsys.readouterr().out.replace("\n", " ")
+        for flag in flags:
+            assert flag.name in out
+            if flag.env:
+                assert flag.env in out.replace(" ", "") or flag.env in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["version", "--format", "json"], environ={}) == 0
+    assert json.loads(capsys.readouterr().out)["version"]
+
+
+def test_console_entry_point_runs() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    assert out.stdout.startswith("spegla ")
+    bad = subprocess.run(
+        [sys.executable, "-m", "agent", "registry", "--router-addr", "x:y"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_value_parsers() -> None:
+    assert parse_duration("1m30s") == 90 and parse_duration("500us") == pytest.approx(0.0005)
+    assert format_duration(0.2) == "200ms" and format_duration(540) == "9m"
+    assert parse_listen_addr(":9090") == ListenAddr("", 9090)
+    assert parse_peer("10.0.0.1", default_port=5001) == HostPort("10.0.0.1", 5001)
+    for bad in ("", "1x", "-5s", "ms"):
+        with pytest.raises(ConfigError):
+            parse_duration(bad)
+    for bad in ("[::1]5000", "a:b:c", "host:", "bad_host!:1"):
+        with pytest.raises(ConfigError):
+            parse_listen_addr(bad)

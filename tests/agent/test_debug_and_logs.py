@@ -1,0 +1,108 @@
+"""Task tree, debug state fan-out (drop when a viewer is slow), the mirror log tap, JSON log lines,
+and the node id file."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import trio
+
+from agent.debug import (
+    DebugState,
+    MirrorLogTap,
+    MirrorResult,
+    count_tasks,
+    render_task_tree,
+    task_tree,
+    task_tree_json,
+)
+from agent.identity import load_or_create_node_id
+from agent.logs import configure_logging
+
+
+async def test_task_tree_shows_named_tasks_and_locations() -> None:
+    async def parked_worker() -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(parked_worker, name="dht")
+        await trio.testing.wait_all_tasks_blocked()
+        tree = task_tree()
+        text = render_task_tree(tree)
+        assert text.startswith("- <init>")
+        line = next(line for line in text.splitlines() if line.strip().startswith("- dht"))
+        assert "parked_worker" in line and "test_debug_and_logs.py" in line
+        data = task_tree_json(tree)
+        assert data["name"] == "<init>" and count_tasks(tree) >= 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_slow_viewer_drops_instead_of_blocking() -> None:
+    state = DebugState(max_results=3)
+    receive = state.subscribe(size=2)
+    for i in range(5):
+        state.record_mirror(MirrorResult(at=float(i), key=f"k{i}", outcome="hit"))
+    assert state.dropped == 3 and state.last_success == 4.0
+    assert [r.key for r in state.results] == ["k4", "k3", "k2"]
+    first = receive.receive_nowait()
+    assert first["result"]["key"] == "k0"
+    await receive.aclose()
+    state.unsubscribe_closed()
+    assert state.viewers == 0
+
+
+def test_mirror_log_tap_reads_extra_fields() -> None:
+    state = DebugState()
+    logger = logging.getLogger("registry.test_tap")
+    logger.setLevel(logging.DEBUG)
+    tap = MirrorLogTap(state)
+    logger.addHandler(tap)
+    try:
+        logger.debug("unrelated line")
+        logger.debug("mirror miss", extra={"cache": "miss", "digest": "sha256:aa"})
+        logger.info(
+            "mirror ok",
+            extra={"cache": "hit", "key": "sha256:bb", "peer": "10.0.0.2", "elapsed_ms": 12},
+        )
+    finally:
+        logger.removeHandler(tap)
+    assert [(r.outcome, r.key) for r in state.results] == [
+        ("hit", "sha256:bb"),
+        ("miss", "sha256:aa"),
+    ]
+    assert state.results[0].duration_ms == 12.0 and state.last_success is not None
+
+
+def test_json_lines_render_extra_fields_and_errors() -> None:
+    stream = io.StringIO()
+    handler = configure_logging("INFO", stream)
+    try:
+        log = logging.getLogger("agent.test")
+        log.debug("hidden")
+        log.info("peer joined", extra={"peer": "10.0.0.1:5001", "node_id": b"\x01\x02", "n": 3})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["msg"] for line in lines] == ["peer joined", "failed"]
+    assert lines[0]["peer"] == "10.0.0.1:5001" and lines[0]["node_id"] == "0102"
+    assert lines[0]["n"] == 3 and lines[0]["level"] == "INFO" and lines[0]["logger"] == "agent.test"
+    assert "ValueError: boom" in lines[1]["error"]
+
+
+def test_node_id_persisted_and_repaired(tmp_path: Path) -> None:
+    data = tmp_path / "spegla"
+    first = load_or_create_node_id(str(data))
+    assert len(first) == 32 and load_or_create_node_id(str(data)) == first
+    assert os.stat(data / "node-id").st_mode & 0o777 == 0o600
+    (data / "node-id").write_text("not hex")
+    repaired = load_or_create_node_id(str(data))
+    assert repaired != first and load_or_create_node_id(str(data)) == repaired
+    assert load_or_create_node_id("") != load_or_create_node_id("")
