@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import tarfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
@@ -23,7 +25,7 @@ from registry.interfaces import ContentNotFound
 from registry.mediatypes import DOCKER_MANIFEST, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, OCTET_STREAM
 from tests.harness.containerd import Containerd
 from tests.harness.cri import CriClient
-from tests.harness.images import BuiltImage
+from tests.harness.images import BuiltImage, build_large
 from tests.harness.images import TestImages as ImageSet
 from tests.harness.upstream import Upstream
 
@@ -237,3 +239,38 @@ async def test_restart_of_containerd_resubscribes_and_resyncs(
         await pull(cri, docker)
         want = before | expected_keys(test_images.docker, docker)
         await wait_until(lambda: router.keys == want, "the image pulled after the restart")
+
+
+async def test_calls_are_cancellable_and_abandoned_streams_do_not_leak(
+    containerd_instance: Containerd, tmp_path: Path
+) -> None:
+    image = build_large(tmp_path / "img", 15, name="cancel")  # 3 MiB layers: several messages
+    archive = tmp_path / "cancel.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(image.path, arcname=".")
+    argv = ["ctr", "-a", str(containerd_instance.socket), "-n", NS, "images", "import",
+            "--no-unpack", "--index-name", "cancel.test/big:v1", str(archive)]  # fmt: skip
+    await trio.to_thread.run_sync(lambda: subprocess.run(argv, check=True, capture_output=True))
+    layer = image.manifests[0].layers[0]
+    async with open_containerd(str(containerd_instance.socket), NS) as client:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await client.version()
+        assert scope.cancelled_caught
+        store = ContainerdContentStore(client, direct_reads=False)
+        for _ in range(20):  # abandon streams: after a break, and on cancellation
+            async with client.read_content(layer.digest) as chunks:
+                async for _chunk in chunks:
+                    break
+            async with store.open(layer.digest) as reader:
+                async for _chunk in reader.read(0, reader.size):
+                    break
+            with trio.move_on_after(0.001):
+                async with client.subscribe() as events:
+                    async for _env in events:
+                        pass
+        # the connection is still healthy and reads the whole blob correctly
+        async with store.open(layer.digest) as reader:
+            data = b"".join([c async for c in reader.read(0, reader.size)])
+        assert len(data) == layer.size > 2 * 1024 * 1024
+        assert hashlib.sha256(data).hexdigest() == layer.digest.split(":")[1]
