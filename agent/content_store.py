@@ -225,7 +225,10 @@ class ContainerdContentStore:
     async def _open_present(
         self, digest: str, size: int
     ) -> AsyncIterator[FileBlobReader | GrpcBlobReader]:
-        root = await self.content_dir()
+        try:
+            root = await self.content_dir()
+        except ContainerdUnavailable as exc:
+            raise ContentNotFound(f"containerd unavailable: {exc}") from exc
         fd = -1
         path: str | None = None
         if root is not None:

@@ -212,6 +212,17 @@ class AdvertisedImage:
     def keys(self) -> frozenset[str]:
         return self.digests if self.tag_key is None else self.digests | {self.tag_key}
 
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready form for the debug page."""
+        return {
+            "name": self.name,
+            "registry": self.registry,
+            "repository": self.repository,
+            "tag_key": self.tag_key,
+            "target": self.target,
+            "digests": sorted(self.digests),
+        }
+
 
 def parse_record(image: Image, filters: ReferenceFilter | None) -> Reference | None:
     """The reference of an image record worth advertising, or None (image ids, bad or filtered)."""

@@ -100,6 +100,7 @@ async def test_sync_walks_tag_index_digest_and_docker_pulls(
         await pull(cri, ref)
 
     async with open_containerd(str(containerd_instance.socket), NS) as client:
+        assert await client.list_statuses() == []  # no ingest left once pulls are done
         names = {i.name for i in await client.list_images()}
         assert small_by_digest in names and multi in names  # tag + digest + id records
         router = RecordingRouter()
@@ -204,6 +205,9 @@ async def test_events_advertise_pulls_and_withdraw_deletes_keeping_shared_conten
         await wait_until(lambda: small_keys <= router.keys, "the pulled image to be advertised")
         await pull(cri, shared)  # same content under a second name
         await wait_until(lambda: shared in router.keys, "the second tag")
+        listed = {i["name"]: i for i in (img.as_dict() for img in tracker.advertised_images())}
+        assert listed[shared]["tag_key"] == shared
+        assert set(listed[shared]["digests"]) == small_keys - {small}  # type: ignore[arg-type]
 
         # delete the first image's records: its tag goes, the shared content stays
         digest_name = small.rsplit(":", 1)[0] + "@" + test_images.small.top_digest
@@ -217,6 +221,7 @@ async def test_events_advertise_pulls_and_withdraw_deletes_keeping_shared_conten
         await ctr_rm(containerd_instance, *(i.name for i in images))
         await wait_until(lambda: not router.keys, "every key to be withdrawn")
         assert tracker.advertised_images() == []
+        assert tracker.statistics()["keys"] == 0
 
 
 async def test_restart_of_containerd_resubscribes_and_resyncs(
