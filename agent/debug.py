@@ -187,8 +187,9 @@ def _plain(value: Any) -> Any:
 class MirrorLogTap(logging.Handler):
     """Turns the registry's mirror log records into `MirrorResult`s for the debug page.
 
-    A record counts when it carries a `cache` (hit/miss) or `outcome` extra field; `key`/`digest`/
-    `path`, `peer` and `duration_ms`/`elapsed_ms` are picked up when present.
+    A record counts when it carries a `cache` (hit/miss) or `outcome` extra field, or both `peer` and
+    `error` (a failed peer fetch); `key`/`digest`/`path`, `peer` and `duration_ms`/`elapsed_ms` are
+    picked up when present.
     """
 
     def __init__(self, state: DebugState) -> None:
@@ -198,6 +199,8 @@ class MirrorLogTap(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         fields = vars(record)
         outcome = fields.get("cache") or fields.get("outcome")
+        if outcome is None and "peer" in fields and "error" in fields:
+            outcome = "error"  # e.g. the forwarder's "peer fetch failed"
         if outcome is None:
             return
         try:
@@ -220,3 +223,59 @@ class MirrorLogTap(logging.Handler):
             )
         except Exception:  # a debug view must never break logging
             self.handleError(record)
+
+
+# --- mirror counters ------------------------------------------------------------------------------
+
+
+def mirror_counts() -> dict[tuple[str, str], float]:
+    """Current `spegel_mirror_requests_total` values by (registry, cache)."""
+    from registry.metrics import MIRROR_REQUESTS
+
+    out: dict[tuple[str, str], float] = {}
+    for metric in MIRROR_REQUESTS.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                out[(sample.labels.get("registry", ""), sample.labels.get("cache", ""))] = (
+                    sample.value
+                )
+    return out
+
+
+def last_mirror_success() -> float | None:
+    from registry.metrics import MIRROR_LAST_SUCCESS
+
+    for metric in MIRROR_LAST_SUCCESS.collect():
+        for sample in metric.samples:
+            if sample.value > 0:
+                return float(sample.value)
+    return None
+
+
+async def watch_mirror_metrics(
+    state: DebugState,
+    interval: float = 1.0,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Turn increments of the mirror counters into page entries (per registry, hit or miss)."""
+    last = mirror_counts()
+    task_status.started()
+    while True:
+        await trio.sleep(interval)
+        now = mirror_counts()
+        for (registry, cache), value in sorted(now.items()):
+            delta = value - last.get((registry, cache), 0.0)
+            if delta > 0:
+                state.record_mirror(
+                    MirrorResult(
+                        at=time.time(),
+                        key=registry,
+                        outcome=cache,
+                        detail=f"{int(delta)} mirror request(s)",
+                    )
+                )
+        success = last_mirror_success()
+        if success is not None and (state.last_success or 0.0) < success:
+            state.last_success = success
+        last = now

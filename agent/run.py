@@ -36,7 +36,13 @@ from agent.bootstrap import (
     keep_joined,
 )
 from agent.config import ConfigError, ListenAddr, RegistryConfig
-from agent.debug import DebugState, MirrorLogTap, render_task_tree, task_tree
+from agent.debug import (
+    DebugState,
+    MirrorLogTap,
+    render_task_tree,
+    task_tree,
+    watch_mirror_metrics,
+)
 from agent.identity import load_or_create_node_id
 from agent.metrics_server import create_metrics_app, serve_app
 from agent.supervise import ServiceFailed, Supervisor
@@ -291,6 +297,9 @@ async def run_agent(
             if handle_signals:
                 root.start_soon(_signals, shutdown, root.cancel_scope, name="signals")
             bound = await root.start(supervisor.run, "dht", node.serve)
+            await root.start(
+                supervisor.run, "debug-feed", functools.partial(watch_mirror_metrics, debug)
+            )
             me = SelfInfo(node_id, detect_advertise_addr(cfg), int(bound[1]))
             app = (hooks.app or default_app)(backend.store, router, cfg, readiness)
             serve_registry = hooks.serve_registry or default_serve_registry

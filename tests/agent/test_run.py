@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,7 +21,7 @@ from quart_trio import QuartTrio
 from agent.config import BootstrapConfig, HostPort, ListenAddr, RegistryConfig
 from agent.run import AgentHandle, Backend, Hooks, run_agent
 from agent.supervise import ServiceFailed
-from registry.fakes import MemoryContentStore
+from registry.fakes import MemoryContentStore, sha256_digest
 from registry.interfaces import ContentStore, Router
 
 
@@ -47,11 +46,17 @@ def config(tmp: str, peers: tuple[HostPort, ...] = (), **kw: Any) -> RegistryCon
     )
 
 
-def memory_backend(keys: list[str], images: list[str]) -> Callable[..., Any]:
+BLOB = b"hello from node a"
+
+
+def memory_backend(
+    keys: list[str], images: list[str], blob: bytes | None = None
+) -> Callable[..., Any]:
     @asynccontextmanager
     async def factory(cfg: RegistryConfig, router: Router) -> AsyncIterator[Backend]:
         store = MemoryContentStore()
-        store.add(b"hello")
+        if blob is not None:
+            store.add(blob)
 
         async def run_tracker(
             *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -84,12 +89,12 @@ def mini_app(
 
 
 async def test_two_agents_join_serve_debug_and_drain(tmp_path: Any, nursery: trio.Nursery) -> None:
-    key = "sha256:" + "ab" * 32
+    key = sha256_digest(BLOB)
     cfg_a = config(str(tmp_path / "a"))
     cfg_b = config(str(tmp_path / "b"), peers=(HostPort("127.0.0.1", cfg_a.router_addr.port),))
     stop_a, stop_b = trio.Event(), trio.Event()
-    hooks_a = Hooks(backend=memory_backend([key], ["example.com/app:v1"]), app=mini_app)
-    hooks_b = Hooks(backend=memory_backend([], []), app=mini_app)
+    hooks_a = Hooks(backend=memory_backend([key], ["example.com/app:v1"], BLOB))
+    hooks_b = Hooks(backend=memory_backend([], []))
     done: list[str] = []
 
     async def agent(
@@ -132,38 +137,66 @@ async def test_two_agents_join_serve_debug_and_drain(tmp_path: Any, nursery: tri
         assert any(p.get("port") == cfg_b.router_addr.port for p in stats["peers"])
 
         # Live page over the websocket: a snapshot first, then mirror results as they happen.
-        url = f"ws://127.0.0.1:{a.metrics_port}/debug/web/ws"
+        url = f"ws://127.0.0.1:{b.metrics_port}/debug/web/ws"
         async with trio_websocket.open_websocket_url(url) as ws:
             first = json.loads(await ws.get_message())
-            assert first["type"] == "snapshot" and first["last_success"] is None
-            logging.getLogger("registry.mirror").info(
-                "mirrored",
-                extra={"cache": "hit", "key": key, "peer": "127.0.0.1:5000", "duration_ms": 3.5},
-            )
+            assert first["type"] == "snapshot"
+            # A pull through B: B finds A in the DHT and streams the blob from A's registry.
+            blob_url = f"{reg_b}/v2/app/blobs/{key}?ns=example.com"
+            with trio.fail_after(10):
+                while (answer := await http.get(blob_url)).status_code != 200:  # noqa: ASYNC110
+                    await trio.sleep(0.1)  # A's provider record may still be on its way
+            assert answer.content == BLOB
+            missing = "sha256:" + "0" * 64
+            assert (
+                await http.get(f"{reg_b}/v2/app/blobs/{missing}?ns=example.com")
+            ).status_code == 404
             with trio.fail_after(5):
                 while True:
                     event = json.loads(await ws.get_message())
-                    if event["type"] == "mirror":
+                    if event["type"] == "mirror" and event["result"]["outcome"] == "hit":
                         break
-            assert event["result"]["outcome"] == "hit" and event["result"]["key"] == key
+            assert event["result"]["key"] == "example.com"
+        metrics_text = (await http.get(f"{metrics}/metrics")).text
+        assert 'spegel_mirror_requests_total{cache="hit",registry="example.com"}' in metrics_text
+        stats_b = (await http.get(f"{metrics}/debug/web/stats")).json()
+        assert stats_b["last_success"] is not None
 
-        # Graceful drain: a request in flight when shutdown starts still completes.
-        results: list[int] = []
-
-        async def slow() -> None:
-            results.append((await http.get(f"{reg_b}/slow")).status_code)
-
-        async with trio.open_nursery() as inner:
-            inner.start_soon(slow)
-            await trio.sleep(0.2)
-            stop_b.set()
-        assert results == [200]
+        stop_b.set()
         with trio.fail_after(5):
             while "b" not in done:  # noqa: ASYNC110
                 await trio.sleep(0.02)
         with pytest.raises(httpx.ConnectError):
             await http.get(f"{reg_b}/readyz")
     stop_a.set()
+
+
+async def test_sigterm_style_shutdown_drains_in_flight_requests(tmp_path: Any) -> None:
+    cfg = config(str(tmp_path), standalone=True)
+    stop = trio.Event()
+    results: list[int] = []
+    async with trio.open_nursery() as nursery:
+        handle = await nursery.start(
+            functools.partial(
+                run_agent,
+                cfg,
+                stop,
+                Hooks(backend=memory_backend([], []), app=mini_app),
+                handle_signals=False,
+            )
+        )
+        async with httpx.AsyncClient() as http:
+
+            async def slow() -> None:
+                results.append(
+                    (await http.get(f"http://127.0.0.1:{handle.registry_port}/slow")).status_code
+                )
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(slow)
+                await trio.sleep(0.2)
+                stop.set()
+    assert results == [200]
 
 
 async def test_node_id_survives_restart(tmp_path: Any) -> None:
