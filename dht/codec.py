@@ -12,6 +12,7 @@ Layout: ``[VERSION, kind, txid, sender_id, *fields]``; with a cluster pre-shared
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import socket
@@ -143,6 +144,7 @@ def unseal(data: bytes, psk: bytes | None) -> bytes:
 # -- addresses -----------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8192)
 def pack_ip(host: str) -> bytes:
     return socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
 
@@ -150,6 +152,11 @@ def pack_ip(host: str) -> bytes:
 def unpack_ip(raw: object) -> str:
     if type(raw) is not bytes:
         raise DecodeError("ip must be bytes")
+    return _unpack_ip(raw)
+
+
+@functools.lru_cache(maxsize=8192)
+def _unpack_ip(raw: bytes) -> str:
     if len(raw) == 4:
         return socket.inet_ntop(socket.AF_INET, raw)
     if len(raw) == 16:

@@ -159,9 +159,11 @@ class Node:
             except OSError:  # e.g. an ICMP error queued on the socket
                 await trio.lowlevel.checkpoint()
                 continue
-            self._apply(self.protocol.handle_datagram(data, _normalize(addr), trio.current_time()))
+            effects = self.protocol.handle_datagram(data, _normalize(addr), trio.current_time())
+            self._apply(effects)
             handled += 1
-            if handled % 64 == 0:
+            # let a woken resolver run at once; otherwise yield now and then under a flood
+            if handled % 64 == 0 or any(not isinstance(e, Send) for e in effects):
                 await trio.lowlevel.checkpoint()
 
     async def _timer_loop(self) -> None:

@@ -7,6 +7,7 @@ first and only evicts it when the ping fails. Newcomers wait in a bounded replac
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -18,6 +19,10 @@ class _Entry:
     contact: Contact
     last_seen: float
     failures: int = 0
+    key: int = 0  # the id as an integer, for fast XOR
+
+    def __post_init__(self) -> None:
+        self.key = as_int(self.contact.node_id)
 
 
 @dataclass(slots=True)
@@ -118,20 +123,23 @@ class RoutingTable:
         """The `count` known contacts nearest to `target` by XOR distance."""
         t = as_int(target)
         found: list[tuple[int, Contact]] = []
-        # walk from the bucket `target` falls in outwards; stop once `count` are surely found
+        buckets = self.buckets
+        # walk from the bucket `target` falls in outwards; stop once `count` are surely found:
+        # buckets below `start` are all at the same distance band, each above it strictly farther
         start = bucket_index(self.self_id, target)
-        order = (
-            [start, *range(start - 1, -1, -1), *range(start + 1, ID_BITS)]
-            if start >= 0
-            else list(range(ID_BITS))
-        )
+        if start >= 0:
+            order = itertools.chain((start,), range(start - 1, -1, -1), range(start + 1, ID_BITS))
+        else:
+            order = iter(range(ID_BITS))
         for i in order:
-            # buckets past `start` are each strictly farther than everything before them
+            entries = buckets[i].entries
+            if not entries:
+                continue
             if i > start and len(found) >= count:
                 break
-            for node_id, entry in self.buckets[i].entries.items():
+            for node_id, entry in entries.items():
                 if node_id != exclude:
-                    found.append((as_int(node_id) ^ t, entry.contact))
+                    found.append((entry.key ^ t, entry.contact))
         found.sort(key=lambda pair: pair[0])
         return [c for _, c in found[:count]]
 
