@@ -86,8 +86,9 @@ def test_add_provider_needs_a_token_from_the_source_address() -> None:
     assert node.statistics().tokens_refused == 1 and len(node.store) == 0
     # a token handed to another IP does not work either
     other_token = node.tokens.issue("10.0.0.10", 0.0)
-    node.handle_datagram(codec.encode(AddProvider(2, b"\x02" * 32, kid, 5000, 600, other_token)),
-                         src, 0.0)
+    node.handle_datagram(
+        codec.encode(AddProvider(2, b"\x02" * 32, kid, 5000, 600, other_token)), src, 0.0
+    )
     assert len(node.store) == 0
     pong = node.handle_datagram(codec.encode(Ping(3, b"\x02" * 32)), src, 0.0)
     assert isinstance(pong[0], Send)
@@ -155,8 +156,9 @@ def test_dead_contacts_are_replaced_not_waited_for() -> None:
     net.run_for(2.0)
     assert all(r.providers for r in results)
     # dead contacts cost a soft deadline each (10 ms), never the 500 ms RPC timeout
-    assert all(r.first_provider_at is not None and r.first_provider_at - r.started < 0.1
-               for r in results)
+    assert all(
+        r.first_provider_at is not None and r.first_provider_at - r.started < 0.1 for r in results
+    )
 
 
 def test_bootstrap_alone_and_against_nobody() -> None:
