@@ -32,16 +32,28 @@ def _short(digest: str) -> str:
     return digest.removeprefix("sha256:")[:12]
 
 
-def blob_sources(c: Cluster, node: Node, image: BuiltImage, mark: int) -> list[tuple[str, str]]:
-    """(digest, where it came from) for every blob ``node`` needed for ``image``."""
+def serve_counts(c: Cluster) -> dict[str, int]:
+    return {n.name: ag.peer_serves(n) for n in c.nodes}
+
+
+def blob_sources(
+    c: Cluster, node: Node, image: BuiltImage, mark: int, served: dict[str, int]
+) -> list[tuple[str, str]]:
+    """(digest, where it came from) for every blob ``node`` needed for ``image``.
+
+    Upstream: the registry's access log names the node.  Peers: per-blob attribution from agent
+    request logs when they have it; otherwise the peers whose agents served requests during this
+    pull (``served``: node name -> requests, from their metrics)."""
     upstream = {r.blob_digest for r in c.upstream.blob_fetches(mark) if r.remote_ip == node.ip}
+    during = "|".join(name for name, k in served.items() if k > 0 and name != node.name)
     out = []
     for digest in image.blob_digests():
         if digest in upstream:
             out.append((digest, "upstream"))
             continue
         peers = ag.served_to(c, digest, node.ip)
-        out.append((digest, "peer " + ",".join(p.name for p in peers) if peers else "peer"))
+        named = ",".join(p.name for p in peers) or during or "?"
+        out.append((digest, f"peer {named}"))  # "n1|n2": one of these (no per-blob log)
     return out
 
 
@@ -62,24 +74,30 @@ def run(a: argparse.Namespace) -> int:
             c.limit_upstream(a.rate_mbit)
             step(f"upstream link limited to {a.rate_mbit:g} Mbit/s (tbf)")
         step("starting spegla agents (static bootstrap), waiting for /readyz")
-        ag.start_agents(c, log_level="DEBUG")
+        ready_s = ag.start_agents(c)
+        step(f"agents ready in {ready_s:.2f}s")
         c.save()
         ref = c.ref(images.large.name)
         rows = []
         for node in c.nodes:
             mark = c.upstream.mark()
+            before = serve_counts(c)
             step(f"{node.name} ({node.ip}): CRI pull {ref}")
             r = node.pull(ref, timeout=900)
-            sources = blob_sources(c, node, images.large, mark)
+            after = serve_counts(c)
+            served = {k: after[k] - before[k] for k in after}
+            sources = blob_sources(c, node, images.large, mark, served)
             n_up = sum(1 for _, s in sources if s == "upstream")
             step(f"{node.name}: pulled in {r.seconds:.2f}s; {n_up}/{len(sources)} blobs upstream")
-            rows.append((node, r.seconds, sources, c.upstream.blob_bytes(mark)))
+            rows.append((node, r.seconds, sources, c.upstream.blob_bytes(mark), served))
         print()
         mib = images.large.total_size / 2**20
         link = f", upstream {a.rate_mbit:g} Mbit/s" if a.rate_mbit else ""
         print(f"spegla demo: {a.nodes} nodes, image {ref} ({mib:.0f} MiB{link})")
-        for node, seconds, sources, up_bytes in rows:
-            print(f"  {node.name}  pull {seconds:6.2f}s  upstream blob bytes {up_bytes:>11,}")
+        for node, seconds, sources, up_bytes, served in rows:
+            peers = ", ".join(f"{k} {v} req" for k, v in served.items() if v > 0 and k != node.name)
+            print(f"  {node.name}  pull {seconds:6.2f}s  upstream blob bytes {up_bytes:>11,}"
+                  f"  served by peers: {peers or '-'}")  # fmt: skip
             for digest, src in sources:
                 print(f"      {_short(digest)}  {src}")
         print("  agent counters (spegel_mirror_requests_total):")

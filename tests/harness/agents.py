@@ -7,15 +7,16 @@ other nodes.  They then ask the same questions: is it ready, what do its counter
 served which blob.
 
 API
-- ``agent_argv(cluster, node, log_level="DEBUG", extra=())`` -> argv (pure, for inspection).
+- ``agent_argv(cluster, node, log_level="INFO", extra=())`` -> argv (pure, for inspection).
   ``SPEGLA_E2E_AGENT`` (env) replaces ``python -m agent`` with another command (split on spaces),
   e.g. to run the same tests against another build of the agent.
-- ``start_agents(cluster, log_level="DEBUG", extra=(), nodes=None, ready_timeout=30)``: start and
+- ``start_agents(cluster, log_level="INFO", extra=(), nodes=None, ready_timeout=30)``: start and
   wait until every agent's ``/readyz`` answers 200 (from inside its namespace); returns seconds.
 - ``start_agent(cluster, node, ...)``, ``stop_agent(cluster, node)``, ``wait_ready(node, timeout)``.
 - ``metrics(node)`` -> {(name, labels-tuple): value}; ``mirror_counts(node)`` -> (hits, misses).
 - ``process_stats(pid)`` -> (rss_bytes, cpu_seconds); ``idle_usage(node, seconds)``.
 - ``serving_peers(cluster, client)`` -> nodes whose agent has a connection from ``client``.
+- ``peer_serves(node)`` -> successful requests the agent answered for peers (from metrics).
 - ``agent_log(node)`` -> list of JSON records; ``served_to(cluster, digest, client_ip)`` -> the
   nodes whose agent logs show they served ``digest`` to ``client_ip``.
 """
@@ -40,7 +41,7 @@ METRICS_PORT = 9090
 
 
 def agent_argv(
-    cluster: Cluster, node: Node, log_level: str = "DEBUG", extra: Sequence[str] = ()
+    cluster: Cluster, node: Node, log_level: str = "INFO", extra: Sequence[str] = ()
 ) -> list[str]:
     peers = [f"{n.ip}:{ROUTER_PORT}" for n in cluster.nodes if n is not node]
     command = os.environ.get("SPEGLA_E2E_AGENT", "").split() or [sys.executable, "-m", "agent"]
@@ -89,7 +90,7 @@ def _tail(d: Daemon, n: int = 25) -> str:
 def start_agent(
     cluster: Cluster,
     node: Node,
-    log_level: str = "DEBUG",
+    log_level: str = "INFO",
     extra: Sequence[str] = (),
     ready_timeout: float | None = 30.0,
 ) -> Daemon:
@@ -105,7 +106,7 @@ def stop_agent(cluster: Cluster, node: Node) -> None:
 
 def start_agents(
     cluster: Cluster,
-    log_level: str = "DEBUG",
+    log_level: str = "INFO",
     extra: Sequence[str] = (),
     nodes: Iterable[Node] | None = None,
     ready_timeout: float = 30.0,
@@ -185,6 +186,21 @@ def mirror_counts(node: Node) -> tuple[int, int]:
             elif cache == "miss":
                 misses += v
     return int(hits), int(misses)
+
+
+def peer_serves(node: Node) -> int:
+    """Requests this node's agent answered 200/206 for peers: successful ``/v2/*`` requests minus
+    the mirror hits it answered for its own containerd (from its metrics)."""
+    ok = 0.0
+    for (name, labels), v in metrics(node).items():
+        lab = dict(labels)
+        if (
+            name == "http_request_duration_seconds_count"
+            and lab.get("handler", "").startswith("/v2")
+            and lab.get("code") in ("200", "206")
+        ):
+            ok += v
+    return int(ok) - mirror_counts(node)[0]
 
 
 def agent_log(node: Node) -> list[dict[str, Any]]:
