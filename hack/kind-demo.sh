@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# spegla on kind: a 3-node cluster with containerd prepared for it, the agent image built and loaded,
+# the manifests applied, one image pulled on two nodes, and proof that the second pull was served by a
+# peer: the second node cannot reach the upstream registry at all, and its agent counts a mirror hit.
+#
+# Needs docker, kind and kubectl. Usage: hack/kind-demo.sh [up|down]
+set -euo pipefail
+
+CLUSTER=${CLUSTER:-spegla-demo}
+IMAGE=${IMAGE:-localhost/spegla:demo}
+TEST_IMAGE=${TEST_IMAGE:-docker.io/library/busybox:1.36.1}
+FIRST="$CLUSTER-worker"
+SECOND="$CLUSTER-worker2"
+
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+k() { kubectl --context "kind-$CLUSTER" "$@"; }
+
+agent_metrics() {
+  local pod
+  pod=$(k -n spegla get pods -l app.kubernetes.io/component=agent \
+    --field-selector "spec.nodeName=$1" -o jsonpath='{.items[0].metadata.name}')
+  k get --raw "/api/v1/namespaces/spegla/pods/$pod:9090/proxy/metrics"
+}
+
+if [[ ${1:-up} == down ]]; then
+  kind delete cluster --name "$CLUSTER"
+  exit 0
+fi
+
+for tool in docker kind kubectl; do
+  command -v "$tool" >/dev/null || { echo "kind-demo: needs $tool" >&2; exit 1; }
+done
+
+log "cluster $CLUSTER: 1 control plane + 2 workers; containerd reads certs.d and keeps layers"
+kind create cluster --name "$CLUSTER" --config - <<'EOF'
+kind: Cluster
+apiVersion: kind.x-k8s.io/v1alpha4
+containerdConfigPatches:
+  - |-
+    [plugins."io.containerd.grpc.v1.cri".registry]
+      config_path = "/etc/containerd/certs.d"
+    [plugins."io.containerd.grpc.v1.cri".containerd]
+      discard_unpacked_layers = false
+    [plugins."io.containerd.metadata.v1.bolt"]
+      content_sharing_policy = "isolated"
+nodes:
+  - role: control-plane
+  - role: worker
+  - role: worker
+EOF
+
+log "building $IMAGE (only the files the image needs are sent to docker) and loading it into kind"
+tar -c --exclude=__pycache__ Containerfile pyproject.toml README.md agent dht registry \
+  | docker build -f Containerfile -t "$IMAGE" -
+kind load docker-image "$IMAGE" --name "$CLUSTER"
+
+log "installing spegla"
+k kustomize manifests | sed "s#registry.example.com/spegla:0.1.0#$IMAGE#g" | k apply -f -
+k -n spegla rollout status daemonset/spegla --timeout=5m
+k -n spegla get pods -o wide
+
+log "pulling $TEST_IMAGE on $FIRST (from the upstream registry)"
+docker exec "$FIRST" crictl pull "$TEST_IMAGE"
+
+log "cutting $SECOND off from Docker Hub, then pulling the same image there"
+docker exec "$SECOND" sh -c 'for host in registry-1.docker.io auth.docker.io index.docker.io \
+  production.cloudflare.docker.com; do echo "0.0.0.0 $host" >> /etc/hosts; done'
+pulled=no
+for _ in 1 2 3 4 5 6 7 8 9 10; do  # the first node may need a moment to advertise what it pulled
+  if docker exec "$SECOND" crictl pull "$TEST_IMAGE"; then pulled=yes; break; fi
+  sleep 3
+done
+[[ $pulled == yes ]] || { echo "kind-demo: the pull on $SECOND failed" >&2; exit 1; }
+
+log "mirror requests counted by the agent on $SECOND"
+agent_metrics "$SECOND" | grep '^spegel_mirror_requests_total' || true
+hits=$(agent_metrics "$SECOND" \
+  | awk '/^spegel_mirror_requests_total\{.*cache="hit"/ { sum += $NF } END { print sum + 0 }')
+if awk -v hits="$hits" 'BEGIN { exit !(hits > 0) }'; then
+  log "proof: $SECOND pulled $TEST_IMAGE with Docker Hub unreachable; its agent served $hits requests from a peer"
+else
+  echo "kind-demo: no mirror hit counted on $SECOND" >&2
+  exit 1
+fi
+echo "Debug page: kubectl --context kind-$CLUSTER -n spegla port-forward <agent pod> 9090, then"
+echo "http://localhost:9090/debug/web/   Remove the cluster: hack/kind-demo.sh down"
