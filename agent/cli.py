@@ -566,13 +566,20 @@ def _keys_main(
 ) -> int:
     import trio
 
+    from agent.containerd import ContainerdError
     from agent.keys import collect_keys
 
-    keys = trio.run(
-        lambda: collect_keys(
-            sock, namespace, mirrored_registries=list(mirrored), registry_filters=list(filters)
+    try:
+        keys = trio.run(
+            lambda: collect_keys(
+                sock, namespace, mirrored_registries=list(mirrored), registry_filters=list(filters)
+            )
         )
-    )
+    except ContainerdError as exc:
+        print(f"spegla keys: error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     for key in keys:
         print(key)
     return 0

@@ -98,7 +98,7 @@ class DebugState:
 
     node_id: str = ""
     peers: Callable[[], Iterable[Any]] = lambda: ()
-    images: Callable[[], Iterable[str]] = lambda: ()
+    images: Callable[[], Iterable[Any]] = lambda: ()  # names, or dicts with a "name"
     services: Callable[[], dict[str, str]] = dict
     ready: Callable[[], bool] = lambda: False
     max_results: int = 50
@@ -147,7 +147,10 @@ class DebugState:
         peers = []
         for peer in self.peers():
             peers.append(_describe_peer(peer))
-        images = sorted(self.images())
+        images = sorted(
+            (image if isinstance(image, dict) else {"name": str(image)} for image in self.images()),
+            key=lambda image: str(image.get("name", "")),
+        )
         return {
             "type": "snapshot",
             "node_id": self.node_id,
@@ -187,9 +190,9 @@ def _plain(value: Any) -> Any:
 class MirrorLogTap(logging.Handler):
     """Turns the registry's mirror log records into `MirrorResult`s for the debug page.
 
-    A record counts when it carries a `cache` (hit/miss) or `outcome` extra field, or both `peer` and
-    `error` (a failed peer fetch); `key`/`digest`/`path`, `peer` and `duration_ms`/`elapsed_ms` are
-    picked up when present.
+    A record counts when it carries a `cache` (hit/miss) or `outcome` extra field, or both `peer`
+    and `error` (a failed peer fetch); `key`/`digest`/`path`, `peer` and `duration_ms`/`elapsed_ms`
+    are picked up when present.
     """
 
     def __init__(self, state: DebugState) -> None:

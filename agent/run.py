@@ -58,7 +58,7 @@ class Backend:
     store: ContentStore
     run_tracker: Callable[..., Any]  # service: started() after the first full advertise
     connected: Callable[[], bool] = lambda: True
-    images: Callable[[], list[str]] = list
+    images: Callable[[], list[Any]] = list  # names or dicts (AdvertisedImage.as_dict)
 
 
 BackendFactory = Callable[[RegistryConfig, Router], AbstractAsyncContextManager[Backend]]
@@ -131,7 +131,7 @@ async def containerd_backend(cfg: RegistryConfig, router: Router) -> AsyncIterat
             store=store,
             run_tracker=tracker.run,
             connected=connected,
-            images=lambda: [image.name for image in tracker.advertised_images()],
+            images=lambda: [image.as_dict() for image in tracker.advertised_images()],
         )
 
 
@@ -165,19 +165,14 @@ async def default_serve_registry(
             app, addr, shutdown_trigger=shutdown_trigger, grace=grace, task_status=task_status
         )
         return
-    with trio.CancelScope() as scope:
-
-        async def bounded_trigger() -> None:
-            await shutdown_trigger()
-            scope.deadline = trio.current_time() + grace
-
-        await serve_registry(
-            app,
-            addr.bind_host,
-            addr.port,
-            shutdown_trigger=bounded_trigger,
-            task_status=task_status,
-        )
+    await serve_registry(
+        app,
+        addr.bind_host,
+        addr.port,
+        shutdown_trigger=shutdown_trigger,
+        graceful_timeout=grace,
+        task_status=task_status,
+    )
 
 
 def detect_advertise_addr(cfg: RegistryConfig) -> str:

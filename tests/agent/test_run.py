@@ -132,7 +132,9 @@ async def test_two_agents_join_serve_debug_and_drain(tmp_path: Any, nursery: tri
         page = await http.get(f"{metrics}/debug/web")
         assert page.status_code == 200 and "/debug/web/ws" in page.text
         stats = (await http.get(f"http://127.0.0.1:{a.metrics_port}/debug/web/stats")).json()
-        assert stats["node_id"] == a.node_id.hex() and stats["images"] == ["example.com/app:v1"]
+        assert stats["node_id"] == a.node_id.hex() and stats["images"] == [
+            {"name": "example.com/app:v1"}
+        ]
         assert stats["services"]["dht"] == "running" and stats["ready"] is True
         assert any(p.get("port") == cfg_b.router_addr.port for p in stats["peers"])
 
