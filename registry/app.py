@@ -172,6 +172,8 @@ class _Registry:
                 logger.warning("readiness check failed", extra={"error": str(exc)})
                 ready = False
             return _empty(200 if ready else 500)
+        if path != "/v2" and not path.startswith("/v2/"):
+            return _empty(404)
         try:
             parsed = parse_request_path(path, request.args.get("ns"))
         except PathError as exc:

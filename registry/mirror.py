@@ -1,4 +1,4 @@
-"""The mirror's decisions, without I/O: when to give up, which peer next, what a peer's answer means.
+"""The mirror's decisions, without I/O: when to give up, which peer next, what a peer's answer says.
 
 Why pure: the fail-over rules (20 ms per resolve attempt, at most N failed attempts, converged
 lookups answer at once, quarantined peers are skipped) and the checks of peer answers are where

@@ -1,0 +1,211 @@
+"""Fixtures for registry tests: run apps on loopback (port 0) and scripted misbehaving peers."""
+
+from __future__ import annotations
+
+import functools
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import h11
+import httpx
+import pytest
+import trio
+
+from registry.app import RegistrySettings, create_app
+from registry.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter
+from registry.interfaces import Peer
+from registry.mediatypes import OCI_INDEX, OCI_MANIFEST
+from registry.ranges import parse_range
+from registry.server import serve_registry
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class Node:
+    """One registry app on loopback with its store and router."""
+
+    store: MemoryContentStore
+    router: MemoryRouter
+    port: int
+
+    @property
+    def peer(self) -> Peer:
+        return Peer(node_id=self.port.to_bytes(32, "big"), host=LOOPBACK, port=self.port)
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=10)
+
+
+StartNode = Callable[..., Awaitable[Node]]
+
+
+@pytest.fixture
+def network() -> MemoryNetwork:
+    return MemoryNetwork()
+
+
+@pytest.fixture
+def start_node(nursery: trio.Nursery, network: MemoryNetwork) -> StartNode:
+    """`await start_node(store, settings=..., router=...)` -> a served Node."""
+
+    async def start(
+        store: MemoryContentStore | None = None,
+        *,
+        settings: RegistrySettings | None = None,
+        router: MemoryRouter | None = None,
+    ) -> Node:
+        store = store if store is not None else MemoryContentStore()
+        router = router if router is not None else MemoryRouter(network)
+        app = create_app(store, router, settings or RegistrySettings())
+        port = await nursery.start(functools.partial(serve_registry, app, LOOPBACK, 0))
+        node = Node(store, router, port)
+        router.self_peer = node.peer
+        return node
+
+    return start
+
+
+def manifest_bytes(layers: list[str], config: str) -> bytes:
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"digest": config, "size": 2, "mediaType": "x"},
+            "layers": [{"digest": d, "size": 1, "mediaType": "y"} for d in layers],
+        }
+    ).encode()
+
+
+@dataclass
+class Content:
+    """A small image's worth of content in a store: config, layer, manifest, index, tag."""
+
+    config: str
+    layer: str
+    layer_bytes: bytes
+    manifest: str
+    manifest_bytes: bytes
+    index: str
+    tag_key: str
+
+
+def fill(
+    store: MemoryContentStore, registry: str = "docker.io", repo: str = "library/app"
+) -> Content:
+    config = store.add(json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {}}).encode())
+    layer_bytes = bytes(range(256)) * 4096 + b"tail"  # ~1 MiB, not JSON
+    layer = store.add(layer_bytes)
+    manifest_data = manifest_bytes([layer], config)
+    manifest = store.add(manifest_data)
+    index = store.add(
+        json.dumps(
+            {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [{"digest": manifest}]}
+        ).encode()
+    )
+    tag_key = f"{registry}/{repo}:v1"
+    store.tag(tag_key, index)
+    return Content(config, layer, layer_bytes, manifest, manifest_data, index, tag_key)
+
+
+@dataclass
+class ScriptedPeer:
+    """A raw HTTP peer that misbehaves on purpose.
+
+    behaviour: "500" (answers 500), "silent" (accepts, never answers), "cut" (announces `body`
+    in full but sends only `cut` bytes, then closes), "serve" (serves `body` as `digest`, honouring
+    a Range, whatever the bytes are: with wrong bytes it is a lying peer).
+    """
+
+    behaviour: str
+    body: bytes = b""
+    digest: str = ""
+    media_type: str = "application/octet-stream"
+    cut: int = 0
+    port: int = 0
+    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+
+    @property
+    def peer(self) -> Peer:
+        return Peer(node_id=(10**6 + self.port).to_bytes(32, "big"), host=LOOPBACK, port=self.port)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        try:
+            await self._handle(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the registry under test hung up on us, as it may
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                break
+            if isinstance(event, h11.ConnectionClosed):
+                return
+        headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+        self.requests.append((event.method.decode(), event.target.decode(), headers))
+        if self.behaviour == "silent":
+            await trio.sleep_forever()
+        if self.behaviour == "500":
+            await stream.send_all(
+                b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n"
+            )
+            return
+        body, status, extra = self.body, 200, []
+        if "range" in headers:
+            r = parse_range(headers["range"]).resolve(len(self.body))
+            body, status = self.body[r.start : r.end + 1], 206
+            extra = [f"content-range: {r.content_range}"]
+        head = [
+            f"HTTP/1.1 {status} OK",
+            f"content-type: {self.media_type}",
+            f"docker-content-digest: {self.digest}",
+            f"content-length: {len(body)}",
+            *extra,
+        ]
+        payload = ("\r\n".join(head) + "\r\n\r\n").encode()
+        if event.method == b"HEAD":
+            await stream.send_all(payload)
+            return
+        if self.behaviour == "cut":
+            await stream.send_all(payload + body[: self.cut])
+            await trio.sleep(0.01)
+            return
+        await stream.send_all(payload + body)
+
+
+StartScripted = Callable[[ScriptedPeer], Awaitable[ScriptedPeer]]
+
+
+@pytest.fixture
+def start_scripted(nursery: trio.Nursery) -> StartScripted:
+    async def start(peer: ScriptedPeer) -> ScriptedPeer:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, peer.handle, 0, host=LOOPBACK)
+        )
+        peer.port = listeners[0].socket.getsockname()[1]
+        return peer
+
+    return start
+
+
+def unreachable_peer() -> Peer:
+    """A loopback port that nobody listens on."""
+    sock = socket.socket()
+    sock.bind((LOOPBACK, 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return Peer(node_id=b"\xee" * 32, host=LOOPBACK, port=port)
