@@ -79,7 +79,8 @@ agent_metrics "$SECOND" | grep '^spegel_mirror_requests_total' || true
 hits=$(agent_metrics "$SECOND" \
   | awk '/^spegel_mirror_requests_total\{.*cache="hit"/ { sum += $NF } END { print sum + 0 }')
 if awk -v hits="$hits" 'BEGIN { exit !(hits > 0) }'; then
-  log "proof: $SECOND pulled $TEST_IMAGE with Docker Hub unreachable; its agent served $hits requests from a peer"
+  log "proof: $SECOND pulled $TEST_IMAGE with Docker Hub unreachable;" \
+    "its agent had $hits requests served by a peer"
 else
   echo "kind-demo: no mirror hit counted on $SECOND" >&2
   exit 1

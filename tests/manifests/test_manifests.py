@@ -288,14 +288,17 @@ def test_kubernetes_bootstrap_component_grants_leases_only(
 
 # --- flags and env twins against the agent's parser -----------------------------------------------
 
-# What the kubelet would put into fieldRef-sourced variables.
+# What the kubelet would put into fieldRef-sourced variables, on IPv4 and on IPv6 nodes.
 FIELD_VALUES = {
-    "status.hostIP": "10.0.0.11", "status.podIP": "10.244.1.5", "spec.nodeName": "node-a",
+    "ipv4": {"status.hostIP": "10.0.0.11", "status.podIP": "10.244.1.5", "spec.nodeName": "node-a"},
+    "ipv6": {"status.hostIP": "fd00::11", "status.podIP": "fd00:10::5", "spec.nodeName": "node-a"},
 }
 _VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
-def _container_env(container: Object, objects: list[Object]) -> dict[str, str]:
+def _container_env(
+    container: Object, objects: list[Object], family: str = "ipv4"
+) -> dict[str, str]:
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         env.update(_one(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
@@ -303,7 +306,7 @@ def _container_env(container: Object, objects: list[Object]) -> dict[str, str]:
         if "value" in var:
             env[var["name"]] = var["value"]
         else:
-            env[var["name"]] = FIELD_VALUES[var["valueFrom"]["fieldRef"]["fieldPath"]]
+            env[var["name"]] = FIELD_VALUES[family][var["valueFrom"]["fieldRef"]["fieldPath"]]
     return env
 
 
@@ -354,16 +357,17 @@ def _cross_check(ns: Any) -> None:
         getattr(cli, check)(ns)
 
 
+@pytest.mark.parametrize("family", sorted(FIELD_VALUES))
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_flag_the_manifests_pass_is_accepted(
-    variant: str, rendered: dict[str, list[Object]], monkeypatch: pytest.MonkeyPatch
+    variant: str, family: str, rendered: dict[str, list[Object]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     objects = rendered[variant]
     containers = list(_spegla_containers(objects))
     assert containers, "no spegla container found"
     for where, container in containers:
         assert "command" not in container, f"{where}: the image's entrypoint is spegla, use args"
-        env = _container_env(container, objects)
+        env = _container_env(container, objects, family)
         args = [_expand(arg, env) for arg in container["args"]]
         known = _option_strings(args[0])
         for arg in args[1:]:
