@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -410,9 +410,11 @@ class StateTracker:
         refresh_interval: float = 300.0,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
+        operation_timeout: float = 120.0,
     ) -> None:
-        if refresh_interval <= 0:
-            raise ValueError("refresh_interval must be positive")
+        if refresh_interval <= 0 or operation_timeout <= 0:
+            raise ValueError("refresh_interval and operation_timeout must be positive")
+        self._operation_timeout = operation_timeout
         self._client = client
         self._router = router
         self._filters = filters
@@ -484,7 +486,7 @@ class StateTracker:
         send, recv = trio.open_memory_channel[Envelope](10_000)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._pump, events, send)  # buffer events that arrive during sync
-            await self.sync()
+            await self._bounded(self.sync())
             if status is not None:
                 status.started()
             async with recv:
@@ -494,10 +496,19 @@ class StateTracker:
                     with trio.move_on_at(next_refresh):
                         env = await recv.receive()
                     if env is None:
-                        await self.sync()
+                        await self._bounded(self.sync())
                         next_refresh = trio.current_time() + self._refresh_interval
                     else:
-                        await self.handle(env)
+                        await self._bounded(self.handle(env))
+
+    async def _bounded(self, operation: Awaitable[None]) -> None:
+        """A containerd that accepts calls but never answers counts as unavailable."""
+        with trio.move_on_after(self._operation_timeout) as scope:
+            await operation
+        if scope.cancelled_caught:
+            raise ContainerdUnavailable(
+                f"containerd did not answer within {self._operation_timeout} s"
+            )
 
     async def _pump(
         self, events: AsyncIterator[Envelope], send: trio.MemorySendChannel[Envelope]

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
 
 import trio
 
-from agent.containerd import ContentInfo, Descriptor, Image, NotFound
+from agent.containerd import (
+    ContainerdUnavailable,
+    ContentInfo,
+    Descriptor,
+    Envelope,
+    Image,
+    NotFound,
+)
 from registry.mediatypes import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST
 
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -54,6 +62,9 @@ class FakeContent:
         self.labels: dict[str, dict[str, str]] = {}
         self.images: dict[str, Image] = {}
         self.info_calls = 0
+        self.hang_listing = False  # list_images never answers (a wedged containerd)
+        self.down = False  # subscribe fails as if the socket were gone
+        self.events: trio.MemoryReceiveChannel[Envelope] | None = None
 
     def add(self, data: bytes, labels: Mapping[str, str] | None = None) -> str:
         d = digest_of(data)
@@ -115,6 +126,8 @@ class FakeContent:
 
     async def list_images(self, filters: Iterable[str] = ()) -> list[Image]:
         await trio.lowlevel.checkpoint()
+        if self.hang_listing:
+            await trio.sleep_forever()
         return list(self.images.values())
 
     async def get_image(self, name: str) -> Image:
@@ -122,6 +135,24 @@ class FakeContent:
         if name not in self.images:
             raise NotFound(name)
         return self.images[name]
+
+    @asynccontextmanager
+    async def subscribe(
+        self, filters: Iterable[str] = ()
+    ) -> AsyncIterator[AsyncIterator[Envelope]]:
+        await trio.lowlevel.checkpoint()
+        if self.down:
+            raise ContainerdUnavailable("fake containerd is down")
+
+        async def envelopes() -> AsyncIterator[Envelope]:
+            if self.events is None:
+                await trio.sleep_forever()
+            else:
+                async for env in self.events:
+                    yield env
+            raise ContainerdUnavailable("fake event stream ended")
+
+        yield envelopes()
 
     async def read_blob(self, digest: str, limit: int) -> bytes:
         return await self.read(digest, limit)

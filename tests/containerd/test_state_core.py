@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+import trio
 from prometheus_client import REGISTRY
 
 from agent.containerd import Descriptor, Envelope, Image
@@ -243,3 +244,46 @@ def test_image_record_without_registry_is_skipped() -> None:
     assert parse_record(Image("library/nginx:1", target), None) is None  # no registry host
     ref = parse_record(Image("r.io/x/y:1", target), None)
     assert ref is not None and ref.tag_key == "r.io/x/y:1"
+
+
+async def test_run_retries_with_backoff_until_containerd_answers(autojump_clock: object) -> None:
+    fake, router = FakeContent(), RecordingRouter()
+    m = fake.add_image(b"r", OCI_MANIFEST, seed="r")
+    fake.tag("reg.test/r:v1", m)
+    fake.down = True
+    t = tracker(fake, router, backoff_initial=1, backoff_max=4, operation_timeout=30)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(t.run)
+        await trio.sleep(20)  # down: 1 + 2 + 4 + 4 + 4 + ... seconds between attempts
+        assert not t.synced.is_set() and t.statistics()["reconnects"] >= 4
+        fake.down, fake.hang_listing = False, True  # up, but wedged: the sync times out
+        await trio.sleep(60)
+        assert not t.synced.is_set()
+        assert "did not answer" in str(t.statistics()["last_error"])
+        fake.hang_listing = False
+        await t.synced.wait()
+        assert "reg.test/r:v1" in router.keys and t.statistics()["connected"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_run_follows_events_and_refreshes_on_timer(autojump_clock: object) -> None:
+    fake, router = FakeContent(), RecordingRouter()
+    send, fake.events = trio.open_memory_channel[Envelope](10)
+    t = tracker(fake, router, refresh_interval=60)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(t.run)
+        assert router.keys == set() and t.statistics()["syncs"] == 1
+        m = fake.add_image(b"e", OCI_MANIFEST, seed="e")
+        fake.tag("reg.test/e:v1", m)
+        payload = containerd_images_pb2.ImageCreate(name="reg.test/e:v1").SerializeToString()
+        await send.send(envelope("/images/create", payload, "x"))
+        await trio.sleep(1)
+        assert "reg.test/e:v1" in router.keys and t.statistics()["syncs"] == 1
+        del fake.images["reg.test/e:v1"]  # deleted without an event: the refresh notices
+        await trio.sleep(60)
+        assert router.keys == set() and t.statistics()["syncs"] == 2
+        await send.aclose()  # the stream ends: reconnect and resync
+        fake.events = None  # the next subscription stays open
+        await trio.sleep(5)
+        assert t.statistics()["reconnects"] == 1 and t.statistics()["syncs"] >= 3
+        nursery.cancel_scope.cancel()
