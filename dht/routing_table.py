@@ -7,7 +7,6 @@ first and only evicts it when the ping fails. Newcomers wait in a bounded replac
 
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -38,7 +37,7 @@ class RoutingTable:
         self.self_id = self_id
         self.k = k
         self.max_failures = max_failures
-        self.buckets = [Bucket(OrderedDict(), OrderedDict()) for _ in range(ID_BITS)]
+        self.buckets: dict[int, Bucket] = {}  # created on first use; most stay empty
         self._size = 0
 
     def __len__(self) -> int:
@@ -46,15 +45,17 @@ class RoutingTable:
 
     def __contains__(self, node_id: bytes) -> bool:
         i = bucket_index(self.self_id, node_id)
-        return i >= 0 and node_id in self.buckets[i].entries
+        bucket = self.buckets.get(i)
+        return bucket is not None and node_id in bucket.entries
 
     def get(self, node_id: bytes) -> Contact | None:
         i = bucket_index(self.self_id, node_id)
-        entry = self.buckets[i].entries.get(node_id) if i >= 0 else None
+        bucket = self.buckets.get(i)
+        entry = bucket.entries.get(node_id) if bucket is not None else None
         return entry.contact if entry else None
 
     def contacts(self) -> list[Contact]:
-        return [e.contact for b in self.buckets for e in b.entries.values()]
+        return [e.contact for _, b in sorted(self.buckets.items()) for e in b.entries.values()]
 
     def seen(self, contact: Contact, now: float) -> Contact | None:
         """Record that `contact` just spoke to us.
@@ -64,7 +65,7 @@ class RoutingTable:
         i = bucket_index(self.self_id, contact.node_id)
         if i < 0:
             return None
-        bucket = self.buckets[i]
+        bucket = self._bucket(i)
         entry = bucket.entries.get(contact.node_id)
         if entry is not None:
             entry.contact = contact  # the address may have changed
@@ -94,7 +95,9 @@ class RoutingTable:
         i = bucket_index(self.self_id, node_id)
         if i < 0:
             return
-        bucket = self.buckets[i]
+        bucket = self.buckets.get(i)
+        if bucket is None:
+            return
         entry = bucket.entries.get(node_id)
         if entry is None:
             bucket.replacements.pop(node_id, None)
@@ -107,7 +110,9 @@ class RoutingTable:
         i = bucket_index(self.self_id, node_id)
         if i < 0:
             return
-        bucket = self.buckets[i]
+        bucket = self.buckets.get(i)
+        if bucket is None:
+            return
         if bucket.entries.pop(node_id, None) is None:
             bucket.replacements.pop(node_id, None)
             return
@@ -124,20 +129,18 @@ class RoutingTable:
         t = as_int(target)
         found: list[tuple[int, Contact]] = []
         buckets = self.buckets
-        # walk from the bucket `target` falls in outwards; stop once `count` are surely found:
-        # buckets below `start` are all at the same distance band, each above it strictly farther
+        # the bucket `target` falls in holds the nearest; all buckets below it are in one distance
+        # band (sorted below); each bucket above it is strictly farther than everything before it
         start = bucket_index(self.self_id, target)
-        if start >= 0:
-            order = itertools.chain((start,), range(start - 1, -1, -1), range(start + 1, ID_BITS))
-        else:
-            order = iter(range(ID_BITS))
-        for i in order:
-            entries = buckets[i].entries
-            if not entries:
-                continue
-            if i > start and len(found) >= count:
+        filled = sorted(i for i, b in buckets.items() if b.entries)
+        order = [i for i in filled if i == start]
+        order += [i for i in filled if i < start]
+        boundary = len(order) if start >= 0 else 0
+        order += [i for i in filled if i > start]
+        for n, i in enumerate(order):
+            if n >= boundary and len(found) >= count:
                 break
-            for node_id, entry in entries.items():
+            for node_id, entry in buckets[i].entries.items():
                 if node_id != exclude:
                     found.append((entry.key ^ t, entry.contact))
         found.sort(key=lambda pair: pair[0])
@@ -146,16 +149,23 @@ class RoutingTable:
     def touch(self, target: bytes, now: float) -> None:
         i = bucket_index(self.self_id, target)
         if i >= 0:
-            self.buckets[i].touched = now
+            self._bucket(i).touched = now
 
     def stale_buckets(self, now: float, older_than: float) -> list[int]:
         """Indices of buckets worth refreshing: not looked into for `older_than` seconds, from the
         nearest non-empty bucket outwards (nearer ones cannot hold anybody)."""
-        nearest = next((i for i, b in enumerate(self.buckets) if b.entries), None)
-        if nearest is None:
+        filled = [i for i, b in self.buckets.items() if b.entries]
+        if not filled:
             return []
-        return [
-            i
-            for i in range(nearest, ID_BITS)
-            if now - self.buckets[i].touched >= older_than
-        ]
+        stale = []
+        for i in range(min(filled), ID_BITS):
+            bucket = self.buckets.get(i)
+            if now - (bucket.touched if bucket is not None else 0.0) >= older_than:
+                stale.append(i)
+        return stale
+
+    def _bucket(self, i: int) -> Bucket:
+        bucket = self.buckets.get(i)
+        if bucket is None:
+            bucket = self.buckets[i] = Bucket(OrderedDict(), OrderedDict())
+        return bucket
