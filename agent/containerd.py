@@ -7,6 +7,7 @@ containerd (images, content, events) over the unix socket. grpclib does the gRPC
 callers can act on: `ContainerdUnavailable` (socket missing, containerd down or restarting),
 `NotFound` (no such image or content in the namespace) and `ContainerdError` (anything else).
 Every call is cancellable by the caller's Trio cancel scopes; nothing here takes a `timeout=`.
+Event envelopes are decoded here too (`decode_event`), into `ImageEvent` / `ContentEvent`.
 
 Usage::
 
@@ -23,15 +24,18 @@ import stat
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 import h2.exceptions
 import trio
 from google.protobuf import empty_pb2
+from google.protobuf.message import DecodeError
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from agent.grpc_bridge import GrpcChannel, open_grpc_channel
 from agent.proto import (
+    containerd_content_events_pb2,
     containerd_content_grpc,
     containerd_content_pb2,
     containerd_events_grpc,
@@ -42,6 +46,7 @@ from agent.proto import (
     containerd_introspection_pb2,
     containerd_version_grpc,
 )
+from registry.reference import is_digest
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +282,63 @@ class ContainerdClient:
                     timestamp=env.timestamp.seconds + env.timestamp.nanos / 1e9,  # type: ignore[attr-defined]
                 )
         raise ContainerdUnavailable(f"containerd at {self.socket_path} ended the event stream")
+
+
+# Events, decoded (pure).
+
+
+@dataclass(frozen=True, slots=True)
+class ImageEvent:
+    """An image record was created, updated or deleted (events carry the name, never a digest)."""
+
+    action: Literal["create", "update", "delete"]
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ContentEvent:
+    """A blob was committed (containerd >= 2.1) or deleted through the API (not by GC)."""
+
+    action: Literal["create", "delete"]
+    digest: str
+
+
+_IMAGE_TOPICS: dict[str, Literal["create", "update", "delete"]] = {
+    "/images/create": "create",
+    "/images/update": "update",
+    "/images/delete": "delete",
+}
+_CONTENT_TOPICS: dict[str, Literal["create", "delete"]] = {
+    "/content/create": "create",
+    "/content/delete": "delete",
+}
+
+
+def event_filters(namespace: str) -> list[str]:
+    """Subscription filters: image and content events of our namespace only."""
+    return [
+        f'topic~="^/images/",namespace=="{namespace}"',
+        f'topic~="^/content/",namespace=="{namespace}"',
+    ]
+
+
+def decode_event(env: Envelope) -> ImageEvent | ContentEvent | None:
+    """Decode by topic, the same in every containerd version; the `Any` type name is not used
+    (containerd's has no `type.googleapis.com/` prefix, so `Any.Unpack` would fail anyway)."""
+    try:
+        if env.topic in _IMAGE_TOPICS:
+            # ImageCreate/ImageUpdate/ImageDelete all carry the name in field 1.
+            msg = containerd_images_pb2.ImageDelete.FromString(env.payload)
+            return ImageEvent(_IMAGE_TOPICS[env.topic], msg.name) if msg.name else None
+        if env.topic in _CONTENT_TOPICS:
+            cmsg = containerd_content_events_pb2.ContentDelete.FromString(env.payload)
+            if is_digest(cmsg.digest):
+                return ContentEvent(_CONTENT_TOPICS[env.topic], cmsg.digest)
+    except DecodeError:
+        logger.warning(
+            "undecodable containerd event", extra={"topic": env.topic, "type": env.type_url}
+        )
+    return None
 
 
 def _image(msg: containerd_images_pb2.Image) -> Image:

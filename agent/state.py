@@ -22,10 +22,9 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import trio
-from google.protobuf.message import DecodeError
 from prometheus_client import Gauge
 
 from agent.containerd import (
@@ -34,9 +33,11 @@ from agent.containerd import (
     Descriptor,
     Envelope,
     Image,
+    ImageEvent,
     NotFound,
+    decode_event,
+    event_filters,
 )
-from agent.proto import containerd_content_events_pb2, containerd_images_pb2
 from registry.filters import ReferenceFilter
 from registry.interfaces import Router
 from registry.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
@@ -316,58 +317,6 @@ class KeyCounts:
 
     def __contains__(self, key: object) -> bool:
         return key in self._counts
-
-
-# ---------------------------------------------------------------- events (pure)
-
-
-@dataclass(frozen=True, slots=True)
-class ImageEvent:
-    action: Literal["create", "update", "delete"]
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class ContentEvent:
-    action: Literal["create", "delete"]
-    digest: str
-
-
-_IMAGE_TOPICS: dict[str, Literal["create", "update", "delete"]] = {
-    "/images/create": "create",
-    "/images/update": "update",
-    "/images/delete": "delete",
-}
-_CONTENT_TOPICS: dict[str, Literal["create", "delete"]] = {
-    "/content/create": "create",
-    "/content/delete": "delete",
-}
-
-
-def event_filters(namespace: str) -> list[str]:
-    """Subscription filters: image and content events of our namespace only."""
-    return [
-        f'topic~="^/images/",namespace=="{namespace}"',
-        f'topic~="^/content/",namespace=="{namespace}"',
-    ]
-
-
-def decode_event(env: Envelope) -> ImageEvent | ContentEvent | None:
-    """Decode by topic (stable across containerd 1.6-2.x, unlike the payload type names)."""
-    try:
-        if env.topic in _IMAGE_TOPICS:
-            # ImageCreate/ImageUpdate/ImageDelete all carry the name in field 1.
-            msg = containerd_images_pb2.ImageDelete.FromString(env.payload)
-            return ImageEvent(_IMAGE_TOPICS[env.topic], msg.name) if msg.name else None
-        if env.topic in _CONTENT_TOPICS:
-            cmsg = containerd_content_events_pb2.ContentDelete.FromString(env.payload)
-            if is_digest(cmsg.digest):
-                return ContentEvent(_CONTENT_TOPICS[env.topic], cmsg.digest)
-    except DecodeError:
-        logger.warning(
-            "undecodable containerd event", extra={"topic": env.topic, "type": env.type_url}
-        )
-    return None
 
 
 def source_registries(

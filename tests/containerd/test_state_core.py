@@ -9,18 +9,22 @@ import pytest
 import trio
 from prometheus_client import REGISTRY
 
-from agent.containerd import Descriptor, Envelope, Image
+from agent.containerd import (
+    ContentEvent,
+    Descriptor,
+    Envelope,
+    Image,
+    ImageEvent,
+    decode_event,
+    event_filters,
+)
 from agent.proto import containerd_content_events_pb2, containerd_images_pb2
 from agent.state import (
     AdvertisedImage,
     ChildrenCache,
-    ContentEvent,
-    ImageEvent,
     KeyCounts,
     StateTracker,
     children,
-    decode_event,
-    event_filters,
     gauge_values,
     source_registries,
     walk,
