@@ -4,7 +4,8 @@ Why: the point of spegla is that the second and later nodes pull from peers inst
 upstream.  This runs the harness cluster (real containerd per node, real docker-registry upstream
 behind a tbf-limited link, CRI pulls) and measures, for each scenario, the pull times and the blob
 bytes the upstream served, once with the real agents and once with 404 stand-ins (the baseline:
-every node goes upstream).
+every node goes upstream).  In agents mode it also reports the agents' start-to-ready time, the
+idle RSS/CPU of node 1's agent (3 s window before any pull) and every agent's RSS after the pulls.
 
 Scenarios: ``rolling`` (node 1 pulls, then the others one after another) and ``burst`` (all nodes
 at once).  Each (scenario, mode) runs on a fresh cluster, so nothing is cached.  Needs root.
@@ -79,8 +80,10 @@ def run_one(
     c = Cluster(workdir, nodes=nodes)
     try:
         c.up(images=images)
+        agent_stats: dict[str, Any] = {}
         if mode == "agents":
-            ag.start_agents(c, log_level="INFO")
+            agent_stats["ready_s"] = round(ag.start_agents(c), 3)
+            agent_stats["idle_node1"] = ag.idle_usage(c.node(1), 3.0)
         else:
             c.start_standin_mirrors()
         if rate_mbit:
@@ -110,6 +113,10 @@ def run_one(
             counts = [ag.mirror_counts(n) for n in c.nodes]
             out["mirror_hits"] = sum(h for h, _ in counts)
             out["mirror_misses"] = sum(m for _, m in counts)
+            out["agent"] = agent_stats
+            out["agent_rss_mb_after"] = [
+                round(ag.process_stats(n.processes["agent"].pid)[0] / 1e6, 1) for n in c.nodes
+            ]
         return out
     finally:
         c.down()
