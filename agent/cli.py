@@ -82,6 +82,10 @@ def _http_url(value: str) -> str:
     return parse_url(value, what="URL", allow_path=True) if value else ""
 
 
+def _probe_endpoint(value: str) -> Any:
+    return parse_peer(value) if value else None
+
+
 def _optional_listen(value: str) -> Any:
     return parse_listen_addr(value) if value else None
 
@@ -363,6 +367,26 @@ _FLAGS: dict[str, tuple[Flag, ...]] = {
             metavar="ADDR",
         ),
     ),
+    "cleanup-wait": (
+        _LOG_LEVEL,
+        Flag(
+            "--probe-endpoint",
+            "PROBE_ENDPOINT",
+            "",
+            _probe_endpoint,
+            "host:port of the cleanup pods' headless Service (required)",
+            metavar="HOST:PORT",
+        ),
+        Flag(
+            "--threshold",
+            "THRESHOLD",
+            "3",
+            _int,
+            "consecutive all-ready rounds needed",
+            metavar="N",
+        ),
+        Flag("--period", "PERIOD", "2s", parse_duration, "time between rounds", metavar="DURATION"),
+    ),
     "keys": (_LOG_LEVEL, _SOCK, _NAMESPACE, _MIRRORED, _FILTERS),
 }
 
@@ -370,6 +394,7 @@ _DESCRIPTIONS = {
     "registry": "run the node agent: DHT, containerd state tracker, mirror, metrics and debug",
     "configuration": "write containerd hosts.toml files pointing mirrored registries at the agent",
     "cleanup": "restore the containerd registry config that was there before `configuration`",
+    "cleanup-wait": "wait until every cleanup pod answers /readyz (uninstall hook)",
     "keys": "print the keys this node would advertise (one per line)",
 }
 
@@ -612,6 +637,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             from agent.hosts_toml import cleanup_main
 
             return cleanup_main(args.containerd_registry_config_path, args.addr)
+        if args.command == "cleanup-wait":
+            from agent.hosts_toml import cleanup_wait_main
+
+            if args.probe_endpoint is None:
+                raise ConfigError("--probe-endpoint is required")
+            if args.threshold < 1:
+                raise ConfigError("--threshold must be at least 1")
+            return cleanup_wait_main(args.probe_endpoint, args.threshold, args.period)
         if args.command == "keys":
             return _keys_main(
                 args.containerd_sock,

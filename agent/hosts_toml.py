@@ -277,3 +277,54 @@ def cleanup_main(config_path: str, addr: Any = None) -> int:
 
     trio.run(serve_ok_until_signalled, addr)
     return 0
+
+
+async def wait_for_cleanup(endpoint: Any, threshold: int = 3, period: float = 2.0) -> None:
+    """`spegla cleanup-wait`: until `threshold` consecutive rounds saw every address of the
+    endpoint's host answer 200 on `/readyz` (1 s per probe); any failure resets the count."""
+    import socket
+
+    import trio
+
+    from agent.bootstrap import http_get, system_lookup
+
+    streak = 0
+    while streak < threshold:
+        ok = False
+        try:
+            addrs = await system_lookup(endpoint.host, socket.AF_INET)
+        except OSError:
+            addrs = []
+        try:
+            addrs += await system_lookup(endpoint.host, socket.AF_INET6)
+        except OSError:
+            pass
+        if addrs:
+            results: list[bool] = []
+
+            async def probe(ip: str, results: list[bool]) -> None:
+                host = f"[{ip}]" if ":" in ip else ip
+                with trio.move_on_after(1.0):
+                    try:
+                        status, _, _ = await http_get(f"http://{host}:{endpoint.port}/readyz")
+                        results.append(status == 200)
+                        return
+                    except Exception:
+                        pass
+                results.append(False)
+
+            async with trio.open_nursery() as nursery:
+                for ip in addrs[:10]:
+                    nursery.start_soon(probe, ip, results)
+            ok = all(results) and len(results) == len(addrs[:10])
+        streak = streak + 1 if ok else 0
+        logger.info("cleanup probe round", extra={"addresses": addrs, "ok": ok, "streak": streak})
+        if streak < threshold:
+            await trio.sleep(period)
+
+
+def cleanup_wait_main(endpoint: Any, threshold: int, period: float) -> int:
+    import trio
+
+    trio.run(wait_for_cleanup, endpoint, threshold, period)
+    return 0

@@ -148,3 +148,48 @@ def test_configuration_from_env(tmp_path: Path) -> None:
     data = tomllib.loads((tmp_path / "10.213.0.2:5000" / "hosts.toml").read_text())
     assert data["server"] == "http://10.213.0.2:5000"
     assert data["host"]["http://127.0.0.1:30020"]["capabilities"] == ["pull"]
+
+
+def test_cleanup_serves_readyz_and_cleanup_wait_sees_it(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.agent.test_run import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "cleanup",
+            f"--containerd-registry-config-path={tmp_path}",
+            "--addr",
+            f"127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        waiter = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "cleanup-wait",
+                "--probe-endpoint",
+                f"127.0.0.1:{port}",
+                "--threshold",
+                "2",
+                "--period",
+                "200ms",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert waiter.returncode == 0, waiter.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(15) == 0
