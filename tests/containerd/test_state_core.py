@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from agent.containerd import (
@@ -291,3 +293,23 @@ async def test_run_follows_events_and_refreshes_on_timer(autojump_clock: object)
         await trio.sleep(5)
         assert t.statistics()["reconnects"] == 1 and t.statistics()["syncs"] >= 3
         nursery.cancel_scope.cancel()
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 4), st.frozensets(st.sampled_from("abcdefg"), max_size=4)),
+        max_size=40,
+    )
+)
+def test_key_counts_match_the_union_of_contributors(ops: list[tuple[int, frozenset[str]]]) -> None:
+    counts = KeyCounts()
+    current: dict[int, frozenset[str]] = {}
+    advertised: set[str] = set()
+    for who, keys in ops:
+        before = set().union(*current.values())
+        added, removed = counts.change(current.get(who, frozenset()), keys)
+        current[who] = keys
+        after = set().union(*current.values())
+        assert (added, removed) == (after - before, before - after)
+        advertised = (advertised | added) - removed
+        assert advertised == after == counts.keys()
