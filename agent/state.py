@@ -373,6 +373,7 @@ class StateTracker:
         self._images: dict[str, AdvertisedImage] = {}
         self._loose: dict[str, frozenset[str]] = {}  # digest -> registries, from content events
         self._counts = KeyCounts()
+        self._published: set[str] = set()  # what the router has been told, call by call
         self._cache = ChildrenCache()
         self.synced = trio.Event()  # set after the first full sync
         self._connected = False
@@ -484,11 +485,13 @@ class StateTracker:
             counts.change((), img.keys)
         for digest in loose:
             counts.change((), {digest})
-        old_keys, new_keys = self._counts.keys(), counts.keys()
+        new_keys = counts.keys()
         self._images, self._loose, self._counts = images, loose, counts
         self._stats["syncs"] += 1
         self._last_sync = time.time()
-        await self._publish(set(new_keys - old_keys), set(old_keys - new_keys))
+        # Diff against what the router was actually told, so a router call that failed or was
+        # cancelled earlier is made good here.
+        await self._publish(set(new_keys - self._published), self._published - new_keys)
         self.synced.set()
         logger.info("containerd state synced", extra={"images": len(images), "keys": len(new_keys)})
 
@@ -564,8 +567,10 @@ class StateTracker:
     async def _publish(self, added: set[str], removed: set[str]) -> None:
         if added:
             await self._router.advertise(sorted(added))
+            self._published |= added
         if removed:
             await self._router.withdraw(sorted(removed))
+            self._published -= removed
         if added or removed:
             logger.info(
                 "advertised keys changed", extra={"added": len(added), "withdrawn": len(removed)}

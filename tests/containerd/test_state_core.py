@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -313,3 +314,25 @@ def test_key_counts_match_the_union_of_contributors(ops: list[tuple[int, frozens
         assert (added, removed) == (after - before, before - after)
         advertised = (advertised | added) - removed
         assert advertised == after == counts.keys()
+
+
+async def test_sync_repairs_router_calls_that_failed() -> None:
+    class FlakyRouter(RecordingRouter):
+        failures = 1
+
+        async def advertise(self, keys: Iterable[str]) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("DHT hiccup")
+            await super().advertise(keys)
+
+    fake, router = FakeContent(), FlakyRouter()
+    t = tracker(fake, router)
+    await t.sync()
+    fake.tag("reg.test/f:v1", fake.add_image(b"f", OCI_MANIFEST, seed="f"))
+    payload = containerd_images_pb2.ImageCreate(name="reg.test/f:v1").SerializeToString()
+    with pytest.raises(RuntimeError):
+        await t.handle(envelope("/images/create", payload, "x"))
+    assert router.keys == set()
+    await t.sync()  # the tracker knew the image already; the router is told now
+    assert "reg.test/f:v1" in router.keys and len(router.keys) == len(t.keys()) == 5
