@@ -1,10 +1,11 @@
-"""Run the commands the manifests give `spegla`, as the kubelet would, against a throw-away certs.d.
+"""Run the commands the manifests give `spegla` as the kubelet would, on loopback and temp dirs.
 
 Why: install and uninstall are where a node's containerd configuration can be lost. This runs the
 init container's `spegla configuration` and the cleanup DaemonSet's `spegla cleanup` exactly as
 rendered (args, env from the ConfigMap, $(VAR) expansion), with each hostPath mount mapped to a
 temporary directory, and checks that a node's own certs.d survives install, pod restart and
-uninstall. The cleanup server listens on a free loopback port instead of :8080.
+uninstall. The cleanup server listens on a free loopback port instead of :8080. The agent itself is
+started with the DaemonSet's args too, to check what its probes and Prometheus will see.
 """
 
 from __future__ import annotations
@@ -107,3 +108,72 @@ def test_install_restart_and_uninstall_keep_the_nodes_own_certs_d(tmp_path: Path
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_agent_started_with_the_daemonsets_args_answers_its_probes(tmp_path: Path) -> None:
+    """`spegla registry` as the DaemonSet runs it, with no containerd and no peer: the process is
+    live (startup/liveness probes pass), not ready (it knows no peer), and /metrics already carries
+    the series the alerts and dashboard use. Listen addresses move to free loopback ports, and the
+    bootstrap is switched off: the DNS bootstrap would query the host's resolver."""
+    objects = render(MANIFESTS)
+    container = _one(objects, "DaemonSet", "spegla")["spec"]["template"]["spec"]["containers"][0]
+    ports = {name: _free_port() for name in ("registry", "router", "metrics")}
+    host_dirs = {
+        "containerd-sock": tmp_path / "no-containerd.sock",
+        "containerd-content": tmp_path / "content",
+        "data": tmp_path / "data",
+        "tmp": tmp_path / "tmp",
+    }
+    for name in ("containerd-content", "data", "tmp"):
+        host_dirs[name].mkdir()
+    addr_flags = {
+        "--registry-addr": "registry", "--router-addr": "router", "--metrics-addr": "metrics",
+    }
+    args = []
+    for arg in container["args"]:
+        flag = arg.split("=", 1)[0]
+        args.append(f"{flag}=127.0.0.1:{ports[addr_flags[flag]]}" if flag in addr_flags else arg)
+    container = {**container, "args": args}
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        **_container_env(container, objects),
+        "BOOTSTRAP_KIND": "none",
+    }
+    command = _command(container, objects, host_dirs)
+    command = [a.replace("10.244.1.5", "127.0.0.1") for a in command]  # --advertise-addr=$(POD_IP)
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        probes = {p: container[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe")}
+        registry = f"http://127.0.0.1:{ports['registry']}"
+        _wait_ready(registry + probes["startupProbe"], proc)
+        assert _get(registry + container["livenessProbe"]["httpGet"]["path"])[0] == 200
+        assert _get(registry + probes["readinessProbe"])[0] != 200, "ready without any peer"
+        status, metrics = _get(f"http://127.0.0.1:{ports['metrics']}/metrics")
+        assert status == 200
+        families = {line.split()[2] for line in metrics.splitlines() if line.startswith("# TYPE")}
+        for name in ("spegel_mirror_requests_total", "spegel_mirror_last_success_timestamp_seconds",
+                     "spegel_resolve_duration_seconds", "spegel_advertised_keys",
+                     "spegel_advertised_images", "http_request_duration_seconds",
+                     "http_response_size_bytes", "http_requests_inflight",
+                     "process_start_time_seconds"):
+            assert name in families, f"{name} not exported"
+        assert _get(f"http://127.0.0.1:{ports['metrics']}/debug/tasks")[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert proc.returncode == 0, stderr[-2000:]

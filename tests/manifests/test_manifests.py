@@ -503,3 +503,26 @@ def test_alerts_cover_no_peers_misses_and_restarts(rendered: dict[str, list[Obje
     assert {e["port"] for e in monitor["spec"]["endpoints"]} <= port_names
     # The rules select the scrape job by the Service's name, which is what prometheus-operator uses.
     assert 'job="spegla-metrics"' in rule["spec"]["groups"][0]["rules"][1]["expr"]
+
+
+def test_container_ports_are_the_ports_the_agent_listens_on(
+    rendered: dict[str, list[Object]],
+) -> None:
+    pod = _one(rendered["default"], "DaemonSet", "spegla")["spec"]["template"]["spec"]
+    registry = pod["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in registry["ports"]}
+    flags = dict(arg.split("=", 1) for arg in registry["args"][1:] if arg.startswith("--"))
+    for flag, port_name in (
+        ("--registry-addr", "registry"), ("--router-addr", "router"), ("--metrics-addr", "metrics")
+    ):
+        assert flags[flag] == f":{ports[port_name]}", flag
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert registry[probe]["httpGet"]["port"] == "registry", probe
+    # The kubelet's grace period must cover the agent's own drain of in-flight requests.
+    grace = _parse_duration_default("--shutdown-grace")
+    assert pod["terminationGracePeriodSeconds"] > grace
+
+
+def _parse_duration_default(flag: str) -> float:
+    ns = build_parser().parse_args(["registry"])
+    return float(getattr(ns, flag.lstrip("-").replace("-", "_")))
