@@ -29,7 +29,7 @@ from dht.codec import (
     Providers,
 )
 from dht.effects import BootstrapDone, Effect, LookupDone, ProvidersFound, Send
-from dht.ids import ID_BYTES, Contact, ProviderInfo, key_id, random_id_in_bucket
+from dht.ids import ID_BITS, ID_BYTES, Contact, ProviderInfo, key_id, random_id_in_bucket
 from dht.lookup import Lookup
 from dht.providers import ProviderStore
 from dht.ratelimit import SourceLimiter
@@ -64,6 +64,7 @@ class ProtocolConfig:
     announce_concurrency: int = 8  # announce jobs (lookup + ADD_PROVIDERs) running at once
     bucket_refresh: float = 900.0  # refresh a bucket nobody looked into for this long
     maintenance_every: float = 30.0
+    join_refresh: int = 3  # after joining, fill this many of the farthest buckets (half the space…)
 
     def __post_init__(self) -> None:
         if len(self.node_id) != ID_BYTES:
@@ -407,6 +408,11 @@ class DhtProtocol:
             out.append(LookupDone(job.ref, job.lookup.stats()))
         elif job.purpose == L_JOIN:
             out.append(BootstrapDone(job.ref, len(self.table)))
+            # the self-lookup taught us our neighbourhood; the far buckets, which hold the first hop
+            # of most lookups, are filled by looking up a random id in each
+            for index in range(ID_BITS - 1, ID_BITS - 1 - self.config.join_refresh, -1):
+                target = random_id_in_bucket(self.node_id, index, self.rng)
+                self._pump(self._new_lookup(target, L_REFRESH, now), now, out)
         elif job.purpose == L_ANNOUNCE:
             self._announcing -= 1
             kid = job.key

@@ -33,10 +33,13 @@ class Bucket:
 
 
 class RoutingTable:
-    def __init__(self, self_id: bytes, k: int = 20, max_failures: int = 3) -> None:
+    def __init__(
+        self, self_id: bytes, k: int = 20, max_failures: int = 3, ping_after: float = 300.0
+    ) -> None:
         self.self_id = self_id
         self.k = k
         self.max_failures = max_failures
+        self.ping_after = ping_after
         self.buckets: dict[int, Bucket] = {}  # created on first use; most stay empty
         self._size = 0
 
@@ -84,8 +87,10 @@ class RoutingTable:
         bucket.replacements[contact.node_id] = contact
         if len(bucket.replacements) > self.k:
             bucket.replacements.popitem(last=False)
-        if bucket.pinging is None:
-            oldest = next(iter(bucket.entries.values()))
+        oldest = next(iter(bucket.entries.values()))
+        if bucket.pinging is None and now - oldest.last_seen >= self.ping_after:
+            # only a contact we have not heard from for a while is worth a ping (BEP 5's
+            # "questionable"); a recently seen one keeps its place and the newcomer waits
             bucket.pinging = oldest.contact.node_id
             return oldest.contact
         return None

@@ -29,11 +29,11 @@ def full_bucket(k: int = 4) -> tuple[RoutingTable, list[Contact], random.Random]
 def test_full_bucket_asks_to_ping_the_oldest_and_keeps_it_when_it_answers() -> None:
     table, members, rng = full_bucket()
     newcomer = contact_in_bucket(200, rng, 99)
-    assert table.seen(newcomer, 10.0) == members[0]
+    assert table.seen(newcomer, 400.0) == members[0]
     assert newcomer.node_id not in table
     # a second newcomer while the ping is outstanding does not ask again
-    assert table.seen(contact_in_bucket(200, rng, 98), 11.0) is None
-    table.seen(members[0], 12.0)  # the pong
+    assert table.seen(contact_in_bucket(200, rng, 98), 401.0) is None
+    table.seen(members[0], 402.0)  # the pong
     assert members[0].node_id in table
     assert newcomer.node_id not in table
     assert len(table) == 4
@@ -42,7 +42,7 @@ def test_full_bucket_asks_to_ping_the_oldest_and_keeps_it_when_it_answers() -> N
 def test_oldest_is_evicted_only_after_the_ping_fails() -> None:
     table, members, rng = full_bucket()
     newcomer = contact_in_bucket(200, rng, 99)
-    assert table.seen(newcomer, 10.0) == members[0]
+    assert table.seen(newcomer, 400.0) == members[0]
     table.failed(members[0].node_id)  # the ping timed out
     assert members[0].node_id not in table
     assert newcomer.node_id in table
@@ -52,7 +52,16 @@ def test_oldest_is_evicted_only_after_the_ping_fails() -> None:
 def test_seen_again_moves_to_the_tail() -> None:
     table, members, rng = full_bucket()
     table.seen(members[0], 20.0)
-    assert table.seen(contact_in_bucket(200, rng, 50), 21.0) == members[1]
+    assert table.seen(contact_in_bucket(200, rng, 50), 400.0) == members[1]
+
+
+def test_a_recently_seen_oldest_is_not_pinged() -> None:
+    table, members, rng = full_bucket()
+    newcomer = contact_in_bucket(200, rng, 99)
+    assert table.seen(newcomer, 100.0) is None  # everyone was heard from < ping_after ago
+    assert newcomer.node_id not in table
+    table.failed(members[2].node_id)  # a failure frees a place: the newcomer takes it
+    assert newcomer.node_id in table and len(table) == 4
 
 
 def test_failures_without_replacement_drop_after_max_failures() -> None:
