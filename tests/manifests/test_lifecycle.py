@@ -41,8 +41,14 @@ def _command(container: Object, objects: list[Object], host_dirs: dict[str, Path
     return [sys.executable, "-m", "agent", *args]
 
 
-def _run(container: Object, objects: list[Object], host_dirs: dict[str, Path]) -> None:
+def _run(
+    container: Object,
+    objects: list[Object],
+    host_dirs: dict[str, Path],
+    overrides: dict[str, str] | None = None,
+) -> None:
     env = {"PATH": os.environ.get("PATH", ""), **_container_env(container, objects)}
+    env.update(overrides or {})
     result = subprocess.run(
         _command(container, objects, host_dirs), cwd=ROOT, env=env,
         capture_output=True, text=True, timeout=60,
@@ -108,6 +114,28 @@ def test_install_restart_and_uninstall_keep_the_nodes_own_certs_d(tmp_path: Path
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+
+
+def test_prepend_existing_keeps_a_named_registrys_certificates(tmp_path: Path) -> None:
+    """The README's advice for nodes with their own certs.d/<registry>/ (a private CA)."""
+    certs_d = tmp_path / "certs.d"
+    private = certs_d / "registry.internal.example"
+    private.mkdir(parents=True)
+    (private / "hosts.toml").write_text(
+        "[host.'https://registry.internal.example']\nca = 'ca.crt'\n"
+    )
+    (private / "ca.crt").write_text("certificate\n")
+    objects = render(MANIFESTS)
+    init = _one(objects, "DaemonSet", "spegla")["spec"]["template"]["spec"]["initContainers"][0]
+    overrides = {
+        "PREPEND_EXISTING": "true",
+        "MIRRORED_REGISTRIES": "_default,https://registry.internal.example",
+    }
+    _run(init, objects, {"containerd-certs-d": certs_d}, overrides)
+    assert (private / "ca.crt").read_text() == "certificate\n"
+    hosts = (private / "hosts.toml").read_text()
+    assert hosts.index("http://10.0.0.11:30020") < hosts.index("https://registry.internal.example']")
+    assert (certs_d / "_default" / "hosts.toml").is_file()
 
 
 def _get(url: str) -> tuple[int, str]:
