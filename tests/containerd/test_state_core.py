@@ -21,17 +21,17 @@ from agent.containerd import (
     decode_event,
     event_filters,
 )
-from agent.proto import containerd_content_events_pb2, containerd_images_pb2
-from agent.state import (
+from agent.image_walk import (
     AdvertisedImage,
     ChildrenCache,
     KeyCounts,
-    StateTracker,
     children,
     gauge_values,
     source_registries,
     walk,
 )
+from agent.proto import containerd_content_events_pb2, containerd_images_pb2
+from agent.state import StateTracker
 from registry.filters import ReferenceFilter
 from registry.mediatypes import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 
@@ -244,7 +244,7 @@ def test_tracker_rejects_bad_interval() -> None:
 
 
 def test_image_record_without_registry_is_skipped() -> None:
-    from agent.state import parse_record
+    from agent.image_walk import parse_record
 
     target = Descriptor(OCI_MANIFEST, D1, 1)
     assert parse_record(Image("sha256:" + "a" * 64, target), None) is None
