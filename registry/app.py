@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -51,9 +52,16 @@ from registry.metrics import (
 )
 from registry.mirror import Quarantine
 from registry.peer_client import PeerClient
-from registry.ranges import ByteRange, RangeError, RangeNotSatisfiable, RangeSpec, parse_range
+from registry.ranges import RangeError, RangeNotSatisfiable, RangeSpec, parse_range
 
-__all__ = ["MirrorAborted", "RegistrySettings", "create_app"]
+__all__ = [
+    "LocalBlob",
+    "MirrorAborted",
+    "RegistrySettings",
+    "create_app",
+    "plan_local_blob",
+    "record_request",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -251,29 +259,18 @@ class _Registry:
         if is_manifest_media_type(descriptor.media_type):
             return _oci_error(404, ErrorCode.BLOB_UNKNOWN, f"{descriptor.digest} is a manifest")
         size = descriptor.size
-        headers = {
-            "Docker-Content-Digest": descriptor.digest,
-            "OCI-Namespace": parsed.reference.registry,
-            "Accept-Ranges": "bytes",
-        }
-        selected: ByteRange | None = None
-        if range_spec is not None:
-            try:
-                selected = range_spec.resolve(size)
-            except RangeNotSatisfiable:
-                return _oci_error(
-                    416,
-                    ErrorCode.RANGE_INVALID,
-                    f"range not satisfiable for {size} bytes",
-                    headers={"Content-Range": f"bytes */{size}"},
-                )
-        if selected is None:
-            status, start, length = 200, 0, size
-            headers["Content-Type"] = descriptor.media_type
-        else:
-            status, start, length = 206, selected.start, selected.length
-            headers["Content-Type"] = OCTET_STREAM
-            headers["Content-Range"] = selected.content_range
+        try:
+            status, headers, start, length = _blob_response_parts(
+                descriptor, parsed.reference.registry, range_spec
+            )
+        except RangeNotSatisfiable:
+            return _oci_error(
+                416,
+                ErrorCode.RANGE_INVALID,
+                f"range not satisfiable for {size} bytes",
+                headers={"Content-Range": f"bytes */{size}"},
+            )
+        del headers["Content-Length"]
         if method == "HEAD" or length == 0:
             response = Response(b"", status=status, headers=headers)
         else:
@@ -290,6 +287,34 @@ class _Registry:
         response = Response(_streaming(chunks, done), status=status, headers=headers)
         self._streams[id(response)] = done
         return response
+
+    async def plan_local_blob(
+        self, method: str, path: str, ns: str | None, range_header: str | None
+    ) -> LocalBlob | None:
+        """The response to a GET/HEAD of a local, file-backed blob; None for anything else."""
+        try:
+            parsed = parse_request_path(path, ns)
+            range_spec = None if range_header is None else parse_range(range_header)
+        except (PathError, RangeError):
+            return None
+        if not isinstance(parsed, ContentRequest) or parsed.kind is not ContentKind.BLOB:
+            return None
+        if method not in ("GET", "HEAD") or self.filters.is_filtered(parsed.reference):
+            return None
+        descriptor = await self._local(parsed)
+        if descriptor is None or is_manifest_media_type(descriptor.media_type):
+            return None
+        try:
+            status, headers, start, length = _blob_response_parts(
+                descriptor, parsed.reference.registry, range_spec
+            )
+            async with self.store.open(descriptor.digest) as reader:
+                if reader.path is None or reader.size != descriptor.size:
+                    return None
+        except (RangeNotSatisfiable, ContentNotFound):
+            return None
+        headers = {name.lower(): value for name, value in headers.items()}
+        return LocalBlob(status, headers, start, length, self.store, descriptor)
 
     async def _local_chunks(self, digest: str, start: int, length: int) -> AsyncIterator[bytes]:
         async with self.store.open(digest) as reader:
@@ -340,6 +365,59 @@ async def _mirror_chunks(receive: trio.MemoryReceiveChannel[MirrorItem]) -> Asyn
                     yield item
             elif isinstance(item, MirrorAbort):
                 raise MirrorAborted(item.reason)
+
+
+def _blob_response_parts(
+    descriptor: Descriptor, registry: str, range_spec: RangeSpec | None
+) -> tuple[int, dict[str, str], int, int]:
+    """Status, headers, first byte and length of a local blob response (RangeNotSatisfiable)."""
+    headers = {
+        "Docker-Content-Digest": descriptor.digest,
+        "OCI-Namespace": registry,
+        "Accept-Ranges": "bytes",
+    }
+    if range_spec is None:
+        headers["Content-Type"] = descriptor.media_type
+        headers["Content-Length"] = str(descriptor.size)
+        return 200, headers, 0, descriptor.size
+    selected = range_spec.resolve(descriptor.size)
+    headers["Content-Type"] = OCTET_STREAM
+    headers["Content-Range"] = selected.content_range
+    headers["Content-Length"] = str(selected.length)
+    return 206, headers, selected.start, selected.length
+
+
+@dataclass(frozen=True, slots=True)
+class LocalBlob:
+    """A planned response for a local blob backed by a file (used by the zero-copy path)."""
+
+    status: int
+    headers: dict[str, str]  # lower-case names, Content-Length included
+    offset: int
+    length: int
+    store: ContentStore
+    descriptor: Descriptor
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[str]:
+        """Hold the content open; yields the file to read from."""
+        async with self.store.open(self.descriptor.digest) as reader:
+            if reader.path is None or reader.size != self.descriptor.size:
+                raise ContentNotFound(self.descriptor.digest)
+            yield reader.path
+
+
+async def plan_local_blob(
+    app: QuartTrio, *, method: str, path: str, ns: str | None, range_header: str | None
+) -> LocalBlob | None:
+    """What `app` would answer to this request if it is a local file-backed blob, else None."""
+    registry: _Registry = app.extensions["spegla.registry"]
+    return await registry.plan_local_blob(method, path, ns, range_header)
+
+
+def record_request(handler: str, method: str, code: str, size: int, started: float) -> None:
+    """Request metrics for a response served outside the Quart app (inflight already counted)."""
+    _record(handler, method, code, size, started)
 
 
 class _BodyDone:

@@ -1,18 +1,24 @@
 """Serving the registry app: Hypercorn's trio worker inside the caller's nursery.
 
 Why a module of its own: the agent starts the registry with `nursery.start(serve_registry, ...)`
-and needs the bound port back (port 0 in tests) and a graceful stop (shutdown_trigger).
+and needs the bound port back (port 0 in tests) and a graceful stop (shutdown_trigger).  With
+`zero_copy=True` (the default) the listener is `registry.fastpath`'s front door, which sends local
+blobs with sendfile and hands every other connection to Hypercorn; with False it is plain
+`hypercorn.trio.serve`.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from quart_trio import QuartTrio
+
+from registry.fastpath import FastPathStats, serve_front_door
 
 __all__ = ["hypercorn_config", "serve_registry"]
 
@@ -38,10 +44,29 @@ async def serve_registry(
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     graceful_timeout: float = 3.0,
+    zero_copy: bool = True,
+    stats: FastPathStats | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` on host:port until `shutdown_trigger` returns; `task_status.started(port)`."""
     config = hypercorn_config(host, port, graceful_timeout=graceful_timeout)
+    if zero_copy:
+        sock = await _listen(host, port, config.backlog)
+        bound = sock.getsockname()[1]
+        logger.info("registry listening", extra={"address": f"{host}:{bound}"})
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: serve_front_door(
+                    app,
+                    config,
+                    sock,
+                    shutdown_trigger=shutdown_trigger,
+                    stats=stats or FastPathStats(),
+                    task_status=task_status,
+                )
+            )
+            task_status.started(bound)
+        return
 
     async def started(binds: list[str]) -> None:
         bound = int(binds[0].rsplit(":", 1)[1])
@@ -55,3 +80,18 @@ async def serve_registry(
             )
         )
         await started(binds)
+
+
+async def _listen(host: str, port: int, backlog: int) -> trio.socket.SocketType:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        await sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -7,6 +7,7 @@ import json
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import h11
 import httpx
@@ -14,7 +15,8 @@ import pytest
 import trio
 
 from registry.app import RegistrySettings, create_app
-from registry.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter
+from registry.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha256_digest
+from registry.fastpath import FastPathStats
 from registry.interfaces import Peer
 from registry.mediatypes import OCI_INDEX, OCI_MANIFEST
 from registry.ranges import parse_range
@@ -30,6 +32,7 @@ class Node:
     store: MemoryContentStore
     router: MemoryRouter
     port: int
+    stats: FastPathStats
 
     @property
     def peer(self) -> Peer:
@@ -60,12 +63,16 @@ def start_node(nursery: trio.Nursery, network: MemoryNetwork) -> StartNode:
         *,
         settings: RegistrySettings | None = None,
         router: MemoryRouter | None = None,
+        zero_copy: bool = True,
     ) -> Node:
         store = store if store is not None else MemoryContentStore()
         router = router if router is not None else MemoryRouter(network)
         app = create_app(store, router, settings or RegistrySettings())
-        port = await nursery.start(functools.partial(serve_registry, app, LOOPBACK, 0))
-        node = Node(store, router, port)
+        stats = FastPathStats()
+        port = await nursery.start(
+            functools.partial(serve_registry, app, LOOPBACK, 0, zero_copy=zero_copy, stats=stats)
+        )
+        node = Node(store, router, port, stats)
         router.self_peer = node.peer
         return node
 
@@ -97,14 +104,26 @@ class Content:
 
 
 def fill(
-    store: MemoryContentStore, registry: str = "docker.io", repo: str = "library/app"
+    store: MemoryContentStore,
+    registry: str = "docker.io",
+    repo: str = "library/app",
+    files: Path | None = None,
 ) -> Content:
-    config = store.add(json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {}}).encode())
+    """Put a small image into `store`, in memory or (with `files`) as files in that directory."""
+
+    def add(data: bytes) -> str:
+        if files is None:
+            return store.add(data)
+        path = files / sha256_digest(data).removeprefix("sha256:")
+        path.write_bytes(data)
+        return store.add_file(path)
+
+    config = add(json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {}}).encode())
     layer_bytes = bytes(range(256)) * 4096 + b"tail"  # ~1 MiB, not JSON
-    layer = store.add(layer_bytes)
+    layer = add(layer_bytes)
     manifest_data = manifest_bytes([layer], config)
-    manifest = store.add(manifest_data)
-    index = store.add(
+    manifest = add(manifest_data)
+    index = add(
         json.dumps(
             {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [{"digest": manifest}]}
         ).encode()

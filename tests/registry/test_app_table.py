@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -241,12 +242,16 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("backing", ["memory", "files", "files-no-zero-copy"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-async def test_local_serving(case: Case, start_node: StartNode) -> None:
+async def test_local_serving(
+    case: Case, backing: str, start_node: StartNode, tmp_path: Path
+) -> None:
     store = MemoryContentStore()
-    content = fill(store)
-    fill(store, registry="ghcr.io")
-    node = await start_node(store)
+    files = None if backing == "memory" else tmp_path
+    content = fill(store, files=files)
+    fill(store, registry="ghcr.io", files=files)
+    node = await start_node(store, zero_copy=backing != "files-no-zero-copy")
     async with node.client() as client:
         responses = {}
         for method in case.methods:
@@ -281,6 +286,10 @@ async def test_local_serving(case: Case, start_node: StartNode) -> None:
                 "oci-namespace",
             ):
                 assert head.headers.get(name) == get.headers.get(name), name
+    if backing != "files" or case.status not in (200, 206) or "/blobs/" not in case.path(content):
+        assert node.stats.served == 0
+    else:
+        assert node.stats.served == len(case.methods)  # served by sendfile
     if case.request_headers.get("X-Spegel-Mirrored") == "true":
         assert node.router.resolved == []
 

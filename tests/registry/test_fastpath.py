@@ -1,0 +1,183 @@
+"""The zero-copy front door: keep-alive, hand-off to Hypercorn, disconnects, shutdown."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import h11
+import pytest
+import trio
+
+from registry.app import create_app
+from registry.fakes import MemoryContentStore, MemoryRouter
+from registry.fastpath import FastPathStats
+from registry.server import serve_registry
+
+from .conftest import Content, StartNode, fill
+
+
+async def exchange(
+    stream: trio.SocketStream,
+    conn: h11.Connection,
+    target: str,
+    method: str = "GET",
+    headers: tuple[tuple[str, str], ...] = (),
+) -> tuple[int, dict[str, str], bytes]:
+    request = h11.Request(method=method, target=target, headers=[("Host", "x"), *headers])
+    await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+    status, response_headers, body = 0, {}, bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(1 << 20))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+            response_headers = {k.decode(): v.decode() for k, v in event.headers}
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            conn.start_next_cycle()
+            return status, response_headers, bytes(body)
+
+
+async def setup(start_node: StartNode, tmp_path: Path) -> tuple[Content, int, FastPathStats]:
+    store = MemoryContentStore()
+    content = fill(store, files=tmp_path)
+    node = await start_node(store)
+    return content, node.port, node.stats
+
+
+async def test_keep_alive_then_hand_off(start_node: StartNode, tmp_path: Path) -> None:
+    content, port, stats = await setup(start_node, tmp_path)
+    blob = f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    conn = h11.Connection(h11.CLIENT)
+    for _ in range(3):
+        status, _, body = await exchange(stream, conn, blob)
+        assert (status, body) == (200, content.layer_bytes)
+    status, headers, _ = await exchange(stream, conn, blob, "HEAD")
+    assert (status, headers["content-length"]) == (200, str(len(content.layer_bytes)))
+    status, headers, body = await exchange(stream, conn, blob, headers=(("Range", "bytes=-4"),))
+    assert (status, body, headers["content-range"]) == (
+        206,
+        b"tail",
+        f"bytes {len(content.layer_bytes) - 4}-{len(content.layer_bytes) - 1}/"
+        f"{len(content.layer_bytes)}",
+    )
+    assert (stats.served, stats.handed_off) == (5, 0)
+    # a manifest: the connection goes to Hypercorn and stays there
+    status, _, body = await exchange(
+        stream, conn, f"/v2/library/app/manifests/{content.manifest}?ns=docker.io"
+    )
+    assert (status, body) == (200, content.manifest_bytes)
+    status, _, body = await exchange(stream, conn, blob)
+    assert (status, body) == (200, content.layer_bytes)
+    assert (stats.served, stats.handed_off) == (5, 1)
+    await stream.aclose()
+
+
+async def test_pipelined_requests(start_node: StartNode, tmp_path: Path) -> None:
+    content, port, stats = await setup(start_node, tmp_path)
+    blob = f"/v2/library/app/blobs/{content.config}?ns=docker.io"
+    raw = f"GET {blob} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(raw * 2 + b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+    conn.send(h11.EndOfMessage())
+    responses = 0
+    while responses < 3:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(1 << 16))
+        elif isinstance(event, h11.Response):
+            assert event.status_code == 200
+        elif isinstance(event, h11.EndOfMessage):
+            responses += 1
+            conn.start_next_cycle()
+            conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+            conn.send(h11.EndOfMessage())
+    assert (stats.served, stats.handed_off) == (2, 1)
+    await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /v2/library/app/blobs/{d}?ns=docker.io HTTP/1.0\r\nHost: x\r\n\r\n",
+        b"GET /v2/library/app/blobs/{d}?ns=docker.io HTTP/1.1\r\n\r\n",
+        b"GET /v2/library/app/blobs/{d}?ns=docker.io HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+        b"GARBAGE\r\n\r\n",
+        b"GET /v2/library/app/blobs/{d}?ns=docker.io HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: 3\r\n\r\nabc",
+    ],
+)
+async def test_odd_requests_go_to_hypercorn(
+    raw: bytes, start_node: StartNode, tmp_path: Path
+) -> None:
+    content, port, stats = await setup(start_node, tmp_path)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(raw.replace(b"{d}", content.layer.encode()))
+    answer = b""
+    with trio.fail_after(5):
+        while b"\r\n\r\n" not in answer:
+            data = await stream.receive_some(1 << 16)
+            if not data:
+                break
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 ")
+    assert (stats.served, stats.handed_off) == (0, 1)
+    await stream.aclose()
+
+
+async def test_client_gone_midway_does_not_hurt(start_node: StartNode, tmp_path: Path) -> None:
+    store = MemoryContentStore()
+    big = tmp_path / "big"
+    big.write_bytes(b"\x1f\x8b" + bytes(32 << 20))
+    digest = store.add_file(big)
+    node = await start_node(store)
+    for _ in range(3):
+        stream = await trio.open_tcp_stream("127.0.0.1", node.port)
+        await stream.send_all(
+            f"GET /v2/a/blobs/{digest}?ns=x.io HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        await stream.receive_some(1 << 16)
+        await stream.aclose()
+    stream = await trio.open_tcp_stream("127.0.0.1", node.port)
+    status, _, _ = await exchange(
+        stream, h11.Connection(h11.CLIENT), f"/v2/a/blobs/{digest}?ns=x.io", "HEAD"
+    )
+    assert status == 200
+    await stream.aclose()
+
+
+async def test_shutdown_closes_idle_keep_alive_connections(tmp_path: Path) -> None:
+    store = MemoryContentStore()
+    content = fill(store, files=tmp_path)
+    app = create_app(store, MemoryRouter())
+    stop = trio.Event()
+    with trio.fail_after(5):  # a hang guard, not a timing assertion
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(
+                functools.partial(
+                    serve_registry,
+                    app,
+                    "127.0.0.1",
+                    0,
+                    shutdown_trigger=stop.wait,
+                    graceful_timeout=0.5,  # Hypercorn keeps idle keep-alives open until then
+                )
+            )
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            conn = h11.Connection(h11.CLIENT)
+            status, _, _ = await exchange(
+                stream, conn, f"/v2/library/app/blobs/{content.config}?ns=docker.io"
+            )
+            assert status == 200
+            handed = await trio.open_tcp_stream("127.0.0.1", port)
+            status, _, _ = await exchange(handed, h11.Connection(h11.CLIENT), "/v2/")
+            assert status == 200
+            stop.set()
+        assert await stream.receive_some(10) == b""
+        assert await handed.receive_some(10) == b""
