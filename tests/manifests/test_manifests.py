@@ -32,6 +32,7 @@ from tests.manifests.kustomize_subset import Object, object_id, render
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
 COMPONENTS = {
+    "dht-psk": MANIFESTS / "components" / "dht-psk",
     "kubernetes-bootstrap": MANIFESTS / "components" / "kubernetes-bootstrap",
     "monitoring": MANIFESTS / "components" / "monitoring",
 }
@@ -40,7 +41,7 @@ EXAMPLES = MANIFESTS / "examples"
 VARIANTS: dict[str, Path | tuple[str, ...]] = {
     "default": MANIFESTS,
     "cleanup": MANIFESTS / "cleanup",
-    "both-components": ("kubernetes-bootstrap", "monitoring"),
+    "all-components": ("dht-psk", "kubernetes-bootstrap", "monitoring"),
     **{f"examples/{d.name}": d for d in sorted(EXAMPLES.iterdir()) if d.is_dir()},
 }
 # The oldest version the README claims; the newest is whatever kubernetes-validate ships.
@@ -198,7 +199,7 @@ def test_objects_validate_strictly(
 
 
 def test_crds_match_the_used_subset_of_their_schemas(rendered: dict[str, list[Object]]) -> None:
-    objects = rendered["both-components"]
+    objects = rendered["all-components"]
     crds = [obj for obj in objects if obj["apiVersion"].split("/")[0] in CRD_SCHEMAS]
     assert {obj["kind"] for obj in crds} == {"ServiceMonitor", "PrometheusRule"}
     for obj in crds:
@@ -266,6 +267,20 @@ def test_bootstrap_service_publishes_not_ready_agents(rendered: dict[str, list[O
         assert selector.items() <= pod_labels.items(), name
     config = _one(objects, "ConfigMap", "spegla-agent")["data"]
     assert config["DNS_BOOTSTRAP_DOMAIN"].startswith("spegla-bootstrap.spegla.svc.")
+
+
+def test_dht_psk_component_mounts_the_key_where_the_agent_reads_it(
+    rendered: dict[str, list[Object]],
+) -> None:
+    objects = rendered["all-components"]
+    key_file = _one(objects, "ConfigMap", "spegla-agent")["data"]["DHT_PSK_FILE"]
+    pod = _one(objects, "DaemonSet", "spegla")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "dht-psk")
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "dht-psk")
+    assert key_file == f"{mount['mountPath']}/key" and mount["readOnly"] is True
+    assert volume["secret"]["secretName"] == "spegla-dht-psk"
+    text = (COMPONENTS["dht-psk"] / "kustomization.yaml").read_text()
+    assert "create secret generic spegla-dht-psk --from-literal=key=" in text
 
 
 def test_kubernetes_bootstrap_component_grants_leases_only(
@@ -395,6 +410,7 @@ ENV_PROBES = {
     "DEBUG_WEB_ENABLED": "false",
     "MIRRORED_REGISTRIES": "https://probe.example.com",
     "REGISTRY_FILTERS": ":probe$",
+    "DHT_PSK_FILE": "/probe/psk",
 }
 # Keys the ConfigMap only documents in comments, with the subcommands that must honour them.
 DOCUMENTED_KEYS = {
@@ -412,7 +428,7 @@ def _honoured(monkeypatch: pytest.MonkeyPatch, args: list[str], key: str) -> boo
 def test_configmap_keys_are_env_twins_the_agent_reads(
     rendered: dict[str, list[Object]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    objects = rendered["default"]
+    objects = rendered["all-components"]
     data = _one(objects, "ConfigMap", "spegla-agent")["data"]
     configmap_text = (MANIFESTS / "base" / "configmap.yaml").read_text()
     for key in DOCUMENTED_KEYS:
