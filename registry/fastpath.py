@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -39,6 +40,7 @@ from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
 from registry.app import LocalBlob, plan_local_blob, record_request
+from registry.interfaces import ContentNotFound
 from registry.metrics import HTTP_INFLIGHT
 
 __all__ = ["FastPathStats", "serve_front_door"]
@@ -171,9 +173,10 @@ class _FrontDoor:
                 plan = await self._plan(head)
                 if plan is None:
                     break
-                buffer = buffer[head_end + 4 :]
                 keep_alive = head.headers.get("connection", "").lower() != "close"
-                await self._serve(stream, head, plan, keep_alive)
+                if not await self._serve(stream, head, plan, keep_alive):
+                    break  # the content went away meanwhile: let the app answer
+                buffer = buffer[head_end + 4 :]
                 if not keep_alive or self.closing:
                     await stream.aclose()
                     return
@@ -215,45 +218,50 @@ class _FrontDoor:
 
     async def _serve(
         self, stream: trio.SocketStream, head: _Head, plan: LocalBlob, keep_alive: bool
-    ) -> None:
-        started = time.monotonic()
-        self.stats.served += 1
-        HTTP_INFLIGHT.labels("/v2/*").inc()
-        lines = [f"HTTP/1.1 {plan.status} {'OK' if plan.status == 200 else 'Partial Content'}"]
-        lines += [f"{name}: {value}" for name, value in plan.headers.items()]
-        lines.append(f"date: {email.utils.formatdate(usegmt=True)}")
-        if not keep_alive:
-            lines.append("connection: close")
-        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        sent = 0
-        try:
+    ) -> bool:
+        """Send the planned response; False (nothing sent) if the content cannot be opened."""
+        async with AsyncExitStack() as stack:
+            fd = -1
             if head.method == "GET" and plan.length:
-                async with plan.open() as path:
-                    sent = await _sendfile(stream, path, plan.offset, plan.length)
-        finally:
-            record_request("/v2/*", head.method, str(plan.status), sent, started)
-
-
-async def _sendfile(stream: trio.SocketStream, path: str, offset: int, length: int) -> int:
-    """Send `length` bytes of the file at `path` from `offset`; the count actually sent."""
-    fd = os.open(path, os.O_RDONLY)
-    sent = 0
-    try:
-        sock = stream.socket
-        while sent < length:
+                try:
+                    path = await stack.enter_async_context(plan.open())
+                    fd = os.open(path, os.O_RDONLY)
+                except (ContentNotFound, OSError):
+                    return False
+                stack.callback(os.close, fd)
+            started = time.monotonic()
+            self.stats.served += 1
+            HTTP_INFLIGHT.labels("/v2/*").inc()
+            reason = "OK" if plan.status == 200 else "Partial Content"
+            lines = [f"HTTP/1.1 {plan.status} {reason}"]
+            lines += [f"{name}: {value}" for name, value in plan.headers.items()]
+            lines.append(f"date: {email.utils.formatdate(usegmt=True)}")
+            if not keep_alive:
+                lines.append("connection: close")
+            sent = 0
             try:
-                n = os.sendfile(
-                    sock.fileno(), fd, offset + sent, min(SENDFILE_CHUNK, length - sent)
-                )
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-                continue
-            if n == 0:
-                raise OSError(f"{path} ended {length - sent} bytes early")
-            sent += n
-            await trio.lowlevel.checkpoint()
-    finally:
-        os.close(fd)
+                await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+                if fd >= 0:
+                    sent = await _sendfile(stream, fd, plan.offset, plan.length)
+            finally:
+                record_request("/v2/*", head.method, str(plan.status), sent, started)
+        return True
+
+
+async def _sendfile(stream: trio.SocketStream, fd: int, offset: int, length: int) -> int:
+    """Send `length` bytes of the open file `fd` from `offset`; the count sent."""
+    sent = 0
+    sock = stream.socket
+    while sent < length:
+        try:
+            n = os.sendfile(sock.fileno(), fd, offset + sent, min(SENDFILE_CHUNK, length - sent))
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        if n == 0:
+            raise OSError(f"content ended {length - sent} bytes early")
+        sent += n
+        await trio.lowlevel.checkpoint()
     return sent
 
 

@@ -181,3 +181,20 @@ async def test_shutdown_closes_idle_keep_alive_connections(tmp_path: Path) -> No
             stop.set()
         assert await stream.receive_some(10) == b""
         assert await handed.receive_some(10) == b""
+
+
+async def test_content_gone_before_sending_is_left_to_the_app(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    content, port, stats = await setup(start_node, tmp_path)
+    (tmp_path / content.layer.removeprefix("sha256:")).unlink()
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    target = f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
+    await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    with trio.fail_after(5):
+        while await stream.receive_some(1 << 16):
+            pass
+    assert (stats.served, stats.handed_off) == (0, 1)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    status, _, _ = await exchange(stream, h11.Connection(h11.CLIENT), "/v2/")
+    assert status == 200
