@@ -183,7 +183,10 @@ def _entries(items: tuple[Contact, ...] | tuple[ProviderInfo, ...], budget: int)
     out: list[list[Any]] = []
     used = 0
     for item in items:
-        ip = pack_ip(item.host)
+        try:
+            ip = pack_ip(item.host)
+        except OSError:
+            continue  # not an IP literal we can put on the wire (e.g. a scoped IPv6 address)
         size = _entry_size(ip, item.port)
         extra = 2 if len(out) == 15 else 0  # list header grows from fixarray to array16
         if used + size + extra > budget:

@@ -159,8 +159,12 @@ class Node:
             except OSError:  # e.g. an ICMP error queued on the socket
                 await trio.lowlevel.checkpoint()
                 continue
-            effects = self.protocol.handle_datagram(data, _normalize(addr), trio.current_time())
-            self._apply(effects)
+            try:
+                effects = self.protocol.handle_datagram(data, _normalize(addr), trio.current_time())
+                self._apply(effects)
+            except Exception:  # a bug must not take the node down with it; it is logged loudly
+                logger.exception("dht datagram handling failed", extra={"source": str(addr)})
+                continue
             handled += 1
             # let a woken resolver run at once; otherwise yield now and then under a flood
             if handled % 64 == 0 or any(not isinstance(e, Send) for e in effects):

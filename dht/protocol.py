@@ -45,6 +45,8 @@ L_RESOLVE, L_ANNOUNCE, L_JOIN, L_REFRESH = range(4)
 # timer kinds
 T_STALL, T_TIMEOUT, T_MAINTENANCE, T_DUE = range(4)
 
+BOOTSTRAP_TRIES = 3
+
 _REPLY_TYPE = {Ping: Pong, FindNode: Nodes, GetProviders: Providers, AddProvider: Ack}
 
 
@@ -119,6 +121,7 @@ class _LookupJob:
 class _Bootstrap:
     addrs: list[tuple[str, int]]
     waiting: int
+    tries: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 class DhtProtocol:
@@ -212,7 +215,7 @@ class DhtProtocol:
         job_id = next(self._ids)
         if addrs:
             self._bootstrap_addrs = addrs
-        self._bootstraps[job_id] = _Bootstrap(addrs, len(addrs))
+        self._bootstraps[job_id] = _Bootstrap(addrs, len(addrs), dict.fromkeys(addrs, 1))
         for addr in addrs:
             ping = Ping(self._txid(), self.node_id)
             self._request(ping, addr, None, P_BOOTSTRAP, job_id, now, out)
@@ -372,7 +375,13 @@ class DhtProtocol:
         if pending.node_id is not None:
             self.table.failed(pending.node_id)
         if pending.purpose == P_BOOTSTRAP:
-            self._bootstrap_step(pending.ref, now, out)
+            boot = self._bootstraps.get(pending.ref)
+            if boot is not None and boot.tries.get(pending.addr, BOOTSTRAP_TRIES) < BOOTSTRAP_TRIES:
+                boot.tries[pending.addr] += 1  # a seed's ping (or pong) may simply have been lost
+                ping = Ping(self._txid(), self.node_id)
+                self._request(ping, pending.addr, None, P_BOOTSTRAP, pending.ref, now, out)
+            else:
+                self._bootstrap_step(pending.ref, now, out)
         elif pending.purpose == P_LOOKUP:
             job = self._lookups.get(pending.ref)
             if job is not None and pending.node_id is not None:

@@ -167,7 +167,9 @@ def test_bootstrap_alone_and_against_nobody() -> None:
     job = net.bootstrap(node, [])
     net.run_for(0.1)
     assert job in node.bootstraps_done
-    job = net.bootstrap(node, [("10.99.0.1", 5001)])  # nobody there
+    job = net.bootstrap(node, [("10.99.0.1", 5001)])  # nobody there: a few pings, then give up
+    net.run_for(0.9)
+    assert job not in node.bootstraps_done
     net.run_for(1.0)
     assert job in node.bootstraps_done and len(node.protocol.table) == 0
 
