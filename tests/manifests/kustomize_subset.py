@@ -195,5 +195,9 @@ def _apply_op(obj: Object, op: dict[str, Any]) -> None:
             if kind == "replace" and last not in node:
                 raise KustomizeError(f"replace: {op['path']} does not exist")
             node[last] = value
+    elif kind == "test":
+        current = node[int(last)] if isinstance(node, list) else node.get(last)
+        if current != op["value"]:
+            raise KustomizeError(f"test failed: {op['path']} is {current!r}, not {op['value']!r}")
     else:
         raise KustomizeError(f"JSON patch op {kind!r} not supported")

@@ -245,15 +245,18 @@ def test_daemonset_is_safe_on_every_node(rendered: dict[str, list[Object]]) -> N
     assert {"containerd-sock", "containerd-content", "containerd-certs-d", "data"} <= set(volumes)
 
 
+@pytest.mark.parametrize("variant", sorted(set(VARIANTS) - {"cleanup", "examples/talos-cleanup"}))
 def test_containerd_is_pointed_at_the_local_agent_through_its_host_port(
-    rendered: dict[str, list[Object]],
+    variant: str, rendered: dict[str, list[Object]]
 ) -> None:
-    pod = _one(rendered["default"], "DaemonSet", "spegla")["spec"]["template"]["spec"]
+    pod = _one(rendered[variant], "DaemonSet", "spegla")["spec"]["template"]["spec"]
     registry_port = next(p for p in pod["containers"][0]["ports"] if p["name"] == "registry")
     targets = [a for a in pod["initContainers"][0]["args"] if a.startswith("--mirror-targets=")]
     assert targets == [f"--mirror-targets=http://$(NODE_IP):{registry_port['hostPort']}"]
     init_env = {e["name"]: e for e in pod["initContainers"][0]["env"]}
     assert init_env["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+    if variant == "examples/host-port":
+        assert registry_port["hostPort"] != 30020
 
 
 def test_bootstrap_service_publishes_not_ready_agents(rendered: dict[str, list[Object]]) -> None:
