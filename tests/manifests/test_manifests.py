@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
 COMPONENTS = {
     "dht-psk": MANIFESTS / "components" / "dht-psk",
+    "network-policy": MANIFESTS / "components" / "network-policy",
     "kubernetes-bootstrap": MANIFESTS / "components" / "kubernetes-bootstrap",
     "monitoring": MANIFESTS / "components" / "monitoring",
 }
@@ -41,7 +42,7 @@ EXAMPLES = MANIFESTS / "examples"
 VARIANTS: dict[str, Path | tuple[str, ...]] = {
     "default": MANIFESTS,
     "cleanup": MANIFESTS / "cleanup",
-    "all-components": ("dht-psk", "kubernetes-bootstrap", "monitoring"),
+    "all-components": ("dht-psk", "kubernetes-bootstrap", "monitoring", "network-policy"),
     **{f"examples/{d.name}": d for d in sorted(EXAMPLES.iterdir()) if d.is_dir()},
 }
 # The oldest version the README claims; the newest is whatever kubernetes-validate ships.
@@ -284,6 +285,18 @@ def test_dht_psk_component_mounts_the_key_where_the_agent_reads_it(
     assert volume["secret"]["secretName"] == "spegla-dht-psk"
     text = (COMPONENTS["dht-psk"] / "kustomization.yaml").read_text()
     assert "create secret generic spegla-dht-psk --from-literal=key=" in text
+
+
+def test_network_policy_names_ports_the_agent_has(rendered: dict[str, list[Object]]) -> None:
+    objects = rendered["all-components"]
+    policy = _one(objects, "NetworkPolicy", "spegla")
+    template = _one(objects, "DaemonSet", "spegla")["spec"]["template"]
+    ports = {(p["name"], p["protocol"]) for p in template["spec"]["containers"][0]["ports"]}
+    rules = policy["spec"]["ingress"]
+    named = {(p["port"], p["protocol"]) for rule in rules for p in rule["ports"]}
+    assert named == ports
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= template["metadata"]["labels"].items()
 
 
 def test_kubernetes_bootstrap_component_grants_leases_only(
