@@ -1,1 +1,4 @@
-"""Developer and demo tooling built on the test harness (python -m hack.cluster, python -m hack.demo)."""
+"""Developer and demo tooling built on the test harness.
+
+`python -m hack.cluster` and `python -m hack.demo`.
+"""

@@ -1,7 +1,8 @@
-"""The two seams the registry depends on: where content is (Router) and what this node holds (ContentStore).
+"""The registry's two seams: where content is (Router) and what this node holds (ContentStore).
 
-Why a module of its own: the registry is built and tested against in-memory fakes of these, while the
-real implementations live in `dht/` (a Kademlia Router) and `agent/` (a containerd-backed ContentStore).
+Why a module of its own: the registry is built and tested against in-memory fakes of these, while
+the real implementations live in `dht/` (a Kademlia Router) and `agent/` (a containerd-backed
+ContentStore).
 Both sides are structural (`typing.Protocol`), so neither package imports the other.
 """
 
@@ -39,11 +40,14 @@ class Router(Protocol):
     """Peer discovery: advertise what we hold, find who holds a key."""
 
     def ready(self) -> bool:
-        """True once this node can take part in lookups (it knows at least one peer, or is alone by config)."""
+        """True once this node can take part in lookups.
+
+        That is: it knows at least one peer, or it is alone by configuration.
+        """
         ...
 
     async def advertise(self, keys: Iterable[str]) -> None:
-        """Announce that this node holds `keys` (digests and `registry/repo:tag` strings), and keep doing so."""
+        """Announce that this node holds `keys` (digests, `registry/repo:tag`); keep doing so."""
         ...
 
     async def withdraw(self, keys: Iterable[str]) -> None:
@@ -54,21 +58,22 @@ class Router(Protocol):
         """Find providers of `key`, excluding this node.
 
         Usage: ``async with router.resolve(key) as peers: async for peer in peers: ...``.
-        Peers arrive as they are found; the iteration ends as soon as the lookup has converged (at once
-        with no peers when nobody has the key). Leaving the block, or cancelling, stops the lookup.
+        Peers arrive as they are found; the iteration ends as soon as the lookup has converged
+        (at once with no peers when nobody has the key). Leaving the block, or cancelling, stops
+        the lookup.
         """
         ...
 
 
 class BlobReader(Protocol):
-    """An opened piece of content. Valid only inside the `ContentStore.open` block that produced it."""
+    """An opened piece of content, valid only inside the `ContentStore.open` block that made it."""
 
     @property
     def size(self) -> int: ...
 
     @property
     def path(self) -> str | None:
-        """A local file holding exactly this content, when one is readable (enables pread/sendfile)."""
+        """A local file holding exactly this content, when readable (enables pread/sendfile)."""
         ...
 
     def read(self, offset: int, length: int) -> AsyncIterator[bytes]:
@@ -80,7 +85,7 @@ class ContentStore(Protocol):
     """This node's content, as containerd holds it (read-only)."""
 
     async def resolve_tag(self, reference: str) -> str:
-        """Map `registry/repo:tag` to the digest of the image's top manifest/index; ContentNotFound if absent."""
+        """Map `registry/repo:tag` to its top manifest/index digest; ContentNotFound if absent."""
         ...
 
     async def describe(self, digest: str) -> Descriptor:
