@@ -82,6 +82,9 @@ class RegistrySettings:
     manifest_deadline: float = 3.0  # HEAD and manifest mirror requests finish within this
     read_size: int = 1024 * 1024  # chunk size for local reads and peer socket reads
     channel_depth: int = 4  # chunks buffered between the mirror task and the response
+    # Registry assumed for requests without `ns` (clients that talk to us directly, e.g.
+    # skopeo).  None, as in Spegel: such requests are 404.
+    default_registry: str | None = None
     mirror: MirrorSettings = field(init=False)
 
     def __post_init__(self) -> None:
@@ -139,6 +142,7 @@ class _Registry:
         self.settings = settings
         self.filters = settings.filters or ReferenceFilter()
         self.readiness = settings.readiness or router.ready
+        self.default_registry = settings.default_registry
         self._streams: dict[int, _BodyDone] = {}  # id(response) -> its body's end callback
         self.forwarder = Forwarder(
             router, PeerClient(read_size=settings.read_size), settings.mirror, Quarantine()
@@ -183,7 +187,7 @@ class _Registry:
         if path != "/v2" and not path.startswith("/v2/"):
             return _empty(404)
         try:
-            parsed = parse_request_path(path, request.args.get("ns"))
+            parsed = parse_request_path(path, request.args.get("ns") or self.default_registry)
         except PathError as exc:
             return _oci_error(404, exc.code, exc.message)
         if isinstance(parsed, ApiVersionCheck):
@@ -293,7 +297,7 @@ class _Registry:
     ) -> LocalBlob | None:
         """The response to a GET/HEAD of a local, file-backed blob; None for anything else."""
         try:
-            parsed = parse_request_path(path, ns)
+            parsed = parse_request_path(path, ns or self.default_registry)
             range_spec = None if range_header is None else parse_range(range_header)
         except (PathError, RangeError):
             return None

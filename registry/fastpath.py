@@ -53,38 +53,131 @@ SENDFILE_CHUNK = 8 * 1024 * 1024
 
 
 class FastPathStats:
-    """How many requests the front door served itself, and how many connections it handed off."""
+    """Requests served here (`served`), passed to the app one at a time (`passed_on`), and
+    connections handed to Hypercorn for good (`handed_off`)."""
 
     def __init__(self) -> None:
         self.served = 0
+        self.passed_on = 0
         self.handed_off = 0
 
 
-class _ReplayStream:
-    """A socket stream that first returns bytes already read from it (for Hypercorn)."""
+class _ResponseWatch:
+    """Follows the bytes of one response going out, to tell when it is complete.
 
-    def __init__(self, stream: trio.SocketStream, replay: bytes) -> None:
+    `settled` is set when the response is complete (`done`), or when it cannot be followed
+    (no Content-Length, chunked, 1xx): then the connection stays with Hypercorn for good.
+    """
+
+    def __init__(self, method: str) -> None:
+        self._method = method
+        self._head = bytearray()
+        self._remaining: int | None = None
+        self.settled = trio.Event()
+        self.done = False
+        self.close = False
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self.settled.is_set():
+            if self.done and len(data):
+                self.close = True  # more than announced: do not trust this connection
+            return
+        if self._remaining is None:
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            body_bytes = len(self._head) - end - 4
+            length = self._body_length(bytes(self._head[:end]))
+            if length is None:
+                self.settled.set()
+                return
+            self._remaining = length - body_bytes
+        else:
+            self._remaining -= len(data)
+        if self._remaining <= 0:
+            self.close = self.close or self._remaining < 0
+            self.done = True
+            self.settled.set()
+
+    def _body_length(self, head: bytes) -> int | None:
+        lines = head.decode("latin-1").split("\r\n")
+        try:
+            status = int(lines[0].split(" ")[1])
+        except (IndexError, ValueError):
+            return None
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "close" in headers.get("connection", "").lower():
+            self.close = True
+        if status < 200 or "transfer-encoding" in headers:
+            return None
+        if self._method == "HEAD" or status in (204, 304):
+            return 0
+        length = headers.get("content-length", "")
+        return int(length) if length.isdigit() else None
+
+
+class _HandoffStream:
+    """The client connection as Hypercorn sees it while it serves requests the front door passed on.
+
+    Per request (`watch` given): Hypercorn reads the request head, then end-of-stream once its
+    response has gone out completely; its close is then ignored and the front door carries on with
+    the connection.  For good (`watch` None, or a response that cannot be followed): a plain
+    pass-through, replaying `replay` first.
+    """
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        replay: bytes,
+        watch: _ResponseWatch | None,
+        pipelined: bytes = b"",
+    ) -> None:
         self._stream = stream
         self._replay = replay
+        self._watch = watch
+        self._pipelined = pipelined  # read after `replay` only if the connection stays here
         self.socket = stream.socket
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._replay:
             data, self._replay = self._replay, b""
             return data
+        if self._watch is not None:
+            await self._watch.settled.wait()
+            if self._watch.done:
+                return b""
+        if self._pipelined:
+            data, self._pipelined = self._pipelined, b""
+            return data
         return await self._stream.receive_some(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._watch is not None:
+            self._watch.feed(data)
         await self._stream.send_all(data)
 
     async def send_eof(self) -> None:
-        await self._stream.send_eof()
+        if not self._finished_cleanly():
+            await self._stream.send_eof()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        if not self._finished_cleanly():
+            await self._stream.aclose()
+
+    def _finished_cleanly(self) -> bool:
+        return self._watch is not None and self._watch.done and not self._watch.close
+
+    @property
+    def reusable(self) -> bool:
+        """After Hypercorn returned: may the front door read the next request?"""
+        return self._finished_cleanly() and not self._replay
 
 
 class _Head:
@@ -117,16 +210,15 @@ def _parse_head(raw: bytes) -> _Head | None:
     return _Head(method, target, version, headers)
 
 
-def _eligible(head: _Head) -> bool:
+def _simple(head: _Head) -> bool:
+    """A bodiless HTTP/1.1 GET/HEAD: served here or passed to the app one request at a time."""
     if head.method not in ("GET", "HEAD") or head.version != "HTTP/1.1":
         return False
     if "host" not in head.headers or "transfer-encoding" in head.headers:
         return False
     if head.headers.get("content-length", "0") != "0" or "expect" in head.headers:
         return False
-    if "upgrade" in head.headers or "/blobs/" not in head.target:
-        return False
-    return not head.target.startswith(("http:", "https:"))
+    return "upgrade" not in head.headers
 
 
 class _FrontDoor:
@@ -168,15 +260,23 @@ class _FrontDoor:
                     buffer += data
                     continue
                 head = _parse_head(buffer[:head_end])
-                if head is None or not _eligible(head):
+                if head is None or not _simple(head):
                     break
-                plan = await self._plan(head)
-                if plan is None:
-                    break
+                request, buffer = buffer[: head_end + 4], buffer[head_end + 4 :]
                 keep_alive = head.headers.get("connection", "").lower() != "close"
-                if not await self._serve(stream, head, plan, keep_alive):
-                    break  # the content went away meanwhile: let the app answer
-                buffer = buffer[head_end + 4 :]
+                plan = await self._plan(head) if "/blobs/" in head.target else None
+                served = plan is not None and await self._serve(stream, head, plan, keep_alive)
+                if not served:
+                    # the app answers this one request; then the connection comes back here
+                    self.stats.passed_on += 1
+                    watch = _ResponseWatch(head.method)
+                    handoff = _HandoffStream(stream, request, watch, buffer)
+                    await self._run_hypercorn(handoff)
+                    if not handoff.reusable:
+                        if watch.settled.is_set() and not watch.done:
+                            return  # Hypercorn kept the connection and has closed it
+                        await stream.aclose()
+                        return
                 if not keep_alive or self.closing:
                     await stream.aclose()
                     return
@@ -184,10 +284,12 @@ class _FrontDoor:
             await stream.aclose()
             return
         self.stats.handed_off += 1
+        await self._run_hypercorn(_HandoffStream(stream, buffer, None))
+
+    async def _run_hypercorn(self, stream: _HandoffStream) -> None:
         state = ConnectionState(self.state.copy())
-        replay: Any = _ReplayStream(stream, buffer)  # duck-types the SocketStream Hypercorn uses
-        server = TCPServer(self.hypercorn_app, self.config, self.context, state, replay)
-        await server.run()
+        duck: Any = stream  # duck-types the trio SocketStream Hypercorn's TCPServer uses
+        await TCPServer(self.hypercorn_app, self.config, self.context, state, duck).run()
 
     async def _receive(self, stream: trio.SocketStream, *, idle: bool) -> bytes:
         """Read more of a request head; between requests, give up after the keep-alive timeout."""

@@ -108,7 +108,7 @@ class PeerClient:
     def __init__(self, *, read_size: int = READ_SIZE, max_idle: int = 8) -> None:
         self._read_size = read_size
         self._max_idle = max_idle
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._idle: dict[tuple[str, int, str], list[_Connection]] = {}
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, {}
@@ -126,7 +126,9 @@ class PeerClient:
         headers: Sequence[tuple[str, str]] = (),
     ) -> AsyncIterator[PeerResponse]:
         """Send a request and yield the response once its headers arrived."""
-        key = (host, port)
+        # Blob fetches get connections of their own: a peer's zero-copy front door keeps serving a
+        # connection only while it carries local blob requests (see registry.fastpath).
+        key = (host, port, "blobs" if "/blobs/" in target else "other")
         authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         request = h11.Request(method=method, target=target, headers=[("Host", authority), *headers])
         conn, response = await self._exchange(key, request)
@@ -153,7 +155,7 @@ class PeerClient:
                     await conn.stream.aclose()
 
     async def _exchange(
-        self, key: tuple[str, int], request: h11.Request
+        self, key: tuple[str, int, str], request: h11.Request
     ) -> tuple[_Connection, h11.Response]:
         pool = self._idle.get(key)
         while pool:
@@ -164,7 +166,7 @@ class PeerClient:
                 # a pooled connection the peer has closed meanwhile: try the next one
                 await conn.stream.aclose()
         try:
-            stream = await trio.open_tcp_stream(*key)
+            stream = await trio.open_tcp_stream(key[0], key[1])
         except OSError as exc:
             raise PeerError(f"cannot connect to {key[0]}:{key[1]}: {exc}") from None
         conn = _Connection(stream)

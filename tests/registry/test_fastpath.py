@@ -66,14 +66,20 @@ async def test_keep_alive_then_hand_off(start_node: StartNode, tmp_path: Path) -
         f"{len(content.layer_bytes)}",
     )
     assert (stats.served, stats.handed_off) == (5, 0)
-    # a manifest: the connection goes to Hypercorn and stays there
+    # a manifest and a miss: the app answers each, then the connection comes back
     status, _, body = await exchange(
         stream, conn, f"/v2/library/app/manifests/{content.manifest}?ns=docker.io"
     )
     assert (status, body) == (200, content.manifest_bytes)
+    status, _, _ = await exchange(stream, conn, f"/v2/x/blobs/{'sha256:' + '0' * 64}?ns=x.io")
+    assert status == 404
+    status, headers, _ = await exchange(
+        stream, conn, f"/v2/library/app/manifests/{content.manifest}?ns=docker.io", "HEAD"
+    )
+    assert (status, headers["content-length"]) == (200, str(len(content.manifest_bytes)))
     status, _, body = await exchange(stream, conn, blob)
     assert (status, body) == (200, content.layer_bytes)
-    assert (stats.served, stats.handed_off) == (5, 1)
+    assert (stats.served, stats.passed_on, stats.handed_off) == (6, 3, 0)
     await stream.aclose()
 
 
@@ -98,7 +104,7 @@ async def test_pipelined_requests(start_node: StartNode, tmp_path: Path) -> None
             conn.start_next_cycle()
             conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
             conn.send(h11.EndOfMessage())
-    assert (stats.served, stats.handed_off) == (2, 1)
+    assert (stats.served, stats.passed_on, stats.handed_off) == (2, 1, 0)
     await stream.aclose()
 
 
@@ -194,7 +200,7 @@ async def test_content_gone_before_sending_is_left_to_the_app(
     with trio.fail_after(5):
         while await stream.receive_some(1 << 16):
             pass
-    assert (stats.served, stats.handed_off) == (0, 1)
+    assert (stats.served, stats.passed_on) == (0, 1)
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     status, _, _ = await exchange(stream, h11.Connection(h11.CLIENT), "/v2/")
     assert status == 200
