@@ -5,17 +5,22 @@ Why: Hypercorn implements no zero-copy ASGI extension, so a Quart body tops out 
 beating docker-registry.  Local blob reads are what a node serves most, so they get this path.
 
 Design (small on purpose):
-- One listener; each connection starts in `_FrontDoor.connection`.  It reads one request head and
-  asks `plan_local_blob` (in `registry.app`, the same code the Quart route uses) whether it is a
-  satisfiable GET/HEAD of a local blob backed by a readable file.  If so, it writes the head and
-  `sendfile`s the bytes, then reads the next request on the same keep-alive connection.
-- Anything else (manifests, misses, the mirror path, errors, /readyz, HTTP/1.0, request bodies,
-  odd heads) hands the *connection* to Hypercorn's own `TCPServer`, replaying the bytes already
-  read.  From then on Hypercorn and the Quart app serve that connection as usual; it never comes
-  back.  So the Quart app stays the registry's face, and this path only ever serves the exact
-  responses the app would have served (same headers, built by the same function).
+- One listener; each connection is read by `_FrontDoor.connection`, one request head at a time.
+  For a bodiless HTTP/1.1 GET/HEAD it asks `plan_local_blob` (in `registry.app`, the same code
+  the Quart route uses) whether this is a satisfiable request for a local blob backed by a
+  readable file.  If so it writes the head the app would have written and `sendfile`s the bytes.
+- Any other simple request (manifests, misses, the mirror path, errors, /readyz) is passed to
+  Hypercorn's own `TCPServer` for exactly one request: it reads the request bytes, the Quart app
+  answers, and `_ResponseWatch` follows the response bytes going out (status line, Content-Length,
+  HEAD) to see when it is complete; Hypercorn then reads end-of-stream, its close is ignored and
+  the connection comes back to the front door.  So keep-alive clients that mix manifests and blobs
+  (containerd, peers) still get sendfile for every local blob.
+- Anything the front door does not understand (HTTP/1.0, request bodies, odd heads, responses
+  whose length cannot be followed) hands the connection to Hypercorn for good, replaying the bytes
+  already read.  The Quart app stays the registry's face: this path only ever serves responses the
+  app would have served, with headers built by the same function.
 - Hypercorn's lifespan, worker context and graceful shutdown are driven as `hypercorn.trio.serve`
-  does; idle fast-path connections are closed as soon as shutdown starts.
+  does; idle front-door connections are closed as soon as shutdown starts.
 """
 
 from __future__ import annotations
