@@ -23,7 +23,7 @@ import pytest
 from tests.harness import agents as ag
 from tests.harness.cluster import UPSTREAM_HOST, Cluster, Node
 from tests.harness.fixtures import require_harness, short_tempdir
-from tests.harness.images import BuiltImage, build_small
+from tests.harness.images import BuiltImage, build_large, build_small
 
 pytestmark = pytest.mark.root
 Fresh = Callable[..., tuple[BuiltImage, str]]
@@ -285,4 +285,58 @@ def test_peer_killed_mid_transfer_pull_still_succeeds(c: Cluster) -> None:
     assert "error" not in box, box.get("error")
     for d in big.blob_digests():
         got = n2.containerd.blob_path(d).read_bytes()
+        assert "sha256:" + hashlib.sha256(got).hexdigest() == d
+
+
+def _count_206(node: Node) -> int:
+    """Partial-content answers the node's agent gave (from its request metrics)."""
+    total = 0.0
+    for (name, labels), v in ag.metrics(node).items():
+        if name == "http_request_duration_seconds_count" and dict(labels).get("code") == "206":
+            total += v
+    return int(total)
+
+
+def test_interrupted_pull_resumes_with_range_from_a_peer(c: Cluster, tmp_path: Path) -> None:
+    """n3's containerd is killed while it pulls from a slowed upstream (nobody else has the
+    image yet), leaving a partial layer.  Once n1 holds the image, n3's next pull resumes the
+    partial layer with ``Range`` through its own agent (which answers 206 with the peer's bytes;
+    nothing from upstream) and completes intact."""
+    # containerd writes ingests in 1 MiB steps: the layers must be larger than that
+    img = build_large(tmp_path / "img2", 8, name=f"resume-{tmp_path.name[-8:].lower()}")
+    ref = c.upstream.push(img)
+    n1, n3 = c.node(1), c.node(3)
+    box: dict[str, object] = {}
+
+    def pull() -> None:
+        try:
+            box["result"] = n3.pull(ref, timeout=60)
+        except Exception as e:
+            box["error"] = e
+
+    t = threading.Thread(target=pull)
+    c.limit_upstream(8)  # 8 MiB take ~8 s; the first 1 MiB steps land after ~3 s
+    try:
+        t.start()
+        deadline = time.monotonic() + 20
+        while _ingest_bytes(n3) < 1024 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _ingest_bytes(n3) > 0, "no partial download seen"
+        n3.containerd.kill()
+        t.join(timeout=30)
+        assert "error" in box  # the interrupted pull failed
+    finally:
+        c.unlimit_upstream()
+        if not n3.containerd.daemon or not n3.containerd.daemon.alive():
+            n3.containerd.start()
+            c.save()
+    n1.pull(ref)
+    wait_served_by_peer(n3, f"e2e/{img.name}", img.blob_digests())
+    before = _count_206(n3)
+    mark = c.upstream.mark()
+    assert n3.pull(ref).image_id == img.for_platform().config.digest
+    assert _count_206(n3) > before  # containerd resumed with Range and the agent answered it
+    assert _upstream_blobs(c, n3, mark) == set()
+    for d in img.blob_digests():
+        got = n3.containerd.blob_path(d).read_bytes()
         assert "sha256:" + hashlib.sha256(got).hexdigest() == d

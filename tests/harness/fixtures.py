@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from .cluster import Cluster
 from .containerd import Containerd
 from .cri import CriClient
 from .images import TestImages, build_test_set
@@ -99,9 +100,7 @@ def cri_client(containerd_instance: Containerd) -> CriClient:
 
 
 @pytest.fixture
-def cluster(test_images: TestImages) -> Iterator[Callable[..., object]]:
-    from .cluster import Cluster
-
+def cluster(test_images: TestImages) -> Iterator[Callable[..., Cluster]]:
     made: list[Cluster] = []
 
     def make(nodes: int = 3, rate_mbit: float | None = None) -> Cluster:
