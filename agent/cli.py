@@ -518,7 +518,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     for command, flags in _FLAGS.items():
         cmd = sub.add_parser(
-            command, help=_DESCRIPTIONS[command], description=_DESCRIPTIONS[command]
+            command,
+            help=_DESCRIPTIONS[command],
+            description=_DESCRIPTIONS[command],
+            allow_abbrev=False,  # like go-arg: `--data` is not `--data-dir`
         )
         for flag in flags:
             _add_flag(cmd, flag)

@@ -105,6 +105,7 @@ def test_bool_flags() -> None:
         (["--mirror-resolve-retries=0"], {}, "at least 1"),
         (["--debug-web-enabled=maybe"], {}, "boolean"),
         (["--no-such-flag"], {}, "unrecognized"),
+        (["--data", "/x"], {}, "unrecognized"),  # no abbreviations of --data-dir
     ],
 )
 def test_bad_values_exit_2_with_one_line(
