@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -173,7 +175,9 @@ async def test_two_agents_join_serve_debug_and_drain(tmp_path: Any, nursery: tri
     stop_a.set()
 
 
-async def test_sigterm_style_shutdown_drains_in_flight_requests(tmp_path: Any) -> None:
+async def test_sigterm_drains_in_flight_requests(tmp_path: Any) -> None:
+    """A real SIGTERM to this process (the agent's signal receiver is installed before it reports
+    started): the slow request in flight still completes, then run_agent returns."""
     cfg = config(str(tmp_path), standalone=True)
     stop = trio.Event()
     results: list[int] = []
@@ -184,7 +188,7 @@ async def test_sigterm_style_shutdown_drains_in_flight_requests(tmp_path: Any) -
                 cfg,
                 stop,
                 Hooks(backend=memory_backend([], []), app=mini_app),
-                handle_signals=False,
+                handle_signals=True,
             )
         )
         async with httpx.AsyncClient() as http:
@@ -197,8 +201,8 @@ async def test_sigterm_style_shutdown_drains_in_flight_requests(tmp_path: Any) -
             async with trio.open_nursery() as inner:
                 inner.start_soon(slow)
                 await trio.sleep(0.2)
-                stop.set()
-    assert results == [200]
+                os.kill(os.getpid(), signal.SIGTERM)
+    assert results == [200] and stop.is_set()
 
 
 async def test_node_id_survives_restart(tmp_path: Any) -> None:
