@@ -13,6 +13,7 @@ Needs root.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -108,10 +109,25 @@ def run(a: argparse.Namespace) -> int:
         if a.keep:
             print(f"  cluster left up in {workdir}: `hack/cluster status`, `hack/cluster down`")
         return 0
+    except BaseException:
+        if not a.keep:
+            saved = save_logs(c)
+            step(f"failed; logs of every node kept in {saved}")
+        raise
     finally:
         if not a.keep:
             step("tearing down")
             c.down()
+
+
+def save_logs(c: Cluster) -> Path:
+    """Copy the agents', containerds' and upstream's logs out before teardown removes them."""
+    dest = Path(tempfile.mkdtemp(prefix="spg-demo-logs-"))
+    for log in c.workdir.glob("**/*.log"):
+        target = dest / log.relative_to(c.workdir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, target)
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:
