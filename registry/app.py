@@ -285,7 +285,7 @@ class _Registry:
         return response
 
     def _stream(
-        self, chunks: AsyncIterator[bytes], status: int, headers: dict[str, str]
+        self, chunks: AsyncIterator[bytes | bytearray], status: int, headers: dict[str, str]
     ) -> Response:
         done = _BodyDone()
         response = Response(_streaming(chunks, done), status=status, headers=headers)
@@ -361,10 +361,12 @@ class _Registry:
         return _oci_error(500, job.request.unknown_code, "mirror failed")
 
 
-async def _mirror_chunks(receive: trio.MemoryReceiveChannel[MirrorItem]) -> AsyncIterator[bytes]:
+async def _mirror_chunks(
+    receive: trio.MemoryReceiveChannel[MirrorItem],
+) -> AsyncIterator[bytes | bytearray]:
     with receive:
         async for item in receive:
-            if isinstance(item, bytes):
+            if isinstance(item, bytes | bytearray):
                 if item:
                     yield item
             elif isinstance(item, MirrorAbort):
@@ -436,7 +438,9 @@ class _BodyDone:
             callback()
 
 
-async def _streaming(chunks: AsyncIterator[bytes], done: _BodyDone) -> AsyncGenerator[bytes, None]:
+async def _streaming(
+    chunks: AsyncIterator[bytes | bytearray], done: _BodyDone
+) -> AsyncGenerator[bytes | bytearray, None]:
     try:
         async for chunk in chunks:
             yield chunk

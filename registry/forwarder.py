@@ -59,6 +59,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
+HASH_IN_THREAD = 256 * 1024  # chunks at least this big are hashed in a worker thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,7 @@ class MirrorAbort:
     reason: str
 
 
-MirrorItem = MirrorHead | MirrorFailure | MirrorAbort | bytes
+MirrorItem = MirrorHead | MirrorFailure | MirrorAbort | bytes | bytearray
 
 
 class _PeerSupply:
@@ -205,8 +206,11 @@ class _Run:
             )
 
     async def _next_peer(self, supply: _PeerSupply) -> Peer | GiveUp:
+        # consecutive waits share one clock (deadline n = start + n x timeout): no drift
+        deadline = trio.current_time()
         while True:
-            with trio.move_on_after(self.settings.resolve_timeout):
+            deadline += self.settings.resolve_timeout
+            with trio.move_on_at(deadline):
                 while True:
                     peer = await supply.next()
                     if peer is None:
@@ -350,7 +354,7 @@ class _Run:
         answer = fetch.answer
         if answer.size > self.settings.max_manifest_size:
             return None
-        parts: list[bytes] = []
+        parts: list[bytes | bytearray] = []
         try:
             with trio.fail_after(self.settings.stall_timeout):
                 while (chunk := await fetch.response.receive()) is not None:
@@ -392,11 +396,11 @@ class _Run:
         start, end = (0, size - 1) if delivered is None else (delivered.start, delivered.end)
         hasher = hashlib.sha256()
         contributors = [fetch.peer]
-        held = b""
+        held: bytes | bytearray = b""
         position = 0
         response: PeerResponse | None = fetch.response
         while position < size:
-            chunk: bytes | None = None
+            chunk: bytes | bytearray | None = None
             if response is not None:
                 try:
                     with trio.fail_after(self.settings.stall_timeout):
@@ -424,7 +428,11 @@ class _Run:
                 contributors.append(resumed.peer)
                 response = resumed.response
                 continue
-            hasher.update(chunk)
+            if len(chunk) >= HASH_IN_THREAD:
+                # hashlib releases the GIL: hashing uses another core while chunks go out
+                await trio.to_thread.run_sync(hasher.update, chunk)
+            else:
+                hasher.update(chunk)
             first, last = max(position, start), min(position + len(chunk) - 1, end)
             if first <= last:
                 piece = chunk

@@ -17,6 +17,7 @@ A response leaves its connection in the pool only when its body was read to the 
 from __future__ import annotations
 
 import logging
+import select
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -45,7 +46,9 @@ class _Connection:
 class PeerResponse:
     """Status, lower-cased headers and the body of one peer response."""
 
-    def __init__(self, conn: _Connection, response: h11.Response, read_size: int) -> None:
+    def __init__(
+        self, conn: _Connection, response: h11.Response, read_size: int, method: str
+    ) -> None:
         self._conn = conn
         self._read_size = read_size
         self.status: int = response.status_code
@@ -54,11 +57,32 @@ class PeerResponse:
             for name, value in response.headers
         }
         self.complete = False
+        self.reusable = True  # False once the connection must not carry another request
+        # A Content-Length body is read straight from the socket into `read_size` buffers
+        # (h11 would copy it twice, in pieces as small as the kernel hands out).
+        self._remaining: int | None = None
+        self._pending = b""
+        length = self.headers.get("content-length", "")
+        if (
+            method != "HEAD"
+            and self.status not in (204, 304)
+            and self.status >= 200
+            and "transfer-encoding" not in self.headers
+            and length.isdigit()
+        ):
+            self._remaining = int(length)
+            self._pending, _ = conn.h11.trailing_data
+            if len(self._pending) > self._remaining:
+                raise PeerError("peer sent more than its Content-Length")
+            if "close" in self.headers.get("connection", "").lower():
+                self.reusable = False
 
-    async def receive(self) -> bytes | None:
+    async def receive(self) -> bytes | bytearray | None:
         """The next piece of the body, or None once the body is complete."""
         if self.complete:
             return None
+        if self._remaining is not None:
+            return await self._receive_direct()
         conn = self._conn
         while True:
             try:
@@ -90,6 +114,39 @@ class PeerResponse:
                 self.complete = True
                 return None
             raise PeerError(f"unexpected HTTP event from peer: {type(event).__name__}")
+
+    async def _receive_direct(self) -> bytes | bytearray | None:
+        assert self._remaining is not None
+        if self._remaining == 0:
+            self.complete = True
+            # the h11 state machine never saw this body: the next request starts afresh
+            self._conn.h11 = h11.Connection(h11.CLIENT)
+            return None
+        if self._pending:
+            data, self._pending = self._pending, b""
+            self._remaining -= len(data)
+            return data
+        buffer = bytearray(min(self._read_size, self._remaining))
+        view = memoryview(buffer)
+        filled = 0
+        sock = self._conn.stream.socket
+        while filled < len(buffer):
+            try:
+                n = await sock.recv_into(view[filled:])
+            except OSError as exc:
+                raise PeerError(f"connection to peer broke: {exc}") from None
+            if n == 0:
+                if filled:
+                    break
+                raise PeerError("peer closed the connection before the body was complete")
+            filled += n
+            if filled >= len(buffer) // 4 and not _readable(sock):
+                break  # hand on what we have rather than wait for more
+        self._remaining -= filled
+        del view
+        if filled < len(buffer):
+            del buffer[filled:]
+        return buffer
 
     async def drain(self, limit: int) -> bool:
         """Drop at most `limit` body bytes; True when the body ended (connection reusable)."""
@@ -132,18 +189,16 @@ class PeerClient:
         authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         request = h11.Request(method=method, target=target, headers=[("Host", authority), *headers])
         conn, response = await self._exchange(key, request)
-        resp = PeerResponse(conn, response, self._read_size)
         reusable = False
         try:
+            resp = PeerResponse(conn, response, self._read_size, method)
             yield resp
-            reusable = (
-                resp.complete
-                and conn.h11.our_state is h11.DONE
-                and conn.h11.their_state is h11.DONE
-            )
+            if resp.complete and resp.reusable:
+                if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
+                    conn.h11.start_next_cycle()
+                reusable = conn.h11.our_state is h11.IDLE and conn.h11.their_state is h11.IDLE
         finally:
             if reusable:
-                conn.h11.start_next_cycle()
                 conn.reused = True
                 pool = self._idle.setdefault(key, [])
                 if len(pool) < self._max_idle:
@@ -204,3 +259,9 @@ class PeerClient:
             if isinstance(event, h11.Response):
                 return event
             raise PeerError(f"unexpected HTTP event from peer: {type(event).__name__}")
+
+
+def _readable(sock: trio.socket.SocketType) -> bool:
+    """True when more bytes are waiting on `sock` (a zero-timeout poll)."""
+    ready, _, _ = select.select([sock.fileno()], [], [], 0)
+    return bool(ready)
