@@ -101,6 +101,7 @@ class DebugState:
     images: Callable[[], Iterable[Any]] = lambda: ()  # names, or dicts with a "name"
     services: Callable[[], dict[str, str]] = dict
     ready: Callable[[], bool] = lambda: False
+    ready_detail: Callable[[], dict[str, bool]] = dict
     max_results: int = 50
     results: deque[MirrorResult] = field(default_factory=deque)
     last_success: float | None = None
@@ -155,6 +156,7 @@ class DebugState:
             "type": "snapshot",
             "node_id": self.node_id,
             "ready": self.ready(),
+            "readiness": self.ready_detail(),
             "now": time.time(),
             "last_success": self.last_success,
             "last_success_ago_s": None

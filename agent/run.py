@@ -13,6 +13,7 @@ the same wiring runs in-process in tests with in-memory fakes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import signal
@@ -257,6 +258,7 @@ async def run_agent(
 
     hooks = hooks or Hooks()
     shutdown = trio.Event() if shutdown is None else shutdown
+    logger.info("configuration", extra={"config": dataclasses.asdict(cfg)})
     started_at = trio.current_time()
     node_id = load_or_create_node_id(cfg.data_dir)
     psk = read_psk(cfg.dht_psk_file)
@@ -278,6 +280,7 @@ async def run_agent(
         peers=node.contacts,
         services=lambda: dict(supervisor.states),
         ready=readiness,
+        ready_detail=readiness.detail,
     )
     tap = MirrorLogTap(debug)
     registry_logger = logging.getLogger("registry")
