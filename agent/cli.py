@@ -627,8 +627,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         if args.command == "registry":
             cfg = registry_config(args)
-            configure_logging(cfg.log_level)
             from agent.run import main as run_registry
+            from agent.run import read_psk
+
+            read_psk(cfg.dht_psk_file)  # an unreadable key file is a bad flag value: fail now
+            configure_logging(cfg.log_level)
 
             return run_registry(cfg)
         configure_logging(args.log_level)

@@ -240,3 +240,59 @@ async def test_crashing_service_takes_the_agent_down(tmp_path: Any, autojump_clo
         await run_agent(
             cfg, trio.Event(), Hooks(backend=broken_backend, app=mini_app), handle_signals=False
         )
+
+
+def test_make_bootstrapper_and_psk(tmp_path: Any) -> None:
+    from agent.bootstrap import DnsBootstrap, HttpBootstrap, NoBootstrap, SelfInfo, StaticBootstrap
+    from agent.config import ConfigError
+    from agent.run import make_bootstrapper, read_psk
+
+    me = SelfInfo(bytes(32), "10.0.0.1", 5001)
+    base = RegistryConfig()
+    kinds = {
+        "none": NoBootstrap,
+        "static": StaticBootstrap,
+        "dns": DnsBootstrap,
+        "http": HttpBootstrap,
+    }
+    for kind, cls in kinds.items():
+        boot = BootstrapConfig(
+            kind=kind,
+            dns_domain="x",
+            http_url="http://10.0.0.2/id",
+            static_peers=(HostPort("10.0.0.2", 5001),),
+        )
+        cfg = RegistryConfig(bootstrap=boot)
+        assert isinstance(make_bootstrapper(cfg, me), cls)
+    with pytest.raises(ConfigError, match="advertise"):
+        make_bootstrapper(
+            RegistryConfig(bootstrap=BootstrapConfig(kind="kubernetes")),
+            SelfInfo(bytes(32), "", 5001),
+        )
+    assert base.bootstrap.kind == "none"
+    assert read_psk("") is None
+    key = tmp_path / "psk"
+    key.write_bytes(b"0123456789abcdef0123\n")
+    assert read_psk(str(key)) == b"0123456789abcdef0123"
+    key.write_bytes(b"short")
+    with pytest.raises(ConfigError, match="16 bytes"):
+        read_psk(str(key))
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_psk(str(tmp_path / "missing"))
+
+
+def test_unreadable_psk_file_is_a_one_line_usage_error(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "registry", "--dht-psk-file", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        line for line in out.stderr.strip().splitlines() if "--dht-psk-file" in line
+    ]
+    assert len(out.stderr.strip().splitlines()) == 1
