@@ -85,15 +85,17 @@ class Readiness:
     router: Router
     connected: Callable[[], bool] = lambda: False
     advertised: bool = False
+    stopping: bool = False  # set on SIGTERM: take this node out of rotation while it drains
 
     def __call__(self) -> bool:
-        return self.advertised and self.connected() and self.router.ready()
+        return not self.stopping and self.advertised and self.connected() and self.router.ready()
 
     def detail(self) -> dict[str, bool]:
         return {
             "containerd": self.connected(),
             "advertised": self.advertised,
             "router": self.router.ready(),
+            "running": not self.stopping,
         }
 
 
@@ -351,6 +353,7 @@ async def run_agent(
                     )
                     task_status.started(AgentHandle(node_id, registry_port, me.port, metrics_port))
                     await shutdown.wait()
+                    readiness.stopping = True
                     # Servers stop accepting now; give in-flight requests the grace period.
                     http_scope.deadline = trio.current_time() + cfg.shutdown_grace + 1.0
             if http_scope.cancelled_caught:
