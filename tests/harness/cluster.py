@@ -24,7 +24,8 @@ API
   ``Node.containerd``, ``Node.cri``.
 - ``.limit_upstream(mbit)`` / ``.unlimit_upstream()``: tbf on the upstream's link;
   ``.limit_node(node, mbit | None)``: the same on a node's link.
-- ``live_clusters()``, ``teardown_leftovers()``.
+- ``live_clusters()``, ``teardown_leftovers()``; ``ACTIVE`` (clusters up in this process);
+  ``log_tails(cluster, lines)`` -> {title: text} for failure reports.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from .upstream import Upstream
 UPSTREAM_PORT = 5000
 UPSTREAM_HOST = f"{netns.UPSTREAM_IP}:{UPSTREAM_PORT}"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+ACTIVE: list[Cluster] = []  # clusters up in this process (failure reports show their logs)
 
 
 def registry_dir() -> Path:
@@ -154,6 +156,7 @@ class Cluster:
         if not self.persistent:
             atexit.register(self.down)
             _exit_on_sigterm()
+        ACTIVE.append(self)
         try:
             self._save()
             netns.create(self.topology)
@@ -183,6 +186,8 @@ class Cluster:
             self._down = True
         with contextlib.suppress(Exception):
             atexit.unregister(self.down)
+        with contextlib.suppress(ValueError):
+            ACTIVE.remove(self)
         warnings: list[str] = []
         for n in self.nodes:
             for d in n.processes.values():
@@ -309,6 +314,22 @@ class Cluster:
 
     def save(self) -> None:
         self._save()
+
+
+def log_tails(cluster: Cluster, lines: int = 25) -> dict[str, str]:
+    """The last lines of every node process's log (agents, mirrors, containerd), noise dropped."""
+    out = {}
+    for n in cluster.nodes:
+        logs = {name: d.log_path for name, d in n.processes.items()}
+        logs["containerd"] = n.containerd.log_path
+        for name, path in logs.items():
+            try:
+                text = path.read_text(errors="replace").splitlines()
+            except FileNotFoundError:
+                continue
+            kept = [ln for ln in text if '"hpack' not in ln and "level=debug" not in ln]
+            out[f"{n.name} {name} ({path})"] = "\n".join(kept[-lines:])
+    return out
 
 
 def live_clusters() -> list[Path]:

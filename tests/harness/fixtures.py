@@ -14,7 +14,8 @@ Fixtures (all skip unless root with containerd, docker-registry, skopeo and ip i
 - ``cri_client`` -> ``CriClient`` on ``containerd_instance``.
 - ``cluster`` -> ``make(nodes=3, rate_mbit=None) -> Cluster`` (namespaces, upstream with test
   images, one containerd per node); torn down after the test.
-Mark such tests ``@pytest.mark.root``.
+Mark such tests ``@pytest.mark.root``.  When a test fails while a cluster is up, the report gets
+the tail of every node's agent/mirror/containerd log.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import Cluster
+from .cluster import ACTIVE, Cluster, log_tails
 from .containerd import Containerd
 from .cri import CriClient
 from .images import TestImages, build_test_set
@@ -112,3 +113,13 @@ def cluster(test_images: TestImages) -> Iterator[Callable[..., Cluster]]:
     yield make
     for c in made:
         c.down()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when == "call" and report.failed:
+        for c in ACTIVE:
+            for title, text in log_tails(c).items():
+                report.sections.append((f"log tail: {title}", text))
