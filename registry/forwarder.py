@@ -24,7 +24,7 @@ import hashlib
 import logging
 import math
 import time
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -71,6 +71,9 @@ class MirrorSettings:
     manifest_deadline: float = 3.0
     max_manifest_size: int = SNIFF_LIMIT
     user_agent: str = "spegla"
+    # a response not taking the next chunk for this long is abandoned (its client is gone, or it
+    # never started reading); this also bounds how long a peer connection can be held for it
+    consumer_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,23 +113,34 @@ class _PeerSupply:
         self._router = router
         self._key = key
         self._send, self._receive = trio.open_memory_channel[Peer](math.inf)
+        self.error: Exception | None = None
 
     async def feed(self) -> None:
         started = time.monotonic()
         seen: set[tuple[str, int]] = set()
         async with self._send:
-            async with self._router.resolve(self._key) as peers:
-                async for peer in peers:
-                    RESOLVE_DURATION.labels("dht").observe(time.monotonic() - started)
-                    if peer_key(peer) not in seen:
-                        seen.add(peer_key(peer))
-                        self._send.send_nowait(peer)
+            try:
+                async with self._router.resolve(self._key) as peers:
+                    async for peer in peers:
+                        RESOLVE_DURATION.labels("dht").observe(time.monotonic() - started)
+                        if peer_key(peer) not in seen:
+                            seen.add(peer_key(peer))
+                            self._send.send_nowait(peer)
+            except Exception as exc:
+                self.error = exc  # raised to the request by next(), not to the nursery
 
     async def next(self) -> Peer | None:
+        """The next provider; None once the lookup converged; RouterFailure if it failed."""
         try:
             return await self._receive.receive()
         except trio.EndOfChannel:
+            if self.error is not None:
+                raise RouterFailure(f"router lookup failed: {self.error!r}") from self.error
             return None
+
+
+class RouterFailure(Exception):
+    """The Router's lookup itself failed (answered with 500, like Spegel)."""
 
 
 class _Fetch:
@@ -157,13 +171,21 @@ class Forwarder:
         """Produce the mirror response for `job` on `send` (closed when done)."""
         async with send:
             state = _Run(self, job, send)
+            failure: Exception | None = None
             try:
                 await state.run()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except* (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the client went away
-            except Exception as exc:  # never let a peer's behaviour crash the app's nursery
-                logger.exception("mirror request failed", extra={"key": job.request.reference})
-                await state.fail(500, f"internal error while mirroring: {exc}", 0)
+            except* Exception as group:  # never let a peer's behaviour crash the app's nursery
+                failure = group
+            if failure is not None:
+                logger.error(
+                    "mirror request failed",
+                    exc_info=failure,
+                    extra={"key": str(job.request.reference)},
+                )
+                with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await state.fail(500, f"internal error while mirroring: {failure!r}", 0)
 
 
 class _Run:
@@ -182,13 +204,20 @@ class _Run:
         self.attempts = MirrorAttempts(self.ref.identifier, self.settings.resolve_retries, avoid)
         self.target = f"{job.request.path}?ns={quote(self.ref.registry, safe=':[]')}"
 
+    async def _emit(self, item: MirrorItem) -> None:
+        """Hand an item to the response; a response that stops reading counts as gone."""
+        with trio.move_on_after(self.settings.consumer_timeout) as scope:
+            await self.send.send(item)
+        if scope.cancelled_caught:
+            raise trio.BrokenResourceError("the response stopped reading")
+
     async def fail(self, status: int, message: str, attempts: int) -> None:
         if not self.head_sent:
             self.head_sent = True
             code = self.job.request.unknown_code
-            await self.send.send(MirrorFailure(status, code, message, attempts))
+            await self._emit(MirrorFailure(status, code, message, attempts))
         else:
-            await self.send.send(MirrorAbort(message))
+            await self._emit(MirrorAbort(message))
 
     async def run(self) -> None:
         bounded = self.is_head or not self.is_blob
@@ -308,7 +337,7 @@ class _Run:
 
     async def _send_head(self, head: MirrorHead | MirrorFailure) -> None:
         self.head_sent = True
-        await self.send.send(head)
+        await self._emit(head)
 
     async def _unsatisfiable(self, size: int) -> None:
         failure = MirrorFailure(
@@ -341,7 +370,7 @@ class _Run:
             body = await self._read_manifest(fetch)
             if body is not None:
                 await self._send_head(self._content_headers(fetch.answer, None))
-                await self.send.send(body)
+                await self._emit(body)
                 return
             await stack.aclose()
             give_up = self.attempts.fetch_failed()
@@ -391,7 +420,7 @@ class _Run:
         if size == 0:
             if digest != _sha256(b""):
                 self._quarantine(digest, [fetch.peer])
-                await self.send.send(MirrorAbort("empty content does not match its digest"))
+                await self._emit(MirrorAbort("empty content does not match its digest"))
             return
         start, end = (0, size - 1) if delivered is None else (delivered.start, delivered.end)
         hasher = hashlib.sha256()
@@ -417,13 +446,13 @@ class _Run:
                 await stack.aclose()
                 give_up = self.attempts.fetch_failed()
                 if give_up is not None:
-                    await self.send.send(MirrorAbort(give_up.message))
+                    await self._emit(MirrorAbort(give_up.message))
                     return
                 resumed = await self._fetch(
                     supply, stack, ByteRange(position, size - 1, size), size
                 )
                 if isinstance(resumed, GiveUp):
-                    await self.send.send(MirrorAbort(resumed.message))
+                    await self._emit(MirrorAbort(resumed.message))
                     return
                 contributors.append(resumed.peer)
                 response = resumed.response
@@ -441,13 +470,13 @@ class _Run:
                 if last == end:
                     piece, held = piece[:-1], piece[-1:]
                 if piece:
-                    await self.send.send(piece)
+                    await self._emit(piece)
             position += len(chunk)
         if "sha256:" + hasher.hexdigest() != digest:
             self._quarantine(digest, contributors)
-            await self.send.send(MirrorAbort(f"content from peers does not match {digest}"))
+            await self._emit(MirrorAbort(f"content from peers does not match {digest}"))
             return
-        await self.send.send(held)
+        await self._emit(held)
 
 
 def _sha256(data: bytes) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -271,3 +273,27 @@ async def test_peer_client_errors(nursery: trio.Nursery) -> None:
     with pytest.raises(PeerError, match="cannot connect"):
         async with client.request("127.0.0.1", 1, "GET", "/x"):
             pass
+
+
+async def test_a_response_that_never_reads_is_abandoned(autojump_clock: trio.abc.Clock) -> None:
+    request = ContentRequest(ContentKind.BLOB, Reference("docker.io", "a", digest=D))
+    send, receive = trio.open_memory_channel[MirrorItem](0)
+    forwarder = Forwarder(MemoryRouter(), settings=MirrorSettings(consumer_timeout=7))
+    start = trio.current_time()
+    async with receive:
+        await forwarder.run(MirrorJob(request, "GET", None), send)
+    assert trio.current_time() - start == pytest.approx(7)
+
+
+class BrokenRouter(MemoryRouter):
+    @asynccontextmanager
+    async def resolve(self, key: str) -> AsyncIterator[AsyncIterator[Peer]]:
+        raise RuntimeError("routing table on fire")
+        yield  # pragma: no cover
+
+
+async def test_router_errors_are_500s() -> None:
+    item = await run_forwarder(BrokenRouter(), MirrorSettings())
+    assert isinstance(item, MirrorFailure)
+    assert item.status == 500
+    assert "routing table on fire" in item.message
