@@ -42,7 +42,6 @@ class Flag:
     """One command-line flag and its environment twin."""
 
     name: str
-    env: str | None
     default: Any
     parse: Callable[[str], Any]
     help: str
@@ -53,6 +52,11 @@ class Flag:
     @property
     def dest(self) -> str:
         return self.name.lstrip("-").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        """The env twin, named as go-arg names it: `--registry-addr` -> `REGISTRY_ADDR`."""
+        return self.dest.upper()
 
 
 def _text(value: str) -> str:
@@ -90,305 +94,116 @@ def _optional_listen(value: str) -> Any:
     return parse_listen_addr(value) if value else None
 
 
-_LOG_LEVEL = Flag(
-    "--log-level",
-    "LOG_LEVEL",
-    "INFO",
-    parse_log_level,
-    "minimum log level: DEBUG, INFO, WARN, ERROR",
-)
-_SOCK = Flag(
-    "--containerd-sock",
-    "CONTAINERD_SOCK",
-    "/run/containerd/containerd.sock",
-    _text,
-    "containerd gRPC socket",
-    metavar="PATH",
-)
-_NAMESPACE = Flag(
-    "--containerd-namespace",
-    "CONTAINERD_NAMESPACE",
-    "k8s.io",
-    _text,
-    "containerd namespace",
-    metavar="NS",
-)
-_MIRRORED = Flag(
-    "--mirrored-registries",
-    "MIRRORED_REGISTRIES",
-    (),
-    parse_mirrored_registry,
-    "registry URLs to mirror (e.g. https://docker.io); empty, _default or * means all",
-    many=True,
-    metavar="URL",
-)
-_FILTERS = Flag(
-    "--registry-filters",
-    "REGISTRY_FILTERS",
-    (),
-    parse_regex,
-    "regexes over registry/repository[:tag]; a match is not served nor advertised (':latest$')",
-    many=True,
-    metavar="REGEX",
-)
-_CONFIG_PATH = Flag(
-    "--containerd-registry-config-path",
-    "CONTAINERD_REGISTRY_CONFIG_PATH",
-    "/etc/containerd/certs.d",
-    _text,
-    "containerd registry config_path (certs.d) directory",
-    metavar="DIR",
-)
+# fmt: off
+_LOG_LEVEL = Flag("--log-level", "INFO", parse_log_level,
+     "minimum log level: DEBUG, INFO, WARN, ERROR")
+_SOCK = Flag("--containerd-sock", "/run/containerd/containerd.sock", _text,
+     "containerd gRPC socket", metavar="PATH")
+_NAMESPACE = Flag("--containerd-namespace", "k8s.io", _text,
+     "containerd namespace", metavar="NS")
+_MIRRORED = Flag("--mirrored-registries", (), parse_mirrored_registry,
+     "registry URLs to mirror (e.g. https://docker.io); empty, _default or * means all",
+     many=True, metavar="URL")
+_FILTERS = Flag("--registry-filters", (), parse_regex,
+     "regexes over registry/repository[:tag]; a match is not served nor advertised (':latest$')",
+     many=True, metavar="REGEX")
+_CONFIG_PATH = Flag("--containerd-registry-config-path", "/etc/containerd/certs.d", _text,
+     "containerd registry config_path (certs.d) directory", metavar="DIR")
 
 _FLAGS: dict[str, tuple[Flag, ...]] = {
     "registry": (
         _LOG_LEVEL,
-        Flag(
-            "--registry-addr",
-            "REGISTRY_ADDR",
-            ":5000",
-            parse_listen_addr,
-            "registry HTTP listen address; its port is every peer's registry port",
-            metavar="ADDR",
-        ),
-        Flag(
-            "--router-addr",
-            "ROUTER_ADDR",
-            ":5001",
-            parse_listen_addr,
-            "DHT (UDP) listen address",
-            metavar="ADDR",
-        ),
-        Flag(
-            "--metrics-addr",
-            "METRICS_ADDR",
-            ":9090",
-            parse_listen_addr,
-            "serves /metrics, /debug/tasks and /debug/web",
-            metavar="ADDR",
-        ),
+        Flag("--registry-addr", ":5000", parse_listen_addr,
+             "registry HTTP listen address; its port is every peer's registry port",
+             metavar="ADDR"),
+        Flag("--router-addr", ":5001", parse_listen_addr,
+             "DHT (UDP) listen address", metavar="ADDR"),
+        Flag("--metrics-addr", ":9090", parse_listen_addr,
+             "serves /metrics, /debug/tasks and /debug/web", metavar="ADDR"),
         _SOCK,
         _NAMESPACE,
-        Flag(
-            "--containerd-content-path",
-            "CONTAINERD_CONTENT_PATH",
-            "/var/lib/containerd/io.containerd.content.v1.content",
-            _text,
-            "containerd content directory read directly; empty means stream blobs over gRPC",
-            metavar="DIR",
-        ),
+        Flag("--containerd-content-path",
+             "/var/lib/containerd/io.containerd.content.v1.content", _text,
+             "containerd content directory read directly; empty means stream blobs over gRPC",
+             metavar="DIR"),
         _MIRRORED,
         _FILTERS,
-        Flag(
-            "--mirror-resolve-timeout",
-            "MIRROR_RESOLVE_TIMEOUT",
-            "20ms",
-            parse_duration,
-            "how long to wait for a peer before each retry (Go duration)",
-            metavar="DURATION",
-        ),
-        Flag(
-            "--mirror-resolve-retries",
-            "MIRROR_RESOLVE_RETRIES",
-            "3",
-            _int,
-            "peer look-up attempts per request",
-            metavar="N",
-        ),
-        Flag(
-            "--bootstrap-kind",
-            "BOOTSTRAP_KIND",
-            "none",
-            _kind,
-            f"how to find the first peers: {', '.join(BOOTSTRAP_KINDS)}",
-            metavar="KIND",
-        ),
-        Flag(
-            "--dns-bootstrap-domain",
-            "DNS_BOOTSTRAP_DOMAIN",
-            "",
-            _text,
-            "dns: headless Service name; first 3 A and 3 AAAA records (sorted) are the seeds",
-            metavar="DOMAIN",
-        ),
-        Flag(
-            "--http-bootstrap-addr",
-            "HTTP_BOOTSTRAP_ADDR",
-            "",
-            _optional_listen,
-            "http: address to serve GET /id on (empty: don't serve)",
-            metavar="ADDR",
-        ),
-        Flag(
-            "--http-bootstrap-url",
-            "HTTP_BOOTSTRAP_URL",
-            "",
-            _http_url,
-            "http: URL answering like /id, fetched for the seed peers",
-            metavar="URL",
-        ),
-        Flag(
-            "--static-bootstrap-peers",
-            "STATIC_BOOTSTRAP_PEERS",
-            (),
-            parse_peer,
-            "static: seed peers as host:port (the DHT port)",
-            many=True,
-            metavar="HOST:PORT",
-        ),
-        Flag(
-            "--kubeconfig",
-            "KUBECONFIG",
-            "",
-            _text,
-            "kubernetes: kubeconfig file (empty: in-cluster service account)",
-            metavar="PATH",
-        ),
-        Flag(
-            "--leader-election-name",
-            "LEADER_ELECTION_NAME",
-            "spegla-leader-election",
-            _text,
-            "kubernetes: Lease name",
-            metavar="NAME",
-        ),
-        Flag(
-            "--leader-election-namespace",
-            "LEADER_ELECTION_NAMESPACE",
-            "spegla",
-            _text,
-            "kubernetes: Lease namespace",
-            metavar="NS",
-        ),
-        Flag(
-            "--data-dir",
-            "DATA_DIR",
-            "",
-            _text,
-            "directory keeping the node id across restarts (empty: new id per start)",
-            metavar="DIR",
-        ),
-        Flag(
-            "--debug-web-enabled",
-            "DEBUG_WEB_ENABLED",
-            "true",
-            parse_bool,
-            "serve /debug/web on the metrics address",
-            boolean=True,
-        ),
-        Flag(
-            "--advertise-addr",
-            "ADVERTISE_ADDR",
-            "",
-            _text,
-            "IP peers reach this node on (default: detected; set it to the pod IP)",
-            metavar="IP",
-        ),
-        Flag(
-            "--dht-psk-file",
-            "DHT_PSK_FILE",
-            "",
-            _text,
-            "file holding a pre-shared key: only nodes with the same key join the DHT",
-            metavar="PATH",
-        ),
-        Flag(
-            "--standalone",
-            "STANDALONE",
-            "false",
-            parse_bool,
-            "ready without any peer (a single-node cluster)",
-            boolean=True,
-        ),
-        Flag(
-            "--shutdown-grace",
-            "SHUTDOWN_GRACE",
-            "5s",
-            parse_duration,
-            "on SIGTERM, how long in-flight requests may finish",
-            metavar="DURATION",
-        ),
-        Flag(
-            "--state-refresh",
-            "STATE_REFRESH",
-            "9m",
-            parse_duration,
-            "full re-scan and re-advertise of containerd content",
-            metavar="DURATION",
-        ),
+        Flag("--mirror-resolve-timeout", "20ms", parse_duration,
+             "how long to wait for a peer before each retry (Go duration)", metavar="DURATION"),
+        Flag("--mirror-resolve-retries", "3", _int,
+             "peer look-up attempts per request", metavar="N"),
+        Flag("--bootstrap-kind", "none", _kind,
+             "how to find the first peers: dns, http, static, kubernetes, none", metavar="KIND"),
+        Flag("--dns-bootstrap-domain", "", _text,
+             "dns: headless Service name; first 3 A and 3 AAAA records (sorted) are the seeds",
+             metavar="DOMAIN"),
+        Flag("--http-bootstrap-addr", "", _optional_listen,
+             "http: address to serve GET /id on (empty: don't serve)", metavar="ADDR"),
+        Flag("--http-bootstrap-url", "", _http_url,
+             "http: URL answering like /id, fetched for the seed peers", metavar="URL"),
+        Flag("--static-bootstrap-peers", (), parse_peer,
+             "static: seed peers as host:port (the DHT port)", many=True, metavar="HOST:PORT"),
+        Flag("--kubeconfig", "", _text,
+             "kubernetes: kubeconfig file (empty: in-cluster service account)", metavar="PATH"),
+        Flag("--leader-election-name", "spegla-leader-election", _text,
+             "kubernetes: Lease name", metavar="NAME"),
+        Flag("--leader-election-namespace", "spegla", _text,
+             "kubernetes: Lease namespace", metavar="NS"),
+        Flag("--data-dir", "", _text,
+             "directory keeping the node id across restarts (empty: new id per start)",
+             metavar="DIR"),
+        Flag("--debug-web-enabled", "true", parse_bool,
+             "serve /debug/web on the metrics address", boolean=True),
+        Flag("--advertise-addr", "", _text,
+             "IP peers reach this node on (default: detected; set it to the pod IP)", metavar="IP"),
+        Flag("--dht-psk-file", "", _text,
+             "file holding a pre-shared key: only nodes with the same key join the DHT",
+             metavar="PATH"),
+        Flag("--standalone", "false", parse_bool,
+             "ready without any peer (a single-node cluster)", boolean=True),
+        Flag("--shutdown-grace", "5s", parse_duration,
+             "on SIGTERM, how long in-flight requests may finish", metavar="DURATION"),
+        Flag("--state-refresh", "9m", parse_duration,
+             "full re-scan and re-advertise of containerd content", metavar="DURATION"),
     ),
     "configuration": (
         _LOG_LEVEL,
         _CONFIG_PATH,
         _MIRRORED,
-        Flag(
-            "--mirror-targets",
-            "MIRROR_TARGETS",
-            (),
-            _mirror_target,
-            "mirror URLs containerd tries first, in order (required)",
-            many=True,
-            metavar="URL",
-        ),
-        Flag(
-            "--resolve-tags",
-            "RESOLVE_TAGS",
-            "true",
-            parse_bool,
-            "let mirrors resolve tags (capabilities pull+resolve, else pull)",
-            boolean=True,
-        ),
-        Flag(
-            "--prepend-existing",
-            "PREPEND_EXISTING",
-            "false",
-            parse_bool,
-            "keep the mirrors that were configured before, after ours",
-            boolean=True,
-        ),
-        Flag(
-            "--dial-timeout",
-            "DIAL_TIMEOUT",
-            "200ms",
-            parse_duration,
-            "dial_timeout written for each mirror (containerd >= 2.1 honours it)",
-            metavar="DURATION",
-        ),
+        Flag("--mirror-targets", (), _mirror_target,
+             "mirror URLs containerd tries first, in order (required)", many=True, metavar="URL"),
+        Flag("--resolve-tags", "true", parse_bool,
+             "let mirrors resolve tags (capabilities pull+resolve, else pull)", boolean=True),
+        Flag("--prepend-existing", "false", parse_bool,
+             "keep the mirrors that were configured before, after ours", boolean=True),
+        Flag("--dial-timeout", "200ms", parse_duration,
+             "dial_timeout written for each mirror (containerd >= 2.1 honours it)",
+             metavar="DURATION"),
     ),
     "cleanup": (
         _LOG_LEVEL,
         _CONFIG_PATH,
-        Flag(
-            "--addr",
-            "ADDR",
-            "",
-            _optional_listen,
-            "after restoring, answer 200 on this address until terminated",
-            metavar="ADDR",
-        ),
+        Flag("--addr", "", _optional_listen,
+             "after restoring, answer 200 on this address until terminated", metavar="ADDR"),
     ),
     "cleanup-wait": (
         _LOG_LEVEL,
-        Flag(
-            "--probe-endpoint",
-            "PROBE_ENDPOINT",
-            "",
-            _probe_endpoint,
-            "host:port of the cleanup pods' headless Service (required)",
-            metavar="HOST:PORT",
-        ),
-        Flag(
-            "--threshold",
-            "THRESHOLD",
-            "3",
-            _int,
-            "consecutive all-ready rounds needed",
-            metavar="N",
-        ),
-        Flag("--period", "PERIOD", "2s", parse_duration, "time between rounds", metavar="DURATION"),
+        Flag("--probe-endpoint", "", _probe_endpoint,
+             "host:port of the cleanup pods' headless Service (required)", metavar="HOST:PORT"),
+        Flag("--threshold", "3", _int,
+             "consecutive all-ready rounds needed", metavar="N"),
+        Flag("--period", "2s", parse_duration,
+             "time between rounds", metavar="DURATION"),
     ),
-    "keys": (_LOG_LEVEL, _SOCK, _NAMESPACE, _MIRRORED, _FILTERS),
+    "keys": (
+        _LOG_LEVEL,
+        _SOCK,
+        _NAMESPACE,
+        _MIRRORED,
+        _FILTERS,
+    ),
 }
+# fmt: on
 
 _DESCRIPTIONS = {
     "registry": "run the node agent: DHT, containerd state tracker, mirror, metrics and debug",
