@@ -256,6 +256,8 @@ class RegistryConfig:
             raise ConfigError(
                 "--bootstrap-kind=http needs --http-bootstrap-url and/or --http-bootstrap-addr"
             )
+        if self.registry_addr.port == 0:
+            raise ConfigError("--registry-addr needs a fixed port: peers fetch from that port")
         if self.mirror_resolve_retries < 1:
             raise ConfigError("--mirror-resolve-retries must be at least 1")
         if self.mirror_resolve_timeout <= 0:

@@ -340,6 +340,7 @@ async def run_agent(
                     root.start_soon(
                         _run_state, supervisor, backend, readiness, started_at, name="state"
                     )
+                    root.start_soon(_announce_ready, readiness, started_at, name="ready-watch")
                     logger.info(
                         "agent started",
                         extra={
@@ -375,6 +376,15 @@ async def _run_state(
             "containerd state advertised",
             extra={"elapsed_s": round(trio.current_time() - started_at, 3), **readiness.detail()},
         )
+
+
+async def _announce_ready(readiness: Readiness, started_at: float) -> None:
+    """Log once when the agent first becomes ready, with the time it took."""
+    while not readiness():  # noqa: ASYNC110 (readiness is a condition over several services)
+        await trio.sleep(0.05)
+    logger.info(
+        "agent ready", extra={"start_to_ready_s": round(trio.current_time() - started_at, 3)}
+    )
 
 
 def main(cfg: RegistryConfig) -> int:

@@ -128,6 +128,7 @@ def test_agent_process_ready_metrics_signals(
     records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     messages = [r["msg"] for r in records]
     assert "agent started" in messages and "exit gracefully" in messages
+    assert "agent ready" in messages
     assert all({"time", "level", "logger", "msg"} <= r.keys() for r in records)
 
 

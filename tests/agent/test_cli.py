@@ -103,6 +103,7 @@ def test_bool_flags() -> None:
         (["--registry-filters", "("], {}, "regex"),
         (["--bootstrap-kind=dns"], {}, "--dns-bootstrap-domain"),
         (["--mirror-resolve-retries=0"], {}, "at least 1"),
+        (["--registry-addr=:0"], {}, "fixed port"),
         (["--debug-web-enabled=maybe"], {}, "boolean"),
         (["--no-such-flag"], {}, "unrecognized"),
         (["--data", "/x"], {}, "unrecognized"),  # no abbreviations of --data-dir
