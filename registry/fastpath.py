@@ -235,7 +235,9 @@ class _FrontDoor:
         context: WorkerContext,
         state: dict[str, Any],
         stats: FastPathStats,
+        head_timeout: float,
     ) -> None:
+        self.head_timeout = head_timeout
         self.app = app
         self.hypercorn_app = hypercorn_app
         self.config = config
@@ -251,6 +253,16 @@ class _FrontDoor:
             scope.cancel()
 
     async def connection(self, stream: trio.SocketStream) -> None:
+        """Serve one client connection; whatever happens, only this connection is affected."""
+        try:
+            await self._connection(stream)
+        except Exception:
+            logger.exception("registry connection failed")
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
         buffer = b""
         try:
             while True:
@@ -299,8 +311,9 @@ class _FrontDoor:
     async def _receive(self, stream: trio.SocketStream, *, idle: bool) -> bytes:
         """Read more of a request head; between requests, give up after the keep-alive timeout."""
         if not idle:
-            with trio.fail_after(self.config.read_timeout or 60):
+            with trio.move_on_after(self.head_timeout):
                 return bytes(await stream.receive_some(READ_SIZE))
+            return b""  # a head trickling in slower than head_timeout: hang up
         with trio.move_on_after(self.config.keep_alive_timeout) as scope:
             self.idle.add(scope)
             try:
@@ -379,14 +392,18 @@ async def serve_front_door(
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None,
     stats: FastPathStats,
+    head_timeout: float = 10.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve on the listening `sock` until `shutdown_trigger` returns, then drain gracefully."""
+    """Serve on the listening `sock` until `shutdown_trigger` returns, then drain gracefully.
+
+    A request head must arrive within `head_timeout` seconds once it has started.
+    """
     hypercorn_app = wrap_app(app, config.wsgi_max_body_size, None)
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(hypercorn_app, config, lifespan_state)
     context = WorkerContext(None)
-    door = _FrontDoor(app, hypercorn_app, config, context, lifespan_state, stats)
+    door = _FrontDoor(app, hypercorn_app, config, context, lifespan_state, stats, head_timeout)
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()

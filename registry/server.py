@@ -46,6 +46,7 @@ async def serve_registry(
     graceful_timeout: float = 3.0,
     zero_copy: bool = True,
     stats: FastPathStats | None = None,
+    head_timeout: float = 10.0,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` on host:port until `shutdown_trigger` returns; `task_status.started(port)`."""
@@ -62,6 +63,7 @@ async def serve_registry(
                     sock,
                     shutdown_trigger=shutdown_trigger,
                     stats=stats or FastPathStats(),
+                    head_timeout=head_timeout,
                     task_status=task_status,
                 )
             )

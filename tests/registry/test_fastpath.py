@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import h11
 import pytest
@@ -201,6 +202,43 @@ async def test_content_gone_before_sending_is_left_to_the_app(
         while await stream.receive_some(1 << 16):
             pass
     assert (stats.served, stats.passed_on) == (0, 1)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    status, _, _ = await exchange(stream, h11.Connection(h11.CLIENT), "/v2/")
+    assert status == 200
+
+
+async def test_slow_heads_are_cut_off(nursery: trio.Nursery, tmp_path: Path) -> None:
+    app = create_app(MemoryContentStore(), MemoryRouter())
+    port = await nursery.start(
+        functools.partial(serve_registry, app, "127.0.0.1", 0, head_timeout=0.2)
+    )
+    slow = await trio.open_tcp_stream("127.0.0.1", port)
+    await slow.send_all(b"GET /v2/ HTTP/1.1\r\nHost")
+    with trio.fail_after(5):  # hang guard
+        assert await slow.receive_some(10) == b""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    status, _, _ = await exchange(stream, h11.Connection(h11.CLIENT), "/v2/")
+    assert status == 200
+
+
+class ExplodingStore(MemoryContentStore):
+    def open(self, digest: str) -> Any:
+        raise RuntimeError("store exploded")  # neither OSError nor ContentNotFound
+
+
+async def test_a_failing_store_costs_one_connection_at_most(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    store = ExplodingStore()
+    content = fill(store, files=tmp_path)
+    app = create_app(store, MemoryRouter())
+    port = await nursery.start(functools.partial(serve_registry, app, "127.0.0.1", 0))
+    for _ in range(2):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        target = f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
+        await stream.send_all(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        with trio.fail_after(5):  # hang guard
+            assert await stream.receive_some(1 << 16) == b""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     status, _, _ = await exchange(stream, h11.Connection(h11.CLIENT), "/v2/")
     assert status == 200
