@@ -18,11 +18,32 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
+from registry.app import MirrorAborted
 from registry.fastpath import FastPathStats, serve_front_door
 
 __all__ = ["hypercorn_config", "serve_registry"]
 
 logger = logging.getLogger(__name__)
+
+
+class _DropMirrorAborts(logging.Filter):
+    """A mirrored body cut short on purpose (bad peer bytes) is logged by the forwarder; Hypercorn
+    would add a traceback ("Error in ASGI Framework") for the same event."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _contains_abort(record.exc_info[1] if record.exc_info else None)
+
+
+def _contains_abort(exc: BaseException | None) -> bool:
+    if isinstance(exc, MirrorAborted):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_contains_abort(inner) for inner in exc.exceptions)
+    return False
+
+
+_ERROR_LOG = logging.getLogger("hypercorn.error")
+_ERROR_LOG.addFilter(_DropMirrorAborts())
 
 
 def hypercorn_config(host: str, port: int, *, graceful_timeout: float = 3.0) -> Config:
@@ -33,7 +54,7 @@ def hypercorn_config(host: str, port: int, *, graceful_timeout: float = 3.0) -> 
     config.keep_alive_timeout = 30.0
     config.include_server_header = False
     config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
+    config.errorlog = _ERROR_LOG
     return config
 
 

@@ -248,7 +248,10 @@ async def test_lying_peer_manifest_is_never_passed_on(
 
 
 async def test_lying_peer_blob_aborts_before_last_byte(
-    start_node: StartNode, network: MemoryNetwork, start_scripted: StartScripted
+    start_node: StartNode,
+    network: MemoryNetwork,
+    start_scripted: StartScripted,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     provider, content, client = await provider_and_client(start_node, network)
     forged = bytearray(content.layer_bytes)
@@ -271,6 +274,8 @@ async def test_lying_peer_blob_aborts_before_last_byte(
         again = await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")
     assert again.content == content.layer_bytes
     assert len(liar.requests) == 1
+    assert "quarantined" in caplog.text
+    assert "Error in ASGI Framework" not in caplog.text  # the abort is not a crash
 
 
 async def test_peer_with_wrong_digest_header_is_skipped(
