@@ -40,7 +40,6 @@ class PeerError(Exception):
 class _Connection:
     stream: trio.SocketStream
     h11: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
-    reused: bool = False
 
 
 class PeerResponse:
@@ -148,16 +147,6 @@ class PeerResponse:
             del buffer[filled:]
         return buffer
 
-    async def drain(self, limit: int) -> bool:
-        """Drop at most `limit` body bytes; True when the body ended (connection reusable)."""
-        seen = 0
-        while seen <= limit:
-            chunk = await self.receive()
-            if chunk is None:
-                return True
-            seen += len(chunk)
-        return False
-
 
 class PeerClient:
     """Opens requests to peers, reusing idle keep-alive connections (`max_idle` per peer)."""
@@ -199,7 +188,6 @@ class PeerClient:
                 reusable = conn.h11.our_state is h11.IDLE and conn.h11.their_state is h11.IDLE
         finally:
             if reusable:
-                conn.reused = True
                 pool = self._idle.setdefault(key, [])
                 if len(pool) < self._max_idle:
                     pool.append(conn)
