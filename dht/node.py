@@ -21,8 +21,9 @@ from typing import Any
 
 import trio
 
+from dht.config import ProtocolConfig, Statistics
 from dht.effects import BootstrapDone, Effect, LookupDone, ProvidersFound, Send
-from dht.protocol import DhtProtocol, ProtocolConfig, Statistics
+from dht.protocol import DhtProtocol
 from registry.interfaces import Peer
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from dht import codec
-from dht.announce import AnnounceSchedule
+from dht.announce import AnnouncePacer, AnnounceSchedule
 from dht.codec import (
     Ack,
     AddProvider,
@@ -28,8 +28,10 @@ from dht.codec import (
     Pong,
     Providers,
 )
+from dht.config import ProtocolConfig as ProtocolConfig
+from dht.config import Statistics as Statistics
 from dht.effects import BootstrapDone, Effect, LookupDone, ProvidersFound, Send
-from dht.ids import ID_BITS, ID_BYTES, Contact, ProviderInfo, key_id, random_id_in_bucket
+from dht.ids import ID_BITS, Contact, ProviderInfo, key_id, random_id_in_bucket
 from dht.lookup import Lookup
 from dht.providers import ProviderStore
 from dht.ratelimit import SourceLimiter
@@ -43,60 +45,11 @@ P_LOOKUP, P_EVICT_PING, P_BOOTSTRAP, P_ADD = range(4)
 # lookup purposes
 L_RESOLVE, L_ANNOUNCE, L_JOIN, L_REFRESH = range(4)
 # timer kinds
-T_STALL, T_TIMEOUT, T_MAINTENANCE, T_DUE = range(4)
+T_STALL, T_TIMEOUT, T_MAINTENANCE, T_DUE, T_PACE = range(5)
 
 BOOTSTRAP_TRIES = 3
 
 _REPLY_TYPE = {Ping: Pong, FindNode: Nodes, GetProviders: Providers, AddProvider: Ack}
-
-
-@dataclass(frozen=True, slots=True)
-class ProtocolConfig:
-    node_id: bytes
-    registry_port: int
-    k: int = 20
-    alpha: int = 3
-    ttl: float = 600.0  # how long others keep our records
-    refresh: float = 540.0  # how often we re-announce our keys
-    psk: bytes | None = None  # cluster pre-shared key: HMAC on every datagram
-    rpc_stall: float = 0.01  # a lookup stops waiting for a request after this and asks someone else
-    rpc_timeout: float = 0.5  # after this a request has failed
-    rate: float = 2000.0  # datagrams per second per source IP
-    burst: float = 4000.0
-    announce_concurrency: int = 8  # announce jobs (lookup + ADD_PROVIDERs) running at once
-    bucket_refresh: float = 900.0  # refresh a bucket nobody looked into for this long
-    maintenance_every: float = 30.0
-    join_refresh: int = 3  # after joining, fill this many of the farthest buckets (half the space…)
-
-    def __post_init__(self) -> None:
-        if len(self.node_id) != ID_BYTES:
-            raise ValueError("node_id must be 32 bytes")
-        if not 0 < self.registry_port < 65536:
-            raise ValueError("registry_port must be in 1..65535")
-        if not (0 < self.refresh and 0 < self.ttl):
-            raise ValueError("refresh and ttl must be positive")
-        if self.refresh >= self.ttl:
-            raise ValueError("refresh must be shorter than ttl, or records lapse between announces")
-        if self.k < 1 or self.alpha < 1 or self.announce_concurrency < 1:
-            raise ValueError("k, alpha and announce_concurrency must be at least 1")
-
-
-@dataclass(frozen=True, slots=True)
-class Statistics:
-    table_size: int
-    records_held: int
-    keys_advertised: int
-    announces_queued: int
-    lookups_active: int
-    rpcs_sent: int
-    rpcs_received: int
-    rpcs_timed_out: int
-    bad_datagrams: int
-    rate_limited: int
-    tokens_refused: int
-    unexpected_replies: int
-    datagrams_sent: int
-    datagrams_received: int
 
 
 @dataclass(slots=True)
@@ -146,6 +99,8 @@ class DhtProtocol:
         self._maintenance_at: float | None = None
         self._due_at: float | None = None
         self._starting = False
+        self.pacer = AnnouncePacer(config.announce_rate, config.announce_burst)
+        self._pace_timer: float | None = None
         self._c = dict.fromkeys(
             (
                 "rpcs_sent rpcs_received rpcs_timed_out bad_datagrams rate_limited tokens_refused"
@@ -255,6 +210,10 @@ class DhtProtocol:
                 if when == self._maintenance_at:
                     self._maintenance_at = None
                     self._maintenance(now, out)
+            elif kind == T_PACE:
+                if when == self._pace_timer:
+                    self._pace_timer = None
+                    self._start_announces(now, out)
             elif kind == T_DUE:
                 if when == self._due_at:
                     self._due_at = None
@@ -445,6 +404,13 @@ class DhtProtocol:
         self._starting = True
         try:
             while self._announcing < self.config.announce_concurrency:
+                if not self.schedule.queued():
+                    return
+                if not self.pacer.take(now):
+                    if self._pace_timer is None:
+                        self._pace_timer = self.pacer.next_token_at(now)
+                        self._timer(self._pace_timer, T_PACE, 0)
+                    return
                 kid = self.schedule.pop_queued()
                 if kid is None:
                     return

@@ -111,6 +111,10 @@ def test_thousands_of_keys_are_announced_paced_not_in_one_burst() -> None:
     assert len(sends) <= cfg.announce_concurrency * cfg.alpha
     assert nodes[0].protocol.statistics().announces_queued == 1000 - cfg.announce_concurrency
     net.apply(nodes[0], effects)
+    net.run_for(1.0)
+    # at most the burst plus one second's rate have started
+    started = 1000 - nodes[0].protocol.statistics().announces_queued
+    assert started <= cfg.announce_burst + cfg.announce_rate + 1
     net.run_for(60.0)
     assert nodes[0].protocol.statistics().announces_queued == 0
     assert len(holders(net, keys[567])) >= 20

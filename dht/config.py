@@ -1,0 +1,64 @@
+"""The protocol's settings and counters, kept apart from the state machine that uses them.
+
+Why: the driver, the simulator and the bench build configurations and read statistics without
+needing the protocol's internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dht.ids import ID_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolConfig:
+    node_id: bytes
+    registry_port: int
+    k: int = 20
+    alpha: int = 3
+    ttl: float = 600.0  # how long others keep our records
+    refresh: float = 540.0  # how often we re-announce our keys
+    psk: bytes | None = None  # cluster pre-shared key: HMAC on every datagram
+    rpc_stall: float = 0.01  # a lookup stops waiting for a request after this and asks someone else
+    rpc_timeout: float = 0.5  # after this a request has failed
+    rate: float = 2000.0  # datagrams per second per source IP
+    burst: float = 4000.0
+    announce_concurrency: int = 8  # announce jobs (lookup + ADD_PROVIDERs) running at once
+    announce_rate: float = 50.0  # announce jobs started per second, at most (after a burst)
+    announce_burst: float = 50.0
+    bucket_refresh: float = 900.0  # refresh a bucket nobody looked into for this long
+    maintenance_every: float = 30.0
+    join_refresh: int = 3  # after joining, fill this many of the farthest buckets (half the space…)
+
+    def __post_init__(self) -> None:
+        if len(self.node_id) != ID_BYTES:
+            raise ValueError("node_id must be 32 bytes")
+        if not 0 < self.registry_port < 65536:
+            raise ValueError("registry_port must be in 1..65535")
+        if not (0 < self.refresh and 0 < self.ttl):
+            raise ValueError("refresh and ttl must be positive")
+        if self.refresh >= self.ttl:
+            raise ValueError("refresh must be shorter than ttl, or records lapse between announces")
+        if self.announce_rate <= 0 or self.announce_burst < 1:
+            raise ValueError("announce_rate must be positive and announce_burst at least 1")
+        if self.k < 1 or self.alpha < 1 or self.announce_concurrency < 1:
+            raise ValueError("k, alpha and announce_concurrency must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Statistics:
+    table_size: int
+    records_held: int
+    keys_advertised: int
+    announces_queued: int
+    lookups_active: int
+    rpcs_sent: int
+    rpcs_received: int
+    rpcs_timed_out: int
+    bad_datagrams: int
+    rate_limited: int
+    tokens_refused: int
+    unexpected_replies: int
+    datagrams_sent: int
+    datagrams_received: int
