@@ -46,7 +46,7 @@ from agent.debug import (
 )
 from agent.identity import load_or_create_node_id
 from agent.metrics_server import create_metrics_app, serve_app
-from agent.supervise import ServiceFailed, Supervisor
+from agent.supervise import RestartPolicy, ServiceFailed, Supervisor
 from registry.interfaces import ContentStore, Router
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class Hooks:
     app: AppFactory | None = None
     serve_registry: ServeRegistry | None = None
     bootstrapper: Bootstrapper | None = None
+    policy: RestartPolicy | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -275,7 +276,7 @@ async def run_agent(
         )
     )
     router: Router = hooks.extra.get("router", node.router)
-    supervisor = Supervisor()
+    supervisor = Supervisor(hooks.policy or RestartPolicy())
     readiness = Readiness(router)
     debug = DebugState(
         node_id=node_id.hex(),
@@ -387,11 +388,11 @@ async def _announce_ready(readiness: Readiness, started_at: float) -> None:
     )
 
 
-def main(cfg: RegistryConfig) -> int:
+def main(cfg: RegistryConfig, hooks: Hooks | None = None) -> int:
     """Blocking entry for the CLI: 0 after a signal, 1 when a service keeps failing."""
     code = 0
     try:
-        trio.run(run_agent, cfg)
+        trio.run(functools.partial(run_agent, cfg, hooks=hooks))
     except* ServiceFailed as group:
         for exc in group.exceptions:
             logger.error("agent stopping: a service keeps failing", extra={"error": str(exc)})

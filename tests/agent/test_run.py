@@ -296,3 +296,26 @@ def test_unreadable_psk_file_is_a_one_line_usage_error(tmp_path: Any) -> None:
         line for line in out.stderr.strip().splitlines() if "--dht-psk-file" in line
     ]
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_main_exits_1_when_a_service_keeps_crashing(tmp_path: Any) -> None:
+    from agent.run import main
+    from agent.supervise import RestartPolicy
+
+    starts = 0
+
+    @asynccontextmanager
+    async def broken_backend(cfg: RegistryConfig, router: Router) -> AsyncIterator[Backend]:
+        async def run_tracker(
+            *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
+            nonlocal starts
+            starts += 1
+            raise OSError("containerd socket vanished")
+
+        yield Backend(store=MemoryContentStore(), run_tracker=run_tracker)
+
+    fast = RestartPolicy(initial_backoff=0.01, max_backoff=0.05, max_restarts=3, window=60)
+    hooks = Hooks(backend=broken_backend, app=mini_app, policy=fast)
+    assert main(config(str(tmp_path), standalone=True), hooks) == 1
+    assert starts == 4
