@@ -231,7 +231,7 @@ class Node:
                 continue
             for info in infos:
                 addr = _normalize(info[4])
-                if addr != self._bound and addr not in resolved:
+                if addr not in resolved:
                     resolved.append(addr)
         job_id, effects = self.protocol.bootstrap(resolved, trio.current_time())
         done = self._bootstraps[job_id] = trio.Event()

@@ -191,8 +191,11 @@ class DhtProtocol:
         except DecodeError:
             self._c["bad_datagrams"] += 1
             return out
-        if msg.sender == self.node_id:
-            self._c["bad_datagrams"] += 1  # our own datagram, looped back
+        if msg.sender == self.node_id:  # our own datagram came back: a seed address is us
+            pending = self._pending.get(msg.txid)
+            if isinstance(msg, Ping) and pending is not None and pending.purpose == P_BOOTSTRAP:
+                del self._pending[msg.txid]
+                self._bootstrap_step(pending.ref, now, out)
             return out
         if isinstance(msg, codec.REQUEST_TYPES):
             self._c["rpcs_received"] += 1
@@ -456,7 +459,8 @@ class DhtProtocol:
         if not len(self.table) and self._bootstrap_addrs and not self._bootstraps:
             self._bootstrap(self._bootstrap_addrs, now, out)  # cut off: try the seeds again
         refreshing = sum(1 for j in self._lookups.values() if j.purpose == L_REFRESH)
-        for index in self.table.stale_buckets(now, self.config.bucket_refresh)[: 3 - refreshing]:
+        stale = self.table.stale_buckets(now, self.config.bucket_refresh)
+        for index in stale[: max(0, 3 - refreshing)]:
             target = random_id_in_bucket(self.node_id, index, self.rng)
             self._pump(self._new_lookup(target, L_REFRESH, now), now, out)
         self._ensure_maintenance(now, out)

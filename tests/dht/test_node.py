@@ -143,6 +143,17 @@ async def test_psk_mismatch_keeps_nodes_apart() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_bootstrapping_through_itself_ends_without_a_timeout() -> None:
+    async with trio.open_nursery() as nursery:
+        node = make(1, rpc_timeout=120.0, rpc_stall=60.0)
+        await nursery.start(node.serve)
+        assert node.bound is not None
+        with trio.fail_after(10):  # a hang guard: a timeout would take 120 s
+            await node.bootstrap([node.bound])
+        assert node.statistics().bad_datagrams == 0 and not node.router.ready()
+        nursery.cancel_scope.cancel()
+
+
 async def test_standalone_is_ready_alone_and_bootstrap_can_repeat() -> None:
     async with trio.open_nursery() as nursery:
         alone = make(1, standalone=True)
