@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -102,6 +102,7 @@ class DebugState:
     services: Callable[[], dict[str, str]] = dict
     ready: Callable[[], bool] = lambda: False
     ready_detail: Callable[[], dict[str, bool]] = dict
+    sections: dict[str, Callable[[], Mapping[str, Any]]] = field(default_factory=dict)
     max_results: int = 50
     results: deque[MirrorResult] = field(default_factory=deque)
     last_success: float | None = None
@@ -166,7 +167,15 @@ class DebugState:
             "images": images,
             "results": [asdict(r) for r in self.results],
             "services": self.services(),
+            "stats": {name: _section(read) for name, read in self.sections.items()},
         }
+
+
+def _section(read: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
+    try:
+        return {str(k): _plain(v) for k, v in read().items()}
+    except Exception as exc:  # a debug view must not fail because one source did
+        return {"error": repr(exc)}
 
 
 def _describe_peer(peer: Any) -> dict[str, Any]:

@@ -60,6 +60,7 @@ class Backend:
     run_tracker: Callable[..., Any]  # service: started() after the first full advertise
     connected: Callable[[], bool] = lambda: True
     images: Callable[[], list[Any]] = list  # names or dicts (AdvertisedImage.as_dict)
+    stats: Callable[[], dict[str, Any]] = dict
 
 
 BackendFactory = Callable[[RegistryConfig, Router], AbstractAsyncContextManager[Backend]]
@@ -136,6 +137,7 @@ async def containerd_backend(cfg: RegistryConfig, router: Router) -> AsyncIterat
             run_tracker=tracker.run,
             connected=connected,
             images=lambda: [image.as_dict() for image in tracker.advertised_images()],
+            stats=tracker.statistics,
         )
 
 
@@ -160,6 +162,7 @@ async def default_serve_registry(
     *,
     shutdown_trigger: Callable[[], Any],
     grace: float,
+    stats: Any = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     try:
@@ -175,8 +178,20 @@ async def default_serve_registry(
         addr.port,
         shutdown_trigger=shutdown_trigger,
         graceful_timeout=grace,
+        stats=stats,
         task_status=task_status,
     )
+
+
+def _default_serve_with_stats(debug: DebugState) -> ServeRegistry:
+    """The registry's own server, with its fast-path counters on the debug page."""
+    try:
+        from registry.fastpath import FastPathStats
+    except ImportError:
+        return default_serve_registry
+    stats = FastPathStats()
+    debug.sections["registry fast path"] = lambda: dict(vars(stats))
+    return functools.partial(default_serve_registry, stats=stats)
 
 
 def detect_advertise_addr(cfg: RegistryConfig) -> str:
@@ -295,6 +310,8 @@ async def run_agent(
         async with backend_factory(cfg, router) as backend, trio.open_nursery() as root:
             readiness.connected = backend.connected
             debug.images = backend.images
+            debug.sections["dht"] = lambda: dataclasses.asdict(node.statistics())
+            debug.sections["containerd state"] = backend.stats
             if handle_signals:
                 root.start_soon(_signals, shutdown, root.cancel_scope, name="signals")
             bound = await root.start(supervisor.run, "dht", node.serve)
@@ -303,7 +320,7 @@ async def run_agent(
             )
             me = SelfInfo(node_id, detect_advertise_addr(cfg), int(bound[1]))
             app = (hooks.app or default_app)(backend.store, router, cfg, readiness)
-            serve_registry = hooks.serve_registry or default_serve_registry
+            serve_registry = hooks.serve_registry or _default_serve_with_stats(debug)
             metrics_app = create_metrics_app(debug, web_enabled=cfg.debug_web_enabled)
             with trio.CancelScope() as http_scope:
                 async with trio.open_nursery() as http:

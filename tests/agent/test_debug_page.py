@@ -49,6 +49,7 @@ def test_page_script_renders_a_snapshot() -> None:
         ],
         services=lambda: {"dht": "running", "state": "starting"},
         ready_detail=lambda: {"containerd": True, "advertised": False, "router": True},
+        sections={"dht": lambda: {"table_size": 2}, "broken": lambda: 1 / 0},  # type: ignore[dict-item]
     )
     state.record_mirror(MirrorResult(at=1.0, key="docker.io", outcome="hit", detail="2 request(s)"))
     state.record_mirror(
@@ -61,7 +62,8 @@ def test_page_script_renders_a_snapshot() -> None:
         DOM + script.group(1) + f"\nrender({snapshot});\n"
         "console.log(JSON.stringify({ws: globalThis.wsUrl, ready: elements.ready.textContent,"
         " last: elements.last.textContent, rows: elements.results.children.length,"
-        " images: elements.images.children.length, peers: elements.npeers.textContent}));"
+        " images: elements.images.children.length, peers: elements.npeers.textContent,"
+        " stats: elements.stats.children.length}));"
     )
     out = subprocess.run([node, "-e", program], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
@@ -69,4 +71,5 @@ def test_page_script_renders_a_snapshot() -> None:
     assert result["ws"] == "ws://127.0.0.1:9090/debug/web/ws"
     assert result["ready"].startswith("no (containerd ok, advertised waiting")
     assert result["last"].endswith("s ago")
+    assert result["stats"] == 2 and "ZeroDivisionError" in snapshot
     assert result["rows"] == 3 and result["images"] == 3 and str(result["peers"]) == "1"

@@ -138,6 +138,7 @@ async def test_two_agents_join_serve_debug_and_drain(tmp_path: Any, nursery: tri
             {"name": "example.com/app:v1"}
         ]
         assert stats["services"]["dht"] == "running" and stats["ready"] is True
+        assert stats["stats"]["dht"]["table_size"] >= 1
         assert any(p.get("port") == cfg_b.router_addr.port for p in stats["peers"])
 
         # Live page over the websocket: a snapshot first, then mirror results as they happen.
