@@ -133,6 +133,8 @@ class Node:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 peers too
             sock.bind((self.config.bind_host, self.config.bind_port))
             self._sock = sock
             self._bound = _normalize(sock.getsockname())
@@ -186,8 +188,11 @@ class Node:
             if isinstance(effect, Send):
                 if sock is None:
                     continue
+                addr = effect.addr
+                if sock.family == socket.AF_INET6 and ":" not in addr[0]:
+                    addr = ("::ffff:" + addr[0], addr[1])  # an IPv4 peer from a dual-stack socket
                 try:
-                    sock.sendto(effect.data, effect.addr)
+                    sock.sendto(effect.data, addr)
                 except BlockingIOError:
                     pass  # send buffer full: the same as a lost datagram
                 except OSError as exc:

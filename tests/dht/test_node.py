@@ -7,6 +7,7 @@ import random
 import socket
 import time
 
+import pytest
 import trio
 import trio.testing
 
@@ -21,13 +22,13 @@ KEY = "sha256:" + "cd" * 32
 
 def make(seed: int, **overrides: object) -> Node:
     rng = random.Random(seed)
-    cfg = NodeConfig(
-        node_id=rng.randbytes(32),
-        bind_host="127.0.0.1",
-        bind_port=0,
-        registry_port=5000 + seed,
-        **overrides,  # type: ignore[arg-type]
-    )
+    settings: dict[str, object] = {
+        "bind_host": "127.0.0.1",
+        "bind_port": 0,
+        "registry_port": 5000 + seed,
+        **overrides,
+    }
+    cfg = NodeConfig(node_id=rng.randbytes(32), **settings)  # type: ignore[arg-type]
     return Node(cfg, rng=rng)
 
 
@@ -201,3 +202,33 @@ async def test_records_refresh_and_expire_on_the_mock_clock(
 def test_node_router_satisfies_the_router_protocol() -> None:
     router: Router = make(1).router  # mypy checks the structural match
     assert router.ready() is False
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_ipv6_and_dual_stack_nodes_talk_to_ipv4_ones() -> None:
+    async with trio.open_nursery() as nursery:
+        dual = make(1, bind_host="::")
+        v6 = make(2, bind_host="::1")
+        v4 = make(3)
+        for node in (dual, v6, v4):
+            await nursery.start(node.serve)
+        assert dual.bound is not None
+        port = dual.bound[1]
+        await v4.bootstrap([("127.0.0.1", port)])
+        await v6.bootstrap([("::1", port)])
+        assert len(dual.protocol.table) == 2
+        await v4.router.advertise([KEY])
+        await until(lambda: v4.statistics().lookups_active == 0, "announce finished")
+        with trio.fail_after(5):
+            peers = await collect(dual.router, KEY)
+        assert [(p.host, p.port) for p in peers] == [("127.0.0.1", v4.config.registry_port)]
+        nursery.cancel_scope.cancel()
