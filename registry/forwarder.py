@@ -59,7 +59,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
-HASH_IN_THREAD = 256 * 1024  # chunks at least this big are hashed in a worker thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,11 +456,9 @@ class _Run:
                 contributors.append(resumed.peer)
                 response = resumed.response
                 continue
-            if len(chunk) >= HASH_IN_THREAD:
-                # hashlib releases the GIL: hashing uses another core while chunks go out
-                await trio.to_thread.run_sync(hasher.update, chunk)
-            else:
-                hasher.update(chunk)
+            # inline: a worker thread (hashlib releases the GIL) measured slower and costlier
+            # here (bench.mirror on 2 busy cores: 360-700 vs 660-810 MB/s, 1.2 vs 1.0 CPU-s/GiB)
+            hasher.update(chunk)
             first, last = max(position, start), min(position + len(chunk) - 1, end)
             if first <= last:
                 piece = chunk
