@@ -7,7 +7,9 @@ place. Replies that carry lists (nodes, providers) are trimmed so the datagram s
 `MAX_PAYLOAD` bytes.
 
 Layout: ``[VERSION, kind, txid, sender_id, *fields]``; with a cluster pre-shared key the datagram is
-``payload || HMAC-SHA256(psk, payload)[:16]``.
+``payload || HMAC-SHA256(psk, payload)[:16]``. Contacts and providers are ``[id, packed ip, port]``;
+a provider entry with the unspecified IP (0.0.0.0 or ::) and the replier's own id means "the
+replier itself, at the address this reply came from" (a node does not know its own outside address).
 """
 
 from __future__ import annotations
