@@ -24,7 +24,7 @@ from agent.metrics_server import serve_app
 from tests.agent.fake_k8s import FakeApiServer, LeaseStore
 
 FAST = ElectionTiming(
-    lease_duration=1.0, renew_deadline=0.5, retry_period=0.1, request_timeout=(1.0, 1.0)
+    lease_duration=2.0, renew_deadline=1.0, retry_period=0.2, request_timeout=(1.0, 1.0)
 )
 
 
@@ -78,7 +78,7 @@ def elector(host: str, identity: str) -> LeaseElector:
     )
 
 
-async def wait_for(condition: Callable[[], bool], limit: float = 5.0) -> None:
+async def wait_for(condition: Callable[[], bool], limit: float = 15.0) -> None:
     """Poll a condition that changes in worker threads' wake (no event to wait on)."""
     with trio.fail_after(limit):
         while not condition():  # noqa: ASYNC110
