@@ -171,3 +171,27 @@ def test_hmac_framing() -> None:
         codec.unseal(sealed[:-1] + bytes([sealed[-1] ^ 1]), b"secret")
     with pytest.raises(DecodeError):
         codec.unseal(b"x" * (codec.MAX_DATAGRAM + 1), None)
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.tuples(messages, st.sampled_from(["10.0.0.1", "10.0.0.2", "::1"]), st.floats(0, 5)),
+        max_size=40,
+    )
+)
+def test_the_core_survives_any_sequence_of_valid_messages(
+    inputs: list[tuple[codec.Message, str, float]],
+) -> None:
+    proto = DhtProtocol(ProtocolConfig(node_id=b"\x01" * 32, registry_port=5000))
+    proto.advertise(["sha256:" + "aa" * 32], 0.0)
+    now = 0.0
+    for msg, host, step in inputs:
+        now += step
+        proto.handle_datagram(codec.encode(msg), (host, 5001), now)
+        proto.handle_timeouts(now)
+    proto.handle_timeouts(now + 3600.0)
+    stats = proto.statistics()
+    assert stats.bad_datagrams == 0  # all were well-formed
+    assert stats.table_size <= len(inputs)
+    assert stats.records_held <= len(inputs) + 1
