@@ -183,3 +183,19 @@ def test_config_is_validated() -> None:
         ProtocolConfig(node_id=b"short", registry_port=5000)
     with pytest.raises(ValueError):
         ProtocolConfig(node_id=random_node_id(random.Random(1)), registry_port=5000, refresh=700)
+
+
+def test_idle_nodes_refresh_their_buckets_and_drop_dead_contacts() -> None:
+    net, nodes = network(30, seed=8)
+    dead = nodes[5]
+    net.kill(dead)
+    knew = sum(dead.protocol.node_id in n.protocol.table for n in nodes)
+    before = [n.protocol.statistics().rpcs_sent for n in nodes]
+    net.run_for(2000.0)  # no lookups at all: only maintenance runs
+    after = [n.protocol.statistics().rpcs_sent for n in nodes]
+    alive = [i for i, n in enumerate(nodes) if n.alive]
+    assert all(after[i] > before[i] for i in alive)
+    # refresh lookups ran into the dead node, and most tables have already forgotten it
+    # (a contact goes after repeated failures, or at once when a replacement is waiting)
+    still = sum(dead.protocol.node_id in nodes[i].protocol.table for i in alive)
+    assert still < knew / 2
