@@ -53,6 +53,7 @@ class Statistics:
     keys_advertised: int
     announces_queued: int
     lookups_active: int
+    rpcs_in_flight: int
     rpcs_sent: int
     rpcs_received: int
     rpcs_timed_out: int

@@ -118,6 +118,7 @@ class DhtProtocol:
             keys_advertised=len(self.schedule),
             announces_queued=self.schedule.queued(),
             lookups_active=len(self._lookups),
+            rpcs_in_flight=len(self._pending),
             **self._c,
         )
 

@@ -49,7 +49,7 @@ async def collect(router: Router, key: str) -> list[Peer]:
 
 async def until(predicate: object, what: str) -> None:
     """Wait (in real time, without touching Trio's clock) for something that happens over UDP."""
-    for _ in range(500):
+    for _ in range(2500):
         if predicate():  # type: ignore[operator]
             return
         await trio.to_thread.run_sync(time.sleep, 0.002)
@@ -174,9 +174,12 @@ async def test_records_refresh_and_expire_on_the_mock_clock(
         while seconds > 0:
             mock_clock.jump(min(step, seconds))
             seconds -= step
-            await trio.testing.wait_all_tasks_blocked()
-            await trio.to_thread.run_sync(time.sleep, 0.002)
-            await trio.testing.wait_all_tasks_blocked()
+            await trio.testing.wait_all_tasks_blocked()  # the timers the jump made due run
+            # let every exchange they set off finish, in real time, before time moves again
+            await until(
+                lambda: a.statistics().rpcs_in_flight == 0 == b.statistics().rpcs_in_flight,
+                "exchanges finished",
+            )
 
     async with trio.open_nursery() as nursery:
         a, b = make(1, refresh=540.0, ttl=600.0), make(2, refresh=540.0, ttl=600.0)
