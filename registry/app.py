@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 from quart import request
@@ -143,34 +144,12 @@ class _Registry:
         self.filters = settings.filters or ReferenceFilter()
         self.readiness = settings.readiness or router.ready
         self.default_registry = settings.default_registry
-        self._streams: dict[int, _BodyDone] = {}  # id(response) -> its body's end callback
         self.forwarder = Forwarder(
             router, PeerClient(read_size=settings.read_size), settings.mirror, Quarantine()
         )
 
     async def dispatch(self, path: str) -> Response:
-        started = time.monotonic()
-        method = request.method
-        handler = "/v2/*" if path.startswith("/v2") else path
-        if handler not in ("/v2/*", "/readyz", "/livez"):
-            handler = "other"
-        HTTP_INFLIGHT.labels(handler).inc()
-        try:
-            response = await self._dispatch(path, method)
-        except BaseException:
-            HTTP_INFLIGHT.labels(handler).dec()
-            raise
-        self._observe(response, handler, method, started)
-        return response
-
-    def _observe(self, response: Response, handler: str, method: str, started: float) -> None:
-        code = str(response.status_code)
-        size = 0 if method == "HEAD" else int(response.headers.get("Content-Length", "0"))
-        done = self._streams.pop(id(response), None)
-        if done is not None:
-            done.callback = lambda: _record(handler, method, code, size, started)
-        else:
-            _record(handler, method, code, size, started)
+        return await self._dispatch(path, request.method)
 
     async def _dispatch(self, path: str, method: str) -> Response:
         if method not in ("GET", "HEAD"):
@@ -278,18 +257,9 @@ class _Registry:
         if method == "HEAD" or length == 0:
             response = Response(b"", status=status, headers=headers)
         else:
-            response = self._stream(
-                self._local_chunks(descriptor.digest, start, length), status, headers
-            )
+            chunks = self._local_chunks(descriptor.digest, start, length)
+            response = Response(chunks, status=status, headers=headers)
         response.headers["Content-Length"] = str(length)
-        return response
-
-    def _stream(
-        self, chunks: AsyncIterator[bytes | bytearray], status: int, headers: dict[str, str]
-    ) -> Response:
-        done = _BodyDone()
-        response = Response(_streaming(chunks, done), status=status, headers=headers)
-        self._streams[id(response)] = done
         return response
 
     async def plan_local_blob(
@@ -345,7 +315,7 @@ class _Registry:
                 receive.close()
                 response = Response(b"", status=first.status, headers=headers)
             else:
-                response = self._stream(_mirror_chunks(receive), first.status, headers)
+                response = Response(_mirror_chunks(receive), status=first.status, headers=headers)
             response.headers["Content-Length"] = headers["Content-Length"]
             return response
         receive.close()
@@ -426,30 +396,39 @@ def record_request(handler: str, method: str, code: str, size: int, started: flo
     _record(handler, method, code, size, started)
 
 
-class _BodyDone:
-    """Called back when a streamed body ends, however it ends (for the request metrics)."""
-
-    def __init__(self) -> None:
-        self.callback: Callable[[], None] | None = None
-
-    def fire(self) -> None:
-        callback, self.callback = self.callback, None
-        if callback is not None:
-            callback()
+def handler_label(path: str) -> str:
+    """The `handler` label of the HTTP metrics: the route pattern, like Spegel's."""
+    if path == "/v2" or path.startswith("/v2/"):
+        return "/v2/*"
+    return path if path in ("/readyz", "/livez") else "other"
 
 
-async def _streaming(
-    chunks: AsyncIterator[bytes | bytearray], done: _BodyDone
-) -> AsyncGenerator[bytes | bytearray, None]:
-    try:
-        async for chunk in chunks:
-            yield chunk
-    finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            with trio.CancelScope(shield=True):
-                await aclose()
-        done.fire()
+def _with_request_metrics(asgi_app: Any) -> Any:
+    """ASGI middleware: inflight, duration (until the body is done) and bytes of every request."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await asgi_app(scope, receive, send)
+            return
+        handler, method = handler_label(scope["path"]), scope["method"]
+        started = time.monotonic()
+        status, size = 500, 0
+
+        async def counting_send(message: dict[str, Any]) -> None:
+            nonlocal status, size
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            elif message["type"] == "http.response.body":
+                size += len(message.get("body", b""))
+            await send(message)
+
+        HTTP_INFLIGHT.labels(handler).inc()
+        try:
+            await asgi_app(scope, receive, counting_send)
+        finally:
+            _record(handler, method, str(status), size, started)
+
+    return app
 
 
 def _record(handler: str, method: str, code: str, size: int, started: float) -> None:
@@ -467,6 +446,7 @@ def create_app(
     app.config["RESPONSE_TIMEOUT"] = None
     registry = _Registry(app, store, router, settings or RegistrySettings())
     app.extensions["spegla.registry"] = registry
+    app.asgi_app = _with_request_metrics(app.asgi_app)  # type: ignore[method-assign]
 
     async def handle(path: str = "") -> Response:
         return await registry.dispatch("/" + path)

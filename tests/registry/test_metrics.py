@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import trio
 from prometheus_client import REGISTRY
 
 from registry.fakes import MemoryContentStore
@@ -34,6 +35,18 @@ async def test_request_metrics(start_node: StartNode, tmp_path: Path) -> None:
         ).status_code == 404
         assert (await http.get("/readyz")).is_success
     assert node.stats.served == 1  # one response of each path
+    # the app records a request once its ASGI call has returned, just after the client got it
+    for _ in range(500):  # at most 5 s: a hang guard
+        settled = (
+            not sample("http_requests_inflight", **v2)
+            and sample(
+                "http_request_duration_seconds_count", handler="/readyz", method="GET", code="200"
+            )
+            >= before_ready + 1
+        )
+        if settled:
+            break
+        await trio.sleep(0.01)
     assert (
         sample("http_request_duration_seconds_count", **v2, method="GET", code="200")
         == before_blob + 2
