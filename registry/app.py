@@ -215,13 +215,15 @@ class _Registry:
             "Docker-Content-Digest": descriptor.digest,
             "OCI-Namespace": parsed.reference.registry,
         }
-        body = b""
+        body: bytes | None = b""
         if method == "GET":
             try:
                 body = await self._read_all(descriptor)
             except ContentNotFound:
+                body = None
+            if body is None or len(body) != descriptor.size:
                 return _oci_error(
-                    404, ErrorCode.MANIFEST_UNKNOWN, f"{descriptor.digest} disappeared"
+                    404, ErrorCode.MANIFEST_UNKNOWN, f"{descriptor.digest} changed or disappeared"
                 )
         response = Response(body, status=200, headers=headers)
         response.headers["Content-Length"] = str(descriptor.size)
