@@ -111,6 +111,8 @@ class Ack:
     txid: int
     sender: bytes
     stored: bool
+    token: bytes = b""  # a fresh token, so a refused ADD_PROVIDER can be retried
+    nodes: tuple[Contact, ...] = ()  # the replier's nearest to the key: an ADD is also a query
 
 
 Request = Ping | FindNode | GetProviders | AddProvider
@@ -213,7 +215,11 @@ def encode(msg: Message) -> bytes:
         case AddProvider():
             body = [Kind.ADD_PROVIDER, msg.txid, msg.sender, msg.key, msg.port, msg.ttl, msg.token]
         case Ack():
-            body = [Kind.ACK, msg.txid, msg.sender, msg.stored]
+            base = len(
+                msgpack.packb([VERSION, Kind.ACK, msg.txid, msg.sender, msg.stored, msg.token, []])
+            )
+            nodes, _ = _entries(msg.nodes, MAX_PAYLOAD - base - 2)
+            body = [Kind.ACK, msg.txid, msg.sender, msg.stored, msg.token, nodes]
         case Nodes():
             base = len(msgpack.packb([VERSION, Kind.NODES, msg.txid, msg.sender, msg.token, []]))
             nodes, _ = _entries(msg.nodes, MAX_PAYLOAD - base - 2)
@@ -278,7 +284,7 @@ _ARITY = {
     Kind.GET_PROVIDERS: 6,
     Kind.PROVIDERS: 8,
     Kind.ADD_PROVIDER: 8,
-    Kind.ACK: 5,
+    Kind.ACK: 7,
 }
 
 
@@ -340,5 +346,6 @@ def decode(payload: bytes) -> Message:
                 _token(obj[7]),
             )
         case Kind.ACK:
-            return Ack(txid, sender, _bool(obj[4], "stored"))
+            nodes = tuple(Contact(*t) for t in _triples(obj[6], "nodes"))
+            return Ack(txid, sender, _bool(obj[4], "stored"), _token(obj[5]), nodes)
     raise DecodeError("unknown message kind")  # pragma: no cover - the match is exhaustive

@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -48,6 +49,8 @@ L_RESOLVE, L_ANNOUNCE, L_JOIN, L_REFRESH = range(4)
 T_STALL, T_TIMEOUT, T_MAINTENANCE, T_DUE, T_PACE = range(5)
 
 BOOTSTRAP_TRIES = 3
+TOKEN_FRESH = 240.0  # a token we were given stays usable this long (secrets rotate every 300 s)
+TOKEN_CACHE = 8192
 
 _REPLY_TYPE = {Ping: Pong, FindNode: Nodes, GetProviders: Providers, AddProvider: Ack}
 
@@ -68,6 +71,7 @@ class _LookupJob:
     ref: int = 0  # bootstrap job id for joins
     key: bytes = b""
     seen: set[bytes] = field(default_factory=set)
+    stored: set[bytes] = field(default_factory=set)  # announce: who already took our record
 
 
 @dataclass(slots=True)
@@ -94,6 +98,9 @@ class DhtProtocol:
         self._lookups: dict[int, _LookupJob] = {}
         self._ids = itertools.count(1)
         self._bootstraps: dict[int, _Bootstrap] = {}
+        # tokens others gave us, by their address: an announce lookup sends ADD_PROVIDER at once
+        # (its ACK lists closer nodes like a FIND_NODE reply) to nodes whose token is fresh
+        self._their_tokens: OrderedDict[tuple[str, int], tuple[bytes, float]] = OrderedDict()
         self._bootstrap_addrs: list[tuple[str, int]] = []
         self._announcing = 0
         self._maintenance_at: float | None = None
@@ -296,7 +303,9 @@ class DhtProtocol:
                     stored = self.store.add(msg.key, record, now + ttl)
                 else:
                     self._c["tokens_refused"] += 1
-                self._send(Ack(msg.txid, me, stored), addr, out)
+                token = self.tokens.issue(addr[0], now)
+                nodes = tuple(self.table.closest(msg.key, k, exclude=msg.sender))
+                self._send(Ack(msg.txid, me, stored, token, nodes), addr, out)
 
     def _on_reply(self, msg: Message, addr: tuple[str, int], now: float, out: list[Effect]) -> None:
         pending = self._pending.get(msg.txid)
@@ -310,15 +319,24 @@ class DhtProtocol:
             return
         del self._pending[msg.txid]
         self._seen(Contact(msg.sender, addr[0], addr[1]), now, out)
+        token = getattr(msg, "token", b"")
+        if token:
+            self._their_tokens[addr] = (token, now)
+            self._their_tokens.move_to_end(addr)
+            if len(self._their_tokens) > TOKEN_CACHE:
+                self._their_tokens.popitem(last=False)
         if pending.purpose == P_BOOTSTRAP:
             self._bootstrap_step(pending.ref, now, out)
         elif pending.purpose == P_LOOKUP:
             job = self._lookups.get(pending.ref)
             if job is None:
                 return
-            token = getattr(msg, "token", b"")
             if isinstance(msg, Nodes):
                 job.lookup.replied(msg.sender, msg.nodes, token)
+            elif isinstance(msg, Ack):  # an announce's ADD_PROVIDER doubling as its query
+                job.lookup.replied(msg.sender, msg.nodes, token)
+                if msg.stored:
+                    job.stored.add(msg.sender)
             elif isinstance(msg, Providers):
                 found = []
                 for p in msg.providers:
@@ -366,9 +384,12 @@ class DhtProtocol:
         lookup = job.lookup
         for cand in lookup.next_queries():
             txid = self._txid()
-            msg: FindNode | GetProviders
+            msg: FindNode | GetProviders | AddProvider
             if job.purpose == L_RESOLVE:
                 msg = GetProviders(txid, self.node_id, lookup.target, 0)
+            elif job.purpose == L_ANNOUNCE and (token := self._fresh_token(cand.contact, now)):
+                port, ttl = self.config.registry_port, int(self.config.ttl)
+                msg = AddProvider(txid, self.node_id, lookup.target, port, ttl, token)
             else:
                 msg = FindNode(txid, self.node_id, lookup.target)
             self._request(msg, cand.contact.addr, cand.contact.node_id, P_LOOKUP, job.ref, now, out)
@@ -392,6 +413,8 @@ class DhtProtocol:
             if kid in self.schedule:
                 ttl = int(self.config.ttl)
                 for cand in responders:
+                    if cand.contact.node_id in job.stored:
+                        continue  # already stored while looking up
                     msg = AddProvider(
                         self._txid(), self.node_id, kid, self.config.registry_port, ttl, cand.token
                     )
@@ -401,6 +424,10 @@ class DhtProtocol:
                 self.schedule.reschedule(kid, now, delay)
                 self._arm_due()
             self._start_announces(now, out)
+
+    def _fresh_token(self, contact: Contact, now: float) -> bytes:
+        entry = self._their_tokens.get(contact.addr)
+        return entry[0] if entry is not None and now - entry[1] < TOKEN_FRESH else b""
 
     def _start_announces(self, now: float, out: list[Effect]) -> None:
         if self._starting or not len(self.table):

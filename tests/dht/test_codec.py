@@ -47,7 +47,7 @@ messages = st.one_of(
         st.lists(contacts, max_size=5).map(tuple),
     ),
     st.builds(AddProvider, txids, ids, ids, ports, st.integers(1, codec.MAX_TTL), tokens),
-    st.builds(Ack, txids, ids, st.booleans()),
+    st.builds(Ack, txids, ids, st.booleans(), tokens, st.lists(contacts, max_size=5).map(tuple)),
 )
 
 
@@ -60,8 +60,8 @@ def test_round_trip(msg: codec.Message) -> None:
     decoded = codec.decode(codec.encode(msg))
     assert type(decoded) is type(msg)
     assert decoded.txid == msg.txid and decoded.sender == msg.sender
-    if isinstance(msg, Nodes):
-        assert isinstance(decoded, Nodes)
+    if isinstance(msg, Nodes | Ack):
+        assert isinstance(decoded, Nodes | Ack)
         assert decoded.nodes == tuple(_canonical(c) for c in msg.nodes)
     elif not isinstance(msg, Providers):
         assert decoded == msg
@@ -101,7 +101,7 @@ def test_twenty_ipv4_contacts_fit_in_one_reply() -> None:
         [1, 7, 1, bytes(32), bytes(32), 5000, 600, b"t" * 33],  # token too long
         [1, 4, 1, bytes(32), b"", [[bytes(32), b"\x01\x02\x03", 5001]]],  # 3-byte ip
         [1, 4, 1, bytes(32), b"", [[bytes(32), b"\x7f\x00\x00\x01"]]],  # short entry
-        [1, 8, 1, bytes(32), 1],  # int where a bool belongs
+        [1, 8, 1, bytes(32), 1, b"", []],  # int where a bool belongs
         [True, 1, 1, bytes(32)],
         {"a": 1},
         [1, 4, 1, bytes(32), b"", list(range(1000))],  # huge array

@@ -199,3 +199,35 @@ def test_idle_nodes_refresh_their_buckets_and_drop_dead_contacts() -> None:
     # (a contact goes after repeated failures, or at once when a replacement is waiting)
     still = sum(dead.protocol.node_id in nodes[i].protocol.table for i in alive)
     assert still < knew / 2
+
+
+def _announce_cost(monkeypatch: pytest.MonkeyPatch | None) -> tuple[int, SimNetwork, list[str]]:
+    if monkeypatch is not None:  # without reusing tokens: FIND_NODE first, then ADD_PROVIDER
+        monkeypatch.setattr(DhtProtocol, "_fresh_token", lambda self, contact, now: b"")
+    net, nodes = network(80, seed=12)
+    keys = [f"sha256:{i:064x}" for i in range(150)]
+    before = nodes[3].protocol.statistics().rpcs_sent
+    net.advertise(nodes[3], keys)
+    net.run_for(30.0)
+    return nodes[3].protocol.statistics().rpcs_sent - before, net, keys
+
+
+def test_fresh_tokens_let_an_add_provider_double_as_the_lookup_query(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reusing, net, keys = _announce_cost(None)
+    assert all(len(holders(net, key)) >= 20 for key in keys)
+    assert all(n.protocol.statistics().tokens_refused == 0 for n in net.nodes.values())
+    plain, _, _ = _announce_cost(monkeypatch)
+    assert reusing < 0.75 * plain
+
+
+def test_a_stale_cached_token_is_refused_then_replaced() -> None:
+    net, nodes = network(40, seed=13)
+    announcer = nodes[2].protocol
+    for contact in announcer.table.contacts():
+        announcer._their_tokens[contact.addr] = (b"stale!!!", net.now)
+    net.advertise(nodes[2], [KEY])
+    net.run_for(5.0)
+    assert sum(n.protocol.statistics().tokens_refused for n in nodes) > 0
+    assert len(holders(net, KEY)) >= 20  # refused ADDs were retried with the fresh tokens
