@@ -12,6 +12,8 @@ from registry.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha2
 from registry.interfaces import ContentNotFound, ContentStore, Peer, Router
 from registry.mediatypes import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, OCTET_STREAM
 
+from .conformance import check_content_store, check_router
+
 
 def peer(n: int) -> Peer:
     return Peer(node_id=bytes([n]) * 32, host="127.0.0.1", port=5000 + n)
@@ -107,3 +109,15 @@ async def test_load_oci_layout(tmp_path: Path) -> None:
     assert await store.resolve_tag("example.com/x:v1") == index
     assert (await store.describe(index)).media_type == OCI_INDEX
     assert (await store.describe(config)).media_type == OCI_CONFIG
+
+
+async def test_fakes_pass_the_conformance_checks(tmp_path: Path) -> None:
+    store = MemoryContentStore()
+    layer = b"\x1f\x8b" + bytes(range(256)) * 10
+    manifest = json.dumps({"schemaVersion": 2, "config": {}, "layers": []}).encode()
+    (tmp_path / "layer").write_bytes(layer)
+    blobs = {store.add_file(tmp_path / "layer"): layer, store.add(manifest): manifest}
+    store.tag("docker.io/a/b:v1", sha256_digest(manifest))
+    await check_content_store(store, blobs, {"docker.io/a/b:v1": sha256_digest(manifest)})
+    net = MemoryNetwork()
+    await check_router(net.router(peer(1)), net.router(peer(2)), peer(1))
