@@ -83,6 +83,10 @@ class RegistrySettings:
     manifest_deadline: float = 3.0  # HEAD and manifest mirror requests finish within this
     read_size: int = 1024 * 1024  # chunk size for local reads and peer socket reads
     channel_depth: int = 4  # chunks buffered between the mirror task and the response
+    # blobs up to this size are verified in full before the first byte goes out (see
+    # MirrorSettings); larger ones stream with the last byte held back
+    verify_first_max: int = 64 * 1024 * 1024
+    verify_first_budget: int = 256 * 1024 * 1024
     # Registry assumed for requests without `ns` (clients that talk to us directly, e.g.
     # skopeo).  None, as in Spegel: such requests are 404.
     default_registry: str | None = None
@@ -99,6 +103,8 @@ class RegistrySettings:
             response_timeout=self.response_timeout,
             stall_timeout=self.stall_timeout,
             manifest_deadline=self.manifest_deadline,
+            verify_first_max=self.verify_first_max,
+            verify_first_budget=self.verify_first_budget,
         )
         object.__setattr__(self, "mirror", mirror)
 

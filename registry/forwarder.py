@@ -24,6 +24,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -73,6 +74,12 @@ class MirrorSettings:
     # a response not taking the next chunk for this long is abandoned (its client is gone, or it
     # never started reading); this also bounds how long a peer connection can be held for it
     consumer_timeout: float = 60.0
+    # Blobs up to this size are fetched and verified in full before their first byte is sent, so
+    # a lying peer costs a fail-over, never a poisoned download (containerd resumes a cut-off
+    # body with Range and would stitch the bad prefix to good bytes from elsewhere).  Larger
+    # blobs stream, hashed on the way, with the last byte held back until the digest matched.
+    verify_first_max: int = 64 * 1024 * 1024
+    verify_first_budget: int = 256 * 1024 * 1024  # memory for that, over all requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +172,7 @@ class Forwarder:
         self.client = client if client is not None else PeerClient()
         self.settings = settings if settings is not None else MirrorSettings()
         self.quarantine = quarantine if quarantine is not None else Quarantine()
+        self.budget = _BufferBudget(self.settings.verify_first_budget)
 
     async def run(self, job: MirrorJob, send: trio.MemorySendChannel[MirrorItem]) -> None:
         """Produce the mirror response for `job` on `send` (closed when done)."""
@@ -405,22 +413,64 @@ class _Run:
             )
 
     async def _serve_blob(self, supply: _PeerSupply, stack: AsyncExitStack) -> None:
-        fetch = await self._fetch(supply, stack, None, None)
-        if isinstance(fetch, GiveUp):
-            await self.fail(404, fetch.message, fetch.attempts)
-            return
+        while True:
+            fetch = await self._fetch(supply, stack, None, None)
+            if isinstance(fetch, GiveUp):
+                await self.fail(404, fetch.message, fetch.attempts)
+                return
+            size = fetch.answer.size
+            try:
+                delivered = self._blob_range(size)
+            except RangeNotSatisfiable:
+                await self._unsatisfiable(size)
+                return
+            head = self._content_headers(fetch.answer, delivered)
+            budget = self.fw.budget
+            if size > self.settings.verify_first_max or not budget.take(size):
+                # too big to hold: stream, hashing as it goes, and hold back the last byte
+                await self._send_head(head)
+                outcome = await self._copy(fetch, supply, stack, delivered, self._emit)
+                if outcome is not None:
+                    await self._emit(MirrorAbort(outcome.message))
+                return
+            try:
+                pieces: list[bytes | bytearray] = []
+                outcome = await self._copy(fetch, supply, stack, delivered, _collector(pieces))
+                if outcome is None:  # verified in full: only now does a byte go out
+                    await self._send_head(head)
+                    for piece in pieces:
+                        await self._emit(piece)
+                    return
+            finally:
+                budget.release(size)
+            if outcome is not _MISMATCH:
+                await self.fail(404, outcome.message, outcome.attempts)
+                return
+            await stack.aclose()  # a peer lied: nothing was sent, so try the next one
+            give_up = self.attempts.fetch_failed()
+            if give_up is not None:
+                await self.fail(404, give_up.message, give_up.attempts)
+                return
+
+    async def _copy(
+        self,
+        fetch: _Fetch,
+        supply: _PeerSupply,
+        stack: AsyncExitStack,
+        delivered: ByteRange | None,
+        sink: Callable[[bytes | bytearray], Awaitable[None]],
+    ) -> GiveUp | None:
+        """Read the whole blob (resuming from other peers), hash it, pass on the delivered range.
+
+        The last delivered byte goes to `sink` only once the digest matched.  Returns None on
+        success, `_MISMATCH` (contributors quarantined) or a GiveUp when no peer could continue.
+        """
         size, digest = fetch.answer.size, fetch.answer.digest
-        try:
-            delivered = self._blob_range(size)
-        except RangeNotSatisfiable:
-            await self._unsatisfiable(size)
-            return
-        await self._send_head(self._content_headers(fetch.answer, delivered))
         if size == 0:
-            if digest != _sha256(b""):
-                self._quarantine(digest, [fetch.peer])
-                await self._emit(MirrorAbort("empty content does not match its digest"))
-            return
+            if digest == _sha256(b""):
+                return None
+            self._quarantine(digest, [fetch.peer])
+            return _MISMATCH
         start, end = (0, size - 1) if delivered is None else (delivered.start, delivered.end)
         hasher = hashlib.sha256()
         contributors = [fetch.peer]
@@ -445,14 +495,12 @@ class _Run:
                 await stack.aclose()
                 give_up = self.attempts.fetch_failed()
                 if give_up is not None:
-                    await self._emit(MirrorAbort(give_up.message))
-                    return
+                    return give_up
                 resumed = await self._fetch(
                     supply, stack, ByteRange(position, size - 1, size), size
                 )
                 if isinstance(resumed, GiveUp):
-                    await self._emit(MirrorAbort(resumed.message))
-                    return
+                    return resumed
                 contributors.append(resumed.peer)
                 response = resumed.response
                 continue
@@ -467,13 +515,39 @@ class _Run:
                 if last == end:
                     piece, held = piece[:-1], piece[-1:]
                 if piece:
-                    await self._emit(piece)
+                    await sink(piece)
             position += len(chunk)
         if "sha256:" + hasher.hexdigest() != digest:
             self._quarantine(digest, contributors)
-            await self._emit(MirrorAbort(f"content from peers does not match {digest}"))
-            return
-        await self._emit(held)
+            return _MISMATCH
+        await sink(held)
+        return None
+
+
+def _collector(pieces: list[bytes | bytearray]) -> Callable[[bytes | bytearray], Awaitable[None]]:
+    async def collect(piece: bytes | bytearray) -> None:
+        pieces.append(piece)
+
+    return collect
+
+
+class _BufferBudget:
+    """Bytes of blobs held in memory for verification before sending, across all requests."""
+
+    def __init__(self, limit: int) -> None:
+        self.available = limit
+
+    def take(self, size: int) -> bool:
+        if size > self.available:
+            return False
+        self.available -= size
+        return True
+
+    def release(self, size: int) -> None:
+        self.available += size
+
+
+_MISMATCH = GiveUp("content from peers does not match its digest", 0)
 
 
 def _sha256(data: bytes) -> str:

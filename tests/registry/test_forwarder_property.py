@@ -23,6 +23,7 @@ from registry.fakes import MemoryNetwork, MemoryRouter
 from registry.forwarder import (
     Forwarder,
     MirrorAbort,
+    MirrorFailure,
     MirrorHead,
     MirrorItem,
     MirrorJob,
@@ -85,7 +86,7 @@ class FakeClient:
 
 
 async def mirror(
-    blob: bytes, peers: list[FakePeer], client_range: RangeSpec | None
+    blob: bytes, peers: list[FakePeer], client_range: RangeSpec | None, verify_first_max: int
 ) -> tuple[MirrorItem, bytes, bool]:
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
     network = MemoryNetwork()
@@ -94,7 +95,7 @@ async def mirror(
     forwarder = Forwarder(
         MemoryRouter(network),
         FakeClient(dict(enumerate(peers)), digest),  # type: ignore[arg-type]
-        MirrorSettings(resolve_retries=len(peers) + 1),
+        MirrorSettings(resolve_retries=len(peers) + 1, verify_first_max=verify_first_max),
     )
     request = ContentRequest(ContentKind.BLOB, Reference("docker.io", "a", digest=digest))
     send, receive = trio.open_memory_channel[MirrorItem](0)
@@ -135,25 +136,47 @@ def scenarios(draw: st.DrawFn) -> tuple[bytes, list[FakePeer], RangeSpec | None,
     return blob, peers, client_range, lied
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(scenarios())
-def test_resumed_and_verified_streams(
+def test_streamed_blobs_resume_and_never_end_unverified(
     scenario: tuple[bytes, list[FakePeer], RangeSpec | None, bool],
 ) -> None:
     blob, peers, client_range, lied = scenario
     # a mock clock: deadlines pass only when every task waits, so a busy machine cannot time out
     clock = trio.testing.MockClock(autojump_threshold=0)
-    head, body, aborted = trio.run(mirror, blob, peers, client_range, clock=clock)
+    head, body, aborted = trio.run(mirror, blob, peers, client_range, 0, clock=clock)
     assert isinstance(head, MirrorHead)  # the last peer is complete: this never fails
     event("aborted" if aborted else "complete")
     if not lied:
         assert not aborted
-    expected = blob
-    if client_range is not None:
-        r = client_range.resolve(len(blob))
-        expected = blob[r.start : r.end + 1]
+    expected = expected_slice(blob, client_range)
     if aborted:
         assert len(body) < len(expected)
         assert body != expected
     else:
         assert body == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios())
+def test_small_blobs_are_verified_before_the_first_byte(
+    scenario: tuple[bytes, list[FakePeer], RangeSpec | None, bool],
+) -> None:
+    blob, peers, client_range, lied = scenario
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    head, body, aborted = trio.run(mirror, blob, peers, client_range, 1 << 20, clock=clock)
+    assert not aborted
+    if isinstance(head, MirrorFailure):
+        event("clean 404")
+        assert lied and body == b""
+        return
+    assert isinstance(head, MirrorHead)
+    event("verified")
+    assert body == expected_slice(blob, client_range)
+
+
+def expected_slice(blob: bytes, client_range: RangeSpec | None) -> bytes:
+    if client_range is None:
+        return blob
+    r = client_range.resolve(len(blob))
+    return blob[r.start : r.end + 1]

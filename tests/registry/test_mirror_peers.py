@@ -249,13 +249,14 @@ async def test_lying_peer_manifest_is_never_passed_on(
         assert len(liar.requests) == 1
 
 
-async def test_lying_peer_blob_aborts_before_last_byte(
+async def test_lying_peer_big_blob_aborts_before_last_byte(
     start_node: StartNode,
     network: MemoryNetwork,
     start_scripted: StartScripted,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    provider, content, client = await provider_and_client(start_node, network)
+    streaming = RegistrySettings(resolve_timeout=0.5, response_timeout=1.0, verify_first_max=0)
+    provider, content, client = await provider_and_client(start_node, network, streaming)
     forged = bytearray(content.layer_bytes)
     forged[500_000] ^= 0xFF
     liar = await start_scripted(ScriptedPeer("serve", bytes(forged), content.layer))
@@ -278,6 +279,29 @@ async def test_lying_peer_blob_aborts_before_last_byte(
     assert len(liar.requests) == 1
     assert "quarantined" in caplog.text
     assert "Error in ASGI Framework" not in caplog.text  # the abort is not a crash
+
+
+@pytest.mark.parametrize("honest_too", [True, False])
+async def test_lying_peer_small_blob_costs_a_fail_over_not_a_bad_download(
+    honest_too: bool,
+    start_node: StartNode,
+    network: MemoryNetwork,
+    start_scripted: StartScripted,
+) -> None:
+    provider, content, client = await provider_and_client(start_node, network)
+    forged = bytearray(content.layer_bytes)
+    forged[-1] ^= 0xFF
+    liar = await start_scripted(ScriptedPeer("serve", bytes(forged), content.layer))
+    network.remove(content.layer, provider.peer)
+    advertise(network, content.layer, liar, *([provider] if honest_too else []))
+    async with client.client() as http:
+        response = await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")
+    if honest_too:
+        assert (response.status_code, response.content) == (200, content.layer_bytes)
+    else:  # a clean miss: the client (containerd) goes upstream with nothing bad in hand
+        assert response.status_code == 404
+        assert json.loads(response.content)["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert len(liar.requests) == 1
 
 
 async def test_peer_with_wrong_digest_header_is_skipped(
