@@ -78,7 +78,7 @@ class RegistrySettings:
     resolve_retries: int = 3  # --mirror-resolve-retries: failed attempts before giving up
     filters: ReferenceFilter | None = None  # --mirrored-registries / --registry-filters
     readiness: Callable[[], bool] | None = None  # default: router.ready
-    response_timeout: float = 0.25  # connect + headers from a peer
+    response_timeout: float = 2.0  # connect + headers from a peer (a dropped SYN costs 1 s)
     stall_timeout: float = 5.0  # no body bytes from a peer for this long = broken stream
     manifest_deadline: float = 3.0  # HEAD and manifest mirror requests finish within this
     read_size: int = 1024 * 1024  # chunk size for local reads and peer socket reads

@@ -66,7 +66,7 @@ ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
 class MirrorSettings:
     resolve_timeout: float = 0.020
     resolve_retries: int = 3
-    response_timeout: float = 0.25
+    response_timeout: float = 2.0
     stall_timeout: float = 5.0
     manifest_deadline: float = 3.0
     max_manifest_size: int = SNIFF_LIMIT
