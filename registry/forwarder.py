@@ -12,10 +12,14 @@ Deadlines, all Trio cancel scopes: each wait for a provider `resolve_timeout` (2
 for `stall_timeout` counts as a broken stream; HEAD and manifests finish within
 `manifest_deadline` (3 s) overall, blob GETs have no overall deadline.
 
-Verification: a manifest body is read whole and hashed before its first byte is sent; a blob is
-hashed from byte 0 as it streams (a client range still fetches from 0 and skips), and the final
-byte of the response is held back until the digest is checked.  On a mismatch every peer that
-contributed is quarantined for that digest and the response is aborted.
+Verification: a manifest body is read whole and hashed before its first byte is sent.  A blob of
+up to `verify_first_max` (64 MiB) is fetched whole (resuming across peers), hashed, and only then
+sent: a lying peer costs a fail-over to the next one, or a clean 404, never bad bytes.  (Streaming
+with only the last byte held back is not enough for containerd: it resumes a cut-off body with a
+Range request, from us or from upstream, and stitches the bad prefix to good bytes.)  A bigger blob
+streams, hashed from byte 0 as it goes (a client range still fetches from 0 and skips), with the
+final byte held back until the digest is checked; on a mismatch the response is cut short.  Either
+way every peer that contributed to bad content is quarantined for that digest.
 """
 
 from __future__ import annotations
