@@ -44,6 +44,7 @@ from agent.debug import (
     task_tree,
     watch_mirror_metrics,
 )
+from agent.dht_metrics import export as export_dht_metrics
 from agent.identity import load_or_create_node_id
 from agent.metrics_server import create_metrics_app, serve_app
 from agent.supervise import RestartPolicy, ServiceFailed, Supervisor
@@ -306,6 +307,7 @@ async def run_agent(
     registry_logger.addHandler(tap)
     registry_logger.setLevel(logging.DEBUG)  # the tap sees mirror results whatever --log-level says
     backend_factory = hooks.backend or containerd_backend
+    unexport_dht_metrics = export_dht_metrics(node.statistics)  # spegla_dht_* on /metrics
     try:
         async with backend_factory(cfg, router) as backend, trio.open_nursery() as root:
             readiness.connected = backend.connected
@@ -379,6 +381,7 @@ async def run_agent(
                 logger.warning("grace period over; cancelling remaining requests")
             root.cancel_scope.cancel()
     finally:
+        unexport_dht_metrics()
         registry_logger.removeHandler(tap)
         registry_logger.setLevel(previous_level)
     logger.info("exit gracefully")
