@@ -8,7 +8,11 @@ command can run in its own process.  Needs root.
   python -m hack.cluster up 3 [--rate-mbit 100] [--large-mib 200] [--mirror standin|agent|none]
   python -m hack.cluster pull 2 small          # node index (or n2); test image name or full ref
   python -m hack.cluster status
-  python -m hack.cluster down [--all]          # --all: also leftovers of crashed tests
+  python -m hack.cluster down [--all]          # --all: see below
+
+``down --all`` also stops everything the harness recorded in any process (clusters, registries,
+containerds, agents: also those of a test run still going) and deletes every ``spg-`` namespace:
+the clean-up after a killed test run.
 """
 
 from __future__ import annotations
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     pull.add_argument("image")
     sub.add_parser("status")
     down = sub.add_parser("down")
-    down.add_argument("--all", action="store_true", help="also remove leftovers of other runs")
+    down.add_argument("--all", action="store_true", help="also what other harness runs left")
     a = p.parse_args(argv)
     reason = missing_requirements()
     if reason:

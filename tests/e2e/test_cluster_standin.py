@@ -88,6 +88,16 @@ def test_sigterm_tears_the_cluster_down(tmp_path: Path) -> None:
     assert not set(state["namespaces"]) & set(netns.existing_namespaces())
 
 
+def test_leftover_daemons_are_stopped_by_teardown_leftovers(tmp_path: Path) -> None:
+    from tests.harness.procs import Daemon, stop_leftover_daemons
+
+    d = Daemon.start("sleeper", ["sleep", "60"], tmp_path / "sleep.log")
+    d.popen = None  # as if the process that started it had died
+    report = stop_leftover_daemons(lambda rec: rec["pid"] == d.pid)
+    assert any("sleeper" in line for line in report)
+    assert not d.alive()
+
+
 def test_hack_cluster_up_pull_down(tmp_path: Path) -> None:
     def run(*args: str) -> str:
         argv = [sys.executable, "-m", "hack.cluster", "--state-dir", str(tmp_path / "s"), *args]
@@ -95,13 +105,15 @@ def test_hack_cluster_up_pull_down(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         return r.stdout
 
-    before = set(netns.existing_namespaces())
+    tag = ""
     try:
         run("up", "2")
+        tag = json.loads((tmp_path / "s" / "state.json").read_text())["tag"]
         out = run("pull", "2", "small")
         assert '"upstream_blob_fetches": 3' in out
         assert "running" in run("status")
     finally:
         run("down")
     assert "down" in run("status")
-    assert set(netns.existing_namespaces()) <= before
+    assert tag
+    assert not [n for n in netns.existing_namespaces() if n.startswith(f"spg-{tag}-")]

@@ -37,7 +37,6 @@ import secrets
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -49,7 +48,7 @@ from . import netns, nsexec
 from .containerd import Containerd
 from .cri import CriClient
 from .images import TestImages, build_test_set
-from .procs import Daemon, stop_recorded
+from .procs import Daemon, state_root, stop_leftover_daemons, stop_recorded
 from .standin_mirror import MirrorRequest, read_log
 from .upstream import Upstream
 
@@ -61,7 +60,7 @@ ACTIVE: list[Cluster] = []  # clusters up in this process (failure reports show 
 
 def registry_dir() -> Path:
     """Pointers to every live cluster (any process), so leftovers can always be found."""
-    return Path(tempfile.gettempdir()) / "spegla-clusters"
+    return state_root()
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +154,7 @@ class Cluster:
         (registry_dir() / f"{self.tag}.json").write_text(json.dumps({"workdir": str(self.workdir)}))
         if not self.persistent:
             atexit.register(self.down)
-            _exit_on_sigterm()
+            exit_on_sigterm()
         ACTIVE.append(self)
         try:
             self._save()
@@ -341,7 +340,8 @@ def live_clusters() -> list[Path]:
 
 
 def teardown_leftovers() -> list[str]:
-    """Stop and remove every recorded cluster, then any stray ``spg-`` namespace."""
+    """Stop and remove every recorded cluster, then any other daemon the harness recorded, then
+    any stray ``spg-`` namespace."""
     report: list[str] = []
     for p in sorted(registry_dir().glob("*.json")):
         try:
@@ -358,6 +358,7 @@ def teardown_leftovers() -> list[str]:
         report.append(f"removed cluster {st.get('tag')} ({workdir})")
         shutil.rmtree(workdir, ignore_errors=True)
         p.unlink(missing_ok=True)
+    report += stop_leftover_daemons()
     stray = netns.existing_namespaces()
     if stray:
         report += netns.destroy(stray)
@@ -366,7 +367,7 @@ def teardown_leftovers() -> list[str]:
     return report
 
 
-def _exit_on_sigterm() -> None:
+def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit so atexit/fixture teardown still runs."""
     if threading.current_thread() is not threading.main_thread():
         return

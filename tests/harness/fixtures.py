@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import ACTIVE, Cluster, log_tails
+from .cluster import ACTIVE, Cluster, exit_on_sigterm, log_tails
 from .containerd import Containerd
 from .cri import CriClient
 from .images import TestImages, build_test_set
@@ -123,3 +123,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         for c in ACTIVE:
             for title, text in log_tails(c).items():
                 report.sections.append((f"log tail: {title}", text))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # a SIGTERM'd test run (CI timeout, `timeout`, kill) still runs fixture teardown
+    exit_on_sigterm()

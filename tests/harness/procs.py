@@ -10,19 +10,33 @@ API
   ``log_path``, ``alive()``, ``stop(timeout)``, ``kill()``, ``record()`` -> dict for a state file,
   ``Daemon.from_record(d)``).
 - ``stop_recorded(record, timeout)``: stop a daemon described by ``Daemon.record()`` output.
+- Every running daemon is also recorded under ``leftovers_dir()`` until it is stopped, so
+  ``stop_leftover_daemons()`` (``hack/cluster down --all``) can stop what a killed run left.
 - ``is_alive(pid, start_time=None)``, ``process_start_time(pid)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+def state_root() -> Path:
+    """Where the harness keeps pointers to what it runs, across processes."""
+    return Path(tempfile.gettempdir()) / "spegla-clusters"
+
+
+def leftovers_dir() -> Path:
+    return state_root() / "daemons"
 
 
 def process_start_time(pid: int) -> int | None:
@@ -118,7 +132,13 @@ class Daemon:
                 cwd=cwd,
                 start_new_session=True,  # a Ctrl-C in the terminal goes to us, not the daemons
             )
-        return cls(name, full, log_path, popen.pid, process_start_time(popen.pid), popen)
+        d = cls(name, full, log_path, popen.pid, process_start_time(popen.pid), popen)
+        leftovers_dir().mkdir(parents=True, exist_ok=True)
+        d._pointer().write_text(json.dumps(d.record()))
+        return d
+
+    def _pointer(self) -> Path:
+        return leftovers_dir() / f"{self.pid}-{self.start_time}.json"
 
     def alive(self) -> bool:
         if self.popen is not None and self.popen.poll() is not None:
@@ -130,6 +150,7 @@ class Daemon:
         if self.popen is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=1)
+        self._pointer().unlink(missing_ok=True)
 
     def kill(self) -> None:
         """SIGKILL at once (to simulate a crash)."""
@@ -137,6 +158,7 @@ class Daemon:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
         stop_pid(self.pid, self.start_time, 1.0)
+        self._pointer().unlink(missing_ok=True)
 
     def log_text(self) -> str:
         try:
@@ -157,3 +179,23 @@ class Daemon:
 
 def stop_recorded(record: dict[str, Any], timeout: float = 5.0) -> None:
     stop_pid(int(record["pid"]), record.get("start_time"), timeout)
+
+
+def stop_leftover_daemons(
+    select: Callable[[dict[str, Any]], bool] = lambda rec: True,
+) -> list[str]:
+    """Stop every recorded daemon (``select``-ed) that still runs (same PID and start time) and
+    forget it.  Without ``select`` that includes daemons of other live test runs."""
+    report = []
+    for p in sorted(leftovers_dir().glob("*.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except (ValueError, OSError):
+            continue
+        if not select(rec):
+            continue
+        if is_alive(int(rec["pid"]), rec.get("start_time")):
+            stop_recorded(rec)
+            report.append(f"stopped leftover {rec['name']} (pid {rec['pid']})")
+        p.unlink(missing_ok=True)
+    return report
