@@ -270,8 +270,8 @@ def test_peer_killed_mid_transfer_pull_still_succeeds(c: Cluster) -> None:
         t.start()
         deadline = time.monotonic() + 20
         while not killed and time.monotonic() < deadline and t.is_alive():
-            serving = ag.serving_peers(c, n2)
-            if serving and _ingest_bytes(n2) > 0:
+            serving = ag.serving_peers(c, n2, sending=True)
+            if serving:
                 serving[0].processes["agent"].kill()
                 killed.append(serving[0])
             time.sleep(0.05)

@@ -15,7 +15,8 @@ API
 - ``start_agent(cluster, node, ...)``, ``stop_agent(cluster, node)``, ``wait_ready(node, timeout)``.
 - ``metrics(node)`` -> {(name, labels-tuple): value}; ``mirror_counts(node)`` -> (hits, misses).
 - ``process_stats(pid)`` -> (rss_bytes, cpu_seconds); ``idle_usage(node, seconds)``.
-- ``serving_peers(cluster, client)`` -> nodes whose agent has a connection from ``client``.
+- ``serving_peers(cluster, client, sending=False)`` -> nodes whose agent has a connection from
+  ``client`` (``sending``: with bytes queued to it, i.e. mid-transfer).
 - ``peer_serves(node)`` -> successful requests the agent answered for peers (from metrics).
 - ``agent_log(node)`` -> list of JSON records; ``served_to(cluster, digest, client_ip)`` -> the
   nodes whose agent logs show they served ``digest`` to ``client_ip``.
@@ -142,8 +143,9 @@ def idle_usage(node: Node, seconds: float = 5.0) -> dict[str, float]:
     return {"rss_mb": round(rss / 1e6, 1), "cpu_pct": round(100 * (cpu1 - cpu0) / seconds, 2)}
 
 
-def serving_peers(cluster: Cluster, client: Node) -> list[Node]:
-    """Nodes whose agent port has an established connection from ``client`` right now."""
+def serving_peers(cluster: Cluster, client: Node, sending: bool = False) -> list[Node]:
+    """Nodes whose agent port has an established connection from ``client`` right now
+    (with ``sending``: only those with unsent bytes queued on it, i.e. mid-transfer)."""
     out = []
     for n in cluster.nodes:
         if n is client:
@@ -153,8 +155,12 @@ def serving_peers(cluster: Cluster, client: Node) -> list[Node]:
              f"( sport = :{REGISTRY_PORT} )"],
             capture_output=True, text=True,
         )  # fmt: skip
-        if any(f"{client.ip}:" in line for line in r.stdout.splitlines()):
-            out.append(n)
+        for line in r.stdout.splitlines():
+            cols = line.split()  # Recv-Q Send-Q Local Peer
+            if len(cols) >= 4 and cols[3].startswith(f"{client.ip}:"):
+                if not sending or int(cols[1]) > 0:
+                    out.append(n)
+                    break
     return out
 
 
