@@ -12,7 +12,8 @@ import trio
 
 from registry.app import create_app
 from registry.fakes import MemoryContentStore, MemoryRouter
-from registry.fastpath import FastPathStats
+from registry.fastpath import FastPathStats, _ResponseWatch
+from registry.peer_client import PeerClient
 from registry.server import serve_registry
 
 from .conftest import Content, StartNode, fill
@@ -242,3 +243,56 @@ async def test_a_failing_store_costs_one_connection_at_most(
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     status, _, _ = await exchange(stream, h11.Connection(h11.CLIENT), "/v2/")
     assert status == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "parts", "done", "close"),
+    [
+        ("GET", [b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhel", b"lo"], True, False),
+        ("GET", [b"HTTP/1.1 200 OK\r\ncontent-len", b"gth: 0\r\n\r\n"], True, False),
+        ("HEAD", [b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n"], True, False),
+        ("GET", [b"HTTP/1.1 304 Not Modified\r\ncontent-length: 99\r\n\r\n"], True, False),
+        (
+            "GET",
+            [b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\nx"],
+            True,
+            True,
+        ),
+        ("GET", [b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nxy"], True, True),
+        ("GET", [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"], False, False),
+        ("GET", [b"HTTP/1.1 200 OK\r\n\r\n"], False, False),
+        ("GET", [b"HTTP/1.1 100 Continue\r\n\r\n"], False, False),
+        ("GET", [b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhel"], None, False),
+    ],
+)
+def test_response_watch(method: str, parts: list[bytes], done: bool | None, close: bool) -> None:
+    watch = _ResponseWatch(method)
+    for part in parts:
+        watch.feed(part)
+    if done is None:  # still waiting for body bytes
+        assert not watch.settled.is_set()
+        return
+    assert watch.settled.is_set()
+    assert watch.done is done
+    assert watch.close is close
+
+
+async def test_peer_client_keeps_blob_connections_apart(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    content, port, stats = await setup(start_node, tmp_path)
+    client = PeerClient()
+    for target in (
+        f"/v2/library/app/manifests/{content.manifest}?ns=docker.io",
+        f"/v2/library/app/blobs/{content.config}?ns=docker.io",
+        f"/v2/library/app/manifests/{content.manifest}?ns=docker.io",
+        f"/v2/library/app/blobs/{content.layer}?ns=docker.io",
+    ):
+        async with client.request("127.0.0.1", port, "GET", target) as response:
+            assert response.status == 200
+            while await response.receive() is not None:
+                pass
+    lanes = {lane: len(conns) for (_, _, lane), conns in client._idle.items()}
+    assert lanes == {"blobs": 1, "other": 1}  # one kept-alive connection per lane
+    await client.aclose()
+    assert (stats.served, stats.passed_on, stats.handed_off) == (2, 2, 0)
