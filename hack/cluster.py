@@ -8,6 +8,7 @@ command can run in its own process.  Needs root.
   python -m hack.cluster up 3 [--rate-mbit 100] [--large-mib 200] [--mirror standin|agent|none]
   python -m hack.cluster pull 2 small          # node index (or n2); test image name or full ref
   python -m hack.cluster status
+  python -m hack.cluster logs 2 [agent|containerd|mirror|upstream] [-n 40]
   python -m hack.cluster down [--all]          # --all: see below
 
 ``down --all`` also stops everything the harness recorded in any process (clusters, registries,
@@ -93,6 +94,23 @@ def cmd_status(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_logs(a: argparse.Namespace) -> int:
+    c = _load(a.state_dir)
+    path: Path | None = None
+    if a.what == "upstream":
+        path = c.upstream.log_path
+    else:
+        node = _node(c, a.node)
+        d = node.processes.get(a.what)
+        path = node.containerd.log_path if a.what == "containerd" else (d.log_path if d else None)
+    if path is None:
+        sys.exit(f"cluster: no {a.what} on node {a.node}")
+    lines = path.read_text(errors="replace").splitlines()
+    kept = [ln for ln in lines if '"hpack' not in ln]  # grpclib's h2 debug noise
+    print("\n".join(kept[-a.n :]))
+    return 0
+
+
 def cmd_down(a: argparse.Namespace) -> int:
     report: list[str] = []
     if (a.state_dir / "state.json").exists():
@@ -118,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     pull.add_argument("node")
     pull.add_argument("image")
     sub.add_parser("status")
+    logs = sub.add_parser("logs", help="tail of a node's agent/containerd/mirror log")
+    logs.add_argument("node")
+    logs.add_argument("what", nargs="?", default="agent",
+                      choices=("agent", "containerd", "mirror", "upstream"))  # fmt: skip
+    logs.add_argument("-n", type=int, default=40)
     down = sub.add_parser("down")
     down.add_argument("--all", action="store_true", help="also what other harness runs left")
     a = p.parse_args(argv)
@@ -125,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"cluster: {reason}", file=sys.stderr)
         return 2
-    return int({"up": cmd_up, "pull": cmd_pull, "status": cmd_status, "down": cmd_down}[a.cmd](a))
+    return int(
+        {"up": cmd_up, "pull": cmd_pull, "status": cmd_status, "logs": cmd_logs, "down": cmd_down}[
+            a.cmd
+        ](a)
+    )
 
 
 if __name__ == "__main__":
