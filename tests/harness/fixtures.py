@@ -14,6 +14,7 @@ Fixtures (all skip unless root with containerd, docker-registry, skopeo and ip i
 - ``cri_client`` -> ``CriClient`` on ``containerd_instance``.
 - ``cluster`` -> ``make(nodes=3, rate_mbit=None) -> Cluster`` (namespaces, upstream with test
   images, one containerd per node); torn down after the test.
+Real agents on a cluster: ``tests.harness.agents.start_agents(cluster)`` (see that module).
 Mark such tests ``@pytest.mark.root``.  When a test fails while a cluster is up, the report gets
 the tail of every node's agent/mirror/containerd log.
 """
