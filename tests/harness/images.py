@@ -127,6 +127,8 @@ class BuiltImage:
 
 @dataclass(frozen=True, slots=True)
 class TestImages:
+    __test__ = False  # not a pytest test class, despite the name
+
     small: BuiltImage
     multi: BuiltImage
     docker: BuiltImage
