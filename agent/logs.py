@@ -70,4 +70,11 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> logg
     quiet = logging.WARNING if level != "DEBUG" else logging.DEBUG
     for name in ("hypercorn.access", "urllib3", "kubernetes", "quart.serving"):
         logging.getLogger(name).setLevel(quiet)
+    # HTTP/2 framing libraries (the containerd gRPC client) write hundreds of lines per pull at
+    # DEBUG: always capped.
+    for name in ("hpack", "h2", "grpclib"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # The per-request access lines: exactly the configured level, even when the agent opens the
+    # `registry` loggers to DEBUG for the debug page (so at INFO they cost one level check).
+    logging.getLogger("registry.access").setLevel(level)
     return handler

@@ -16,7 +16,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
+from urllib.parse import parse_qs
 
 import trio
 from quart import request
@@ -59,12 +60,18 @@ __all__ = [
     "LocalBlob",
     "MirrorAborted",
     "RegistrySettings",
+    "access_logger",
     "create_app",
+    "log_access",
     "plan_local_blob",
     "record_request",
 ]
 
 logger = logging.getLogger(__name__)
+# One DEBUG line per request (Spegel's request log).  Its own logger so that its level can stay
+# at the configured one while the agent opens `registry` up to DEBUG for the debug page's tap:
+# callers check `access_logger.isEnabledFor(logging.DEBUG)` and skip all work when it is off.
+access_logger = logging.getLogger("registry.access")
 
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 MIRRORED_HEADER = "X-Spegel-Mirrored"
@@ -191,6 +198,7 @@ class _Registry:
         if descriptor is None:
             if mirrored:
                 return _oci_error(404, parsed.unknown_code, f"{parsed.reference} not found")
+            cast(dict[str, Any], request.scope)["spegla.mirrored"] = True  # access log: "mirror"
             return await self._mirror(MirrorJob(parsed, method, range_spec))
         if parsed.kind is ContentKind.MANIFEST:
             return await self._serve_manifest(parsed, descriptor, method)
@@ -411,8 +419,88 @@ def handler_label(path: str) -> str:
     return path if path in ("/readyz", "/livez") else "other"
 
 
+def access_handler(path: str, mirrored: bool = False) -> str | None:
+    """The access log's `handler` attribute (Spegel's names); None: not logged (probes)."""
+    if path in ("/readyz", "/livez"):
+        return None
+    if path in ("/v2", "/v2/"):
+        return "v2"
+    if mirrored:
+        return "mirror"
+    if "/manifests/" in path:
+        return "manifest"
+    if "/blobs/" in path:
+        return "blob"
+    return "registry"
+
+
+def log_access(
+    *,
+    handler: str,
+    method: str,
+    path: str,
+    status: int,
+    started: float,
+    ip: str,
+    registry: str,
+    size: int,
+) -> None:
+    """The DEBUG access line of one request; call only when `access_logger` is enabled for DEBUG.
+
+    Fields as Spegel's (`path`, `status`, `method`, `latency` in seconds, `ip`: first
+    X-Forwarded-For entry else the peer address, `handler`, `registry`: the `ns`), plus `bytes`.
+    """
+    access_logger.debug(
+        "request",
+        extra={
+            "path": path,
+            "status": status,
+            "method": method,
+            "latency": round(time.monotonic() - started, 6),
+            "ip": ip,
+            "handler": handler,
+            "registry": registry,
+            "bytes": size,
+        },
+    )
+
+
+def client_ip(forwarded_for: str | None, peer: str) -> str:
+    """Spegel's `ip`: the first X-Forwarded-For entry, else the connection's remote address."""
+    if forwarded_for:
+        first = forwarded_for.split(",", 1)[0].strip()
+        if first:
+            return first
+    return peer
+
+
+def _log_asgi_access(scope: dict[str, Any], status: int, size: int, started: float) -> None:
+    path: str = scope["path"]
+    handler = access_handler(path, bool(scope.get("spegla.mirrored")))
+    if handler is None:
+        return
+    forwarded = None
+    for name, value in scope.get("headers") or ():
+        if name.lower() == b"x-forwarded-for":
+            forwarded = value.decode("latin-1")
+            break
+    client = scope.get("client")
+    ns = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("ns", [""])[0]
+    log_access(
+        handler=handler,
+        method=scope["method"],
+        path=path,
+        status=status,
+        started=started,
+        ip=client_ip(forwarded, str(client[0]) if client else ""),
+        registry=ns,
+        size=size,
+    )
+
+
 def _with_request_metrics(asgi_app: Any) -> Any:
-    """ASGI middleware: inflight, duration (until the body is done) and bytes of every request."""
+    """ASGI middleware: inflight, duration (until the body is done) and bytes of every request,
+    and the DEBUG access line when that is enabled."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -435,6 +523,8 @@ def _with_request_metrics(asgi_app: Any) -> Any:
             await asgi_app(scope, receive, counting_send)
         finally:
             _record(handler, method, str(status), size, started)
+            if access_logger.isEnabledFor(logging.DEBUG):
+                _log_asgi_access(scope, status, size, started)
 
     return app
 

@@ -44,7 +44,14 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
-from registry.app import LocalBlob, plan_local_blob, record_request
+from registry.app import (
+    LocalBlob,
+    access_logger,
+    client_ip,
+    log_access,
+    plan_local_blob,
+    record_request,
+)
 from registry.interfaces import ContentNotFound
 from registry.metrics import HTTP_INFLIGHT
 
@@ -365,7 +372,29 @@ class _FrontDoor:
                     sent = await _sendfile(stream, fd, plan.offset, plan.length)
             finally:
                 record_request("/v2/*", head.method, str(plan.status), sent, started)
+                if access_logger.isEnabledFor(logging.DEBUG):
+                    _log_served(stream, head, plan, sent, started)
         return True
+
+
+def _log_served(
+    stream: trio.SocketStream, head: _Head, plan: LocalBlob, sent: int, started: float
+) -> None:
+    """The DEBUG access line of a request served here (as the app writes for its own)."""
+    try:
+        peer = str(stream.socket.getpeername()[0])
+    except OSError:
+        peer = ""
+    log_access(
+        handler="blob",
+        method=head.method,
+        path=unquote(urlsplit(head.target).path),
+        status=plan.status,
+        started=started,
+        ip=client_ip(head.headers.get("x-forwarded-for"), peer),
+        registry=plan.headers.get("oci-namespace", ""),
+        size=sent,
+    )
 
 
 async def _sendfile(stream: trio.SocketStream, fd: int, offset: int, length: int) -> int:

@@ -197,6 +197,7 @@ class Forwarder:
                 )
                 with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await state.fail(500, f"internal error while mirroring: {failure!r}", 0)
+            state.log_outcome()
 
 
 class _Run:
@@ -214,13 +215,59 @@ class _Run:
         avoid = forwarder.quarantine.peers(self.ref.digest) if self.ref.digest else frozenset()
         self.attempts = MirrorAttempts(self.ref.identifier, self.settings.resolve_retries, avoid)
         self.target = f"{job.request.path}?ns={quote(self.ref.registry, safe=':[]')}"
+        # what the one outcome log line reports (see `log_outcome`)
+        self.started = time.monotonic()
+        self.hit = False  # a MirrorHead went out
+        self.delivered = 0  # body bytes handed to the response
+        self.reason = ""  # why it missed or was cut short
+        self.serving: list[Peer] = []  # the peer whose answer is being sent, then resumed-from
 
     async def _emit(self, item: MirrorItem) -> None:
         """Hand an item to the response; a response that stops reading counts as gone."""
         with trio.move_on_after(self.settings.consumer_timeout) as scope:
-            await self.send.send(item)
+            try:
+                await self.send.send(item)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.reason = self.reason or "the client went away"
+                raise
         if scope.cancelled_caught:
+            self.reason = self.reason or "the response stopped reading"
             raise trio.BrokenResourceError("the response stopped reading")
+        if isinstance(item, bytes | bytearray):
+            self.delivered += len(item)
+        elif isinstance(item, MirrorHead):
+            self.hit = True
+        elif isinstance(item, MirrorFailure):
+            self.reason = item.message
+        else:
+            self.reason = item.reason
+
+    def log_outcome(self) -> None:
+        """One INFO line per mirror request, built once at its end (never per chunk).
+
+        `cache` hit means a response head from a peer went out (the hit/miss counters count the
+        same way); `peer` is the provider whose answer was sent (`resumed_from` lists the ones a
+        broken stream continued from); `reason` says why it missed or was cut short.  The debug
+        page's `MirrorLogTap` and `make demo` read these fields.
+        """
+        extra: dict[str, object] = {
+            "cache": "hit" if self.hit else "miss",
+            "key": self.ref.identifier,
+            "peer": _address(self.serving[0]) if self.hit and self.serving else None,
+            "registry": self.ref.registry,
+            "method": self.job.method,
+            "bytes": self.delivered,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
+            "attempts": self.attempts.fetched,
+        }
+        if self.hit and len(self.serving) > 1:
+            extra["resumed_from"] = [_address(peer) for peer in self.serving[1:]]
+        if self.reason or not self.hit:
+            extra["reason"] = self.reason or "no answer"
+        if self.hit:
+            logger.info("mirror hit", extra=extra)
+        else:
+            logger.info("mirror miss: %s", extra["reason"], extra=extra)
 
     async def fail(self, status: int, message: str, attempts: int) -> None:
         if not self.head_sent:
@@ -315,6 +362,10 @@ class _Run:
                     return give_up
                 continue
             stack.push_async_callback(inner.aclose)
+            if expected_size is None:
+                self.serving = [peer]  # a fresh answer (not a resumption)
+            else:
+                self.serving.append(peer)
             return _Fetch(peer, response, answer)
 
     async def _serve(self, supply: _PeerSupply, stack: AsyncExitStack) -> None:
@@ -552,6 +603,10 @@ class _BufferBudget:
 
 
 _MISMATCH = GiveUp("content from peers does not match its digest", 0)
+
+
+def _address(peer: Peer) -> str:
+    return f"{peer.host}:{peer.port}"
 
 
 def _sha256(data: bytes) -> str:

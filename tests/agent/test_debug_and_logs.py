@@ -106,3 +106,31 @@ def test_node_id_persisted_and_repaired(tmp_path: Path) -> None:
     repaired = load_or_create_node_id(str(data))
     assert repaired != first and load_or_create_node_id(str(data)) == repaired
     assert load_or_create_node_id("") != load_or_create_node_id("")
+
+
+def test_http2_loggers_capped_and_access_lines_follow_the_level() -> None:
+    stream = io.StringIO()
+    touched = [logging.getLogger(n) for n in ("", "registry", "registry.access", "hpack", "h2")]
+    touched.append(logging.getLogger("grpclib"))
+    levels = [log.level for log in touched]
+    handler = configure_logging("DEBUG", stream)
+    try:
+        for name in ("hpack", "h2", "grpclib"):
+            logging.getLogger(f"{name}.sub").debug("frame decoded")
+            logging.getLogger(name).warning("kept")
+        logging.getLogger("registry.access").debug("request")
+        assert logging.getLogger("registry.access").isEnabledFor(logging.DEBUG)
+        handler = configure_logging("INFO", stream)
+        logging.getLogger("registry").setLevel(logging.DEBUG)  # as the agent does for its tap
+        assert not logging.getLogger("registry.access").isEnabledFor(logging.DEBUG)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        for log, level in zip(touched, levels, strict=True):
+            log.setLevel(level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["logger"], line["msg"]) for line in lines] == [
+        ("hpack", "kept"),
+        ("h2", "kept"),
+        ("grpclib", "kept"),
+        ("registry.access", "request"),
+    ]

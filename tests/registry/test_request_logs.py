@@ -1,0 +1,152 @@
+"""What the registry logs per request: the INFO mirror outcome line (read by the debug page and
+`make demo`) and Spegel's DEBUG access line, for app-served and sendfile-served requests."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import trio
+
+from agent.debug import DebugState, MirrorLogTap
+from registry.app import RegistrySettings
+from registry.fakes import MemoryContentStore, MemoryNetwork
+
+from .conftest import Content, Node, StartNode, fill
+
+FAST = RegistrySettings(resolve_timeout=0.5, response_timeout=1.0, stall_timeout=1.0)
+MISSING = "sha256:" + "e" * 64
+
+
+async def provider_and_client(
+    start_node: StartNode, network: MemoryNetwork, files: Path
+) -> tuple[Node, Content, Node]:
+    """A provider holding a file-backed image (so its blobs go out by sendfile) and a client."""
+    store = MemoryContentStore()
+    content = fill(store, files=files)
+    provider = await start_node(store)
+    for key in (content.layer, content.manifest, content.tag_key):
+        network.add(key, provider.peer)
+    return provider, content, await start_node(settings=FAST)
+
+
+def mirror_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "registry.forwarder" and hasattr(r, "cache")]
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "registry.access"]
+
+
+async def wait_for(caplog: pytest.LogCaptureFixture, count: int) -> list[logging.LogRecord]:
+    """Access lines are written once the response is done, possibly just after the client has it."""
+    for _ in range(500):  # at most ~5 s
+        if len(access_lines(caplog)) >= count:
+            break
+        await trio.sleep(0.01)
+    return access_lines(caplog)
+
+
+async def test_mirror_hit_and_miss_lines(
+    start_node: StartNode, network: MemoryNetwork, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="registry")
+    provider, content, client = await provider_and_client(start_node, network, tmp_path)
+    state = DebugState()
+    tap = MirrorLogTap(state)
+    logging.getLogger("registry").addHandler(tap)
+    try:
+        async with client.client() as http:
+            hit = await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")
+            tag = await http.head("/v2/library/app/manifests/v1?ns=docker.io")
+            miss = await http.get(f"/v2/library/app/blobs/{MISSING}?ns=docker.io")
+    finally:
+        logging.getLogger("registry").removeHandler(tap)
+    assert (hit.status_code, tag.status_code, miss.status_code) == (200, 200, 404)
+    blob, head, missed = mirror_lines(caplog)
+    assert blob.levelno == logging.INFO and blob.getMessage() == "mirror hit"
+    assert vars(blob).items() >= {
+        "cache": "hit",
+        "key": content.layer,
+        "peer": f"127.0.0.1:{provider.port}",
+        "registry": "docker.io",
+        "method": "GET",
+        "bytes": len(content.layer_bytes),
+        "attempts": 1,
+    }.items()
+    assert isinstance(blob.duration_ms, float) and blob.duration_ms >= 0
+    assert not hasattr(blob, "reason")
+    assert (head.key, head.bytes, head.cache) == (content.tag_key, 0, "hit")
+    assert missed.levelno == logging.INFO and missed.cache == "miss"
+    assert (missed.key, missed.peer, missed.bytes, missed.attempts) == (MISSING, None, 0, 0)
+    assert "could not find peer" in missed.reason and missed.reason in missed.getMessage()
+    # the debug page's tap reads these very lines (newest first)
+    assert [(r.outcome, r.key, r.peer) for r in state.results] == [
+        ("miss", MISSING, ""),
+        ("hit", content.tag_key, f"127.0.0.1:{provider.port}"),
+        ("hit", content.layer, f"127.0.0.1:{provider.port}"),
+    ]
+    assert state.results[2].duration_ms == blob.duration_ms
+
+
+async def test_access_lines_for_app_and_sendfile_requests(
+    start_node: StartNode, network: MemoryNetwork, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="registry.access")
+    provider, content, client = await provider_and_client(start_node, network, tmp_path)
+    served_before = provider.stats.served
+    async with client.client() as http:
+        assert (await http.get("/readyz")).status_code == 200  # probes are not logged
+        response = await http.get(
+            f"/v2/library/app/blobs/{content.layer}?ns=docker.io",
+            headers={"X-Forwarded-For": "10.9.8.7, 10.0.0.1"},
+        )
+        assert response.status_code == 200
+    lines = await wait_for(caplog, 2)
+    assert provider.stats.served == served_before + 1  # the provider answered by sendfile
+    by_handler = {r.handler: r for r in lines}
+    assert sorted(by_handler) == ["blob", "mirror"]
+    served, mirrored = by_handler["blob"], by_handler["mirror"]
+    path = f"/v2/library/app/blobs/{content.layer}"
+    assert vars(served).items() >= {
+        "path": path,
+        "status": 200,
+        "method": "GET",
+        "ip": "127.0.0.1",  # the client node's own connection to its peer
+        "registry": "docker.io",
+        "bytes": len(content.layer_bytes),
+    }.items()
+    assert vars(mirrored).items() >= {
+        "path": path,
+        "status": 200,
+        "method": "GET",
+        "ip": "10.9.8.7",
+        "registry": "docker.io",
+        "bytes": len(content.layer_bytes),
+    }.items()
+    assert all(r.levelno == logging.DEBUG and r.latency >= 0 for r in lines)
+    # app-served local content and the API check: handler names as Spegel's
+    async with provider.client() as http:
+        await http.get(f"/v2/library/app/manifests/{content.manifest}?ns=docker.io")
+        await http.get("/v2/")
+    lines = await wait_for(caplog, 4)
+    assert [(r.handler, r.status, r.ip) for r in lines[2:]] == [
+        ("manifest", 200, "127.0.0.1"),
+        ("v2", 200, "127.0.0.1"),
+    ]
+
+
+async def test_no_access_lines_below_debug(
+    start_node: StartNode, network: MemoryNetwork, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the agent opens `registry` to DEBUG for the debug page; the access logger keeps its level
+    caplog.set_level(logging.DEBUG, logger="registry")
+    caplog.set_level(logging.INFO, logger="registry.access")
+    _, content, client = await provider_and_client(start_node, network, tmp_path)
+    async with client.client() as http:
+        response = await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")
+        assert response.status_code == 200
+    await trio.sleep(0.05)
+    assert access_lines(caplog) == []
+    assert [r.cache for r in mirror_lines(caplog)] == ["hit"]
