@@ -4,7 +4,8 @@ Why: the quickest way to see what spegla does.  It brings up the harness cluster
 namespaces, one containerd and one ``spegla registry`` per node, a docker-registry upstream behind
 a rate-limited link), pulls an image on node 1 (from upstream), then on nodes 2 and 3, and reports
 where each blob came from (upstream or which peer), the pull times and the agents' hit/miss
-counters.  Everything is torn down at the end (``--keep`` leaves it up for ``hack/cluster``).
+counters.  Per-blob peer attribution comes from the pulling agent's INFO mirror lines.
+Everything is torn down at the end (``--keep`` leaves it up for ``hack/cluster``).
 Needs root.
 
   python -m hack.demo [--nodes 3] [--size-mib 64] [--rate-mbit 100] [--keep]
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.harness import agents as ag
 from tests.harness.cluster import Cluster, Node
@@ -37,24 +39,68 @@ def serve_counts(c: Cluster) -> dict[str, int]:
     return {n.name: ag.peer_serves(n) for n in c.nodes}
 
 
+def mirror_hits(node: Node, mark: int) -> dict[str, list[dict[str, Any]]]:
+    """The agent's INFO mirror lines for blobs it got from peers (after record ``mark``), by key."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for rec in ag.agent_log(node)[mark:]:
+        if rec.get("cache") == "hit" and rec.get("method", "GET") == "GET" and rec.get("peer"):
+            out.setdefault(str(rec.get("key")), []).append(rec)
+    return out
+
+
+def _peer_names(c: Cluster, addresses: list[str]) -> str:
+    by_ip = {n.ip: n.name for n in c.nodes}
+    names = [by_ip.get(a.rsplit(":", 1)[0], a) for a in addresses]
+    return "+".join(dict.fromkeys(names))
+
+
+def served_from_access_lines(c: Cluster, digest: str, node: Node) -> list[str]:
+    """Nodes whose agent wrote a DEBUG access line for ``digest`` requested by ``node``'s IP
+    (only when the agents run with ``--log-level DEBUG``)."""
+    return [
+        n.name
+        for n in c.nodes
+        if n is not node
+        and any(
+            rec.get("ip") == node.ip and digest in str(rec.get("path", ""))
+            for rec in ag.agent_log(n)
+        )
+    ]
+
+
 def blob_sources(
-    c: Cluster, node: Node, image: BuiltImage, mark: int, served: dict[str, int]
+    c: Cluster,
+    node: Node,
+    image: BuiltImage,
+    mark: int,
+    log_mark: int,
+    served: dict[str, int],
 ) -> list[tuple[str, str]]:
     """(digest, where it came from) for every blob ``node`` needed for ``image``.
 
-    Upstream: the registry's access log names the node.  Peers: per-blob attribution from agent
-    request logs when they have it; otherwise the peers whose agents served requests during this
-    pull (``served``: node name -> requests, from their metrics)."""
+    Upstream: the registry's access log names the node.  Peers: the pulling agent's INFO mirror
+    line for the blob names the peer that served it (``+``: a broken stream resumed from another).
+    Without such a line: the peers' DEBUG access lines if any, else the peers whose agents served
+    requests during this pull (``served``: node name -> requests, from their metrics), marked
+    "(inferred)"."""
     upstream = {r.blob_digest for r in c.upstream.blob_fetches(mark) if r.remote_ip == node.ip}
+    hits = mirror_hits(node, log_mark)
     during = "|".join(name for name, k in served.items() if k > 0 and name != node.name)
     out = []
     for digest in image.blob_digests():
         if digest in upstream:
             out.append((digest, "upstream"))
             continue
-        peers = ag.served_to(c, digest, node.ip)
-        named = ",".join(p.name for p in peers) or during or "?"
-        out.append((digest, f"peer {named}"))  # "n1|n2": one of these (no per-blob log)
+        lines = hits.get(digest)
+        if lines:
+            line = max(lines, key=lambda rec: int(rec.get("bytes") or 0))
+            names = _peer_names(c, [str(line["peer"]), *line.get("resumed_from", [])])
+            mib = int(line.get("bytes") or 0) / 2**20
+            ms = float(line.get("duration_ms") or 0.0)
+            out.append((digest, f"peer {names}  ({mib:.1f} MiB in {ms:.0f} ms)"))
+            continue
+        named = ",".join(served_from_access_lines(c, digest, node)) or during or "?"
+        out.append((digest, f"peer {named} (inferred)"))  # "n1|n2": one of these
     return out
 
 
@@ -82,12 +128,13 @@ def run(a: argparse.Namespace) -> int:
         rows = []
         for node in c.nodes:
             mark = c.upstream.mark()
+            log_mark = len(ag.agent_log(node))
             before = serve_counts(c)
             step(f"{node.name} ({node.ip}): CRI pull {ref}")
             r = node.pull(ref, timeout=900)
             after = serve_counts(c)
             served = {k: after[k] - before[k] for k in after}
-            sources = blob_sources(c, node, images.large, mark, served)
+            sources = blob_sources(c, node, images.large, mark, log_mark, served)
             n_up = sum(1 for _, s in sources if s == "upstream")
             step(f"{node.name}: pulled in {r.seconds:.2f}s; {n_up}/{len(sources)} blobs upstream")
             rows.append((node, r.seconds, sources, c.upstream.blob_bytes(mark), served))
