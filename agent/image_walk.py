@@ -3,8 +3,8 @@
 Why: peers find content through the keys each node advertises, so which keys an image yields must
 be exactly its present content: the index, the platform manifests that are present, and their
 config and layers that are present (missing content is skipped, never advertised), plus the
-`registry/repo:tag` key of tagged records. This module is that logic and nothing else: the walk
-over a `ContentSource`, record parsing and filtering, key reference counts across images, the
+`registry/repo:tag` key of records named by tag. This module is that logic and nothing else: the
+walk over a `ContentSource`, record parsing and filtering, key reference counts across images, the
 per-registry gauge values and the distribution-source labels of loose blobs. It has no I/O of its
 own beyond the source it is given, so it is tested with fakes; `agent.state` drives it.
 """
@@ -158,7 +158,7 @@ class AdvertisedImage:
     name: str  # the containerd record name
     registry: str
     repository: str
-    tag_key: str | None  # `registry/repo:tag` for tagged records
+    tag_key: str | None  # `registry/repo:tag` for records named by tag (without a digest)
     target: str  # the record's target digest (index or manifest)
     digests: frozenset[str]  # present content reachable from target
 
@@ -198,11 +198,16 @@ async def image_keys(
     source: ContentSource, image: Image, ref: Reference, cache: ChildrenCache | None = None
 ) -> AdvertisedImage:
     digests = await walk(source, image.target, cache)
+    # The tag key is served by looking up the record named exactly `registry/repo:tag`
+    # (`ContentStore.resolve_tag`); a record named `registry/repo:tag@sha256:...` (ctr keeps
+    # pinned names verbatim) is not found that way, so its tag is not advertised: a peer would
+    # get a 404 for it.  Its digests are advertised as usual.
+    servable_tag = ref.tag is not None and "@" not in image.name
     return AdvertisedImage(
         name=image.name,
         registry=ref.registry,
         repository=ref.repository,
-        tag_key=ref.tag_key if ref.tag is not None and ref.tag_key is not None else None,
+        tag_key=ref.tag_key if servable_tag else None,
         target=image.target.digest,
         digests=digests,
     )
