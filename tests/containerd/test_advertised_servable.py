@@ -5,6 +5,7 @@ true`) for it with 404 costs every puller a fail-over.  This runs the real path 
 images pulled into a real containerd through CRI (tag, digest, index, Docker v2s2) and records
 created the way `ctr` names them, the state tracker's full sync, and the registry app on the
 containerd-backed store, asked for each advertised key the way a requesting peer asks for it.
+The first test is the same check of tag keys without containerd (fakes), so it runs anywhere.
 """
 
 from __future__ import annotations
@@ -31,11 +32,31 @@ from tests.harness.cri import CriClient
 from tests.harness.images import TestImages as ImageSet
 from tests.harness.upstream import Upstream
 
-from .fakes import RecordingRouter
+from .fakes import OCI_MANIFEST, FakeContent, RecordingRouter
 
 pytestmark = pytest.mark.root
 NS = "k8s.io"
 MIRRORED = {"X-Spegel-Mirrored": "true"}
+
+
+async def test_every_advertised_tag_key_resolves_in_the_store() -> None:
+    fake = FakeContent()
+    target = fake.add_image(b"app", OCI_MANIFEST)
+    names = [
+        "example.com/app:v1",
+        "example.com/app@" + target.digest,
+        "example.com/app:pinned@" + target.digest,  # how ctr names a pinned pull or tag
+        "example.com:5000/team/app:v2",
+    ]
+    for name in names:
+        fake.tag(name, target)
+    router = RecordingRouter()
+    await StateTracker(fake, router).sync()  # type: ignore[arg-type]
+    store = ContainerdContentStore(fake, direct_reads=False)  # type: ignore[arg-type]
+    tags = {k for k in router.keys if not k.startswith("sha256:")}
+    assert tags == {"example.com/app:v1", "example.com:5000/team/app:v2"}
+    for key in tags:
+        assert await store.resolve_tag(key) == target.digest
 
 
 def _ctr(ctd: Containerd, *args: str) -> None:
