@@ -95,9 +95,10 @@ def blob_sources(
         if lines:
             line = max(lines, key=lambda rec: int(rec.get("bytes") or 0))
             names = _peer_names(c, [str(line["peer"]), *line.get("resumed_from", [])])
-            mib = int(line.get("bytes") or 0) / 2**20
+            size = int(line.get("bytes") or 0)
+            amount = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size:,} B"
             ms = float(line.get("duration_ms") or 0.0)
-            out.append((digest, f"peer {names}  ({mib:.1f} MiB in {ms:.0f} ms)"))
+            out.append((digest, f"peer {names}  ({amount} in {ms:.0f} ms)"))
             continue
         named = ",".join(served_from_access_lines(c, digest, node)) or during or "?"
         out.append((digest, f"peer {named} (inferred)"))  # "n1|n2": one of these
