@@ -239,21 +239,7 @@ class MirrorLogTap(logging.Handler):
             self.handleError(record)
 
 
-# --- mirror counters ------------------------------------------------------------------------------
-
-
-def mirror_counts() -> dict[tuple[str, str], float]:
-    """Current `spegel_mirror_requests_total` values by (registry, cache)."""
-    from registry.metrics import MIRROR_REQUESTS
-
-    out: dict[tuple[str, str], float] = {}
-    for metric in MIRROR_REQUESTS.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_total"):
-                out[(sample.labels.get("registry", ""), sample.labels.get("cache", ""))] = (
-                    sample.value
-                )
-    return out
+# --- last mirror success ------------------------------------------------------------------------
 
 
 def last_mirror_success() -> float | None:
@@ -272,24 +258,13 @@ async def watch_mirror_metrics(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Turn increments of the mirror counters into page entries (per registry, hit or miss)."""
-    last = mirror_counts()
+    """Keep the page's "last success" in step with `spegel_mirror_last_success_timestamp_seconds`.
+
+    Per-request mirror results reach the page through `MirrorLogTap`; this only follows the gauge.
+    """
     task_status.started()
     while True:
-        await trio.sleep(interval)
-        now = mirror_counts()
-        for (registry, cache), value in sorted(now.items()):
-            delta = value - last.get((registry, cache), 0.0)
-            if delta > 0:
-                state.record_mirror(
-                    MirrorResult(
-                        at=time.time(),
-                        key=registry,
-                        outcome=cache,
-                        detail=f"{int(delta)} mirror request(s)",
-                    )
-                )
         success = last_mirror_success()
         if success is not None and (state.last_success or 0.0) < success:
             state.last_success = success
-        last = now
+        await trio.sleep(interval)

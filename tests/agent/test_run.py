@@ -161,7 +161,7 @@ async def test_two_agents_join_serve_debug_and_drain(tmp_path: Any, nursery: tri
                     event = json.loads(await ws.get_message())
                     if event["type"] == "mirror" and event["result"]["outcome"] == "hit":
                         break
-            assert event["result"]["key"] == "example.com"
+            assert event["result"]["key"] == key  # one page entry per mirror request
         metrics_text = (await http.get(f"{metrics}/metrics")).text
         assert 'spegel_mirror_requests_total{cache="hit",registry="example.com"}' in metrics_text
         stats_b = (await http.get(f"{metrics}/debug/web/stats")).json()
