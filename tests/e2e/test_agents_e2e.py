@@ -11,8 +11,6 @@ other's content.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,20 +27,9 @@ pytestmark = pytest.mark.root
 Fresh = Callable[..., tuple[BuiltImage, str]]
 
 
-def _agent_available() -> bool:
-    if os.environ.get("SPEGLA_E2E_AGENT"):
-        return True
-    try:
-        return importlib.util.find_spec("agent.run") is not None
-    except ModuleNotFoundError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def c() -> Iterator[Cluster]:
     require_harness()
-    if not _agent_available():
-        pytest.skip("`spegla registry` is not wired yet (agent.run missing)")
     cl = Cluster(short_tempdir("spg-e2e-"), nodes=3)
     try:
         cl.up(large_mib=8)
