@@ -11,6 +11,7 @@ other's content.
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -54,6 +55,19 @@ def fresh(c: Cluster, tmp_path: Path) -> Callable[..., tuple[BuiltImage, str]]:
 
 def _upstream_blobs(c: Cluster, node: Node, mark: int) -> set[str]:
     return {r.blob_digest or "" for r in c.upstream.blob_fetches(mark) if r.remote_ip == node.ip}
+
+
+def _wait_upstream_done_with(c: Cluster, node: Node, limit: float = 15.0) -> None:
+    """Wait until the upstream holds no TCP connection from `node`: only then has it written the
+    access-log lines of requests that `node` abandoned (the log is written when a request ends)."""
+    deadline = time.monotonic() + limit
+    ss = ["ss", "-Htn", "state", "big", "dst", node.ip]  # "big": not TIME-WAIT
+    argv = ["ip", "netns", "exec", c.topology.upstream, *ss]
+    while time.monotonic() < deadline:
+        if not subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"upstream still has connections from {node.name} after {limit}s")
 
 
 def _upstream_requests(c: Cluster, node: Node, mark: int) -> list[str]:
@@ -317,6 +331,7 @@ def test_interrupted_pull_resumes_with_range_from_a_peer(c: Cluster, tmp_path: P
         if not n3.containerd.daemon or not n3.containerd.daemon.alive():
             n3.containerd.start()
             c.save()
+    _wait_upstream_done_with(c, n3)  # the killed pull's upstream requests are logged before `mark`
     n1.pull(ref)
     wait_served_by_peer(n3, f"e2e/{img.name}", img.blob_digests())
     before = _count_206(n3)
