@@ -5,7 +5,7 @@ to HTTP responses; local content comes from a `ContentStore`, everything else go
 `Forwarder` task that resolves providers with the `Router`.  Every other method or path is a 404
 with an empty body, like Spegel.  Malformed names, tags, digests and `ns` values get a 404 (what
 containerd treats as "next host") whose OCI error body says what was wrong; malformed ranges 400,
-unsatisfiable ranges 416.
+unsatisfiable ranges 416.  Request metrics and the access log line are `registry.access_log`'s.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import parse_qs
 
 import trio
 from quart import request
 from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioResponse
 
+from registry.access_log import with_request_metrics
 from registry.distribution import (
     ApiVersionCheck,
     ContentKind,
@@ -34,8 +34,12 @@ from registry.distribution import (
     parse_request_path,
 )
 from registry.filters import ReferenceFilter
-from registry.forwarder import (
-    Forwarder,
+from registry.forwarder import Forwarder
+from registry.interfaces import BlobReader, ContentNotFound, ContentStore, Descriptor, Router
+from registry.mediatypes import OCTET_STREAM, is_manifest_media_type
+from registry.metrics import MIRROR_LAST_SUCCESS, MIRROR_REQUESTS
+from registry.mirror import Quarantine
+from registry.mirror_job import (
     MirrorAbort,
     MirrorFailure,
     MirrorHead,
@@ -43,16 +47,6 @@ from registry.forwarder import (
     MirrorJob,
     MirrorSettings,
 )
-from registry.interfaces import BlobReader, ContentNotFound, ContentStore, Descriptor, Router
-from registry.mediatypes import OCTET_STREAM, is_manifest_media_type
-from registry.metrics import (
-    HTTP_INFLIGHT,
-    HTTP_REQUEST_DURATION,
-    HTTP_RESPONSE_SIZE,
-    MIRROR_LAST_SUCCESS,
-    MIRROR_REQUESTS,
-)
-from registry.mirror import Quarantine
 from registry.peer_client import PeerClient
 from registry.ranges import RangeError, RangeNotSatisfiable, RangeSpec, parse_range
 
@@ -60,19 +54,11 @@ __all__ = [
     "LocalBlob",
     "MirrorAborted",
     "RegistrySettings",
-    "access_logger",
     "create_app",
-    "log_access",
     "plan_local_blob",
-    "record_request",
 ]
 
 logger = logging.getLogger(__name__)
-# One DEBUG line per request (Spegel's request log).  Its own logger so that its level can stay
-# at the configured one while the agent opens `registry` up to DEBUG for the debug page's tap:
-# callers check `access_logger.isEnabledFor(logging.DEBUG)` and skip all work when it is off.
-access_logger = logging.getLogger("registry.access")
-
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 MIRRORED_HEADER = "X-Spegel-Mirrored"
 
@@ -407,134 +393,6 @@ async def plan_local_blob(
     return await registry.plan_local_blob(method, path, ns, range_header)
 
 
-def record_request(handler: str, method: str, code: str, size: int, started: float) -> None:
-    """Request metrics for a response served outside the Quart app (inflight already counted)."""
-    _record(handler, method, code, size, started)
-
-
-def handler_label(path: str) -> str:
-    """The `handler` label of the HTTP metrics: the route pattern, like Spegel's."""
-    if path == "/v2" or path.startswith("/v2/"):
-        return "/v2/*"
-    return path if path in ("/readyz", "/livez") else "other"
-
-
-def access_handler(path: str, mirrored: bool = False) -> str | None:
-    """The access log's `handler` attribute (Spegel's names); None: not logged (probes)."""
-    if path in ("/readyz", "/livez"):
-        return None
-    if path in ("/v2", "/v2/"):
-        return "v2"
-    if mirrored:
-        return "mirror"
-    if "/manifests/" in path:
-        return "manifest"
-    if "/blobs/" in path:
-        return "blob"
-    return "registry"
-
-
-def log_access(
-    *,
-    handler: str,
-    method: str,
-    path: str,
-    status: int,
-    started: float,
-    ip: str,
-    registry: str,
-    size: int,
-) -> None:
-    """The DEBUG access line of one request; call only when `access_logger` is enabled for DEBUG.
-
-    Fields as Spegel's (`path`, `status`, `method`, `latency` in seconds, `ip`: first
-    X-Forwarded-For entry else the peer address, `handler`, `registry`: the `ns`), plus `bytes`.
-    """
-    access_logger.debug(
-        "request",
-        extra={
-            "path": path,
-            "status": status,
-            "method": method,
-            "latency": round(time.monotonic() - started, 6),
-            "ip": ip,
-            "handler": handler,
-            "registry": registry,
-            "bytes": size,
-        },
-    )
-
-
-def client_ip(forwarded_for: str | None, peer: str) -> str:
-    """Spegel's `ip`: the first X-Forwarded-For entry, else the connection's remote address."""
-    if forwarded_for:
-        first = forwarded_for.split(",", 1)[0].strip()
-        if first:
-            return first
-    return peer
-
-
-def _log_asgi_access(scope: dict[str, Any], status: int, size: int, started: float) -> None:
-    path: str = scope["path"]
-    handler = access_handler(path, bool(scope.get("spegla.mirrored")))
-    if handler is None:
-        return
-    forwarded = None
-    for name, value in scope.get("headers") or ():
-        if name.lower() == b"x-forwarded-for":
-            forwarded = value.decode("latin-1")
-            break
-    client = scope.get("client")
-    ns = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("ns", [""])[0]
-    log_access(
-        handler=handler,
-        method=scope["method"],
-        path=path,
-        status=status,
-        started=started,
-        ip=client_ip(forwarded, str(client[0]) if client else ""),
-        registry=ns,
-        size=size,
-    )
-
-
-def _with_request_metrics(asgi_app: Any) -> Any:
-    """ASGI middleware: inflight, duration (until the body is done) and bytes of every request,
-    and the DEBUG access line when that is enabled."""
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await asgi_app(scope, receive, send)
-            return
-        handler, method = handler_label(scope["path"]), scope["method"]
-        started = time.monotonic()
-        status, size = 500, 0
-
-        async def counting_send(message: dict[str, Any]) -> None:
-            nonlocal status, size
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            elif message["type"] == "http.response.body":
-                size += len(message.get("body", b""))
-            await send(message)
-
-        HTTP_INFLIGHT.labels(handler).inc()
-        try:
-            await asgi_app(scope, receive, counting_send)
-        finally:
-            _record(handler, method, str(status), size, started)
-            if access_logger.isEnabledFor(logging.DEBUG):
-                _log_asgi_access(scope, status, size, started)
-
-    return app
-
-
-def _record(handler: str, method: str, code: str, size: int, started: float) -> None:
-    HTTP_INFLIGHT.labels(handler).dec()
-    HTTP_REQUEST_DURATION.labels(handler, method, code).observe(time.monotonic() - started)
-    HTTP_RESPONSE_SIZE.labels(handler, method, code).observe(size)
-
-
 def create_app(
     store: ContentStore, router: Router, settings: RegistrySettings | None = None
 ) -> QuartTrio:
@@ -544,7 +402,7 @@ def create_app(
     app.config["RESPONSE_TIMEOUT"] = None
     registry = _Registry(app, store, router, settings or RegistrySettings())
     app.extensions["spegla.registry"] = registry
-    app.asgi_app = _with_request_metrics(app.asgi_app)  # type: ignore[method-assign]
+    app.asgi_app = with_request_metrics(app.asgi_app)  # type: ignore[method-assign]
 
     async def handle(path: str = "") -> Response:
         return await registry.dispatch("/" + path)

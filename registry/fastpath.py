@@ -44,14 +44,8 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
-from registry.app import (
-    LocalBlob,
-    access_logger,
-    client_ip,
-    log_access,
-    plan_local_blob,
-    record_request,
-)
+from registry.access_log import access_logger, client_ip, log_access, record_request
+from registry.app import LocalBlob, plan_local_blob
 from registry.interfaces import ContentNotFound
 from registry.metrics import HTTP_INFLIGHT
 

@@ -2,10 +2,10 @@
 
 Why a producer task: a blob response outlives the request handler, and the fetch needs cancel
 scopes and a nursery (the lookup runs beside it) that must not be held across a `yield` of the
-response body.  So `Forwarder.run` runs as its own task (in the app's nursery) and sends, over a
-bounded memory channel: first a `MirrorHead` or a `MirrorFailure`, then body chunks, and finally
-nothing (success) or a `MirrorAbort` (the response must be cut short).  A consumer that goes away
-closes its channel; the producer then stops at its next send.
+response body.  So `Forwarder.run` runs as its own task (in the app's nursery) and sends the items
+of `registry.mirror_job` over a bounded memory channel.  A consumer that goes away closes its
+channel; the producer then stops at its next send.  This module finds providers, fails over and
+frames the answer; the byte loop of a blob (hash, resume, hold back) is `registry.blob_stream`.
 
 Deadlines, all Trio cancel scopes: each wait for a provider `resolve_timeout` (20 ms), at most
 `resolve_retries` failed attempts; connect + response headers `response_timeout`; no body bytes
@@ -24,20 +24,26 @@ way every peer that contributed to bad content is quarantined for that digest.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, suppress
-from dataclasses import dataclass
 from urllib.parse import quote
 
 import trio
 
-from registry.distribution import ContentKind, ContentRequest, ErrorCode
+from registry.blob_stream import (
+    BufferBudget,
+    Continuation,
+    Mismatch,
+    Sink,
+    collector,
+    copy_blob,
+    sha256_digest,
+)
+from registry.distribution import ContentKind, ErrorCode
 from registry.interfaces import Peer, Router
-from registry.mediatypes import MANIFEST_MEDIA_TYPES, OCTET_STREAM, SNIFF_LIMIT
+from registry.mediatypes import MANIFEST_MEDIA_TYPES, OCTET_STREAM
 from registry.metrics import PEER_QUARANTINED, RESOLVE_DURATION
 from registry.mirror import (
     GiveUp,
@@ -48,72 +54,22 @@ from registry.mirror import (
     check_peer_answer,
     peer_key,
 )
+from registry.mirror_job import (
+    MirrorAbort,
+    MirrorFailure,
+    MirrorHead,
+    MirrorItem,
+    MirrorJob,
+    MirrorSettings,
+)
 from registry.peer_client import PeerClient, PeerError, PeerResponse
-from registry.ranges import ByteRange, RangeNotSatisfiable, RangeSpec
+from registry.ranges import ByteRange, RangeNotSatisfiable
 
-__all__ = [
-    "Forwarder",
-    "MirrorAbort",
-    "MirrorFailure",
-    "MirrorHead",
-    "MirrorItem",
-    "MirrorJob",
-    "MirrorSettings",
-]
+__all__ = ["Forwarder", "RouterFailure"]
 
 logger = logging.getLogger(__name__)
 
 ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
-
-
-@dataclass(frozen=True, slots=True)
-class MirrorSettings:
-    resolve_timeout: float = 0.020
-    resolve_retries: int = 3
-    response_timeout: float = 2.0
-    stall_timeout: float = 5.0
-    manifest_deadline: float = 3.0
-    max_manifest_size: int = SNIFF_LIMIT
-    user_agent: str = "spegla"
-    # a response not taking the next chunk for this long is abandoned (its client is gone, or it
-    # never started reading); this also bounds how long a peer connection can be held for it
-    consumer_timeout: float = 60.0
-    # Blobs up to this size are fetched and verified in full before their first byte is sent, so
-    # a lying peer costs a fail-over, never a poisoned download (containerd resumes a cut-off
-    # body with Range and would stitch the bad prefix to good bytes from elsewhere).  Larger
-    # blobs stream, hashed on the way, with the last byte held back until the digest matched.
-    verify_first_max: int = 64 * 1024 * 1024
-    verify_first_budget: int = 256 * 1024 * 1024  # memory for that, over all requests
-
-
-@dataclass(frozen=True, slots=True)
-class MirrorJob:
-    request: ContentRequest
-    method: str  # "GET" or "HEAD"
-    range_spec: RangeSpec | None  # blobs only
-
-
-@dataclass(frozen=True, slots=True)
-class MirrorHead:
-    status: int
-    headers: tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class MirrorFailure:
-    status: int
-    code: ErrorCode
-    message: str
-    attempts: int
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class MirrorAbort:
-    reason: str
-
-
-MirrorItem = MirrorHead | MirrorFailure | MirrorAbort | bytes | bytearray
 
 
 class _PeerSupply:
@@ -176,7 +132,7 @@ class Forwarder:
         self.client = client if client is not None else PeerClient()
         self.settings = settings if settings is not None else MirrorSettings()
         self.quarantine = quarantine if quarantine is not None else Quarantine()
-        self.budget = _BufferBudget(self.settings.verify_first_budget)
+        self.budget = BufferBudget(self.settings.verify_first_budget)
 
     async def run(self, job: MirrorJob, send: trio.MemorySendChannel[MirrorItem]) -> None:
         """Produce the mirror response for `job` on `send` (closed when done)."""
@@ -453,7 +409,7 @@ class _Run:
         except (PeerError, trio.TooSlowError):
             return None
         body = b"".join(parts)
-        if len(body) != answer.size or _sha256(body) != answer.digest:
+        if len(body) != answer.size or sha256_digest(body) != answer.digest:
             self._quarantine(answer.digest, [fetch.peer])
             return None
         return body
@@ -490,7 +446,7 @@ class _Run:
                 return
             try:
                 pieces: list[bytes | bytearray] = []
-                outcome = await self._copy(fetch, supply, stack, delivered, _collector(pieces))
+                outcome = await self._copy(fetch, supply, stack, delivered, collector(pieces))
                 if outcome is None:  # verified in full: only now does a byte go out
                     await self._send_head(head)
                     for piece in pieces:
@@ -498,7 +454,7 @@ class _Run:
                     return
             finally:
                 budget.release(size)
-            if outcome is not _MISMATCH:
+            if isinstance(outcome, GiveUp):
                 await self.fail(404, outcome.message, outcome.attempts)
                 return
             await stack.aclose()  # a peer lied: nothing was sent, so try the next one
@@ -513,101 +469,35 @@ class _Run:
         supply: _PeerSupply,
         stack: AsyncExitStack,
         delivered: ByteRange | None,
-        sink: Callable[[bytes | bytearray], Awaitable[None]],
-    ) -> GiveUp | None:
-        """Read the whole blob (resuming from other peers), hash it, pass on the delivered range.
-
-        The last delivered byte goes to `sink` only once the digest matched.  Returns None on
-        success, `_MISMATCH` (contributors quarantined) or a GiveUp when no peer could continue.
-        """
+        sink: Sink,
+    ) -> Mismatch | GiveUp | None:
+        """`copy_blob` from this fetch, resuming from the next providers; quarantines liars."""
         size, digest = fetch.answer.size, fetch.answer.digest
-        if size == 0:
-            if digest == _sha256(b""):
-                return None
-            self._quarantine(digest, [fetch.peer])
-            return _MISMATCH
-        start, end = (0, size - 1) if delivered is None else (delivered.start, delivered.end)
-        hasher = hashlib.sha256()
-        contributors = [fetch.peer]
-        held: bytes | bytearray = b""
-        position = 0
-        response: PeerResponse | None = fetch.response
-        while position < size:
-            chunk: bytes | bytearray | None = None
-            if response is not None:
-                try:
-                    with trio.fail_after(self.settings.stall_timeout):
-                        chunk = await response.receive()
-                    if chunk is None or position + len(chunk) > size:
-                        raise PeerError("peer sent a body of the wrong length")
-                except (PeerError, trio.TooSlowError) as exc:
-                    logger.info(
-                        "peer stream broke; resuming",
-                        extra={"key": digest, "offset": position, "error": str(exc) or "stalled"},
-                    )
-                    chunk = None
-            if chunk is None:
-                await stack.aclose()
-                give_up = self.attempts.fetch_failed()
-                if give_up is not None:
-                    return give_up
-                resumed = await self._fetch(
-                    supply, stack, ByteRange(position, size - 1, size), size
-                )
-                if isinstance(resumed, GiveUp):
-                    return resumed
-                contributors.append(resumed.peer)
-                response = resumed.response
-                continue
-            # inline: a worker thread (hashlib releases the GIL) measured slower and costlier
-            # here (bench.mirror on 2 busy cores: 360-700 vs 660-810 MB/s, 1.2 vs 1.0 CPU-s/GiB)
-            hasher.update(chunk)
-            first, last = max(position, start), min(position + len(chunk) - 1, end)
-            if first <= last:
-                piece = chunk
-                if first != position or last != position + len(chunk) - 1:
-                    piece = chunk[first - position : last - position + 1]
-                if last == end:
-                    piece, held = piece[:-1], piece[-1:]
-                if piece:
-                    await sink(piece)
-            position += len(chunk)
-        if "sha256:" + hasher.hexdigest() != digest:
-            self._quarantine(digest, contributors)
-            return _MISMATCH
-        await sink(held)
-        return None
 
+        async def resume(position: int) -> Continuation | GiveUp:
+            await stack.aclose()
+            give_up = self.attempts.fetch_failed()
+            if give_up is not None:
+                return give_up
+            resumed = await self._fetch(supply, stack, ByteRange(position, size - 1, size), size)
+            if isinstance(resumed, GiveUp):
+                return resumed
+            return Continuation(resumed.peer, resumed.response)
 
-def _collector(pieces: list[bytes | bytearray]) -> Callable[[bytes | bytearray], Awaitable[None]]:
-    async def collect(piece: bytes | bytearray) -> None:
-        pieces.append(piece)
-
-    return collect
-
-
-class _BufferBudget:
-    """Bytes of blobs held in memory for verification before sending, across all requests."""
-
-    def __init__(self, limit: int) -> None:
-        self.available = limit
-
-    def take(self, size: int) -> bool:
-        if size > self.available:
-            return False
-        self.available -= size
-        return True
-
-    def release(self, size: int) -> None:
-        self.available += size
-
-
-_MISMATCH = GiveUp("content from peers does not match its digest", 0)
+        outcome = await copy_blob(
+            fetch.peer,
+            fetch.response,
+            size,
+            digest,
+            delivered,
+            sink,
+            resume,
+            self.settings.stall_timeout,
+        )
+        if isinstance(outcome, Mismatch):
+            self._quarantine(digest, list(outcome.contributors))
+        return outcome
 
 
 def _address(peer: Peer) -> str:
     return f"{peer.host}:{peer.port}"
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()

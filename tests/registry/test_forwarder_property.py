@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 
 from registry.distribution import ContentKind, ContentRequest
 from registry.fakes import MemoryNetwork, MemoryRouter
-from registry.forwarder import (
-    Forwarder,
+from registry.forwarder import Forwarder
+from registry.interfaces import Peer
+from registry.mirror_job import (
     MirrorAbort,
     MirrorFailure,
     MirrorHead,
@@ -29,7 +30,6 @@ from registry.forwarder import (
     MirrorJob,
     MirrorSettings,
 )
-from registry.interfaces import Peer
 from registry.peer_client import PeerError
 from registry.ranges import RangeSpec, parse_range
 from registry.reference import Reference

@@ -11,7 +11,7 @@ import trio
 
 from registry.distribution import ContentKind, ContentRequest, ErrorCode
 from registry.fakes import MemoryNetwork, MemoryRouter
-from registry.forwarder import Forwarder, MirrorFailure, MirrorItem, MirrorJob, MirrorSettings
+from registry.forwarder import Forwarder
 from registry.interfaces import Peer
 from registry.mirror import (
     MirrorAttempts,
@@ -19,6 +19,7 @@ from registry.mirror import (
     Quarantine,
     check_peer_answer,
 )
+from registry.mirror_job import MirrorFailure, MirrorItem, MirrorJob, MirrorSettings
 from registry.peer_client import PeerClient, PeerError
 from registry.ranges import ByteRange
 from registry.reference import Reference

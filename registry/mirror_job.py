@@ -1,0 +1,75 @@
+"""What a mirror request asks the `Forwarder` for, and the items it answers with.
+
+Why its own module: these records are the contract between the app (the consumer, which turns them
+into an HTTP response) and the forwarder (the producer task, which talks to peers).  Keeping them
+apart lets each side be read without the other's machinery.  The order on the channel: first a
+`MirrorHead` or a `MirrorFailure`, then body chunks, and finally nothing (success) or a
+`MirrorAbort` (the response must be cut short).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from registry.distribution import ContentRequest, ErrorCode
+from registry.mediatypes import SNIFF_LIMIT
+from registry.ranges import RangeSpec
+
+__all__ = [
+    "MirrorAbort",
+    "MirrorFailure",
+    "MirrorHead",
+    "MirrorItem",
+    "MirrorJob",
+    "MirrorSettings",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorSettings:
+    resolve_timeout: float = 0.020
+    resolve_retries: int = 3
+    response_timeout: float = 2.0
+    stall_timeout: float = 5.0
+    manifest_deadline: float = 3.0
+    max_manifest_size: int = SNIFF_LIMIT
+    user_agent: str = "spegla"
+    # a response not taking the next chunk for this long is abandoned (its client is gone, or it
+    # never started reading); this also bounds how long a peer connection can be held for it
+    consumer_timeout: float = 60.0
+    # Blobs up to this size are fetched and verified in full before their first byte is sent, so
+    # a lying peer costs a fail-over, never a poisoned download (containerd resumes a cut-off
+    # body with Range and would stitch the bad prefix to good bytes from elsewhere).  Larger
+    # blobs stream, hashed on the way, with the last byte held back until the digest matched.
+    verify_first_max: int = 64 * 1024 * 1024
+    verify_first_budget: int = 256 * 1024 * 1024  # memory for that, over all requests
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorJob:
+    request: ContentRequest
+    method: str  # "GET" or "HEAD"
+    range_spec: RangeSpec | None  # blobs only
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorHead:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorFailure:
+    status: int
+    code: ErrorCode
+    message: str
+    attempts: int
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorAbort:
+    reason: str
+
+
+MirrorItem = MirrorHead | MirrorFailure | MirrorAbort | bytes | bytearray
