@@ -11,6 +11,8 @@ Deadlines, all Trio cancel scopes: each wait for a provider `resolve_timeout` (2
 `resolve_retries` failed attempts; connect + response headers `response_timeout`; no body bytes
 for `stall_timeout` counts as a broken stream; HEAD and manifests finish within
 `manifest_deadline` (3 s) overall, blob GETs have no overall deadline.
+A peer answering 404 for a key it advertised (deleted since; its provider records live on) is
+skipped for that key for `stale_ttl` (60 s) by later requests (`mirror.StaleProviders`).
 
 Verification: a manifest body is read whole and hashed before its first byte is sent.  A blob of
 up to `verify_first_max` (64 MiB) is fetched whole (resuming across peers), hashed, and only then
@@ -51,6 +53,7 @@ from registry.mirror import (
     PeerAnswer,
     PeerAnswerError,
     Quarantine,
+    StaleProviders,
     check_peer_answer,
     peer_key,
 )
@@ -127,12 +130,15 @@ class Forwarder:
         client: PeerClient | None = None,
         settings: MirrorSettings | None = None,
         quarantine: Quarantine | None = None,
+        stale: StaleProviders | None = None,
     ) -> None:
         self.router = router
         self.client = client if client is not None else PeerClient()
         self.settings = settings if settings is not None else MirrorSettings()
         self.quarantine = quarantine if quarantine is not None else Quarantine()
         self.budget = BufferBudget(self.settings.verify_first_budget)
+        # peers that answered 404 for a key they advertise: skipped for it for a while
+        self.stale = stale if stale is not None else StaleProviders(self.settings.stale_ttl)
 
     async def run(self, job: MirrorJob, send: trio.MemorySendChannel[MirrorItem]) -> None:
         """Produce the mirror response for `job` on `send` (closed when done)."""
@@ -169,6 +175,7 @@ class _Run:
         self.is_head = job.method == "HEAD"
         self.head_sent = False
         avoid = forwarder.quarantine.peers(self.ref.digest) if self.ref.digest else frozenset()
+        avoid |= forwarder.stale.peers(self.ref.identifier, trio.current_time())
         self.attempts = MirrorAttempts(self.ref.identifier, self.settings.resolve_retries, avoid)
         self.target = f"{job.request.path}?ns={quote(self.ref.registry, safe=':[]')}"
         # what the one outcome log line reports (see `log_outcome`)
@@ -292,6 +299,8 @@ class _Run:
                             peer.host, peer.port, self.job.method, self.target, headers
                         )
                     )
+                if response.status == 404:
+                    self.fw.stale.add(self.ref.identifier, peer_key(peer), trio.current_time())
                 answer = check_peer_answer(
                     status=response.status,
                     headers=response.headers,

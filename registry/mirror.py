@@ -2,7 +2,8 @@
 
 Why pure: the fail-over rules (20 ms per resolve attempt, at most N failed attempts, converged
 lookups answer at once, quarantined peers are skipped) and the checks of peer answers are where
-correctness lives; the Trio driver (`registry.forwarder`) only performs what these say.
+correctness lives (and `StaleProviders` remembers peers that no longer hold a key they
+advertise); the Trio driver (`registry.forwarder`) only performs what these say.
 
 Terms: an *attempt* is one wait for a provider (at most `resolve_timeout`) plus, if one arrived,
 one fetch from it.  An attempt *fails* when no provider arrived in time, or the fetch failed
@@ -25,6 +26,7 @@ __all__ = [
     "PeerAnswer",
     "PeerAnswerError",
     "Quarantine",
+    "StaleProviders",
     "check_peer_answer",
     "peer_key",
 ]
@@ -104,6 +106,42 @@ class Quarantine:
 
     def peers(self, digest: str) -> frozenset[PeerKey]:
         return frozenset(self._entries.get(digest, ()))
+
+
+class StaleProviders:
+    """Peers that answered 404 for a key they advertise, remembered for `ttl` seconds.
+
+    Such a peer deleted the content, but provider records stored for it elsewhere live on until
+    their own ttl; without this memory every pull of the key would try it again, paying a round
+    trip and one of its `resolve_retries` attempts.  Bounded: the oldest entries go first.  Times
+    are the caller's clock (`now`), so this stays pure; the ttl is short because the peer may
+    pull the content again.
+    """
+
+    def __init__(self, ttl: float = 60.0, max_entries: int = 4096) -> None:
+        self._ttl = ttl
+        self._max = max_entries
+        self._expiry: OrderedDict[tuple[str, PeerKey], float] = OrderedDict()
+
+    def add(self, key: str, peer: PeerKey, now: float) -> None:
+        entry = (key, peer)
+        self._expiry[entry] = now + self._ttl
+        self._expiry.move_to_end(entry)
+        while len(self._expiry) > self._max:
+            self._expiry.popitem(last=False)
+
+    def peers(self, key: str, now: float) -> frozenset[PeerKey]:
+        """The peers to skip for `key` at `now` (expired entries are dropped on the way)."""
+        # entries are kept in insertion order with one ttl, so the expired ones lead
+        while self._expiry:
+            entry, expiry = next(iter(self._expiry.items()))
+            if expiry > now:
+                break
+            del self._expiry[entry]
+        return frozenset(peer for (k, peer) in self._expiry if k == key)
+
+    def __len__(self) -> int:
+        return len(self._expiry)
 
 
 class PeerAnswerError(ValueError):

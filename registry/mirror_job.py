@@ -43,6 +43,9 @@ class MirrorSettings:
     # blobs stream, hashed on the way, with the last byte held back until the digest matched.
     verify_first_max: int = 64 * 1024 * 1024
     verify_first_budget: int = 256 * 1024 * 1024  # memory for that, over all requests
+    # a peer answering 404 for a key it advertises is skipped for that key this long (its
+    # provider records outlive a delete until their ttl; it may also pull the content again)
+    stale_ttl: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,7 +137,8 @@ def fill(
 class ScriptedPeer:
     """A raw HTTP peer that misbehaves on purpose.
 
-    behaviour: "500" (answers 500), "silent" (accepts, never answers), "cut" (announces `body`
+    behaviour: "500" (answers 500), "404" (answers 404: it advertised content it no longer holds),
+    "silent" (accepts, never answers), "cut" (announces `body`
     in full but sends only `cut` bytes, then closes), "serve" (serves `body` as `digest`, honouring
     a Range, whatever the bytes are: with wrong bytes it is a lying peer).
     """
@@ -182,6 +183,9 @@ class ScriptedPeer:
             await stream.send_all(
                 b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n"
             )
+            return
+        if self.behaviour == "404":
+            await stream.send_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
             return
         body, status, extra = self.body, 200, []
         if "range" in headers:

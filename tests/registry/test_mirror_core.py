@@ -17,6 +17,7 @@ from registry.mirror import (
     MirrorAttempts,
     PeerAnswerError,
     Quarantine,
+    StaleProviders,
     check_peer_answer,
 )
 from registry.mirror_job import MirrorFailure, MirrorItem, MirrorJob, MirrorSettings
@@ -59,6 +60,24 @@ def test_quarantine_is_bounded_and_per_digest() -> None:
     q.add("c", ("h", 3))
     assert q.peers("a") == frozenset()
     assert q.peers("c") == {("h", 3)}
+
+
+def test_stale_providers_expire_per_key_and_stay_bounded() -> None:
+    stale = StaleProviders(ttl=60.0, max_entries=3)
+    stale.add("k", ("h", 1), now=100.0)
+    stale.add("k", ("h", 2), now=110.0)
+    assert stale.peers("k", now=159.0) == {("h", 1), ("h", 2)}
+    assert stale.peers("other", now=159.0) == frozenset()
+    assert stale.peers("k", now=160.0) == {("h", 2)}  # the first one's 60 s are over
+    stale.add("k", ("h", 2), now=165.0)  # answered 404 again: remembered anew
+    assert stale.peers("k", now=171.0) == {("h", 2)}
+    for port in (3, 4, 5):
+        stale.add("x", ("h", port), now=172.0)
+    assert len(stale) == 3  # the oldest went first
+    assert stale.peers("k", now=172.0) == frozenset()
+    assert stale.peers("x", now=172.0) == {("h", 3), ("h", 4), ("h", 5)}
+    assert stale.peers("x", now=232.0) == frozenset()
+    assert len(stale) == 0
 
 
 HEADERS = {

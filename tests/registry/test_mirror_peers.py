@@ -315,3 +315,24 @@ async def test_peer_with_wrong_digest_header_is_skipped(
         response = await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")
     assert response.content == content.layer_bytes
     assert len(wrong.requests) == 1
+
+
+async def test_peer_answering_404_is_skipped_for_that_key_afterwards(
+    start_node: StartNode, network: MemoryNetwork, start_scripted: StartScripted
+) -> None:
+    provider, content, client = await provider_and_client(start_node, network)
+    stale = await start_scripted(ScriptedPeer("404"))  # deleted the content, record still alive
+    network.remove(content.layer, provider.peer)
+    advertise(network, content.layer, stale, provider)
+    advertise(network, content.config, stale)  # before provider in the lookup order
+    network.remove(content.config, provider.peer)
+    advertise(network, content.config, provider)
+    async with client.client() as http:
+        for _ in range(3):
+            response = await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")
+            assert (response.status_code, response.content) == (200, content.layer_bytes)
+        assert len(stale.requests) == 1  # tried once, then skipped for this key
+        # only for that key: another key it advertises is still asked for
+        response = await http.get(f"/v2/library/app/blobs/{content.config}?ns=docker.io")
+        assert response.status_code == 200
+    assert len(stale.requests) == 2
