@@ -84,27 +84,17 @@ class PeerResponse:
             return await self._receive_direct()
         conn = self._conn
         while True:
-            try:
-                event = conn.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise PeerError(f"peer broke HTTP/1.1: {exc}") from None
-            if event is h11.NEED_DATA:
+            event = await _next_event(conn, self._read_size)
+            if event is None:
                 try:
-                    data = await conn.stream.receive_some(self._read_size)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    raise PeerError(f"connection to peer broke: {exc}") from None
-                if not data:
-                    try:
-                        conn.h11.receive_data(b"")
-                        event = conn.h11.next_event()
-                    except h11.RemoteProtocolError as exc:
-                        raise PeerError(f"peer closed the connection early: {exc}") from None
-                    if isinstance(event, h11.EndOfMessage):
-                        self.complete = True
-                        return None
-                    raise PeerError("peer closed the connection before the body was complete")
-                conn.h11.receive_data(data)
-                continue
+                    conn.h11.receive_data(b"")
+                    last = conn.h11.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise PeerError(f"peer closed the connection early: {exc}") from None
+                if isinstance(last, h11.EndOfMessage):
+                    self.complete = True
+                    return None
+                raise PeerError("peer closed the connection before the body was complete")
             if isinstance(event, h11.Data):
                 if event.data:
                     return bytes(event.data)
@@ -229,24 +219,34 @@ class PeerClient:
         except h11.LocalProtocolError as exc:
             raise PeerError(f"invalid request: {exc}") from None
         while True:
-            try:
-                event = conn.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise PeerError(f"peer broke HTTP/1.1: {exc}") from None
-            if event is h11.NEED_DATA:
-                try:
-                    data = await conn.stream.receive_some(self._read_size)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    raise PeerError(f"connection to peer broke: {exc}") from None
-                if not data:
-                    raise PeerError("peer closed the connection without answering")
-                conn.h11.receive_data(data)
-                continue
+            event = await _next_event(conn, self._read_size)
+            if event is None:
+                raise PeerError("peer closed the connection without answering")
             if isinstance(event, h11.InformationalResponse):
                 continue
             if isinstance(event, h11.Response):
                 return event
             raise PeerError(f"unexpected HTTP event from peer: {type(event).__name__}")
+
+
+async def _next_event(conn: _Connection, read_size: int) -> h11.Event | None:
+    """The next h11 event, reading from the peer as needed; None once the peer closed first."""
+    while True:
+        try:
+            event = conn.h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise PeerError(f"peer broke HTTP/1.1: {exc}") from None
+        if isinstance(event, h11.Event):
+            return event
+        if event is h11.PAUSED:
+            raise PeerError(f"unexpected HTTP event from peer: {type(event).__name__}")
+        try:
+            data = await conn.stream.receive_some(read_size)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise PeerError(f"connection to peer broke: {exc}") from None
+        if not data:
+            return None
+        conn.h11.receive_data(data)
 
 
 def _readable(sock: trio.socket.SocketType) -> bool:
