@@ -7,13 +7,9 @@ prints the result, without joining any cluster.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Sequence
-from typing import TextIO
 
-import trio
-
-from agent.containerd import ContainerdError, open_containerd
+from agent.containerd import open_containerd
 from agent.state import StateTracker
 from registry.filters import ReferenceFilter
 
@@ -54,27 +50,3 @@ async def collect_keys(
         tracker = StateTracker(client, router, filters=filters)  # type: ignore[arg-type]
         await tracker.sync()
         return tracker.keys()
-
-
-def run_keys_command(
-    socket_path: str,
-    namespace: str,
-    mirrored_registries: Sequence[str] = (),
-    registry_filters: Sequence[str] = (),
-    *,
-    out: TextIO | None = None,
-    err: TextIO | None = None,
-) -> int:
-    """Entry point for the CLI subcommand: prints the keys; exit code 0, or 1 with a clear error."""
-    out = out if out is not None else sys.stdout
-    err = err if err is not None else sys.stderr
-    try:
-        keys = trio.run(
-            collect_keys, socket_path, namespace, list(mirrored_registries), list(registry_filters)
-        )
-    except (ContainerdError, ValueError) as exc:
-        print(f"spegla keys: {exc}", file=err)
-        return 1
-    for key in keys:
-        print(key, file=out)
-    return 0

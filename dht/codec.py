@@ -174,10 +174,6 @@ def _entry_size(ip: bytes, port: int) -> int:
     return 1 + 2 + ID_BYTES + 2 + len(ip) + port_size
 
 
-def _list_header(n: int) -> int:
-    return 1 if n <= 15 else 3
-
-
 # -- encoding ------------------------------------------------------------------------------------
 
 

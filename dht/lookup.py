@@ -147,9 +147,6 @@ class Lookup:
         """The nearest `k` contacts that answered, nearest first (with the tokens they gave us)."""
         return [c for c in self._order if c.state == DONE][: self.k]
 
-    def in_flight(self) -> list[Candidate]:
-        return [c for c in self._order if c.state in (INFLIGHT, STALLED)]
-
     def stats(self) -> LookupStats:
         return LookupStats(
             rpcs=self.rpcs,

@@ -87,6 +87,3 @@ class ProviderStore:
             ]
             heapq.heapify(self._expiry)
         return dropped
-
-    def next_expiry(self) -> float | None:
-        return self._expiry[0][0] if self._expiry else None
