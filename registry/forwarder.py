@@ -317,7 +317,7 @@ class _Run:
                 logger.info(
                     "peer fetch failed",
                     extra={
-                        "peer": f"{peer.host}:{peer.port}",
+                        "peer": _address(peer),
                         "key": self.ref.identifier,
                         "error": str(exc) or type(exc).__name__,
                     },
@@ -429,7 +429,7 @@ class _Run:
             PEER_QUARANTINED.labels(self.ref.registry).inc()
             logger.warning(
                 "peer served content not matching its digest; quarantined",
-                extra={"peer": f"{peer.host}:{peer.port}", "digest": digest},
+                extra={"peer": _address(peer), "digest": digest},
             )
 
     async def _serve_blob(self, supply: _PeerSupply, stack: AsyncExitStack) -> None:
