@@ -135,7 +135,7 @@ class DhtProtocol:
     def start_resolve(self, key: str, now: float) -> tuple[int, list[Effect]]:
         """Start finding providers of `key`; results come as ProvidersFound / LookupDone effects."""
         out: list[Effect] = []
-        self._ensure_maintenance(now, out)
+        self._ensure_maintenance(now)
         kid = key_id(key)
         job = self._new_lookup(kid, L_RESOLVE, now)
         local = [p for p in self.store.get(kid, now, self.rng) if p.node_id != self.node_id]
@@ -153,7 +153,7 @@ class DhtProtocol:
 
     def advertise(self, keys: Iterable[str], now: float) -> list[Effect]:
         out: list[Effect] = []
-        self._ensure_maintenance(now, out)
+        self._ensure_maintenance(now)
         me = ProviderInfo(self.node_id, UNSPECIFIED[0], self.config.registry_port)
         for key in keys:
             kid = key_id(key)
@@ -171,7 +171,7 @@ class DhtProtocol:
     def bootstrap(self, addrs: Iterable[tuple[str, int]], now: float) -> tuple[int, list[Effect]]:
         """Ping `addrs`, then look up our own id. Ends with a BootstrapDone effect."""
         out: list[Effect] = []
-        self._ensure_maintenance(now, out)
+        self._ensure_maintenance(now)
         return self._bootstrap(list(dict.fromkeys(addrs)), now, out), out
 
     def _bootstrap(self, addrs: list[tuple[str, int]], now: float, out: list[Effect]) -> int:
@@ -475,7 +475,7 @@ class DhtProtocol:
 
     # -- internals: maintenance ------------------------------------------------------------------
 
-    def _ensure_maintenance(self, now: float, out: list[Effect]) -> None:
+    def _ensure_maintenance(self, now: float) -> None:
         if self._maintenance_at is None:
             self._maintenance_at = now + self.config.maintenance_every
             self._timer(self._maintenance_at, T_MAINTENANCE, 0)
@@ -491,4 +491,4 @@ class DhtProtocol:
         for index in stale[: max(0, 3 - refreshing)]:
             target = random_id_in_bucket(self.node_id, index, self.rng)
             self._pump(self._new_lookup(target, L_REFRESH, now), now, out)
-        self._ensure_maintenance(now, out)
+        self._ensure_maintenance(now)
