@@ -47,13 +47,11 @@ class RoutingTable:
         return self._size
 
     def __contains__(self, node_id: bytes) -> bool:
-        i = bucket_index(self.self_id, node_id)
-        bucket = self.buckets.get(i)
+        bucket = self._existing(node_id)
         return bucket is not None and node_id in bucket.entries
 
     def get(self, node_id: bytes) -> Contact | None:
-        i = bucket_index(self.self_id, node_id)
-        bucket = self.buckets.get(i)
+        bucket = self._existing(node_id)
         entry = bucket.entries.get(node_id) if bucket is not None else None
         return entry.contact if entry else None
 
@@ -97,10 +95,7 @@ class RoutingTable:
 
     def failed(self, node_id: bytes) -> None:
         """An RPC to `node_id` timed out: drop it if unreliable or if someone can replace it."""
-        i = bucket_index(self.self_id, node_id)
-        if i < 0:
-            return
-        bucket = self.buckets.get(i)
+        bucket = self._existing(node_id)
         if bucket is None:
             return
         entry = bucket.entries.get(node_id)
@@ -112,10 +107,7 @@ class RoutingTable:
             self.remove(node_id)
 
     def remove(self, node_id: bytes) -> None:
-        i = bucket_index(self.self_id, node_id)
-        if i < 0:
-            return
-        bucket = self.buckets.get(i)
+        bucket = self._existing(node_id)
         if bucket is None:
             return
         if bucket.entries.pop(node_id, None) is None:
@@ -168,6 +160,10 @@ class RoutingTable:
             if now - (bucket.touched if bucket is not None else 0.0) >= older_than:
                 stale.append(i)
         return stale
+
+    def _existing(self, node_id: bytes) -> Bucket | None:
+        """The bucket `node_id` falls into, if it was ever created (never for our own id)."""
+        return self.buckets.get(bucket_index(self.self_id, node_id))
 
     def _bucket(self, i: int) -> Bucket:
         bucket = self.buckets.get(i)
