@@ -108,12 +108,9 @@ class Lookup:
     def replied(
         self, node_id: bytes, nodes: Iterable[Contact], token: bytes, providers: int = 0
     ) -> None:
-        cand = self._by_id.get(node_id)
-        if cand is None or cand.state in (DONE, FAILED):
+        cand = self._settle(node_id, DONE)
+        if cand is None:
             return
-        if cand.state == INFLIGHT:
-            self.active -= 1
-        cand.state = DONE
         cand.token = token
         for contact in nodes:
             self._offer(contact, cand.depth + 1)
@@ -130,12 +127,17 @@ class Lookup:
             self.active -= 1
 
     def failed(self, node_id: bytes) -> None:
+        self._settle(node_id, FAILED)
+
+    def _settle(self, node_id: bytes, state: int) -> Candidate | None:
+        """Mark an open candidate DONE or FAILED, freeing its slot; None if it was not open."""
         cand = self._by_id.get(node_id)
         if cand is None or cand.state in (DONE, FAILED):
-            return
+            return None
         if cand.state == INFLIGHT:
             self.active -= 1
-        cand.state = FAILED
+        cand.state = state
+        return cand
 
     def found_locally(self, providers: int) -> None:
         if providers and self.rpcs_to_first_provider is None:
