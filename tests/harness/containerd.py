@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from .cri import CriClient, CriError
 from .procs import Daemon
 
 NAMESPACE = "k8s.io"
@@ -121,13 +122,22 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.tracing.
                 try:
                     with socket.socket(socket.AF_UNIX) as s:
                         s.connect(str(self.socket))
-                    if "containerd successfully booted" in self.log_text():
+                    if "containerd successfully booted" in self.log_text() and self._cri_ready():
                         return self
                 except OSError:
                     pass
             time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"containerd not ready after {timeout}s:\n{self.log_tail()}")
+
+    def _cri_ready(self) -> bool:
+        """CRI finishes initialising after containerd has booted; until then it answers
+        "server is not initialized yet" to every call."""
+        try:
+            CriClient(self.socket).list()
+        except (CriError, OSError):
+            return False
+        return True
 
     def stop(self) -> None:
         if self.daemon is not None:
