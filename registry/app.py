@@ -267,7 +267,7 @@ class _Registry:
     async def plan_local_blob(
         self, method: str, path: str, ns: str | None, range_header: str | None
     ) -> LocalBlob | None:
-        """The response to a GET/HEAD of a local, file-backed blob; None for anything else."""
+        """The response to a GET/HEAD of a local blob; None for anything else."""
         try:
             parsed = parse_request_path(path, ns or self.default_registry)
             range_spec = None if range_header is None else parse_range(range_header)
@@ -284,11 +284,9 @@ class _Registry:
             status, headers, start, length = _blob_response_parts(
                 descriptor, parsed.reference.registry, range_spec
             )
-            async with self.store.open(descriptor.digest) as reader:
-                if reader.path is None or reader.size != descriptor.size:
-                    return None
-        except (RangeNotSatisfiable, ContentNotFound):
+        except RangeNotSatisfiable:
             return None
+        # whether a file backs it is checked once, when the fast path opens it (`LocalBlob.open`)
         headers = {name.lower(): value for name, value in headers.items()}
         return LocalBlob(status, headers, start, length, self.store, descriptor)
 

@@ -340,15 +340,16 @@ class _FrontDoor:
     async def _serve(
         self, stream: trio.SocketStream, head: _Head, plan: LocalBlob, keep_alive: bool
     ) -> bool:
-        """Send the planned response; False (nothing sent) if the content cannot be opened."""
+        """Send the planned response; False (nothing sent) if no readable file backs the content."""
         async with AsyncExitStack() as stack:
             fd = -1
-            if head.method == "GET" and plan.length:
-                try:
-                    path = await stack.enter_async_context(plan.open())
+            try:
+                path = await stack.enter_async_context(plan.open())
+                if head.method == "GET" and plan.length:
                     fd = os.open(path, os.O_RDONLY)
-                except (ContentNotFound, OSError):
-                    return False
+            except (ContentNotFound, OSError):
+                return False
+            if fd >= 0:
                 stack.callback(os.close, fd)
             started = time.monotonic()
             self.stats.served += 1
