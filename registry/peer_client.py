@@ -16,8 +16,10 @@ A response leaves its connection in the pool only when its body was read to the 
 
 from __future__ import annotations
 
+import array
+import fcntl
 import logging
-import select
+import termios
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -250,6 +252,14 @@ async def _next_event(conn: _Connection, read_size: int) -> h11.Event | None:
 
 
 def _readable(sock: trio.socket.SocketType) -> bool:
-    """True when more bytes are waiting on `sock` (a zero-timeout poll)."""
-    ready, _, _ = select.select([sock.fileno()], [], [], 0)
-    return bool(ready)
+    """True when more bytes are waiting on `sock`.
+
+    Asks the kernel how many bytes are queued (FIONREAD) rather than polling with
+    `select.select`, which raises ValueError for descriptors >= 1024 (FD_SETSIZE).
+    """
+    pending = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, pending, True)
+    except OSError:
+        return False
+    return pending[0] > 0
