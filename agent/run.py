@@ -47,6 +47,7 @@ from agent.debug import (
 from agent.dht_metrics import export as export_dht_metrics
 from agent.identity import load_or_create_node_id
 from agent.metrics_server import create_metrics_app, serve_app
+from agent.peer_router import registry_router
 from agent.supervise import RestartPolicy, ServiceFailed, Supervisor
 from registry.interfaces import ContentStore, Router
 
@@ -291,7 +292,7 @@ async def run_agent(
             standalone=cfg.standalone,
         )
     )
-    router: Router = hooks.extra.get("router", node.router)
+    router: Router = hooks.extra.get("router", registry_router(node.router))
     supervisor = Supervisor(hooks.policy or RestartPolicy())
     readiness = Readiness(router)
     debug = DebugState(

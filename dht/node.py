@@ -1,9 +1,10 @@
-"""The Trio driver: one UDP socket, the core's timers, and the `Router` face for the registry.
+"""The Trio driver: one UDP socket, the core's timers, and the advertise/resolve face (`DhtRouter`).
 
 Why thin: all decisions live in `dht.protocol`. This module only moves datagrams between the socket
 and the core, sleeps (in a cancel scope, `trio.move_on_at`) until the core's next deadline, and
-turns the core's lookup effects into `Peer`s for whoever is resolving. Sends are non-blocking
-`sendto`: a full send buffer drops the datagram, which the protocol already tolerates as loss.
+turns the core's lookup effects into `ProviderInfo`s for whoever is resolving. Sends are
+non-blocking `sendto`: a full send buffer drops the datagram, which the protocol already tolerates
+as loss.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import trio
 
 from dht.config import ProtocolConfig, Statistics
 from dht.effects import BootstrapDone, Effect, LookupDone, ProvidersFound, Send
+from dht.ids import ProviderInfo
 from dht.protocol import DhtProtocol
-from registry.interfaces import Peer
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +85,11 @@ class _PeerStream:
     """Providers of one lookup, as an async iterator; ends when the lookup has converged."""
 
     def __init__(self) -> None:
-        self._queue: deque[Peer] = deque()
+        self._queue: deque[ProviderInfo] = deque()
         self._done = False
         self._wakeup = trio.Event()
 
-    def push(self, peers: Iterable[Peer]) -> None:
+    def push(self, peers: Iterable[ProviderInfo]) -> None:
         self._queue.extend(peers)
         self._wakeup.set()
 
@@ -99,7 +100,7 @@ class _PeerStream:
     def __aiter__(self) -> _PeerStream:
         return self
 
-    async def __anext__(self) -> Peer:
+    async def __anext__(self) -> ProviderInfo:
         while True:
             if self._queue:
                 await trio.lowlevel.checkpoint()
@@ -201,7 +202,7 @@ class Node:
             elif isinstance(effect, ProvidersFound):
                 stream = self._streams.get(effect.lookup_id)
                 if stream is not None:
-                    stream.push(Peer(p.node_id, p.host, p.port) for p in effect.providers)
+                    stream.push(effect.providers)
             elif isinstance(effect, LookupDone):
                 stream = self._streams.get(effect.lookup_id)
                 if stream is not None:
@@ -256,7 +257,7 @@ class Node:
 
 
 class DhtRouter:
-    """`registry.interfaces.Router` over a running `Node`."""
+    """Advertise and resolve over a running `Node` (the agent adapts it to the registry)."""
 
     def __init__(self, node: Node) -> None:
         self._node = node
@@ -274,7 +275,7 @@ class DhtRouter:
         await trio.lowlevel.checkpoint()
 
     @asynccontextmanager
-    async def resolve(self, key: str) -> AsyncIterator[AsyncIterator[Peer]]:
+    async def resolve(self, key: str) -> AsyncIterator[AsyncIterator[ProviderInfo]]:
         node = self._node
         stream = _PeerStream()
         if node._sock is None:

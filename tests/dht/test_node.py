@@ -13,9 +13,8 @@ import trio.testing
 
 from dht import codec
 from dht.codec import Ping
-from dht.ids import Contact, key_id
-from dht.node import Node, NodeConfig
-from registry.interfaces import Peer, Router
+from dht.ids import Contact, ProviderInfo, key_id
+from dht.node import DhtRouter, Node, NodeConfig
 
 KEY = "sha256:" + "cd" * 32
 
@@ -42,7 +41,7 @@ async def cluster(nursery: trio.Nursery, count: int, **overrides: object) -> lis
     return nodes
 
 
-async def collect(router: Router, key: str) -> list[Peer]:
+async def collect(router: DhtRouter, key: str) -> list[ProviderInfo]:
     async with router.resolve(key) as peers:
         return [p async for p in peers]
 
@@ -65,7 +64,8 @@ async def test_advertise_and_resolve_over_udp() -> None:
         await until(lambda: nodes[2].statistics().lookups_active == 0, "announce finished")
         with trio.fail_after(5):  # a hang guard, not a speed assertion
             peers = await collect(nodes[4].router, KEY)
-        assert peers == [Peer(nodes[2].config.node_id, "127.0.0.1", nodes[2].config.registry_port)]
+        provider = nodes[2].config
+        assert peers == [ProviderInfo(provider.node_id, "127.0.0.1", provider.registry_port)]
         # never this node itself
         with trio.fail_after(5):
             assert await collect(nodes[2].router, KEY) == []
@@ -202,8 +202,8 @@ async def test_records_refresh_and_expire_on_the_mock_clock(
         nursery.cancel_scope.cancel()
 
 
-def test_node_router_satisfies_the_router_protocol() -> None:
-    router: Router = make(1).router  # mypy checks the structural match
+def test_a_lone_node_is_not_ready() -> None:
+    router: DhtRouter = make(1).router
     assert router.ready() is False
 
 

@@ -1,0 +1,48 @@
+"""The agent's adapter gives the registry `Peer`s for what the DHT resolves (real UDP, loopback)."""
+
+from __future__ import annotations
+
+import trio
+
+from agent.peer_router import RegistryRouter
+from dht.node import Node, NodeConfig
+from registry.interfaces import Peer, Router
+
+KEY = "sha256:" + "ef" * 32
+
+
+def node(seed: int) -> Node:
+    return Node(
+        NodeConfig(
+            node_id=bytes([seed]) * 32,
+            bind_host="127.0.0.1",
+            bind_port=0,
+            registry_port=6000 + seed,
+        )
+    )
+
+
+async def test_registry_router_yields_peers_for_dht_providers() -> None:
+    a, b = node(1), node(2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        assert a.bound is not None
+        await b.bootstrap([a.bound])
+        provider: Router = RegistryRouter(a.router)
+        seeker: Router = RegistryRouter(b.router)
+        assert provider.ready() and seeker.ready()
+        await provider.advertise([KEY])
+        with trio.fail_after(5):
+            while True:
+                async with seeker.resolve(KEY) as peers:
+                    found = [p async for p in peers]
+                if found:
+                    break
+                await trio.sleep(0.01)
+        assert found == [Peer(bytes([1]) * 32, "127.0.0.1", 6001)]
+        assert all(type(p) is Peer for p in found)
+        await provider.withdraw([KEY])
+        async with provider.resolve(KEY) as peers:
+            assert [p async for p in peers] == []  # never yourself
+        nursery.cancel_scope.cancel()
