@@ -111,9 +111,9 @@ def serve_agent(args: argparse.Namespace) -> None:
     import trio
 
     from registry.app import create_app
-    from registry.fakes import MemoryContentStore, MemoryRouter
     from registry.interfaces import ContentStore
     from registry.server import serve_registry
+    from tests.fakes import MemoryContentStore, MemoryRouter
 
     async def run() -> None:
         async with AsyncExitStack() as stack:

@@ -67,9 +67,9 @@ def serve(args: argparse.Namespace) -> None:
     import trio
 
     from registry.app import create_app
-    from registry.fakes import MemoryContentStore, MemoryRouter
     from registry.interfaces import Peer, Router
     from registry.server import serve_registry
+    from tests.fakes import MemoryContentStore, MemoryRouter
 
     store = MemoryContentStore()
     router: Router

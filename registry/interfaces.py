@@ -1,9 +1,10 @@
 """The registry's two seams: where content is (Router) and what this node holds (ContentStore).
 
-Why a module of its own: the registry is built and tested against in-memory fakes of these, while
-the real implementations live in `dht/` (a Kademlia Router) and `agent/` (a containerd-backed
-ContentStore).
-Both sides are structural (`typing.Protocol`), so neither package imports the other.
+Why a module of its own: the registry is built and tested against in-memory doubles of these
+(`tests/fakes.py`), while the agent supplies the real ones: the DHT node adapted to a Router
+(`agent/peer_router.py`) and a containerd-backed ContentStore. Both are structural
+(`typing.Protocol`): the registry imports neither `dht/` nor `agent/`, and `dht/` does not import
+the registry.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ from quart_trio import QuartTrio
 from agent.config import BootstrapConfig, HostPort, ListenAddr, RegistryConfig
 from agent.run import AgentHandle, Backend, Hooks, run_agent
 from agent.supervise import ServiceFailed
-from registry.fakes import MemoryContentStore, sha256_digest
 from registry.interfaces import ContentStore, Router
+from tests.fakes import MemoryContentStore, sha256_digest
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

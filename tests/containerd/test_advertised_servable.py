@@ -24,9 +24,9 @@ from agent.content_store import ContainerdContentStore
 from agent.image_walk import AdvertisedImage
 from agent.state import StateTracker
 from registry.app import create_app
-from registry.fakes import MemoryRouter
 from registry.mediatypes import is_manifest_media_type
 from registry.server import serve_registry
+from tests.fakes import MemoryRouter
 from tests.harness.containerd import Containerd
 from tests.harness.cri import CriClient
 from tests.harness.images import TestImages as ImageSet

@@ -25,9 +25,9 @@ import trio
 
 from agent.config import HostPort, RegistryConfig
 from agent.run import AgentHandle, Backend, Hooks, run_agent
-from registry.fakes import MemoryContentStore, sha256_digest
 from registry.interfaces import Router
 from tests.agent.test_run import config
+from tests.fakes import MemoryContentStore, sha256_digest
 
 BLOB = b"layer bytes held by the serving nodes " * 64
 DIGEST = sha256_digest(BLOB)

@@ -15,12 +15,12 @@ import pytest
 import trio
 
 from registry.app import RegistrySettings, create_app
-from registry.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha256_digest
 from registry.fastpath import FastPathStats
 from registry.interfaces import Peer
 from registry.mediatypes import OCI_INDEX, OCI_MANIFEST
 from registry.ranges import parse_range
 from registry.server import serve_registry
+from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha256_digest
 
 LOOPBACK = "127.0.0.1"
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from registry.app import RegistrySettings
-from registry.fakes import MemoryContentStore
 from registry.filters import ReferenceFilter
 from registry.mediatypes import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, OCTET_STREAM
+from tests.fakes import MemoryContentStore
 
 from .conftest import Content, StartNode, fill
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from registry.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha256_digest
 from registry.interfaces import ContentNotFound, ContentStore, Peer, Router
 from registry.mediatypes import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, OCTET_STREAM
+from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha256_digest
 
 from .conformance import check_content_store, check_router
 

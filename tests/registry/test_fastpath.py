@@ -11,10 +11,10 @@ import pytest
 import trio
 
 from registry.app import create_app
-from registry.fakes import MemoryContentStore, MemoryRouter
 from registry.fastpath import FastPathStats, _ResponseWatch
 from registry.peer_client import PeerClient
 from registry.server import serve_registry
+from tests.fakes import MemoryContentStore, MemoryRouter
 
 from .conftest import Content, StartNode, fill
 

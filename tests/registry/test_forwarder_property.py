@@ -19,7 +19,6 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from registry.distribution import ContentKind, ContentRequest
-from registry.fakes import MemoryNetwork, MemoryRouter
 from registry.forwarder import Forwarder
 from registry.interfaces import Peer
 from registry.mirror_job import (
@@ -33,6 +32,7 @@ from registry.mirror_job import (
 from registry.peer_client import PeerError
 from registry.ranges import RangeSpec, parse_range
 from registry.reference import Reference
+from tests.fakes import MemoryNetwork, MemoryRouter
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 import trio
 from prometheus_client import REGISTRY
 
-from registry.fakes import MemoryContentStore
+from tests.fakes import MemoryContentStore
 
 from .conftest import StartNode, fill
 

@@ -10,7 +10,6 @@ import pytest
 import trio
 
 from registry.distribution import ContentKind, ContentRequest, ErrorCode
-from registry.fakes import MemoryNetwork, MemoryRouter
 from registry.forwarder import Forwarder
 from registry.interfaces import Peer
 from registry.mirror import (
@@ -24,6 +23,7 @@ from registry.mirror_job import MirrorFailure, MirrorItem, MirrorJob, MirrorSett
 from registry.peer_client import PeerClient, PeerError
 from registry.ranges import ByteRange
 from registry.reference import Reference
+from tests.fakes import MemoryNetwork, MemoryRouter
 
 D = "sha256:" + "ab" * 32
 P1 = Peer(b"\x01" * 32, "127.0.0.1", 1)

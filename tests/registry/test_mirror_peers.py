@@ -10,9 +10,9 @@ import pytest
 import trio
 
 from registry.app import RegistrySettings
-from registry.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter
 from registry.mediatypes import OCI_INDEX, OCI_MANIFEST, OCTET_STREAM
 from registry.metrics import MIRROR_REQUESTS, PEER_QUARANTINED
+from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter
 
 from .conftest import (
     Content,

@@ -16,9 +16,9 @@ import pytest
 import trio
 
 from registry.app import RegistrySettings, create_app
-from registry.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter
 from registry.fastpath import FastPathStats
 from registry.server import serve_registry
+from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter
 from tests.harness.containerd import Containerd
 from tests.harness.images import BuiltImage, TestImages
 

@@ -11,7 +11,7 @@ import trio
 
 from agent.debug import DebugState, MirrorLogTap
 from registry.app import RegistrySettings
-from registry.fakes import MemoryContentStore, MemoryNetwork
+from tests.fakes import MemoryContentStore, MemoryNetwork
 
 from .conftest import Content, Node, StartNode, fill
 

@@ -1,4 +1,4 @@
-"""In-memory `Router` and `ContentStore` for tests, demos and benches of the registry and the agent.
+"""Test doubles: in-memory `Router` and `ContentStore` for tests and benches of registry and agent.
 
 Why: the registry's behaviour (local serving, mirroring, fail-over) is tested without a DHT or a
 containerd.  `MemoryNetwork` is a shared "DHT" several nodes' `MemoryRouter`s use; lookups yield
