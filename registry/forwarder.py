@@ -4,8 +4,10 @@ Why a producer task: a blob response outlives the request handler, and the fetch
 scopes and a nursery (the lookup runs beside it) that must not be held across a `yield` of the
 response body.  So `Forwarder.run` runs as its own task (in the app's nursery) and sends the items
 of `registry.mirror_job` over a bounded memory channel.  A consumer that goes away closes its
-channel; the producer then stops at its next send.  This module finds providers, fails over and
-frames the answer; the byte loop of a blob (hash, resume, hold back) is `registry.blob_stream`.
+channel; the producer then stops at its next send.  This module sequences one request (fail over,
+resume, frame the answer, log its outcome); its seams live beside it: where the next peer comes
+from (`registry.peer_supply`), one transfer from one peer (`registry.peer_transfer`), what is
+trusted (`registry.verification`) and the byte loop of a blob (`registry.blob_stream`).
 
 Deadlines, all Trio cancel scopes: each wait for a provider `resolve_timeout` (20 ms), at most
 `resolve_retries` failed attempts; connect + response headers `response_timeout`; no body bytes
@@ -26,6 +28,7 @@ way every peer that contributed to bad content is quarantined for that digest.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -41,12 +44,10 @@ from registry.blob_stream import (
     Sink,
     collector,
     copy_blob,
-    sha256_digest,
 )
 from registry.distribution import ContentKind, ErrorCode
 from registry.interfaces import Peer, Router
-from registry.mediatypes import MANIFEST_MEDIA_TYPES, OCTET_STREAM
-from registry.metrics import PEER_QUARANTINED, RESOLVE_DURATION
+from registry.mediatypes import OCTET_STREAM
 from registry.mirror import (
     GiveUp,
     MirrorAttempts,
@@ -54,7 +55,6 @@ from registry.mirror import (
     PeerAnswerError,
     Quarantine,
     StaleProviders,
-    check_peer_answer,
     peer_key,
 )
 from registry.mirror_job import (
@@ -65,60 +65,15 @@ from registry.mirror_job import (
     MirrorJob,
     MirrorSettings,
 )
-from registry.peer_client import PeerClient, PeerError, PeerResponse
+from registry.peer_client import PeerClient, PeerError
+from registry.peer_supply import PeerSupply, RouterFailure, next_usable_peer
+from registry.peer_transfer import PeerFetch, TransferRequest, open_transfer, read_whole_body
 from registry.ranges import ByteRange, RangeNotSatisfiable
+from registry.verification import VerificationPolicy, peer_address
 
 __all__ = ["Forwarder", "RouterFailure"]
 
 logger = logging.getLogger(__name__)
-
-ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
-
-
-class _PeerSupply:
-    """Runs one Router lookup and hands its providers out; None once it has converged."""
-
-    def __init__(self, router: Router, key: str) -> None:
-        self._router = router
-        self._key = key
-        self._send, self._receive = trio.open_memory_channel[Peer](math.inf)
-        self.error: Exception | None = None
-
-    async def feed(self) -> None:
-        started = time.monotonic()
-        seen: set[tuple[str, int]] = set()
-        async with self._send:
-            try:
-                async with self._router.resolve(self._key) as peers:
-                    async for peer in peers:
-                        RESOLVE_DURATION.labels("dht").observe(time.monotonic() - started)
-                        if peer_key(peer) not in seen:
-                            seen.add(peer_key(peer))
-                            self._send.send_nowait(peer)
-            except Exception as exc:
-                self.error = exc  # raised to the request by next(), not to the nursery
-
-    async def next(self) -> Peer | None:
-        """The next provider; None once the lookup converged; RouterFailure if it failed."""
-        try:
-            return await self._receive.receive()
-        except trio.EndOfChannel:
-            if self.error is not None:
-                raise RouterFailure(f"router lookup failed: {self.error!r}") from self.error
-            return None
-
-
-class RouterFailure(Exception):
-    """The Router's lookup itself failed (answered with 500, like Spegel)."""
-
-
-class _Fetch:
-    """One open peer response and what it announced."""
-
-    def __init__(self, peer: Peer, response: PeerResponse, answer: PeerAnswer) -> None:
-        self.peer = peer
-        self.response = response
-        self.answer = answer
 
 
 class Forwarder:
@@ -137,6 +92,12 @@ class Forwarder:
         self.settings = settings if settings is not None else MirrorSettings()
         self.quarantine = quarantine if quarantine is not None else Quarantine()
         self.budget = BufferBudget(self.settings.verify_first_budget)
+        self.verification = VerificationPolicy(
+            self.quarantine,
+            self.budget,
+            verify_first_max=self.settings.verify_first_max,
+            max_manifest_size=self.settings.max_manifest_size,
+        )
         # peers that answered 404 for a key they advertise: skipped for it for a while
         self.stale = stale if stale is not None else StaleProviders(self.settings.stale_ttl)
 
@@ -174,10 +135,17 @@ class _Run:
         self.is_blob = job.request.kind is ContentKind.BLOB
         self.is_head = job.method == "HEAD"
         self.head_sent = False
-        avoid = forwarder.quarantine.peers(self.ref.digest) if self.ref.digest else frozenset()
+        self.verify = forwarder.verification
+        avoid = self.verify.avoided(self.ref.digest)
         avoid |= forwarder.stale.peers(self.ref.identifier, trio.current_time())
         self.attempts = MirrorAttempts(self.ref.identifier, self.settings.resolve_retries, avoid)
-        self.target = f"{job.request.path}?ns={quote(self.ref.registry, safe=':[]')}"
+        self.transfer = TransferRequest(
+            method=job.method,
+            target=f"{job.request.path}?ns={quote(self.ref.registry, safe=':[]')}",
+            expected_digest=self.ref.digest,
+            is_blob=self.is_blob,
+            user_agent=self.settings.user_agent,
+        )
         # what the one outcome log line reports (see `log_outcome`)
         self.started = time.monotonic()
         self.hit = False  # a MirrorHead went out
@@ -216,7 +184,7 @@ class _Run:
         extra: dict[str, object] = {
             "cache": "hit" if self.hit else "miss",
             "key": self.ref.identifier,
-            "peer": _address(self.serving[0]) if self.hit and self.serving else None,
+            "peer": peer_address(self.serving[0]) if self.hit and self.serving else None,
             "registry": self.ref.registry,
             "method": self.job.method,
             "bytes": self.delivered,
@@ -224,7 +192,7 @@ class _Run:
             "attempts": self.attempts.fetched,
         }
         if self.hit and len(self.serving) > 1:
-            extra["resumed_from"] = [_address(peer) for peer in self.serving[1:]]
+            extra["resumed_from"] = [peer_address(peer) for peer in self.serving[1:]]
         if self.reason or not self.hit:
             extra["reason"] = self.reason or "no answer"
         if self.hit:
@@ -245,7 +213,7 @@ class _Run:
         deadline = self.settings.manifest_deadline if bounded else math.inf
         with trio.move_on_after(deadline) as overall:
             async with trio.open_nursery() as nursery:
-                supply = _PeerSupply(self.fw.router, self.ref.identifier)
+                supply = PeerSupply(self.fw.router, self.ref.identifier)
                 nursery.start_soon(supply.feed)
                 async with AsyncExitStack() as stack:
                     await self._serve(supply, stack)
@@ -255,69 +223,37 @@ class _Run:
                 404, f"mirror deadline exceeded for {self.ref.identifier}", self.attempts.failed
             )
 
-    async def _next_peer(self, supply: _PeerSupply) -> Peer | GiveUp:
-        # consecutive waits share one clock (deadline n = start + n x timeout): no drift
-        deadline = trio.current_time()
-        while True:
-            deadline += self.settings.resolve_timeout
-            with trio.move_on_at(deadline):
-                while True:
-                    peer = await supply.next()
-                    if peer is None:
-                        return self.attempts.converged()
-                    if self.attempts.usable(peer):
-                        return peer
-            give_up = self.attempts.wait_timed_out()
-            if give_up is not None:
-                return give_up
-
     async def _fetch(
         self,
-        supply: _PeerSupply,
+        supply: PeerSupply,
         stack: AsyncExitStack,
         requested: ByteRange | None,
         expected_size: int | None,
-    ) -> _Fetch | GiveUp:
+    ) -> PeerFetch | GiveUp:
         """Open a usable response from the next working provider (failing over as needed)."""
-        headers = [
-            ("X-Spegel-Mirrored", "true"),
-            ("User-Agent", self.settings.user_agent),
-            ("Accept", ACCEPT),
-        ]
-        if requested is not None:
-            headers.append(("Range", requested.header))
         while True:
-            peer = await self._next_peer(supply)
+            peer = await next_usable_peer(supply, self.attempts, self.settings.resolve_timeout)
             if isinstance(peer, GiveUp):
                 return peer
             self.attempts.start_fetch(peer)
             inner = AsyncExitStack()
             try:
-                with trio.fail_after(self.settings.response_timeout):
-                    response = await inner.enter_async_context(
-                        self.fw.client.request(
-                            peer.host, peer.port, self.job.method, self.target, headers
-                        )
-                    )
-                if response.status == 404:
-                    self.fw.stale.add(self.ref.identifier, peer_key(peer), trio.current_time())
-                answer = check_peer_answer(
-                    status=response.status,
-                    headers=response.headers,
-                    expected_digest=self.ref.digest,
-                    is_blob=self.is_blob,
-                    is_head=self.is_head,
+                fetch = await open_transfer(
+                    self.fw.client,
+                    peer,
+                    self.transfer,
+                    inner,
                     requested=requested,
                     expected_size=expected_size,
+                    response_timeout=self.settings.response_timeout,
+                    on_not_found=functools.partial(self._mark_stale, peer),
                 )
-                if not self.is_blob and answer.media_type not in MANIFEST_MEDIA_TYPES:
-                    raise PeerAnswerError(f"peer sent media type {answer.media_type}")
             except (PeerError, PeerAnswerError, trio.TooSlowError) as exc:
                 await inner.aclose()
                 logger.info(
                     "peer fetch failed",
                     extra={
-                        "peer": _address(peer),
+                        "peer": peer_address(peer),
                         "key": self.ref.identifier,
                         "error": str(exc) or type(exc).__name__,
                     },
@@ -331,9 +267,12 @@ class _Run:
                 self.serving = [peer]  # a fresh answer (not a resumption)
             else:
                 self.serving.append(peer)
-            return _Fetch(peer, response, answer)
+            return fetch
 
-    async def _serve(self, supply: _PeerSupply, stack: AsyncExitStack) -> None:
+    def _mark_stale(self, peer: Peer) -> None:
+        self.fw.stale.add(self.ref.identifier, peer_key(peer), trio.current_time())
+
+    async def _serve(self, supply: PeerSupply, stack: AsyncExitStack) -> None:
         if self.is_head:
             await self._serve_head(supply, stack)
         elif self.is_blob:
@@ -376,7 +315,7 @@ class _Run:
         )
         await self._send_head(failure)
 
-    async def _serve_head(self, supply: _PeerSupply, stack: AsyncExitStack) -> None:
+    async def _serve_head(self, supply: PeerSupply, stack: AsyncExitStack) -> None:
         fetch = await self._fetch(supply, stack, None, None)
         if isinstance(fetch, GiveUp):
             await self.fail(404, fetch.message, fetch.attempts)
@@ -388,7 +327,7 @@ class _Run:
             return
         await self._send_head(self._content_headers(fetch.answer, delivered))
 
-    async def _serve_manifest(self, supply: _PeerSupply, stack: AsyncExitStack) -> None:
+    async def _serve_manifest(self, supply: PeerSupply, stack: AsyncExitStack) -> None:
         while True:
             fetch = await self._fetch(supply, stack, None, None)
             if isinstance(fetch, GiveUp):
@@ -405,34 +344,20 @@ class _Run:
                 await self.fail(404, give_up.message, give_up.attempts)
                 return
 
-    async def _read_manifest(self, fetch: _Fetch) -> bytes | None:
+    async def _read_manifest(self, fetch: PeerFetch) -> bytes | None:
         """The peer's verified manifest body, or None (peer failed or lied)."""
         answer = fetch.answer
-        if answer.size > self.settings.max_manifest_size:
+        if self.verify.manifest_too_big(answer):
             return None
-        parts: list[bytes | bytearray] = []
-        try:
-            with trio.fail_after(self.settings.stall_timeout):
-                while (chunk := await fetch.response.receive()) is not None:
-                    parts.append(chunk)
-        except (PeerError, trio.TooSlowError):
+        body = await read_whole_body(fetch, self.settings.stall_timeout)
+        if body is None:
             return None
-        body = b"".join(parts)
-        if len(body) != answer.size or sha256_digest(body) != answer.digest:
-            self._quarantine(answer.digest, [fetch.peer])
+        if not self.verify.manifest_matches(body, answer):
+            self.verify.punish(answer.digest, [fetch.peer], self.ref.registry)
             return None
         return body
 
-    def _quarantine(self, digest: str, peers: list[Peer]) -> None:
-        for peer in peers:
-            self.fw.quarantine.add(digest, peer_key(peer))
-            PEER_QUARANTINED.labels(self.ref.registry).inc()
-            logger.warning(
-                "peer served content not matching its digest; quarantined",
-                extra={"peer": _address(peer), "digest": digest},
-            )
-
-    async def _serve_blob(self, supply: _PeerSupply, stack: AsyncExitStack) -> None:
+    async def _serve_blob(self, supply: PeerSupply, stack: AsyncExitStack) -> None:
         while True:
             fetch = await self._fetch(supply, stack, None, None)
             if isinstance(fetch, GiveUp):
@@ -445,8 +370,7 @@ class _Run:
                 await self._unsatisfiable(size)
                 return
             head = self._content_headers(fetch.answer, delivered)
-            budget = self.fw.budget
-            if size > self.settings.verify_first_max or not budget.take(size):
+            if not self.verify.hold_whole(size):
                 # too big to hold: stream, hashing as it goes, and hold back the last byte
                 await self._send_head(head)
                 outcome = await self._copy(fetch, supply, stack, delivered, self._emit)
@@ -462,7 +386,7 @@ class _Run:
                         await self._emit(piece)
                     return
             finally:
-                budget.release(size)
+                self.verify.release(size)
             if isinstance(outcome, GiveUp):
                 await self.fail(404, outcome.message, outcome.attempts)
                 return
@@ -474,8 +398,8 @@ class _Run:
 
     async def _copy(
         self,
-        fetch: _Fetch,
-        supply: _PeerSupply,
+        fetch: PeerFetch,
+        supply: PeerSupply,
         stack: AsyncExitStack,
         delivered: ByteRange | None,
         sink: Sink,
@@ -504,9 +428,6 @@ class _Run:
             self.settings.stall_timeout,
         )
         if isinstance(outcome, Mismatch):
-            self._quarantine(digest, list(outcome.contributors))
+            self.verify.punish(digest, outcome.contributors, self.ref.registry)
         return outcome
 
-
-def _address(peer: Peer) -> str:
-    return f"{peer.host}:{peer.port}"

@@ -1,0 +1,78 @@
+"""Provider supply for one mirror request: run the Router lookup, hand out usable peers in time.
+
+Why its own module: where the next peer comes from (one lookup running beside the fetch, the
+20 ms x retries resolve clock, skipping quarantined and stale peers) is one seam; what is done
+with a peer once chosen (`registry.peer_transfer`) and whether its bytes are trusted
+(`registry.verification`) are others.  Hedging (asking a second peer while the first is slow)
+belongs here too: it is a question of supply.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import trio
+
+from registry.interfaces import Peer, Router
+from registry.metrics import RESOLVE_DURATION
+from registry.mirror import GiveUp, MirrorAttempts, peer_key
+
+__all__ = ["PeerSupply", "RouterFailure", "next_usable_peer"]
+
+
+class RouterFailure(Exception):
+    """The Router's lookup itself failed (answered with 500, like Spegel)."""
+
+
+class PeerSupply:
+    """Runs one Router lookup and hands its providers out; None once it has converged."""
+
+    def __init__(self, router: Router, key: str) -> None:
+        self._router = router
+        self._key = key
+        self._send, self._receive = trio.open_memory_channel[Peer](math.inf)
+        self.error: Exception | None = None
+
+    async def feed(self) -> None:
+        started = time.monotonic()
+        seen: set[tuple[str, int]] = set()
+        async with self._send:
+            try:
+                async with self._router.resolve(self._key) as peers:
+                    async for peer in peers:
+                        RESOLVE_DURATION.labels("dht").observe(time.monotonic() - started)
+                        if peer_key(peer) not in seen:
+                            seen.add(peer_key(peer))
+                            self._send.send_nowait(peer)
+            except Exception as exc:
+                self.error = exc  # raised to the request by next(), not to the nursery
+
+    async def next(self) -> Peer | None:
+        """The next provider; None once the lookup converged; RouterFailure if it failed."""
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            if self.error is not None:
+                raise RouterFailure(f"router lookup failed: {self.error!r}") from self.error
+            return None
+
+
+async def next_usable_peer(
+    supply: PeerSupply, attempts: MirrorAttempts, resolve_timeout: float
+) -> Peer | GiveUp:
+    """The next provider `attempts` allows, each wait bounded by `resolve_timeout`."""
+    # consecutive waits share one clock (deadline n = start + n x timeout): no drift
+    deadline = trio.current_time()
+    while True:
+        deadline += resolve_timeout
+        with trio.move_on_at(deadline):
+            while True:
+                peer = await supply.next()
+                if peer is None:
+                    return attempts.converged()
+                if attempts.usable(peer):
+                    return peer
+        give_up = attempts.wait_timed_out()
+        if give_up is not None:
+            return give_up

@@ -1,0 +1,110 @@
+"""One transfer from one peer: open the request, check what the peer announces, read a body.
+
+Why its own module: the mirror path asks many peers in turn; what happens with a single one (the
+request headers we send, the response deadline, the announced digest/size/range checks of
+`registry.mirror.check_peer_answer`, reading a whole manifest body within the stall deadline) does
+not depend on how the peer was found (`registry.peer_supply`) or on what is then trusted
+(`registry.verification`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import trio
+
+from registry.interfaces import Peer
+from registry.mediatypes import MANIFEST_MEDIA_TYPES
+from registry.mirror import PeerAnswer, PeerAnswerError, check_peer_answer
+from registry.peer_client import PeerClient, PeerError, PeerResponse
+from registry.ranges import ByteRange
+
+__all__ = ["ACCEPT", "PeerFetch", "TransferRequest", "open_transfer", "read_whole_body"]
+
+ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRequest:
+    """What one mirror request asks of every peer it tries."""
+
+    method: str  # "GET" or "HEAD"
+    target: str  # path?ns=registry
+    expected_digest: str | None
+    is_blob: bool
+    user_agent: str
+
+    @property
+    def is_head(self) -> bool:
+        return self.method == "HEAD"
+
+    def headers(self, requested: ByteRange | None) -> list[tuple[str, str]]:
+        headers = [
+            ("X-Spegel-Mirrored", "true"),
+            ("User-Agent", self.user_agent),
+            ("Accept", ACCEPT),
+        ]
+        if requested is not None:
+            headers.append(("Range", requested.header))
+        return headers
+
+
+class PeerFetch:
+    """One open peer response and what it announced."""
+
+    def __init__(self, peer: Peer, response: PeerResponse, answer: PeerAnswer) -> None:
+        self.peer = peer
+        self.response = response
+        self.answer = answer
+
+
+async def open_transfer(
+    client: PeerClient,
+    peer: Peer,
+    request: TransferRequest,
+    stack: AsyncExitStack,
+    *,
+    requested: ByteRange | None,
+    expected_size: int | None,
+    response_timeout: float,
+    on_not_found: Callable[[], None],
+) -> PeerFetch:
+    """Open `request` at `peer` on `stack` and check its answer.
+
+    Raises PeerError, PeerAnswerError or trio.TooSlowError (the caller closes `stack`).
+    `on_not_found` runs when the peer answers 404 (it advertised a key it no longer has).
+    """
+    with trio.fail_after(response_timeout):
+        response = await stack.enter_async_context(
+            client.request(
+                peer.host, peer.port, request.method, request.target, request.headers(requested)
+            )
+        )
+    if response.status == 404:
+        on_not_found()
+    answer = check_peer_answer(
+        status=response.status,
+        headers=response.headers,
+        expected_digest=request.expected_digest,
+        is_blob=request.is_blob,
+        is_head=request.is_head,
+        requested=requested,
+        expected_size=expected_size,
+    )
+    if not request.is_blob and answer.media_type not in MANIFEST_MEDIA_TYPES:
+        raise PeerAnswerError(f"peer sent media type {answer.media_type}")
+    return PeerFetch(peer, response, answer)
+
+
+async def read_whole_body(fetch: PeerFetch, stall_timeout: float) -> bytes | None:
+    """The whole body of `fetch` (no bytes for `stall_timeout` ends it); None if the peer failed."""
+    parts: list[bytes | bytearray] = []
+    try:
+        with trio.fail_after(stall_timeout):
+            while (chunk := await fetch.response.receive()) is not None:
+                parts.append(chunk)
+    except (PeerError, trio.TooSlowError):
+        return None
+    return b"".join(parts)

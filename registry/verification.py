@@ -1,0 +1,69 @@
+"""Verification policy: what the mirror trusts from peers, and what a peer that lied costs it.
+
+Why its own module: the rules are few but they decide safety.  A manifest is read whole and hashed
+before a byte goes out (and is never bigger than `max_manifest_size`).  A blob of up to
+`verify_first_max` is held whole and hashed first, when the shared `BufferBudget` has room; a
+bigger one streams with its last byte held back (`registry.blob_stream`).  Every peer that
+contributed to content not matching its digest is quarantined for that digest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from registry.blob_stream import BufferBudget, sha256_digest
+from registry.interfaces import Peer
+from registry.metrics import PEER_QUARANTINED
+from registry.mirror import PeerAnswer, Quarantine, peer_key
+
+__all__ = ["VerificationPolicy", "peer_address"]
+
+logger = logging.getLogger("registry.forwarder")  # the name these lines have always had
+
+
+def peer_address(peer: Peer) -> str:
+    return f"{peer.host}:{peer.port}"
+
+
+class VerificationPolicy:
+    """Decides how a peer's content is checked; quarantines the peers whose content failed."""
+
+    def __init__(
+        self,
+        quarantine: Quarantine,
+        budget: BufferBudget,
+        *,
+        verify_first_max: int,
+        max_manifest_size: int,
+    ) -> None:
+        self.quarantine = quarantine
+        self.budget = budget
+        self.verify_first_max = verify_first_max
+        self.max_manifest_size = max_manifest_size
+
+    def avoided(self, digest: str | None) -> frozenset[tuple[str, int]]:
+        """Peers not to ask for `digest` (they served bad content for it)."""
+        return self.quarantine.peers(digest) if digest else frozenset()
+
+    def manifest_too_big(self, answer: PeerAnswer) -> bool:
+        return answer.size > self.max_manifest_size
+
+    def manifest_matches(self, body: bytes, answer: PeerAnswer) -> bool:
+        return len(body) == answer.size and sha256_digest(body) == answer.digest
+
+    def hold_whole(self, size: int) -> bool:
+        """True (and `size` reserved: `release` it) when a blob is verified before sending."""
+        return size <= self.verify_first_max and self.budget.take(size)
+
+    def release(self, size: int) -> None:
+        self.budget.release(size)
+
+    def punish(self, digest: str, peers: Iterable[Peer], registry: str) -> None:
+        for peer in peers:
+            self.quarantine.add(digest, peer_key(peer))
+            PEER_QUARANTINED.labels(registry).inc()
+            logger.warning(
+                "peer served content not matching its digest; quarantined",
+                extra={"peer": peer_address(peer), "digest": digest},
+            )
