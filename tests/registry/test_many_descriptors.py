@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from registry.fakes import MemoryNetwork
+from tests.fakes import MemoryNetwork
 
 from .conftest import StartNode
 from .test_mirror_peers import provider_and_client
