@@ -33,6 +33,7 @@ from agent.config import (
     parse_peer,
     parse_port,
     parse_regex,
+    parse_static_peer,
     parse_url,
 )
 
@@ -141,8 +142,10 @@ _FLAGS: dict[str, tuple[Flag, ...]] = {
              "http: address to serve GET /id on (empty: don't serve)", metavar="ADDR"),
         Flag("--http-bootstrap-url", "", _http_url,
              "http: URL answering like /id, fetched for the seed peers", metavar="URL"),
-        Flag("--static-bootstrap-peers", (), parse_peer,
-             "static: seed peers as host:port (the DHT port)", many=True, metavar="HOST:PORT"),
+        Flag("--static-bootstrap-peers", (), parse_static_peer,
+             "static: seed peers as host:port (the DHT port) or Spegel multiaddrs "
+             "(/ip4/10.0.0.1/tcp/5001/p2p/<id>; the peer id is ignored)",
+             many=True, metavar="PEER"),
         Flag("--kubeconfig", "", _text,
              "kubernetes: kubeconfig file (empty: in-cluster service account)", metavar="PATH"),
         Flag("--leader-election-name", "spegla-leader-election", _text,

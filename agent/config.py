@@ -162,6 +162,58 @@ def parse_peer(text: str, default_port: int | None = None) -> HostPort:
     return HostPort(host, parse_port(port))
 
 
+_MULTIADDR_IP = {"ip4": 4, "ip6": 6}
+_MULTIADDR_DNS = ("dns", "dns4", "dns6", "dnsaddr")
+_MULTIADDR_PORT = ("tcp", "udp")
+# protocols after the transport that carry no address information for us
+_MULTIADDR_SKIP = {"p2p": 1, "ipfs": 1, "quic": 0, "quic-v1": 0, "webtransport": 0, "certhash": 1}
+
+
+def parse_multiaddr(text: str) -> HostPort:
+    """A Spegel/libp2p multiaddr: `/ip4/10.0.0.1/tcp/5001/p2p/<id>`,
+    `/ip6/fd00::1/udp/5001/quic-v1`, `/dns/node-a/tcp/5001`.  The libp2p peer id is dropped:
+    spegla's node ids are its own, so a peer is known by its address and DHT port (the same
+    port number Spegel uses for tcp/quic)."""
+    raw = text.strip()
+    parts = raw.split("/")
+    if parts[0] != "" or len(parts) < 5:
+        raise ConfigError(f"invalid multiaddr {text!r} (expected /ip4/<ip>/tcp/<port>[/p2p/<id>])")
+    kind, host, transport, port_text, rest = parts[1], parts[2], parts[3], parts[4], parts[5:]
+    if kind in _MULTIADDR_IP:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"invalid IP {host!r} in multiaddr {text!r}") from None
+        if address.version != _MULTIADDR_IP[kind]:
+            raise ConfigError(f"/{kind} with a v{address.version} address in {text!r}")
+    elif kind in _MULTIADDR_DNS:
+        _check_host(host, text)
+        if not host:
+            raise ConfigError(f"multiaddr {text!r} has no host")
+    else:
+        raise ConfigError(f"unsupported multiaddr {text!r} (use /ip4, /ip6 or /dns)")
+    if transport not in _MULTIADDR_PORT:
+        raise ConfigError(f"multiaddr {text!r} has no /tcp/<port> or /udp/<port>")
+    port = parse_port(port_text)
+    while rest:
+        name = rest[0]
+        if name not in _MULTIADDR_SKIP or len(rest) < 1 + _MULTIADDR_SKIP[name]:
+            raise ConfigError(f"unsupported part /{name} in multiaddr {text!r}")
+        if any(not value for value in rest[1 : 1 + _MULTIADDR_SKIP[name]]):
+            raise ConfigError(f"empty /{name} value in multiaddr {text!r}")
+        rest = rest[1 + _MULTIADDR_SKIP[name] :]
+    if port == 0:
+        raise ConfigError(f"multiaddr {text!r} has port 0")
+    return HostPort(host, port)
+
+
+def parse_static_peer(text: str) -> HostPort:
+    """A static bootstrap peer: `host:port` / `[v6]:port`, or Spegel's multiaddr form."""
+    if text.strip().startswith("/"):
+        return parse_multiaddr(text)
+    return parse_peer(text)
+
+
 def parse_url(text: str, *, what: str, allow_path: bool = False) -> str:
     """An http(s) URL with a host; no userinfo, query or fragment (no path unless `allow_path`)."""
     parts = urlsplit(text.strip())

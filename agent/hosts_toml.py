@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -279,46 +279,87 @@ def cleanup_main(config_path: str, addr: Any = None) -> int:
     return 0
 
 
-async def wait_for_cleanup(endpoint: Any, threshold: int = 3, period: float = 2.0) -> None:
-    """`spegla cleanup-wait`: until `threshold` consecutive rounds saw every address of the
-    endpoint's host answer 200 on `/readyz` (1 s per probe); any failure resets the count."""
-    import socket
+PROBE_CONCURRENCY = 10
+PROBE_TIMEOUT = 1.0
 
+
+async def _probe_readyz(ip: str, port: int) -> bool:
+    """One cleanup pod answers 200 on `/readyz` within PROBE_TIMEOUT."""
     import trio
 
-    from agent.bootstrap import http_get, system_lookup
+    from agent.bootstrap import http_get
+
+    host = f"[{ip}]" if ":" in ip else ip
+    with trio.move_on_after(PROBE_TIMEOUT):
+        try:
+            status, _, _ = await http_get(f"http://{host}:{port}/readyz")
+        except Exception:
+            return False
+        return status == 200
+    return False
+
+
+async def probe_all(
+    addrs: Sequence[str],
+    port: int,
+    probe: Callable[[str, int], Awaitable[bool]] = _probe_readyz,
+    concurrency: int = PROBE_CONCURRENCY,
+) -> dict[str, bool]:
+    """Probe every address, at most `concurrency` at a time; address -> answered 200."""
+    import trio
+
+    limiter = trio.CapacityLimiter(concurrency)
+    results: dict[str, bool] = {}
+
+    async def one(ip: str) -> None:
+        async with limiter:
+            results[ip] = await probe(ip, port)
+
+    async with trio.open_nursery() as nursery:
+        for ip in dict.fromkeys(addrs):
+            nursery.start_soon(one, ip)
+    return results
+
+
+async def _resolve_all(host: str) -> list[str]:
+    import socket
+
+    from agent.bootstrap import system_lookup
+
+    addrs: list[str] = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            addrs += await system_lookup(host, family)
+        except OSError:
+            pass
+    return addrs
+
+
+async def wait_for_cleanup(
+    endpoint: Any,
+    threshold: int = 3,
+    period: float = 2.0,
+    *,
+    lookup: Callable[[str], Awaitable[list[str]]] = _resolve_all,
+    probe: Callable[[str, int], Awaitable[bool]] = _probe_readyz,
+    concurrency: int = PROBE_CONCURRENCY,
+) -> None:
+    """`spegla cleanup-wait`: until `threshold` consecutive rounds saw every address of the
+    endpoint's host answer 200 on `/readyz` (1 s per probe, `concurrency` probes at a time); any
+    failure, or no address at all, resets the count."""
+    import trio
 
     streak = 0
     while streak < threshold:
-        ok = False
-        try:
-            addrs = await system_lookup(endpoint.host, socket.AF_INET)
-        except OSError:
-            addrs = []
-        try:
-            addrs += await system_lookup(endpoint.host, socket.AF_INET6)
-        except OSError:
-            pass
-        if addrs:
-            results: list[bool] = []
-
-            async def probe(ip: str, results: list[bool]) -> None:
-                host = f"[{ip}]" if ":" in ip else ip
-                with trio.move_on_after(1.0):
-                    try:
-                        status, _, _ = await http_get(f"http://{host}:{endpoint.port}/readyz")
-                        results.append(status == 200)
-                        return
-                    except Exception:
-                        pass
-                results.append(False)
-
-            async with trio.open_nursery() as nursery:
-                for ip in addrs[:10]:
-                    nursery.start_soon(probe, ip, results)
-            ok = all(results) and len(results) == len(addrs[:10])
+        addrs = await lookup(endpoint.host)
+        results = await probe_all(addrs, endpoint.port, probe, concurrency) if addrs else {}
+        ok = bool(results) and all(results.values())
         streak = streak + 1 if ok else 0
-        logger.info("cleanup probe round", extra={"addresses": addrs, "ok": ok, "streak": streak})
+        failing = sorted(ip for ip, good in results.items() if not good)
+        logger.info(
+            "cleanup probe round",
+            extra={"addresses": len(results), "failing": failing[:20], "ok": ok, "streak": streak},
+        )
         if streak < threshold:
             await trio.sleep(period)
 

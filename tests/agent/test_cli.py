@@ -166,3 +166,53 @@ def test_value_parsers() -> None:
     for bad in ("[::1]5000", "a:b:c", "host:", "bad_host!:1"):
         with pytest.raises(ConfigError):
             parse_listen_addr(bad)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            "/ip4/10.0.0.1/tcp/5001/p2p/12D3KooWJbBoPbPvCp3Tg2zYXLx7Ti9b3KZz6Yd5hfPkcWoj2EYY",
+            HostPort("10.0.0.1", 5001),
+        ),
+        ("/ip4/10.0.0.1/tcp/5001", HostPort("10.0.0.1", 5001)),
+        ("/ip6/fd00::2/tcp/5001/p2p/QmPeer", HostPort("fd00::2", 5001)),
+        ("/ip4/10.0.0.3/udp/5001/quic-v1/p2p/QmPeer", HostPort("10.0.0.3", 5001)),
+        ("/dns/spegel-node-a.example/tcp/5001/p2p/QmPeer", HostPort("spegel-node-a.example", 5001)),
+        ("/dns4/node-b/tcp/6001", HostPort("node-b", 6001)),
+        ("10.0.0.4:5001", HostPort("10.0.0.4", 5001)),
+        ("[fd00::5]:5001", HostPort("fd00::5", 5001)),
+    ],
+)
+def test_static_bootstrap_peers_accept_spegel_multiaddrs(value: str, expected: HostPort) -> None:
+    assert registry(
+        ["--bootstrap-kind=static", "--static-bootstrap-peers", value]
+    ).bootstrap.static_peers == (expected,)
+    env = {"BOOTSTRAP_KIND": "static", "STATIC_BOOTSTRAP_PEERS": f"{value}, 10.9.9.9:5001"}
+    assert registry([], env).bootstrap.static_peers == (expected, HostPort("10.9.9.9", 5001))
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("/ip4/10.0.0.1", "invalid multiaddr"),
+        ("/ip4/300.0.0.1/tcp/5001", "invalid IP"),
+        ("/ip4/fd00::1/tcp/5001", "v6 address"),
+        ("/ip6/10.0.0.1/tcp/5001", "v4 address"),
+        ("/ip4/10.0.0.1/tcp/http", "invalid port"),
+        ("/ip4/10.0.0.1/tcp/0", "port 0"),
+        ("/ip4/10.0.0.1/sctp/5001", "no /tcp"),
+        ("/unix/tmp/sock/x", "unsupported multiaddr"),
+        ("/ip4/10.0.0.1/tcp/5001/p2p", "unsupported part"),
+        ("/ip4/10.0.0.1/tcp/5001/ws", "unsupported part"),
+        ("/dns/bad_host!/tcp/5001", "invalid host"),
+    ],
+)
+def test_bad_multiaddrs_are_one_line_errors(
+    value: str, needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        registry(["--bootstrap-kind=static", "--static-bootstrap-peers", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tomllib
 from pathlib import Path
@@ -193,3 +194,75 @@ def test_cleanup_serves_readyz_and_cleanup_wait_sees_it(tmp_path: Path) -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(15) == 0
+
+
+async def test_cleanup_wait_probes_every_address_with_bounded_concurrency() -> None:
+    """25 cleanup pods (loopback addresses 127.0.0.10-34 on one port, real sockets); the last one
+    is not ready at first: cleanup-wait must not finish until it is, and never runs more than 10
+    probes at once."""
+    import trio
+
+    from agent.config import HostPort
+    from agent.hosts_toml import _probe_readyz, wait_for_cleanup
+    from tests.agent.test_run import free_port
+
+    port = free_port()
+    ips = [f"127.0.0.{n}" for n in range(10, 35)]
+    late = ips[-1]
+    ready = {ip: ip != late for ip in ips}
+    answered: dict[str, int] = dict.fromkeys(ips, 0)
+
+    async def serve(ip: str, stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                data += chunk
+            answered[ip] += 1
+            status = b"200 OK" if ready[ip] else b"503 Service Unavailable"
+            await stream.send_all(b"HTTP/1.1 " + status + b"\r\ncontent-length: 0\r\n\r\n")
+
+    in_flight = 0
+    most = 0
+
+    async def counting_probe(ip: str, probe_port: int) -> bool:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await trio.sleep(0.01)
+            return await _probe_readyz(ip, probe_port)
+        finally:
+            in_flight -= 1
+
+    async def lookup(host: str) -> list[str]:
+        assert host == "cleanup.example"
+        return list(ips)
+
+    rounds_before_ready = 0
+    async with trio.open_nursery() as nursery:
+        for ip in ips:
+            listeners = await trio.open_tcp_listeners(port, host=ip)
+            nursery.start_soon(trio.serve_listeners, functools.partial(serve, ip), listeners)
+        done = trio.Event()
+
+        async def waiter() -> None:
+            await wait_for_cleanup(
+                HostPort("cleanup.example", port), 2, 0.05, lookup=lookup, probe=counting_probe
+            )
+            done.set()
+
+        nursery.start_soon(waiter)
+        with trio.fail_after(20):
+            while answered[late] < 4:
+                assert not done.is_set(), "finished while one cleanup pod was not ready"
+                await trio.sleep(0.01)
+            rounds_before_ready = answered[late]
+            ready[late] = True
+            await done.wait()
+        nursery.cancel_scope.cancel()
+    assert rounds_before_ready >= 4
+    assert all(count >= 5 for count in answered.values())  # every address, every round
+    assert 1 < most <= 10

@@ -320,3 +320,38 @@ def test_main_exits_1_when_a_service_keeps_crashing(tmp_path: Any) -> None:
     hooks = Hooks(backend=broken_backend, app=mini_app, policy=fast)
     assert main(config(str(tmp_path), standalone=True), hooks) == 1
     assert starts == 4
+
+
+async def test_static_bootstrap_from_a_spegel_multiaddr(
+    tmp_path: Any, nursery: trio.Nursery
+) -> None:
+    """A node configured with Spegel's multiaddr form (`/ip4/.../tcp/<port>/p2p/<id>`) joins the
+    node at that address over the real DHT and becomes ready."""
+    from agent.cli import build_parser, registry_config
+
+    cfg_a = config(str(tmp_path / "a"))
+    multiaddr = f"/ip4/127.0.0.1/tcp/{cfg_a.router_addr.port}/p2p/12D3KooWQmDoesNotMatter"
+    parsed = registry_config(
+        build_parser({}).parse_args(
+            ["registry", "--bootstrap-kind=static", "--static-bootstrap-peers", multiaddr]
+        )
+    )
+    cfg_b = config(str(tmp_path / "b"), peers=parsed.bootstrap.static_peers)
+    stop = trio.Event()
+    await nursery.start(
+        functools.partial(
+            run_agent, cfg_a, stop, Hooks(backend=memory_backend([], [])), handle_signals=False
+        )
+    )
+    b = await nursery.start(
+        functools.partial(
+            run_agent, cfg_b, stop, Hooks(backend=memory_backend([], [])), handle_signals=False
+        )
+    )
+    async with httpx.AsyncClient() as http:
+        with trio.fail_after(10):
+            while (  # noqa: ASYNC110
+                await http.get(f"http://127.0.0.1:{b.registry_port}/readyz")
+            ).status_code != 200:
+                await trio.sleep(0.05)
+    stop.set()
