@@ -110,23 +110,30 @@ _FILTERS = Flag("--registry-filters", (), parse_regex,
      many=True, metavar="REGEX")
 _CONFIG_PATH = Flag("--containerd-registry-config-path", "/etc/containerd/certs.d", _text,
      "containerd registry config_path (certs.d) directory", metavar="DIR")
+_REGISTRY_ADDR = Flag("--registry-addr", ":5000", parse_listen_addr,
+     "registry HTTP listen address; its port is every peer's registry port", metavar="ADDR")
+_ROUTER_ADDR = Flag("--router-addr", ":5001", parse_listen_addr,
+     "DHT (UDP) listen address", metavar="ADDR")
+_METRICS_ADDR = Flag("--metrics-addr", ":9090", parse_listen_addr,
+     "serves /metrics, /debug/tasks and /debug/web", metavar="ADDR")
+_CONTENT_PATH = Flag("--containerd-content-path",
+     "/var/lib/containerd/io.containerd.content.v1.content", _text,
+     "containerd content directory read directly; empty means stream blobs over gRPC",
+     metavar="DIR")
+_STANDALONE = Flag("--standalone", "false", parse_bool,
+     "ready without any peer (a single-node cluster)", boolean=True)
+_MIRROR_TARGETS = Flag("--mirror-targets", (), _mirror_target,
+     "mirror URLs containerd tries first, in order (required)", many=True, metavar="URL")
 
 _FLAGS: dict[str, tuple[Flag, ...]] = {
     "registry": (
         _LOG_LEVEL,
-        Flag("--registry-addr", ":5000", parse_listen_addr,
-             "registry HTTP listen address; its port is every peer's registry port",
-             metavar="ADDR"),
-        Flag("--router-addr", ":5001", parse_listen_addr,
-             "DHT (UDP) listen address", metavar="ADDR"),
-        Flag("--metrics-addr", ":9090", parse_listen_addr,
-             "serves /metrics, /debug/tasks and /debug/web", metavar="ADDR"),
+        _REGISTRY_ADDR,
+        _ROUTER_ADDR,
+        _METRICS_ADDR,
         _SOCK,
         _NAMESPACE,
-        Flag("--containerd-content-path",
-             "/var/lib/containerd/io.containerd.content.v1.content", _text,
-             "containerd content directory read directly; empty means stream blobs over gRPC",
-             metavar="DIR"),
+        _CONTENT_PATH,
         _MIRRORED,
         _FILTERS,
         Flag("--mirror-resolve-timeout", "20ms", parse_duration,
@@ -162,8 +169,7 @@ _FLAGS: dict[str, tuple[Flag, ...]] = {
         Flag("--dht-psk-file", "", _text,
              "file holding a pre-shared key: only nodes with the same key join the DHT",
              metavar="PATH"),
-        Flag("--standalone", "false", parse_bool,
-             "ready without any peer (a single-node cluster)", boolean=True),
+        _STANDALONE,
         Flag("--shutdown-grace", "5s", parse_duration,
              "on SIGTERM, how long in-flight requests may finish", metavar="DURATION"),
         Flag("--state-refresh", "9m", parse_duration,
@@ -173,8 +179,7 @@ _FLAGS: dict[str, tuple[Flag, ...]] = {
         _LOG_LEVEL,
         _CONFIG_PATH,
         _MIRRORED,
-        Flag("--mirror-targets", (), _mirror_target,
-             "mirror URLs containerd tries first, in order (required)", many=True, metavar="URL"),
+        _MIRROR_TARGETS,
         Flag("--resolve-tags", "true", parse_bool,
              "let mirrors resolve tags (capabilities pull+resolve, else pull)", boolean=True),
         Flag("--prepend-existing", "false", parse_bool,
@@ -198,6 +203,24 @@ _FLAGS: dict[str, tuple[Flag, ...]] = {
         Flag("--period", "2s", parse_duration,
              "time between rounds", metavar="DURATION"),
     ),
+    "doctor": (
+        _LOG_LEVEL,
+        _SOCK,
+        Flag("--containerd-config", "/etc/containerd/config.toml", _text,
+             "containerd's config file (read for containerd 2.x only)", metavar="PATH"),
+        _CONFIG_PATH,
+        _CONTENT_PATH,
+        _REGISTRY_ADDR,
+        _ROUTER_ADDR,
+        _METRICS_ADDR,
+        _MIRRORED,
+        Flag("--mirror-targets", (), _mirror_target,
+             "the mirror URLs the `configuration` step wrote (default: any address of this "
+             "machine on the registry port)", many=True, metavar="URL"),
+        _STANDALONE,
+        Flag("--probe-timeout", "2s", parse_duration,
+             "time budget of each probe", metavar="DURATION"),
+    ),
     "keys": (
         _LOG_LEVEL,
         _SOCK,
@@ -214,6 +237,7 @@ _DESCRIPTIONS = {
     "cleanup": "restore the containerd registry config that was there before `configuration`",
     "cleanup-wait": "wait until every cleanup pod answers /readyz (uninstall hook)",
     "keys": "print the keys this node would advertise (one per line)",
+    "doctor": "check this node's containerd and agent for what silently disables the mirror",
 }
 
 
@@ -343,6 +367,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         )
         for flag in flags:
             _add_flag(cmd, flag)
+    sub.choices["doctor"].add_argument(
+        "--json", action="store_true", help="print the checks as JSON (for machines)"
+    )
     version = sub.add_parser("version", help="print the version and exit")
     version.add_argument("--format", choices=["text", "json"], default="text")
     return parser
@@ -404,6 +431,24 @@ def mirror_config(ns: argparse.Namespace) -> MirrorConfig:
         resolve_tags=ns.resolve_tags,
         prepend_existing=ns.prepend_existing,
         dial_timeout=ns.dial_timeout,
+    )
+
+
+def doctor_config(ns: argparse.Namespace) -> Any:
+    from agent.doctor import DoctorConfig
+
+    return DoctorConfig(
+        containerd_sock=ns.containerd_sock,
+        containerd_config=ns.containerd_config,
+        config_path=ns.containerd_registry_config_path,
+        content_path=ns.containerd_content_path,
+        registry_addr=ns.registry_addr,
+        router_addr=ns.router_addr,
+        metrics_addr=ns.metrics_addr,
+        mirrored_registries=_flatten(ns.mirrored_registries),
+        mirror_targets=_flatten(ns.mirror_targets),
+        standalone=ns.standalone,
+        timeout=ns.probe_timeout,
     )
 
 
@@ -469,6 +514,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             if args.threshold < 1:
                 raise ConfigError("--threshold must be at least 1")
             return cleanup_wait_main(args.probe_endpoint, args.threshold, args.period)
+        if args.command == "doctor":
+            from agent.doctor import doctor_main
+
+            return doctor_main(doctor_config(args), as_json=args.json)
         if args.command == "keys":
             return _keys_main(
                 args.containerd_sock,

@@ -10,8 +10,10 @@ For CRI pulls containerd itself does the HTTP fetches, so inside a namespace its
 is the node's own loopback.  The unix sockets are filesystem paths, reachable from every namespace.
 
 API
-- ``Containerd(workdir, netns=None, name="containerd")``; ``.start()``, ``.stop()``, ``.restart()``,
-  ``.kill()``; context manager.
+- ``Containerd(workdir, netns=None, name="containerd", registry_config_path=None,
+  discard_unpacked_layers=False)``; ``.start()``, ``.stop()``, ``.restart()``, ``.kill()``; context
+  manager. ``registry_config_path`` replaces the CRI ``config_path`` (``""``: the line is left out),
+  and ``discard_unpacked_layers=True`` turns it on: the ways a node is misconfigured for spegla.
 - ``.socket`` (grpc unix socket path), ``.content_path``
   (``<root>/io.containerd.content.v1.content``), ``.certs_d``, ``.log_path``,
   ``.log_text()``, ``.pid``.
@@ -47,10 +49,19 @@ def hosts_toml(
 
 
 class Containerd:
-    def __init__(self, workdir: Path, netns: str | None = None, name: str = "containerd") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        netns: str | None = None,
+        name: str = "containerd",
+        registry_config_path: str | None = None,
+        discard_unpacked_layers: bool = False,
+    ) -> None:
         self.workdir = workdir
         self.netns = netns
         self.name = name
+        self.registry_config_path = registry_config_path
+        self.discard_unpacked_layers = discard_unpacked_layers
         self.daemon: Daemon | None = None
 
     @property
@@ -79,6 +90,15 @@ class Containerd:
 
     def _config(self) -> str:
         d = self.workdir
+        config_path = (
+            str(self.certs_d) if self.registry_config_path is None else self.registry_config_path
+        )
+        registry = (
+            f'  [plugins."io.containerd.grpc.v1.cri".registry]\n    config_path = "{config_path}"\n'
+            if config_path
+            else ""
+        )
+        discard = "true" if self.discard_unpacked_layers else "false"
         return f"""version = 2
 root = "{d / "root"}"
 state = "{d / "state"}"
@@ -97,13 +117,11 @@ disabled_plugins = ["io.containerd.internal.v1.tracing", "io.containerd.tracing.
   sandbox_image = "registry.invalid/pause:3.6"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
-    discard_unpacked_layers = false
+    discard_unpacked_layers = {discard}
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{d / "opt" / "cni" / "bin"}"
     conf_dir = "{d / "cni" / "net.d"}"
-  [plugins."io.containerd.grpc.v1.cri".registry]
-    config_path = "{self.certs_d}"
-"""
+{registry}"""
 
     def start(self, timeout: float = 15.0) -> Containerd:
         for sub in ("root", "state", "tmp", "opt", "certs.d", "cni/net.d"):

@@ -9,8 +9,9 @@ Fixtures (all skip unless root with containerd, docker-registry, skopeo and ip i
 - ``upstream_registry`` (session) -> loopback ``Upstream`` with all test images pushed
   (``.pushed[name]`` is the reference); use ``.mark()`` + ``since=`` to see your test's
   requests only.
-- ``containerd_factory`` -> ``make(name="c", netns=None) -> Containerd`` (started; stopped and
-  removed after the test).  ``containerd_instance`` -> one started loopback ``Containerd``.
+- ``containerd_factory`` -> ``make(name="c", netns=None, **options) -> Containerd`` (started;
+  stopped and removed after the test; options go to ``Containerd``).
+  ``containerd_instance`` -> one started loopback ``Containerd``.
 - ``cri_client`` -> ``CriClient`` on ``containerd_instance``.
 - ``cluster`` -> ``make(nodes=3, rate_mbit=None) -> Cluster`` (namespaces, upstream with test
   images, one containerd per node); torn down after the test.
@@ -26,6 +27,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,8 +83,10 @@ def containerd_factory() -> Iterator[Callable[..., Containerd]]:
     require_harness()
     made: list[Containerd] = []
 
-    def make(name: str = "c", netns: str | None = None) -> Containerd:
-        c = Containerd(short_tempdir(f"spg-{name}-"), netns=netns, name=f"containerd-{name}")
+    def make(name: str = "c", netns: str | None = None, **options: Any) -> Containerd:
+        c = Containerd(
+            short_tempdir(f"spg-{name}-"), netns=netns, name=f"containerd-{name}", **options
+        )
         made.append(c)
         return c.start()
 

@@ -1,0 +1,342 @@
+"""`spegla doctor`'s decisions: what each check concludes from facts gathered on the node, and how
+the report is printed.
+
+Why a separate, I/O-free module: every way a node silently turns spegla into a no-op (containerd
+ignoring certs.d, discarding layers after unpack, a hosts.toml pointing elsewhere, closed ports, no
+peers, an unreadable content directory) is a pure function from a fact to a `Check`, tested without
+a node. `agent.doctor` gathers the facts (containerd over gRPC, the agent over HTTP/UDP, files).
+
+containerd reports its CRI configuration in the verbose CRI `Status` (what `crictl info` prints):
+1.6 and 1.7 put `registry.configPath` and `containerd.discardUnpackedLayers` in `info["config"]`;
+2.x moved image settings to the `io.containerd.cri.v1.images` plugin, whose settings that JSON no
+longer carries, so for 2.x they are read from containerd's config file (version 2 or 3 layout) with
+2.x's defaults for what the file leaves out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+# containerd 2.x's built-in image settings (internal/cri/config defaults).
+V2_DEFAULT_CONFIG_PATH = "/etc/containerd/certs.d:/etc/docker/certs.d"
+V1_CRI_PLUGIN = "io.containerd.grpc.v1.cri"
+V2_IMAGES_PLUGIN = "io.containerd.cri.v1.images"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One line of the report: `ok` decides the exit code; `fix` says what to do when not ok."""
+
+    name: str
+    ok: bool
+    result: str
+    fix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CriImageConfig:
+    """The two containerd settings spegla depends on, and where they were read from."""
+
+    source: str  # "CRI status (1.x)", "config file /etc/containerd/config.toml (2.x)", ...
+    config_path: str | None  # None: containerd did not say
+    discard_unpacked_layers: bool | None
+
+
+def major_version(version: str) -> int | None:
+    """`v1.6.20` / `1.6.20~ds1` / `2.0.0-rc.1` -> 1 / 1 / 2; None when unparseable."""
+    head = version.strip().lstrip("v").split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def from_cri_info(info: Mapping[str, str]) -> CriImageConfig | None:
+    """Image settings from the CRI status `info` (1.6/1.7 shape); None when it has none (2.x)."""
+    raw = info.get("config")
+    if raw is None:
+        return None
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(config, dict):
+        return None
+    registry = config.get("registry")
+    runtime = config.get("containerd")
+    if not isinstance(registry, dict) or "configPath" not in registry:
+        return None
+    discard = runtime.get("discardUnpackedLayers") if isinstance(runtime, dict) else None
+    path = registry.get("configPath")
+    return CriImageConfig(
+        source="CRI status (containerd 1.x shape)",
+        config_path=str(path) if path is not None else None,
+        discard_unpacked_layers=bool(discard) if isinstance(discard, bool) else None,
+    )
+
+
+def _table(doc: Mapping[str, Any], *keys: str) -> Mapping[str, Any]:
+    node: Any = doc
+    for key in keys:
+        node = node.get(key) if isinstance(node, Mapping) else None
+    return node if isinstance(node, Mapping) else {}
+
+
+def from_config_toml(text: str, where: str) -> CriImageConfig:
+    """Image settings from containerd 2.x's config file (version 3 layout, or version 2 which 2.x
+    migrates); what the file leaves out takes 2.x's default. Raises ValueError on bad TOML."""
+    doc = tomllib.loads(text)
+    plugins = _table(doc, "plugins")
+    images = _table(plugins, V2_IMAGES_PLUGIN)
+    old = _table(plugins, V1_CRI_PLUGIN)
+    path: Any = _table(images, "registry").get("config_path")
+    if path is None:
+        path = _table(old, "registry").get("config_path")
+    discard: Any = images.get("discard_unpacked_layers")
+    if discard is None:
+        discard = _table(old, "containerd").get("discard_unpacked_layers")
+    return CriImageConfig(
+        source=f"config file {where} (containerd 2.x)",
+        config_path=V2_DEFAULT_CONFIG_PATH if path is None else str(path),
+        discard_unpacked_layers=False if discard is None else bool(discard),
+    )
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def check_containerd(version: str | None, error: str | None, sock: str) -> Check:
+    if version is not None:
+        return Check("containerd", True, f"reachable at {sock}, version {version}")
+    return Check(
+        "containerd",
+        False,
+        f"not reachable at {sock}: {error}",
+        "start containerd, or point --containerd-sock (CONTAINERD_SOCK) at its socket "
+        "(in the pod: the hostPath mount of /run/containerd/containerd.sock)",
+    )
+
+
+def _plugin_hint(major: int | None) -> str:
+    if major is not None and major >= 2:
+        return f'[plugins."{V2_IMAGES_PLUGIN}".registry]'
+    return f'[plugins."{V1_CRI_PLUGIN}".registry]'
+
+
+def check_config_path(
+    cfg: CriImageConfig | None,
+    certs_d: str,
+    major: int | None,
+    missing: str = "containerd did not report its CRI configuration",
+) -> Check:
+    name = "registry config_path"
+    where = _plugin_hint(major)
+    fix = (
+        f'set config_path = "{certs_d}" under {where} in containerd\'s config.toml and restart '
+        "containerd (without it containerd never reads spegla's hosts.toml)"
+    )
+    if cfg is None:
+        return Check(name, False, missing, fix)
+    if not cfg.config_path:
+        return Check(name, False, f"not set ({cfg.source})", fix)
+    paths = [p for p in cfg.config_path.split(":") if p]
+    want = os.path.normpath(certs_d)
+    if any(os.path.normpath(p) == want for p in paths):
+        return Check(name, True, f"{cfg.config_path} ({cfg.source})")
+    return Check(
+        name,
+        False,
+        f"{cfg.config_path} does not include {certs_d}, where spegla writes hosts.toml",
+        f'add "{certs_d}" to config_path under {where}, or point the `configuration` init '
+        "container's --containerd-registry-config-path at the directory containerd reads",
+    )
+
+
+def check_discard(
+    cfg: CriImageConfig | None, major: int | None, missing: str = "containerd did not report it"
+) -> Check:
+    name = "discard_unpacked_layers"
+    table = (
+        f'[plugins."{V2_IMAGES_PLUGIN}"]'
+        if major is not None and major >= 2
+        else f'[plugins."{V1_CRI_PLUGIN}".containerd]'
+    )
+    fix = (
+        f"set discard_unpacked_layers = false under {table} and restart containerd: with true, "
+        "containerd deletes layers after unpacking and this node has nothing to share"
+    )
+    if cfg is None or cfg.discard_unpacked_layers is None:
+        return Check(name, False, missing, fix)
+    if cfg.discard_unpacked_layers:
+        return Check(name, False, f"true ({cfg.source})", fix)
+    return Check(name, True, f"false ({cfg.source})")
+
+
+@dataclass(frozen=True, slots=True)
+class HostsFile:
+    """One certs.d/<registry>/hosts.toml as found on disk."""
+
+    registry_dir: str
+    path: str
+    text: str | None  # None: missing
+    error: str = ""  # unreadable
+
+
+def mirror_hosts(text: str) -> list[str]:
+    """The `[host."<url>"]` URLs of a hosts.toml, in file order (raises ValueError on bad TOML)."""
+    hosts = tomllib.loads(text).get("host", {})
+    return [str(url) for url in hosts] if isinstance(hosts, dict) else []
+
+
+def _same_endpoint(url: str, target: str) -> bool:
+    a, b = urlsplit(url.rstrip("/")), urlsplit(target.rstrip("/"))
+    return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
+
+
+def points_at_agent(url: str, targets: Sequence[str], local_ips: Sequence[str], port: int) -> bool:
+    """A mirror URL is this agent's when it is a configured mirror target, or (no targets given)
+    an address of this machine on the agent's registry port."""
+    if targets:
+        return any(_same_endpoint(url, t) for t in targets)
+    parts = urlsplit(url)
+    return parts.hostname in local_ips and parts.port == port
+
+
+def check_hosts_toml(
+    files: Sequence[HostsFile], targets: Sequence[str], local_ips: Sequence[str], port: int
+) -> Check:
+    name = "hosts.toml"
+    rerun = (
+        "re-run the `configuration` init container (kubectl -n spegla rollout restart ds/spegla)"
+    )
+    problems: list[str] = []
+    good: list[str] = []
+    for f in files:
+        if f.error:
+            problems.append(f"{f.path}: {f.error}")
+            continue
+        if f.text is None:
+            problems.append(f"{f.path} is missing")
+            continue
+        try:
+            hosts = mirror_hosts(f.text)
+        except ValueError as exc:
+            problems.append(f"{f.path} is not valid TOML ({exc})")
+            continue
+        if not hosts:
+            problems.append(f"{f.path} lists no [host] mirror")
+        elif not points_at_agent(hosts[0], targets, local_ips, port):
+            want = ", ".join(targets) if targets else f"this node's address, port {port}"
+            problems.append(f"{f.path}: first mirror is {hosts[0]}, not this agent ({want})")
+        else:
+            good.append(f"{f.registry_dir} -> {hosts[0]}")
+    if problems:
+        return Check(name, False, "; ".join(problems), rerun)
+    return Check(name, True, "; ".join(good))
+
+
+def check_port(name: str, addr: str, error: str | None, what: str) -> Check:
+    if error is None:
+        return Check(name, True, f"{addr} answers {what}")
+    return Check(
+        name,
+        False,
+        f"{addr}: {error}",
+        "is the agent running on this node? see `kubectl -n spegla logs ds/spegla`; check the "
+        "port flags (--registry-addr, --router-addr, --metrics-addr)",
+    )
+
+
+def check_peers(count: int | None, error: str | None, standalone: bool) -> Check:
+    name = "dht peers"
+    if count is None:
+        return Check(
+            name, False, f"unknown: {error}", "enable the debug page (--debug-web-enabled)"
+        )
+    if count == 0 and not standalone:
+        return Check(
+            name,
+            False,
+            "0 peers: this node can neither find nor share content",
+            "check the bootstrap settings (BOOTSTRAP_KIND and its address) and that UDP to the "
+            "router port is allowed between nodes; a one-node cluster runs with --standalone",
+        )
+    return Check(name, True, f"{count} peer(s)" + (" (standalone)" if standalone else ""))
+
+
+def check_peer_registry(
+    tried: Sequence[str], reached: str | None, errors: Sequence[str], peers: int | None
+) -> Check:
+    name = "peer registry port"
+    if reached is not None:
+        return Check(name, True, f"{reached} accepts TCP")
+    if not tried:
+        if peers == 0:
+            return Check(name, True, "no peer to try")
+        return Check(
+            name, False, "peer addresses unknown", "enable the debug page (--debug-web-enabled)"
+        )
+    return Check(
+        name,
+        False,
+        f"none of {len(tried)} peer(s) accepts TCP: {'; '.join(errors[:3])}",
+        "allow TCP to the registry port between nodes (NetworkPolicy, security groups, "
+        "host firewall)",
+    )
+
+
+def check_content(path: str, entries: int | None, error: str | None) -> Check:
+    name = "content directory"
+    if not path:
+        return Check(name, True, "not used (blobs stream over containerd's gRPC API)")
+    if error is None:
+        return Check(name, True, f"{path} readable ({entries} blob(s))")
+    return Check(
+        name,
+        False,
+        f"{path}: {error}",
+        "mount containerd's content directory read-only at --containerd-content-path "
+        "(k0s and Talos keep it elsewhere: patch the hostPath), or set it empty to stream over "
+        "gRPC",
+    )
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def passed(checks: Sequence[Check]) -> bool:
+    return all(c.ok for c in checks)
+
+
+def render_table(checks: Sequence[Check], width: int = 100) -> str:
+    """check / result / what to do, one row per check (long cells wrap in their column)."""
+    import textwrap
+
+    name_w = max(len("CHECK"), *(len(c.name) for c in checks))
+    result_w = max(20, (width - name_w - 10) // 2)
+    fix_w = max(20, width - name_w - result_w - 10)
+    header = f"{'CHECK':<{name_w}}  {'':2}  {'RESULT':<{result_w}}  WHAT TO DO"
+    lines = [header, "-" * min(width, len(header) + fix_w)]
+    for c in checks:
+        mark = "ok" if c.ok else "!!"
+        left = textwrap.wrap(c.result, result_w) or [""]
+        right = textwrap.wrap(c.fix, fix_w) or [""]
+        for i in range(max(len(left), len(right))):
+            col1 = c.name if i == 0 else ""
+            col2 = mark if i == 0 else ""
+            r = left[i] if i < len(left) else ""
+            f = right[i] if i < len(right) else ""
+            lines.append(f"{col1:<{name_w}}  {col2:2}  {r:<{result_w}}  {f}".rstrip())
+    failed = sum(1 for c in checks if not c.ok)
+    lines.append("")
+    lines.append(
+        "all checks passed" if not failed else f"{failed} of {len(checks)} check(s) failed"
+    )
+    return "\n".join(lines)
+
+
+def render_json(checks: Sequence[Check]) -> str:
+    return json.dumps({"ok": passed(checks), "checks": [asdict(c) for c in checks]}, indent=2)
