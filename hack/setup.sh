@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(containerd docker-registry skopeo iproute2 python3-venv)
+# shellcheck: the manifests' scripts are linted in `make test`; chromium: the debug page is rendered
+# headless in a test; tmux: `spegla watch` is tested on a real terminal screen.
+APT_PACKAGES=(containerd docker-registry skopeo iproute2 python3-venv shellcheck chromium tmux)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
