@@ -25,6 +25,7 @@ from agent.config import (
     ConfigError,
     MirrorConfig,
     RegistryConfig,
+    format_duration,
     parse_bool,
     parse_duration,
     parse_listen_addr,
@@ -36,6 +37,7 @@ from agent.config import (
     parse_static_peer,
     parse_url,
 )
+from registry.mirror_job import MIRROR_DEFAULTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +138,10 @@ _FLAGS: dict[str, tuple[Flag, ...]] = {
         _CONTENT_PATH,
         _MIRRORED,
         _FILTERS,
-        Flag("--mirror-resolve-timeout", "20ms", parse_duration,
+        Flag("--mirror-resolve-timeout", format_duration(MIRROR_DEFAULTS.resolve_timeout),
+             parse_duration,
              "how long to wait for a peer before each retry (Go duration)", metavar="DURATION"),
-        Flag("--mirror-resolve-retries", "3", _int,
+        Flag("--mirror-resolve-retries", str(MIRROR_DEFAULTS.resolve_retries), _int,
              "peer look-up attempts per request", metavar="N"),
         Flag("--bootstrap-kind", "none", _kind,
              "how to find the first peers: dns, http, static, kubernetes, none", metavar="KIND"),

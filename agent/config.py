@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
+
+from registry.mirror_job import MIRROR_DEFAULTS, MirrorSettings
 
 
 class ConfigError(ValueError):
@@ -285,8 +287,8 @@ class RegistryConfig:
     containerd_content_path: str = "/var/lib/containerd/io.containerd.content.v1.content"
     mirrored_registries: tuple[str, ...] = ()
     registry_filters: tuple[str, ...] = ()
-    mirror_resolve_timeout: float = 0.020
-    mirror_resolve_retries: int = 3
+    mirror_resolve_timeout: float = MIRROR_DEFAULTS.resolve_timeout
+    mirror_resolve_retries: int = MIRROR_DEFAULTS.resolve_retries
     bootstrap: BootstrapConfig = BootstrapConfig()
     data_dir: str = ""
     debug_web_enabled: bool = True
@@ -315,6 +317,14 @@ class RegistryConfig:
         if self.mirror_resolve_timeout <= 0:
             raise ConfigError("--mirror-resolve-timeout must be greater than 0")
         return self
+
+    def mirror_settings(self) -> MirrorSettings:
+        """The registry's mirror settings: the defaults, with what the flags set."""
+        return replace(
+            MIRROR_DEFAULTS,
+            resolve_timeout=self.mirror_resolve_timeout,
+            resolve_retries=self.mirror_resolve_retries,
+        )
 
 
 @dataclass(frozen=True, slots=True)

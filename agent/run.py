@@ -150,8 +150,7 @@ def default_app(
     from registry.filters import ReferenceFilter
 
     settings = RegistrySettings(
-        resolve_timeout=cfg.mirror_resolve_timeout,
-        resolve_retries=cfg.mirror_resolve_retries,
+        mirror=cfg.mirror_settings(),
         filters=ReferenceFilter.from_config(cfg.mirrored_registries, cfg.registry_filters),
         readiness=ready,
     )

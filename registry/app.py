@@ -11,7 +11,6 @@ unsatisfiable ranges 416.  Request metrics and the access log line are `registry
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -65,41 +64,18 @@ MIRRORED_HEADER = "X-Spegel-Mirrored"
 
 @dataclass(frozen=True, slots=True)
 class RegistrySettings:
-    """How the registry serves and mirrors (flag values of `spegla registry`)."""
+    """How the registry serves (flag values of `spegla registry`); mirroring is `mirror`'s."""
 
-    resolve_timeout: float = 0.020  # --mirror-resolve-timeout: per attempt
-    resolve_retries: int = 3  # --mirror-resolve-retries: failed attempts before giving up
+    # the mirror path's deadlines and limits (resolve timeout and retries, response and stall
+    # timeouts, verify-first size): their defaults live in `MirrorSettings` only
+    mirror: MirrorSettings = field(default_factory=MirrorSettings)
     filters: ReferenceFilter | None = None  # --mirrored-registries / --registry-filters
     readiness: Callable[[], bool] | None = None  # default: router.ready
-    response_timeout: float = 2.0  # connect + headers from a peer (a dropped SYN costs 1 s)
-    stall_timeout: float = 5.0  # no body bytes from a peer for this long = broken stream
-    manifest_deadline: float = 3.0  # HEAD and manifest mirror requests finish within this
     read_size: int = 1024 * 1024  # chunk size for local reads and peer socket reads
     channel_depth: int = 4  # chunks buffered between the mirror task and the response
-    # blobs up to this size are verified in full before the first byte goes out (see
-    # MirrorSettings); larger ones stream with the last byte held back
-    verify_first_max: int = 64 * 1024 * 1024
-    verify_first_budget: int = 256 * 1024 * 1024
     # Registry assumed for requests without `ns` (clients that talk to us directly, e.g.
     # skopeo).  None, as in Spegel: such requests are 404.
     default_registry: str | None = None
-    mirror: MirrorSettings = field(init=False)
-
-    def __post_init__(self) -> None:
-        if not self.resolve_timeout > 0 or not math.isfinite(self.resolve_timeout):
-            raise ValueError("resolve_timeout must be a positive number of seconds")
-        if self.resolve_retries < 1:
-            raise ValueError("resolve_retries must be at least 1")
-        mirror = MirrorSettings(
-            resolve_timeout=self.resolve_timeout,
-            resolve_retries=self.resolve_retries,
-            response_timeout=self.response_timeout,
-            stall_timeout=self.stall_timeout,
-            manifest_deadline=self.manifest_deadline,
-            verify_first_max=self.verify_first_max,
-            verify_first_budget=self.verify_first_budget,
-        )
-        object.__setattr__(self, "mirror", mirror)
 
 
 class Response(TrioResponse):

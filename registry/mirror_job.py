@@ -4,11 +4,14 @@ Why its own module: these records are the contract between the app (the consumer
 into an HTTP response) and the forwarder (the producer task, which talks to peers).  Keeping them
 apart lets each side be read without the other's machinery.  The order on the channel: first a
 `MirrorHead` or a `MirrorFailure`, then body chunks, and finally nothing (success) or a
-`MirrorAbort` (the response must be cut short).
+`MirrorAbort` (the response must be cut short).  `MirrorSettings` is the one place the mirror's
+deadlines and limits get their defaults: the app's `RegistrySettings`, the agent's config and the
+CLI's flag defaults all derive from it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from registry.distribution import ContentRequest, ErrorCode
@@ -16,6 +19,7 @@ from registry.mediatypes import SNIFF_LIMIT
 from registry.ranges import RangeSpec
 
 __all__ = [
+    "MIRROR_DEFAULTS",
     "MirrorAbort",
     "MirrorFailure",
     "MirrorHead",
@@ -27,11 +31,13 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class MirrorSettings:
-    resolve_timeout: float = 0.020
-    resolve_retries: int = 3
-    response_timeout: float = 2.0
-    stall_timeout: float = 5.0
-    manifest_deadline: float = 3.0
+    """How the mirror path waits for and fetches from peers (validated on construction)."""
+
+    resolve_timeout: float = 0.020  # --mirror-resolve-timeout: each wait for a provider
+    resolve_retries: int = 3  # --mirror-resolve-retries: failed attempts before giving up
+    response_timeout: float = 2.0  # connect + headers from a peer (a dropped SYN costs 1 s)
+    stall_timeout: float = 5.0  # no body bytes from a peer for this long = broken stream
+    manifest_deadline: float = 3.0  # HEAD and manifest mirror requests finish within this
     max_manifest_size: int = SNIFF_LIMIT
     user_agent: str = "spegla"
     # a response not taking the next chunk for this long is abandoned (its client is gone, or it
@@ -46,6 +52,15 @@ class MirrorSettings:
     # a peer answering 404 for a key it advertises is skipped for that key this long (its
     # provider records outlive a delete until their ttl; it may also pull the content again)
     stale_ttl: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.resolve_timeout > 0 or not math.isfinite(self.resolve_timeout):
+            raise ValueError("resolve_timeout must be a positive number of seconds")
+        if self.resolve_retries < 1:
+            raise ValueError("resolve_retries must be at least 1")
+
+
+MIRROR_DEFAULTS = MirrorSettings()
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from agent.config import (
     parse_listen_addr,
     parse_peer,
 )
+from registry.mirror_job import MIRROR_DEFAULTS
 
 
 def registry(argv: list[str], env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
@@ -37,6 +38,17 @@ def test_defaults_follow_spegel() -> None:
     assert cfg.debug_web_enabled is True
     assert cfg.mirrored_registries == () and cfg.registry_filters == ()
     assert cfg.log_level == "INFO" and cfg.data_dir == ""
+
+
+def test_mirror_settings_flow_from_the_flags_to_the_registry() -> None:
+    # the defaults have one source (MirrorSettings); the flags override only what they name
+    assert registry([]).mirror_settings() == MIRROR_DEFAULTS
+    settings = registry(
+        ["--mirror-resolve-timeout", "35ms", "--mirror-resolve-retries", "5"]
+    ).mirror_settings()
+    assert settings.resolve_timeout == pytest.approx(0.035) and settings.resolve_retries == 5
+    assert settings.response_timeout == MIRROR_DEFAULTS.response_timeout
+    assert settings.stall_timeout == MIRROR_DEFAULTS.stall_timeout
 
 
 def test_chart_style_args() -> None:

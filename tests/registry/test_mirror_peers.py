@@ -12,6 +12,7 @@ import trio
 from registry.app import RegistrySettings
 from registry.mediatypes import OCI_INDEX, OCI_MANIFEST, OCTET_STREAM
 from registry.metrics import MIRROR_REQUESTS, PEER_QUARANTINED
+from registry.mirror_job import MirrorSettings
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter
 
 from .conftest import (
@@ -26,7 +27,9 @@ from .conftest import (
 
 # Real sockets run on the real clock: generous deadlines keep a busy CI machine from failing over
 # by accident (the deadlines themselves are tested on a mock clock in test_mirror_core).
-FAST = RegistrySettings(resolve_timeout=0.5, response_timeout=1.0, stall_timeout=1.0)
+FAST = RegistrySettings(
+    mirror=MirrorSettings(resolve_timeout=0.5, response_timeout=1.0, stall_timeout=1.0)
+)
 
 
 def advertise(network: MemoryNetwork, key: str, *peers: object) -> None:
@@ -112,7 +115,9 @@ async def test_blob_as_manifest_is_not_served_through_peers(
 async def test_fail_over_past_500_unreachable_and_silent(
     start_node: StartNode, network: MemoryNetwork, start_scripted: StartScripted
 ) -> None:
-    settings = RegistrySettings(resolve_timeout=0.5, response_timeout=1.0, resolve_retries=4)
+    settings = RegistrySettings(
+        mirror=MirrorSettings(resolve_timeout=0.5, response_timeout=1.0, resolve_retries=4)
+    )
     provider, content, client = await provider_and_client(start_node, network, settings)
     failing = await start_scripted(ScriptedPeer("500"))
     silent = await start_scripted(ScriptedPeer("silent"))
@@ -255,7 +260,9 @@ async def test_lying_peer_big_blob_aborts_before_last_byte(
     start_scripted: StartScripted,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    streaming = RegistrySettings(resolve_timeout=0.5, response_timeout=1.0, verify_first_max=0)
+    streaming = RegistrySettings(
+        mirror=MirrorSettings(resolve_timeout=0.5, response_timeout=1.0, verify_first_max=0)
+    )
     provider, content, client = await provider_and_client(start_node, network, streaming)
     forged = bytearray(content.layer_bytes)
     forged[500_000] ^= 0xFF

@@ -11,11 +11,14 @@ import trio
 
 from agent.debug import DebugState, MirrorLogTap
 from registry.app import RegistrySettings
+from registry.mirror_job import MirrorSettings
 from tests.fakes import MemoryContentStore, MemoryNetwork
 
 from .conftest import Content, Node, StartNode, fill
 
-FAST = RegistrySettings(resolve_timeout=0.5, response_timeout=1.0, stall_timeout=1.0)
+FAST = RegistrySettings(
+    mirror=MirrorSettings(resolve_timeout=0.5, response_timeout=1.0, stall_timeout=1.0)
+)
 MISSING = "sha256:" + "e" * 64
 
 
