@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
-from dht.ids import ProviderInfo
+from dht.ids import ProviderInfo, RecordState
 from dht.node import DhtRouter
-from registry.interfaces import Peer, Router
+from registry.interfaces import Peer, PeerState, Router
 
 
 def as_peer(provider: ProviderInfo) -> Peer:
-    return Peer(node_id=provider.node_id, host=provider.host, port=provider.port)
+    state = PeerState[provider.state.name]
+    return Peer(node_id=provider.node_id, host=provider.host, port=provider.port, state=state)
 
 
 class RegistryRouter:
@@ -27,8 +28,8 @@ class RegistryRouter:
     def ready(self) -> bool:
         return self._dht.ready()
 
-    async def advertise(self, keys: Iterable[str]) -> None:
-        await self._dht.advertise(keys)
+    async def advertise(self, keys: Iterable[str], state: PeerState = PeerState.COMPLETE) -> None:
+        await self._dht.advertise(keys, RecordState[state.name])
 
     async def withdraw(self, keys: Iterable[str]) -> None:
         await self._dht.withdraw(keys)

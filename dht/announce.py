@@ -3,6 +3,8 @@
 Why: a node may hold thousands of keys. Announcing them all at once would be a burst of 20 x N
 datagrams; instead keys wait in a FIFO and only a few announce jobs run at a time, and refresh times
 are jittered so the keys advertised together drift apart instead of re-announcing in lockstep.
+Each key carries the state it is advertised with (`RecordState`); in-flight and claim records live
+shorter than complete ones, so they are refreshed more often (`refresh_by_state`).
 """
 
 from __future__ import annotations
@@ -10,14 +12,25 @@ from __future__ import annotations
 import heapq
 import random
 from collections import deque
+from collections.abc import Mapping
+
+from dht.ids import RecordState
 
 
 class AnnounceSchedule:
-    def __init__(self, refresh: float, rng: random.Random, jitter: float = 0.1) -> None:
+    def __init__(
+        self,
+        refresh: float,
+        rng: random.Random,
+        jitter: float = 0.1,
+        refresh_by_state: Mapping[RecordState, float] | None = None,
+    ) -> None:
         self.refresh = refresh
+        self.refresh_by_state = dict(refresh_by_state or {})
         self.jitter = jitter
         self._rng = rng
         self._keys: dict[bytes, str] = {}  # key id -> key string
+        self._states: dict[bytes, RecordState] = {}  # only keys not advertised as COMPLETE
         self._due: list[tuple[float, bytes]] = []  # lazy heap
         self._when: dict[bytes, float] = {}
         self._queue: deque[bytes] = deque()
@@ -32,17 +45,29 @@ class AnnounceSchedule:
     def key(self, kid: bytes) -> str | None:
         return self._keys.get(kid)
 
-    def add(self, kid: bytes, key: str) -> bool:
-        """Start advertising `kid`: it is queued for announcing now. False if already advertised."""
-        if kid in self._keys:
+    def state(self, kid: bytes) -> RecordState:
+        return self._states.get(kid, RecordState.COMPLETE)
+
+    def add(self, kid: bytes, key: str, state: RecordState = RecordState.COMPLETE) -> bool:
+        """Advertise `kid` with `state`: queued for announcing now if new or its state changed.
+
+        False if it was already advertised with that state (nothing to do).
+        """
+        if kid in self._keys and self.state(kid) is state:
             return False
         self._keys[kid] = key
+        if state is RecordState.COMPLETE:
+            self._states.pop(kid, None)
+        else:
+            self._states[kid] = state
+        self._when.pop(kid, None)  # the pending refresh, if any, is superseded
         self._enqueue(kid)
         return True
 
     def remove(self, kid: bytes) -> bool:
         if self._keys.pop(kid, None) is None:
             return False
+        self._states.pop(kid, None)
         self._when.pop(kid, None)
         self._queued.discard(kid)
         return True
@@ -57,7 +82,8 @@ class AnnounceSchedule:
         if kid not in self._keys:
             return
         if delay is None:
-            delay = self.refresh * (1.0 - self.jitter * self._rng.random())
+            refresh = self.refresh_by_state.get(self.state(kid), self.refresh)
+            delay = refresh * (1.0 - self.jitter * self._rng.random())
         when = now + delay
         self._when[kid] = when
         heapq.heappush(self._due, (when, kid))

@@ -6,10 +6,16 @@ raises `DecodeError`, never anything else, so the protocol core can count and dr
 place. Replies that carry lists (nodes, providers) are trimmed so the datagram stays under
 `MAX_PAYLOAD` bytes.
 
-Layout: ``[VERSION, kind, txid, sender_id, *fields]``; with a cluster pre-shared key the datagram is
+Layout: ``[version, kind, txid, sender_id, *fields]``; with a cluster pre-shared key the datagram is
 ``payload || HMAC-SHA256(psk, payload)[:16]``. Contacts and providers are ``[id, packed ip, port]``;
 a provider entry with the unspecified IP (0.0.0.0 or ::) and the replier's own id means "the
 replier itself, at the address this reply came from" (a node does not know its own outside address).
+
+Version 2 adds record states (`dht.ids.RecordState`): its provider entries are
+``[id, packed ip, port, state]`` and its ADD_PROVIDER carries a trailing state, with ttl 0 meaning
+"drop my record of this key". Every other kind is the same in both versions. A message is sent as
+version 1 whenever it carries no state other than COMPLETE, so nodes that only speak version 1 keep
+understanding everything except in-flight and claim records (which they drop as bad datagrams).
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from typing import Any
 
 import msgpack
 
-from dht.ids import ID_BYTES, Contact, ProviderInfo
+from dht.ids import ID_BYTES, Contact, ProviderInfo, RecordState
 
 VERSION = 1
+VERSION_STATES = 2  # provider entries and ADD_PROVIDER carry a RecordState
 MAX_PAYLOAD = 1200  # what we send, before the optional MAC
 MAX_DATAGRAM = 1400  # what we accept at all
 MAC_BYTES = 16
@@ -102,8 +109,9 @@ class AddProvider:
     sender: bytes
     key: bytes
     port: int  # the sender's registry port; its IP is the datagram's source address
-    ttl: int
+    ttl: int  # 0 (version 2 only): drop the sender's record of `key`
     token: bytes
+    state: RecordState = RecordState.COMPLETE
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,18 +176,18 @@ def _unpack_ip(raw: bytes) -> str:
     raise DecodeError("ip must be 4 or 16 bytes")
 
 
-def _entry_size(ip: bytes, port: int) -> int:
-    # fixarray(3) + bin8 id + bin8 ip + uint port, exactly as msgpack packs them
+def _entry_size(ip: bytes, port: int, with_state: bool) -> int:
+    # fixarray(3|4) + bin8 id + bin8 ip + uint port [+ fixint state], exactly as msgpack packs them
     port_size = 1 if port < 128 else 2 if port < 256 else 3
-    return 1 + 2 + ID_BYTES + 2 + len(ip) + port_size
+    return 1 + 2 + ID_BYTES + 2 + len(ip) + port_size + (1 if with_state else 0)
 
 
 # -- encoding ------------------------------------------------------------------------------------
 
 
-def _entries(items: tuple[Contact, ...] | tuple[ProviderInfo, ...], budget: int) -> tuple[
-    list[list[Any]], int
-]:
+def _entries(
+    items: tuple[Contact, ...] | tuple[ProviderInfo, ...], budget: int, with_state: bool = False
+) -> tuple[list[list[Any]], int]:
     out: list[list[Any]] = []
     used = 0
     for item in items:
@@ -187,11 +195,14 @@ def _entries(items: tuple[Contact, ...] | tuple[ProviderInfo, ...], budget: int)
             ip = pack_ip(item.host)
         except OSError:
             continue  # not an IP literal we can put on the wire (e.g. a scoped IPv6 address)
-        size = _entry_size(ip, item.port)
+        size = _entry_size(ip, item.port, with_state)
         extra = 2 if len(out) == 15 else 0  # list header grows from fixarray to array16
         if used + size + extra > budget:
             break
-        out.append([item.node_id, ip, item.port])
+        entry: list[Any] = [item.node_id, ip, item.port]
+        if with_state and isinstance(item, ProviderInfo):
+            entry.append(int(item.state))
+        out.append(entry)
         used += size + extra
     return out, used
 
@@ -210,6 +221,9 @@ def encode(msg: Message) -> bytes:
             body = [Kind.GET_PROVIDERS, msg.txid, msg.sender, msg.key, msg.offset]
         case AddProvider():
             body = [Kind.ADD_PROVIDER, msg.txid, msg.sender, msg.key, msg.port, msg.ttl, msg.token]
+            if msg.state is not RecordState.COMPLETE or msg.ttl == 0:
+                head = [VERSION_STATES]
+                body.append(int(msg.state))
         case Ack():
             base = len(
                 msgpack.packb([VERSION, Kind.ACK, msg.txid, msg.sender, msg.stored, msg.token, []])
@@ -227,7 +241,10 @@ def encode(msg: Message) -> bytes:
                 )
             )
             budget = MAX_PAYLOAD - base - 4
-            providers, used = _entries(msg.providers, budget)
+            with_state = any(p.state is not RecordState.COMPLETE for p in msg.providers)
+            if with_state:
+                head = [VERSION_STATES]
+            providers, used = _entries(msg.providers, budget, with_state)
             more = msg.more or len(providers) < len(msg.providers)
             nodes, _ = _entries(msg.nodes, budget - used)
             body = [Kind.PROVIDERS, msg.txid, msg.sender, msg.token, providers, more, nodes]
@@ -272,6 +289,35 @@ def _triples(raw: object, what: str) -> list[tuple[bytes, str, int]]:
     return out
 
 
+def _state(raw: object) -> RecordState:
+    if type(raw) is not int:
+        raise DecodeError("state must be an integer")
+    try:
+        return RecordState(raw)
+    except ValueError:
+        raise DecodeError(f"unknown record state {raw}") from None
+
+
+def _providers(raw: object, version: int) -> tuple[ProviderInfo, ...]:
+    if version == VERSION:
+        return tuple(ProviderInfo(*t) for t in _triples(raw, "providers"))
+    if type(raw) is not list:
+        raise DecodeError("providers must be a list")
+    out = []
+    for entry in raw:
+        if type(entry) is not list or len(entry) != 4:
+            raise DecodeError("providers entries must be [id, ip, port, state]")
+        out.append(
+            ProviderInfo(
+                _id(entry[0], "id"),
+                unpack_ip(entry[1]),
+                _uint(entry[2], "port", 1, 65535),
+                _state(entry[3]),
+            )
+        )
+    return tuple(out)
+
+
 _ARITY = {
     Kind.PING: 4,
     Kind.PONG: 5,
@@ -304,16 +350,18 @@ def decode(payload: bytes) -> Message:
         raise DecodeError(f"not msgpack: {type(exc).__name__}") from None
     if type(obj) is not list or len(obj) < 4:
         raise DecodeError("message must be an array of at least 4 items")
-    if type(obj[0]) is not int or obj[0] != VERSION:
+    if type(obj[0]) is not int or obj[0] not in (VERSION, VERSION_STATES):
         raise DecodeError(f"unsupported version: {obj[0]!r}")
+    version: int = obj[0]
     if type(obj[1]) is not int:
         raise DecodeError("message kind must be an integer")
     try:
         kind = Kind(obj[1])
     except ValueError:
         raise DecodeError("unknown message kind") from None
-    if len(obj) != _ARITY[kind]:
-        raise DecodeError(f"{kind.name} must have {_ARITY[kind]} items")
+    arity = _ARITY[kind] + (1 if version == VERSION_STATES and kind is Kind.ADD_PROVIDER else 0)
+    if len(obj) != arity:
+        raise DecodeError(f"{kind.name} must have {arity} items in version {version}")
     txid = _uint(obj[2], "txid", 0, MAX_TXID)
     sender = _id(obj[3], "sender")
     match kind:
@@ -329,17 +377,22 @@ def decode(payload: bytes) -> Message:
         case Kind.GET_PROVIDERS:
             return GetProviders(txid, sender, _id(obj[4], "key"), _uint(obj[5], "offset", 0, 2**20))
         case Kind.PROVIDERS:
-            providers = tuple(ProviderInfo(*t) for t in _triples(obj[5], "providers"))
+            providers = _providers(obj[5], version)
             nodes = tuple(Contact(*t) for t in _triples(obj[7], "nodes"))
             return Providers(txid, sender, _token(obj[4]), providers, _bool(obj[6], "more"), nodes)
         case Kind.ADD_PROVIDER:
+            if version == VERSION:
+                ttl, state = _uint(obj[6], "ttl", 1, MAX_TTL), RecordState.COMPLETE
+            else:
+                ttl, state = _uint(obj[6], "ttl", 0, MAX_TTL), _state(obj[8])
             return AddProvider(
                 txid,
                 sender,
                 _id(obj[4], "key"),
                 _uint(obj[5], "port", 1, 65535),
-                _uint(obj[6], "ttl", 1, MAX_TTL),
+                ttl,
                 _token(obj[7]),
+                state,
             )
         case Kind.ACK:
             nodes = tuple(Contact(*t) for t in _triples(obj[6], "nodes"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dht.ids import ID_BYTES
+from dht.ids import ID_BYTES, RecordState
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +19,12 @@ class ProtocolConfig:
     alpha: int = 3
     ttl: float = 600.0  # how long others keep our records
     refresh: float = 540.0  # how often we re-announce our keys
+    # in-flight and claim records describe a transfer of seconds to minutes: they lapse soon after
+    # their node stops refreshing them (it died), and are dropped at once when withdrawn
+    inflight_ttl: float = 60.0
+    inflight_refresh: float = 20.0
+    claim_ttl: float = 15.0
+    claim_refresh: float = 5.0
     psk: bytes | None = None  # cluster pre-shared key: HMAC on every datagram
     rpc_stall: float = 0.01  # a lookup stops waiting for a request after this and asks someone else
     rpc_timeout: float = 0.5  # after this a request has failed
@@ -38,12 +44,33 @@ class ProtocolConfig:
             raise ValueError("registry_port must be in 1..65535")
         if not (0 < self.refresh and 0 < self.ttl):
             raise ValueError("refresh and ttl must be positive")
-        if self.refresh >= self.ttl:
-            raise ValueError("refresh must be shorter than ttl, or records lapse between announces")
+        for refresh, ttl in (
+            (self.refresh, self.ttl),
+            (self.inflight_refresh, self.inflight_ttl),
+            (self.claim_refresh, self.claim_ttl),
+        ):
+            if not 0 < refresh < ttl:
+                raise ValueError(
+                    "each refresh must be positive and shorter than its ttl, or records lapse"
+                )
         if self.announce_rate <= 0 or self.announce_burst < 1:
             raise ValueError("announce_rate must be positive and announce_burst at least 1")
         if self.k < 1 or self.alpha < 1 or self.announce_concurrency < 1:
             raise ValueError("k, alpha and announce_concurrency must be at least 1")
+
+    def ttl_for(self, state: RecordState) -> float:
+        if state is RecordState.INFLIGHT:
+            return self.inflight_ttl
+        if state is RecordState.CLAIM:
+            return self.claim_ttl
+        return self.ttl
+
+    def refresh_for(self, state: RecordState) -> float:
+        if state is RecordState.INFLIGHT:
+            return self.inflight_refresh
+        if state is RecordState.CLAIM:
+            return self.claim_refresh
+        return self.refresh
 
 
 @dataclass(frozen=True, slots=True)

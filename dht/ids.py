@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from enum import IntEnum
 
 ID_BYTES = 32
 ID_BITS = ID_BYTES * 8
@@ -59,10 +60,24 @@ class Contact:
         return (self.host, self.port)
 
 
+class RecordState(IntEnum):
+    """What a provider record says about the provider's copy of the key (its wire value).
+
+    COMPLETE: the provider holds the content. INFLIGHT: the provider is receiving it right now and
+    serves the prefix that has arrived (a reader must verify and may have to wait). CLAIM: the
+    provider is about to fetch it from upstream and serves nothing yet.
+    """
+
+    COMPLETE = 0
+    INFLIGHT = 1
+    CLAIM = 2
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderInfo:
-    """A node that holds a key: its id, IP and registry (HTTP) port."""
+    """A node that holds a key: its id, IP and registry (HTTP) port, and its record's state."""
 
     node_id: bytes
     host: str
     port: int
+    state: RecordState = RecordState.COMPLETE

@@ -24,7 +24,7 @@ import trio
 
 from dht.config import ProtocolConfig, Statistics
 from dht.effects import BootstrapDone, Effect, LookupDone, ProvidersFound, Send
-from dht.ids import ProviderInfo
+from dht.ids import ProviderInfo, RecordState
 from dht.protocol import DhtProtocol
 
 logger = logging.getLogger(__name__)
@@ -265,13 +265,16 @@ class DhtRouter:
     def ready(self) -> bool:
         return self._node.config.standalone or len(self._node.protocol.table) > 0
 
-    async def advertise(self, keys: Iterable[str]) -> None:
+    async def advertise(
+        self, keys: Iterable[str], state: RecordState = RecordState.COMPLETE
+    ) -> None:
         node = self._node
-        node._apply(node.protocol.advertise(list(keys), trio.current_time()))
+        node._apply(node.protocol.advertise(list(keys), trio.current_time(), state))
         await trio.lowlevel.checkpoint()
 
     async def withdraw(self, keys: Iterable[str]) -> None:
-        self._node.protocol.withdraw(list(keys))
+        node = self._node
+        node._apply(node.protocol.withdraw(list(keys), trio.current_time()))
         await trio.lowlevel.checkpoint()
 
     @asynccontextmanager

@@ -32,7 +32,7 @@ from dht.codec import (
 from dht.config import ProtocolConfig as ProtocolConfig
 from dht.config import Statistics as Statistics
 from dht.effects import BootstrapDone, Effect, LookupDone, ProvidersFound, Send
-from dht.ids import ID_BITS, Contact, ProviderInfo, key_id, random_id_in_bucket
+from dht.ids import ID_BITS, Contact, ProviderInfo, RecordState, key_id, random_id_in_bucket
 from dht.lookup import Lookup
 from dht.providers import ProviderStore
 from dht.ratelimit import SourceLimiter
@@ -70,7 +70,7 @@ class _LookupJob:
     purpose: int
     ref: int = 0  # bootstrap job id for joins
     key: bytes = b""
-    seen: set[bytes] = field(default_factory=set)
+    seen: dict[bytes, RecordState] = field(default_factory=dict)  # resolve: providers reported
     stored: set[bytes] = field(default_factory=set)  # announce: who already took our record
 
 
@@ -90,7 +90,13 @@ class DhtProtocol:
         self.store = ProviderStore()
         self.tokens = TokenIssuer(self.rng.randbytes)
         self.limiter = SourceLimiter(config.rate, config.burst)
-        self.schedule = AnnounceSchedule(config.refresh, self.rng)
+        self.schedule = AnnounceSchedule(
+            config.refresh,
+            self.rng,
+            refresh_by_state={s: config.refresh_for(s) for s in RecordState},
+        )
+        # where our in-flight/claim records went, so withdrawing one reaches them at once
+        self._holders: dict[bytes, dict[bytes, Contact]] = {}
         self._pending: dict[int, _Pending] = {}
         self._txids = itertools.count(self.rng.getrandbits(31))
         self._timers: list[tuple[float, int, int, int]] = []  # (when, seq, kind, ref)
@@ -140,7 +146,7 @@ class DhtProtocol:
         job = self._new_lookup(kid, L_RESOLVE, now)
         local = [p for p in self.store.get(kid, now, self.rng) if p.node_id != self.node_id]
         if local:
-            job.seen.update(p.node_id for p in local)
+            job.seen.update((p.node_id, p.state) for p in local)
             job.lookup.found_locally(len(local))
             out.append(ProvidersFound(job.ref, tuple(local)))
         self._pump(job, now, out)
@@ -151,22 +157,35 @@ class DhtProtocol:
         if job is not None and job.purpose == L_ANNOUNCE:
             self._announcing -= 1
 
-    def advertise(self, keys: Iterable[str], now: float) -> list[Effect]:
+    def advertise(
+        self, keys: Iterable[str], now: float, state: RecordState = RecordState.COMPLETE
+    ) -> list[Effect]:
+        """Advertise `keys` with `state`; a key advertised with another state switches at once."""
         out: list[Effect] = []
         self._ensure_maintenance(now)
-        me = ProviderInfo(self.node_id, UNSPECIFIED[0], self.config.registry_port)
+        me = ProviderInfo(self.node_id, UNSPECIFIED[0], self.config.registry_port, state)
         for key in keys:
             kid = key_id(key)
-            if self.schedule.add(kid, key):
+            if self.schedule.add(kid, key, state):
                 self.store.add(kid, me, float("inf"))
         self._start_announces(now, out)
         return out
 
-    def withdraw(self, keys: Iterable[str]) -> None:
+    def withdraw(self, keys: Iterable[str], now: float) -> list[Effect]:
+        """Stop advertising `keys`; nodes known to hold an in-flight or claim record of ours for
+        one of them are told to drop it (complete records lapse with their ttl, as in Spegel)."""
+        out: list[Effect] = []
         for key in keys:
             kid = key_id(key)
             if self.schedule.remove(kid):
                 self.store.remove(kid, self.node_id)
+            for contact in self._holders.pop(kid, {}).values():
+                token = self._fresh_token(contact, now)
+                if token:
+                    port = self.config.registry_port
+                    drop = AddProvider(self._txid(), self.node_id, kid, port, 0, token)
+                    self._request(drop, contact.addr, contact.node_id, P_ADD, 0, now, out)
+        return out
 
     def bootstrap(self, addrs: Iterable[tuple[str, int]], now: float) -> tuple[int, list[Effect]]:
         """Ping `addrs`, then look up our own id. Ends with a BootstrapDone effect."""
@@ -297,12 +316,15 @@ class DhtProtocol:
                 self._send(reply, addr, out)
             case AddProvider():
                 stored = False
-                if self.tokens.check(addr[0], msg.token, now):
-                    ttl = min(float(msg.ttl), float(codec.MAX_TTL))
-                    record = ProviderInfo(msg.sender, addr[0], msg.port)
-                    stored = self.store.add(msg.key, record, now + ttl)
-                else:
+                if not self.tokens.check(addr[0], msg.token, now):
                     self._c["tokens_refused"] += 1
+                elif msg.ttl == 0:  # the sender withdraws its record
+                    self.store.remove(msg.key, msg.sender)
+                    stored = True
+                else:
+                    ttl = min(float(msg.ttl), float(codec.MAX_TTL))
+                    record = ProviderInfo(msg.sender, addr[0], msg.port, msg.state)
+                    stored = self.store.add(msg.key, record, now + ttl)
                 token = self.tokens.issue(addr[0], now)
                 nodes = tuple(self.table.closest(msg.key, k, exclude=msg.sender))
                 self._send(Ack(msg.txid, me, stored, token, nodes), addr, out)
@@ -343,9 +365,12 @@ class DhtProtocol:
                     if p.host in UNSPECIFIED:
                         if p.node_id != msg.sender:
                             continue
-                        p = ProviderInfo(p.node_id, addr[0], p.port)
-                    if p.node_id != self.node_id and p.node_id not in job.seen:
-                        job.seen.add(p.node_id)
+                        p = ProviderInfo(p.node_id, addr[0], p.port, p.state)
+                    # report a provider once, and again only if a better state turns up for it
+                    # (COMPLETE < INFLIGHT < CLAIM): another node holds a newer record
+                    before = job.seen.get(p.node_id)
+                    if p.node_id != self.node_id and (before is None or p.state < before):
+                        job.seen[p.node_id] = p.state
                         found.append(p)
                 job.lookup.replied(msg.sender, msg.nodes, token, len(found))
                 if found and job.purpose == L_RESOLVE:
@@ -388,8 +413,8 @@ class DhtProtocol:
             if job.purpose == L_RESOLVE:
                 msg = GetProviders(txid, self.node_id, lookup.target, 0)
             elif job.purpose == L_ANNOUNCE and (token := self._fresh_token(cand.contact, now)):
-                port, ttl = self.config.registry_port, int(self.config.ttl)
-                msg = AddProvider(txid, self.node_id, lookup.target, port, ttl, token)
+                msg = self._add_provider(txid, lookup.target, token)
+                self._note_holder(lookup.target, cand.contact)
             else:
                 msg = FindNode(txid, self.node_id, lookup.target)
             self._request(msg, cand.contact.addr, cand.contact.node_id, P_LOOKUP, job.ref, now, out)
@@ -411,19 +436,32 @@ class DhtProtocol:
             kid = job.key
             responders = job.lookup.responders()
             if kid in self.schedule:
-                ttl = int(self.config.ttl)
                 for cand in responders:
                     if cand.contact.node_id in job.stored:
                         continue  # already stored while looking up
-                    msg = AddProvider(
-                        self._txid(), self.node_id, kid, self.config.registry_port, ttl, cand.token
-                    )
+                    msg = self._add_provider(self._txid(), kid, cand.token)
+                    self._note_holder(kid, cand.contact)
                     self._request(msg, cand.contact.addr, cand.contact.node_id, P_ADD, 0, now, out)
                 # nobody to tell yet (alone, or cut off): try again soon rather than in `refresh`
                 delay = None if responders else min(self.config.refresh, 30.0)
                 self.schedule.reschedule(kid, now, delay)
                 self._arm_due()
             self._start_announces(now, out)
+
+    def _add_provider(self, txid: int, kid: bytes, token: bytes) -> AddProvider:
+        """Our record of `kid`, in the state it is advertised with now."""
+        state = self.schedule.state(kid)
+        ttl = int(self.config.ttl_for(state))
+        return AddProvider(txid, self.node_id, kid, self.config.registry_port, ttl, token, state)
+
+    def _note_holder(self, kid: bytes, contact: Contact) -> None:
+        """Remember who got an in-flight/claim record of ours (bounded by k per such key)."""
+        if self.schedule.state(kid) is RecordState.COMPLETE:
+            self._holders.pop(kid, None)  # complete records lapse with their ttl
+            return
+        holders = self._holders.setdefault(kid, {})
+        if contact.node_id in holders or len(holders) < 2 * self.config.k:
+            holders[contact.node_id] = contact
 
     def _fresh_token(self, contact: Contact, now: float) -> bytes:
         entry = self._their_tokens.get(contact.addr)

@@ -21,7 +21,7 @@ from typing import cast
 import trio
 
 from dht.effects import BootstrapDone, Effect, LookupDone, ProvidersFound, Send
-from dht.ids import ProviderInfo, random_node_id
+from dht.ids import ProviderInfo, RecordState, random_node_id
 from dht.lookup import LookupStats
 from dht.protocol import DhtProtocol, ProtocolConfig
 
@@ -112,8 +112,13 @@ class SimNetwork:
         self.apply(node, effects)
         return job_id
 
-    def advertise(self, node: SimNode, keys: Iterable[str]) -> None:
-        self.apply(node, node.protocol.advertise(keys, self.now))
+    def advertise(
+        self, node: SimNode, keys: Iterable[str], state: RecordState = RecordState.COMPLETE
+    ) -> None:
+        self.apply(node, node.protocol.advertise(keys, self.now, state))
+
+    def withdraw(self, node: SimNode, keys: Iterable[str]) -> None:
+        self.apply(node, node.protocol.withdraw(keys, self.now))
 
     def resolve(self, node: SimNode, key: str) -> ResolveResult:
         lookup_id, effects = node.protocol.start_resolve(key, self.now)

@@ -46,7 +46,7 @@ from registry.blob_stream import (
     copy_blob,
 )
 from registry.distribution import ContentKind, ErrorCode
-from registry.interfaces import Peer, Router
+from registry.interfaces import Peer, PeerState, Router
 from registry.mediatypes import OCTET_STREAM
 from registry.mirror import (
     GiveUp,
@@ -270,7 +270,8 @@ class _Run:
             return fetch
 
     def _mark_stale(self, peer: Peer) -> None:
-        self.fw.stale.add(self.ref.identifier, peer_key(peer), trio.current_time())
+        if peer.state is PeerState.COMPLETE:  # an in-flight provider may hold it a moment later
+            self.fw.stale.add(self.ref.identifier, peer_key(peer), trio.current_time())
 
     async def _serve(self, supply: PeerSupply, stack: AsyncExitStack) -> None:
         if self.is_head:

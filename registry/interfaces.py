@@ -12,16 +12,31 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
+
+
+class PeerState(Enum):
+    """What a provider's record says about its copy of a key.
+
+    COMPLETE: it holds the content. INFLIGHT: it is receiving the content right now and serves what
+    has arrived (full size announced, bytes as they land; a reader verifies, and may have to wait or
+    resume elsewhere). CLAIM: it is about to fetch the content from upstream; it serves nothing yet.
+    """
+
+    COMPLETE = "complete"
+    INFLIGHT = "inflight"
+    CLAIM = "claim"
 
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """A node that advertised a key: where its registry answers."""
+    """A node that advertised a key: where its registry answers, and its record's state."""
 
     node_id: bytes  # 32-byte DHT node id
     host: str  # IP address literal (v4 or v6, no brackets)
     port: int  # the peer's registry port
+    state: PeerState = PeerState.COMPLETE
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,21 +62,32 @@ class Router(Protocol):
         """
         ...
 
-    async def advertise(self, keys: Iterable[str]) -> None:
-        """Announce that this node holds `keys` (digests, `registry/repo:tag`); keep doing so."""
+    async def advertise(self, keys: Iterable[str], state: PeerState = PeerState.COMPLETE) -> None:
+        """Announce `keys` (digests, `registry/repo:tag`) with `state`; keep doing so.
+
+        A key already advertised with another state switches to `state` and is re-announced at
+        once (e.g. INFLIGHT -> COMPLETE when a download is committed). In-flight and claim records
+        live shorter than complete ones (refreshed more often), so they lapse soon after a node
+        dies.
+        """
         ...
 
     async def withdraw(self, keys: Iterable[str]) -> None:
-        """Stop announcing `keys` and drop our own records of them."""
+        """Stop announcing `keys` and drop our own records of them.
+
+        Nodes that hold an in-flight or claim record of ours for a key are told to drop it at
+        once; complete records elsewhere lapse with their ttl.
+        """
         ...
 
     def resolve(self, key: str) -> AbstractAsyncContextManager[AsyncIterator[Peer]]:
         """Find providers of `key`, excluding this node.
 
         Usage: ``async with router.resolve(key) as peers: async for peer in peers: ...``.
-        Peers arrive as they are found; the iteration ends as soon as the lookup has converged
-        (at once with no peers when nobody has the key). Leaving the block, or cancelling, stops
-        the lookup.
+        Peers arrive as they are found, each with the state of its record; a peer may come again
+        later with a better state (COMPLETE over INFLIGHT over CLAIM). The iteration ends as soon
+        as the lookup has converged (at once with no peers when nobody has the key). Leaving the
+        block, or cancelling, stops the lookup.
         """
         ...
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from registry.interfaces import Peer
+from registry.interfaces import Peer, PeerState
 from registry.ranges import ByteRange
 from registry.reference import ReferenceError, parse_digest
 
@@ -59,9 +59,10 @@ class MirrorAttempts:
     tried: set[PeerKey] = field(default_factory=set)
 
     def usable(self, peer: Peer) -> bool:
-        """True when `peer` should be fetched from (not tried before, not quarantined)."""
+        """True when `peer` should be fetched from (not tried before, not quarantined, and not
+        a mere claim: a claimant serves nothing until its download starts)."""
         key = peer_key(peer)
-        return key not in self.tried and key not in self.avoid
+        return peer.state is not PeerState.CLAIM and key not in self.tried and key not in self.avoid
 
     def start_fetch(self, peer: Peer) -> None:
         self.tried.add(peer_key(peer))

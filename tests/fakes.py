@@ -14,12 +14,12 @@ import json
 import os
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import trio
 
-from registry.interfaces import ContentNotFound, Descriptor, Peer
+from registry.interfaces import ContentNotFound, Descriptor, Peer, PeerState
 from registry.mediatypes import SNIFF_LIMIT, detect_media_type
 from registry.reference import parse_digest, validate_tag
 
@@ -93,7 +93,7 @@ class MemoryRouter:
         self.converges = converges
         self.resolved: list[str] = []
         self._ready = ready
-        self._advertised: set[str] = set()
+        self._advertised: dict[str, PeerState] = {}
 
     def ready(self) -> bool:
         return self._ready
@@ -105,16 +105,20 @@ class MemoryRouter:
     def advertised(self) -> frozenset[str]:
         return frozenset(self._advertised)
 
-    async def advertise(self, keys: Iterable[str]) -> None:
+    def state(self, key: str) -> PeerState | None:
+        """The state `key` is advertised with by this router; None when not advertised."""
+        return self._advertised.get(key)
+
+    async def advertise(self, keys: Iterable[str], state: PeerState = PeerState.COMPLETE) -> None:
         for key in keys:
-            self._advertised.add(key)
+            self._advertised[key] = state
             if self.self_peer is not None:
-                self.network.add(key, self.self_peer)
+                self.network.add(key, replace(self.self_peer, state=state))
         await trio.lowlevel.checkpoint()
 
     async def withdraw(self, keys: Iterable[str]) -> None:
         for key in keys:
-            self._advertised.discard(key)
+            self._advertised.pop(key, None)
             if self.self_peer is not None:
                 self.network.remove(key, self.self_peer)
         await trio.lowlevel.checkpoint()

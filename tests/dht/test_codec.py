@@ -20,7 +20,7 @@ from dht.codec import (
     Pong,
     Providers,
 )
-from dht.ids import Contact, ProviderInfo
+from dht.ids import Contact, ProviderInfo, RecordState
 from dht.protocol import DhtProtocol, ProtocolConfig
 
 ids = st.binary(min_size=32, max_size=32)
@@ -29,7 +29,8 @@ tokens = st.binary(max_size=codec.TOKEN_MAX)
 ports = st.integers(min_value=1, max_value=65535)
 hosts = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str)
 contacts = st.builds(Contact, ids, hosts, ports)
-providers = st.builds(ProviderInfo, ids, hosts, ports)
+states = st.sampled_from(list(RecordState))
+providers = st.builds(ProviderInfo, ids, hosts, ports, states)
 
 messages = st.one_of(
     st.builds(Ping, txids, ids),
@@ -47,6 +48,9 @@ messages = st.one_of(
         st.lists(contacts, max_size=5).map(tuple),
     ),
     st.builds(AddProvider, txids, ids, ids, ports, st.integers(1, codec.MAX_TTL), tokens),
+    st.builds(
+        AddProvider, txids, ids, ids, ports, st.integers(0, codec.MAX_TTL), tokens, states
+    ),
     st.builds(Ack, txids, ids, st.booleans(), tokens, st.lists(contacts, max_size=5).map(tuple)),
 )
 
@@ -91,7 +95,15 @@ def test_twenty_ipv4_contacts_fit_in_one_reply() -> None:
 @pytest.mark.parametrize(
     "obj",
     [
-        [2, 1, 1, bytes(32)],  # unknown version
+        [3, 1, 1, bytes(32)],  # unknown version
+        [1, 7, 1, bytes(32), bytes(32), 5000, 0, b"t"],  # ttl 0 (a withdraw) needs version 2
+        [1, 7, 1, bytes(32), bytes(32), 5000, 60, b"t", 1],  # a state needs version 2
+        [2, 7, 1, bytes(32), bytes(32), 5000, 60, b"t"],  # version 2 ADD_PROVIDER has a state
+        [2, 7, 1, bytes(32), bytes(32), 5000, 60, b"t", 3],  # unknown state
+        [2, 7, 1, bytes(32), bytes(32), 5000, 60, b"t", True],  # bool is not a state
+        [2, 6, 1, bytes(32), b"", [[bytes(32), b"\x7f\x00\x00\x01", 5000]], False, []],  # no state
+        [1, 6, 1, bytes(32), b"", [[bytes(32), b"\x7f\x00\x00\x01", 5000, 1]], False, []],
+        [2, 6, 1, bytes(32), b"", [[bytes(32), b"\x7f\x00\x00\x01", 5000, -1]], False, []],
         [1, 99, 1, bytes(32)],  # unknown kind
         [1, 1, -1, bytes(32)],  # negative txid
         [1, 1, 1, bytes(31)],  # short id
@@ -195,3 +207,37 @@ def test_the_core_survives_any_sequence_of_valid_messages(
     assert stats.bad_datagrams == 0  # all were well-formed
     assert stats.table_size <= len(inputs)
     assert stats.records_held <= len(inputs) + 1
+
+
+def test_messages_without_states_stay_version_1() -> None:
+    """Nodes that only speak version 1 keep understanding complete records."""
+    plain = Providers(1, bytes(32), b"t", (ProviderInfo(bytes(32), "10.0.0.1", 5000),), False, ())
+    assert msgpack.unpackb(codec.encode(plain))[0] == codec.VERSION
+    add = AddProvider(1, bytes(32), bytes(32), 5000, 600, b"t")
+    assert msgpack.unpackb(codec.encode(add))[0] == codec.VERSION
+
+
+def test_states_travel_in_version_2() -> None:
+    inflight = ProviderInfo(bytes([1]) * 32, "10.0.0.1", 5000, RecordState.INFLIGHT)
+    complete = ProviderInfo(bytes([2]) * 32, "10.0.0.2", 5000)
+    data = codec.encode(Providers(1, bytes(32), b"t", (inflight, complete), False, ()))
+    assert msgpack.unpackb(data)[0] == codec.VERSION_STATES
+    decoded = codec.decode(data)
+    assert isinstance(decoded, Providers)
+    assert [p.state for p in decoded.providers] == [RecordState.INFLIGHT, RecordState.COMPLETE]
+    claim = AddProvider(2, bytes(32), bytes(32), 5000, 15, b"t", RecordState.CLAIM)
+    assert codec.decode(codec.encode(claim)) == claim
+    drop = AddProvider(3, bytes(32), bytes(32), 5000, 0, b"t")
+    assert msgpack.unpackb(codec.encode(drop))[0] == codec.VERSION_STATES
+    assert codec.decode(codec.encode(drop)) == drop
+
+
+def test_twenty_stateful_providers_still_fit_with_the_size_budget() -> None:
+    ps = tuple(
+        ProviderInfo(bytes([i]) * 32, f"10.0.0.{i}", 5000, RecordState.INFLIGHT) for i in range(40)
+    )
+    data = codec.encode(Providers(1, bytes(32), b"t" * 8, ps, False, ()))
+    assert len(data) <= codec.MAX_PAYLOAD
+    decoded = codec.decode(data)
+    assert isinstance(decoded, Providers) and decoded.more
+    assert decoded.providers == ps[: len(decoded.providers)] and len(decoded.providers) >= 20

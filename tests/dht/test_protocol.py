@@ -70,7 +70,7 @@ def test_records_are_refreshed_and_expire_after_withdraw() -> None:
     net.advertise(provider, [KEY])
     net.run_for(2000.0)  # several refresh periods (540 s) and more than a ttl (600 s)
     assert len(holders(net, KEY)) >= 20
-    provider.protocol.withdraw([KEY])
+    provider.protocol.withdraw([KEY], 0.0)
     assert provider.protocol.store.get(key_id(KEY), net.now) == []
     net.run_for(700.0)
     assert holders(net, KEY) == []
