@@ -6,7 +6,7 @@ import trio
 
 from agent.peer_router import RegistryRouter
 from dht.node import Node, NodeConfig
-from registry.interfaces import Peer, Router
+from registry.interfaces import Peer, PeerState, Router
 
 KEY = "sha256:" + "ef" * 32
 
@@ -45,4 +45,36 @@ async def test_registry_router_yields_peers_for_dht_providers() -> None:
         await provider.withdraw([KEY])
         async with provider.resolve(KEY) as peers:
             assert [p async for p in peers] == []  # never yourself
+        nursery.cancel_scope.cancel()
+
+
+async def test_record_states_travel_over_real_udp_and_withdraw_reaches_the_seeker() -> None:
+    a, b = node(3), node(4)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        assert a.bound is not None
+        await b.bootstrap([a.bound])
+        provider: Router = RegistryRouter(a.router)
+        seeker: Router = RegistryRouter(b.router)
+
+        async def states() -> list[PeerState]:
+            async with seeker.resolve(KEY) as peers:
+                return [p.state async for p in peers]
+
+        async def until(expected: list[PeerState]) -> None:
+            with trio.fail_after(5):
+                while True:
+                    if await states() == expected:
+                        return
+                    await trio.sleep(0.01)
+
+        await provider.advertise([KEY], PeerState.INFLIGHT)
+        await until([PeerState.INFLIGHT])
+        await provider.advertise([KEY], PeerState.COMPLETE)  # committed
+        await until([PeerState.COMPLETE])
+        await provider.advertise([KEY], PeerState.CLAIM)
+        await until([PeerState.CLAIM])
+        await provider.withdraw([KEY])  # a claim record is dropped by its holder at once
+        await until([])
         nursery.cancel_scope.cancel()
