@@ -18,6 +18,8 @@ from typing import Any
 
 import trio
 
+from agent.live_stats import LiveStats, Transfer
+
 logger = logging.getLogger(__name__)
 
 
@@ -90,6 +92,7 @@ class MirrorResult:
     peer: str = ""
     duration_ms: float | None = None
     detail: str = ""
+    bytes: int = 0  # body bytes received from the peer
 
 
 @dataclass(slots=True)
@@ -108,6 +111,8 @@ class DebugState:
     last_success: float | None = None
     _subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = field(default_factory=set)
     dropped: int = 0
+    live: LiveStats = field(default_factory=LiveStats)
+    clock: Callable[[], float] = time.time
 
     def record_mirror(self, result: MirrorResult) -> None:
         self.results.appendleft(result)
@@ -115,7 +120,15 @@ class DebugState:
             self.results.pop()
         if result.outcome == "hit":
             self.last_success = result.at
+        self.live.mirrored(result.at, result.outcome, result.peer, result.bytes)
         self.publish({"type": "mirror", "result": asdict(result)})
+
+    def record_transfer(self, transfer: Transfer) -> None:
+        """A transfer started, moved on or ended (same `id`): shown live, then dropped."""
+        self.publish({"type": "transfer", "transfer": self.live.transfer(transfer).as_dict()})
+
+    def record_served(self, nbytes: int, client: str = "") -> None:
+        self.live.served(self.clock(), nbytes, client)
 
     def publish(self, event: dict[str, Any]) -> None:
         """Fan out to live viewers; a full viewer channel drops the event (never blocks)."""
@@ -153,16 +166,21 @@ class DebugState:
             (image if isinstance(image, dict) else {"name": str(image)} for image in self.images()),
             key=lambda image: str(image.get("name", "")),
         )
+        now = self.clock()
         return {
             "type": "snapshot",
             "node_id": self.node_id,
             "ready": self.ready(),
             "readiness": self.ready_detail(),
-            "now": time.time(),
+            "summary": self.live.summary(now),
+            "peer_traffic": self.live.peer_traffic(),
+            "transfers": self.live.transfers(),
+            "throughput": self.live.throughput(now),
+            "now": now,
             "last_success": self.last_success,
             "last_success_ago_s": None
             if self.last_success is None
-            else round(time.time() - self.last_success, 1),
+            else round(now - self.last_success, 1),
             "peers": peers,
             "images": images,
             "results": [asdict(r) for r in self.results],
@@ -225,6 +243,7 @@ class MirrorLogTap(logging.Handler):
                 or record.getMessage()
             )
             duration = fields.get("duration_ms", fields.get("elapsed_ms"))
+            nbytes = fields.get("bytes")
             self.state.record_mirror(
                 MirrorResult(
                     at=record.created,
@@ -233,6 +252,7 @@ class MirrorLogTap(logging.Handler):
                     peer=str(fields.get("peer") or ""),
                     duration_ms=float(duration) if duration is not None else None,
                     detail=record.getMessage(),
+                    bytes=int(nbytes) if isinstance(nbytes, int) else 0,
                 )
             )
         except Exception:  # a debug view must never break logging
@@ -260,11 +280,28 @@ async def watch_mirror_metrics(
 ) -> None:
     """Keep the page's "last success" in step with `spegel_mirror_last_success_timestamp_seconds`.
 
-    Per-request mirror results reach the page through `MirrorLogTap`; this only follows the gauge.
+    Per-request mirror results reach the page through `MirrorLogTap`; this only follows the gauge,
+    and the bytes the registry has served (`http_response_size_bytes`) for the throughput views.
     """
     task_status.started()
+    served = bytes_served()
     while True:
         success = last_mirror_success()
         if success is not None and (state.last_success or 0.0) < success:
             state.last_success = success
+        now_served = bytes_served()
+        state.record_served(int(now_served - served))
+        served = now_served
         await trio.sleep(interval)
+
+
+def bytes_served() -> float:
+    """Body bytes of every registry response so far (the `_sum` of Spegel's size histogram)."""
+    from registry.metrics import HTTP_RESPONSE_SIZE
+
+    total = 0.0
+    for metric in HTTP_RESPONSE_SIZE.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_sum"):
+                total += sample.value
+    return total
