@@ -206,6 +206,9 @@ _FLAGS: dict[str, tuple[Flag, ...]] = {
         Flag("--period", "2s", parse_duration,
              "time between rounds", metavar="DURATION"),
     ),
+    "watch": (
+        _LOG_LEVEL,
+    ),
     "doctor": (
         _LOG_LEVEL,
         _SOCK,
@@ -241,6 +244,7 @@ _DESCRIPTIONS = {
     "cleanup-wait": "wait until every cleanup pod answers /readyz (uninstall hook)",
     "keys": "print the keys this node would advertise (one per line)",
     "doctor": "check this node's containerd and agent for what silently disables the mirror",
+    "watch": "live view of one agent (peers, images, mirror requests, transfers, rates)",
 }
 
 
@@ -372,6 +376,18 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
             _add_flag(cmd, flag)
     sub.choices["doctor"].add_argument(
         "--json", action="store_true", help="print the checks as JSON (for machines)"
+    )
+    sub.choices["watch"].add_argument(
+        "address",
+        nargs="?",
+        default="127.0.0.1:9090",
+        metavar="ADDR",
+        help="the agent's metrics address, host:port (default 127.0.0.1:9090)",
+    )
+    sub.choices["watch"].add_argument(
+        "--plain",
+        action="store_true",
+        help="print plain lines even on a terminal (the default when stdout is not a terminal)",
     )
     version = sub.add_parser("version", help="print the version and exit")
     version.add_argument("--format", choices=["text", "json"], default="text")
@@ -517,6 +533,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             if args.threshold < 1:
                 raise ConfigError("--threshold must be at least 1")
             return cleanup_wait_main(args.probe_endpoint, args.threshold, args.period)
+        if args.command == "watch":
+            from agent.watch import watch_main
+
+            return watch_main(args.address, plain=True if args.plain else None)
         if args.command == "doctor":
             from agent.doctor import doctor_main
 
