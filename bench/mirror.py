@@ -10,6 +10,12 @@ the *agent* holds nothing and its router knows the peer for the bench digests.  
 empty at once.  Latencies are measured by a keep-alive h11 client in this process.
 
     python -m bench.mirror --json
+
+Ratios are what to compare across machines (2 shared cores here): the proxied rate over the rate
+of single-core sha256 measured in the same run (verification is the floor of the mirror path's
+cost), and the agent's CPU per GiB over sha256's CPU per GiB.  The agent's RSS is read from
+/proc: idle, after the proxied copies, peak (VmHWM), and after a burst of concurrent pulls that
+moves `--burst-gib` through it.
 """
 
 from __future__ import annotations
@@ -123,7 +129,27 @@ def latencies(port: int, target: str, count: int, expect: int) -> dict[str, floa
     return percentiles(trio.run(run))
 
 
-def run(size_mib: int) -> dict[str, Any]:
+def sha256_rate(size: int = 256 << 20) -> dict[str, float]:
+    """Single-core sha256 of `size` in-memory bytes: MB/s (wall) and CPU-s per GiB."""
+    import hashlib
+
+    data = os.urandom(16 << 20)
+    hasher = hashlib.sha256()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(size // len(data)):
+        hasher.update(data)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"mb_s": round(size / wall / 1e6, 1), "cpu_s_per_gib": round(cpu / (size / GIB), 3)}
+
+
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def run(size_mib: int, burst_gib: float = 1.0, burst_streams: int = 16) -> dict[str, Any]:
     size = size_mib << 20
     work = Path(tempfile.mkdtemp(prefix="spegla-bench-mirror-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -132,6 +158,10 @@ def run(size_mib: int) -> dict[str, Any]:
         big, small = work / "big", work / "small"
         big_digest = make_blob(big, size)
         small_digest = make_blob(small, 4096)
+        # blobs up to 64 MiB are verified in full before sending: the burst uses such blobs,
+        # the case that holds the most memory per request
+        per_stream = max(1, int(burst_gib * GIB / burst_streams))
+        burst_digest = make_blob(work / "burst", per_stream)
         peer_port_file, agent_port_file = work / "peer.port", work / "agent.port"
         peer = subprocess.Popen(
             [
@@ -145,6 +175,7 @@ def run(size_mib: int) -> dict[str, Any]:
                 "--files",
                 str(big),
                 str(small),
+                str(work / "burst"),
             ],
             cwd=root,
         )
@@ -164,6 +195,7 @@ def run(size_mib: int) -> dict[str, Any]:
                 "--digests",
                 big_digest,
                 small_digest,
+                burst_digest,
             ],
             cwd=root,
         )
@@ -173,19 +205,51 @@ def run(size_mib: int) -> dict[str, Any]:
         def url(port: int, digest: str) -> str:
             return f"http://127.0.0.1:{port}/v2/bench/blob/blobs/{digest}?ns=docker.io"
 
+        rss_idle = rss_mib(agent.pid)
         download([url(peer_port, big_digest)], size)  # warm-up
         download([url(agent_port, big_digest)], size)
         direct_wall = download([url(peer_port, big_digest)], size)
+        sha_before = sha256_rate()
         before = cpu_seconds(agent.pid)
         mirrored_wall = download([url(agent_port, big_digest)], size)
         agent_cpu = cpu_seconds(agent.pid) - before
+        sha_after = sha256_rate()
+        sha = {
+            "mb_s": round((sha_before["mb_s"] + sha_after["mb_s"]) / 2, 1),
+            "cpu_s_per_gib": round(
+                (sha_before["cpu_s_per_gib"] + sha_after["cpu_s_per_gib"]) / 2, 3
+            ),
+        }
+        proxied_mb_s = size / mirrored_wall / 1e6
+        agent_cpu_per_gib = agent_cpu / (size / GIB)
+        rss_after_copies = rss_mib(agent.pid)
+        # the burst: concurrent pulls (misses in the agent, so all proxied) moving burst_gib
+        burst_wall = download([url(agent_port, burst_digest)] * burst_streams, per_stream)
+        time.sleep(1.0)
         unknown = "sha256:" + "0" * 64
         silent = SILENT + "f" * 63
         return {
             "size_mib": size_mib,
             "proxied": {
-                "mb_s": round(size / mirrored_wall / 1e6, 1),
-                "agent_cpu_s_per_gib": round(agent_cpu / (size / GIB), 3),
+                "mb_s": round(proxied_mb_s, 1),
+                "agent_cpu_s_per_gib": round(agent_cpu_per_gib, 3),
+            },
+            "sha256_single_core": sha,
+            "ratios": {
+                # targets (issue 11): >= 0.7 and <= 1.5
+                "proxied_over_sha256_mb_s": round(proxied_mb_s / sha["mb_s"], 3),
+                "agent_cpu_over_sha256_cpu": round(agent_cpu_per_gib / sha["cpu_s_per_gib"], 3),
+            },
+            "agent_rss_mib": {
+                "idle": rss_idle,
+                "after_proxied_copies": rss_after_copies,
+                "after_burst": rss_mib(agent.pid),
+                "peak": rss_mib(agent.pid, "VmHWM"),
+                "burst": {
+                    "streams": burst_streams,
+                    "mib": round(per_stream * burst_streams / (1 << 20)),
+                    "mb_s": round(per_stream * burst_streams / burst_wall / 1e6, 1),
+                },
             },
             "direct_from_peer_mb_s": round(size / direct_wall / 1e6, 1),
             "hit_4kib_blob": latencies(
@@ -208,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    parser.add_argument("--burst-gib", type=float, default=1.0, help="bytes of the pull burst")
+    parser.add_argument("--burst-streams", type=int, default=16, help="concurrent pulls in it")
     parser.add_argument("--serve", choices=["peer", "agent"], help=argparse.SUPPRESS)
     parser.add_argument("--port-file", help=argparse.SUPPRESS)
     parser.add_argument("--files", nargs="*", default=[], help=argparse.SUPPRESS)
@@ -220,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     if shutil.which("curl") is None:
         raise SystemExit("bench.mirror needs curl")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    result = run(args.size_mib)
+    result = run(args.size_mib, args.burst_gib, args.burst_streams)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
 

@@ -23,6 +23,7 @@ from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioResponse
 
 from registry.access_log import with_request_metrics
+from registry.buffers import Chunk
 from registry.distribution import (
     ApiVersionCheck,
     ContentKind,
@@ -52,9 +53,11 @@ from registry.ranges import RangeError, RangeNotSatisfiable, RangeSpec, parse_ra
 __all__ = [
     "LocalBlob",
     "MirrorAborted",
+    "MirrorPlan",
     "RegistrySettings",
     "create_app",
     "plan_local_blob",
+    "plan_mirror_blob",
 ]
 
 logger = logging.getLogger(__name__)
@@ -266,6 +269,32 @@ class _Registry:
         headers = {name.lower(): value for name, value in headers.items()}
         return LocalBlob(status, headers, start, length, self.store, descriptor)
 
+    async def plan_mirror_blob(
+        self, method: str, path: str, ns: str | None, headers: dict[str, str]
+    ) -> MirrorPlan | None:
+        """The mirror job a GET of a blob that is not held here becomes; None for anything else
+        (the app answers those).  `headers` have lower-case names."""
+        if method != "GET" or headers.get(MIRRORED_HEADER.lower(), "").strip().lower() == "true":
+            return None
+        try:
+            parsed = parse_request_path(path, ns or self.default_registry)
+            range_header = headers.get("range")
+            range_spec = None if range_header is None else parse_range(range_header)
+        except (PathError, RangeError):
+            return None
+        if not isinstance(parsed, ContentRequest) or parsed.kind is not ContentKind.BLOB:
+            return None
+        if self.filters.is_filtered(parsed.reference) or await self._local(parsed) is not None:
+            return None
+        return MirrorPlan(MirrorJob(parsed, method, range_spec), self.forwarder, self.app)
+
+    def open_mirror(
+        self, job: MirrorJob, nursery: trio.Nursery
+    ) -> trio.MemoryReceiveChannel[MirrorItem]:
+        send, receive = trio.open_memory_channel[MirrorItem](self.settings.channel_depth)
+        nursery.start_soon(self.forwarder.run, job, send)
+        return receive
+
     async def _local_chunks(self, digest: str, start: int, length: int) -> AsyncIterator[bytes]:
         async with self.store.open(digest) as reader:
             reader_checked: BlobReader = reader
@@ -274,8 +303,7 @@ class _Registry:
 
     async def _mirror(self, job: MirrorJob) -> Response:
         registry = job.request.reference.registry
-        send, receive = trio.open_memory_channel[MirrorItem](self.settings.channel_depth)
-        self.app.nursery.start_soon(self.forwarder.run, job, send)
+        receive = self.open_mirror(job, self.app.nursery)
         try:
             first = await receive.receive()
         except trio.EndOfChannel:
@@ -309,10 +337,15 @@ class _Registry:
 
 async def _mirror_chunks(
     receive: trio.MemoryReceiveChannel[MirrorItem],
-) -> AsyncIterator[bytes | bytearray]:
+) -> AsyncIterator[bytes | bytearray | memoryview]:
     with receive:
         async for item in receive:
-            if isinstance(item, bytes | bytearray):
+            if isinstance(item, Chunk):
+                # Hypercorn copies the body it is given before this generator resumes
+                with item.view() as view:
+                    yield view
+                item.release()
+            elif isinstance(item, bytes | bytearray):
                 if item:
                     yield item
             elif isinstance(item, MirrorAbort):
@@ -357,6 +390,28 @@ class LocalBlob:
             if reader.path is None or reader.size != self.descriptor.size:
                 raise ContentNotFound(self.descriptor.digest)
             yield reader.path
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorPlan:
+    """A blob GET to be answered from peers (the front door writes it; see registry.mirror_door)."""
+
+    job: MirrorJob
+    forwarder: Forwarder
+    app: QuartTrio
+
+    def open(self, nursery: trio.Nursery) -> trio.MemoryReceiveChannel[MirrorItem]:
+        """Start the forwarder in `nursery`; its items arrive on the returned channel."""
+        registry: _Registry = self.app.extensions["spegla.registry"]
+        return registry.open_mirror(self.job, nursery)
+
+
+async def plan_mirror_blob(
+    app: QuartTrio, *, method: str, path: str, ns: str | None, headers: dict[str, str]
+) -> MirrorPlan | None:
+    """The mirror job for a blob GET `app` does not hold locally, else None."""
+    registry: _Registry = app.extensions["spegla.registry"]
+    return await registry.plan_mirror_blob(method, path, ns, headers)
 
 
 async def plan_local_blob(

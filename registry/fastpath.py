@@ -9,7 +9,9 @@ Design (small on purpose):
   For a bodiless HTTP/1.1 GET/HEAD it asks `plan_local_blob` (in `registry.app`, the same code
   the Quart route uses) whether this is a satisfiable request for a local blob backed by a
   readable file.  If so it writes the head the app would have written and `sendfile`s the bytes.
-- Any other simple request (manifests, misses, the mirror path, errors, /readyz) is passed to
+- A GET of a blob the app would mirror from peers is answered here too (`registry.mirror_door`):
+  the forwarder's pooled chunks go to the socket without the copies the ASGI path makes.
+- Any other simple request (manifests, HEADs, errors, /readyz) is passed to
   Hypercorn's own `TCPServer` for exactly one request: it reads the request bytes, the Quart app
   answers, and `_ResponseWatch` follows the response bytes going out (status line, Content-Length,
   HEAD) to see when it is complete; Hypercorn then reads end-of-stream, its close is ignored and
@@ -45,9 +47,10 @@ from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
 from registry.access_log import access_logger, client_ip, log_access, record_request
-from registry.app import LocalBlob, plan_local_blob
+from registry.app import LocalBlob, MirrorPlan, plan_local_blob, plan_mirror_blob
 from registry.interfaces import ContentNotFound
 from registry.metrics import HTTP_INFLIGHT
+from registry.mirror_door import serve_mirror_blob
 
 __all__ = ["FastPathStats", "serve_front_door"]
 
@@ -59,11 +62,12 @@ SENDFILE_CHUNK = 8 * 1024 * 1024
 
 
 class FastPathStats:
-    """Requests served here (`served`), passed to the app one at a time (`passed_on`), and
-    connections handed to Hypercorn for good (`handed_off`)."""
+    """Requests served here (`served`; `mirrored` of them from peers), passed to the app one at
+    a time (`passed_on`), and connections handed to Hypercorn for good (`handed_off`)."""
 
     def __init__(self) -> None:
         self.served = 0
+        self.mirrored = 0
         self.passed_on = 0
         self.handed_off = 0
 
@@ -284,6 +288,17 @@ class _FrontDoor:
                 keep_alive = head.headers.get("connection", "").lower() != "close"
                 plan = await self._plan(head) if "/blobs/" in head.target else None
                 served = plan is not None and await self._serve(stream, head, plan, keep_alive)
+                if not served and head.method == "GET" and "/blobs/" in head.target:
+                    mirror = await self._plan_mirror(head)
+                    if mirror is not None:
+                        # a blob from peers: written here from pooled buffers (mirror_door)
+                        self.stats.mirrored += 1
+                        path = unquote(urlsplit(head.target).path)
+                        ip = client_ip(head.headers.get("x-forwarded-for"), _peer_ip(stream))
+                        if not await serve_mirror_blob(stream, mirror, keep_alive, ip, path):
+                            await stream.aclose()
+                            return
+                        served = True
                 if not served:
                     # the app answers this one request; then the connection comes back here
                     self.stats.passed_on += 1
@@ -337,6 +352,17 @@ class _FrontDoor:
             range_header=head.headers.get("range"),
         )
 
+    async def _plan_mirror(self, head: _Head) -> MirrorPlan | None:
+        parts = urlsplit(head.target)
+        ns_values = parse_qs(parts.query).get("ns")
+        return await plan_mirror_blob(
+            self.app,
+            method=head.method,
+            path=unquote(parts.path),
+            ns=ns_values[0] if ns_values else None,
+            headers=head.headers,
+        )
+
     async def _serve(
         self, stream: trio.SocketStream, head: _Head, plan: LocalBlob, keep_alive: bool
     ) -> bool:
@@ -376,10 +402,7 @@ def _log_served(
     stream: trio.SocketStream, head: _Head, plan: LocalBlob, sent: int, started: float
 ) -> None:
     """The DEBUG access line of a request served here (as the app writes for its own)."""
-    try:
-        peer = str(stream.socket.getpeername()[0])
-    except OSError:
-        peer = ""
+    peer = _peer_ip(stream)
     log_access(
         handler="blob",
         method=head.method,
@@ -390,6 +413,13 @@ def _log_served(
         registry=plan.headers.get("oci-namespace", ""),
         size=sent,
     )
+
+
+def _peer_ip(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return ""
 
 
 async def _sendfile(stream: trio.SocketStream, fd: int, offset: int, length: int) -> int:

@@ -17,7 +17,8 @@ A peer answering 404 for a key it advertised (deleted since; its provider record
 skipped for that key for `stale_ttl` (60 s) by later requests (`mirror.StaleProviders`).
 
 Verification: a manifest body is read whole and hashed before its first byte is sent.  A blob of
-up to `verify_first_max` (64 MiB) is fetched whole (resuming across peers), hashed, and only then
+up to `verify_first_max` (64 MiB), when the agent's buffer memory (`buffer_memory`) has room for
+it, is fetched whole (resuming across peers), hashed, and only then
 sent: a lying peer costs a fail-over to the next one, or a clean 404, never bad bytes.  (Streaming
 with only the last byte held back is not enough for containerd: it resumes a cut-off body with a
 Range request, from us or from upstream, and stitches the bad prefix to good bytes.)  A bigger blob
@@ -38,13 +39,15 @@ from urllib.parse import quote
 import trio
 
 from registry.blob_stream import (
-    BufferBudget,
+    BufferSource,
     Continuation,
     Mismatch,
     Sink,
     collector,
     copy_blob,
+    release_all,
 )
+from registry.buffers import BufferPool, Chunk
 from registry.distribution import ContentKind, ErrorCode
 from registry.interfaces import Peer, PeerState, Router
 from registry.mediatypes import OCTET_STREAM
@@ -91,10 +94,10 @@ class Forwarder:
         self.client = client if client is not None else PeerClient()
         self.settings = settings if settings is not None else MirrorSettings()
         self.quarantine = quarantine if quarantine is not None else Quarantine()
-        self.budget = BufferBudget(self.settings.verify_first_budget)
+        self.buffers = BufferPool(self.settings.buffer_size, self.settings.buffer_memory)
         self.verification = VerificationPolicy(
             self.quarantine,
-            self.budget,
+            self.buffers,
             verify_first_max=self.settings.verify_first_max,
             max_manifest_size=self.settings.max_manifest_size,
         )
@@ -164,7 +167,7 @@ class _Run:
         if scope.cancelled_caught:
             self.reason = self.reason or "the response stopped reading"
             raise trio.BrokenResourceError("the response stopped reading")
-        if isinstance(item, bytes | bytearray):
+        if isinstance(item, Chunk | bytes | bytearray):
             self.delivered += len(item)
         elif isinstance(item, MirrorHead):
             self.hit = True
@@ -371,23 +374,31 @@ class _Run:
                 await self._unsatisfiable(size)
                 return
             head = self._content_headers(fetch.answer, delivered)
-            if not self.verify.hold_whole(size):
-                # too big to hold: stream, hashing as it goes, and hold back the last byte
+            pool = self.fw.buffers
+            reserved = self.verify.hold_whole(size)
+            if reserved is None:
+                # too big to hold (or no memory left for it): stream, hashing as it goes, and
+                # hold back the last byte
                 await self._send_head(head)
-                outcome = await self._copy(fetch, supply, stack, delivered, self._emit)
+                source = BufferSource(pool)
+                outcome = await self._copy(fetch, supply, stack, delivered, self._emit, source)
                 if outcome is not None:
                     await self._emit(MirrorAbort(outcome.message))
                 return
+            source = BufferSource(pool, reserved)
+            pieces: list[Chunk | bytes] = []
             try:
-                pieces: list[bytes | bytearray] = []
-                outcome = await self._copy(fetch, supply, stack, delivered, collector(pieces))
+                outcome = await self._copy(
+                    fetch, supply, stack, delivered, collector(pieces), source, fill=True
+                )
                 if outcome is None:  # verified in full: only now does a byte go out
                     await self._send_head(head)
-                    for piece in pieces:
-                        await self._emit(piece)
+                    while pieces:
+                        await self._emit(pieces.pop(0))
                     return
             finally:
-                self.verify.release(size)
+                source.close()
+                release_all(pieces)
             if isinstance(outcome, GiveUp):
                 await self.fail(404, outcome.message, outcome.attempts)
                 return
@@ -404,6 +415,9 @@ class _Run:
         stack: AsyncExitStack,
         delivered: ByteRange | None,
         sink: Sink,
+        buffers: BufferSource,
+        *,
+        fill: bool = False,
     ) -> Mismatch | GiveUp | None:
         """`copy_blob` from this fetch, resuming from the next providers; quarantines liars."""
         size, digest = fetch.answer.size, fetch.answer.digest
@@ -427,6 +441,8 @@ class _Run:
             sink,
             resume,
             self.settings.stall_timeout,
+            buffers,
+            fill=fill,
         )
         if isinstance(outcome, Mismatch):
             self.verify.punish(digest, outcome.contributors, self.ref.registry)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from registry.buffers import Chunk
 from registry.distribution import ContentRequest, ErrorCode
 from registry.mediatypes import SNIFF_LIMIT
 from registry.ranges import RangeSpec
@@ -48,7 +49,9 @@ class MirrorSettings:
     # body with Range and would stitch the bad prefix to good bytes from elsewhere).  Larger
     # blobs stream, hashed on the way, with the last byte held back until the digest matched.
     verify_first_max: int = 64 * 1024 * 1024
-    verify_first_budget: int = 256 * 1024 * 1024  # memory for that, over all requests
+    # memory for peer bodies over all requests: verify-first blobs and streaming buffers
+    buffer_memory: int = 256 * 1024 * 1024
+    buffer_size: int = 1024 * 1024  # one socket read fills at most this
     # a peer answering 404 for a key it advertises is skipped for that key this long (its
     # provider records outlive a delete until their ttl; it may also pull the content again)
     stale_ttl: float = 60.0
@@ -90,4 +93,5 @@ class MirrorAbort:
     reason: str
 
 
-MirrorItem = MirrorHead | MirrorFailure | MirrorAbort | bytes | bytearray
+# body bytes: a `Chunk` of a pooled buffer (the consumer releases it once written) or bytes
+MirrorItem = MirrorHead | MirrorFailure | MirrorAbort | Chunk | bytes | bytearray

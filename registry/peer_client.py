@@ -16,10 +16,8 @@ A response leaves its connection in the pool only when its body was read to the 
 
 from __future__ import annotations
 
-import array
-import fcntl
 import logging
-import termios
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -62,7 +60,7 @@ class PeerResponse:
         # A Content-Length body is read straight from the socket into `read_size` buffers
         # (h11 would copy it twice, in pieces as small as the kernel hands out).
         self._remaining: int | None = None
-        self._pending = b""
+        self._pending: bytes | bytearray = b""
         length = self.headers.get("content-length", "")
         if (
             method != "HEAD"
@@ -82,8 +80,88 @@ class PeerResponse:
         """The next piece of the body, or None once the body is complete."""
         if self.complete:
             return None
-        if self._remaining is not None:
-            return await self._receive_direct()
+        if self._remaining is None:
+            return await self._next_data()
+        buffer = bytearray(min(self._read_size, self._remaining) or 1)
+        filled = await self.receive_into(memoryview(buffer))
+        if filled == 0:
+            return None
+        del buffer[filled:]
+        return buffer
+
+    async def receive_into(self, view: memoryview) -> int:
+        """Read body bytes into `view`; 0 once the body is complete.
+
+        Reads straight from the socket (non-blocking `readv` on its descriptor) until `view` is
+        full or no more bytes are waiting; it waits only while nothing has been read yet.  So a
+        fast peer fills big buffers with few system calls and no copies in Python.
+        """
+        if self.complete or not len(view):
+            return 0
+        if self._remaining is None:
+            return await self._chunked_into(view)
+        want = min(len(view), self._remaining)
+        if want == 0:
+            self._finish_direct()
+            return 0
+        if self._pending:
+            n = min(want, len(self._pending))
+            view[:n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            await trio.lowlevel.checkpoint()
+        else:
+            n = await self._read_socket(view, want)
+        self._remaining -= n
+        if self._remaining == 0:
+            self._finish_direct()
+        return n
+
+    async def _read_socket(self, view: memoryview, want: int) -> int:
+        sock = self._conn.stream.socket
+        fd = sock.fileno()
+        filled = 0
+        waited = False
+        while filled < want:
+            try:
+                n = os.readv(fd, [view[filled:want]])
+            except BlockingIOError:
+                if filled:
+                    break  # hand on what we have rather than wait for more
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+                continue
+            except OSError as exc:
+                raise PeerError(f"connection to peer broke: {exc}") from None
+            if n == 0:
+                if filled:
+                    break
+                raise PeerError("peer closed the connection before the body was complete")
+            filled += n
+        if not waited:
+            await trio.lowlevel.checkpoint()
+        return filled
+
+    def _finish_direct(self) -> None:
+        self.complete = True
+        # the h11 state machine never saw this body: the next request starts afresh
+        self._conn.h11 = h11.Connection(h11.CLIENT)
+
+    async def _chunked_into(self, view: memoryview) -> int:
+        if not self._pending:
+            data = await self._next_data()
+            if data is None:
+                return 0
+            self._pending = data
+        n = min(len(view), len(self._pending))
+        view[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    async def _next_data(self) -> bytes | None:
+        """The next h11 Data of a body not framed by Content-Length; None at its end."""
+        if self._pending:
+            data, self._pending = bytes(self._pending), b""
+            return data
         conn = self._conn
         while True:
             event = await _next_event(conn, self._read_size)
@@ -105,39 +183,6 @@ class PeerResponse:
                 self.complete = True
                 return None
             raise PeerError(f"unexpected HTTP event from peer: {type(event).__name__}")
-
-    async def _receive_direct(self) -> bytes | bytearray | None:
-        assert self._remaining is not None
-        if self._remaining == 0:
-            self.complete = True
-            # the h11 state machine never saw this body: the next request starts afresh
-            self._conn.h11 = h11.Connection(h11.CLIENT)
-            return None
-        if self._pending:
-            data, self._pending = self._pending, b""
-            self._remaining -= len(data)
-            return data
-        buffer = bytearray(min(self._read_size, self._remaining))
-        view = memoryview(buffer)
-        filled = 0
-        sock = self._conn.stream.socket
-        while filled < len(buffer):
-            try:
-                n = await sock.recv_into(view[filled:])
-            except OSError as exc:
-                raise PeerError(f"connection to peer broke: {exc}") from None
-            if n == 0:
-                if filled:
-                    break
-                raise PeerError("peer closed the connection before the body was complete")
-            filled += n
-            if filled >= len(buffer) // 4 and not _readable(sock):
-                break  # hand on what we have rather than wait for more
-        self._remaining -= filled
-        del view
-        if filled < len(buffer):
-            del buffer[filled:]
-        return buffer
 
 
 class PeerClient:
@@ -249,17 +294,3 @@ async def _next_event(conn: _Connection, read_size: int) -> h11.Event | None:
         if not data:
             return None
         conn.h11.receive_data(data)
-
-
-def _readable(sock: trio.socket.SocketType) -> bool:
-    """True when more bytes are waiting on `sock`.
-
-    Asks the kernel how many bytes are queued (FIONREAD) rather than polling with
-    `select.select`, which raises ValueError for descriptors >= 1024 (FD_SETSIZE).
-    """
-    pending = array.array("i", [0])
-    try:
-        fcntl.ioctl(sock.fileno(), termios.FIONREAD, pending, True)
-    except OSError:
-        return False
-    return pending[0] > 0

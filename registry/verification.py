@@ -2,17 +2,20 @@
 
 Why its own module: the rules are few but they decide safety.  A manifest is read whole and hashed
 before a byte goes out (and is never bigger than `max_manifest_size`).  A blob of up to
-`verify_first_max` is held whole and hashed first, when the shared `BufferBudget` has room; a
-bigger one streams with its last byte held back (`registry.blob_stream`).  Every peer that
-contributed to content not matching its digest is quarantined for that digest.
+`verify_first_max` is held whole and hashed first, when the agent's buffer pool has room for it
+(`registry.buffers`: the same capped memory streaming reads use); a bigger one streams with its
+last byte held back (`registry.blob_stream`).  Every peer that contributed to content not
+matching its digest is quarantined for that digest.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 from collections.abc import Iterable
 
-from registry.blob_stream import BufferBudget, sha256_digest
+from registry.blob_stream import sha256_digest
+from registry.buffers import BufferPool
 from registry.interfaces import Peer
 from registry.metrics import PEER_QUARANTINED
 from registry.mirror import PeerAnswer, Quarantine, peer_key
@@ -32,13 +35,13 @@ class VerificationPolicy:
     def __init__(
         self,
         quarantine: Quarantine,
-        budget: BufferBudget,
+        buffers: BufferPool,
         *,
         verify_first_max: int,
         max_manifest_size: int,
     ) -> None:
         self.quarantine = quarantine
-        self.budget = budget
+        self.buffers = buffers
         self.verify_first_max = verify_first_max
         self.max_manifest_size = max_manifest_size
 
@@ -52,12 +55,12 @@ class VerificationPolicy:
     def manifest_matches(self, body: bytes, answer: PeerAnswer) -> bool:
         return len(body) == answer.size and sha256_digest(body) == answer.digest
 
-    def hold_whole(self, size: int) -> bool:
-        """True (and `size` reserved: `release` it) when a blob is verified before sending."""
-        return size <= self.verify_first_max and self.budget.take(size)
-
-    def release(self, size: int) -> None:
-        self.budget.release(size)
+    def hold_whole(self, size: int) -> list[mmap.mmap] | None:
+        """Buffers for all of a blob verified before sending (give back unused ones); None when
+        it streams instead (too big, or the pool has no room for it now)."""
+        if size > self.verify_first_max:
+            return None
+        return self.buffers.reserve(-(-size // self.buffers.buffer_size))
 
     def punish(self, digest: str, peers: Iterable[Peer], registry: str) -> None:
         for peer in peers:

@@ -18,6 +18,7 @@ import trio.testing
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from registry.buffers import Chunk
 from registry.distribution import ContentKind, ContentRequest
 from registry.forwarder import Forwarder
 from registry.interfaces import Peer
@@ -66,6 +67,17 @@ class FakeResponse:
         piece, self._pos = self._peer.data[self._pos : stop], stop
         return piece
 
+    async def receive_into(self, view: memoryview) -> int:
+        end, self._end = self._end, min(self._end, self._pos + len(view))
+        try:
+            piece = await self.receive()
+        finally:
+            self._end = end
+        if piece is None:
+            return 0
+        view[: len(piece)] = piece
+        return len(piece)
+
 
 class FakeClient:
     def __init__(self, peers: dict[int, FakePeer], digest: str) -> None:
@@ -109,8 +121,14 @@ async def mirror(
                 if isinstance(item, MirrorAbort):
                     aborted = True
                 else:
-                    assert isinstance(item, bytes | bytearray)
-                    body += item
+                    if isinstance(item, Chunk):
+                        with item.view() as view:
+                            body += view
+                        item.release()
+                    else:
+                        assert isinstance(item, bytes | bytearray)
+                        body += item
+    assert forwarder.buffers.in_use == 0, "every pooled buffer went back"
     return head, bytes(body), aborted
 
 
