@@ -1,4 +1,4 @@
-"""The zero-copy front door: keep-alive, hand-off to Hypercorn, disconnects, shutdown."""
+"""The zero-copy front door: keep-alive, app-answered requests in between, disconnects, shutdown."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import h11
-import pytest
 import trio
 
 from registry.app import create_app
-from registry.fastpath import FastPathStats, _ResponseWatch
+from registry.fastpath import FastPathStats
 from registry.peer_client import PeerClient
 from registry.server import serve_registry
 from tests.fakes import MemoryContentStore, MemoryRouter
@@ -50,7 +49,7 @@ async def setup(start_node: StartNode, tmp_path: Path) -> tuple[Content, int, Fa
     return content, node.port, node.stats
 
 
-async def test_keep_alive_then_hand_off(start_node: StartNode, tmp_path: Path) -> None:
+async def test_keep_alive_mixes_sendfile_and_app(start_node: StartNode, tmp_path: Path) -> None:
     content, port, stats = await setup(start_node, tmp_path)
     blob = f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
     stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -67,7 +66,7 @@ async def test_keep_alive_then_hand_off(start_node: StartNode, tmp_path: Path) -
         f"bytes {len(content.layer_bytes) - 4}-{len(content.layer_bytes) - 1}/"
         f"{len(content.layer_bytes)}",
     )
-    assert (stats.served, stats.handed_off) == (5, 0)
+    assert (stats.served, stats.passed_on) == (5, 0)
     # a manifest (the app answers it, then the connection comes back) and a blob miss (the
     # front door's mirror path answers it with the app's 404)
     status, _, body = await exchange(
@@ -82,7 +81,7 @@ async def test_keep_alive_then_hand_off(start_node: StartNode, tmp_path: Path) -
     assert (status, headers["content-length"]) == (200, str(len(content.manifest_bytes)))
     status, _, body = await exchange(stream, conn, blob)
     assert (status, body) == (200, content.layer_bytes)
-    assert (stats.served, stats.mirrored, stats.passed_on, stats.handed_off) == (6, 1, 2, 0)
+    assert (stats.served, stats.mirrored, stats.passed_on) == (6, 1, 2)
     await stream.aclose()
 
 
@@ -107,36 +106,7 @@ async def test_pipelined_requests(start_node: StartNode, tmp_path: Path) -> None
             conn.start_next_cycle()
             conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
             conn.send(h11.EndOfMessage())
-    assert (stats.served, stats.passed_on, stats.handed_off) == (2, 1, 0)
-    await stream.aclose()
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [
-        b"GET /v2/library/app/blobs/{d}?ns=docker.io HTTP/1.0\r\nHost: x\r\n\r\n",
-        b"GET /v2/library/app/blobs/{d}?ns=docker.io HTTP/1.1\r\n\r\n",
-        b"GET /v2/library/app/blobs/{d}?ns=docker.io HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
-        b"GARBAGE\r\n\r\n",
-        b"GET /v2/library/app/blobs/{d}?ns=docker.io HTTP/1.1\r\nHost: x\r\n"
-        b"Content-Length: 3\r\n\r\nabc",
-    ],
-)
-async def test_odd_requests_go_to_hypercorn(
-    raw: bytes, start_node: StartNode, tmp_path: Path
-) -> None:
-    content, port, stats = await setup(start_node, tmp_path)
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    await stream.send_all(raw.replace(b"{d}", content.layer.encode()))
-    answer = b""
-    with trio.fail_after(5):
-        while b"\r\n\r\n" not in answer:
-            data = await stream.receive_some(1 << 16)
-            if not data:
-                break
-            answer += data
-    assert answer.startswith(b"HTTP/1.1 ")
-    assert (stats.served, stats.handed_off) == (0, 1)
+    assert (stats.served, stats.passed_on) == (2, 1)
     await stream.aclose()
 
 
@@ -246,38 +216,6 @@ async def test_a_failing_store_costs_one_connection_at_most(
     assert status == 200
 
 
-@pytest.mark.parametrize(
-    ("method", "parts", "done", "close"),
-    [
-        ("GET", [b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhel", b"lo"], True, False),
-        ("GET", [b"HTTP/1.1 200 OK\r\ncontent-len", b"gth: 0\r\n\r\n"], True, False),
-        ("HEAD", [b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n"], True, False),
-        ("GET", [b"HTTP/1.1 304 Not Modified\r\ncontent-length: 99\r\n\r\n"], True, False),
-        (
-            "GET",
-            [b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\nx"],
-            True,
-            True,
-        ),
-        ("GET", [b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nxy"], True, True),
-        ("GET", [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"], False, False),
-        ("GET", [b"HTTP/1.1 200 OK\r\n\r\n"], False, False),
-        ("GET", [b"HTTP/1.1 100 Continue\r\n\r\n"], False, False),
-        ("GET", [b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhel"], None, False),
-    ],
-)
-def test_response_watch(method: str, parts: list[bytes], done: bool | None, close: bool) -> None:
-    watch = _ResponseWatch(method)
-    for part in parts:
-        watch.feed(part)
-    if done is None:  # still waiting for body bytes
-        assert not watch.settled.is_set()
-        return
-    assert watch.settled.is_set()
-    assert watch.done is done
-    assert watch.close is close
-
-
 async def test_peer_client_keeps_blob_connections_apart(
     start_node: StartNode, tmp_path: Path
 ) -> None:
@@ -296,4 +234,4 @@ async def test_peer_client_keeps_blob_connections_apart(
     lanes = {lane: len(conns) for (_, _, lane), conns in client._idle.items()}
     assert lanes == {"blobs": 1, "other": 1}  # one kept-alive connection per lane
     await client.aclose()
-    assert (stats.served, stats.passed_on, stats.handed_off) == (2, 2, 0)
+    assert (stats.served, stats.passed_on) == (2, 2)

@@ -85,7 +85,6 @@ async def test_containerd_pulls_through_the_app(
     # every blob went out by sendfile, manifests through the app, on the same connections
     assert stats.served == len(image.blob_digests()), (stats.served, stats.passed_on)
     assert stats.passed_on >= len(image.manifest_digests())
-    assert stats.handed_off == 0
 
 
 async def test_skopeo_copies_through_the_app(

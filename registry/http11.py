@@ -1,0 +1,329 @@
+"""One HTTP/1.1 server connection, read and framed by h11: the registry's only request parser.
+
+Why: the front door used to read request heads with a parser of its own and replay them into
+Hypercorn; two parsers that can disagree on where a request ends is the request-smuggling set-up,
+and the hand-written one answered odd but legal forms (bare LF line ends, HTTP/1.0 from a client
+that half-closes) with silence.  Here h11 reads every request head and body and frames every
+response, whether its body is bytes from the app or a file range sent with `os.sendfile` (h11's
+data pass-through keeps its Content-Length bookkeeping exact).  Malformed requests get a 400
+(h11's 4xx hint where it has one) and a closed connection; never silence, never a 5xx.
+
+Timeouts are cancel scopes: a request head (and its small body) must arrive within `head_timeout`
+of its first byte; between requests the connection may idle for `idle_timeout`, and `close_idle`
+cuts idle waits short at shutdown.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import cast
+
+import h11
+import trio
+
+__all__ = [
+    "MAX_BODY",
+    "MAX_HEAD",
+    "ClientGone",
+    "FileRange",
+    "HttpRequest",
+    "ServerConnection",
+    "http_date",
+    "is_client_gone",
+    "reason_phrase",
+]
+
+MAX_HEAD = 16 * 1024
+MAX_BODY = 64 * 1024  # a pull-only registry reads no request bodies; a bigger one is a 413
+READ_SIZE = 64 * 1024
+SENDFILE_CHUNK = 8 * 1024 * 1024
+LINGER = 1.0  # after answering and half-closing, read what the client still sends this long
+
+
+class ClientGone(Exception):
+    """The client closed or reset the connection while it was being answered."""
+
+
+def is_client_gone(exc: BaseException) -> bool:
+    """ClientGone, alone or as every member of an exception group (raised through nurseries)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_client_gone(inner) for inner in exc.exceptions)
+    return isinstance(exc, ClientGone)
+
+
+@dataclass(frozen=True, slots=True)
+class FileRange:
+    """A body part sent from an open file with sendfile (an h11 pass-through `Data` payload)."""
+
+    fd: int
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """A request as h11 read it, body included (at most MAX_BODY bytes)."""
+
+    method: str
+    target: bytes
+    http_version: str
+    headers: list[tuple[bytes, bytes]]  # lower-case names, as h11 gives them
+    body: bytes
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of header `name` (lower case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+def reason_phrase(status: int) -> bytes:
+    return _REASONS.get(status, b"")
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """The Date header value, formatted once per second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+    return _date_cache[1]
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class ServerConnection:
+    """The server side of one client connection: `next_request`, then send the answer, then
+    `next_cycle` (False: close with `close`)."""
+
+    def __init__(
+        self, stream: trio.SocketStream, *, head_timeout: float, idle_timeout: float
+    ) -> None:
+        self.stream = stream
+        self.head_timeout = head_timeout
+        self.idle_timeout = idle_timeout
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self._idle_scope: trio.CancelScope | None = None
+        self._closing = False
+        self._answered = False  # response bytes went out: close with a linger
+        self._broken = False  # the client is gone: close at once
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def next_request(self) -> HttpRequest | None:
+        """The next request, body read; None when the connection is over (the client closed or
+        went quiet, or sent something malformed: that was answered with a 4xx first)."""
+        deadline: float | None = None
+        try:
+            while True:
+                event = self._h11.next_event()
+                if event is h11.NEED_DATA:
+                    if deadline is None and self._h11.trailing_data[0]:
+                        deadline = trio.current_time() + self.head_timeout  # a head has begun
+                    data = await self._receive(deadline)
+                    if data is None:
+                        return None
+                    if deadline is None:
+                        deadline = trio.current_time() + self.head_timeout
+                    self._h11.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    start = deadline or trio.current_time() + self.head_timeout
+                    body = await self._read_body(start)
+                    return HttpRequest(
+                        method=event.method.decode("ascii", "replace"),
+                        target=bytes(event.target),
+                        http_version=event.http_version.decode("ascii", "replace"),
+                        headers=[(bytes(k), bytes(v)) for k, v in event.headers],
+                        body=body,
+                    )
+                return None  # ConnectionClosed (or PAUSED after a close-delimited cycle)
+        except h11.RemoteProtocolError as exc:
+            hint = exc.error_status_hint
+            await self._reject(hint if 400 <= hint < 500 else 400, str(exc))
+        except _BodyTooLarge:
+            await self._reject(413, f"request body larger than {MAX_BODY} bytes")
+        except ClientGone:
+            pass
+        return None
+
+    async def _receive(self, deadline: float | None) -> bytes | None:
+        """Bytes from the client (b"" at end of stream); None on timeout or shutdown."""
+        try:
+            if deadline is not None:
+                with trio.move_on_at(deadline):
+                    return bytes(await self.stream.receive_some(READ_SIZE))
+                return None
+            if self._closing:
+                return None
+            with trio.move_on_after(self.idle_timeout) as scope:
+                self._idle_scope = scope
+                try:
+                    return bytes(await self.stream.receive_some(READ_SIZE))
+                finally:
+                    self._idle_scope = None
+            return None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._broken = True
+            raise ClientGone(str(exc)) from exc
+
+    async def _read_body(self, deadline: float) -> bytes:
+        body = bytearray()
+        while True:
+            if self._h11.they_are_waiting_for_100_continue:
+                await self.send(h11.InformationalResponse(status_code=100, headers=[]))
+            event = self._h11.next_event()
+            if event is h11.NEED_DATA:
+                data = await self._receive(deadline)
+                if data is None:
+                    raise h11.RemoteProtocolError("request body timed out", error_status_hint=408)
+                self._h11.receive_data(data)
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY:
+                    raise _BodyTooLarge()
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(body)
+            else:  # pragma: no cover - h11 raises for anything else mid-body
+                raise h11.RemoteProtocolError("unexpected event in request body")
+
+    def close_idle(self) -> None:
+        """Shutdown: an idle wait for the next request ends now; no further requests are read."""
+        self._closing = True
+        if self._idle_scope is not None:
+            self._idle_scope.cancel()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+        """The bytes of a response head (a Date header is added)."""
+        headers = [*headers, (b"date", http_date().encode())]
+        if self._closing:
+            headers.append((b"connection", b"close"))
+        event = h11.Response(status_code=status, headers=headers, reason=reason_phrase(status))
+        return self._h11.send(event) or b""
+
+    def body_bytes(self, data: bytes | bytearray | memoryview) -> bytes:
+        return self._h11.send(h11.Data(data=cast(bytes, data))) or b""
+
+    def end_bytes(self) -> bytes:
+        return self._h11.send(h11.EndOfMessage()) or b""
+
+    async def send(self, event: h11.Event) -> None:
+        await self.send_bytes(self._h11.send(event) or b"")
+
+    async def send_bytes(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        self._answered = True
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._broken = True
+            raise ClientGone(str(exc)) from exc
+
+    async def send_view(self, data: bytes | bytearray | memoryview) -> None:
+        """Send `data` as (the next piece of) the response body without copying it."""
+        for piece in self._h11.send_with_data_passthrough(h11.Data(data=cast(bytes, data))) or []:
+            await self.send_bytes(piece)
+
+    async def send_file(self, part: FileRange) -> int:
+        """Send `part` as (the next piece of) the response body; the count of file bytes sent."""
+        # h11 hands the very object back where the body bytes go (chunk framing around it)
+        pieces = self._h11.send_with_data_passthrough(h11.Data(data=cast(bytes, part))) or []
+        for piece in pieces:
+            if piece is cast(bytes, part):
+                await self._sendfile(part)
+            else:
+                await self.send_bytes(piece)
+        return part.length
+
+    async def _sendfile(self, part: FileRange) -> None:
+        sock = self.stream.socket
+        sent = 0
+        while sent < part.length:
+            try:
+                n = os.sendfile(
+                    sock.fileno(),
+                    part.fd,
+                    part.offset + sent,
+                    min(SENDFILE_CHUNK, part.length - sent),
+                )
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            except OSError as exc:
+                if exc.errno in _CLIENT_GONE_ERRNOS:
+                    self._broken = True
+                    raise ClientGone(str(exc)) from exc
+                raise
+            if n == 0:
+                raise OSError(f"content ended {part.length - sent} bytes early")
+            sent += n
+            await trio.lowlevel.checkpoint()
+
+    async def _reject(self, status: int, reason: str) -> None:
+        """Answer a request that cannot be served with `status` and close the connection."""
+        if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return  # a response is already under way: all we can do is close
+        body = f"{reason_phrase(status).decode()}: {reason}\n".encode("ascii", "replace")
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        try:
+            data = self.response_head(status, headers) + self.body_bytes(body) + self.end_bytes()
+            await self.send_bytes(data)
+        except (h11.LocalProtocolError, ClientGone):
+            pass
+
+    # -- between requests ------------------------------------------------------------------
+
+    def next_cycle(self) -> bool:
+        """After a complete response: may the next request be read from this connection?"""
+        if self._closing:
+            return False
+        if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
+            self._h11.start_next_cycle()
+            self._answered = False  # that answer is complete: closing now resets nothing
+            return True
+        return False
+
+    @property
+    def response_complete(self) -> bool:
+        return self._h11.our_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+
+    async def close(self) -> None:
+        """Close the connection.  If an answer went out, half-close first and read what the
+        client still sends for a moment, so that unread request bytes do not make the kernel
+        reset the connection before the client has read the answer."""
+        with trio.CancelScope(shield=True):
+            if self._answered and not self._broken:
+                with trio.move_on_after(LINGER):
+                    try:
+                        await self.stream.send_eof()
+                        while await self.stream.receive_some(READ_SIZE):
+                            pass
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+            await self.stream.aclose()
+
+
+_CLIENT_GONE_ERRNOS = {32, 104}  # EPIPE, ECONNRESET
