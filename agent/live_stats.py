@@ -134,19 +134,21 @@ class LiveStats:
         return round(got_in / span, 1), round(got_out / span, 1)
 
     def throughput(self, now: float, seconds: int = 300, step: int = 5) -> list[dict[str, Any]]:
-        """[{"t": start second, "in": B/s, "out": B/s}] for the last `seconds`, `step`-s bins."""
-        end = int(now) - int(now) % step
-        start = end - seconds
-        bins = {t: [0, 0] for t in range(start, end, step)}
+        """[{"t": start second, "in": B/s, "out": B/s}] for the last `seconds` in `step`-s bins,
+        the last one being the current (partial) bin, averaged over its elapsed seconds."""
+        current = int(now) - int(now) % step
+        start = current - seconds + step
+        bins = {t: [0, 0] for t in range(start, current + step, step)}
         for second, b_in, b_out in self._buckets:
             t = second - second % step
             if t in bins:
                 bins[t][0] += b_in
                 bins[t][1] += b_out
-        return [
-            {"t": t, "in": round(v[0] / step, 1), "out": round(v[1] / step, 1)}
-            for t, v in sorted(bins.items())
-        ]
+        out = []
+        for t, (b_in, b_out) in sorted(bins.items()):
+            span = step if t < current else max(1.0, now - current)
+            out.append({"t": t, "in": round(b_in / span, 1), "out": round(b_out / span, 1)})
+        return out
 
     def peer_traffic(self) -> list[dict[str, Any]]:
         rows = sorted(self._peers.values(), key=lambda p: -(p.bytes_in + p.bytes_out))

@@ -29,9 +29,12 @@ def test_rates_and_throughput_bins() -> None:
     assert stats.rates(110.0) == (1000.0, 500.0)
     assert stats.rates(200.0) == (0.0, 0.0)
     series = stats.throughput(110.0, seconds=20, step=5)
-    assert [b["t"] for b in series] == [90, 95, 100, 105]
-    assert series[2] == {"t": 100, "in": 1000.0, "out": 500.0}
-    assert stats.summary(110.0)["bytes_in_total"] == 10_000
+    assert [b["t"] for b in series] == [95, 100, 105, 110]  # the last bin is the current one
+    assert series[1] == {"t": 100, "in": 1000.0, "out": 500.0}
+    assert series[3] == {"t": 110, "in": 0.0, "out": 0.0}
+    stats.mirrored(111.5, "hit", "p:5000", 3000)
+    assert stats.throughput(112.0, seconds=20, step=5)[3]["in"] == 1500.0  # 3000 B over 2 s
+    assert stats.summary(112.0)["bytes_in_total"] == 13_000
     # memory stays bounded
     small = LiveStats(history=10)
     for second in range(1000):
