@@ -3,8 +3,9 @@ the debug page (peers, advertised images, recent mirror results, last success, s
 
 Why here and not in the registry: these views span every service of the agent. Updates reach live
 viewers through bounded memory channels and are dropped when a viewer is slow (`WouldBlock`), so a
-stuck browser tab can never stall the agent. Mirror outcomes are tapped from the registry's log
-records (`MirrorLogTap`), which keeps the registry free of any dependency on this module.
+stuck browser tab can never stall the agent. Mirror outcomes arrive as the registry's explicit
+events (`registry.events`, observed by `DebugState.on_mirror_event`); the registry does not know
+this module.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import trio
 
 from agent.live_stats import LiveStats, Transfer
+from registry.events import MirrorEvent, MirrorOutcome, PeerFetchFailed
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +132,21 @@ class DebugState:
     def record_served(self, nbytes: int, client: str = "") -> None:
         self.live.served(self.clock(), nbytes, client)
 
+    def on_mirror_event(self, event: MirrorEvent) -> None:
+        """Observer for `registry.events.MirrorEvents`: one result per request or failed peer."""
+        if isinstance(event, MirrorOutcome):
+            detail = "mirror hit" if event.hit else f"mirror miss: {event.reason}"
+            outcome, peer = ("hit" if event.hit else "miss"), event.peer or ""
+            self.record_mirror(
+                MirrorResult(
+                    event.at, event.key, outcome, peer, event.duration_ms, detail, event.bytes
+                )
+            )
+        elif isinstance(event, PeerFetchFailed):
+            self.record_mirror(
+                MirrorResult(event.at, event.key, "error", event.peer, None, "peer fetch failed")
+            )
+
     def publish(self, event: dict[str, Any]) -> None:
         """Fan out to live viewers; a full viewer channel drops the event (never blocks)."""
         for channel in list(self._subscribers):
@@ -216,60 +233,7 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-class MirrorLogTap(logging.Handler):
-    """Turns the registry's mirror log records into `MirrorResult`s for the debug page.
-
-    A record counts when it carries a `cache` (hit/miss) or `outcome` extra field, or both `peer`
-    and `error` (a failed peer fetch); `key`/`digest`/`path`, `peer` and `duration_ms`/`elapsed_ms`
-    are picked up when present.
-    """
-
-    def __init__(self, state: DebugState) -> None:
-        super().__init__(logging.DEBUG)
-        self.state = state
-
-    def emit(self, record: logging.LogRecord) -> None:
-        fields = vars(record)
-        outcome = fields.get("cache") or fields.get("outcome")
-        if outcome is None and "peer" in fields and "error" in fields:
-            outcome = "error"  # e.g. the forwarder's "peer fetch failed"
-        if outcome is None:
-            return
-        try:
-            key = str(
-                fields.get("key")
-                or fields.get("digest")
-                or fields.get("path")
-                or record.getMessage()
-            )
-            duration = fields.get("duration_ms", fields.get("elapsed_ms"))
-            nbytes = fields.get("bytes")
-            self.state.record_mirror(
-                MirrorResult(
-                    at=record.created,
-                    key=key,
-                    outcome=str(outcome),
-                    peer=str(fields.get("peer") or ""),
-                    duration_ms=float(duration) if duration is not None else None,
-                    detail=record.getMessage(),
-                    bytes=int(nbytes) if isinstance(nbytes, int) else 0,
-                )
-            )
-        except Exception:  # a debug view must never break logging
-            self.handleError(record)
-
-
-# --- last mirror success ------------------------------------------------------------------------
-
-
-def last_mirror_success() -> float | None:
-    from registry.metrics import MIRROR_LAST_SUCCESS
-
-    for metric in MIRROR_LAST_SUCCESS.collect():
-        for sample in metric.samples:
-            if sample.value > 0:
-                return float(sample.value)
-    return None
+# --- bytes served -------------------------------------------------------------------------------
 
 
 async def watch_mirror_metrics(
@@ -278,17 +242,13 @@ async def watch_mirror_metrics(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Keep the page's "last success" in step with `spegel_mirror_last_success_timestamp_seconds`.
+    """Feed the throughput views the bytes the registry has served (`http_response_size_bytes`).
 
-    Per-request mirror results reach the page through `MirrorLogTap`; this only follows the gauge,
-    and the bytes the registry has served (`http_response_size_bytes`) for the throughput views.
+    Mirror results (and the last success) reach the page as events (`on_mirror_event`).
     """
     task_status.started()
     served = bytes_served()
     while True:
-        success = last_mirror_success()
-        if success is not None and (state.last_success or 0.0) < success:
-            state.last_success = success
         now_served = bytes_served()
         state.record_served(int(now_served - served))
         served = now_served

@@ -58,7 +58,7 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> logg
     """Route the root logger to `stream` (stderr) as JSON lines at `level`; returns the handler."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter())
-    handler.setLevel(level)  # loggers tapped at a lower level (debug page) must not print more
+    handler.setLevel(level)  # a logger set lower than the root must not print more
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "_spegla", False):

@@ -37,18 +37,13 @@ from agent.bootstrap import (
     keep_joined,
 )
 from agent.config import ConfigError, ListenAddr, RegistryConfig
-from agent.debug import (
-    DebugState,
-    MirrorLogTap,
-    render_task_tree,
-    task_tree,
-    watch_mirror_metrics,
-)
+from agent.debug import DebugState, render_task_tree, task_tree, watch_mirror_metrics
 from agent.dht_metrics import export as export_dht_metrics
 from agent.identity import load_or_create_node_id
 from agent.metrics_server import create_metrics_app, serve_app
 from agent.peer_router import registry_router
 from agent.supervise import RestartPolicy, ServiceFailed, Supervisor
+from registry.events import MirrorEvents
 from registry.interfaces import ContentStore, Router
 
 logger = logging.getLogger(__name__)
@@ -68,7 +63,20 @@ class Backend:
 BackendFactory = Callable[[RegistryConfig, Router], AbstractAsyncContextManager[Backend]]
 # (app, ListenAddr, shutdown_trigger, grace) -> service reporting the bound port
 ServeRegistry = Callable[..., Any]
-AppFactory = Callable[[ContentStore, Router, RegistryConfig, Callable[[], bool]], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AppParts:
+    """What the registry app is built from."""
+
+    store: ContentStore
+    router: Router
+    cfg: RegistryConfig
+    ready: Callable[[], bool]
+    events: MirrorEvents  # the mirror path reports here (the debug page subscribes)
+
+
+AppFactory = Callable[[AppParts], Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,18 +151,17 @@ async def containerd_backend(cfg: RegistryConfig, router: Router) -> AsyncIterat
         )
 
 
-def default_app(
-    store: ContentStore, router: Router, cfg: RegistryConfig, ready: Callable[[], bool]
-) -> Any:
+def default_app(parts: AppParts) -> Any:
     from registry.app import RegistrySettings, create_app
     from registry.filters import ReferenceFilter
 
+    cfg = parts.cfg
     settings = RegistrySettings(
         mirror=cfg.mirror_settings(),
         filters=ReferenceFilter.from_config(cfg.mirrored_registries, cfg.registry_filters),
-        readiness=ready,
+        readiness=parts.ready,
     )
-    return create_app(store, router, settings)
+    return create_app(parts.store, parts.router, settings, events=parts.events)
 
 
 async def default_serve_registry(
@@ -301,11 +308,8 @@ async def run_agent(
         ready=readiness,
         ready_detail=readiness.detail,
     )
-    tap = MirrorLogTap(debug)
-    registry_logger = logging.getLogger("registry")
-    previous_level = registry_logger.level
-    registry_logger.addHandler(tap)
-    registry_logger.setLevel(logging.DEBUG)  # the tap sees mirror results whatever --log-level says
+    events = MirrorEvents()
+    events.subscribe(debug.on_mirror_event)  # per-request results and last success for the page
     backend_factory = hooks.backend or containerd_backend
     unexport_dht_metrics = export_dht_metrics(node.statistics)  # spegla_dht_* on /metrics
     try:
@@ -321,7 +325,8 @@ async def run_agent(
                 supervisor.run, "debug-feed", functools.partial(watch_mirror_metrics, debug)
             )
             me = SelfInfo(node_id, detect_advertise_addr(cfg), int(bound[1]))
-            app = (hooks.app or default_app)(backend.store, router, cfg, readiness)
+            parts = AppParts(backend.store, router, cfg, readiness, events)
+            app = (hooks.app or default_app)(parts)
             serve_registry = hooks.serve_registry or _default_serve_with_stats(debug)
             metrics_app = create_metrics_app(debug, web_enabled=cfg.debug_web_enabled)
             with trio.CancelScope() as http_scope:
@@ -382,8 +387,6 @@ async def run_agent(
             root.cancel_scope.cancel()
     finally:
         unexport_dht_metrics()
-        registry_logger.removeHandler(tap)
-        registry_logger.setLevel(previous_level)
     logger.info("exit gracefully")
 
 

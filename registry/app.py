@@ -33,6 +33,7 @@ from registry.distribution import (
     error_body,
     parse_request_path,
 )
+from registry.events import MirrorEvents
 from registry.filters import ReferenceFilter
 from registry.forwarder import Forwarder
 from registry.interfaces import BlobReader, ContentNotFound, ContentStore, Descriptor, Router
@@ -113,7 +114,12 @@ def _oci_error(
 
 class _Registry:
     def __init__(
-        self, app: QuartTrio, store: ContentStore, router: Router, settings: RegistrySettings
+        self,
+        app: QuartTrio,
+        store: ContentStore,
+        router: Router,
+        settings: RegistrySettings,
+        events: MirrorEvents | None,
     ) -> None:
         self.app = app
         self.store = store
@@ -123,7 +129,11 @@ class _Registry:
         self.readiness = settings.readiness or router.ready
         self.default_registry = settings.default_registry
         self.forwarder = Forwarder(
-            router, PeerClient(read_size=settings.read_size), settings.mirror, Quarantine()
+            router,
+            PeerClient(read_size=settings.read_size),
+            settings.mirror,
+            Quarantine(),
+            events=events,
         )
 
     async def dispatch(self, path: str) -> Response:
@@ -423,13 +433,20 @@ async def plan_local_blob(
 
 
 def create_app(
-    store: ContentStore, router: Router, settings: RegistrySettings | None = None
+    store: ContentStore,
+    router: Router,
+    settings: RegistrySettings | None = None,
+    *,
+    events: MirrorEvents | None = None,
 ) -> QuartTrio:
-    """The registry app; serve it with `registry.server.serve_registry`."""
+    """The registry app; serve it with `registry.server.serve_registry`.
+
+    `events` receives the mirror path's events (`registry.events`), e.g. for a debug page.
+    """
     app = QuartTrio(__name__)
     app.response_class = Response
     app.config["RESPONSE_TIMEOUT"] = None
-    registry = _Registry(app, store, router, settings or RegistrySettings())
+    registry = _Registry(app, store, router, settings or RegistrySettings(), events)
     app.extensions["spegla.registry"] = registry
     app.asgi_app = with_request_metrics(app.asgi_app)  # type: ignore[method-assign]
 

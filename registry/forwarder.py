@@ -49,6 +49,7 @@ from registry.blob_stream import (
 )
 from registry.buffers import BufferPool, Chunk
 from registry.distribution import ContentKind, ErrorCode
+from registry.events import MirrorEvents, MirrorOutcome, PeerFetchFailed
 from registry.interfaces import Peer, PeerState, Router
 from registry.mediatypes import OCTET_STREAM
 from registry.mirror import (
@@ -89,8 +90,10 @@ class Forwarder:
         settings: MirrorSettings | None = None,
         quarantine: Quarantine | None = None,
         stale: StaleProviders | None = None,
+        events: MirrorEvents | None = None,
     ) -> None:
         self.router = router
+        self.events = events if events is not None else MirrorEvents()
         self.client = client if client is not None else PeerClient()
         self.settings = settings if settings is not None else MirrorSettings()
         self.quarantine = quarantine if quarantine is not None else Quarantine()
@@ -100,6 +103,7 @@ class Forwarder:
             self.buffers,
             verify_first_max=self.settings.verify_first_max,
             max_manifest_size=self.settings.max_manifest_size,
+            events=self.events,
         )
         # peers that answered 404 for a key they advertise: skipped for it for a while
         self.stale = stale if stale is not None else StaleProviders(self.settings.stale_ttl)
@@ -123,7 +127,7 @@ class Forwarder:
                 )
                 with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await state.fail(500, f"internal error while mirroring: {failure!r}", 0)
-            state.log_outcome()
+            state.finish()
 
 
 class _Run:
@@ -176,32 +180,25 @@ class _Run:
         else:
             self.reason = item.reason
 
-    def log_outcome(self) -> None:
-        """One INFO line per mirror request, built once at its end (never per chunk).
-
-        `cache` hit means a response head from a peer went out (the hit/miss counters count the
-        same way); `peer` is the provider whose answer was sent (`resumed_from` lists the ones a
-        broken stream continued from); `reason` says why it missed or was cut short.  The debug
-        page's `MirrorLogTap` and `make demo` read these fields.
-        """
-        extra: dict[str, object] = {
-            "cache": "hit" if self.hit else "miss",
-            "key": self.ref.identifier,
-            "peer": peer_address(self.serving[0]) if self.hit and self.serving else None,
-            "registry": self.ref.registry,
-            "method": self.job.method,
-            "bytes": self.delivered,
-            "duration_ms": round((time.monotonic() - self.started) * 1000, 3),
-            "attempts": self.attempts.fetched,
-        }
-        if self.hit and len(self.serving) > 1:
-            extra["resumed_from"] = [peer_address(peer) for peer in self.serving[1:]]
-        if self.reason or not self.hit:
-            extra["reason"] = self.reason or "no answer"
-        if self.hit:
-            logger.info("mirror hit", extra=extra)
-        else:
-            logger.info("mirror miss: %s", extra["reason"], extra=extra)
+    def finish(self) -> None:
+        """Report the request's outcome once, at its end (never per chunk): an event, a log line."""
+        outcome = MirrorOutcome(
+            at=time.time(),
+            key=self.ref.identifier,
+            registry=self.ref.registry,
+            method=self.job.method,
+            hit=self.hit,
+            peer=peer_address(self.serving[0]) if self.hit and self.serving else None,
+            resumed_from=tuple(peer_address(peer) for peer in self.serving[1:])
+            if self.hit
+            else (),
+            bytes=self.delivered,
+            duration_ms=round((time.monotonic() - self.started) * 1000, 3),
+            attempts=self.attempts.fetched,
+            reason=self.reason or ("" if self.hit else "no answer"),
+        )
+        self.fw.events.emit(outcome)
+        log_outcome(outcome)
 
     async def fail(self, status: int, message: str, attempts: int) -> None:
         if not self.head_sent:
@@ -253,13 +250,12 @@ class _Run:
                 )
             except (PeerError, PeerAnswerError, trio.TooSlowError) as exc:
                 await inner.aclose()
+                key, error = self.ref.identifier, str(exc) or type(exc).__name__
+                failed = PeerFetchFailed(time.time(), key, peer_address(peer), error)
+                self.fw.events.emit(failed)
                 logger.info(
                     "peer fetch failed",
-                    extra={
-                        "peer": peer_address(peer),
-                        "key": self.ref.identifier,
-                        "error": str(exc) or type(exc).__name__,
-                    },
+                    extra={"peer": failed.peer, "key": failed.key, "error": failed.error},
                 )
                 give_up = self.attempts.fetch_failed()
                 if give_up is not None:
@@ -448,3 +444,29 @@ class _Run:
             self.verify.punish(digest, outcome.contributors, self.ref.registry)
         return outcome
 
+
+def log_outcome(outcome: MirrorOutcome) -> None:
+    """The request's INFO line (`make demo` reads it; the debug page takes the event instead).
+
+    `cache` hit means a response head from a peer went out (the hit/miss counters count the same
+    way); `peer` is the provider whose answer was sent (`resumed_from` lists the ones a broken
+    stream continued from); `reason` says why it missed or was cut short.
+    """
+    extra: dict[str, object] = {
+        "cache": "hit" if outcome.hit else "miss",
+        "key": outcome.key,
+        "peer": outcome.peer,
+        "registry": outcome.registry,
+        "method": outcome.method,
+        "bytes": outcome.bytes,
+        "duration_ms": outcome.duration_ms,
+        "attempts": outcome.attempts,
+    }
+    if outcome.resumed_from:
+        extra["resumed_from"] = list(outcome.resumed_from)
+    if outcome.reason:
+        extra["reason"] = outcome.reason
+    if outcome.hit:
+        logger.info("mirror hit", extra=extra)
+    else:
+        logger.info("mirror miss: %s", outcome.reason, extra=extra)

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import mmap
+import time
 from collections.abc import Iterable
 
 from registry.blob_stream import sha256_digest
 from registry.buffers import BufferPool
+from registry.events import MirrorEvents, PeerQuarantined
 from registry.interfaces import Peer
 from registry.metrics import PEER_QUARANTINED
 from registry.mirror import PeerAnswer, Quarantine, peer_key
@@ -39,7 +41,9 @@ class VerificationPolicy:
         *,
         verify_first_max: int,
         max_manifest_size: int,
+        events: MirrorEvents,
     ) -> None:
+        self.events = events
         self.quarantine = quarantine
         self.buffers = buffers
         self.verify_first_max = verify_first_max
@@ -66,6 +70,7 @@ class VerificationPolicy:
         for peer in peers:
             self.quarantine.add(digest, peer_key(peer))
             PEER_QUARANTINED.labels(registry).inc()
+            self.events.emit(PeerQuarantined(time.time(), digest, peer_address(peer), registry))
             logger.warning(
                 "peer served content not matching its digest; quarantined",
                 extra={"peer": peer_address(peer), "digest": digest},

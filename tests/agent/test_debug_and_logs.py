@@ -1,5 +1,5 @@
-"""Task tree, debug state fan-out (drop when a viewer is slow), the mirror log tap, JSON log lines,
-and the node id file."""
+"""Task tree, debug state fan-out (drop when a viewer is slow), mirror events on the page, JSON log
+lines, and the node id file."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import trio
 
 from agent.debug import (
     DebugState,
-    MirrorLogTap,
     MirrorResult,
     count_tasks,
     render_task_tree,
@@ -22,6 +21,13 @@ from agent.debug import (
 )
 from agent.identity import load_or_create_node_id
 from agent.logs import configure_logging
+from registry.events import (
+    MirrorEvent,
+    MirrorEvents,
+    MirrorOutcome,
+    PeerFetchFailed,
+    PeerQuarantined,
+)
 
 
 async def test_task_tree_shows_named_tasks_and_locations() -> None:
@@ -55,26 +61,43 @@ async def test_slow_viewer_drops_instead_of_blocking() -> None:
     assert state.viewers == 0
 
 
-def test_mirror_log_tap_reads_extra_fields() -> None:
+def outcome(key: str, *, hit: bool, at: float, peer: str | None = None) -> MirrorOutcome:
+    reason = "" if hit else "could not find peer"
+    return MirrorOutcome(at, key, "docker.io", "GET", hit, peer, (), 10, 12.0, 1, reason)
+
+
+def test_mirror_events_become_page_results() -> None:
     state = DebugState()
-    logger = logging.getLogger("registry.test_tap")
-    logger.setLevel(logging.DEBUG)
-    tap = MirrorLogTap(state)
-    logger.addHandler(tap)
-    try:
-        logger.debug("unrelated line")
-        logger.debug("mirror miss", extra={"cache": "miss", "digest": "sha256:aa"})
-        logger.info(
-            "mirror ok",
-            extra={"cache": "hit", "key": "sha256:bb", "peer": "10.0.0.2", "elapsed_ms": 12},
-        )
-    finally:
-        logger.removeHandler(tap)
-    assert [(r.outcome, r.key) for r in state.results] == [
-        ("hit", "sha256:bb"),
-        ("miss", "sha256:aa"),
+    events = MirrorEvents()
+    unsubscribe = events.subscribe(state.on_mirror_event)
+    events.emit(outcome("sha256:aa", hit=False, at=1.0))
+    assert state.last_success is None  # a miss is no success
+    events.emit(PeerFetchFailed(2.0, "sha256:bb", "10.0.0.3:5000", "connection refused"))
+    events.emit(PeerQuarantined(2.5, "sha256:bb", "10.0.0.3:5000", "docker.io"))  # not a result
+    events.emit(outcome("sha256:bb", hit=True, at=3.0, peer="10.0.0.2:5000"))
+    assert [(r.outcome, r.key, r.peer) for r in state.results] == [
+        ("hit", "sha256:bb", "10.0.0.2:5000"),
+        ("error", "sha256:bb", "10.0.0.3:5000"),
+        ("miss", "sha256:aa", ""),
     ]
-    assert state.results[0].duration_ms == 12.0 and state.last_success is not None
+    assert state.results[0].duration_ms == 12.0 and state.last_success == 3.0
+    assert state.results[2].detail == "mirror miss: could not find peer"
+    unsubscribe()
+    events.emit(outcome("sha256:cc", hit=True, at=4.0))
+    assert len(state.results) == 3
+
+
+def test_a_failing_observer_neither_breaks_the_emitter_nor_the_others() -> None:
+    seen: list[MirrorEvent] = []
+
+    def broken(event: MirrorEvent) -> None:
+        raise RuntimeError("observer bug")
+
+    events = MirrorEvents()
+    events.subscribe(broken)
+    events.subscribe(seen.append)
+    events.emit(outcome("sha256:aa", hit=True, at=1.0))
+    assert len(seen) == 1
 
 
 def test_json_lines_render_extra_fields_and_errors() -> None:

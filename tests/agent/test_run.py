@@ -21,9 +21,9 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from agent.config import BootstrapConfig, HostPort, ListenAddr, RegistryConfig
-from agent.run import AgentHandle, Backend, Hooks, run_agent
+from agent.run import AgentHandle, AppParts, Backend, Hooks, run_agent
 from agent.supervise import ServiceFailed
-from registry.interfaces import ContentStore, Router
+from registry.interfaces import Router
 from tests.fakes import MemoryContentStore, sha256_digest
 
 
@@ -72,11 +72,10 @@ def memory_backend(
     return factory
 
 
-def mini_app(
-    store: ContentStore, router: Router, cfg: RegistryConfig, ready: Callable[[], bool]
-) -> Any:
+def mini_app(parts: AppParts) -> Any:
     """Stands in for the registry app: /readyz and a slow route to watch draining."""
     app = QuartTrio("mini-registry")
+    ready = parts.ready
 
     @app.route("/readyz")
     async def readyz() -> Response:

@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from registry.app import RegistrySettings, create_app
+from registry.events import MirrorEvents
 from registry.fastpath import FastPathStats
 from registry.interfaces import Peer
 from registry.mediatypes import OCI_INDEX, OCI_MANIFEST
@@ -64,10 +65,11 @@ def start_node(nursery: trio.Nursery, network: MemoryNetwork) -> StartNode:
         settings: RegistrySettings | None = None,
         router: MemoryRouter | None = None,
         zero_copy: bool = True,
+        events: MirrorEvents | None = None,
     ) -> Node:
         store = store if store is not None else MemoryContentStore()
         router = router if router is not None else MemoryRouter(network)
-        app = create_app(store, router, settings or RegistrySettings())
+        app = create_app(store, router, settings or RegistrySettings(), events=events)
         stats = FastPathStats()
         port = await nursery.start(
             functools.partial(serve_registry, app, LOOPBACK, 0, zero_copy=zero_copy, stats=stats)

@@ -1,5 +1,6 @@
-"""What the registry logs per request: the INFO mirror outcome line (read by the debug page and
-`make demo`) and Spegel's DEBUG access line, for app-served and sendfile-served requests."""
+"""What the registry reports per request: the INFO mirror outcome line (read by `make demo`), the
+same facts as a `MirrorOutcome` event (the debug page's source), and Spegel's DEBUG access line,
+for app-served and sendfile-served requests."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from agent.debug import DebugState, MirrorLogTap
+from agent.debug import DebugState
 from registry.app import RegistrySettings
+from registry.events import MirrorEvent, MirrorEvents, MirrorOutcome
 from registry.mirror_job import MirrorSettings
 from tests.fakes import MemoryContentStore, MemoryNetwork
 
@@ -23,7 +25,7 @@ MISSING = "sha256:" + "e" * 64
 
 
 async def provider_and_client(
-    start_node: StartNode, network: MemoryNetwork, files: Path
+    start_node: StartNode, network: MemoryNetwork, files: Path, events: MirrorEvents | None = None
 ) -> tuple[Node, Content, Node]:
     """A provider holding a file-backed image (so its blobs go out by sendfile) and a client."""
     store = MemoryContentStore()
@@ -31,7 +33,7 @@ async def provider_and_client(
     provider = await start_node(store)
     for key in (content.layer, content.manifest, content.tag_key):
         network.add(key, provider.peer)
-    return provider, content, await start_node(settings=FAST)
+    return provider, content, await start_node(settings=FAST, events=events)
 
 
 def mirror_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -55,17 +57,16 @@ async def test_mirror_hit_and_miss_lines(
     start_node: StartNode, network: MemoryNetwork, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="registry")
-    provider, content, client = await provider_and_client(start_node, network, tmp_path)
+    events = MirrorEvents()
+    outcomes: list[MirrorEvent] = []
+    events.subscribe(outcomes.append)
+    provider, content, client = await provider_and_client(start_node, network, tmp_path, events)
     state = DebugState()
-    tap = MirrorLogTap(state)
-    logging.getLogger("registry").addHandler(tap)
-    try:
-        async with client.client() as http:
-            hit = await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")
-            tag = await http.head("/v2/library/app/manifests/v1?ns=docker.io")
-            miss = await http.get(f"/v2/library/app/blobs/{MISSING}?ns=docker.io")
-    finally:
-        logging.getLogger("registry").removeHandler(tap)
+    events.subscribe(state.on_mirror_event)
+    async with client.client() as http:
+        hit = await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")
+        tag = await http.head("/v2/library/app/manifests/v1?ns=docker.io")
+        miss = await http.get(f"/v2/library/app/blobs/{MISSING}?ns=docker.io")
     assert (hit.status_code, tag.status_code, miss.status_code) == (200, 200, 404)
     blob, head, missed = mirror_lines(caplog)
     assert blob.levelno == logging.INFO and blob.getMessage() == "mirror hit"
@@ -84,7 +85,13 @@ async def test_mirror_hit_and_miss_lines(
     assert missed.levelno == logging.INFO and missed.cache == "miss"
     assert (missed.key, missed.peer, missed.bytes, missed.attempts) == (MISSING, None, 0, 0)
     assert "could not find peer" in missed.reason and missed.reason in missed.getMessage()
-    # the debug page's tap reads these very lines (newest first)
+    # the events carry the same facts as the lines; the debug page shows them (newest first)
+    ends = [o for o in outcomes if isinstance(o, MirrorOutcome)]
+    assert len(ends) == len(outcomes) == 3
+    assert [(o.key, o.hit, o.peer, o.bytes, o.duration_ms, o.reason) for o in ends] == [
+        (r.key, r.cache == "hit", r.peer, r.bytes, r.duration_ms, getattr(r, "reason", ""))
+        for r in (blob, head, missed)
+    ]
     assert [(r.outcome, r.key, r.peer) for r in state.results] == [
         ("miss", MISSING, ""),
         ("hit", content.tag_key, f"127.0.0.1:{provider.port}"),
