@@ -110,6 +110,10 @@ _MIRRORED = Flag("--mirrored-registries", (), parse_mirrored_registry,
 _FILTERS = Flag("--registry-filters", (), parse_regex,
      "regexes over registry/repository[:tag]; a match is not served nor advertised (':latest$')",
      many=True, metavar="REGEX")
+_BASIC_AUTH_DIR = Flag("--basic-auth-dir", "/etc/secrets/basic-auth", _text,
+     "directory with `username` and/or `password` files (a mounted Secret): if either exists, "
+     "registry requests need these Basic credentials, and peers and containerd send them",
+     metavar="DIR")
 _CONFIG_PATH = Flag("--containerd-registry-config-path", "/etc/containerd/certs.d", _text,
      "containerd registry config_path (certs.d) directory", metavar="DIR")
 _REGISTRY_ADDR = Flag("--registry-addr", ":5000", parse_listen_addr,
@@ -177,6 +181,7 @@ _FLAGS: dict[str, tuple[Flag, ...]] = {
              "on SIGTERM, how long in-flight requests may finish", metavar="DURATION"),
         Flag("--state-refresh", "9m", parse_duration,
              "full re-scan and re-advertise of containerd content", metavar="DURATION"),
+        _BASIC_AUTH_DIR,
     ),
     "configuration": (
         _LOG_LEVEL,
@@ -190,6 +195,7 @@ _FLAGS: dict[str, tuple[Flag, ...]] = {
         Flag("--dial-timeout", "200ms", parse_duration,
              "dial_timeout written for each mirror (containerd >= 2.1 honours it)",
              metavar="DURATION"),
+        _BASIC_AUTH_DIR,
     ),
     "cleanup": (
         _LOG_LEVEL,
@@ -436,6 +442,7 @@ def registry_config(ns: argparse.Namespace) -> RegistryConfig:
         standalone=ns.standalone,
         shutdown_grace=ns.shutdown_grace,
         state_refresh=ns.state_refresh,
+        basic_auth_dir=ns.basic_auth_dir,
     ).validate()
 
 
@@ -450,6 +457,7 @@ def mirror_config(ns: argparse.Namespace) -> MirrorConfig:
         resolve_tags=ns.resolve_tags,
         prepend_existing=ns.prepend_existing,
         dial_timeout=ns.dial_timeout,
+        basic_auth_dir=ns.basic_auth_dir,
     )
 
 
@@ -510,9 +518,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.command == "registry":
             cfg = registry_config(args)
             from agent.run import main as run_registry
-            from agent.run import read_psk
+            from agent.run import read_basic_auth, read_psk
 
             read_psk(cfg.dht_psk_file)  # an unreadable key file is a bad flag value: fail now
+            read_basic_auth(cfg.basic_auth_dir)  # so are unusable credential files
             configure_logging(cfg.log_level)
 
             return run_registry(cfg)

@@ -298,6 +298,7 @@ class RegistryConfig:
     standalone: bool = False
     shutdown_grace: float = 5.0
     state_refresh: float = 540.0
+    basic_auth_dir: str = "/etc/secrets/basic-auth"
 
     def validate(self) -> RegistryConfig:
         """Cross-field checks (each flag alone was already parsed)."""
@@ -337,3 +338,4 @@ class MirrorConfig:
     resolve_tags: bool = True
     prepend_existing: bool = False
     dial_timeout: float = 0.2
+    basic_auth_dir: str = "/etc/secrets/basic-auth"

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent.config import ConfigError, MirrorConfig, format_duration
+from registry.basic_auth import BasicAuth, BasicAuthError, load_basic_auth
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +111,12 @@ def render_hosts_toml(
     resolve_tags: bool = True,
     dial_timeout: float = 0.2,
     existing_hosts: Mapping[str, Mapping[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> str:
-    """The hosts.toml text for one mirrored registry: our mirrors first, then the previous ones."""
+    """The hosts.toml text for one mirrored registry: our mirrors first, then the previous ones.
+
+    `headers` (e.g. the Basic auth `Authorization`) go into a `[host.'<target>'.header]` table of
+    each of our mirror targets, so containerd sends them to every agent it asks."""
     if not targets:
         raise ConfigError("at least one mirror target is needed")
     blocks: list[list[str]] = []
@@ -124,6 +129,8 @@ def render_hosts_toml(
             "capabilities": capabilities,
             "dial_timeout": format_duration(dial_timeout),
         }
+        if headers:
+            table["header"] = dict(headers)
         blocks.append(_render_table(["host", encapsulate_ipv6(target)], table))
     ours = {encapsulate_ipv6(target) for target in targets}
     for url, old in (existing_hosts or {}).items():
@@ -150,13 +157,13 @@ def _existing_host_tables(backup_dir: str) -> dict[str, Mapping[str, Any]]:
     return {str(url): table for url, table in hosts.items() if isinstance(table, dict)}
 
 
-def _atomic_write(path: str, text: str) -> None:
+def _atomic_write(path: str, text: str, mode: int = 0o644) -> None:
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".hosts.toml.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -202,6 +209,8 @@ def configure(cfg: MirrorConfig) -> list[str]:
             r for r in registries if r not in (DEFAULT_REGISTRY, "*")
         ]
     dirs = [registry_dir_name(r) for r in registries]  # validate before touching anything
+    auth = _basic_auth(cfg.basic_auth_dir)
+    headers = {"Authorization": auth.header_value} if auth is not None else None
     os.makedirs(cfg.config_path, mode=0o755, exist_ok=True)
     backup = ensure_backup(cfg.config_path)
     for name in _entries_except(cfg.config_path, (BACKUP_DIR,)):
@@ -228,14 +237,26 @@ def configure(cfg: MirrorConfig) -> list[str]:
             resolve_tags=cfg.resolve_tags,
             dial_timeout=cfg.dial_timeout,
             existing_hosts=existing,
+            headers=headers,
         )
         path = os.path.join(target_dir, "hosts.toml")
-        _atomic_write(path, text)
+        # credentials in the file: readable by root (containerd) only
+        _atomic_write(path, text, 0o600 if headers else 0o644)
         written.append(path)
         logger.info(
             "wrote containerd mirror configuration", extra={"path": path, "registry": registry}
         )
     return written
+
+
+def _basic_auth(directory: str) -> BasicAuth | None:
+    try:
+        auth = load_basic_auth(directory)
+    except BasicAuthError as exc:
+        raise ConfigError(f"--basic-auth-dir: {exc}") from None
+    if auth is not None:
+        logger.info("mirrors get the basic auth header", extra={"basic_auth_dir": directory})
+    return auth
 
 
 def cleanup(config_path: str) -> bool:

@@ -43,6 +43,7 @@ from agent.identity import load_or_create_node_id
 from agent.metrics_server import create_metrics_app, serve_app
 from agent.peer_router import registry_router
 from agent.supervise import RestartPolicy, ServiceFailed, Supervisor
+from registry.basic_auth import BasicAuth
 from registry.events import MirrorEvents
 from registry.interfaces import ContentStore, Router
 
@@ -160,7 +161,10 @@ def default_app(parts: AppParts) -> Any:
         mirror=cfg.mirror_settings(),
         filters=ReferenceFilter.from_config(cfg.mirrored_registries, cfg.registry_filters),
         readiness=parts.ready,
+        basic_auth=read_basic_auth(cfg.basic_auth_dir),
     )
+    if settings.basic_auth is not None:
+        logger.info("basic auth enabled", extra={"basic_auth_dir": cfg.basic_auth_dir})
     return create_app(parts.store, parts.router, settings, events=parts.events)
 
 
@@ -239,6 +243,16 @@ def make_bootstrapper(cfg: RegistryConfig, me: SelfInfo) -> Bootstrapper:
         )
         return KubernetesBootstrap(elector, me.port)
     return NoBootstrap()
+
+
+def read_basic_auth(directory: str) -> BasicAuth | None:
+    """The registry's Basic auth credentials (None: off); unusable files are a ConfigError."""
+    from registry.basic_auth import BasicAuthError, load_basic_auth
+
+    try:
+        return load_basic_auth(directory)
+    except BasicAuthError as exc:
+        raise ConfigError(f"--basic-auth-dir: {exc}") from None
 
 
 def read_psk(path: str) -> bytes | None:

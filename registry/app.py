@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import trio
@@ -23,6 +23,7 @@ from quart_trio import QuartTrio
 from quart_trio.wrappers import TrioResponse
 
 from registry.access_log import with_request_metrics
+from registry.basic_auth import BasicAuth, authorized
 from registry.buffers import Chunk
 from registry.distribution import (
     ApiVersionCheck,
@@ -80,6 +81,9 @@ class RegistrySettings:
     # Registry assumed for requests without `ns` (clients that talk to us directly, e.g.
     # skopeo).  None, as in Spegel: such requests are 404.
     default_registry: str | None = None
+    # Basic auth (Spegel's basic-auth Secret): required on every route but the probes, and sent
+    # to peers (the forwarder's `MirrorSettings.authorization` is set from it).  None: off.
+    basic_auth: BasicAuth | None = None
 
 
 class Response(TrioResponse):
@@ -128,10 +132,13 @@ class _Registry:
         self.filters = settings.filters or ReferenceFilter()
         self.readiness = settings.readiness or router.ready
         self.default_registry = settings.default_registry
+        mirror = settings.mirror
+        if settings.basic_auth is not None:
+            mirror = replace(mirror, authorization=settings.basic_auth.header_value)
         self.forwarder = Forwarder(
             router,
             PeerClient(read_size=settings.read_size),
-            settings.mirror,
+            mirror,
             Quarantine(),
             events=events,
         )
@@ -139,7 +146,14 @@ class _Registry:
     async def dispatch(self, path: str) -> Response:
         return await self._dispatch(path, request.method)
 
+    def authorized(self, header: str | None) -> bool:
+        """The one authentication check, made before anything is looked up (both paths)."""
+        return authorized(self.settings.basic_auth, header)
+
     async def _dispatch(self, path: str, method: str) -> Response:
+        probe = path in ("/livez", "/readyz") and method in ("GET", "HEAD")
+        if not probe and not self.authorized(request.headers.get("Authorization")):
+            return _oci_error(401, ErrorCode.UNAUTHORIZED, "invalid credentials")
         if method not in ("GET", "HEAD"):
             return _empty(404)
         if path == "/livez":
@@ -254,9 +268,17 @@ class _Registry:
         return response
 
     async def plan_local_blob(
-        self, method: str, path: str, ns: str | None, range_header: str | None
+        self,
+        method: str,
+        path: str,
+        ns: str | None,
+        range_header: str | None,
+        authorization: str | None = None,
     ) -> LocalBlob | None:
-        """The response to a GET/HEAD of a local blob; None for anything else."""
+        """The response to a GET/HEAD of a local blob; None for anything else (including a
+        request without valid credentials: the app answers it, with a 401)."""
+        if not self.authorized(authorization):
+            return None
         try:
             parsed = parse_request_path(path, ns or self.default_registry)
             range_spec = None if range_header is None else parse_range(range_header)
@@ -425,11 +447,19 @@ async def plan_mirror_blob(
 
 
 async def plan_local_blob(
-    app: QuartTrio, *, method: str, path: str, ns: str | None, range_header: str | None
+    app: QuartTrio,
+    *,
+    method: str,
+    path: str,
+    ns: str | None,
+    range_header: str | None,
+    authorization: str | None = None,
 ) -> LocalBlob | None:
-    """What `app` would answer to this request if it is a local file-backed blob, else None."""
+    """What `app` would answer to this request if it is a local file-backed blob, else None.
+
+    `authorization` is the request's Authorization header: checked first, before any lookup."""
     registry: _Registry = app.extensions["spegla.registry"]
-    return await registry.plan_local_blob(method, path, ns, range_header)
+    return await registry.plan_local_blob(method, path, ns, range_header, authorization)
 
 
 def create_app(

@@ -128,6 +128,7 @@ class _FrontDoor:
             path=path,
             ns=ns_values[0] if ns_values else None,
             range_header=request.header(b"range"),
+            authorization=request.header(b"authorization"),
         )
 
     async def _plan_mirror(self, request: HttpRequest) -> MirrorPlan | None:

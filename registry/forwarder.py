@@ -152,6 +152,7 @@ class _Run:
             expected_digest=self.ref.digest,
             is_blob=self.is_blob,
             user_agent=self.settings.user_agent,
+            authorization=self.settings.authorization,
         )
         # what the one outcome log line reports (see `log_outcome`)
         self.started = time.monotonic()

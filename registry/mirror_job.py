@@ -41,6 +41,8 @@ class MirrorSettings:
     manifest_deadline: float = 3.0  # HEAD and manifest mirror requests finish within this
     max_manifest_size: int = SNIFF_LIMIT
     user_agent: str = "spegla"
+    # `Authorization` header value sent to peers (Basic auth configured on every agent)
+    authorization: str | None = None
     # a response not taking the next chunk for this long is abandoned (its client is gone, or it
     # never started reading); this also bounds how long a peer connection can be held for it
     consumer_timeout: float = 60.0

@@ -35,6 +35,7 @@ class TransferRequest:
     expected_digest: str | None
     is_blob: bool
     user_agent: str
+    authorization: str | None = None  # sent to peers when Basic auth is configured
 
     @property
     def is_head(self) -> bool:
@@ -46,6 +47,8 @@ class TransferRequest:
             ("User-Agent", self.user_agent),
             ("Accept", ACCEPT),
         ]
+        if self.authorization is not None:
+            headers.append(("Authorization", self.authorization))
         if requested is not None:
             headers.append(("Range", requested.header))
         return headers

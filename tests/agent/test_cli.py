@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -228,3 +229,17 @@ def test_bad_multiaddrs_are_one_line_errors(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+def test_registry_refuses_unusable_basic_auth_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "password").write_bytes(b"one\ntwo\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["registry", "--basic-auth-dir", str(tmp_path)], environ={})
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--basic-auth-dir" in err and "more than one line" in err
+    assert len(err.splitlines()) == 1
+    assert registry([]).basic_auth_dir == "/etc/secrets/basic-auth"  # Spegel's path
+    assert registry([], {"BASIC_AUTH_DIR": "/run/auth"}).basic_auth_dir == "/run/auth"

@@ -266,3 +266,51 @@ async def test_cleanup_wait_probes_every_address_with_bounded_concurrency() -> N
     assert rounds_before_ready >= 4
     assert all(count >= 5 for count in answered.values())  # every address, every round
     assert 1 < most <= 10
+
+
+def test_basic_auth_header_for_every_target(tmp_path: Path) -> None:
+    """`configuration` with a basic-auth directory: an Authorization header under each of our
+    mirror targets (not under prepended ones), in a file only root can read."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "username").write_text("hello\n")
+    (secret / "password").write_text("world")
+    certs = tmp_path / "certs.d"
+    (certs / "docker.io").mkdir(parents=True)
+    (certs / "docker.io" / "hosts.toml").write_text(
+        "[host.'https://mirror.example']\ncapabilities = ['pull']\n"
+    )
+    env = {
+        "CONTAINERD_REGISTRY_CONFIG_PATH": str(certs),
+        "MIRRORED_REGISTRIES": "https://docker.io",
+        "MIRROR_TARGETS": "http://10.0.0.5:30020,http://10.0.0.5:30021",
+        "PREPEND_EXISTING": "true",
+    }
+    argv = ["configuration", "--basic-auth-dir", str(secret)]
+    assert main(argv, environ=env) == 0
+    path = certs / "docker.io" / "hosts.toml"
+    text = path.read_text()
+    golden("docker_io_basic_auth.toml", text)
+    data = tomllib.loads(text)
+    header = {"Authorization": "Basic aGVsbG86d29ybGQ="}  # Spegel's test vector: hello:world
+    assert data["host"]["http://10.0.0.5:30020"]["header"] == header
+    assert data["host"]["http://10.0.0.5:30021"]["header"] == header
+    assert "header" not in data["host"]["https://mirror.example"]
+    assert path.stat().st_mode & 0o777 == 0o600
+    # the env twin; and without credential files no header and a world-readable file
+    env["BASIC_AUTH_DIR"] = str(tmp_path / "none")
+    assert main(["configuration"], environ=env) == 0
+    assert "header" not in path.read_text() and path.stat().st_mode & 0o777 == 0o644
+
+
+def test_unusable_basic_auth_files_stop_configuration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "username").write_text("a:b")
+    env = {"CONTAINERD_REGISTRY_CONFIG_PATH": str(tmp_path / "certs.d")}
+    argv = ["configuration", "--mirror-targets", "http://10.0.0.5:30020"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--basic-auth-dir", str(tmp_path)], environ=env)
+    assert exit_info.value.code == 2
+    assert "cannot contain ':'" in capsys.readouterr().err
+    assert not (tmp_path / "certs.d").exists()  # nothing touched

@@ -354,3 +354,35 @@ async def test_static_bootstrap_from_a_spegel_multiaddr(
             ).status_code != 200:
                 await trio.sleep(0.05)
     stop.set()
+
+
+async def test_agent_requires_basic_auth_from_the_secret_directory(tmp_path: Any) -> None:
+    """`--basic-auth-dir` holding a username and a password: the agent's registry answers 401
+    without them and serves with them; the probes stay open."""
+    secret = tmp_path / "basic-auth"
+    secret.mkdir()
+    (secret / "username").write_text("node")
+    (secret / "password").write_text("pw\n")
+    cfg = config(str(tmp_path / "data"), standalone=True, basic_auth_dir=str(secret))
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        handle = await nursery.start(
+            functools.partial(
+                run_agent,
+                cfg,
+                stop,
+                Hooks(backend=memory_backend([], [], BLOB)),
+                handle_signals=False,
+            )
+        )
+        base = f"http://127.0.0.1:{handle.registry_port}"
+        blob = f"{base}/v2/app/blobs/{sha256_digest(BLOB)}?ns=example.com"
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{base}/livez")).status_code == 200
+            refused = await http.get(blob)
+            assert refused.status_code == 401
+            assert refused.json()["errors"][0]["code"] == "UNAUTHORIZED"
+            assert (await http.get(blob, auth=("node", "wrong"))).status_code == 401
+            served = await http.get(blob, auth=("node", "pw"))
+            assert (served.status_code, served.content) == (200, BLOB)
+        stop.set()
