@@ -305,7 +305,10 @@ class _Registry:
         self, method: str, path: str, ns: str | None, headers: dict[str, str]
     ) -> MirrorPlan | None:
         """The mirror job a GET of a blob that is not held here becomes; None for anything else
-        (the app answers those).  `headers` have lower-case names."""
+        (the app answers those, a request without valid credentials with a 401).  `headers`
+        have lower-case names."""
+        if not self.authorized(headers.get("authorization")):
+            return None
         if method != "GET" or headers.get(MIRRORED_HEADER.lower(), "").strip().lower() == "true":
             return None
         try:
