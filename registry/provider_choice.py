@@ -1,0 +1,123 @@
+"""Which provider a requester asks for a blob, and how a provider bounds its uploads; no I/O.
+
+Why pure: in a burst (hundreds of nodes missing the same layer) the choice decides whether the
+transfer forms a tree or a star.  Rules, shared by the agent and `bench.rollout`:
+- A provider record says `complete` (the blob is committed), `inflight` (the provider's containerd
+  is still receiving it: bytes land in its ingest and it serves them as they arrive) or `claim`
+  (it is about to fetch it from upstream; not a source yet).  Receivers become inflight providers
+  themselves, so each node that got bytes adds upload capacity.
+- Complete providers come before inflight ones; within a class the order is a rendezvous hash of
+  (requester, provider, key): deterministic per requester, spread evenly over requesters, so a
+  thousand requesters do not all pick the same first provider.
+- A provider serves at most `limit` uploads at once (`UploadSlots`); beyond that it answers busy
+  (429 with Retry-After) and the requester moves on to the next provider (`BusyPeers` remembers
+  it until the Retry-After passes) instead of queueing behind it.
+Times are the caller's clock (`now`).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = [
+    "BusyPeers",
+    "PeerKey",
+    "RecordState",
+    "Sighting",
+    "UploadSlots",
+    "rank_providers",
+]
+
+PeerKey = tuple[str, int]
+
+
+class RecordState(enum.Enum):
+    """What a provider record says about the provider's copy."""
+
+    COMPLETE = "complete"
+    INFLIGHT = "inflight"
+    CLAIM = "claim"
+
+    @property
+    def is_source(self) -> bool:
+        """A provider in this state can be fetched from (a claim cannot, yet)."""
+        return self is not RecordState.CLAIM
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """One provider record a lookup returned."""
+
+    node_id: bytes
+    address: PeerKey  # where its registry answers
+    state: RecordState
+
+
+def _rendezvous(requester: bytes, provider: bytes, key: str) -> bytes:
+    return hashlib.sha256(requester + b"\x00" + provider + b"\x00" + key.encode()).digest()
+
+
+def rank_providers(requester: bytes, key: str, sightings: Iterable[Sighting]) -> list[Sighting]:
+    """Sources among `sightings`, best first: complete before inflight, then rendezvous order."""
+    sources = [s for s in sightings if s.state.is_source]
+    return sorted(
+        sources,
+        key=lambda s: (
+            s.state is not RecordState.COMPLETE,
+            _rendezvous(requester, s.node_id, key),
+        ),
+    )
+
+
+class BusyPeers:
+    """Providers that answered busy, until their Retry-After passes (bounded, oldest go first)."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._max = max_entries
+        self._until: OrderedDict[PeerKey, float] = OrderedDict()
+
+    def add(self, peer: PeerKey, until: float) -> None:
+        self._until[peer] = until
+        self._until.move_to_end(peer)
+        while len(self._until) > self._max:
+            self._until.popitem(last=False)
+
+    def busy(self, peer: PeerKey, now: float) -> bool:
+        until = self._until.get(peer)
+        if until is None:
+            return False
+        if until <= now:
+            del self._until[peer]
+            return False
+        return True
+
+    def until(self, peer: PeerKey) -> float | None:
+        return self._until.get(peer)
+
+
+class UploadSlots:
+    """A provider's count of uploads in progress, bounded by `limit` (0: unbounded)."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise ValueError("upload limit must be >= 0")
+        self.limit = limit
+        self.active = 0
+        self.refused = 0
+
+    def try_acquire(self) -> bool:
+        """Take a slot; False (and count a refusal) when all are in use."""
+        if self.limit and self.active >= self.limit:
+            self.refused += 1
+            return False
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        if self.active <= 0:
+            raise RuntimeError("upload slot released more often than taken")
+        self.active -= 1
