@@ -12,14 +12,16 @@ returns, feeding back lookup results (`seen`, `round_ended`) and fetch outcomes 
             -> `Fetch`.  Nothing by the end of the attempt (or the lookup converged):
             - someone else's claim seen          -> WAITING for it;
             - sources seen but all busy          -> WAITING for one to free up;
-            - sources seen but all failed        -> `Miss` (no claim: the content exists elsewhere);
-            - nothing at all                     -> `PublishClaim`, then SETTLING.
+            - nothing usable (none seen, or all failed: a tree that lost its root)
+                                                 -> `PublishClaim`, then SETTLING.
   SETTLING  `settle` after our claim went out, a fresh lookup (`Resolve`) shows the claims made at
             about the same moment.  Decided when that lookup converges, and never later than the
             resolve budget (`resolve_timeout` x `resolve_retries`, the 60 ms a plain miss takes):
-            the claimant is the lowest node id among the claims seen (ours included).  Every node
-            that sees a set of claims containing the overall lowest one agrees on it, and the
-            lowest claimant always sees its own claim, so there is always at least one claimant;
+            the claimant is the claim of lowest `claim_rank` (a hash of node id and key, so the
+            layers of one image get different claimants and no node uploads every layer first)
+            among the claims seen (ours included).  Every node that sees a set of claims
+            containing the overall lowest one agrees on it, and the lowest claimant always sees
+            its own claim, so there is always at least one claimant;
             two only when a claim is not visible to the other within `settle` (then: one extra
             upstream copy, never a deadlock).  Winner -> `Miss(claimant=True)`: its containerd
             goes upstream, its ingest appears and becomes the inflight provider.  Loser ->
@@ -35,6 +37,7 @@ ends by a deadline, so the protocol never waits unbounded and cannot deadlock.
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
 
 from registry.provider_choice import (
@@ -54,7 +57,13 @@ __all__ = [
     "Step",
     "Wait",
     "WithdrawClaim",
+    "claim_rank",
 ]
+
+
+def claim_rank(node_id: bytes, key: str) -> bytes:
+    """The tie-break between simultaneous claims of `key`: the lowest rank wins."""
+    return hashlib.sha256(node_id + b"\x00claim\x00" + key.encode()).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +151,9 @@ class ProviderWait:
     round_done: bool = False
     fetching: bool = False  # a Fetch went out and has not been reported failed
     last_failure: float = 0.0
+    failures: int = 0  # failed fetches (busy answers do not count)
+    need_round: bool = False  # the sources seen so far are used up: look again
+    wait_started: float = 0.0
     resolve_due: float | None = None  # when WAITING/SETTLING next starts a lookup
     waited_on: bytes | None = None
     reason: str = ""
@@ -166,10 +178,19 @@ class ProviderWait:
         self.round_done = True
 
     def exclude(self, peer: PeerKey, now: float) -> None:
-        """A fetch from `peer` failed (or must not be repeated): look for another source."""
+        """A fetch from `peer` failed (or its stream broke): look for another source.
+
+        Counts towards `resolve_retries` failed fetches, after which the request misses.  The next
+        step looks again from LOOKING (a fresh attempt), so a stream that broke late still finds
+        the providers that appeared meanwhile.
+        """
         self.excluded.add(peer)
         self.fetching = False
         self.last_failure = now
+        self.failures += 1
+        self.need_round = True
+        if self.phase is not _Phase.DONE:
+            self.phase = _Phase.LOOKING
 
     def busy(self, peer: PeerKey, until: float, now: float) -> None:
         """`peer` answered busy; skip it until `until` (not a failure: it may serve later)."""
@@ -211,6 +232,7 @@ class ProviderWait:
 
     def _enter_waiting(self, now: float, waited_on: bytes | None) -> Step:
         self.phase = _Phase.WAITING
+        self.wait_started = now
         self.waited_on = waited_on
         self.resolve_due = now + self.settings.poll
         return self.step(now)
@@ -221,6 +243,8 @@ class ProviderWait:
             raise RuntimeError("step() after the request was decided")
         if self.fetching:
             raise RuntimeError("step() while a fetch is in progress (report it first)")
+        if self.failures >= self.settings.resolve_retries:
+            return self._miss(f"all request retries exhausted for {self.key}")
         usable = self._usable(now)
         if usable:
             withdraw = self.own_claim
@@ -229,6 +253,9 @@ class ProviderWait:
                 self.phase = _Phase.LOOKING
             self.fetching = True
             return Fetch(usable[0], withdraw)
+        if self.need_round and (self.round_done or self.phase is _Phase.LOOKING):
+            self.need_round = False
+            return self._start_round(now)
         if self.phase is _Phase.LOOKING:
             return self._looking(now)
         if self.phase is _Phase.SETTLING:
@@ -249,11 +276,11 @@ class ProviderWait:
                 return Wait(self.started + self.settings.budget)
             return self._miss(f"could not find peer for {self.key}")
         if self.claims:
-            return self._enter_waiting(now, min(self.claims))
+            return self._enter_waiting(now, min(self.claims, key=lambda n: claim_rank(n, self.key)))
         if self._waitable(now):
             return self._enter_waiting(now, None)
-        if self.sources:
-            return self._miss(f"all providers of {self.key} failed")
+        # nothing usable: nobody has it, or every source failed (a provider deleted it, or an
+        # inflight tree lost its root): elect one node to go upstream rather than all of them
         self.phase = _Phase.SETTLING
         self.own_claim = True
         self.claim_at = now
@@ -268,17 +295,18 @@ class ProviderWait:
             return self._start_round(now)
         if not self.round_done and now < decide_by:
             return Wait(decide_by)
-        lowest = min([self.requester, *self.claims])
+        lowest = min([self.requester, *self.claims], key=lambda n: claim_rank(n, self.key))
         if lowest == self.requester:
             return self._miss(f"claimed {self.key}: this node fetches it upstream", claimant=True)
         self.own_claim = False
         self.phase = _Phase.WAITING
+        self.wait_started = self.started
         self.waited_on = lowest
         self.resolve_due = now + self.settings.poll
         return WithdrawClaim()
 
     def _waiting(self, now: float) -> Step:
-        deadline = self.started + self.settings.ingest_wait
+        deadline = self.wait_started + self.settings.ingest_wait
         if now >= deadline:
             who = "the claimant's ingest" if self.waited_on is not None else "a free provider"
             return self._miss(f"waited too long for {who} of {self.key}")

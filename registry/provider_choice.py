@@ -100,7 +100,18 @@ class BusyPeers:
 
 
 class UploadSlots:
-    """A provider's count of uploads in progress, bounded by `limit` (0: unbounded)."""
+    """A provider's uploads in progress, bounded by `limit` (0: unbounded).
+
+    One exception keeps every blob moving: an upload of a key nobody is uploading right now is
+    always admitted.  Otherwise the first node of a burst (often the claimant of every layer of an
+    image) fills its slots with the first layer asked for and no tree ever starts for the others.
+    So at most `limit` + (number of distinct keys being uploaded) at once.
+
+    And a node whose uplink cannot keep up says busy early: `lagging` is true when one of its
+    uploads of an inflight blob has fallen behind the bytes its own ingest already holds (an
+    upload that keeps up waits for the ingest to grow; one that lags is limited by this node's
+    uplink).  A new upload would only slow the ones running, and through them their subtrees.
+    """
 
     def __init__(self, limit: int) -> None:
         if limit < 0:
@@ -108,16 +119,24 @@ class UploadSlots:
         self.limit = limit
         self.active = 0
         self.refused = 0
+        self._per_key: dict[str, int] = {}
 
-    def try_acquire(self) -> bool:
-        """Take a slot; False (and count a refusal) when all are in use."""
-        if self.limit and self.active >= self.limit:
+    def try_acquire(self, key: str, *, lagging: bool = False) -> bool:
+        """Take a slot for an upload of `key`; False (and count a refusal) when busy."""
+        full = (self.limit and self.active >= self.limit) or lagging
+        if full and self._per_key.get(key, 0) > 0:
             self.refused += 1
             return False
         self.active += 1
+        self._per_key[key] = self._per_key.get(key, 0) + 1
         return True
 
-    def release(self) -> None:
-        if self.active <= 0:
+    def release(self, key: str) -> None:
+        count = self._per_key.get(key, 0)
+        if count <= 0:
             raise RuntimeError("upload slot released more often than taken")
         self.active -= 1
+        if count == 1:
+            del self._per_key[key]
+        else:
+            self._per_key[key] = count - 1
