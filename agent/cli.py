@@ -147,6 +147,10 @@ _FLAGS: dict[str, tuple[Flag, ...]] = {
              "how long to wait for a peer before each retry (Go duration)", metavar="DURATION"),
         Flag("--mirror-resolve-retries", str(MIRROR_DEFAULTS.resolve_retries), _int,
              "peer look-up attempts per request", metavar="N"),
+        Flag("--mirror-buffer-memory", str(MIRROR_DEFAULTS.buffer_memory >> 20), _int,
+             "MiB of memory for blob bytes in transit from peers, over all requests (keep it "
+             "well under the DaemonSet's memory limit; an idle agent holds ~50 MiB)",
+             metavar="MIB"),
         Flag("--bootstrap-kind", "none", _kind,
              "how to find the first peers: dns, http, static, kubernetes, none", metavar="KIND"),
         Flag("--dns-bootstrap-domain", "", _text,
@@ -433,6 +437,7 @@ def registry_config(ns: argparse.Namespace) -> RegistryConfig:
         registry_filters=_flatten(ns.registry_filters),
         mirror_resolve_timeout=ns.mirror_resolve_timeout,
         mirror_resolve_retries=ns.mirror_resolve_retries,
+        mirror_buffer_memory=ns.mirror_buffer_memory << 20,
         bootstrap=bootstrap,
         data_dir=ns.data_dir,
         debug_web_enabled=ns.debug_web_enabled,

@@ -289,6 +289,7 @@ class RegistryConfig:
     registry_filters: tuple[str, ...] = ()
     mirror_resolve_timeout: float = MIRROR_DEFAULTS.resolve_timeout
     mirror_resolve_retries: int = MIRROR_DEFAULTS.resolve_retries
+    mirror_buffer_memory: int = MIRROR_DEFAULTS.buffer_memory  # bytes
     bootstrap: BootstrapConfig = BootstrapConfig()
     data_dir: str = ""
     debug_web_enabled: bool = True
@@ -317,6 +318,8 @@ class RegistryConfig:
             raise ConfigError("--mirror-resolve-retries must be at least 1")
         if self.mirror_resolve_timeout <= 0:
             raise ConfigError("--mirror-resolve-timeout must be greater than 0")
+        if self.mirror_buffer_memory < MIRROR_DEFAULTS.buffer_size:
+            raise ConfigError("--mirror-buffer-memory must be at least 1 (MiB)")
         return self
 
     def mirror_settings(self) -> MirrorSettings:
@@ -325,6 +328,7 @@ class RegistryConfig:
             MIRROR_DEFAULTS,
             resolve_timeout=self.mirror_resolve_timeout,
             resolve_retries=self.mirror_resolve_retries,
+            buffer_memory=self.mirror_buffer_memory,
         )
 
 

@@ -44,6 +44,7 @@ class MirrorOutcome:
     duration_ms: float
     attempts: int  # peers asked
     reason: str  # why it missed or was cut short; "" for a clean hit
+    hedged: bool = False  # a second provider was asked while the first was slow to answer
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,13 +50,13 @@ from registry.blob_stream import (
 from registry.buffers import BufferPool, Chunk
 from registry.distribution import ContentKind, ErrorCode
 from registry.events import MirrorEvents, MirrorOutcome, PeerFetchFailed
+from registry.hedging import HedgeDelay, HedgePolicy
 from registry.interfaces import Peer, PeerState, Router
 from registry.mediatypes import OCTET_STREAM
 from registry.mirror import (
     GiveUp,
     MirrorAttempts,
     PeerAnswer,
-    PeerAnswerError,
     Quarantine,
     StaleProviders,
     peer_key,
@@ -69,8 +69,9 @@ from registry.mirror_job import (
     MirrorJob,
     MirrorSettings,
 )
-from registry.peer_client import PeerClient, PeerError
-from registry.peer_supply import PeerSupply, RouterFailure, next_usable_peer
+from registry.peer_client import PeerClient
+from registry.peer_race import open_hedged
+from registry.peer_supply import PeerSupply, RouterFailure
 from registry.peer_transfer import PeerFetch, TransferRequest, open_transfer, read_whole_body
 from registry.ranges import ByteRange, RangeNotSatisfiable
 from registry.verification import VerificationPolicy, peer_address
@@ -98,6 +99,10 @@ class Forwarder:
         self.settings = settings if settings is not None else MirrorSettings()
         self.quarantine = quarantine if quarantine is not None else Quarantine()
         self.buffers = BufferPool(self.settings.buffer_size, self.settings.buffer_memory)
+        # recent times-to-answer of peers, for the hedge delay (agent-wide)
+        self.hedge_delay = HedgeDelay(
+            HedgePolicy(floor=self.settings.hedge_floor, ceiling=self.settings.hedge_ceiling)
+        )
         self.verification = VerificationPolicy(
             self.quarantine,
             self.buffers,
@@ -160,6 +165,7 @@ class _Run:
         self.delivered = 0  # body bytes handed to the response
         self.reason = ""  # why it missed or was cut short
         self.serving: list[Peer] = []  # the peer whose answer is being sent, then resumed-from
+        self.hedged = False  # a second provider was asked while one was slow
 
     async def _emit(self, item: MirrorItem) -> None:
         """Hand an item to the response; a response that stops reading counts as gone."""
@@ -197,6 +203,7 @@ class _Run:
             duration_ms=round((time.monotonic() - self.started) * 1000, 3),
             attempts=self.attempts.fetched,
             reason=self.reason or ("" if self.hit else "no answer"),
+            hedged=self.hedged,
         )
         self.fw.events.emit(outcome)
         log_outcome(outcome)
@@ -231,43 +238,49 @@ class _Run:
         requested: ByteRange | None,
         expected_size: int | None,
     ) -> PeerFetch | GiveUp:
-        """Open a usable response from the next working provider (failing over as needed)."""
-        while True:
-            peer = await next_usable_peer(supply, self.attempts, self.settings.resolve_timeout)
-            if isinstance(peer, GiveUp):
-                return peer
-            self.attempts.start_fetch(peer)
-            inner = AsyncExitStack()
-            try:
-                fetch = await open_transfer(
-                    self.fw.client,
-                    peer,
-                    self.transfer,
-                    inner,
-                    requested=requested,
-                    expected_size=expected_size,
-                    response_timeout=self.settings.response_timeout,
-                    on_not_found=functools.partial(self._mark_stale, peer),
-                )
-            except (PeerError, PeerAnswerError, trio.TooSlowError) as exc:
-                await inner.aclose()
-                key, error = self.ref.identifier, str(exc) or type(exc).__name__
-                failed = PeerFetchFailed(time.time(), key, peer_address(peer), error)
-                self.fw.events.emit(failed)
-                logger.info(
-                    "peer fetch failed",
-                    extra={"peer": failed.peer, "key": failed.key, "error": failed.error},
-                )
-                give_up = self.attempts.fetch_failed()
-                if give_up is not None:
-                    return give_up
-                continue
-            stack.push_async_callback(inner.aclose)
-            if expected_size is None:
-                self.serving = [peer]  # a fresh answer (not a resumption)
-            else:
-                self.serving.append(peer)
-            return fetch
+        """Open a usable response from the next working provider (failing over as needed; a
+        provider slow to answer is hedged with the next one, see `registry.peer_race`)."""
+
+        async def open_one(peer: Peer, inner: AsyncExitStack) -> PeerFetch:
+            return await open_transfer(
+                self.fw.client,
+                peer,
+                self.transfer,
+                inner,
+                requested=requested,
+                expected_size=expected_size,
+                response_timeout=self.settings.response_timeout,
+                on_not_found=functools.partial(self._mark_stale, peer),
+            )
+
+        def failed(peer: Peer, exc: Exception) -> None:
+            key, error = self.ref.identifier, str(exc) or type(exc).__name__
+            failure = PeerFetchFailed(time.time(), key, peer_address(peer), error)
+            self.fw.events.emit(failure)
+            logger.info(
+                "peer fetch failed",
+                extra={"peer": failure.peer, "key": failure.key, "error": failure.error},
+            )
+
+        opened = await open_hedged(
+            supply,
+            self.attempts,
+            resolve_timeout=self.settings.resolve_timeout,
+            delay=self.fw.hedge_delay,
+            max_racers=self.settings.hedge_racers,
+            open_one=open_one,
+            on_failure=failed,
+        )
+        if isinstance(opened, GiveUp):
+            return opened
+        stack.push_async_callback(opened.stack.aclose)
+        if opened.hedged:
+            self.hedged = True
+        if expected_size is None:
+            self.serving = [opened.peer]  # a fresh answer (not a resumption)
+        else:
+            self.serving.append(opened.peer)
+        return opened.result
 
     def _mark_stale(self, peer: Peer) -> None:
         if peer.state is PeerState.COMPLETE:  # an in-flight provider may hold it a moment later
@@ -463,6 +476,8 @@ def log_outcome(outcome: MirrorOutcome) -> None:
         "duration_ms": outcome.duration_ms,
         "attempts": outcome.attempts,
     }
+    if outcome.hedged:
+        extra["hedged"] = True
     if outcome.resumed_from:
         extra["resumed_from"] = list(outcome.resumed_from)
     if outcome.reason:

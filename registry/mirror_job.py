@@ -38,6 +38,12 @@ class MirrorSettings:
     resolve_retries: int = 3  # --mirror-resolve-retries: failed attempts before giving up
     response_timeout: float = 2.0  # connect + headers from a peer (a dropped SYN costs 1 s)
     stall_timeout: float = 5.0  # no body bytes from a peer for this long = broken stream
+    # Hedging (registry.peer_race): a provider that has not answered within the hedge delay (a
+    # recent p90 of answer times, clamped to [hedge_floor, hedge_ceiling]) gets company: the next
+    # provider is asked too, up to hedge_racers at once; the first answer wins.  1 = no hedging.
+    hedge_floor: float = 0.050
+    hedge_ceiling: float = 0.500
+    hedge_racers: int = 2
     manifest_deadline: float = 3.0  # HEAD and manifest mirror requests finish within this
     max_manifest_size: int = SNIFF_LIMIT
     user_agent: str = "spegla"
@@ -63,6 +69,10 @@ class MirrorSettings:
             raise ValueError("resolve_timeout must be a positive number of seconds")
         if self.resolve_retries < 1:
             raise ValueError("resolve_retries must be at least 1")
+        if not 0 < self.hedge_floor <= self.hedge_ceiling or not math.isfinite(self.hedge_ceiling):
+            raise ValueError("hedging needs 0 < hedge_floor <= hedge_ceiling")
+        if self.hedge_racers < 1:
+            raise ValueError("hedge_racers must be at least 1")
 
 
 MIRROR_DEFAULTS = MirrorSettings()

@@ -45,9 +45,13 @@ def test_mirror_settings_flow_from_the_flags_to_the_registry() -> None:
     # the defaults have one source (MirrorSettings); the flags override only what they name
     assert registry([]).mirror_settings() == MIRROR_DEFAULTS
     settings = registry(
-        ["--mirror-resolve-timeout", "35ms", "--mirror-resolve-retries", "5"]
+        [
+            *("--mirror-resolve-timeout", "35ms", "--mirror-resolve-retries", "5"),
+            *("--mirror-buffer-memory", "96"),
+        ]
     ).mirror_settings()
     assert settings.resolve_timeout == pytest.approx(0.035) and settings.resolve_retries == 5
+    assert settings.buffer_memory == 96 << 20
     assert settings.response_timeout == MIRROR_DEFAULTS.response_timeout
     assert settings.stall_timeout == MIRROR_DEFAULTS.stall_timeout
 
@@ -116,6 +120,7 @@ def test_bool_flags() -> None:
         (["--registry-filters", "("], {}, "regex"),
         (["--bootstrap-kind=dns"], {}, "--dns-bootstrap-domain"),
         (["--mirror-resolve-retries=0"], {}, "at least 1"),
+        (["--mirror-buffer-memory=0"], {}, "at least 1"),
         (["--registry-addr=:0"], {}, "fixed port"),
         (["--debug-web-enabled=maybe"], {}, "boolean"),
         (["--no-such-flag"], {}, "unrecognized"),

@@ -1,0 +1,176 @@
+"""Opening a peer response with hedging: race the start, not the body.
+
+Why its own module: which peer is asked next (`registry.peer_supply`) and what one peer's answer
+must look like (`registry.peer_transfer`) do not change with hedging; what changes is *when* the
+next provider is asked.  `open_hedged` asks one provider; if it has not answered (response head)
+within the hedge delay (`registry.hedging`), the next usable provider is asked too, up to
+`max_racers` at once.  The first good answer wins; every other open attempt is cancelled by its
+cancel scope (its connection closed), so a long transfer is never fetched twice.  A provider that
+fails fast (refused, 404, bad headers) is failed over at once, as without hedging, and counts as a
+failed attempt; a cancelled loser does not.
+
+Several addresses of one peer: the Router hands out each address as a provider of its own, so
+they are raced like providers.  A host name with several addresses is dialled by
+`trio.open_tcp_stream`, which races those connects itself (happy eyeballs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import trio
+
+from registry.hedging import HedgeDelay
+from registry.interfaces import Peer
+from registry.mirror import GiveUp, MirrorAttempts, PeerAnswerError
+from registry.peer_client import PeerError
+from registry.peer_supply import PeerSupply, next_usable_peer
+
+__all__ = ["Opened", "open_hedged"]
+
+logger = logging.getLogger("registry.forwarder")
+
+T = TypeVar("T")
+
+FAILURES = (PeerError, PeerAnswerError, trio.TooSlowError)
+
+
+@dataclass(frozen=True, slots=True)
+class Opened(Generic[T]):
+    """The winning open: its result and the stack that holds its connection (close it)."""
+
+    peer: Peer
+    result: T
+    stack: AsyncExitStack
+    hedged: bool  # more than one provider was asked at once
+
+
+class _Race(Generic[T]):
+    def __init__(self) -> None:
+        self.winner: Opened[T] | None = None
+        self.running = 0
+        self.launched = 0
+        self.give_up: GiveUp | None = None
+        self.converged = False
+        self.changed = trio.Event()
+        self.peer_wait: trio.CancelScope | None = None
+
+    def notify(self) -> None:
+        self.changed.set()
+        if self.peer_wait is not None:
+            self.peer_wait.cancel()
+
+
+async def open_hedged(
+    supply: PeerSupply,
+    attempts: MirrorAttempts,
+    *,
+    resolve_timeout: float,
+    delay: HedgeDelay,
+    max_racers: int,
+    open_one: Callable[[Peer, AsyncExitStack], Awaitable[T]],
+    on_failure: Callable[[Peer, Exception], None],
+) -> Opened[T] | GiveUp:
+    """Open with the first provider that answers; GiveUp when attempts or providers ran out.
+
+    `open_one(peer, stack)` opens and checks one response, entering its connection on `stack`;
+    it raises PeerError, PeerAnswerError or trio.TooSlowError when that peer fails.
+    """
+    race: _Race[T] = _Race()
+
+    async def racer(peer: Peer, nursery: trio.Nursery) -> None:
+        stack = AsyncExitStack()
+        asked = trio.current_time()
+        try:
+            result = await open_one(peer, stack)
+        except FAILURES as exc:
+            with trio.CancelScope(shield=True):
+                await stack.aclose()
+            on_failure(peer, exc)
+            race.running -= 1
+            give_up = attempts.fetch_failed()
+            if give_up is not None:
+                race.give_up = give_up
+            race.notify()
+            return
+        except BaseException:  # lost the race (cancelled)
+            with trio.CancelScope(shield=True):
+                await stack.aclose()
+            race.running -= 1
+            raise
+        race.running -= 1
+        if race.winner is not None:  # answered in the same moment as the winner
+            with trio.CancelScope(shield=True):
+                await stack.aclose()
+            return
+        delay.observe(trio.current_time() - asked)
+        race.winner = Opened(peer, result, stack, race.launched > 1)
+        nursery.cancel_scope.cancel()
+
+    def launch(peer: Peer, nursery: trio.Nursery) -> None:
+        attempts.start_fetch(peer)
+        race.running += 1
+        race.launched += 1
+        nursery.start_soon(racer, peer, nursery)
+
+    result: GiveUp | None = None
+    async with trio.open_nursery() as nursery:
+        while True:
+            race.changed = trio.Event()
+            if race.running == 0:
+                if race.give_up is not None:
+                    result = race.give_up
+                    break
+                # nobody is being asked: the next provider, on the resolve clock (fail-over)
+                peer = await next_usable_peer(supply, attempts, resolve_timeout)
+                if isinstance(peer, GiveUp):
+                    result = peer
+                    break
+                launch(peer, nursery)
+                continue
+            if race.running >= max_racers or race.converged or race.give_up is not None:
+                await race.changed.wait()
+                continue
+            with trio.move_on_after(delay.current()):
+                await race.changed.wait()
+                continue
+            # the hedge delay passed without an answer: ask the next provider too
+            hedge = await _hedge_peer(supply, attempts, race)
+            if hedge is not None:
+                logger.info(
+                    "peer slow to answer; hedging",
+                    extra={
+                        "peer": f"{hedge.host}:{hedge.port}",
+                        "key": attempts.identifier,
+                        "delay_ms": round(delay.current() * 1000, 1),
+                    },
+                )
+                launch(hedge, nursery)
+        nursery.cancel_scope.cancel()
+    if race.winner is not None:
+        return race.winner
+    assert result is not None
+    return result
+
+
+async def _hedge_peer(supply: PeerSupply, attempts: MirrorAttempts, race: _Race[T]) -> Peer | None:
+    """The next usable provider, waiting as long as the race is unchanged (no resolve clock:
+    a hedge is optional, so waiting for one uses up no attempt); None when the race changed or
+    the lookup converged."""
+    with trio.CancelScope() as scope:
+        race.peer_wait = scope
+        try:
+            while True:
+                peer = await supply.next()
+                if peer is None:
+                    race.converged = True
+                    return None
+                if attempts.usable(peer):
+                    return peer
+        finally:
+            race.peer_wait = None
+    return None

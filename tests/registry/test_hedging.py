@@ -1,0 +1,143 @@
+"""Hedging: the hedge delay (pure), and a frozen provider costing one hedge delay, not the 2 s
+response timeout (real loopback sockets; Trio's MockClock drives the delays)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+
+import pytest
+import trio
+import trio.testing
+
+from registry.app import RegistrySettings
+from registry.hedging import HedgeDelay, HedgePolicy
+from registry.interfaces import Peer
+from registry.mirror_job import MirrorSettings
+from tests.fakes import MemoryNetwork
+
+from .conftest import LOOPBACK, ScriptedPeer, StartNode, StartScripted
+from .test_mirror_peers import advertise, provider_and_client
+
+
+def test_no_history_means_the_floor() -> None:
+    assert HedgeDelay().current() == 0.050
+
+
+def test_delay_is_a_recent_quantile_clamped_to_floor_and_ceiling() -> None:
+    delay = HedgeDelay(HedgePolicy(floor=0.05, ceiling=0.5, quantile=0.9, window=10))
+    for ms in range(1, 11):  # 1..10 ms: all under the floor
+        delay.observe(ms / 1000)
+    assert delay.current() == 0.05
+    for ms in (100, 110, 120, 130, 140, 150, 160, 170, 180, 190):  # the window rolls over
+        delay.observe(ms / 1000)
+    assert delay.current() == pytest.approx(0.180)  # p90 of the last ten
+    for _ in range(10):
+        delay.observe(3.0)  # every peer slow: capped well under a second
+    assert delay.current() == 0.5
+    delay.observe(float("nan"))
+    delay.observe(-1)
+    assert delay.current() == 0.5
+
+
+def test_bad_policies_are_refused() -> None:
+    for kwargs in ({"floor": 0}, {"floor": 1.0, "ceiling": 0.5}, {"quantile": 0}, {"window": 0}):
+        with pytest.raises(ValueError):
+            HedgePolicy(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        MirrorSettings(hedge_racers=0)
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    # jumps only when every task has waited 0.3 s of real time: loopback I/O finishes first
+    return trio.testing.MockClock(autojump_threshold=0.3)
+
+
+@pytest.fixture
+def frozen_peer() -> Iterator[Peer]:
+    """A peer whose process is stopped: the kernel completes connects, nobody ever answers."""
+    sock = socket.socket()
+    sock.bind((LOOPBACK, 0))
+    sock.listen(16)
+    try:
+        yield Peer(node_id=b"\xfe" * 32, host=LOOPBACK, port=sock.getsockname()[1])
+    finally:
+        sock.close()
+
+
+SETTINGS = RegistrySettings(
+    mirror=MirrorSettings(resolve_timeout=0.5, response_timeout=2.0, hedge_floor=0.05)
+)
+
+
+@pytest.mark.parametrize("kind", ["layer", "manifest"])
+async def test_frozen_provider_costs_one_hedge_delay(
+    clock: trio.testing.MockClock,
+    start_node: StartNode,
+    network: MemoryNetwork,
+    frozen_peer: Peer,
+    kind: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    provider, content, client = await provider_and_client(start_node, network, SETTINGS)
+    key = content.layer if kind == "layer" else content.manifest
+    network.remove(key, provider.peer)
+    advertise(network, key, frozen_peer, provider)  # the frozen one is asked first
+    path = "blobs" if kind == "layer" else "manifests"
+    caplog.set_level(logging.INFO, logger="registry.forwarder")
+    async with client.client() as http:
+        started = trio.current_time()
+        response = await http.get(f"/v2/library/app/{path}/{key}?ns=docker.io")
+        elapsed = trio.current_time() - started
+    assert response.status_code == 200
+    assert response.content == (content.layer_bytes if kind == "layer" else content.manifest_bytes)
+    # one hedge delay (50 ms floor), not the 2 s response timeout
+    assert 0.05 <= elapsed < 0.5, elapsed
+    outcome = [r for r in caplog.records if r.getMessage() == "mirror hit"][-1]
+    assert outcome.__dict__["hedged"] is True
+    assert outcome.__dict__["peer"] == f"{LOOPBACK}:{provider.port}"
+
+
+async def test_without_hedging_a_frozen_provider_costs_the_response_timeout(
+    clock: trio.testing.MockClock,
+    start_node: StartNode,
+    network: MemoryNetwork,
+    frozen_peer: Peer,
+) -> None:
+    """The control: with hedge_racers=1 the same pull waits out the frozen peer."""
+    settings = RegistrySettings(
+        mirror=MirrorSettings(resolve_timeout=0.5, response_timeout=2.0, hedge_racers=1)
+    )
+    provider, content, client = await provider_and_client(start_node, network, settings)
+    network.remove(content.layer, provider.peer)
+    advertise(network, content.layer, frozen_peer, provider)
+    async with client.client() as http:
+        started = trio.current_time()
+        response = await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")
+        elapsed = trio.current_time() - started
+    assert response.status_code == 200
+    assert elapsed >= 2.0
+
+
+async def test_a_slow_start_is_raced_but_the_body_comes_from_one_peer(
+    clock: trio.testing.MockClock,
+    start_node: StartNode,
+    network: MemoryNetwork,
+    start_scripted: StartScripted,
+) -> None:
+    """Two providers that both answer: the hedge races the start only; the loser's connection
+    is closed as soon as the winner answered, so its body is never read."""
+    provider, content, client = await provider_and_client(start_node, network, SETTINGS)
+    silent = await start_scripted(ScriptedPeer("silent"))
+    network.remove(content.layer, provider.peer)
+    advertise(network, content.layer, silent, provider)
+    sent_before = provider.stats.passed_on
+    async with client.client() as http:
+        response = await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")
+        again = await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")
+    assert response.status_code == again.status_code == 200
+    assert response.content == again.content == content.layer_bytes
+    assert provider.stats.passed_on - sent_before == 2  # one request (and body) per pull
+    assert len(silent.requests) == 2  # asked first each time, never waited out
