@@ -300,7 +300,11 @@ async def _peer_facts(cfg: DoctorConfig, facts: AgentFacts) -> None:
     except Exception as exc:
         table = _metric(facts.metrics_text, "spegla_dht_routing_table_size")
         if table is None:
-            facts.peers_error = f"neither /debug/web/stats nor /metrics told ({_why(exc)})"
+            facts.peers_error = (
+                "the metrics port does not answer"
+                if facts.metrics_error
+                else f"neither /debug/web/stats nor /metrics told ({_why(exc)})"
+            )
             return
         facts.peers = [("", 0)] * int(table)  # the count is known, the addresses are not
         return
@@ -371,7 +375,9 @@ async def run_checks(cfg: DoctorConfig) -> list[dc.Check]:
             agent.metrics_error,
             "/metrics",
         ),
-        dc.check_peers(peers, agent.peers_error, cfg.standalone),
+        dc.check_peers(
+            peers, agent.peers_error, cfg.standalone, agent_down=agent.metrics_error is not None
+        ),
     ]
     if agent.peers_error is None:
         checks.append(

@@ -250,12 +250,17 @@ def check_port(name: str, addr: str, error: str | None, what: str) -> Check:
     )
 
 
-def check_peers(count: int | None, error: str | None, standalone: bool) -> Check:
+def check_peers(
+    count: int | None, error: str | None, standalone: bool, agent_down: bool = False
+) -> Check:
     name = "dht peers"
     if count is None:
-        return Check(
-            name, False, f"unknown: {error}", "enable the debug page (--debug-web-enabled)"
+        fix = (
+            "start the agent first (see the port checks)"
+            if agent_down
+            else "enable the debug page (--debug-web-enabled)"
         )
+        return Check(name, False, f"unknown: {error}", fix)
     if count == 0 and not standalone:
         return Check(
             name,
@@ -312,24 +317,22 @@ def passed(checks: Sequence[Check]) -> bool:
 
 
 def render_table(checks: Sequence[Check], width: int = 100) -> str:
-    """check / result / what to do, one row per check (long cells wrap in their column)."""
+    """check / result / what to do: one row per check, its result wrapped in the result column and,
+    for a failed check, what to do on the lines under it (so long paths stay readable)."""
     import textwrap
 
     name_w = max(len("CHECK"), *(len(c.name) for c in checks))
-    result_w = max(20, (width - name_w - 10) // 2)
-    fix_w = max(20, width - name_w - result_w - 10)
-    header = f"{'CHECK':<{name_w}}  {'':2}  {'RESULT':<{result_w}}  WHAT TO DO"
-    lines = [header, "-" * min(width, len(header) + fix_w)]
+    indent = " " * (name_w + 6)
+    result_w = max(30, width - len(indent))
+    lines = [f"{'CHECK':<{name_w}}  {'':2}  RESULT / what to do", "-" * min(width, 100)]
     for c in checks:
         mark = "ok" if c.ok else "!!"
-        left = textwrap.wrap(c.result, result_w) or [""]
-        right = textwrap.wrap(c.fix, fix_w) or [""]
-        for i in range(max(len(left), len(right))):
-            col1 = c.name if i == 0 else ""
-            col2 = mark if i == 0 else ""
-            r = left[i] if i < len(left) else ""
-            f = right[i] if i < len(right) else ""
-            lines.append(f"{col1:<{name_w}}  {col2:2}  {r:<{result_w}}  {f}".rstrip())
+        result = textwrap.wrap(c.result, result_w, break_on_hyphens=False) or [""]
+        lines.append(f"{c.name:<{name_w}}  {mark}  {result[0]}")
+        lines += [indent + more for more in result[1:]]
+        if c.fix:
+            fix = textwrap.wrap("-> " + c.fix, result_w, break_on_hyphens=False)
+            lines += [indent + part for part in fix]
     failed = sum(1 for c in checks if not c.ok)
     lines.append("")
     lines.append(

@@ -113,8 +113,10 @@ def test_peer_checks_and_rendering() -> None:
     assert dc.check_peer_registry(["a:5000", "b:5000"], "b:5000", ["a:5000 refused"], 2).ok
     checks = [dc.Check("one", True, "fine"), dc.Check("two", False, "broken " * 20, "fix it")]
     table = dc.render_table(checks, width=80)
-    assert table.splitlines()[0].split() == ["CHECK", "RESULT", "WHAT", "TO", "DO"]
-    assert "1 of 2 check(s) failed" in table and "fix it" in table
+    assert table.splitlines()[0].split() == ["CHECK", "RESULT", "/", "what", "to", "do"]
+    assert "1 of 2 check(s) failed" in table and "-> fix it" in table
+    assert table.splitlines()[2].split()[:3] == ["one", "ok", "fine"]
+    assert table.splitlines()[3].split()[:3] == ["two", "!!", "broken"]
     assert all(len(line) <= 80 for line in table.splitlines())
     doc = json.loads(dc.render_json(checks))
     assert doc["ok"] is False and [c["name"] for c in doc["checks"]] == ["one", "two"]
