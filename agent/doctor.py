@@ -127,10 +127,12 @@ async def containerd_facts(cfg: DoctorConfig) -> ContainerdFacts:
     if facts.cri is None and info and (dc.major_version(facts.version) or 0) >= 2:
         try:
             text = await trio.Path(cfg.containerd_config).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            text = ""  # containerd 2.x runs on defaults without a config file
-        except OSError as exc:
-            facts.cri_error = f"cannot read {cfg.containerd_config}: {exc.strerror}"
+        except OSError as exc:  # a missing file is not proof of defaults: it may not be mounted
+            facts.cri_error = (
+                f"containerd {facts.version} does not report image settings over CRI and "
+                f"{cfg.containerd_config} cannot be read ({exc.strerror}); point "
+                "--containerd-config (CONTAINERD_CONFIG) at containerd's config file"
+            )
             return facts
         try:
             facts.cri = dc.from_config_toml(text, cfg.containerd_config)

@@ -160,8 +160,9 @@ def test_agent_started_with_the_daemonsets_args_answers_its_probes(tmp_path: Pat
         "data": tmp_path / "data",
         "tmp": tmp_path / "tmp",
         "containerd-certs-d": tmp_path / "certs.d",
+        "containerd-etc": tmp_path / "etc-containerd",
     }
-    for name in ("containerd-content", "data", "tmp", "containerd-certs-d"):
+    for name in ("containerd-content", "data", "tmp", "containerd-certs-d", "containerd-etc"):
         host_dirs[name].mkdir()
     addr_flags = {
         "--registry-addr": "registry", "--router-addr": "router", "--metrics-addr": "metrics",

@@ -143,10 +143,14 @@ def test_distribution_examples_move_only_the_host_paths_they_mean_to(
 ) -> None:
     default = _host_paths(rendered["default"], "spegla")
     expected = {
-        "examples/talos": {"containerd-certs-d": "/etc/cri/conf.d/hosts"},
+        "examples/talos": {
+            "containerd-certs-d": "/etc/cri/conf.d/hosts",
+            "containerd-etc": "/etc/cri",
+        },
         "examples/k0s": {
             "containerd-sock": "/run/k0s/containerd.sock",
             "containerd-content": "/var/lib/k0s/containerd/io.containerd.content.v1.content",
+            "containerd-etc": "/etc/k0s",
         },
     }
     for example, changes in expected.items():
