@@ -37,7 +37,16 @@ from registry.distribution import (
 from registry.events import MirrorEvents
 from registry.filters import ReferenceFilter
 from registry.forwarder import Forwarder
-from registry.interfaces import BlobReader, ContentNotFound, ContentStore, Descriptor, Router
+from registry.inflight import GrowingFile, upload_chunks
+from registry.interfaces import (
+    BlobReader,
+    ContentNotFound,
+    ContentStore,
+    Descriptor,
+    InflightSource,
+    IngestFile,
+    Router,
+)
 from registry.mediatypes import OCTET_STREAM, is_manifest_media_type
 from registry.metrics import MIRROR_LAST_SUCCESS, MIRROR_REQUESTS
 from registry.mirror import Quarantine
@@ -135,6 +144,8 @@ class _Registry:
         mirror = settings.mirror
         if settings.basic_auth is not None:
             mirror = replace(mirror, authorization=settings.basic_auth.header_value)
+        # blobs this node is still downloading (a store that can tell: the containerd-backed one)
+        self.inflight = store if isinstance(store, InflightSource) else None
         self.forwarder = Forwarder(
             router,
             PeerClient(read_size=settings.read_size),
@@ -184,6 +195,8 @@ class _Registry:
                 return _oci_error(400, ErrorCode.RANGE_INVALID, str(exc))
         mirrored = request.headers.get(MIRRORED_HEADER, "").strip().lower() == "true"
         descriptor = await self._local(parsed)
+        if descriptor is None and (ingest := self._find_inflight(parsed)) is not None:
+            return self._serve_inflight(parsed, ingest, method, range_spec)
         if descriptor is None:
             if mirrored:
                 return _oci_error(404, parsed.unknown_code, f"{parsed.reference} not found")
@@ -205,6 +218,50 @@ class _Registry:
                 "local store lookup failed", extra={"key": ref.identifier, "error": str(exc)}
             )
             return None
+
+    def _find_inflight(self, parsed: ContentRequest) -> IngestFile | None:
+        digest = parsed.reference.digest
+        if self.inflight is None or parsed.kind is not ContentKind.BLOB or digest is None:
+            return None
+        try:
+            return self.inflight.find_inflight(digest)
+        except Exception as exc:
+            logger.warning("in-flight lookup failed", extra={"key": digest, "error": str(exc)})
+            return None
+
+    def _serve_inflight(
+        self,
+        parsed: ContentRequest,
+        ingest: IngestFile,
+        method: str,
+        range_spec: RangeSpec | None,
+    ) -> Response:
+        """A blob still downloading: full size announced, bytes as they land (registry.inflight)."""
+        descriptor = Descriptor(ingest.digest, ingest.size, OCTET_STREAM)
+        try:
+            status, headers, start, length = _blob_response_parts(
+                descriptor, parsed.reference.registry, range_spec
+            )
+        except RangeNotSatisfiable:
+            return _oci_error(
+                416,
+                ErrorCode.RANGE_INVALID,
+                f"range not satisfiable for {ingest.size} bytes",
+                headers={"Content-Range": f"bytes */{ingest.size}"},
+            )
+        del headers["Content-Length"]
+        if method == "HEAD" or length == 0:
+            response = Response(b"", status=status, headers=headers)
+        else:
+            growing = GrowingFile(ingest)
+            try:
+                growing.open()
+            except OSError:
+                return _oci_error(404, ErrorCode.BLOB_UNKNOWN, f"{ingest.digest} not found")
+            peer = request.remote_addr or ""
+            response = Response(upload_chunks(growing, start, length, peer), status, headers)
+        response.headers["Content-Length"] = str(length)
+        return response
 
     async def _serve_manifest(
         self, parsed: ContentRequest, descriptor: Descriptor, method: str
@@ -289,6 +346,9 @@ class _Registry:
         if method not in ("GET", "HEAD") or self.filters.is_filtered(parsed.reference):
             return None
         descriptor = await self._local(parsed)
+        ingest = self._find_inflight(parsed) if descriptor is None else None
+        if ingest is not None:
+            descriptor = Descriptor(ingest.digest, ingest.size, OCTET_STREAM)
         if descriptor is None or is_manifest_media_type(descriptor.media_type):
             return None
         try:
@@ -299,7 +359,7 @@ class _Registry:
             return None
         # whether a file backs it is checked once, when the fast path opens it (`LocalBlob.open`)
         headers = {name.lower(): value for name, value in headers.items()}
-        return LocalBlob(status, headers, start, length, self.store, descriptor)
+        return LocalBlob(status, headers, start, length, self.store, descriptor, ingest)
 
     async def plan_mirror_blob(
         self, method: str, path: str, ns: str | None, headers: dict[str, str]
@@ -347,7 +407,7 @@ class _Registry:
             receive.close()
             raise
         if isinstance(first, MirrorHead):
-            MIRROR_REQUESTS.labels(registry, "hit").inc()
+            MIRROR_REQUESTS.labels(registry, "inflight" if first.inflight else "hit").inc()
             MIRROR_LAST_SUCCESS.set(time.time())
             headers = dict(first.headers)
             if job.method == "HEAD":
@@ -417,6 +477,7 @@ class LocalBlob:
     length: int
     store: ContentStore
     descriptor: Descriptor
+    ingest: IngestFile | None = None  # still downloading: serve with `registry.inflight`
 
     @asynccontextmanager
     async def open(self) -> AsyncIterator[str]:

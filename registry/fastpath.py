@@ -39,7 +39,8 @@ from quart_trio import QuartTrio
 from registry.access_log import access_logger, client_ip, log_access, record_request
 from registry.app import LocalBlob, MirrorPlan, plan_local_blob, plan_mirror_blob
 from registry.asgi_h11 import Address, run_asgi, socket_addresses, split_target
-from registry.http11 import FileRange, HttpRequest, ServerConnection, is_client_gone
+from registry.http11 import ClientGone, FileRange, HttpRequest, ServerConnection, is_client_gone
+from registry.inflight import GrowingFile, IngestBroken, upload_growing
 from registry.interfaces import ContentNotFound
 from registry.metrics import HTTP_INFLIGHT
 from registry.mirror_door import serve_mirror_blob
@@ -151,9 +152,13 @@ class _FrontDoor:
         """Send the planned response; False (nothing sent) if no readable file backs the content."""
         async with AsyncExitStack() as stack:
             fd = -1
+            growing: GrowingFile | None = None
             try:
-                path = await stack.enter_async_context(plan.open())
-                if request.method == "GET" and plan.length:
+                if plan.ingest is not None:  # still downloading here: follow the growing file
+                    growing = stack.enter_context(GrowingFile(plan.ingest))
+                else:
+                    path = await stack.enter_async_context(plan.open())
+                if request.method == "GET" and plan.length and growing is None:
                     fd = os.open(path, os.O_RDONLY)
             except (ContentNotFound, OSError):
                 return False
@@ -166,7 +171,11 @@ class _FrontDoor:
             sent = 0
             try:
                 head = conn.response_head(plan.status, headers)
-                if fd < 0:
+                if growing is not None and request.method == "GET" and plan.length:
+                    await conn.send_bytes(head)
+                    sent = await _send_growing_body(conn, growing, plan, client)
+                    await conn.send_bytes(conn.end_bytes())
+                elif fd < 0:
                     await conn.send_bytes(head + conn.end_bytes())
                 else:
                     await conn.send_bytes(head)
@@ -177,6 +186,22 @@ class _FrontDoor:
                 if access_logger.isEnabledFor(logging.DEBUG):
                     _log_served(request, plan, sent, started, client)
         return True
+
+
+async def _send_growing_body(
+    conn: ServerConnection, growing: GrowingFile, plan: LocalBlob, client: Address
+) -> int:
+    """The body of a blob still downloading (registry.inflight); a failed download closes the
+    connection (the requester sees a short body and resumes elsewhere)."""
+
+    async def send_range(offset: int, count: int) -> None:
+        await conn.send_file(FileRange(growing.fd, offset, count))
+
+    ip = client[0] if client else ""
+    try:
+        return await upload_growing(growing, plan.offset, plan.length, ip, send_range)
+    except IngestBroken as exc:
+        raise ClientGone(f"in-flight upload cut: {exc}") from exc
 
 
 def _log_served(

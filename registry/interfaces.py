@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class PeerState(Enum):
@@ -46,6 +46,16 @@ class Descriptor:
     digest: str  # "sha256:<64 hex>"
     size: int
     media_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class IngestFile:
+    """A blob this node is still downloading: where its bytes land, and where they end up."""
+
+    digest: str  # "sha256:<64 hex>"
+    size: int  # the full size the download expects
+    data_path: str  # the growing file
+    blob_path: str  # the file it becomes once committed (same inode: a rename)
 
 
 class ContentNotFound(LookupError):
@@ -121,4 +131,13 @@ class ContentStore(Protocol):
 
     def open(self, digest: str) -> AbstractAsyncContextManager[BlobReader]:
         """Open a digest for reading; raises ContentNotFound on entry if absent."""
+        ...
+
+
+@runtime_checkable
+class InflightSource(Protocol):
+    """Optional face of a ContentStore: the blobs this node is still downloading."""
+
+    def find_inflight(self, digest: str) -> IngestFile | None:
+        """The download of `digest` in progress, or None."""
         ...

@@ -1,0 +1,116 @@
+"""A node serves a blob it is still downloading, and a peer mirrors it (real sockets, loopback).
+
+The holder's store also answers `find_inflight` (as the containerd-backed store does with its
+ingest watcher); a writer task grows the ingest's data file and finally "commits" it (a rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from registry.interfaces import IngestFile, PeerState
+from registry.metrics import MIRROR_REQUESTS
+from tests.fakes import MemoryContentStore, MemoryRouter
+from tests.registry.conftest import StartNode
+
+CONTENT = os.urandom(2 * 1024 * 1024 + 77)
+DIGEST = "sha256:" + hashlib.sha256(CONTENT).hexdigest()
+PATH = f"/v2/library/app/blobs/{DIGEST}?ns=docker.io"
+
+
+class DownloadingStore(MemoryContentStore):
+    """A store with one blob still downloading into `directory`."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        (directory / "ingest").mkdir()
+        self.ingest = IngestFile(
+            DIGEST, len(CONTENT), str(directory / "ingest" / "data"), str(directory / "blob")
+        )
+        self.done = False
+
+    def find_inflight(self, digest: str) -> IngestFile | None:
+        return self.ingest if digest == DIGEST and not self.done else None
+
+
+def start_file(path: str) -> None:
+    Path(path).write_bytes(CONTENT[:4096])
+
+
+def append(path: str, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+async def grow(store: DownloadingStore, pause: float = 0.02) -> None:
+    """Write the rest slowly, then commit: rename to the blob file and add it to the store."""
+    for start in range(4096, len(CONTENT), 128 * 1024):
+        await trio.sleep(pause)
+        append(store.ingest.data_path, CONTENT[start : start + 128 * 1024])
+    os.rename(store.ingest.data_path, store.ingest.blob_path)
+    store.add_file(store.ingest.blob_path)
+    store.done = True
+
+
+@pytest.mark.parametrize("zero_copy", [True, False])
+async def test_holder_serves_full_size_and_bytes_as_they_land(
+    tmp_path: Path, start_node: StartNode, nursery: trio.Nursery, zero_copy: bool
+) -> None:
+    store = DownloadingStore(tmp_path)
+    start_file(store.ingest.data_path)
+    holder = await start_node(store, zero_copy=zero_copy)
+    async with holder.client() as client:
+        head = await client.head(PATH)
+        assert head.status_code == 200
+        assert head.headers["content-length"] == str(len(CONTENT))
+        assert head.headers["docker-content-digest"] == DIGEST
+        nursery.start_soon(grow, store)
+        ranged = await client.get(PATH, headers={"Range": "bytes=1000000-1000099"})
+        assert ranged.status_code == 206
+        assert ranged.content == CONTENT[1000000:1000100]
+        full = await client.get(PATH)  # started before the commit, ends after it
+        assert full.status_code == 200 and full.content == CONTENT
+    assert store.done
+    if zero_copy:
+        assert holder.stats.served >= 2  # went out by sendfile on the front door
+
+
+async def test_a_peer_mirrors_an_inflight_blob_and_counts_it(
+    tmp_path: Path, start_node: StartNode, nursery: trio.Nursery
+) -> None:
+    store = DownloadingStore(tmp_path)
+    start_file(store.ingest.data_path)
+    holder = await start_node(store)
+    await holder.router.advertise([DIGEST], PeerState.INFLIGHT)
+    requester = await start_node(MemoryContentStore())
+    assert isinstance(requester.router, MemoryRouter)
+    before = MIRROR_REQUESTS.labels("docker.io", "inflight")._value.get()
+    nursery.start_soon(grow, store)
+    async with requester.client() as client:
+        response = await client.get(PATH)
+    assert response.status_code == 200 and response.content == CONTENT
+    assert MIRROR_REQUESTS.labels("docker.io", "inflight")._value.get() == before + 1
+
+
+async def test_an_aborted_download_cuts_the_body_short(
+    tmp_path: Path, start_node: StartNode
+) -> None:
+    store = DownloadingStore(tmp_path)
+    start_file(store.ingest.data_path)
+    holder = await start_node(store)
+    async with holder.client() as client:
+        async with client.stream("GET", PATH) as response:
+            assert response.status_code == 200
+            got = bytearray()
+            with pytest.raises(httpx.RemoteProtocolError):
+                async for chunk in response.aiter_bytes():
+                    got += chunk
+                    if len(got) >= 4096:
+                        os.unlink(store.ingest.data_path)  # containerd aborted the download
+    assert bytes(got) == CONTENT[:4096]
