@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import trio
 
 from agent.containerd import ContainerdClient, ContainerdUnavailable, NotFound
+from agent.ingest import IngestWatcher, blob_path
 from agent.media_types import (
     OCTET_STREAM,
     MediaTypeCache,
@@ -29,7 +30,7 @@ from agent.media_types import (
     media_type_of,
     needs_content,
 )
-from registry.interfaces import ContentNotFound, Descriptor
+from registry.interfaces import ContentNotFound, Descriptor, IngestFile
 from registry.reference import ReferenceError, parse_digest, parse_image_name
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,18 @@ class ContainerdContentStore:
         self._content_dir: str | None = None
         self._content_dir_known = False
         self._lock = trio.Lock()
+        self.ingests: IngestWatcher | None = None  # set by the agent: downloads in progress
+
+    def find_inflight(self, digest: str) -> IngestFile | None:
+        """The download of `digest` containerd is running now (an `InflightSource`)."""
+        watcher = self.ingests
+        if watcher is None or watcher.root is None:
+            return None
+        entry = watcher.find(digest)
+        if entry is None:
+            return None
+        data = os.path.join(entry.directory, "data")
+        return IngestFile(digest, entry.total, data, blob_path(watcher.root, digest))
 
     async def content_dir(self) -> str | None:
         """The readable content directory in use, or None when reads go over gRPC."""

@@ -128,8 +128,10 @@ class Hooks:
 
 @asynccontextmanager
 async def containerd_backend(cfg: RegistryConfig, router: Router) -> AsyncIterator[Backend]:
+    from agent.advertising import KeyAdvertiser
     from agent.containerd import open_containerd
     from agent.content_store import ContainerdContentStore
+    from agent.ingest import IngestWatcher
     from agent.state import StateTracker
     from registry.filters import ReferenceFilter
 
@@ -138,17 +140,43 @@ async def containerd_backend(cfg: RegistryConfig, router: Router) -> AsyncIterat
         cfg.containerd_sock, cfg.containerd_namespace, check=False
     ) as client:
         store = ContainerdContentStore(client, cfg.containerd_content_path)
-        tracker = StateTracker(client, router, filters=filters, refresh_interval=cfg.state_refresh)
+        # one voice towards the router: the tracker's complete keys, downloads in progress
+        advertiser = KeyAdvertiser(router)
+        tracker = StateTracker(
+            client,
+            advertiser.tracker_router(),
+            filters=filters,
+            refresh_interval=cfg.state_refresh,
+        )
+        watcher = IngestWatcher(store.content_dir, cfg.containerd_namespace, advertiser.on_ingest)
+        store.ingests = watcher
+
+        def inflight_stats() -> dict[str, Any]:
+            from registry.inflight import UPLOADS
+
+            downloads = [
+                {"key": e.digest, "total": e.total, "ref": e.ref} for e in watcher.table.entries()
+            ]
+            return {"inflight_downloads": downloads, "inflight_uploads": UPLOADS.snapshot()}
+
+        async def run_state(
+            *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(advertiser.run)
+                await nursery.start(watcher.run)
+                await nursery.start(tracker.run)
+                task_status.started()
 
         def connected() -> bool:
             return bool(tracker.statistics().get("connected"))
 
         yield Backend(
             store=store,
-            run_tracker=tracker.run,
+            run_tracker=run_state,
             connected=connected,
             images=lambda: [image.as_dict() for image in tracker.advertised_images()],
-            stats=tracker.statistics,
+            stats=lambda: {**tracker.statistics(), **inflight_stats()},
         )
 
 

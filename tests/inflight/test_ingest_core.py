@@ -1,0 +1,129 @@
+"""The ingest watcher's pure parts: refs to digests, the table of downloads, and how the
+advertiser merges tracker keys, downloads and claims into one state per key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.advertising import KeyStates
+from agent.ingest import (
+    IngestEntry,
+    IngestRestarted,
+    IngestStarted,
+    IngestTable,
+    IngestVanished,
+    layer_digest,
+    parse_total,
+    scan_ingests,
+)
+from registry.interfaces import PeerState
+
+D1 = "sha256:" + "a1" * 32
+D2 = "sha256:" + "b2" * 32
+
+
+@pytest.mark.parametrize(
+    ("ref", "expected"),
+    [
+        (f"k8s.io/1/layer-{D1}", D1),
+        (f"k8s.io/17/layer-{D1}\n", D1),
+        (f"default/1/layer-{D1}", None),  # another namespace
+        (f"k8s.io/1/config-{D1}", None),  # not a layer
+        (f"k8s.io/1/manifest-{D1}", None),
+        (f"k8s.io/1/layer-{D1[:-1]}", None),  # short digest
+        (f"k8s.io/1/layer-{D1.upper()}", None),
+        ("k8s.io/1/layer-md5:abc", None),
+        ("", None),
+        (f"layer-{D1}", None),
+    ],
+)
+def test_layer_digest(ref: str, expected: str | None) -> None:
+    assert layer_digest(ref, "k8s.io") == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("1234", 1234),
+        ("1234\n", 1234),
+        ("0", None),
+        ("-1", None),
+        ("x", None),
+        ("", None),
+        ("9" * 30, None),
+    ],
+)
+def test_parse_total(raw: str, expected: int | None) -> None:
+    assert parse_total(raw) == expected
+
+
+def entry(directory: str, digest: str, started: str = "t0", total: int = 100) -> IngestEntry:
+    return IngestEntry(digest, f"k8s.io/1/layer-{digest}", directory, total, started)
+
+
+def test_table_reports_start_restart_and_vanish() -> None:
+    table = IngestTable()
+    a, b = entry("/i/a", D1), entry("/i/b", D2)
+    assert table.update([a]) == [IngestStarted(a)]
+    assert table.update([a]) == []
+    assert table.find(D1) == a and table.find(D2) is None
+    a2 = entry("/i/a", D1, started="t1")
+    assert table.update([a2, b]) == [IngestRestarted(a2), IngestStarted(b)]
+    assert table.update([b]) == [IngestVanished(a2)]
+    assert table.update([]) == [IngestVanished(b)]
+    assert table.entries() == []
+
+
+def test_scan_reads_a_real_ingest_directory_layout(tmp_path: Path) -> None:
+    root = tmp_path / "content"
+    good = root / "ingest" / "h1"
+    good.mkdir(parents=True)
+    (good / "ref").write_text(f"k8s.io/1/layer-{D1}")
+    (good / "total").write_text("4096")
+    (good / "startedat").write_text("2026-11-30T08:00:00Z")
+    (good / "data").write_bytes(b"x" * 10)
+    no_total = root / "ingest" / "h2"
+    no_total.mkdir()
+    (no_total / "ref").write_text(f"k8s.io/1/layer-{D2}")
+    config = root / "ingest" / "h3"
+    config.mkdir()
+    (config / "ref").write_text(f"k8s.io/1/config-{D2}")
+    (config / "total").write_text("10")
+    (root / "ingest" / "stray-file").write_text("x")
+    found = scan_ingests(str(root), "k8s.io")
+    assert found == [
+        IngestEntry(D1, f"k8s.io/1/layer-{D1}", str(good), 4096, "2026-11-30T08:00:00Z")
+    ]
+    assert scan_ingests(str(tmp_path / "missing"), "k8s.io") == []
+    assert os.path.isdir(good)  # a scan only reads
+
+
+def test_key_states_merge_sources_best_first() -> None:
+    states = KeyStates(committed_grace=100.0)
+    assert states.claim(D1) == [(D1, PeerState.CLAIM)]
+    assert states.start(D1) == [(D1, PeerState.INFLIGHT)]  # the download began
+    assert states.unclaim(D1) == []  # still in flight
+    assert states.finish(D1, committed=True, now=0.0) == [(D1, PeerState.COMPLETE)]
+    assert states.track([D1]) == []  # the tracker takes over: no change seen outside
+    assert states.expire(200.0) == []  # the tracker still has it
+    assert states.untrack([D1]) == [(D1, None)]  # image deleted
+
+
+def test_an_aborted_download_is_withdrawn_but_tracked_keys_stay() -> None:
+    states = KeyStates()
+    assert states.start(D2) == [(D2, PeerState.INFLIGHT)]
+    assert states.finish(D2, committed=False, now=0.0) == [(D2, None)]
+    states.track([D1])
+    assert states.start(D1) == []  # complete beats in flight (a re-pull of content we have)
+    assert states.finish(D1, committed=False, now=0.0) == []
+
+
+def test_committed_digests_the_tracker_never_takes_expire() -> None:
+    states = KeyStates(committed_grace=100.0)
+    states.start(D1)
+    states.finish(D1, committed=True, now=10.0)
+    assert states.expire(50.0) == []
+    assert states.expire(110.0) == [(D1, None)]
