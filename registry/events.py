@@ -45,6 +45,7 @@ class MirrorOutcome:
     attempts: int  # peers asked
     reason: str  # why it missed or was cut short; "" for a clean hit
     hedged: bool = False  # a second provider was asked while the first was slow to answer
+    inflight: bool = False  # the answering provider was still downloading it (an in-flight record)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,10 @@ sent: a lying peer costs a fail-over to the next one, or a clean 404, never bad 
 with only the last byte held back is not enough for containerd: it resumes a cut-off body with a
 Range request, from us or from upstream, and stitches the bad prefix to good bytes.)  A bigger blob
 streams, hashed from byte 0 as it goes (a client range still fetches from 0 and skips), with the
-final byte held back until the digest is checked; on a mismatch the response is cut short.  Either
+final byte held back until the digest is checked; on a mismatch the response is cut short.  So
+does a blob of any size from an in-flight provider (one still downloading it: its bytes come as
+they reach it, and holding them would stop this node's containerd from writing its own download,
+which peers may be reading in turn); such a body may pause up to `inflight_stall_timeout`.  Either
 way every peer that contributed to bad content is quarantined for that digest.
 """
 
@@ -196,14 +199,14 @@ class _Run:
             method=self.job.method,
             hit=self.hit,
             peer=peer_address(self.serving[0]) if self.hit and self.serving else None,
-            resumed_from=tuple(peer_address(peer) for peer in self.serving[1:])
-            if self.hit
-            else (),
+            resumed_from=tuple(peer_address(peer) for peer in self.serving[1:]) if self.hit else (),
             bytes=self.delivered,
             duration_ms=round((time.monotonic() - self.started) * 1000, 3),
             attempts=self.attempts.fetched,
             reason=self.reason or ("" if self.hit else "no answer"),
             hedged=self.hedged,
+            inflight=bool(self.hit and self.serving)
+            and self.serving[0].state is PeerState.INFLIGHT,
         )
         self.fw.events.emit(outcome)
         log_outcome(outcome)
@@ -299,7 +302,9 @@ class _Run:
             return None
         return self.job.range_spec.resolve(size)
 
-    def _content_headers(self, answer: PeerAnswer, delivered: ByteRange | None) -> MirrorHead:
+    def _content_headers(
+        self, answer: PeerAnswer, delivered: ByteRange | None, peer: Peer | None = None
+    ) -> MirrorHead:
         headers = [("Docker-Content-Digest", answer.digest)]
         if delivered is None:
             headers += [("Content-Type", answer.media_type), ("Content-Length", str(answer.size))]
@@ -313,7 +318,8 @@ class _Run:
             status = 206
         if self.is_blob:
             headers.append(("Accept-Ranges", "bytes"))
-        return MirrorHead(status, tuple(headers))
+        inflight = peer is not None and peer.state is PeerState.INFLIGHT
+        return MirrorHead(status, tuple(headers), inflight)
 
     async def _send_head(self, head: MirrorHead | MirrorFailure) -> None:
         self.head_sent = True
@@ -339,7 +345,7 @@ class _Run:
         except RangeNotSatisfiable:
             await self._unsatisfiable(fetch.answer.size)
             return
-        await self._send_head(self._content_headers(fetch.answer, delivered))
+        await self._send_head(self._content_headers(fetch.answer, delivered, fetch.peer))
 
     async def _serve_manifest(self, supply: PeerSupply, stack: AsyncExitStack) -> None:
         while True:
@@ -383,9 +389,12 @@ class _Run:
             except RangeNotSatisfiable:
                 await self._unsatisfiable(size)
                 return
-            head = self._content_headers(fetch.answer, delivered)
+            head = self._content_headers(fetch.answer, delivered, fetch.peer)
             pool = self.fw.buffers
-            reserved = self.verify.hold_whole(size)
+            # a provider still downloading it always streams (see MirrorSettings.
+            # inflight_stall_timeout): holding the blob would stall this node's own download
+            inflight = fetch.peer.state is PeerState.INFLIGHT
+            reserved = None if inflight else self.verify.hold_whole(size)
             if reserved is None:
                 # too big to hold (or no memory left for it): stream, hashing as it goes, and
                 # hold back the last byte
@@ -431,6 +440,9 @@ class _Run:
     ) -> Mismatch | GiveUp | None:
         """`copy_blob` from this fetch, resuming from the next providers; quarantines liars."""
         size, digest = fetch.answer.size, fetch.answer.digest
+        stall = self.settings.stall_timeout
+        if fetch.peer.state is PeerState.INFLIGHT:
+            stall = self.settings.inflight_stall_timeout
 
         async def resume(position: int) -> Continuation | GiveUp:
             await stack.aclose()
@@ -450,7 +462,7 @@ class _Run:
             delivered,
             sink,
             resume,
-            self.settings.stall_timeout,
+            stall,
             buffers,
             fill=fill,
         )
@@ -478,6 +490,8 @@ def log_outcome(outcome: MirrorOutcome) -> None:
     }
     if outcome.hedged:
         extra["hedged"] = True
+    if outcome.inflight:
+        extra["source"] = "inflight"  # the provider was still downloading it (cache="inflight")
     if outcome.resumed_from:
         extra["resumed_from"] = list(outcome.resumed_from)
     if outcome.reason:

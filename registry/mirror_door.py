@@ -56,7 +56,8 @@ async def serve_mirror_blob(conn: ServerConnection, plan: MirrorPlan, ip: str, p
                             500, plan.job.request.unknown_code, "mirror ended without answer", 0
                         )
                     if isinstance(first, MirrorHead):
-                        MIRROR_REQUESTS.labels(registry, "hit").inc()
+                        cache = "inflight" if first.inflight else "hit"
+                        MIRROR_REQUESTS.labels(registry, cache).inc()
                         MIRROR_LAST_SUCCESS.set(time.time())
                         status = first.status
                         await conn.send_bytes(

@@ -63,6 +63,12 @@ class MirrorSettings:
     # a peer answering 404 for a key it advertises is skipped for that key this long (its
     # provider records outlive a delete until their ttl; it may also pull the content again)
     stale_ttl: float = 60.0
+    # A provider still downloading the blob (an in-flight record) sends bytes only as they reach
+    # it, so its body may pause longer; it cuts the response itself after its own stall bound
+    # (registry.inflight, 10 s), which this stays above.  Its blobs always stream (any size),
+    # hashed from byte 0 with the last byte held back: holding them whole would keep this node's
+    # containerd from starting its own download, so it could not pass the bytes on in turn.
+    inflight_stall_timeout: float = 15.0
 
     def __post_init__(self) -> None:
         if not self.resolve_timeout > 0 or not math.isfinite(self.resolve_timeout):
@@ -73,6 +79,8 @@ class MirrorSettings:
             raise ValueError("hedging needs 0 < hedge_floor <= hedge_ceiling")
         if self.hedge_racers < 1:
             raise ValueError("hedge_racers must be at least 1")
+        if not self.inflight_stall_timeout > 0:
+            raise ValueError("inflight_stall_timeout must be positive")
 
 
 MIRROR_DEFAULTS = MirrorSettings()
@@ -89,6 +97,7 @@ class MirrorJob:
 class MirrorHead:
     status: int
     headers: tuple[tuple[str, str], ...]
+    inflight: bool = False  # the answer comes from a provider that is still downloading it
 
 
 @dataclass(frozen=True, slots=True)
