@@ -36,6 +36,7 @@ __all__ = [
     "InflightSettings",
     "InflightUploads",
     "IngestBroken",
+    "SendRange",
     "Upload",
     "growing_chunks",
     "send_growing",
