@@ -7,8 +7,9 @@ zero. SIGTERM/SIGINT stop the HTTP servers from accepting, let in-flight request
 grace period and exit 0; a second signal cancels at once. SIGUSR1 prints the live task tree to
 stderr.
 
-The containerd side and the HTTP registry app come from factories (`Backend`, `RegistryParts`) so
-the same wiring runs in-process in tests with in-memory fakes.
+The containerd side and the HTTP registry app come from typed factories (`BackendFactory`,
+`AppFactory`, `ServeRegistry`) so the same wiring runs in-process in tests with in-memory doubles.
+Readiness is a condition over flags its inputs set (`agent.flag`); "agent ready" is awaited.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
+from quart_trio import QuartTrio
 
 from agent.bootstrap import (
     Bootstrapper,
@@ -39,13 +41,17 @@ from agent.bootstrap import (
 from agent.config import ConfigError, ListenAddr, RegistryConfig
 from agent.debug import DebugState, render_task_tree, task_tree, watch_mirror_metrics
 from agent.dht_metrics import export as export_dht_metrics
+from agent.flag import Flag
 from agent.identity import load_or_create_node_id
 from agent.metrics_server import create_metrics_app, serve_app
 from agent.peer_router import registry_router
-from agent.supervise import RestartPolicy, ServiceFailed, Supervisor
+from agent.supervise import RestartPolicy, Service, ServiceFailed, Supervisor
 from registry.basic_auth import BasicAuth
 from registry.events import MirrorEvents
 from registry.interfaces import ContentStore, Router
+
+if TYPE_CHECKING:
+    from registry.fastpath import FastPathStats
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +61,27 @@ class Backend:
     """What the containerd side gives the agent."""
 
     store: ContentStore
-    run_tracker: Callable[..., Any]  # service: started() after the first full advertise
-    connected: Callable[[], bool] = lambda: True
+    run_tracker: Service  # started() after the first full advertise
+    connected: Flag = field(default_factory=lambda: Flag(True))  # containerd reachable
     images: Callable[[], list[Any]] = list  # names or dicts (AdvertisedImage.as_dict)
     stats: Callable[[], dict[str, Any]] = dict
 
 
 BackendFactory = Callable[[RegistryConfig, Router], AbstractAsyncContextManager[Backend]]
-# (app, ListenAddr, shutdown_trigger, grace) -> service reporting the bound port
-ServeRegistry = Callable[..., Any]
+
+
+class ServeRegistry(Protocol):
+    """Serves the registry app on `addr` until `shutdown_trigger` returns; reports the port."""
+
+    async def __call__(
+        self,
+        app: QuartTrio,
+        addr: ListenAddr,
+        *,
+        shutdown_trigger: Callable[[], Awaitable[None]],
+        grace: float,
+        task_status: trio.TaskStatus[int] = ...,
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +95,7 @@ class AppParts:
     events: MirrorEvents  # the mirror path reports here (the debug page subscribes)
 
 
-AppFactory = Callable[[AppParts], Any]
+AppFactory = Callable[[AppParts], QuartTrio]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,20 +113,35 @@ class Readiness:
     """containerd reachable + state advertised once + DHT table non-empty (or alone by config)."""
 
     router: Router
-    connected: Callable[[], bool] = lambda: False
-    advertised: bool = False
+    router_ready: Callable[[], Awaitable[None]]  # returns once router.ready() (awaited, not polled)
+    connected: Flag = field(default_factory=Flag)
+    advertised: Flag = field(default_factory=Flag)
     stopping: bool = False  # set on SIGTERM: take this node out of rotation while it drains
 
     def __call__(self) -> bool:
-        return not self.stopping and self.advertised and self.connected() and self.router.ready()
+        return (
+            not self.stopping
+            and bool(self.advertised)
+            and bool(self.connected)
+            and self.router.ready()
+        )
 
     def detail(self) -> dict[str, bool]:
         return {
-            "containerd": self.connected(),
-            "advertised": self.advertised,
+            "containerd": bool(self.connected),
+            "advertised": bool(self.advertised),
             "router": self.router.ready(),
             "running": not self.stopping,
         }
+
+    async def wait(self) -> None:
+        """Return once ready; each input is awaited in turn (none is polled), then re-checked."""
+        while not self():
+            if self.stopping:
+                await trio.sleep_forever()  # draining: never ready again
+            await self.advertised.wait()
+            await self.connected.wait()
+            await self.router_ready()
 
 
 @dataclass(slots=True)
@@ -120,7 +153,6 @@ class Hooks:
     serve_registry: ServeRegistry | None = None
     bootstrapper: Bootstrapper | None = None
     policy: RestartPolicy | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # --- defaults -------------------------------------------------------------------------------------
@@ -168,19 +200,16 @@ async def containerd_backend(cfg: RegistryConfig, router: Router) -> AsyncIterat
                 await nursery.start(tracker.run)
                 task_status.started()
 
-        def connected() -> bool:
-            return bool(tracker.statistics().get("connected"))
-
         yield Backend(
             store=store,
             run_tracker=run_state,
-            connected=connected,
+            connected=tracker.connected,
             images=lambda: [image.as_dict() for image in tracker.advertised_images()],
             stats=lambda: {**tracker.statistics(), **inflight_stats()},
         )
 
 
-def default_app(parts: AppParts) -> Any:
+def default_app(parts: AppParts) -> QuartTrio:
     from registry.app import RegistrySettings, create_app
     from registry.filters import ReferenceFilter
 
@@ -197,21 +226,16 @@ def default_app(parts: AppParts) -> Any:
 
 
 async def default_serve_registry(
-    app: Any,
+    app: QuartTrio,
     addr: ListenAddr,
     *,
-    shutdown_trigger: Callable[[], Any],
+    shutdown_trigger: Callable[[], Awaitable[None]],
     grace: float,
-    stats: Any = None,
+    stats: FastPathStats | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    try:
-        from registry.server import serve_registry
-    except ImportError:  # the registry's own server not available: plain Hypercorn
-        await serve_app(
-            app, addr, shutdown_trigger=shutdown_trigger, grace=grace, task_status=task_status
-        )
-        return
+    from registry.server import serve_registry
+
     await serve_registry(
         app,
         addr.bind_host,
@@ -225,10 +249,8 @@ async def default_serve_registry(
 
 def _default_serve_with_stats(debug: DebugState) -> ServeRegistry:
     """The registry's own server, with its fast-path counters on the debug page."""
-    try:
-        from registry.fastpath import FastPathStats
-    except ImportError:
-        return default_serve_registry
+    from registry.fastpath import FastPathStats
+
     stats = FastPathStats()
     debug.sections["registry fast path"] = lambda: dict(vars(stats))
     return functools.partial(default_serve_registry, stats=stats)
@@ -340,9 +362,9 @@ async def run_agent(
             standalone=cfg.standalone,
         )
     )
-    router: Router = hooks.extra.get("router", registry_router(node.router))
+    router = registry_router(node.router)
     supervisor = Supervisor(hooks.policy or RestartPolicy())
-    readiness = Readiness(router)
+    readiness = Readiness(router, node.router.wait_ready)
     debug = DebugState(
         node_id=node_id.hex(),
         peers=node.contacts,
@@ -437,7 +459,7 @@ async def _run_state(
 ) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run, "state", backend.run_tracker)
-        readiness.advertised = True
+        readiness.advertised.set()
         logger.info(
             "containerd state advertised",
             extra={"elapsed_s": round(trio.current_time() - started_at, 3), **readiness.detail()},
@@ -446,8 +468,7 @@ async def _run_state(
 
 async def _announce_ready(readiness: Readiness, started_at: float) -> None:
     """Log once when the agent first becomes ready, with the time it took."""
-    while not readiness():  # noqa: ASYNC110 (readiness is a condition over several services)
-        await trio.sleep(0.05)
+    await readiness.wait()
     logger.info(
         "agent ready", extra={"start_to_ready_s": round(trio.current_time() - started_at, 3)}
     )

@@ -29,6 +29,7 @@ from agent.containerd import (
     decode_event,
     event_filters,
 )
+from agent.flag import Flag
 from agent.image_walk import (
     SOURCE_LABEL,
     AdvertisedImage,
@@ -112,10 +113,10 @@ class StateTracker:
         self._published: set[str] = set()  # what the router has been told, call by call
         self._cache = ChildrenCache()
         self.synced = trio.Event()  # set after the first full sync
-        self._connected = False
         self._stats: Counter[str] = Counter()
         self._last_sync: float | None = None
         self._last_error = ""
+        self.connected = Flag()  # subscribed to containerd's events (readiness awaits it)
 
     # -- reading the state (debug page, `spegla keys`)
 
@@ -129,7 +130,7 @@ class StateTracker:
     def statistics(self) -> dict[str, object]:
         images = list(self._images.values())
         return {
-            "connected": self._connected,
+            "connected": bool(self.connected),
             "synced": self.synced.is_set(),
             "images": len(images),
             "tags": sum(1 for i in images if i.tag_key is not None),
@@ -150,13 +151,13 @@ class StateTracker:
         while True:
             try:
                 async with self._client.subscribe(event_filters(self._client.namespace)) as events:
-                    self._connected = True
+                    self.connected.set(True)
                     backoff = self._backoff_initial
                     await self._session(events, status)
                     status = None
             except* ContainerdUnavailable as group:
                 status = status if not self.synced.is_set() else None
-                self._connected = False
+                self.connected.set(False)
                 self._stats["reconnects"] += 1
                 self._last_error = str(group.exceptions[0])
                 logger.warning(

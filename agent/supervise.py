@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 logger = logging.getLogger(__name__)
 
-# A service is `async def service(*, task_status=trio.TASK_STATUS_IGNORED)`; it calls
-# `task_status.started(value)` once ready and runs until cancelled.
-Service = Callable[..., Awaitable[Any]]
+class Service(Protocol):
+    """`async def service(*, task_status=trio.TASK_STATUS_IGNORED)`: calls
+    `task_status.started(value)` once ready and runs until cancelled."""
+
+    def __call__(self, *, task_status: trio.TaskStatus[Any] = ...) -> Awaitable[None]: ...
 
 
 @dataclass(frozen=True, slots=True)

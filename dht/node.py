@@ -123,6 +123,7 @@ class Node:
         self._armed = math.inf
         self._streams: dict[int, _PeerStream] = {}
         self._bootstraps: dict[int, trio.Event] = {}
+        self._ready_waiters = trio.lowlevel.ParkingLot()  # DhtRouter.wait_ready
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -215,6 +216,8 @@ class Node:
         if deadline is not None and deadline < self._armed:
             self._armed = deadline
             self._timer_changed.set()
+        if self._ready_waiters and self.router.ready():  # every table change comes through here
+            self._ready_waiters.unpark_all()
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -264,6 +267,12 @@ class DhtRouter:
 
     def ready(self) -> bool:
         return self._node.config.standalone or len(self._node.protocol.table) > 0
+
+    async def wait_ready(self) -> None:
+        """Return once `ready()`: woken when the node's table changes, never polled."""
+        await trio.lowlevel.checkpoint()
+        while not self.ready():
+            await self._node._ready_waiters.park()
 
     async def advertise(
         self, keys: Iterable[str], state: RecordState = RecordState.COMPLETE

@@ -235,3 +235,25 @@ async def test_ipv6_and_dual_stack_nodes_talk_to_ipv4_ones() -> None:
             peers = await collect(dual.router, KEY)
         assert [(p.host, p.port) for p in peers] == [("127.0.0.1", v4.config.registry_port)]
         nursery.cancel_scope.cancel()
+
+
+async def test_wait_ready_wakes_when_the_table_gains_a_contact() -> None:
+    a, b = make(1), make(2)
+    woke = trio.Event()
+
+    async def wait_for_b() -> None:
+        await b.router.wait_ready()
+        woke.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        nursery.start_soon(wait_for_b)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not woke.is_set() and not b.router.ready()
+        assert a.bound is not None
+        with trio.fail_after(5):  # a hang guard, not a speed assertion
+            await b.bootstrap([a.bound])
+            await woke.wait()
+        assert b.router.ready()
+        nursery.cancel_scope.cancel()
