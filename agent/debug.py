@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from agent.live_stats import LiveStats, Transfer
-from registry.events import MirrorEvent, MirrorOutcome, PeerFetchFailed
+from registry.events import MirrorEvent, MirrorOutcome, PeerFetchFailed, TransferProgress
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class DebugState:
     _subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = field(default_factory=set)
     dropped: int = 0
     live: LiveStats = field(default_factory=LiveStats)
+    _transfer_started: dict[str, float] = field(default_factory=dict)
     clock: Callable[[], float] = time.time
 
     def record_mirror(self, result: MirrorResult) -> None:
@@ -140,6 +141,25 @@ class DebugState:
             self.record_mirror(
                 MirrorResult(
                     event.at, event.key, outcome, peer, event.duration_ms, detail, event.bytes
+                )
+            )
+        elif isinstance(event, TransferProgress):
+            if len(self._transfer_started) > 4 * self.live.max_transfers:
+                self._transfer_started.clear()  # ends that never came: forget their start times
+            started = self._transfer_started.setdefault(event.id, event.at)
+            if event.state != "running":
+                self._transfer_started.pop(event.id, None)
+            self.record_transfer(
+                Transfer(
+                    event.id,
+                    event.key,
+                    event.peer,
+                    event.direction,
+                    event.bytes,
+                    event.total,
+                    started,
+                    state=event.state,
+                    source=event.source,
                 )
             )
         elif isinstance(event, PeerFetchFailed):

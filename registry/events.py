@@ -24,6 +24,7 @@ __all__ = [
     "MirrorOutcome",
     "PeerFetchFailed",
     "PeerQuarantined",
+    "TransferProgress",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,25 @@ class PeerQuarantined:
     registry: str
 
 
-MirrorEvent = MirrorOutcome | PeerFetchFailed | PeerQuarantined
+@dataclass(frozen=True, slots=True)
+class TransferProgress:
+    """A body moving between this node and a peer: once when it starts, at most every
+    `PROGRESS_INTERVAL` seconds while it runs, and once at its end (`state` done or failed)."""
+
+    at: float
+    id: str  # the same for every report of one transfer
+    key: str
+    peer: str  # host:port
+    bytes: int  # body bytes so far
+    total: int | None  # body size when known
+    state: str  # "running" | "done" | "failed"
+    direction: str = "in"  # "in": fetched from the peer; "out": served to it
+    source: str = "complete"  # the provider's record state ("complete" | "inflight")
+
+
+PROGRESS_INTERVAL = 0.25
+
+MirrorEvent = MirrorOutcome | PeerFetchFailed | PeerQuarantined | TransferProgress
 MirrorObserver = Callable[[MirrorEvent], None]
 
 

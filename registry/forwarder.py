@@ -52,7 +52,13 @@ from registry.blob_stream import (
 )
 from registry.buffers import BufferPool, Chunk
 from registry.distribution import ContentKind, ErrorCode
-from registry.events import MirrorEvents, MirrorOutcome, PeerFetchFailed
+from registry.events import (
+    PROGRESS_INTERVAL,
+    MirrorEvents,
+    MirrorOutcome,
+    PeerFetchFailed,
+    TransferProgress,
+)
 from registry.hedging import HedgeDelay, HedgePolicy
 from registry.interfaces import Peer, PeerState, Router
 from registry.mediatypes import OCTET_STREAM
@@ -169,6 +175,8 @@ class _Run:
         self.reason = ""  # why it missed or was cut short
         self.serving: list[Peer] = []  # the peer whose answer is being sent, then resumed-from
         self.hedged = False  # a second provider was asked while one was slow
+        self.total: int | None = None  # body size from the response head, for progress reports
+        self.progress_at = -math.inf  # when the last TransferProgress went out
 
     async def _emit(self, item: MirrorItem) -> None:
         """Hand an item to the response; a response that stops reading counts as gone."""
@@ -183,12 +191,34 @@ class _Run:
             raise trio.BrokenResourceError("the response stopped reading")
         if isinstance(item, Chunk | bytes | bytearray):
             self.delivered += len(item)
+            if self.is_blob and time.monotonic() - self.progress_at >= PROGRESS_INTERVAL:
+                self._progress("running")
         elif isinstance(item, MirrorHead):
             self.hit = True
+            self.total = _content_length(item.headers) if self.is_blob else None
+            if self.is_blob and not self.is_head:
+                self._progress("running")
         elif isinstance(item, MirrorFailure):
             self.reason = item.message
         else:
             self.reason = item.reason
+
+    def _progress(self, state: str) -> None:
+        """A `TransferProgress` for the blob body being sent (throttled by the caller)."""
+        self.progress_at = time.monotonic()
+        peer = self.serving[-1] if self.serving else None
+        self.fw.events.emit(
+            TransferProgress(
+                at=time.time(),
+                id=f"{id(self):x}",
+                key=self.ref.identifier,
+                peer=peer_address(peer) if peer is not None else "",
+                bytes=self.delivered,
+                total=self.total,
+                state=state,
+                source=peer.state.value if peer is not None else "complete",
+            )
+        )
 
     def finish(self) -> None:
         """Report the request's outcome once, at its end (never per chunk): an event, a log line."""
@@ -208,6 +238,8 @@ class _Run:
             inflight=bool(self.hit and self.serving)
             and self.serving[0].state is PeerState.INFLIGHT,
         )
+        if self.hit and self.is_blob and not self.is_head:
+            self._progress("failed" if self.reason else "done")
         self.fw.events.emit(outcome)
         log_outcome(outcome)
 
@@ -500,3 +532,10 @@ def log_outcome(outcome: MirrorOutcome) -> None:
         logger.info("mirror hit", extra=extra)
     else:
         logger.info("mirror miss: %s", outcome.reason, extra=extra)
+
+
+def _content_length(headers: tuple[tuple[str, str], ...]) -> int | None:
+    for name, value in headers:
+        if name.lower() == "content-length" and value.isdigit():
+            return int(value)
+    return None

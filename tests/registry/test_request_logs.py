@@ -12,7 +12,7 @@ import trio
 
 from agent.debug import DebugState
 from registry.app import RegistrySettings
-from registry.events import MirrorEvent, MirrorEvents, MirrorOutcome
+from registry.events import MirrorEvent, MirrorEvents, MirrorOutcome, TransferProgress
 from registry.mirror_job import MirrorSettings
 from tests.fakes import MemoryContentStore, MemoryNetwork
 
@@ -87,7 +87,8 @@ async def test_mirror_hit_and_miss_lines(
     assert "could not find peer" in missed.reason and missed.reason in missed.getMessage()
     # the events carry the same facts as the lines; the debug page shows them (newest first)
     ends = [o for o in outcomes if isinstance(o, MirrorOutcome)]
-    assert len(ends) == len(outcomes) == 3
+    progress = [o for o in outcomes if isinstance(o, TransferProgress)]
+    assert len(ends) == len(outcomes) - len(progress) == 3
     assert [(o.key, o.hit, o.peer, o.bytes, o.duration_ms, o.reason) for o in ends] == [
         (r.key, r.cache == "hit", r.peer, r.bytes, r.duration_ms, getattr(r, "reason", ""))
         for r in (blob, head, missed)
@@ -98,6 +99,38 @@ async def test_mirror_hit_and_miss_lines(
         ("hit", content.layer, f"127.0.0.1:{provider.port}"),
     ]
     assert state.results[2].duration_ms == blob.duration_ms
+
+
+async def test_a_blob_from_a_peer_is_a_transfer_with_progress(
+    start_node: StartNode, network: MemoryNetwork, tmp_path: Path
+) -> None:
+    """Start (0 bytes of the known size), progress, end (every byte, done); the debug state shows
+    it while it runs and drops it at the end. Manifests and HEADs are not transfers."""
+    events = MirrorEvents()
+    seen: list[TransferProgress] = []
+    events.subscribe(lambda e: seen.append(e) if isinstance(e, TransferProgress) else None)
+    provider, content, client = await provider_and_client(start_node, network, tmp_path, events)
+    state = DebugState()
+    running: list[int] = []
+
+    def observe(event: MirrorEvent) -> None:
+        state.on_mirror_event(event)
+        if isinstance(event, TransferProgress) and event.state == "running":
+            running.append(len(state.live.transfers()))
+
+    events.subscribe(observe)
+    async with client.client() as http:
+        assert (await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")).is_success
+        assert (await http.head(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")).is_success
+        assert (await http.get("/v2/library/app/manifests/v1?ns=docker.io")).is_success
+    size = len(content.layer_bytes)
+    assert seen[0].state == "running" and (seen[0].bytes, seen[0].total) == (0, size)
+    assert (seen[-1].state, seen[-1].bytes, seen[-1].total) == ("done", size, size)
+    assert {e.id for e in seen} == {seen[0].id} and all(e.key == content.layer for e in seen)
+    assert seen[0].peer == f"127.0.0.1:{provider.port}" and seen[0].source == "complete"
+    assert [e.bytes for e in seen] == sorted(e.bytes for e in seen)
+    assert running and all(n == 1 for n in running)
+    assert state.live.transfers() == [] and state.live.finished()[-1]["state"] == "done"
 
 
 async def test_access_lines_for_app_and_sendfile_requests(
