@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +29,7 @@ from agent.config import (
     format_duration,
     parse_bool,
     parse_duration,
+    parse_grace,
     parse_listen_addr,
     parse_log_level,
     parse_mirrored_registry,
@@ -37,6 +39,7 @@ from agent.config import (
     parse_static_peer,
     parse_url,
 )
+from registry.basic_auth import DEFAULT_DIR as DEFAULT_BASIC_AUTH_DIR
 from registry.mirror_job import MIRROR_DEFAULTS
 
 
@@ -110,7 +113,7 @@ _MIRRORED = Flag("--mirrored-registries", (), parse_mirrored_registry,
 _FILTERS = Flag("--registry-filters", (), parse_regex,
      "regexes over registry/repository[:tag]; a match is not served nor advertised (':latest$')",
      many=True, metavar="REGEX")
-_BASIC_AUTH_DIR = Flag("--basic-auth-dir", "/etc/secrets/basic-auth", _text,
+_BASIC_AUTH_DIR = Flag("--basic-auth-dir", DEFAULT_BASIC_AUTH_DIR, _text,
      "directory with `username` and/or `password` files (a mounted Secret): if either exists, "
      "registry requests need these Basic credentials, and peers and containerd send them",
      metavar="DIR")
@@ -181,8 +184,10 @@ _FLAGS: dict[str, tuple[Flag, ...]] = {
              "file holding a pre-shared key: only nodes with the same key join the DHT",
              metavar="PATH"),
         _STANDALONE,
-        Flag("--shutdown-grace", "5s", parse_duration,
-             "on SIGTERM, how long in-flight requests may finish", metavar="DURATION"),
+        Flag("--shutdown-grace", "none", parse_grace,
+             "on SIGTERM, how long running requests (transfers) may still finish; `none` waits "
+             "for all of them, bounded by the pod's terminationGracePeriodSeconds as in Spegel",
+             metavar="DURATION"),
         Flag("--state-refresh", "9m", parse_duration,
              "full re-scan and re-advertise of containerd content", metavar="DURATION"),
         _BASIC_AUTH_DIR,
@@ -445,7 +450,7 @@ def registry_config(ns: argparse.Namespace) -> RegistryConfig:
         advertise_addr=ns.advertise_addr,
         dht_psk_file=ns.dht_psk_file,
         standalone=ns.standalone,
-        shutdown_grace=ns.shutdown_grace,
+        shutdown_grace=None if math.isinf(ns.shutdown_grace) else ns.shutdown_grace,
         state_refresh=ns.state_refresh,
         basic_auth_dir=ns.basic_auth_dir,
     ).validate()

@@ -9,6 +9,7 @@ raise `ConfigError` with a message fit for one line on stderr.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
@@ -59,6 +60,21 @@ def format_duration(seconds: float) -> str:
         if value >= 1 and abs(value - round(value)) < 1e-9:
             return f"{round(value)}{unit}"
     return f"{seconds}s"
+
+
+UNBOUNDED = ("none", "unlimited", "")
+
+
+def parse_grace(text: str) -> float:
+    """A shutdown grace: a Go duration, or `none` for "wait for every running request" (inf)."""
+    if text.strip().lower() in UNBOUNDED:
+        return math.inf
+    return parse_duration(text)
+
+
+def grace_seconds(grace: float | None) -> float:
+    """The grace as a deadline offset (an unbounded grace is infinite)."""
+    return math.inf if grace is None else grace
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -297,7 +313,9 @@ class RegistryConfig:
     advertise_addr: str = ""
     dht_psk_file: str = ""
     standalone: bool = False
-    shutdown_grace: float = 5.0
+    # on SIGTERM: how long running requests may still finish; None waits for every one of them
+    # (like Spegel: the pod's terminationGracePeriodSeconds is the bound)
+    shutdown_grace: float | None = None
     state_refresh: float = 540.0
     basic_auth_dir: str = "/etc/secrets/basic-auth"
 

@@ -38,7 +38,7 @@ from agent.bootstrap import (
     StaticBootstrap,
     keep_joined,
 )
-from agent.config import ConfigError, ListenAddr, RegistryConfig
+from agent.config import ConfigError, ListenAddr, RegistryConfig, grace_seconds
 from agent.debug import DebugState, render_task_tree, task_tree, watch_mirror_metrics
 from agent.dht_metrics import export as export_dht_metrics
 from agent.flag import Flag
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from registry.fastpath import FastPathStats
 
 logger = logging.getLogger(__name__)
+METRICS_GRACE = 2.0  # drain of the metrics/debug server on shutdown, whatever --shutdown-grace says
 
 
 @dataclass(slots=True)
@@ -392,6 +393,7 @@ async def run_agent(
             parts = AppParts(backend.store, router, cfg, readiness, events)
             app = (hooks.app or default_app)(parts)
             serve_registry = hooks.serve_registry or _default_serve_with_stats(debug)
+            grace = grace_seconds(cfg.shutdown_grace)
             metrics_app = create_metrics_app(debug, web_enabled=cfg.debug_web_enabled)
             with trio.CancelScope() as http_scope:
                 async with trio.open_nursery() as http:
@@ -403,7 +405,8 @@ async def run_agent(
                             metrics_app,
                             cfg.metrics_addr,
                             shutdown_trigger=shutdown.wait,
-                            grace=cfg.shutdown_grace,
+                            # its long-lived websockets must not hold the exit up
+                            grace=min(grace, METRICS_GRACE),
                         ),
                     )
                     registry_port = await http.start(
@@ -414,7 +417,7 @@ async def run_agent(
                             app,
                             cfg.registry_addr,
                             shutdown_trigger=shutdown.wait,
-                            grace=cfg.shutdown_grace,
+                            grace=grace,
                         ),
                     )
                     bootstrapper = hooks.bootstrapper or make_bootstrapper(cfg, me)
@@ -445,7 +448,11 @@ async def run_agent(
                     await shutdown.wait()
                     readiness.stopping = True
                     # Servers stop accepting now; give in-flight requests the grace period.
-                    http_scope.deadline = trio.current_time() + cfg.shutdown_grace + 1.0
+                    http_scope.deadline = trio.current_time() + grace + 1.0
+                    logger.info(
+                        "draining running requests",
+                        extra={"grace_s": cfg.shutdown_grace},  # null: as long as they take
+                    )
             if http_scope.cancelled_caught:
                 logger.warning("grace period over; cancelling remaining requests")
             root.cancel_scope.cancel()

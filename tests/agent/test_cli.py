@@ -248,3 +248,10 @@ def test_registry_refuses_unusable_basic_auth_files(
     assert len(err.splitlines()) == 1
     assert registry([]).basic_auth_dir == "/etc/secrets/basic-auth"  # Spegel's path
     assert registry([], {"BASIC_AUTH_DIR": "/run/auth"}).basic_auth_dir == "/run/auth"
+
+
+def test_shutdown_grace_waits_for_running_requests_by_default() -> None:
+    assert registry([]).shutdown_grace is None  # like Spegel: the pod's grace period bounds it
+    assert registry(["--shutdown-grace=45s"]).shutdown_grace == 45.0
+    assert registry([], {"SHUTDOWN_GRACE": "2m"}).shutdown_grace == 120.0
+    assert registry(["--shutdown-grace", "none"], {"SHUTDOWN_GRACE": "1s"}).shutdown_grace is None

@@ -26,6 +26,7 @@ import yaml
 from kubernetes_validate.utils import SchemaNotFoundError, all_versions
 
 from agent.cli import build_parser
+from agent.config import parse_duration
 from tests.manifests.crd_schemas import CRD_SCHEMAS
 from tests.manifests.kustomize_subset import Object, object_id, render
 
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
 COMPONENTS = {
     "dht-psk": MANIFESTS / "components" / "dht-psk",
+    "basic-auth": MANIFESTS / "components" / "basic-auth",
     "network-policy": MANIFESTS / "components" / "network-policy",
     "kubernetes-bootstrap": MANIFESTS / "components" / "kubernetes-bootstrap",
     "monitoring": MANIFESTS / "components" / "monitoring",
@@ -42,7 +44,13 @@ EXAMPLES = MANIFESTS / "examples"
 VARIANTS: dict[str, Path | tuple[str, ...]] = {
     "default": MANIFESTS,
     "cleanup": MANIFESTS / "cleanup",
-    "all-components": ("dht-psk", "kubernetes-bootstrap", "monitoring", "network-policy"),
+    "all-components": (
+        "dht-psk",
+        "basic-auth",
+        "kubernetes-bootstrap",
+        "monitoring",
+        "network-policy",
+    ),
     **{f"examples/{d.name}": d for d in sorted(EXAMPLES.iterdir()) if d.is_dir()},
 }
 # The oldest version the README claims; the newest is whatever kubernetes-validate ships.
@@ -109,7 +117,10 @@ def test_subset_renders_what_kubectl_kustomize_renders(
 ) -> None:
     out = subprocess.run(
         ["kubectl", "kustomize", str(variant_dirs[variant])],
-        check=True, capture_output=True, text=True, timeout=120,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
     ).stdout
     expected = _by_id([doc for doc in yaml.safe_load_all(out) if doc])
     assert _by_id(rendered[variant]) == expected
@@ -123,6 +134,7 @@ def test_base_installs_the_documented_objects(rendered: dict[str, list[Object]])
         ("ConfigMap", "spegla-agent"),
         ("Service", "spegla-bootstrap"),
         ("Service", "spegla-metrics"),
+        ("Service", "spegla-registry"),
         ("DaemonSet", "spegla"),
     }
     # Leases are needed only by the kubernetes bootstrap: no RBAC at all in the default install.
@@ -215,7 +227,8 @@ def test_crds_match_the_used_subset_of_their_schemas(rendered: dict[str, list[Ob
 def test_crd_subset_schemas_reject_typos() -> None:
     schema = CRD_SCHEMAS["monitoring.coreos.com"][("monitoring.coreos.com/v1", "ServiceMonitor")]
     bad = {
-        "apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
         "metadata": {"name": "x", "namespace": "spegla"},
         "spec": {"selector": {}, "endpoints": [{"port": "metrics", "intervall": "30s"}]},
     }
@@ -257,11 +270,61 @@ def test_containerd_is_pointed_at_the_local_agent_through_its_host_port(
     pod = _one(rendered[variant], "DaemonSet", "spegla")["spec"]["template"]["spec"]
     registry_port = next(p for p in pod["containers"][0]["ports"] if p["name"] == "registry")
     targets = [a for a in pod["initContainers"][0]["args"] if a.startswith("--mirror-targets=")]
-    assert targets == [f"--mirror-targets=http://$(NODE_IP):{registry_port['hostPort']}"]
+    service = _one(rendered[variant], "Service", "spegla-registry")["spec"]["ports"][0]
+    assert targets == [
+        f"--mirror-targets=http://$(NODE_IP):{registry_port['hostPort']},"
+        f"http://$(NODE_IP):{service['nodePort']}"
+    ]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    if variant != "examples/host-port":  # (that example patches the init container only)
+        assert env["MIRROR_TARGETS"] == targets[0].removeprefix("--mirror-targets=")
     init_env = {e["name"]: e for e in pod["initContainers"][0]["env"]}
     assert init_env["NODE_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
     if variant == "examples/host-port":
         assert registry_port["hostPort"] != 30020
+
+
+def test_registry_service_is_the_second_mirror_and_reaches_every_agent(
+    rendered: dict[str, list[Object]],
+) -> None:
+    """The NodePort Service after the host port: any ready agent of the cluster answers on it."""
+    objects = rendered["default"]
+    spec = _one(objects, "Service", "spegla-registry")["spec"]
+    template = _one(objects, "DaemonSet", "spegla")["spec"]["template"]
+    assert spec["type"] == "NodePort" and spec.get("externalTrafficPolicy") == "Cluster"
+    assert spec["selector"].items() <= template["metadata"]["labels"].items()
+    (port,) = spec["ports"]
+    named = {p["name"]: p for p in template["spec"]["containers"][0]["ports"]}
+    assert port["targetPort"] == "registry" and named["registry"]["protocol"] == port["protocol"]
+    assert port["nodePort"] != named["registry"]["hostPort"]
+    # running transfers finish on SIGTERM: the agent waits for them, bounded by the pod's grace
+    assert template["spec"]["terminationGracePeriodSeconds"] >= 60
+    args = template["spec"]["containers"][0]["args"]
+    assert not [a for a in args if a.startswith("--shutdown-grace")]
+
+
+def test_basic_auth_component_mounts_the_secret_where_both_containers_read_it(
+    rendered: dict[str, list[Object]],
+) -> None:
+    from registry.basic_auth import DEFAULT_DIR
+
+    objects = rendered["all-components"]
+    pod = _one(objects, "DaemonSet", "spegla")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "basic-auth")
+    assert volume["secret"]["secretName"] == "spegla-basic-auth"
+    for container in (pod["initContainers"][0], pod["containers"][0]):
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "basic-auth")
+        assert mount["mountPath"] == DEFAULT_DIR and mount["readOnly"] is True
+        assert not [a for a in container["args"] if a.startswith("--basic-auth-dir")]
+    assert not [
+        v
+        for v in _one(rendered["default"], "DaemonSet", "spegla")["spec"]["template"]["spec"][
+            "volumes"
+        ]
+        if v["name"] == "basic-auth"
+    ]
+    text = (COMPONENTS["basic-auth"] / "kustomization.yaml").read_text()
+    assert "create secret generic spegla-basic-auth" in text
 
 
 def test_bootstrap_service_publishes_not_ready_agents(rendered: dict[str, list[Object]]) -> None:
@@ -496,8 +559,12 @@ def _declared_metrics() -> dict[str, str]:
 def _series_exist(name: str, declared: dict[str, str]) -> bool:
     if name in EXTERNAL_METRICS:
         return True
-    for suffix, kinds in (("_total", {"Counter"}), ("_bucket", {"Histogram"}),
-                          ("_sum", {"Histogram", "Summary"}), ("_count", {"Histogram", "Summary"})):
+    for suffix, kinds in (
+        ("_total", {"Counter"}),
+        ("_bucket", {"Histogram"}),
+        ("_sum", {"Histogram", "Summary"}),
+        ("_count", {"Histogram", "Summary"}),
+    ):
         if name.endswith(suffix) and declared.get(name.removesuffix(suffix)) in kinds:
             return True
     return declared.get(name) in ("Gauge", "Histogram", "Summary") and not name.endswith("_total")
@@ -543,7 +610,9 @@ def test_declared_names_include_what_the_dht_collector_exports() -> None:
 def test_no_peers_alert_reads_the_agents_routing_table(rendered: dict[str, list[Object]]) -> None:
     rule = _one(rendered["examples/with-monitoring"], "PrometheusRule", "spegla")
     alert = next(
-        r for group in rule["spec"]["groups"] for r in group["rules"]
+        r
+        for group in rule["spec"]["groups"]
+        for r in group["rules"]
         if r.get("alert") == "SpeglaNoPeers"
     )
     assert alert["expr"].strip() == 'spegla_dht_routing_table_size{job="spegla-metrics"} == 0'
@@ -572,14 +641,22 @@ def test_container_ports_are_the_ports_the_agent_listens_on(
     ports = {p["name"]: p["containerPort"] for p in registry["ports"]}
     flags = dict(arg.split("=", 1) for arg in registry["args"][1:] if arg.startswith("--"))
     for flag, port_name in (
-        ("--registry-addr", "registry"), ("--router-addr", "router"), ("--metrics-addr", "metrics")
+        ("--registry-addr", "registry"),
+        ("--router-addr", "router"),
+        ("--metrics-addr", "metrics"),
     ):
         assert flags[flag] == f":{ports[port_name]}", flag
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert registry[probe]["httpGet"]["port"] == "registry", probe
-    # The kubelet's grace period must cover the agent's own drain of in-flight requests.
+    # The agent waits for running transfers as long as they take (like Spegel) unless the
+    # manifests bound it; then the bound must fit inside the kubelet's grace period.
     grace = _parse_duration_default("--shutdown-grace")
-    assert pod["terminationGracePeriodSeconds"] > grace
+    set_here = [a for a in registry["args"] if a.startswith("--shutdown-grace=")]
+    if set_here:
+        grace = parse_duration(set_here[0].partition("=")[2])
+        assert pod["terminationGracePeriodSeconds"] > grace
+    else:
+        assert grace == float("inf")
 
 
 def _parse_duration_default(flag: str) -> float:
