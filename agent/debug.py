@@ -149,6 +149,8 @@ class DebugState:
             started = self._transfer_started.setdefault(event.id, event.at)
             if event.state != "running":
                 self._transfer_started.pop(event.id, None)
+                if event.direction == "out":
+                    self.live.served_to(event.at, event.peer, event.bytes)
             self.record_transfer(
                 Transfer(
                     event.id,

@@ -17,9 +17,19 @@ from typing import Any
 HIT_WINDOW = 300.0  # seconds: "hit ratio over the last 5 minutes"
 
 
+def host_of(address: str) -> str:
+    """`10.0.0.2:5000` / `[fd00::2]:5000` / `fd00::2` -> the host: one row per peer, whichever
+    port (registry port for fetches, client port or none for uploads) an observation named."""
+    if address.startswith("["):
+        return address[1 : address.find("]")]
+    if address.count(":") == 1:
+        return address.split(":", 1)[0]
+    return address
+
+
 @dataclass(slots=True)
 class PeerTraffic:
-    peer: str
+    peer: str  # host
     bytes_in: int = 0  # received from this peer for our mirror requests
     bytes_out: int = 0  # served to this peer
     requests: int = 0  # our mirror requests it answered or failed
@@ -82,6 +92,13 @@ class LiveStats:
         self.bytes_out_total += nbytes
         self._bucket(at)[2] += nbytes
         if client:
+            traffic = self._peer(client)
+            traffic.bytes_out += nbytes
+            traffic.last = max(traffic.last, at)
+
+    def served_to(self, at: float, client: str, nbytes: int) -> None:
+        """Bytes of a finished upload to `client`: per-peer only (totals come from `served`)."""
+        if client and nbytes > 0:
             traffic = self._peer(client)
             traffic.bytes_out += nbytes
             traffic.last = max(traffic.last, at)
@@ -183,7 +200,8 @@ class LiveStats:
         while self._outcomes and self._outcomes[0][0] < now - self.window:
             self._outcomes.popleft()
 
-    def _peer(self, peer: str) -> PeerTraffic:
+    def _peer(self, address: str) -> PeerTraffic:
+        peer = host_of(address)
         traffic = self._peers.get(peer)
         if traffic is None:
             traffic = self._peers[peer] = PeerTraffic(peer)

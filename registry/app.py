@@ -510,6 +510,12 @@ async def plan_mirror_blob(
     return await registry.plan_mirror_blob(method, path, ns, headers)
 
 
+def mirror_events(app: QuartTrio) -> MirrorEvents | None:
+    """The events hub `create_app` was given (None without one, or for another app)."""
+    registry = app.extensions.get("spegla.registry")
+    return registry.forwarder.events if isinstance(registry, _Registry) else None
+
+
 async def plan_local_blob(
     app: QuartTrio,
     *,

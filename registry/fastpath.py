@@ -37,13 +37,14 @@ from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
 from registry.access_log import access_logger, client_ip, log_access, record_request
-from registry.app import LocalBlob, MirrorPlan, plan_local_blob, plan_mirror_blob
+from registry.app import LocalBlob, MirrorPlan, mirror_events, plan_local_blob, plan_mirror_blob
 from registry.asgi_h11 import Address, run_asgi, socket_addresses, split_target
 from registry.http11 import ClientGone, FileRange, HttpRequest, ServerConnection, is_client_gone
 from registry.inflight import GrowingFile, IngestBroken, upload_growing
 from registry.interfaces import ContentNotFound
 from registry.metrics import HTTP_INFLIGHT
 from registry.mirror_door import serve_mirror_blob
+from registry.transfer_report import TransferReport
 
 __all__ = ["FastPathStats", "serve_front_door"]
 
@@ -146,6 +147,25 @@ class _FrontDoor:
             headers=headers,
         )
 
+    def _report(
+        self, request: HttpRequest, plan: LocalBlob, client: Address
+    ) -> TransferReport | None:
+        """A transfer report for a blob body going out (when the app has an events hub)."""
+        events = mirror_events(self.app)
+        if events is None or request.method != "GET" or not plan.length:
+            return None
+        ip = client_ip(request.header(b"x-forwarded-for"), client[0] if client else "")
+        report = TransferReport(
+            events,
+            key=plan.descriptor.digest,
+            peer=ip,
+            total=plan.length,
+            direction="out",
+            source="complete" if plan.ingest is None else "inflight",
+        )
+        report.start()
+        return report
+
     async def _serve(
         self, conn: ServerConnection, request: HttpRequest, plan: LocalBlob, client: Address
     ) -> bool:
@@ -169,6 +189,7 @@ class _FrontDoor:
             HTTP_INFLIGHT.labels("/v2/*").inc()
             headers = [(name.encode(), value.encode()) for name, value in plan.headers.items()]
             sent = 0
+            report = self._report(request, plan, client)
             try:
                 head = conn.response_head(plan.status, headers)
                 if growing is not None and request.method == "GET" and plan.length:
@@ -179,13 +200,22 @@ class _FrontDoor:
                     await conn.send_bytes(head + conn.end_bytes())
                 else:
                     await conn.send_bytes(head)
-                    sent = await conn.send_file(FileRange(fd, plan.offset, plan.length))
+                    while sent < plan.length:  # in slices, so a long upload reports progress
+                        piece = min(REPORT_SLICE, plan.length - sent)
+                        sent += await conn.send_file(FileRange(fd, plan.offset + sent, piece))
+                        if report is not None:
+                            report.progress(sent)
                     await conn.send_bytes(conn.end_bytes())
             finally:
+                if report is not None:
+                    report.end(sent, ok=sent == plan.length)
                 record_request("/v2/*", request.method, str(plan.status), sent, started)
                 if access_logger.isEnabledFor(logging.DEBUG):
                     _log_served(request, plan, sent, started, client)
         return True
+
+
+REPORT_SLICE = 8 << 20  # bytes per sendfile call between progress reports
 
 
 async def _send_growing_body(

@@ -17,8 +17,13 @@ def test_hit_ratio_covers_the_last_five_minutes_only() -> None:
     late = stats.summary(350.0)  # the miss at t=0 has left the window
     assert (late["hits_5m"], late["requests_5m"], late["hit_ratio_5m"]) == (2, 3, 0.6667)
     assert stats.summary(10_000.0)["hit_ratio_5m"] is None
+    stats.served_to(300.0, "10.0.0.2", 500)
+    stats.served_to(300.0, "fd00::9", 7)
+    stats.mirrored(300.0, "hit", "[fd00::9]:5000", 3)
     peers = {p["peer"]: p for p in stats.peer_traffic()}
-    assert peers["10.0.0.2:5000"]["bytes_in"] == 2000 and peers["10.0.0.3:5000"]["errors"] == 1
+    assert peers["10.0.0.2"]["bytes_in"] == 2000 and peers["10.0.0.3"]["errors"] == 1
+    assert peers["10.0.0.2"]["bytes_out"] == 500 and stats.bytes_out_total == 0  # per peer only
+    assert (peers["fd00::9"]["bytes_out"], peers["fd00::9"]["bytes_in"]) == (7, 3)
 
 
 def test_rates_and_throughput_bins() -> None:
@@ -65,7 +70,7 @@ def test_snapshot_carries_summary_transfers_and_throughput() -> None:
     state.record_transfer(Transfer("x", "sha256:bb", "p:5000", "in", 10, 100, 999.5))
     snap = state.snapshot()
     assert snap["summary"]["hit_ratio_5m"] == 1.0 and snap["summary"]["bytes_in_total"] == 4096
-    assert snap["transfers"][0]["id"] == "x" and snap["peer_traffic"][0]["peer"] == "p:5000"
+    assert snap["transfers"][0]["id"] == "x" and snap["peer_traffic"][0]["peer"] == "p"
     assert len(snap["throughput"]) == 60
     assert events.receive_nowait()["type"] == "mirror"
     assert events.receive_nowait()["transfer"]["bytes"] == 10

@@ -133,6 +133,30 @@ async def test_a_blob_from_a_peer_is_a_transfer_with_progress(
     assert state.live.transfers() == [] and state.live.finished()[-1]["state"] == "done"
 
 
+async def test_a_blob_served_to_a_peer_from_disk_is_an_outgoing_transfer(
+    start_node: StartNode, network: MemoryNetwork, tmp_path: Path
+) -> None:
+    store = MemoryContentStore()
+    content = fill(store, files=tmp_path)
+    events = MirrorEvents()
+    seen: list[TransferProgress] = []
+    events.subscribe(lambda e: seen.append(e) if isinstance(e, TransferProgress) else None)
+    provider = await start_node(store, events=events)
+    state = DebugState()
+    events.subscribe(state.on_mirror_event)
+    network.add(content.layer, provider.peer)
+    client = await start_node(settings=FAST)
+    async with client.client() as http:
+        assert (await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")).is_success
+    size = len(content.layer_bytes)
+    assert provider.stats.served >= 1  # went out by sendfile, in the front door
+    ends = [(e.direction, e.state) for e in (seen[0], seen[-1])]
+    assert ends == [("out", "running"), ("out", "done")]
+    assert (seen[0].bytes, seen[-1].bytes, seen[-1].total) == (0, size, size)
+    assert seen[-1].peer == "127.0.0.1" and seen[-1].key == content.layer
+    assert {p["peer"]: p["bytes_out"] for p in state.live.peer_traffic()} == {"127.0.0.1": size}
+
+
 async def test_access_lines_for_app_and_sendfile_requests(
     start_node: StartNode, network: MemoryNetwork, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
