@@ -46,6 +46,7 @@ from agent.proto import (
     containerd_introspection_pb2,
     containerd_version_grpc,
 )
+from registry.interfaces import Descriptor
 from registry.reference import is_digest
 
 logger = logging.getLogger(__name__)
@@ -69,15 +70,6 @@ class ContainerdUnavailable(ContainerdError):
 
 class NotFound(ContainerdError, LookupError):
     """The image or content does not exist in the configured namespace."""
-
-
-@dataclass(frozen=True, slots=True)
-class Descriptor:
-    """A content descriptor from an image record (the media type is what the pull recorded)."""
-
-    media_type: str
-    digest: str
-    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,7 +335,8 @@ def decode_event(env: Envelope) -> ImageEvent | ContentEvent | None:
 
 def _image(msg: containerd_images_pb2.Image) -> Image:
     t = msg.target
-    return Image(msg.name, Descriptor(t.media_type, t.digest, t.size), dict(msg.labels))
+    target = Descriptor(digest=t.digest, size=t.size, media_type=t.media_type)
+    return Image(msg.name, target, dict(msg.labels))
 
 
 def _info(msg: containerd_content_pb2.Info) -> ContentInfo:

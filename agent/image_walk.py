@@ -18,8 +18,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from agent.containerd import ContainerdClient, Descriptor, Image, NotFound
+from agent.containerd import ContainerdClient, Image, NotFound
 from registry.filters import ReferenceFilter
+from registry.interfaces import Descriptor
 from registry.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from registry.reference import Reference, ReferenceError, is_digest, parse_image_name
 
@@ -67,7 +68,7 @@ def children(media_type: str, data: bytes) -> list[Descriptor]:
             continue
         digest, mt, size = item.get("digest"), item.get("mediaType", ""), item.get("size", 0)
         if isinstance(digest, str) and is_digest(digest) and isinstance(mt, str):
-            out.append(Descriptor(mt, digest, size if isinstance(size, int) else 0))
+            out.append(Descriptor(digest, size if isinstance(size, int) else 0, mt))
     return out
 
 

@@ -111,26 +111,3 @@ class AnnounceSchedule:
 
     def queued(self) -> int:
         return len(self._queued)
-
-
-class AnnouncePacer:
-    """A token bucket for starting announce jobs: `burst` at once, then `rate` per second."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._tokens = burst
-        self._at: float | None = None
-
-    def take(self, now: float) -> bool:
-        if self._at is not None:
-            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        if self._tokens < 1.0 - 1e-9:  # tolerate rounding in the refill
-            return False
-        self._tokens = max(0.0, self._tokens - 1.0)
-        return True
-
-    def next_token_at(self, now: float) -> float:
-        """When `take` will next succeed (call right after a failed `take`)."""
-        return now + max(1e-6, (1.0 - self._tokens) / self.rate)

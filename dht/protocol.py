@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from dht import codec
-from dht.announce import AnnouncePacer, AnnounceSchedule
+from dht.announce import AnnounceSchedule
 from dht.codec import (
     Ack,
     AddProvider,
@@ -35,7 +35,7 @@ from dht.effects import BootstrapDone, Effect, LookupDone, ProvidersFound, Send
 from dht.ids import ID_BITS, Contact, ProviderInfo, RecordState, key_id, random_id_in_bucket
 from dht.lookup import Lookup
 from dht.providers import ProviderStore
-from dht.ratelimit import SourceLimiter
+from dht.ratelimit import SourceLimiter, TokenBucket
 from dht.routing_table import RoutingTable
 from dht.tokens import TokenIssuer
 
@@ -112,7 +112,7 @@ class DhtProtocol:
         self._maintenance_at: float | None = None
         self._due_at: float | None = None
         self._starting = False
-        self.pacer = AnnouncePacer(config.announce_rate, config.announce_burst)
+        self.pacer = TokenBucket(config.announce_rate, config.announce_burst)
         self._pace_timer: float | None = None
         self._c = dict.fromkeys(
             (

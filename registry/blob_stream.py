@@ -26,6 +26,7 @@ from registry.interfaces import Peer
 from registry.mirror import GiveUp
 from registry.peer_client import PeerError, PeerResponse
 from registry.ranges import ByteRange
+from registry.reference import sha256_digest
 
 __all__ = [
     "BufferSource",
@@ -179,7 +180,3 @@ def release_all(pieces: list[Chunk | bytes]) -> None:
         if isinstance(piece, Chunk):
             piece.release()
     pieces.clear()
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()

@@ -10,6 +10,7 @@ content we can verify; anything else would let unverifiable keys into the DHT.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ __all__ = [
     "is_digest",
     "parse_digest",
     "parse_image_name",
+    "sha256_digest",
     "validate_registry",
     "validate_repository",
     "validate_tag",
@@ -38,6 +40,11 @@ MAX_REPOSITORY_LENGTH = 255
 
 class ReferenceError(ValueError):
     """A digest, repository, tag, registry host or image name that does not parse."""
+
+
+def sha256_digest(data: bytes) -> str:
+    """The digest (`sha256:<64 hex>`) of `data`: the one helper every module uses."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def is_digest(value: str) -> bool:

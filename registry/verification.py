@@ -15,12 +15,12 @@ import mmap
 import time
 from collections.abc import Iterable
 
-from registry.blob_stream import sha256_digest
 from registry.buffers import BufferPool
 from registry.events import MirrorEvents, PeerQuarantined
 from registry.interfaces import Peer
 from registry.metrics import PEER_QUARANTINED
 from registry.mirror import PeerAnswer, Quarantine, peer_key
+from registry.reference import sha256_digest
 
 __all__ = ["VerificationPolicy", "peer_address"]
 

@@ -21,15 +21,11 @@ import trio
 
 from registry.interfaces import ContentNotFound, Descriptor, Peer, PeerState
 from registry.mediatypes import SNIFF_LIMIT, detect_media_type
-from registry.reference import parse_digest, validate_tag
+from registry.reference import parse_digest, sha256_digest, validate_tag
 
 __all__ = ["MemoryContentStore", "MemoryNetwork", "MemoryRouter", "sha256_digest"]
 
 READ_CHUNK = 1024 * 1024
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 class MemoryNetwork:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -18,12 +17,11 @@ from agent.containerd import (
     NotFound,
 )
 from registry.mediatypes import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST
+from registry.reference import sha256_digest
 
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 class RecordingRouter:
@@ -67,7 +65,7 @@ class FakeContent:
         self.events: trio.MemoryReceiveChannel[Envelope] | None = None
 
     def add(self, data: bytes, labels: Mapping[str, str] | None = None) -> str:
-        d = digest_of(data)
+        d = sha256_digest(data)
         self.blobs[d] = data
         self.labels[d] = dict(labels or {})
         return d
@@ -87,7 +85,7 @@ class FakeContent:
             "config": {"mediaType": OCI_CONFIG, "digest": cfg, "size": len(config)},
             "layers": layer_descs,
         }).encode()  # fmt: skip
-        return Descriptor(media_type, self.add(manifest), len(manifest))
+        return Descriptor(self.add(manifest), len(manifest), media_type)
 
     def add_index(self, manifests: list[Descriptor]) -> Descriptor:
         body = json.dumps({
@@ -95,7 +93,7 @@ class FakeContent:
             "manifests": [{"mediaType": m.media_type, "digest": m.digest, "size": m.size}
                           for m in manifests],
         }).encode()  # fmt: skip
-        return Descriptor(OCI_INDEX, self.add(body), len(body))
+        return Descriptor(self.add(body), len(body), OCI_INDEX)
 
     def tag(self, name: str, target: Descriptor) -> Image:
         image = Image(name, target)
@@ -158,4 +156,4 @@ class FakeContent:
         return await self.read(digest, limit)
 
 
-__all__ = ["OCI_MANIFEST", "FakeContent", "RecordingRouter", "digest_of"]
+__all__ = ["OCI_MANIFEST", "FakeContent", "RecordingRouter", "sha256_digest"]

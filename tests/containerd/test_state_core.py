@@ -54,14 +54,14 @@ def test_children_of_index_and_manifest() -> None:
             ]
         }
     ).encode()
-    assert children(OCI_INDEX, index) == [Descriptor(OCI_MANIFEST, D1, 5)]
+    assert children(OCI_INDEX, index) == [Descriptor(D1, 5, OCI_MANIFEST)]
     manifest = json.dumps(
         {
             "config": {"mediaType": "c", "digest": D2, "size": 2},
             "layers": [{"mediaType": "l", "digest": D3, "size": 3}],
         }
     ).encode()
-    assert children(DOCKER_MANIFEST, manifest) == [Descriptor("c", D2, 2), Descriptor("l", D3, 3)]
+    assert children(DOCKER_MANIFEST, manifest) == [Descriptor(D2, 2, "c"), Descriptor(D3, 3, "l")]
     assert children(OCI_MANIFEST, b"\x1f\x8b not json") == []
     assert children(OCI_MANIFEST, b"[1, 2]") == []
     assert children("application/octet-stream", manifest) == []
@@ -90,7 +90,7 @@ async def test_walk_of_missing_root_is_empty_and_cache_is_used() -> None:
     assert cache.get(m.digest) is not None
     fake.blobs[m.digest] = b"garbage"  # a cached walk does not read the manifest again
     assert await walk(fake, m, cache) == first
-    assert await walk(fake, Descriptor(OCI_MANIFEST, D1, 1)) == frozenset()
+    assert await walk(fake, Descriptor(D1, 1, OCI_MANIFEST)) == frozenset()
 
 
 def test_key_counts_report_first_and_last_reference() -> None:
@@ -246,7 +246,7 @@ def test_tracker_rejects_bad_interval() -> None:
 def test_image_record_without_registry_is_skipped() -> None:
     from agent.image_walk import parse_record
 
-    target = Descriptor(OCI_MANIFEST, D1, 1)
+    target = Descriptor(D1, 1, OCI_MANIFEST)
     assert parse_record(Image("sha256:" + "a" * 64, target), None) is None
     assert parse_record(Image("library/nginx:1", target), None) is None  # no registry host
     ref = parse_record(Image("r.io/x/y:1", target), None)

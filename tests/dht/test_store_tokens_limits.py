@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dht.announce import AnnouncePacer, AnnounceSchedule
+from dht.announce import AnnounceSchedule
 from dht.ids import ProviderInfo
 from dht.providers import ProviderStore
-from dht.ratelimit import SourceLimiter
+from dht.ratelimit import SourceLimiter, TokenBucket
 from dht.tokens import TokenIssuer
 
 KEY = b"k" * 32
@@ -98,13 +98,13 @@ def test_announce_schedule_queues_reschedules_and_forgets() -> None:
 
 
 def test_announce_pacer_allows_a_burst_then_the_rate_and_always_moves_time_forward() -> None:
-    pacer = AnnouncePacer(rate=50.0, burst=5.0)
+    pacer = TokenBucket(rate=50.0, burst=5.0)
     assert sum(pacer.take(0.0) for _ in range(10)) == 5
     later = pacer.next_token_at(0.0)
     assert later == pytest.approx(0.02) and not pacer.take(later - 0.001)
     assert pacer.take(later)
     # a refill that lands a hair under one token must still point strictly into the future
     now = 1e6
-    pacer = AnnouncePacer(rate=3.0, burst=1.0)
+    pacer = TokenBucket(rate=3.0, burst=1.0)
     assert pacer.take(now)
     assert pacer.next_token_at(now) > now

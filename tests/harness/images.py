@@ -22,7 +22,6 @@ API
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import random
@@ -32,6 +31,9 @@ import tarfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from registry.interfaces import Descriptor
+from registry.reference import sha256_digest
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -43,13 +45,6 @@ DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 KIB = 1024
 MIB = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Descriptor:
-    media_type: str
-    digest: str
-    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,8 +135,6 @@ def _canonical(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 class _Layout:
@@ -153,11 +146,11 @@ class _Layout:
         (path / "oci-layout").write_bytes(_canonical({"imageLayoutVersion": "1.0.0"}))
 
     def put(self, media_type: str, data: bytes) -> Descriptor:
-        digest = _sha(data)
+        digest = sha256_digest(data)
         blob = self.path / "blobs" / "sha256" / digest.removeprefix("sha256:")
         if not blob.exists():
             blob.write_bytes(data)
-        return Descriptor(media_type, digest, len(data))
+        return Descriptor(digest, len(data), media_type)
 
     def finish(self, tag: str, top: Descriptor) -> None:
         index = {
@@ -195,7 +188,7 @@ def make_layer(seed: str, file_sizes: list[int]) -> tuple[bytes, str]:
             tar.addfile(info, io.BytesIO(rng.randbytes(size)))
     tar_bytes = raw.getvalue()
     # random data does not compress: level 1 is as good as 9 and much faster
-    return gzip.compress(tar_bytes, compresslevel=1, mtime=0), _sha(tar_bytes)
+    return gzip.compress(tar_bytes, compresslevel=1, mtime=0), sha256_digest(tar_bytes)
 
 
 def _write_manifest(
@@ -316,10 +309,10 @@ def build_docker(dest: Path, name: str = "docker", tag: str = "v1") -> BuiltImag
             raise RuntimeError(f"skopeo did not produce a v2s2 manifest: {doc.get('mediaType')}")
         cfg = doc["config"]
         m = ManifestInfo(
-            Descriptor(DOCKER_MANIFEST, _sha(raw), len(raw)),
+            Descriptor(sha256_digest(raw), len(raw), DOCKER_MANIFEST),
             AMD64,
-            Descriptor(cfg["mediaType"], cfg["digest"], cfg["size"]),
-            tuple(Descriptor(x["mediaType"], x["digest"], x["size"]) for x in doc["layers"]),
+            Descriptor(cfg["digest"], cfg["size"], cfg["mediaType"]),
+            tuple(Descriptor(x["digest"], x["size"], x["mediaType"]) for x in doc["layers"]),
         )
         return BuiltImage(name, tag, out, "dir", m.descriptor, (m,))
 
