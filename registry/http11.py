@@ -104,6 +104,17 @@ def http_date() -> str:
     return _date_cache[1]
 
 
+def _servable_target(target: bytes) -> bool:
+    """Origin-form (/path), absolute-form (http://host/path) or OPTIONS' asterisk (RFC 9112 3.2);
+    authority-form is for CONNECT, which a registry does not do."""
+    return (
+        target.startswith(b"/")
+        or target == b"*"
+        or target[:7].lower() == b"http://"
+        or target[:8].lower() == b"https://"
+    )
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -144,6 +155,10 @@ class ServerConnection:
                     self._h11.receive_data(data)
                     continue
                 if isinstance(event, h11.Request):
+                    if not _servable_target(bytes(event.target)):
+                        raise h11.RemoteProtocolError(
+                            "request target must be a path (/...) or an absolute http URL"
+                        )
                     start = deadline or trio.current_time() + self.head_timeout
                     body = await self._read_body(start)
                     return HttpRequest(

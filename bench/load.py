@@ -1,0 +1,262 @@
+"""Load suite: one agent under 500 concurrent clients vs docker-registry, same mix, same run.
+
+Why: spegla sits in the pull path of every pod; under load it must answer fast and right (no 5xx,
+no wrong bytes, no false misses that send containerd upstream) and give memory and descriptors
+back afterwards.  This starts a 2-node harness cluster (network namespaces, real containerd per
+node, real agents with their DHT, docker-registry upstream), lets node 1 hold one image (local
+blobs) and node 2 another (mirror hits for node 1), then runs `bench.load_client` inside node 1's
+namespace: for `--duration` seconds, `--clients` keep-alive clients mixing local blob GETs,
+mirror GETs, HEADs, misses and malformed requests against node 1's agent, then the same plan
+against a docker-registry serving the same storage in the same namespace.  Agent RSS and open
+descriptors are sampled idle, during and after the load.
+
+    python -m bench.load --json                  (60 s per server, 500 clients)
+    python -m bench.load --soak --json           (10 min against the agent only: RSS/fd drift)
+
+Needs root (namespaces, containerd).  Prints one JSON object on stdout; progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.harness import agents as ag
+from tests.harness import nsexec
+from tests.harness.cluster import Cluster
+from tests.harness.fixtures import missing_requirements
+from tests.harness.images import BuiltImage, build_large
+from tests.harness.procs import Daemon
+
+COMPARE_PORT = 5002
+WEIGHTS = {"local_get": 35, "mirror_get": 25, "head": 20, "miss": 10, "malformed": 10}
+BLOB_MIB = 5  # per image: 5 layers of ~1 MiB
+
+
+def progress(msg: str) -> None:
+    print(f"[load {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def usage(pid: int) -> dict[str, float]:
+    """RSS (MiB) and open descriptors of a process."""
+    rss, _ = ag.process_stats(pid)
+    return {"rss_mib": round(rss / 2**20, 1), "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+
+
+class Sampler:
+    """Samples a process's usage every second in a thread; peak and series."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.series: list[dict[str, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self.series.append(usage(self.pid))
+            except OSError:
+                return
+
+    def peak(self) -> dict[str, float]:
+        if not self.series:
+            return {}
+        return {
+            "rss_mib": max(s["rss_mib"] for s in self.series),
+            "fds": max(s["fds"] for s in self.series),
+        }
+
+
+def blob_specs(image: BuiltImage, repo: str) -> list[dict[str, Any]]:
+    info = image.manifests[0]
+    return [
+        {
+            "path": f"/v2/{repo}/blobs/{layer.digest}",
+            "digest": layer.digest,
+            "size": layer.size,
+            "file": str(image.path / "blobs" / "sha256" / layer.digest.removeprefix("sha256:")),
+        }
+        for layer in info.layers
+    ]
+
+
+def run_client(cluster: Cluster, plan: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
+    plan_path = work / f"plan-{name}.json"
+    plan_path.write_text(json.dumps(plan))
+    node = cluster.node(1)
+    argv = ["ip", "netns", "exec", node.netns, sys.executable, "-m", "bench.load_client"]
+    done = subprocess.run(
+        [*argv, str(plan_path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=plan["duration"] + 300,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"load client failed: {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def start_compare_registry(cluster: Cluster, work: Path) -> Daemon:
+    """docker-registry in node 1's namespace serving the upstream's storage (read only use)."""
+    cfg = work / "compare.yml"
+    storage = cluster.upstream.workdir / "storage"
+    cfg.write_text(
+        "version: 0.1\n"
+        "log: {level: info, accesslog: {disabled: false}}\n"
+        f"storage:\n  filesystem: {{rootdirectory: {storage}}}\n"
+        "  cache: {blobdescriptor: inmemory}\n"
+        f"http:\n  addr: 127.0.0.1:{COMPARE_PORT}\n"
+    )
+    node = cluster.node(1)
+    return cluster.start_on_node(
+        node,
+        "compare-registry",
+        ["docker-registry", "serve", str(cfg)],
+        ready_url=f"http://127.0.0.1:{COMPARE_PORT}/v2/",
+    )
+
+
+def wait_mirror_hit(cluster: Cluster, target: str, timeout: float = 60.0) -> None:
+    """Until node 1's agent serves `target` (a blob only node 2 holds) from its peer."""
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{ag.REGISTRY_PORT}{target}"
+    while time.monotonic() < deadline:
+        try:
+            status, _, _ = nsexec.http_get(url, cluster.node(1).netns, timeout=5.0)
+            if status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("node 1's agent never served node 2's blob")
+
+
+def run(clients: int, duration: float, soak: bool) -> dict[str, Any]:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # agents inherit it
+    work = Path(tempfile.mkdtemp(prefix="spegla-bench-load-"))
+    cluster = Cluster(work / "cluster", nodes=2)
+    try:
+        progress("cluster up (2 nodes)")
+        cluster.up()
+        local = build_large(work / "images", BLOB_MIB, name="load-local")
+        peer = build_large(work / "images", BLOB_MIB, name="load-peer")
+        for image in (local, peer):
+            cluster.upstream.push(image)
+        progress("agents")
+        ag.start_agents(cluster)
+        node1, node2 = cluster.node(1), cluster.node(2)
+        node1.pull(cluster.ref("load-local"))
+        node2.pull(cluster.ref("load-peer"))
+        local_blobs = blob_specs(local, "e2e/load-local")
+        peer_blobs = blob_specs(peer, "e2e/load-peer")
+        if {b["digest"] for b in local_blobs} & {b["digest"] for b in peer_blobs}:
+            raise RuntimeError("the local and peer images share blobs")
+        ns = cluster.upstream.host
+        for blob in peer_blobs:
+            wait_mirror_hit(cluster, f"{blob['path']}?ns={ns}")
+        manifest = local.manifests[0].descriptor
+        heads = [
+            {"path": b["path"], "digest": b["digest"], "size": b["size"]} for b in local_blobs
+        ] + [
+            {
+                "path": f"/v2/e2e/load-local/manifests/{manifest.digest}",
+                "digest": manifest.digest,
+                "size": manifest.size,
+            }
+        ]
+        plan: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": ag.REGISTRY_PORT,
+            "ns": ns,
+            "local_blobs": local_blobs,
+            "peer_blobs": peer_blobs,
+            "head_targets": heads,
+            "miss_prefix": "/v2/e2e/load-none",
+            "weights": WEIGHTS,
+            "clients": clients,
+            "duration": duration,
+        }
+        agent_pid = node1.processes["agent"].pid
+        time.sleep(3)
+        idle = usage(agent_pid)
+        progress(f"agent idle {idle}; load {clients} clients x {duration:.0f} s against the agent")
+        with Sampler(agent_pid) as sampler:
+            agent_result = run_client(cluster, plan, work, "agent")
+            time.sleep(10)  # connections closed, buffers given back
+        after = usage(agent_pid)
+        result: dict[str, Any] = {
+            "clients": clients,
+            "duration_s": duration,
+            "mix_weights": WEIGHTS,
+            "blob_sizes": sorted(b["size"] for b in local_blobs + peer_blobs),
+            "agent": agent_result,
+            "agent_usage": {"idle": idle, "peak": sampler.peak(), "after_10s": after},
+        }
+        if soak:
+            series = sampler.series
+            minute = min(60, len(series) // 3) or 1
+            first, last = series[:minute], series[-minute:]
+
+            def mean(xs: list[dict[str, float]], key: str) -> float:
+                return round(sum(x[key] for x in xs) / max(1, len(xs)), 1)
+
+            result["soak_drift"] = {
+                "rss_mib_first_minute": mean(first, "rss_mib"),
+                "rss_mib_last_minute": mean(last, "rss_mib"),
+                "fds_first_minute": mean(first, "fds"),
+                "fds_last_minute": mean(last, "fds"),
+            }
+            return result
+        progress("docker-registry with the same plan")
+        start_compare_registry(cluster, work)
+        compare_plan = {**plan, "port": COMPARE_PORT, "ns": ""}
+        registry_result = run_client(cluster, compare_plan, work, "registry")
+        result["docker_registry"] = registry_result
+        result["ratio_requests_per_s"] = round(
+            agent_result["requests_per_s"] / max(registry_result["requests_per_s"], 1e-9), 3
+        )
+        return result
+    finally:
+        cluster.down()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--clients", type=int, default=500)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds per server")
+    parser.add_argument("--soak", action="store_true", help="10 min against the agent only")
+    parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    args = parser.parse_args(argv)
+    if not 1 <= args.clients <= 2000 or not 1 <= args.duration <= 3600:
+        raise SystemExit("--clients must be 1..2000 and --duration 1..3600 s")
+    missing = missing_requirements()
+    if missing:
+        raise SystemExit(f"bench.load: {missing}")
+    duration = 600.0 if args.soak else args.duration
+    result = run(args.clients, duration, args.soak)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
