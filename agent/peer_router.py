@@ -2,16 +2,26 @@
 
 Why here: `dht/` and `registry/` do not import each other (each defines the records it needs);
 the agent, which wires both, adapts the DHT node's advertise/resolve face to the registry's Router.
+
+`known_providers` answers without waiting: the DHT's own provider records plus the providers
+lookups found in the last RECENT_TTL seconds.  The mirror starts with those, so a loaded event loop
+(a lookup task that is not scheduled within the 20 ms resolve deadline) does not turn content a
+peer holds into a false miss; the live lookup still runs beside it.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+
+import trio
 
 from dht.ids import ProviderInfo, RecordState
 from dht.node import DhtRouter
 from registry.interfaces import Peer, PeerState, Router
+
+RECENT_TTL = 10.0  # seconds a lookup's providers are handed out again without a lookup
+RECENT_KEYS = 4096  # keys remembered at most (oldest forgotten first)
 
 
 def as_peer(provider: ProviderInfo) -> Peer:
@@ -24,6 +34,7 @@ class RegistryRouter:
 
     def __init__(self, dht: DhtRouter) -> None:
         self._dht = dht
+        self._recent: dict[str, tuple[float, dict[tuple[str, int], Peer]]] = {}
 
     def ready(self) -> bool:
         return self._dht.ready()
@@ -34,10 +45,30 @@ class RegistryRouter:
     async def withdraw(self, keys: Iterable[str]) -> None:
         await self._dht.withdraw(keys)
 
+    def known_providers(self, key: str) -> list[Peer]:
+        """Providers of `key` known without a lookup (see the module doc)."""
+        peers = {(p.host, p.port): p for p in map(as_peer, self._dht.known_providers(key))}
+        recent = self._recent.get(key)
+        if recent is not None:
+            if recent[0] > trio.current_time():
+                for address, peer in recent[1].items():
+                    peers.setdefault(address, peer)
+            else:
+                del self._recent[key]
+        return list(peers.values())
+
+    def _remember(self, key: str, peer: Peer) -> None:
+        expires = trio.current_time() + RECENT_TTL
+        _, peers = self._recent.pop(key, (0.0, {}))
+        peers[(peer.host, peer.port)] = peer
+        self._recent[key] = (expires, peers)  # re-inserted: newest last
+        while len(self._recent) > RECENT_KEYS:
+            del self._recent[next(iter(self._recent))]
+
     @asynccontextmanager
     async def resolve(self, key: str) -> AsyncIterator[AsyncIterator[Peer]]:
         async with self._dht.resolve(key) as providers:
-            yield _Peers(providers)
+            yield _Peers(providers, lambda peer: self._remember(key, peer))
 
 
 def registry_router(dht: DhtRouter) -> Router:
@@ -48,11 +79,16 @@ def registry_router(dht: DhtRouter) -> Router:
 class _Peers:
     """Maps a provider stream to peers (a plain iterator: nothing to finalise when left early)."""
 
-    def __init__(self, providers: AsyncIterator[ProviderInfo]) -> None:
+    def __init__(
+        self, providers: AsyncIterator[ProviderInfo], found: Callable[[Peer], None]
+    ) -> None:
         self._providers = providers
+        self._found = found
 
     def __aiter__(self) -> _Peers:
         return self
 
     async def __anext__(self) -> Peer:
-        return as_peer(await self._providers.__anext__())
+        peer = as_peer(await self._providers.__anext__())
+        self._found(peer)
+        return peer

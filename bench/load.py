@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,24 @@ def blob_specs(image: BuiltImage, repo: str) -> list[dict[str, Any]]:
         }
         for layer in info.layers
     ]
+
+
+def miss_reasons(node: Any, keys: set[str]) -> dict[str, int]:
+    """Why the agent's mirror requests for `keys` (content a peer holds) missed, from its log."""
+    reasons: Counter[str] = Counter()
+    for record in ag.agent_log(node):
+        if record.get("cache") == "miss" and record.get("key") in keys:
+            reasons[str(record.get("reason", ""))[:120]] += 1
+    return dict(reasons)
+
+
+def warnings(node: Any) -> dict[str, int]:
+    """WARNING and worse log lines of a node's agent, by message."""
+    counts: Counter[str] = Counter()
+    for record in ag.agent_log(node):
+        if str(record.get("level", "")).upper() in ("WARNING", "ERROR", "CRITICAL"):
+            counts[str(record.get("msg", record.get("message", "")))[:120]] += 1
+    return dict(counts)
 
 
 def run_client(cluster: Cluster, plan: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
@@ -205,6 +224,7 @@ def run(clients: int, duration: float, soak: bool) -> dict[str, Any]:
             agent_result = run_client(cluster, plan, work, "agent")
             time.sleep(10)  # connections closed, buffers given back
         after = usage(agent_pid)
+        peer_keys = {b["digest"] for b in peer_blobs}
         result: dict[str, Any] = {
             "clients": clients,
             "duration_s": duration,
@@ -212,6 +232,8 @@ def run(clients: int, duration: float, soak: bool) -> dict[str, Any]:
             "blob_sizes": sorted(b["size"] for b in local_blobs + peer_blobs),
             "agent": agent_result,
             "agent_usage": {"idle": idle, "peak": sampler.peak(), "after_10s": after},
+            "agent_false_miss_reasons": miss_reasons(node1, peer_keys),
+            "agent_warnings": {"node1": warnings(node1), "node2": warnings(node2)},
         }
         if soak:
             series = sampler.series

@@ -286,6 +286,10 @@ class DhtRouter:
         node._apply(node.protocol.withdraw(list(keys), trio.current_time()))
         await trio.lowlevel.checkpoint()
 
+    def known_providers(self, key: str) -> list[ProviderInfo]:
+        """Providers of `key` this node already holds records of: no round trip, no waiting."""
+        return self._node.protocol.known_providers(key, trio.current_time())
+
     @asynccontextmanager
     async def resolve(self, key: str) -> AsyncIterator[AsyncIterator[ProviderInfo]]:
         node = self._node

@@ -144,13 +144,20 @@ class DhtProtocol:
         self._ensure_maintenance(now)
         kid = key_id(key)
         job = self._new_lookup(kid, L_RESOLVE, now)
-        local = [p for p in self.store.get(kid, now, self.rng) if p.node_id != self.node_id]
+        local = self._known(kid, now)
         if local:
             job.seen.update((p.node_id, p.state) for p in local)
             job.lookup.found_locally(len(local))
             out.append(ProvidersFound(job.ref, tuple(local)))
         self._pump(job, now, out)
         return job.ref, out
+
+    def known_providers(self, key: str, now: float) -> list[ProviderInfo]:
+        """Providers of `key` other than us that this node holds live records of (no lookup)."""
+        return self._known(key_id(key), now)
+
+    def _known(self, kid: bytes, now: float) -> list[ProviderInfo]:
+        return [p for p in self.store.get(kid, now, self.rng) if p.node_id != self.node_id]
 
     def cancel_lookup(self, lookup_id: int) -> None:
         job = self._lookups.pop(lookup_id, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Protocol, runtime_checkable
 
 import trio
 
@@ -25,18 +26,36 @@ class RouterFailure(Exception):
     """The Router's lookup itself failed (answered with 500, like Spegel)."""
 
 
+@runtime_checkable
+class KnowsProviders(Protocol):
+    """A Router that can name providers it already knows, without a lookup or a wait."""
+
+    def known_providers(self, key: str) -> list[Peer]: ...
+
+
 class PeerSupply:
-    """Runs one Router lookup and hands its providers out; None once it has converged."""
+    """Runs one Router lookup and hands its providers out; None once it has converged.
+
+    Providers the Router already knows (`KnowsProviders`) are handed out first, before the
+    lookup task has even been scheduled: on a busy event loop that task may not run within the
+    resolve deadline, and content a peer holds must not become a miss because of it.
+    """
 
     def __init__(self, router: Router, key: str) -> None:
         self._router = router
         self._key = key
         self._send, self._receive = trio.open_memory_channel[Peer](math.inf)
         self.error: Exception | None = None
+        self._seen: set[tuple[str, int]] = set()
+        if isinstance(router, KnowsProviders):
+            for peer in router.known_providers(key):
+                if peer_key(peer) not in self._seen:
+                    self._seen.add(peer_key(peer))
+                    self._send.send_nowait(peer)
 
     async def feed(self) -> None:
         started = time.monotonic()
-        seen: set[tuple[str, int]] = set()
+        seen = self._seen
         async with self._send:
             try:
                 async with self._router.resolve(self._key) as peers:
@@ -47,6 +66,13 @@ class PeerSupply:
                             self._send.send_nowait(peer)
             except Exception as exc:
                 self.error = exc  # raised to the request by next(), not to the nursery
+
+    def next_ready(self) -> Peer | None:
+        """A provider that has already arrived, without waiting; None if there is none."""
+        try:
+            return self._receive.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return None
 
     async def next(self) -> Peer | None:
         """The next provider; None once the lookup converged; RouterFailure if it failed."""
@@ -73,6 +99,10 @@ async def next_usable_peer(
                     return attempts.converged()
                 if attempts.usable(peer):
                     return peer
+        # the lookup may have delivered while this task waited to be scheduled: use that first
+        while (ready := supply.next_ready()) is not None:
+            if attempts.usable(ready):
+                return ready
         give_up = attempts.wait_timed_out()
         if give_up is not None:
             return give_up

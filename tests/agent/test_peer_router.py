@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import trio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import cast
 
-from agent.peer_router import RegistryRouter
-from dht.node import Node, NodeConfig
+import trio
+import trio.testing
+
+from agent.peer_router import RECENT_TTL, RegistryRouter
+from dht.ids import ProviderInfo, RecordState
+from dht.node import DhtRouter, Node, NodeConfig
 from registry.interfaces import Peer, PeerState, Router
 
 KEY = "sha256:" + "ef" * 32
@@ -78,3 +84,55 @@ async def test_record_states_travel_over_real_udp_and_withdraw_reaches_the_seeke
         await provider.withdraw([KEY])  # a claim record is dropped by its holder at once
         await until([])
         nursery.cancel_scope.cancel()
+
+
+async def test_known_providers_answer_without_a_lookup() -> None:
+    a, b = node(5), node(6)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        assert a.bound is not None
+        await b.bootstrap([a.bound])
+        provider = RegistryRouter(a.router)
+        seeker = RegistryRouter(b.router)
+        assert seeker.known_providers(KEY) == []
+        await provider.advertise([KEY])
+        with trio.fail_after(5):
+            while True:
+                async with seeker.resolve(KEY) as peers:
+                    found = [p async for p in peers]
+                if found:
+                    break
+                await trio.sleep(0.01)
+        assert seeker.known_providers(KEY) == found
+        assert provider.known_providers(KEY) == []  # never yourself
+        nursery.cancel_scope.cancel()
+
+
+class _OneProviderDht:
+    """A DhtRouter stand-in: holds no records itself; every lookup finds one provider."""
+
+    def __init__(self, provider: ProviderInfo) -> None:
+        self.provider = provider
+
+    def known_providers(self, key: str) -> list[ProviderInfo]:
+        return []
+
+    @asynccontextmanager
+    async def resolve(self, key: str) -> AsyncIterator[AsyncIterator[ProviderInfo]]:
+        async def stream() -> AsyncIterator[ProviderInfo]:
+            yield self.provider
+
+        yield stream()
+
+
+async def test_lookup_results_are_known_for_a_while(autojump_clock: trio.testing.MockClock) -> None:
+    info = ProviderInfo(bytes([9]) * 32, "10.0.0.9", 5000, RecordState.COMPLETE)
+    router = RegistryRouter(cast(DhtRouter, _OneProviderDht(info)))
+    assert router.known_providers(KEY) == []
+    async with router.resolve(KEY) as peers:
+        found = [p async for p in peers]
+    assert router.known_providers(KEY) == found == [Peer(info.node_id, "10.0.0.9", 5000)]
+    assert router.known_providers("sha256:" + "00" * 32) == []
+    await trio.sleep(RECENT_TTL + 1)
+    assert router.known_providers(KEY) == []
