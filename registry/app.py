@@ -25,6 +25,7 @@ from quart_trio.wrappers import TrioResponse
 from registry.access_log import with_request_metrics
 from registry.basic_auth import BasicAuth, authorized
 from registry.buffers import Chunk
+from registry.claim_supply import ClaimParticipation
 from registry.distribution import (
     ApiVersionCheck,
     ContentKind,
@@ -59,6 +60,7 @@ from registry.mirror_job import (
     MirrorSettings,
 )
 from registry.peer_client import PeerClient
+from registry.provider_choice import UploadSlots
 from registry.ranges import RangeError, RangeNotSatisfiable, RangeSpec, parse_range
 
 __all__ = [
@@ -93,6 +95,9 @@ class RegistrySettings:
     # Basic auth (Spegel's basic-auth Secret): required on every route but the probes, and sent
     # to peers (the forwarder's `MirrorSettings.authorization` is set from it).  None: off.
     basic_auth: BasicAuth | None = None
+    # --peer-upload-limit: blob GETs from peers served at once; beyond it a peer gets 429 with
+    # Retry-After and asks another provider (a burst then forms a tree).  0: no limit.
+    peer_upload_limit: int = 8
 
 
 class Response(TrioResponse):
@@ -133,6 +138,7 @@ class _Registry:
         router: Router,
         settings: RegistrySettings,
         events: MirrorEvents | None,
+        claims: ClaimParticipation | None = None,
     ) -> None:
         self.app = app
         self.store = store
@@ -152,7 +158,9 @@ class _Registry:
             mirror,
             Quarantine(),
             events=events,
+            claims=claims,
         )
+        self.uploads = UploadSlots(settings.peer_upload_limit)
 
     async def dispatch(self, path: str) -> Response:
         return await self._dispatch(path, request.method)
@@ -201,7 +209,8 @@ class _Registry:
             if mirrored:
                 return _oci_error(404, parsed.unknown_code, f"{parsed.reference} not found")
             cast(dict[str, Any], request.scope)["spegla.mirrored"] = True  # access log: "mirror"
-            return await self._mirror(MirrorJob(parsed, method, range_spec))
+            client_ip = request.remote_addr or None
+            return await self._mirror(MirrorJob(parsed, method, range_spec, client_ip))
         if parsed.kind is ContentKind.MANIFEST:
             return await self._serve_manifest(parsed, descriptor, method)
         return await self._serve_blob(parsed, descriptor, method, range_spec)
@@ -362,7 +371,12 @@ class _Registry:
         return LocalBlob(status, headers, start, length, self.store, descriptor, ingest)
 
     async def plan_mirror_blob(
-        self, method: str, path: str, ns: str | None, headers: dict[str, str]
+        self,
+        method: str,
+        path: str,
+        ns: str | None,
+        headers: dict[str, str],
+        client_ip: str | None = None,
     ) -> MirrorPlan | None:
         """The mirror job a GET of a blob that is not held here becomes; None for anything else
         (the app answers those, a request without valid credentials with a 401).  `headers`
@@ -381,7 +395,8 @@ class _Registry:
             return None
         if self.filters.is_filtered(parsed.reference) or await self._local(parsed) is not None:
             return None
-        return MirrorPlan(MirrorJob(parsed, method, range_spec), self.forwarder, self.app)
+        job = MirrorJob(parsed, method, range_spec, client_ip)
+        return MirrorPlan(job, self.forwarder, self.app)
 
     def open_mirror(
         self, job: MirrorJob, nursery: trio.Nursery
@@ -503,11 +518,17 @@ class MirrorPlan:
 
 
 async def plan_mirror_blob(
-    app: QuartTrio, *, method: str, path: str, ns: str | None, headers: dict[str, str]
+    app: QuartTrio,
+    *,
+    method: str,
+    path: str,
+    ns: str | None,
+    headers: dict[str, str],
+    client_ip: str | None = None,
 ) -> MirrorPlan | None:
     """The mirror job for a blob GET `app` does not hold locally, else None."""
     registry: _Registry = app.extensions["spegla.registry"]
-    return await registry.plan_mirror_blob(method, path, ns, headers)
+    return await registry.plan_mirror_blob(method, path, ns, headers, client_ip)
 
 
 def mirror_events(app: QuartTrio) -> MirrorEvents | None:
@@ -538,15 +559,17 @@ def create_app(
     settings: RegistrySettings | None = None,
     *,
     events: MirrorEvents | None = None,
+    claims: ClaimParticipation | None = None,
 ) -> QuartTrio:
     """The registry app; serve it with `registry.server.serve_registry`.
 
     `events` receives the mirror path's events (`registry.events`), e.g. for a debug page.
+    `claims`: take part in bursts' claims (`registry.claim`; None: plain resolve).
     """
     app = QuartTrio(__name__)
     app.response_class = Response
     app.config["RESPONSE_TIMEOUT"] = None
-    registry = _Registry(app, store, router, settings or RegistrySettings(), events)
+    registry = _Registry(app, store, router, settings or RegistrySettings(), events, claims)
     app.extensions["spegla.registry"] = registry
     app.asgi_app = with_request_metrics(app.asgi_app)  # type: ignore[method-assign]
 
@@ -567,6 +590,11 @@ def create_app(
     @app.errorhandler(405)
     async def not_found(_: Exception) -> Response:
         return _empty(404)
+
+    @app.before_serving
+    async def claim_holds() -> None:
+        if claims is not None and claims.background is None:
+            claims.background = app.nursery  # a claimant's claim outlives its request
 
     @app.after_serving
     async def close_client() -> None:

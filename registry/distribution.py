@@ -45,6 +45,7 @@ class ErrorCode(enum.StrEnum):
     DENIED = "DENIED"
     UNAUTHORIZED = "UNAUTHORIZED"
     UNSUPPORTED = "UNSUPPORTED"
+    TOOMANYREQUESTS = "TOOMANYREQUESTS"
 
 
 def error_body(code: ErrorCode, message: str, detail: object = None) -> bytes:

@@ -39,10 +39,11 @@ from quart_trio import QuartTrio
 from registry.access_log import access_logger, client_ip, log_access, record_request
 from registry.app import LocalBlob, MirrorPlan, mirror_events, plan_local_blob, plan_mirror_blob
 from registry.asgi_h11 import Address, run_asgi, socket_addresses, split_target
+from registry.distribution import ErrorCode, error_body
 from registry.http11 import ClientGone, FileRange, HttpRequest, ServerConnection, is_client_gone
 from registry.inflight import GrowingFile, IngestBroken, upload_growing
 from registry.interfaces import ContentNotFound
-from registry.metrics import HTTP_INFLIGHT
+from registry.metrics import HTTP_INFLIGHT, UPLOADS_ACTIVE, UPLOADS_BUSY
 from registry.mirror_door import serve_mirror_blob
 from registry.transfer_report import TransferReport
 
@@ -107,15 +108,42 @@ class _FrontDoor:
     async def _answer(
         self, conn: ServerConnection, request: HttpRequest, client: Address, server: Address
     ) -> None:
+        upload = _peer_upload_key(request)
+        if upload is None:
+            await self._dispatch(conn, request, client, server)
+            return
+        # a peer fetching a blob from us: bounded (--peer-upload-limit), so a burst forms a tree
+        slots = self.app.extensions["spegla.registry"].uploads
+        if not slots.try_acquire(upload):
+            UPLOADS_BUSY.inc()
+            body = error_body(ErrorCode.TOOMANYREQUESTS, "upload limit reached, ask another peer")
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"1"),
+            ]
+            data = conn.response_head(429, headers) + conn.body_bytes(body) + conn.end_bytes()
+            await conn.send_bytes(data)
+            return
+        UPLOADS_ACTIVE.inc()
+        try:
+            await self._dispatch(conn, request, client, server)
+        finally:
+            slots.release(upload)
+            UPLOADS_ACTIVE.dec()
+
+    async def _dispatch(
+        self, conn: ServerConnection, request: HttpRequest, client: Address, server: Address
+    ) -> None:
         if request.method in ("GET", "HEAD") and b"/blobs/" in request.target:
             plan = await self._plan(request)
             if plan is not None and await self._serve(conn, request, plan, client):
                 return
-            mirror = await self._plan_mirror(request) if request.method == "GET" else None
+            ip = client_ip(request.header(b"x-forwarded-for"), client[0] if client else "")
+            mirror = await self._plan_mirror(request, ip) if request.method == "GET" else None
             if mirror is not None:
                 # a blob from peers: written here from pooled buffers (mirror_door)
                 self.stats.mirrored += 1
-                ip = client_ip(request.header(b"x-forwarded-for"), client[0] if client else "")
                 await serve_mirror_blob(conn, mirror, ip, split_target(request.target)[0])
                 return
         self.stats.passed_on += 1
@@ -133,7 +161,7 @@ class _FrontDoor:
             authorization=request.header(b"authorization"),
         )
 
-    async def _plan_mirror(self, request: HttpRequest) -> MirrorPlan | None:
+    async def _plan_mirror(self, request: HttpRequest, ip: str) -> MirrorPlan | None:
         path, _, query = split_target(request.target)
         ns_values = parse_qs(query.decode("latin-1")).get("ns")
         headers = {
@@ -145,6 +173,7 @@ class _FrontDoor:
             path=path,
             ns=ns_values[0] if ns_values else None,
             headers=headers,
+            client_ip=ip or None,
         )
 
     def _report(
@@ -232,6 +261,16 @@ async def _send_growing_body(
         return await upload_growing(growing, plan.offset, plan.length, ip, send_range)
     except IngestBroken as exc:
         raise ClientGone(f"in-flight upload cut: {exc}") from exc
+
+
+def _peer_upload_key(request: HttpRequest) -> str | None:
+    """The blob a peer (X-Spegel-Mirrored: true) is GETting from us, else None."""
+    if request.method != "GET" or b"/blobs/" not in request.target:
+        return None
+    if (request.header(b"x-spegel-mirrored") or "").strip().lower() != "true":
+        return None
+    path = split_target(request.target)[0]
+    return path.rsplit("/blobs/", 1)[1] or None
 
 
 def _log_served(

@@ -51,6 +51,8 @@ from registry.blob_stream import (
     release_all,
 )
 from registry.buffers import BufferPool, Chunk
+from registry.claim import ClaimSettings
+from registry.claim_supply import ClaimingSupply, ClaimParticipation
 from registry.distribution import ContentKind, ErrorCode
 from registry.events import (
     PROGRESS_INTERVAL,
@@ -66,6 +68,7 @@ from registry.mirror import (
     GiveUp,
     MirrorAttempts,
     PeerAnswer,
+    PeerBusy,
     Quarantine,
     StaleProviders,
     peer_key,
@@ -101,8 +104,11 @@ class Forwarder:
         quarantine: Quarantine | None = None,
         stale: StaleProviders | None = None,
         events: MirrorEvents | None = None,
+        claims: ClaimParticipation | None = None,
     ) -> None:
         self.router = router
+        # taking part in bursts' claims (registry.claim); None: plain resolve, as Spegel does
+        self.claims = claims
         self.events = events if events is not None else MirrorEvents()
         self.client = client if client is not None else PeerClient()
         self.settings = settings if settings is not None else MirrorSettings()
@@ -177,6 +183,7 @@ class _Run:
         self.hedged = False  # a second provider was asked while one was slow
         self.total: int | None = None  # body size from the response head, for progress reports
         self.progress_at = -math.inf  # when the last TransferProgress went out
+        self.claiming: ClaimingSupply | None = None  # blob GETs when claims are on
 
     async def _emit(self, item: MirrorItem) -> None:
         """Hand an item to the response; a response that stops reading counts as gone."""
@@ -257,9 +264,32 @@ class _Run:
         with trio.move_on_after(deadline) as overall:
             async with trio.open_nursery() as nursery:
                 supply = PeerSupply(self.fw.router, self.ref.identifier)
-                nursery.start_soon(supply.feed)
-                async with AsyncExitStack() as stack:
-                    await self._serve(supply, stack)
+                claims = self.fw.claims
+                if claims is not None and self.is_blob and not self.is_head and self.ref.digest:
+                    s = self.settings
+                    self.claiming = ClaimingSupply(
+                        self.fw.router,
+                        claims,
+                        ClaimSettings(
+                            s.resolve_timeout,
+                            s.resolve_retries,
+                            s.claim_settle,
+                            s.claim_wait,
+                            s.claim_poll,
+                        ),
+                        self.ref.digest,
+                        self.attempts.avoid,
+                        nursery,
+                        self.job.client_ip,
+                    )
+                else:
+                    nursery.start_soon(supply.feed)
+                try:
+                    async with AsyncExitStack() as stack:
+                        await self._serve(supply, stack)
+                finally:
+                    if self.claiming is not None:
+                        await self.claiming.finish()
                 nursery.cancel_scope.cancel()
         if overall.cancelled_caught:
             await self.fail(
@@ -297,14 +327,31 @@ class _Run:
                 extra={"peer": failure.peer, "key": failure.key, "error": failure.error},
             )
 
+        def failed_or_busy(peer: Peer, exc: Exception) -> None:
+            if isinstance(exc, PeerBusy):  # at its upload limit: the next provider is asked
+                logger.info(
+                    "peer busy", extra={"peer": peer_address(peer), "key": self.ref.identifier}
+                )
+                if self.claiming is not None:
+                    self.claiming.busy(peer, exc.retry_after)
+                return
+            if self.claiming is not None:
+                self.claiming.failed(peer)
+            failed(peer, exc)
+
+        claiming = self.claiming
         opened = await open_hedged(
             supply,
             self.attempts,
             resolve_timeout=self.settings.resolve_timeout,
             delay=self.fw.hedge_delay,
-            max_racers=self.settings.hedge_racers,
+            # a burst's claim/wait decides who is asked (registry.claim): no hedging there
+            max_racers=1 if claiming is not None else self.settings.hedge_racers,
             open_one=open_one,
-            on_failure=failed,
+            on_failure=failed_or_busy,
+            next_peer=None
+            if claiming is None
+            else functools.partial(claiming.next_peer, self.attempts),
         )
         if isinstance(opened, GiveUp):
             return opened
@@ -478,6 +525,8 @@ class _Run:
 
         async def resume(position: int) -> Continuation | GiveUp:
             await stack.aclose()
+            if self.claiming is not None and self.serving:
+                self.claiming.failed(self.serving[-1])  # its stream broke: another source
             give_up = self.attempts.fetch_failed()
             if give_up is not None:
                 return give_up

@@ -141,3 +141,15 @@ class InflightSource(Protocol):
     def find_inflight(self, digest: str) -> IngestFile | None:
         """The download of `digest` in progress, or None."""
         ...
+
+
+class ClaimBoard(Protocol):
+    """Where this node says it is about to fetch a digest from upstream (a CLAIM record).
+
+    The agent's advertiser implements it: it merges claims with what the node holds or is
+    downloading, so a claim never hides a better record of the same key.
+    """
+
+    async def claim(self, digest: str) -> None: ...
+
+    async def unclaim(self, digest: str) -> None: ...

@@ -9,6 +9,8 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "CLAIM_OUTCOMES",
+    "CLAIM_WAIT",
     "HTTP_INFLIGHT",
     "HTTP_REQUEST_DURATION",
     "HTTP_RESPONSE_SIZE",
@@ -16,6 +18,8 @@ __all__ = [
     "MIRROR_REQUESTS",
     "PEER_QUARANTINED",
     "RESOLVE_DURATION",
+    "UPLOADS_ACTIVE",
+    "UPLOADS_BUSY",
 ]
 
 MIRROR_REQUESTS = Counter(
@@ -53,4 +57,26 @@ PEER_QUARANTINED = Counter(
     "spegel_mirror_peer_quarantined_total",
     "Peers quarantined for a digest after serving content that did not match it.",
     ["registry"],
+)
+# Not in Spegel (no claims, no upload bound): a burst's one-upstream-copy protocol (registry.claim).
+CLAIM_OUTCOMES = Counter(
+    "spegla_claim_outcomes_total",
+    "Blob mirror requests by how the claim protocol ended them: fetch (a provider was found, "
+    "possibly after waiting), claimant (this node fetches upstream for the burst), wait_timeout "
+    "(the claimant's download never appeared), miss (no provider, no claim).",
+    ["outcome"],
+)
+CLAIM_WAIT = Histogram(
+    "spegla_claim_wait_duration_seconds",
+    "Time a blob mirror request spent finding a provider or deciding to miss (claims included).",
+    ["outcome"],
+    buckets=(0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+UPLOADS_ACTIVE = Gauge(
+    "spegla_peer_uploads_active",
+    "Blob GETs from peers being served right now (bounded by --peer-upload-limit).",
+)
+UPLOADS_BUSY = Counter(
+    "spegla_peer_uploads_busy_total",
+    "Blob GETs from peers answered 429 (busy) because the upload limit was reached.",
 )

@@ -25,6 +25,7 @@ __all__ = [
     "MirrorAttempts",
     "PeerAnswer",
     "PeerAnswerError",
+    "PeerBusy",
     "Quarantine",
     "StaleProviders",
     "check_peer_answer",
@@ -147,6 +148,14 @@ class StaleProviders:
 
 class PeerAnswerError(ValueError):
     """A peer's response headers cannot be used (wrong status, missing or inconsistent fields)."""
+
+
+class PeerBusy(PeerAnswerError):
+    """The peer is at its upload limit (429/503): ask another, try it again after `retry_after`."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"peer is busy (retry after {retry_after:g} s)")
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,6 +69,12 @@ class MirrorSettings:
     # hashed from byte 0 with the last byte held back: holding them whole would keep this node's
     # containerd from starting its own download, so it could not pass the bytes on in turn.
     inflight_stall_timeout: float = 15.0
+    # Bursts (registry.claim): a blob GET that finds no provider publishes a claim, lets
+    # `claim_settle` pass, and the lowest-ranked claimant goes upstream while the others wait up
+    # to `claim_wait` for its download to appear (looking again every `claim_poll`).
+    claim_settle: float = 0.020
+    claim_wait: float = 10.0
+    claim_poll: float = 0.1
 
     def __post_init__(self) -> None:
         if not self.resolve_timeout > 0 or not math.isfinite(self.resolve_timeout):
@@ -81,6 +87,10 @@ class MirrorSettings:
             raise ValueError("hedge_racers must be at least 1")
         if not self.inflight_stall_timeout > 0:
             raise ValueError("inflight_stall_timeout must be positive")
+        if not 0 < self.claim_settle <= self.claim_wait or not 0 < self.claim_poll:
+            raise ValueError(
+                "claim_settle, claim_wait and claim_poll must be positive, settle <= wait"
+            )
 
 
 MIRROR_DEFAULTS = MirrorSettings()
@@ -91,6 +101,7 @@ class MirrorJob:
     request: ContentRequest
     method: str  # "GET" or "HEAD"
     range_spec: RangeSpec | None  # blobs only
+    client_ip: str | None = None  # who asked (a claim is made only for this node's containerd)
 
 
 @dataclass(frozen=True, slots=True)

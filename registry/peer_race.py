@@ -26,7 +26,7 @@ import trio
 
 from registry.hedging import HedgeDelay
 from registry.interfaces import Peer
-from registry.mirror import GiveUp, MirrorAttempts, PeerAnswerError
+from registry.mirror import GiveUp, MirrorAttempts, PeerAnswerError, PeerBusy, peer_key
 from registry.peer_client import PeerError
 from registry.peer_supply import PeerSupply, next_usable_peer
 
@@ -74,11 +74,15 @@ async def open_hedged(
     max_racers: int,
     open_one: Callable[[Peer, AsyncExitStack], Awaitable[T]],
     on_failure: Callable[[Peer, Exception], None],
+    next_peer: Callable[[], Awaitable[Peer | GiveUp]] | None = None,
 ) -> Opened[T] | GiveUp:
     """Open with the first provider that answers; GiveUp when attempts or providers ran out.
 
     `open_one(peer, stack)` opens and checks one response, entering its connection on `stack`;
-    it raises PeerError, PeerAnswerError or trio.TooSlowError when that peer fails.
+    it raises PeerError, PeerAnswerError or trio.TooSlowError when that peer fails.  A busy
+    peer (PeerBusy: at its upload limit) is reported to `on_failure` but uses up no attempt and
+    may be asked again later.  `next_peer` replaces the resolve clock's choice of the next
+    provider (a burst's claim/wait, `registry.claim_supply`).
     """
     race: _Race[T] = _Race()
 
@@ -92,6 +96,10 @@ async def open_hedged(
                 await stack.aclose()
             on_failure(peer, exc)
             race.running -= 1
+            if isinstance(exc, PeerBusy):
+                attempts.tried.discard(peer_key(peer))  # not a failure: it may serve later
+                race.notify()
+                return
             give_up = attempts.fetch_failed()
             if give_up is not None:
                 race.give_up = give_up
@@ -126,7 +134,10 @@ async def open_hedged(
                     result = race.give_up
                     break
                 # nobody is being asked: the next provider, on the resolve clock (fail-over)
-                peer = await next_usable_peer(supply, attempts, resolve_timeout)
+                if next_peer is not None:
+                    peer = await next_peer()
+                else:
+                    peer = await next_usable_peer(supply, attempts, resolve_timeout)
                 if isinstance(peer, GiveUp):
                     result = peer
                     break

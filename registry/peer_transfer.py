@@ -17,11 +17,18 @@ import trio
 
 from registry.interfaces import Peer
 from registry.mediatypes import MANIFEST_MEDIA_TYPES
-from registry.mirror import PeerAnswer, PeerAnswerError, check_peer_answer
+from registry.mirror import PeerAnswer, PeerAnswerError, PeerBusy, check_peer_answer
 from registry.peer_client import PeerClient, PeerError, PeerResponse
 from registry.ranges import ByteRange
 
-__all__ = ["ACCEPT", "PeerFetch", "TransferRequest", "open_transfer", "read_whole_body"]
+__all__ = [
+    "ACCEPT",
+    "PeerBusy",
+    "PeerFetch",
+    "TransferRequest",
+    "open_transfer",
+    "read_whole_body",
+]
 
 ACCEPT = ", ".join(MANIFEST_MEDIA_TYPES)
 
@@ -63,6 +70,13 @@ class PeerFetch:
         self.answer = answer
 
 
+def _retry_after(value: str | None) -> float:
+    """Retry-After in seconds (an HTTP date or garbage counts as 1 s), capped at 60 s."""
+    if value is not None and value.strip().isdigit() and len(value.strip()) < 6:
+        return min(float(value.strip()), 60.0)
+    return 1.0
+
+
 async def open_transfer(
     client: PeerClient,
     peer: Peer,
@@ -87,6 +101,8 @@ async def open_transfer(
         )
     if response.status == 404:
         on_not_found()
+    if response.status in (429, 503):
+        raise PeerBusy(_retry_after(response.headers.get("retry-after")))
     answer = check_peer_answer(
         status=response.status,
         headers=response.headers,

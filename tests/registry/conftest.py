@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from registry.app import RegistrySettings, create_app
+from registry.claim_supply import ClaimParticipation
 from registry.events import MirrorEvents
 from registry.fastpath import FastPathStats
 from registry.interfaces import Peer
@@ -66,16 +67,21 @@ def start_node(nursery: trio.Nursery, network: MemoryNetwork) -> StartNode:
         router: MemoryRouter | None = None,
         zero_copy: bool = True,
         events: MirrorEvents | None = None,
+        claims: ClaimParticipation | None = None,
     ) -> Node:
         store = store if store is not None else MemoryContentStore()
         router = router if router is not None else MemoryRouter(network)
-        app = create_app(store, router, settings or RegistrySettings(), events=events)
+        app = create_app(
+            store, router, settings or RegistrySettings(), events=events, claims=claims
+        )
         stats = FastPathStats()
         port = await nursery.start(
             functools.partial(serve_registry, app, LOOPBACK, 0, zero_copy=zero_copy, stats=stats)
         )
         node = Node(store, router, port, stats)
         router.self_peer = node.peer
+        if claims is not None:
+            claims.node_id = node.peer.node_id
         return node
 
     return start
@@ -139,10 +145,10 @@ def fill(
 class ScriptedPeer:
     """A raw HTTP peer that misbehaves on purpose.
 
-    behaviour: "500" (answers 500), "404" (answers 404: it advertised content it no longer holds),
-    "silent" (accepts, never answers), "cut" (announces `body`
-    in full but sends only `cut` bytes, then closes), "serve" (serves `body` as `digest`, honouring
-    a Range, whatever the bytes are: with wrong bytes it is a lying peer).
+    behaviour: "500" (answers 500), "429" (busy: at its upload limit), "404" (answers 404: it
+    advertised content it no longer holds), "silent" (accepts, never answers), "cut" (announces
+    `body` in full but sends only `cut` bytes, then closes), "serve" (serves `body` as `digest`,
+    honouring a Range, whatever the bytes are: with wrong bytes it is a lying peer).
     """
 
     behaviour: str
@@ -184,6 +190,11 @@ class ScriptedPeer:
         if self.behaviour == "500":
             await stream.send_all(
                 b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n"
+            )
+            return
+        if self.behaviour == "429":
+            await stream.send_all(
+                b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n"
             )
             return
         if self.behaviour == "404":
