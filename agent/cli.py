@@ -154,6 +154,13 @@ _FLAGS: dict[str, tuple[Flag, ...]] = {
              "MiB of memory for blob bytes in transit from peers, over all requests (keep it "
              "well under the DaemonSet's memory limit; an idle agent holds ~50 MiB)",
              metavar="MIB"),
+        Flag("--mirror-claim-wait", format_duration(MIRROR_DEFAULTS.claim_wait), parse_duration,
+             "in a burst (nodes missing one layer at once), how long a node waits for the one "
+             "that fetches it upstream to start receiving it before going upstream itself "
+             "(Go duration)", metavar="DURATION"),
+        Flag("--peer-upload-limit", "8", _int,
+             "blob downloads this node serves to peers at once; more get 429 and ask another "
+             "peer, so a burst spreads as a tree (0: no limit)", metavar="N"),
         Flag("--bootstrap-kind", "none", _kind,
              "how to find the first peers: dns, http, static, kubernetes, none", metavar="KIND"),
         Flag("--dns-bootstrap-domain", "", _text,
@@ -443,6 +450,8 @@ def registry_config(ns: argparse.Namespace) -> RegistryConfig:
         mirror_resolve_timeout=ns.mirror_resolve_timeout,
         mirror_resolve_retries=ns.mirror_resolve_retries,
         mirror_buffer_memory=ns.mirror_buffer_memory << 20,
+        mirror_claim_wait=ns.mirror_claim_wait,
+        peer_upload_limit=ns.peer_upload_limit,
         bootstrap=bootstrap,
         data_dir=ns.data_dir,
         debug_web_enabled=ns.debug_web_enabled,

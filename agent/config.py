@@ -306,6 +306,8 @@ class RegistryConfig:
     mirror_resolve_timeout: float = MIRROR_DEFAULTS.resolve_timeout
     mirror_resolve_retries: int = MIRROR_DEFAULTS.resolve_retries
     mirror_buffer_memory: int = MIRROR_DEFAULTS.buffer_memory  # bytes
+    mirror_claim_wait: float = MIRROR_DEFAULTS.claim_wait
+    peer_upload_limit: int = 8
     bootstrap: BootstrapConfig = BootstrapConfig()
     data_dir: str = ""
     debug_web_enabled: bool = True
@@ -336,6 +338,10 @@ class RegistryConfig:
             raise ConfigError("--mirror-resolve-retries must be at least 1")
         if self.mirror_resolve_timeout <= 0:
             raise ConfigError("--mirror-resolve-timeout must be greater than 0")
+        if not MIRROR_DEFAULTS.claim_settle <= self.mirror_claim_wait <= 600:
+            raise ConfigError("--mirror-claim-wait must be between 20ms and 10m")
+        if self.peer_upload_limit < 0:
+            raise ConfigError("--peer-upload-limit must be 0 (no limit) or more")
         if self.mirror_buffer_memory < MIRROR_DEFAULTS.buffer_size:
             raise ConfigError("--mirror-buffer-memory must be at least 1 (MiB)")
         return self
@@ -347,6 +353,7 @@ class RegistryConfig:
             resolve_timeout=self.mirror_resolve_timeout,
             resolve_retries=self.mirror_resolve_retries,
             buffer_memory=self.mirror_buffer_memory,
+            claim_wait=self.mirror_claim_wait,
         )
 
 

@@ -144,6 +144,15 @@ def scan_ingests(content_dir: str, namespace: str) -> list[IngestEntry]:
         total = parse_total(_read_small(os.path.join(item.path, "total")) or "")
         if total is None:
             continue
+        try:
+            written = os.stat(os.path.join(item.path, "data")).st_size
+        except OSError:
+            continue
+        if written == 0:
+            # containerd opens the ingest before it sends its GET (to the mirror first): until
+            # bytes land it is no source, and advertising it would let a burst's nodes pick
+            # each other's empty downloads while each waits for its own mirror request
+            continue
         started = _read_small(os.path.join(item.path, "startedat")) or ""
         out.append(IngestEntry(digest, ref.strip(), item.path, total, started.strip()))
     return out

@@ -47,8 +47,9 @@ from agent.metrics_server import create_metrics_app, serve_app
 from agent.peer_router import registry_router
 from agent.supervise import RestartPolicy, Service, ServiceFailed, Supervisor
 from registry.basic_auth import BasicAuth
+from registry.claim_supply import ClaimParticipation
 from registry.events import MirrorEvents
-from registry.interfaces import ContentStore, Router
+from registry.interfaces import ClaimBoard, ContentStore, Router
 
 if TYPE_CHECKING:
     from registry.fastpath import FastPathStats
@@ -66,6 +67,7 @@ class Backend:
     connected: Flag = field(default_factory=lambda: Flag(True))  # containerd reachable
     images: Callable[[], list[Any]] = list  # names or dicts (AdvertisedImage.as_dict)
     stats: Callable[[], dict[str, Any]] = dict
+    claims: ClaimBoard | None = None  # where burst claims go (None: no claims)
 
 
 BackendFactory = Callable[[RegistryConfig, Router], AbstractAsyncContextManager[Backend]]
@@ -94,6 +96,7 @@ class AppParts:
     cfg: RegistryConfig
     ready: Callable[[], bool]
     events: MirrorEvents  # the mirror path reports here (the debug page subscribes)
+    claims: ClaimParticipation | None = None  # take part in bursts' claims
 
 
 AppFactory = Callable[[AppParts], QuartTrio]
@@ -207,6 +210,7 @@ async def containerd_backend(cfg: RegistryConfig, router: Router) -> AsyncIterat
             connected=tracker.connected,
             images=lambda: [image.as_dict() for image in tracker.advertised_images()],
             stats=lambda: {**tracker.statistics(), **inflight_stats()},
+            claims=advertiser,
         )
 
 
@@ -220,10 +224,11 @@ def default_app(parts: AppParts) -> QuartTrio:
         filters=ReferenceFilter.from_config(cfg.mirrored_registries, cfg.registry_filters),
         readiness=parts.ready,
         basic_auth=read_basic_auth(cfg.basic_auth_dir),
+        peer_upload_limit=cfg.peer_upload_limit,
     )
     if settings.basic_auth is not None:
         logger.info("basic auth enabled", extra={"basic_auth_dir": cfg.basic_auth_dir})
-    return create_app(parts.store, parts.router, settings, events=parts.events)
+    return create_app(parts.store, parts.router, settings, events=parts.events, claims=parts.claims)
 
 
 async def default_serve_registry(
@@ -390,7 +395,11 @@ async def run_agent(
                 supervisor.run, "debug-feed", functools.partial(watch_mirror_metrics, debug)
             )
             me = SelfInfo(node_id, detect_advertise_addr(cfg), int(bound[1]))
-            parts = AppParts(backend.store, router, cfg, readiness, events)
+            claims = None
+            if backend.claims is not None:
+                own = frozenset(h for h in (me.host, cfg.registry_addr.bind_host) if h)
+                claims = ClaimParticipation(backend.claims, node_id, own_hosts=own)
+            parts = AppParts(backend.store, router, cfg, readiness, events, claims)
             app = (hooks.app or default_app)(parts)
             serve_registry = hooks.serve_registry or _default_serve_with_stats(debug)
             grace = grace_seconds(cfg.shutdown_grace)

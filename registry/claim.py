@@ -30,8 +30,8 @@ returns, feeding back lookup results (`seen`, `round_ended`) and fetch outcomes 
             passed since the request began (-> `Miss`: its containerd goes upstream as today).  A
             lookup that converges with neither a claim nor a source means the claimant gave up:
             `Miss` at once.
-A source appearing in any phase wins (`Fetch`; a claim of ours is withdrawn first).  Every path
-ends by a deadline, so the protocol never waits unbounded and cannot deadlock.
+A source appearing in any phase wins (`Fetch`; a claim of ours stays until the request ends).
+Every path ends by a deadline, so the protocol never waits unbounded and cannot deadlock.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class ClaimSettings:
 
 @dataclass(frozen=True, slots=True)
 class Fetch:
-    """Fetch from this provider (withdraw our claim first when `withdraw_claim`)."""
+    """Fetch from this provider (`withdraw_claim`: withdraw our claim first; not used now)."""
 
     sighting: Sighting
     withdraw_claim: bool = False
@@ -247,12 +247,12 @@ class ProviderWait:
             return self._miss(f"all request retries exhausted for {self.key}")
         usable = self._usable(now)
         if usable:
-            withdraw = self.own_claim
-            self.own_claim = False
+            # a claim of ours stays while this fetch runs: if the source fails, the claim is
+            # decided as if it had never appeared (the driver withdraws it when the request ends)
             if self.phase is _Phase.SETTLING:
                 self.phase = _Phase.LOOKING
             self.fetching = True
-            return Fetch(usable[0], withdraw)
+            return Fetch(usable[0])
         if self.need_round and (self.round_done or self.phase is _Phase.LOOKING):
             self.need_round = False
             return self._start_round(now)
@@ -275,6 +275,11 @@ class ProviderWait:
             if not self.round_done and now < self.started + self.settings.budget:
                 return Wait(self.started + self.settings.budget)
             return self._miss(f"could not find peer for {self.key}")
+        if self.own_claim:
+            # a source found while settling failed: decide the claim as if it had not appeared
+            self.phase = _Phase.SETTLING
+            self.resolve_due = None
+            return self._settling(now)
         if self.claims:
             return self._enter_waiting(now, min(self.claims, key=lambda n: claim_rank(n, self.key)))
         if self._waitable(now):

@@ -93,11 +93,19 @@ def test_scan_reads_a_real_ingest_directory_layout(tmp_path: Path) -> None:
     (config / "ref").write_text(f"k8s.io/1/config-{D2}")
     (config / "total").write_text("10")
     (root / "ingest" / "stray-file").write_text("x")
+    empty = root / "ingest" / "h4"  # opened by containerd, GET not answered yet: not a source
+    empty.mkdir()
+    (empty / "ref").write_text(f"k8s.io/1/layer-{D2}")
+    (empty / "total").write_text("4096")
+    (empty / "data").write_bytes(b"")
     found = scan_ingests(str(root), "k8s.io")
     assert found == [
         IngestEntry(D1, f"k8s.io/1/layer-{D1}", str(good), 4096, "2026-11-30T08:00:00Z")
     ]
     assert scan_ingests(str(tmp_path / "missing"), "k8s.io") == []
+    (empty / "data").write_bytes(b"y")  # the first bytes landed: now it is advertised
+    rescanned = sorted(e.directory for e in scan_ingests(str(root), "k8s.io"))
+    assert rescanned == sorted([str(good), str(empty)])
     assert os.path.isdir(good)  # a scan only reads
 
 

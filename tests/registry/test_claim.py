@@ -202,13 +202,19 @@ def test_three_failed_fetches_end_the_request() -> None:
     assert isinstance(step, Miss) and "retries" in step.reason
 
 
-def test_a_source_during_settling_wins_and_withdraws_the_claim() -> None:
+def test_a_source_during_settling_is_fetched_and_the_claim_kept_until_it_works() -> None:
     w = ProviderWait(node(1), KEY, 0.0, S)
     w.round_ended()
     assert w.step(0.001) == PublishClaim()
     w.seen(sighting(4, RecordState.INFLIGHT))
     step = w.step(0.010)
-    assert step == Fetch(sighting(4, RecordState.INFLIGHT), withdraw_claim=True)
+    assert step == Fetch(sighting(4, RecordState.INFLIGHT))
+    # the source fails: the claim is decided as if it had never appeared
+    w.exclude(sighting(4, RecordState.INFLIGHT).address, 0.011)
+    assert w.step(0.011) == Resolve()
+    w.round_ended()
+    step = w.step(0.07)
+    assert isinstance(step, Miss) and step.claimant
 
 
 def test_rank_prefers_complete_then_spreads_by_requester() -> None:
