@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
+
+from cachetools import LRUCache
 
 from agent.containerd import ContainerdClient, Image, NotFound
 from registry.filters import ReferenceFilter
@@ -76,20 +78,13 @@ class ChildrenCache:
     """digest -> children of that index/manifest (content is immutable, so never stale)."""
 
     def __init__(self, capacity: int = 4096) -> None:
-        self._capacity = capacity
-        self._entries: OrderedDict[str, tuple[Descriptor, ...]] = OrderedDict()
+        self._entries: LRUCache[str, tuple[Descriptor, ...]] = LRUCache(maxsize=capacity)
 
     def get(self, digest: str) -> tuple[Descriptor, ...] | None:
-        found = self._entries.get(digest)
-        if found is not None:
-            self._entries.move_to_end(digest)
-        return found
+        return self._entries.get(digest)
 
     def put(self, digest: str, kids: Iterable[Descriptor]) -> tuple[Descriptor, ...]:
         value = self._entries[digest] = tuple(kids)
-        self._entries.move_to_end(digest)
-        while len(self._entries) > self._capacity:
-            self._entries.popitem(last=False)
         return value
 
 

@@ -15,7 +15,7 @@ the containerd-backed store needs around it:
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from cachetools import LRUCache
 
 from registry.mediatypes import OCTET_STREAM, SNIFF_LIMIT, detect_media_type
 
@@ -51,20 +51,13 @@ class MediaTypeCache:
     def __init__(self, capacity: int = 4096) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
-        self._capacity = capacity
-        self._entries: OrderedDict[str, str] = OrderedDict()
+        self._entries: LRUCache[str, str] = LRUCache(maxsize=capacity)
 
     def get(self, digest: str) -> str | None:
-        media_type = self._entries.get(digest)
-        if media_type is not None:
-            self._entries.move_to_end(digest)
-        return media_type
+        return self._entries.get(digest)
 
     def put(self, digest: str, media_type: str) -> None:
         self._entries[digest] = media_type
-        self._entries.move_to_end(digest)
-        while len(self._entries) > self._capacity:
-            self._entries.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._entries)

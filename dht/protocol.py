@@ -11,9 +11,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from cachetools import LRUCache
 
 from dht import codec
 from dht.announce import AnnounceSchedule
@@ -106,7 +107,9 @@ class DhtProtocol:
         self._bootstraps: dict[int, _Bootstrap] = {}
         # tokens others gave us, by their address: an announce lookup sends ADD_PROVIDER at once
         # (its ACK lists closer nodes like a FIND_NODE reply) to nodes whose token is fresh
-        self._their_tokens: OrderedDict[tuple[str, int], tuple[bytes, float]] = OrderedDict()
+        self._their_tokens: LRUCache[tuple[str, int], tuple[bytes, float]] = LRUCache(
+            maxsize=TOKEN_CACHE
+        )
         self._bootstrap_addrs: list[tuple[str, int]] = []
         self._announcing = 0
         self._maintenance_at: float | None = None
@@ -351,9 +354,6 @@ class DhtProtocol:
         token = getattr(msg, "token", b"")
         if token:
             self._their_tokens[addr] = (token, now)
-            self._their_tokens.move_to_end(addr)
-            if len(self._their_tokens) > TOKEN_CACHE:
-                self._their_tokens.popitem(last=False)
         if pending.purpose == P_BOOTSTRAP:
             self._bootstrap_step(pending.ref, now, out)
         elif pending.purpose == P_LOOKUP:

@@ -7,8 +7,9 @@ jobs so a node holding many keys does not flood its peers.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
+
+from cachetools import LRUCache
 
 
 @dataclass(slots=True)
@@ -44,16 +45,12 @@ class SourceLimiter:
         self.rate = rate
         self.burst = burst
         self.max_sources = max_sources
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._buckets: LRUCache[str, TokenBucket] = LRUCache(maxsize=max_sources)
 
     def allow(self, source: str, now: float) -> bool:
         bucket = self._buckets.get(source)
         if bucket is None:
-            if len(self._buckets) >= self.max_sources:
-                self._buckets.popitem(last=False)
             bucket = self._buckets[source] = TokenBucket(self.rate, self.burst)
-        else:
-            self._buckets.move_to_end(source)
         return bucket.take(now)
 
     def __len__(self) -> int:

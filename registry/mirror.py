@@ -13,8 +13,9 @@ do not use up attempts, so a long blob can resume as long as fewer than `max_att
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
+
+from cachetools import LRUCache, TTLCache
 
 from registry.interfaces import Peer, PeerState
 from registry.ranges import ByteRange
@@ -97,14 +98,13 @@ class Quarantine:
     """Peers caught serving bytes that do not match a digest, per digest (bounded LRU)."""
 
     def __init__(self, max_digests: int = 4096) -> None:
-        self._max = max_digests
-        self._entries: OrderedDict[str, set[PeerKey]] = OrderedDict()
+        self._entries: LRUCache[str, set[PeerKey]] = LRUCache(maxsize=max_digests)
 
     def add(self, digest: str, peer: PeerKey) -> None:
-        self._entries.setdefault(digest, set()).add(peer)
-        self._entries.move_to_end(digest)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+        peers = self._entries.get(digest)
+        if peers is None:
+            peers = self._entries[digest] = set()
+        peers.add(peer)
 
     def peers(self, digest: str) -> frozenset[PeerKey]:
         return frozenset(self._entries.get(digest, ()))
@@ -121,29 +121,23 @@ class StaleProviders:
     """
 
     def __init__(self, ttl: float = 60.0, max_entries: int = 4096) -> None:
-        self._ttl = ttl
-        self._max = max_entries
-        self._expiry: OrderedDict[tuple[str, PeerKey], float] = OrderedDict()
+        self._now = 0.0  # the caller's clock, as of the last call (the cache's timer reads it)
+        self._entries: TTLCache[tuple[str, PeerKey], bool] = TTLCache(
+            maxsize=max_entries, ttl=ttl, timer=lambda: self._now
+        )
 
     def add(self, key: str, peer: PeerKey, now: float) -> None:
-        entry = (key, peer)
-        self._expiry[entry] = now + self._ttl
-        self._expiry.move_to_end(entry)
-        while len(self._expiry) > self._max:
-            self._expiry.popitem(last=False)
+        self._now = now
+        self._entries[(key, peer)] = True
 
     def peers(self, key: str, now: float) -> frozenset[PeerKey]:
         """The peers to skip for `key` at `now` (expired entries are dropped on the way)."""
-        # entries are kept in insertion order with one ttl, so the expired ones lead
-        while self._expiry:
-            entry, expiry = next(iter(self._expiry.items()))
-            if expiry > now:
-                break
-            del self._expiry[entry]
-        return frozenset(peer for (k, peer) in self._expiry if k == key)
+        self._now = now
+        self._entries.expire()
+        return frozenset(peer for (k, peer) in self._entries if k == key)
 
     def __len__(self) -> int:
-        return len(self._expiry)
+        return len(self._entries)
 
 
 class PeerAnswerError(ValueError):
