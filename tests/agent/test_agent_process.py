@@ -19,6 +19,8 @@ import pytest
 
 from tests.harness.containerd import Containerd
 
+pytestmark = pytest.mark.root  # a real containerd (tests.harness)
+
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as sock:
