@@ -55,11 +55,8 @@ from registry.claim import ClaimSettings
 from registry.claim_supply import ClaimingSupply, ClaimParticipation
 from registry.distribution import ContentKind, ErrorCode
 from registry.events import (
-    PROGRESS_INTERVAL,
     MirrorEvents,
-    MirrorOutcome,
     PeerFetchFailed,
-    TransferProgress,
 )
 from registry.hedging import HedgeDelay, HedgePolicy
 from registry.interfaces import Peer, PeerState, Router
@@ -81,6 +78,7 @@ from registry.mirror_job import (
     MirrorJob,
     MirrorSettings,
 )
+from registry.mirror_report import MirrorReport
 from registry.peer_client import PeerClient
 from registry.peer_race import open_hedged
 from registry.peer_supply import PeerSupply, RouterFailure
@@ -174,15 +172,10 @@ class _Run:
             user_agent=self.settings.user_agent,
             authorization=self.settings.authorization,
         )
-        # what the one outcome log line reports (see `log_outcome`)
-        self.started = time.monotonic()
-        self.hit = False  # a MirrorHead went out
-        self.delivered = 0  # body bytes handed to the response
-        self.reason = ""  # why it missed or was cut short
-        self.serving: list[Peer] = []  # the peer whose answer is being sent, then resumed-from
-        self.hedged = False  # a second provider was asked while one was slow
-        self.total: int | None = None  # body size from the response head, for progress reports
-        self.progress_at = -math.inf  # when the last TransferProgress went out
+        # what went out, reported as events and the one outcome log line
+        self.report = MirrorReport(
+            forwarder.events, self.ref, job.method, self.is_blob, self.attempts
+        )
         self.claiming: ClaimingSupply | None = None  # blob GETs when claims are on
 
     async def _emit(self, item: MirrorItem) -> None:
@@ -191,64 +184,15 @@ class _Run:
             try:
                 await self.send.send(item)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.reason = self.reason or "the client went away"
+                self.report.gone("the client went away")
                 raise
         if scope.cancelled_caught:
-            self.reason = self.reason or "the response stopped reading"
+            self.report.gone("the response stopped reading")
             raise trio.BrokenResourceError("the response stopped reading")
-        if isinstance(item, Chunk | bytes | bytearray):
-            self.delivered += len(item)
-            if self.is_blob and time.monotonic() - self.progress_at >= PROGRESS_INTERVAL:
-                self._progress("running")
-        elif isinstance(item, MirrorHead):
-            self.hit = True
-            self.total = _content_length(item.headers) if self.is_blob else None
-            if self.is_blob and not self.is_head:
-                self._progress("running")
-        elif isinstance(item, MirrorFailure):
-            self.reason = item.message
-        else:
-            self.reason = item.reason
-
-    def _progress(self, state: str) -> None:
-        """A `TransferProgress` for the blob body being sent (throttled by the caller)."""
-        self.progress_at = time.monotonic()
-        peer = self.serving[-1] if self.serving else None
-        self.fw.events.emit(
-            TransferProgress(
-                at=time.time(),
-                id=f"{id(self):x}",
-                key=self.ref.identifier,
-                peer=peer_address(peer) if peer is not None else "",
-                bytes=self.delivered,
-                total=self.total,
-                state=state,
-                source=peer.state.value if peer is not None else "complete",
-            )
-        )
+        self.report.sent(item)
 
     def finish(self) -> None:
-        """Report the request's outcome once, at its end (never per chunk): an event, a log line."""
-        outcome = MirrorOutcome(
-            at=time.time(),
-            key=self.ref.identifier,
-            registry=self.ref.registry,
-            method=self.job.method,
-            hit=self.hit,
-            peer=peer_address(self.serving[0]) if self.hit and self.serving else None,
-            resumed_from=tuple(peer_address(peer) for peer in self.serving[1:]) if self.hit else (),
-            bytes=self.delivered,
-            duration_ms=round((time.monotonic() - self.started) * 1000, 3),
-            attempts=self.attempts.fetched,
-            reason=self.reason or ("" if self.hit else "no answer"),
-            hedged=self.hedged,
-            inflight=bool(self.hit and self.serving)
-            and self.serving[0].state is PeerState.INFLIGHT,
-        )
-        if self.hit and self.is_blob and not self.is_head:
-            self._progress("failed" if self.reason else "done")
-        self.fw.events.emit(outcome)
-        log_outcome(outcome)
+        self.report.finish()
 
     async def fail(self, status: int, message: str, attempts: int) -> None:
         if not self.head_sent:
@@ -357,11 +301,11 @@ class _Run:
             return opened
         stack.push_async_callback(opened.stack.aclose)
         if opened.hedged:
-            self.hedged = True
+            self.report.hedged = True
         if expected_size is None:
-            self.serving = [opened.peer]  # a fresh answer (not a resumption)
+            self.report.serving = [opened.peer]  # a fresh answer (not a resumption)
         else:
-            self.serving.append(opened.peer)
+            self.report.serving.append(opened.peer)
         return opened.result
 
     def _mark_stale(self, peer: Peer) -> None:
@@ -525,8 +469,8 @@ class _Run:
 
         async def resume(position: int) -> Continuation | GiveUp:
             await stack.aclose()
-            if self.claiming is not None and self.serving:
-                self.claiming.failed(self.serving[-1])  # its stream broke: another source
+            if self.claiming is not None and self.report.serving:
+                self.claiming.failed(self.report.serving[-1])  # its stream broke: another source
             give_up = self.attempts.fetch_failed()
             if give_up is not None:
                 return give_up
@@ -551,40 +495,3 @@ class _Run:
             self.verify.punish(digest, outcome.contributors, self.ref.registry)
         return outcome
 
-
-def log_outcome(outcome: MirrorOutcome) -> None:
-    """The request's INFO line (`make demo` reads it; the debug page takes the event instead).
-
-    `cache` hit means a response head from a peer went out (the hit/miss counters count the same
-    way); `peer` is the provider whose answer was sent (`resumed_from` lists the ones a broken
-    stream continued from); `reason` says why it missed or was cut short.
-    """
-    extra: dict[str, object] = {
-        "cache": "hit" if outcome.hit else "miss",
-        "key": outcome.key,
-        "peer": outcome.peer,
-        "registry": outcome.registry,
-        "method": outcome.method,
-        "bytes": outcome.bytes,
-        "duration_ms": outcome.duration_ms,
-        "attempts": outcome.attempts,
-    }
-    if outcome.hedged:
-        extra["hedged"] = True
-    if outcome.inflight:
-        extra["source"] = "inflight"  # the provider was still downloading it (cache="inflight")
-    if outcome.resumed_from:
-        extra["resumed_from"] = list(outcome.resumed_from)
-    if outcome.reason:
-        extra["reason"] = outcome.reason
-    if outcome.hit:
-        logger.info("mirror hit", extra=extra)
-    else:
-        logger.info("mirror miss: %s", outcome.reason, extra=extra)
-
-
-def _content_length(headers: tuple[tuple[str, str], ...]) -> int | None:
-    for name, value in headers:
-        if name.lower() == "content-length" and value.isdigit():
-            return int(value)
-    return None

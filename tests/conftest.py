@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.harness.fixtures import missing_requirements
-
 pytest_plugins = ["tests.harness.fixtures"]
 
 HARNESS_FIXTURES = frozenset(
@@ -35,6 +33,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("root") is not None:
+        from tests.harness.fixtures import missing_requirements  # loaded by pytest_plugins
+
         reason = missing_requirements()
         if reason:
             pytest.skip(reason)
