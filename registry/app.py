@@ -13,18 +13,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import trio
 from quart import request
 from quart_trio import QuartTrio
-from quart_trio.wrappers import TrioResponse
 
 from registry.access_log import with_request_metrics
 from registry.basic_auth import BasicAuth, authorized
-from registry.buffers import Chunk
 from registry.claim_supply import ClaimParticipation
 from registry.distribution import (
     ApiVersionCheck,
@@ -32,7 +29,6 @@ from registry.distribution import (
     ContentRequest,
     ErrorCode,
     PathError,
-    error_body,
     parse_request_path,
 )
 from registry.events import MirrorEvents
@@ -52,7 +48,6 @@ from registry.mediatypes import OCTET_STREAM, is_manifest_media_type
 from registry.metrics import MIRROR_LAST_SUCCESS, MIRROR_REQUESTS
 from registry.mirror import Quarantine
 from registry.mirror_job import (
-    MirrorAbort,
     MirrorFailure,
     MirrorHead,
     MirrorItem,
@@ -62,6 +57,11 @@ from registry.mirror_job import (
 from registry.peer_client import PeerClient
 from registry.provider_choice import UploadSlots
 from registry.ranges import RangeError, RangeNotSatisfiable, RangeSpec, parse_range
+from registry.responses import LocalBlob, MirrorAborted, MirrorPlan, Response
+from registry.responses import blob_response_parts as _blob_response_parts
+from registry.responses import empty_response as _empty
+from registry.responses import mirror_chunks as _mirror_chunks
+from registry.responses import oci_error as _oci_error
 
 __all__ = [
     "LocalBlob",
@@ -98,36 +98,6 @@ class RegistrySettings:
     # --peer-upload-limit: blob GETs from peers served at once; beyond it a peer gets 429 with
     # Retry-After and asks another provider (a burst then forms a tree).  0: no limit.
     peer_upload_limit: int = 8
-
-
-class Response(TrioResponse):
-    """Responses carry no Content-Type unless one is set (Spegel's empty-bodied answers)."""
-
-    default_mimetype = None  # type: ignore[assignment]
-
-
-class MirrorAborted(Exception):
-    """Raised inside a response body to cut it short (peer content failed or ran out)."""
-
-
-def _empty(status: int, headers: dict[str, str] | None = None) -> Response:
-    response = Response(b"", status=status, headers=headers or {})
-    response.headers["Content-Length"] = "0"
-    return response
-
-
-def _oci_error(
-    status: int,
-    code: ErrorCode,
-    message: str,
-    detail: object = None,
-    headers: dict[str, str] | None = None,
-) -> Response:
-    body = error_body(code, message, detail)
-    response = Response(body, status=status, headers=headers or {})
-    response.headers["Content-Type"] = "application/json"
-    response.headers["Content-Length"] = str(len(body))
-    return response
 
 
 class _Registry:
@@ -443,78 +413,6 @@ class _Registry:
                 dict(first.headers),
             )
         return _oci_error(500, job.request.unknown_code, "mirror failed")
-
-
-async def _mirror_chunks(
-    receive: trio.MemoryReceiveChannel[MirrorItem],
-) -> AsyncIterator[bytes | bytearray | memoryview]:
-    with receive:
-        async for item in receive:
-            if isinstance(item, Chunk):
-                # Hypercorn copies the body it is given before this generator resumes
-                with item.view() as view:
-                    yield view
-                item.release()
-            elif isinstance(item, bytes | bytearray):
-                if item:
-                    yield item
-            elif isinstance(item, MirrorAbort):
-                raise MirrorAborted(item.reason)
-
-
-def _blob_response_parts(
-    descriptor: Descriptor, registry: str, range_spec: RangeSpec | None
-) -> tuple[int, dict[str, str], int, int]:
-    """Status, headers, first byte and length of a local blob response (RangeNotSatisfiable)."""
-    headers = {
-        "Docker-Content-Digest": descriptor.digest,
-        "OCI-Namespace": registry,
-        "Accept-Ranges": "bytes",
-    }
-    if range_spec is None:
-        headers["Content-Type"] = descriptor.media_type
-        headers["Content-Length"] = str(descriptor.size)
-        return 200, headers, 0, descriptor.size
-    selected = range_spec.resolve(descriptor.size)
-    headers["Content-Type"] = OCTET_STREAM
-    headers["Content-Range"] = selected.content_range
-    headers["Content-Length"] = str(selected.length)
-    return 206, headers, selected.start, selected.length
-
-
-@dataclass(frozen=True, slots=True)
-class LocalBlob:
-    """A planned response for a local blob backed by a file (used by the zero-copy path)."""
-
-    status: int
-    headers: dict[str, str]  # lower-case names, Content-Length included
-    offset: int
-    length: int
-    store: ContentStore
-    descriptor: Descriptor
-    ingest: IngestFile | None = None  # still downloading: serve with `registry.inflight`
-
-    @asynccontextmanager
-    async def open(self) -> AsyncIterator[str]:
-        """Hold the content open; yields the file to read from."""
-        async with self.store.open(self.descriptor.digest) as reader:
-            if reader.path is None or reader.size != self.descriptor.size:
-                raise ContentNotFound(self.descriptor.digest)
-            yield reader.path
-
-
-@dataclass(frozen=True, slots=True)
-class MirrorPlan:
-    """A blob GET to be answered from peers (the front door writes it; see registry.mirror_door)."""
-
-    job: MirrorJob
-    forwarder: Forwarder
-    app: QuartTrio
-
-    def open(self, nursery: trio.Nursery) -> trio.MemoryReceiveChannel[MirrorItem]:
-        """Start the forwarder in `nursery`; its items arrive on the returned channel."""
-        registry: _Registry = self.app.extensions["spegla.registry"]
-        return registry.open_mirror(self.job, nursery)
 
 
 async def plan_mirror_blob(
