@@ -9,10 +9,17 @@ registry use sendfile), else over gRPC `Content.Read`. An opened file descriptor
 if containerd's GC unlinks the file while a peer is still downloading it.
 
 Media types are detected from the bytes (see `agent.media_types`) and cached by digest.
+
+Content.Info is the expensive part of serving a small blob (a gRPC round trip through the asyncio
+bridge), and a blob GET asks twice (describe, then open).  So a size containerd confirmed is
+trusted for SIZE_TTL seconds (a file that is then found missing drops it at once), and concurrent
+requests for one digest share one Info call.  A "not found" is never kept: content appears
+without an event when a pull commits.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -35,6 +42,8 @@ from registry.reference import ReferenceError, parse_digest, parse_image_name
 
 logger = logging.getLogger(__name__)
 
+SIZE_TTL = 2.0  # seconds a size from Content.Info is trusted without asking again
+SIZE_ENTRIES = 4096  # digests remembered at most
 READ_CHUNK = 1024 * 1024  # per pread; 1 MiB keeps the thread round trip cost negligible
 SNIFF_BYTES = 64  # read first to tell JSON from layers before reading a whole small blob
 
@@ -109,6 +118,13 @@ class GrpcBlobReader:
         self._streams.clear()
 
 
+@dataclass
+class _InfoCall:
+    done: trio.Event = field(default_factory=trio.Event)
+    size: int | None = None
+    error: ContentNotFound | None = None
+
+
 class ContainerdContentStore:
     """The registry's view of this node's containerd content (read-only).
 
@@ -133,6 +149,8 @@ class ContainerdContentStore:
         self._content_dir_known = False
         self._lock = trio.Lock()
         self.ingests: IngestWatcher | None = None  # set by the agent: downloads in progress
+        self._sizes: dict[str, tuple[float, int]] = {}  # digest -> (trusted until, size)
+        self._asking: dict[str, _InfoCall] = {}  # Content.Info calls under way, by digest
 
     def find_inflight(self, digest: str) -> IngestFile | None:
         """The download of `digest` containerd is running now (an `InflightSource`)."""
@@ -203,6 +221,39 @@ class ContainerdContentStore:
             parse_digest(digest)
         except ReferenceError as exc:
             raise ContentNotFound(str(exc)) from exc
+        while True:
+            known = self._sizes.get(digest)
+            if known is not None and known[0] > trio.current_time():
+                return known[1]
+            call = self._asking.get(digest)
+            if call is None:
+                break
+            await call.done.wait()  # someone is asking already: take their answer
+            if call.error is not None:
+                raise call.error
+            if call.size is not None:
+                return call.size
+            # that call was cancelled: ask again
+        call = self._asking[digest] = _InfoCall()
+        try:
+            call.size = await self._ask_size(digest)
+        except ContentNotFound as exc:
+            call.error = exc
+            raise
+        finally:
+            del self._asking[digest]
+            call.done.set()
+        self._sizes.pop(digest, None)
+        self._sizes[digest] = (trio.current_time() + SIZE_TTL, call.size)
+        while len(self._sizes) > SIZE_ENTRIES:
+            del self._sizes[next(iter(self._sizes))]
+        return call.size
+
+    def forget(self, digest: str) -> None:
+        """Ask containerd about `digest` next time (its file turned out missing)."""
+        self._sizes.pop(digest, None)
+
+    async def _ask_size(self, digest: str) -> int:
         try:
             info = await self._client.content_info(digest)
         except NotFound as exc:
@@ -254,10 +305,15 @@ class ContainerdContentStore:
                     os.close(fd)
                     fd = -1
             except OSError as exc:
-                logger.warning(
-                    "blob file unreadable, reading over gRPC",
-                    extra={"digest": digest, "error": str(exc)},
-                )
+                if exc.errno == errno.ENOENT and digest in self._sizes:
+                    # a size remembered for content deleted since: containerd has the last word
+                    self.forget(digest)
+                    size = await self._ask_size(digest)  # ContentNotFound when it is gone
+                else:
+                    logger.warning(
+                        "blob file unreadable, reading over gRPC",
+                        extra={"digest": digest, "error": str(exc)},
+                    )
                 fd = -1
         if fd >= 0:
             try:

@@ -170,7 +170,7 @@ def wait_mirror_hit(cluster: Cluster, target: str, timeout: float = 60.0) -> Non
     raise RuntimeError("node 1's agent never served node 2's blob")
 
 
-def run(clients: int, duration: float, soak: bool) -> dict[str, Any]:
+def run(clients: int, duration: float, soak: bool, profile: str = "") -> dict[str, Any]:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # agents inherit it
     work = Path(tempfile.mkdtemp(prefix="spegla-bench-load-"))
@@ -220,8 +220,17 @@ def run(clients: int, duration: float, soak: bool) -> dict[str, Any]:
         time.sleep(3)
         idle = usage(agent_pid)
         progress(f"agent idle {idle}; load {clients} clients x {duration:.0f} s against the agent")
+        profiler = None
+        if profile:  # py-spy (not a project dependency) records the agent under load
+            profiler = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(agent_pid), "--format", "raw", "--nonblocking",
+                 "--duration", str(int(duration)), "--output", profile],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
         with Sampler(agent_pid) as sampler:
             agent_result = run_client(cluster, plan, work, "agent")
+            if profiler is not None:
+                profiler.wait(60)
             time.sleep(10)  # connections closed, buffers given back
         after = usage(agent_pid)
         peer_keys = {b["digest"] for b in peer_blobs}
@@ -269,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per server")
     parser.add_argument("--soak", action="store_true", help="10 min against the agent only")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    parser.add_argument("--profile", default="", help="py-spy's collapsed stacks of the agent")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= 2000 or not 1 <= args.duration <= 3600:
         raise SystemExit("--clients must be 1..2000 and --duration 1..3600 s")
@@ -276,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise SystemExit(f"bench.load: {missing}")
     duration = 600.0 if args.soak else args.duration
-    result = run(args.clients, duration, args.soak)
+    result = run(args.clients, duration, args.soak, args.profile)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
 

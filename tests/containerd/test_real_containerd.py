@@ -18,7 +18,7 @@ import trio
 from prometheus_client import REGISTRY
 
 from agent.containerd import ContainerdClient, ContainerdUnavailable, NotFound, open_containerd
-from agent.content_store import ContainerdContentStore
+from agent.content_store import SIZE_TTL, ContainerdContentStore
 from agent.keys import collect_keys
 from agent.state import StateTracker
 from registry.interfaces import ContentNotFound
@@ -279,3 +279,46 @@ async def test_calls_are_cancellable_and_abandoned_streams_do_not_leak(
             data = b"".join([c async for c in reader.read(0, reader.size)])
         assert len(data) == layer.size > 2 * 1024 * 1024
         assert hashlib.sha256(data).hexdigest() == layer.digest.split(":")[1]
+
+
+async def test_content_info_once_per_blob_request_and_deleted_content_is_noticed(
+    containerd_instance: Containerd, upstream_registry: Upstream, test_images: ImageSet
+) -> None:
+    cri = CriClient(containerd_instance.socket)
+    await pull(cri, upstream_registry.pushed["big"])
+    layers = [layer.digest for layer in test_images.large.for_platform().layers]
+    async with open_containerd(str(containerd_instance.socket), NS) as client:
+        store = ContainerdContentStore(client, str(containerd_instance.content_path))
+        calls: list[str] = []
+        ask = client.content_info
+
+        async def counting_info(digest: str) -> object:
+            calls.append(digest)
+            return await ask(digest)
+
+        client.content_info = counting_info  # type: ignore[method-assign]
+        # what a blob GET does: describe, then open (one Info between them)
+        desc = await store.describe(layers[0])
+        async with store.open(layers[0]) as reader:
+            assert reader.size == desc.size
+        assert calls == [layers[0]]
+        # concurrent requests for one digest share one Info call
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(store.describe, layers[1])
+        assert calls.count(layers[1]) == 1
+        # deleted (and its file collected) while its size was remembered: open asks again
+        for digest in layers[:2]:
+            await trio.run_process(
+                ["ctr", "--address", str(containerd_instance.socket), "-n", NS,
+                 "content", "rm", digest],
+                capture_stdout=True,
+            )  # fmt: skip
+        containerd_instance.blob_path(layers[0]).unlink(missing_ok=True)  # what GC does
+        with pytest.raises(ContentNotFound):
+            async with store.open(layers[0]):
+                pass
+        # deleted, file still there: trusted for SIZE_TTL at most
+        await trio.sleep(SIZE_TTL)
+        with pytest.raises(ContentNotFound):
+            await store.describe(layers[1])
