@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,6 +43,7 @@ from registry.reference import ReferenceError, parse_digest, parse_image_name
 
 logger = logging.getLogger(__name__)
 
+RECHECK_DIR = 5.0  # seconds between looks for a content directory that was not readable
 SIZE_TTL = 2.0  # seconds a size from Content.Info is trusted without asking again
 SIZE_ENTRIES = 4096  # digests remembered at most
 READ_CHUNK = 1024 * 1024  # per pread; 1 MiB keeps the thread round trip cost negligible
@@ -147,6 +149,8 @@ class ContainerdContentStore:
         self._media_types = media_types if media_types is not None else MediaTypeCache()
         self._content_dir: str | None = None
         self._content_dir_known = False
+        self._recheck_at = -math.inf  # no readable directory found: look again from then on
+        self._reported_mode = False
         self._lock = trio.Lock()
         self.ingests: IngestWatcher | None = None  # set by the agent: downloads in progress
         self._sizes: dict[str, tuple[float, int]] = {}  # digest -> (trusted until, size)
@@ -163,21 +167,34 @@ class ContainerdContentStore:
         data = os.path.join(entry.directory, "data")
         return IngestFile(digest, entry.total, data, blob_path(watcher.root, digest))
 
-    async def content_dir(self) -> str | None:
-        """The readable content directory in use, or None when reads go over gRPC."""
+    async def content_dir(self, *, look_now: bool = False) -> str | None:
+        """The readable content directory in use, or None when reads go over gRPC.
+
+        A directory found is kept.  Not finding one is looked at again every RECHECK_DIR
+        seconds, or at once with `look_now` (content containerd says it holds is being opened):
+        containerd creates `blobs/` with the first content, so an agent that starts on a fresh
+        node would otherwise read everything over gRPC for good (no sendfile).
+        """
         if self._content_dir_known:
             return self._content_dir
+        if trio.current_time() < self._recheck_at and not look_now:
+            return None
         async with self._lock:
-            if not self._content_dir_known:
-                self._content_dir = await self._find_content_dir()
-                self._content_dir_known = True
-                logger.info(
-                    "content store reads",
-                    extra={
-                        "mode": "file" if self._content_dir else "grpc",
-                        "content_path": self._content_dir or "",
-                    },
-                )
+            if not self._content_dir_known and (
+                look_now or trio.current_time() >= self._recheck_at
+            ):
+                found = await self._find_content_dir()
+                if found is not None or not self._direct_reads:
+                    self._content_dir = found
+                    self._content_dir_known = True
+                else:
+                    self._recheck_at = trio.current_time() + RECHECK_DIR
+                if found is not None or not self._reported_mode:
+                    self._reported_mode = True
+                    logger.info(
+                        "content store reads",
+                        extra={"mode": "file" if found else "grpc", "content_path": found or ""},
+                    )
         return self._content_dir
 
     async def _find_content_dir(self) -> str | None:
@@ -195,9 +212,8 @@ class ContainerdContentStore:
         blobs = os.path.join(path, "blobs")
         if path and os.access(blobs, os.R_OK | os.X_OK):
             return path
-        logger.warning(
-            "content directory not readable, reading over gRPC", extra={"content_path": path}
-        )
+        log = logger.debug if self._reported_mode else logger.warning  # once, not every look
+        log("content directory not readable, reading over gRPC", extra={"content_path": path})
         return None
 
     async def resolve_tag(self, reference: str) -> str:
@@ -290,7 +306,7 @@ class ContainerdContentStore:
         self, digest: str, size: int
     ) -> AsyncIterator[FileBlobReader | GrpcBlobReader]:
         try:
-            root = await self.content_dir()
+            root = await self.content_dir(look_now=True)
         except ContainerdUnavailable as exc:
             raise ContentNotFound(f"containerd unavailable: {exc}") from exc
         fd = -1

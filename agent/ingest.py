@@ -196,11 +196,15 @@ class IngestWatcher:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         root = await self._content_dir()
-        self.root = root
         if root is None:
+            # containerd creates the directory with its first content: look again until then
             logger.warning("content directory not readable: in-flight downloads are not served")
             task_status.started()
-            await trio.sleep_forever()
+            task_status = trio.TASK_STATUS_IGNORED
+            while root is None:
+                await trio.sleep(self._interval)
+                root = await self._content_dir()
+        self.root = root
         logger.info("watching in-flight downloads", extra={"ingest_dir": f"{root}/ingest"})
         await self.scan_once(root)
         task_status.started()

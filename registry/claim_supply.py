@@ -32,7 +32,7 @@ from registry.claim import (
 from registry.interfaces import ClaimBoard, Peer, PeerState, Router
 from registry.metrics import CLAIM_OUTCOMES, CLAIM_WAIT
 from registry.mirror import GiveUp, MirrorAttempts, PeerKey, peer_key
-from registry.peer_supply import RouterFailure
+from registry.peer_supply import KnowsProviders, RouterFailure
 from registry.provider_choice import BusyPeers, RecordState, Sighting
 
 __all__ = ["ClaimParticipation", "ClaimingSupply", "DistrustedClaims"]
@@ -139,16 +139,26 @@ class ClaimingSupply:
         scope = self._lookup = trio.CancelScope()
         self._nursery.start_soon(self._run_lookup, scope)
 
+    def _seen(self, peer: Peer) -> None:
+        if self._client_host is not None and peer.host == self._client_host:
+            return  # the asking node's own records (its claim, its ingest)
+        self._peers[peer_key(peer)] = peer
+        self.wait.seen(Sighting(peer.node_id, peer_key(peer), _STATES[peer.state]))
+        self._changed.set()
+
+    def _seed_known(self) -> None:
+        """Providers the Router knows without a lookup count as seen at once: on a busy event
+        loop the lookup task may not run within the resolve deadline (see peer_supply)."""
+        if isinstance(self._router, KnowsProviders):
+            for peer in self._router.known_providers(self._digest):
+                self._seen(peer)
+
     async def _run_lookup(self, scope: trio.CancelScope) -> None:
         with scope:
             try:
                 async with self._router.resolve(self._digest) as peers:
                     async for peer in peers:
-                        if self._client_host is not None and peer.host == self._client_host:
-                            continue  # the asking node's own records (its claim, its ingest)
-                        self._peers[peer_key(peer)] = peer
-                        self.wait.seen(Sighting(peer.node_id, peer_key(peer), _STATES[peer.state]))
-                        self._changed.set()
+                        self._seen(peer)
             except Exception as exc:
                 self._error = exc
             if scope is self._lookup:
@@ -160,6 +170,7 @@ class ClaimingSupply:
     async def next_peer(self, attempts: MirrorAttempts) -> Peer | GiveUp:
         """The next provider to fetch from, or GiveUp (answer 404)."""
         if self._lookup is None:
+            self._seed_known()
             self._start_lookup()
         while True:
             if self._error is not None:

@@ -7,6 +7,8 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from registry.claim import ClaimSettings
+from registry.claim_supply import ClaimingSupply, ClaimParticipation
 from registry.interfaces import Peer, PeerState
 from registry.mirror import GiveUp, MirrorAttempts
 from registry.peer_supply import PeerSupply, next_usable_peer
@@ -59,3 +61,35 @@ async def test_known_providers_come_before_the_lookup() -> None:
 
 async def test_without_them_a_stuck_lookup_is_a_miss() -> None:
     assert isinstance(await supply_result(StuckLookupRouter()), GiveUp)
+
+
+class NoClaims:
+    async def claim(self, digest: str) -> None:
+        pass
+
+    async def unclaim(self, digest: str) -> None:
+        pass
+
+
+async def claiming_result(router: StuckLookupRouter) -> Peer | GiveUp:
+    attempts = MirrorAttempts(KEY, max_attempts=3)
+    settings = ClaimSettings(resolve_timeout=0.001, settle=0.001, ingest_wait=0.01, poll=0.001)
+    async with trio.open_nursery() as nursery:
+        supply = ClaimingSupply(
+            router,  # type: ignore[arg-type]
+            ClaimParticipation(NoClaims(), b"\x02" * 32),
+            settings,
+            KEY,
+            frozenset(),
+            nursery,
+            "127.0.0.1",
+        )
+        result = await supply.next_peer(attempts)
+        await supply.finish()
+        nursery.cancel_scope.cancel()
+    return result
+
+
+async def test_the_claims_path_also_starts_with_known_providers() -> None:
+    assert await claiming_result(KnowingRouter()) == KNOWN
+    assert isinstance(await claiming_result(StuckLookupRouter()), GiveUp)
