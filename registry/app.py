@@ -173,7 +173,7 @@ class _Registry:
                 return _oci_error(400, ErrorCode.RANGE_INVALID, str(exc))
         mirrored = request.headers.get(MIRRORED_HEADER, "").strip().lower() == "true"
         descriptor = await self._local(parsed)
-        if descriptor is None and (ingest := self._find_inflight(parsed)) is not None:
+        if descriptor is None and mirrored and (ingest := self._find_inflight(parsed)) is not None:
             return self._serve_inflight(parsed, ingest, method, range_spec)
         if descriptor is None:
             if mirrored:
@@ -199,6 +199,9 @@ class _Registry:
             return None
 
     def _find_inflight(self, parsed: ContentRequest) -> IngestFile | None:
+        """A download of the requested blob in progress here.  Only peers (mirrored requests) are
+        served from it: this node's own containerd creates the download before it asks us for the
+        bytes, so serving it its own download would wait on itself."""
         digest = parsed.reference.digest
         if self.inflight is None or parsed.kind is not ContentKind.BLOB or digest is None:
             return None
@@ -310,9 +313,11 @@ class _Registry:
         ns: str | None,
         range_header: str | None,
         authorization: str | None = None,
+        mirrored: bool = False,
     ) -> LocalBlob | None:
         """The response to a GET/HEAD of a local blob; None for anything else (including a
-        request without valid credentials: the app answers it, with a 401)."""
+        request without valid credentials: the app answers it, with a 401).  A peer's request
+        (`mirrored`) may also get a blob still downloading here."""
         if not self.authorized(authorization):
             return None
         try:
@@ -325,7 +330,7 @@ class _Registry:
         if method not in ("GET", "HEAD") or self.filters.is_filtered(parsed.reference):
             return None
         descriptor = await self._local(parsed)
-        ingest = self._find_inflight(parsed) if descriptor is None else None
+        ingest = self._find_inflight(parsed) if descriptor is None and mirrored else None
         if ingest is not None:
             descriptor = Descriptor(ingest.digest, ingest.size, OCTET_STREAM)
         if descriptor is None or is_manifest_media_type(descriptor.media_type):
@@ -443,12 +448,15 @@ async def plan_local_blob(
     ns: str | None,
     range_header: str | None,
     authorization: str | None = None,
+    mirrored: bool = False,
 ) -> LocalBlob | None:
     """What `app` would answer to this request if it is a local file-backed blob, else None.
 
-    `authorization` is the request's Authorization header: checked first, before any lookup."""
+    `authorization` is the request's Authorization header: checked first, before any lookup;
+    `mirrored`: the request came from a peer (X-Spegel-Mirrored), which may be given a blob still
+    downloading here."""
     registry: _Registry = app.extensions["spegla.registry"]
-    return await registry.plan_local_blob(method, path, ns, range_header, authorization)
+    return await registry.plan_local_blob(method, path, ns, range_header, authorization, mirrored)
 
 
 def create_app(

@@ -159,6 +159,7 @@ class _FrontDoor:
             ns=ns_values[0] if ns_values else None,
             range_header=request.header(b"range"),
             authorization=request.header(b"authorization"),
+            mirrored=(request.header(b"x-spegel-mirrored") or "").strip().lower() == "true",
         )
 
     async def _plan_mirror(self, request: HttpRequest, ip: str) -> MirrorPlan | None:

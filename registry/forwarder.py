@@ -450,6 +450,42 @@ class _Run:
                 await self.fail(404, give_up.message, give_up.attempts)
                 return
 
+    async def _resume_patiently(
+        self, stack: AsyncExitStack, requested: ByteRange, give_up: GiveUp
+    ) -> PeerFetch | GiveUp:
+        """The client already has part of the body, and a cut body fails its whole pull
+        (containerd 1.6 does not resume within a pull): look again, with fresh lookups every
+        `resume_interval`, for up to `resume_patience` (a provider's agent restarting, an
+        in-flight provider whose record arrives late) before cutting it."""
+        deadline = trio.current_time() + self.settings.resume_patience
+        saved = self.attempts
+        try:
+            while trio.current_time() + self.settings.resume_interval < deadline:
+                await trio.sleep(self.settings.resume_interval)
+                # a fresh budget of attempts (quarantined peers stay avoided), a fresh lookup
+                self.attempts = MirrorAttempts(
+                    saved.identifier, saved.max_attempts, saved.avoid | frozenset(self.avoid_now())
+                )
+                async with trio.open_nursery() as nursery:
+                    fresh = PeerSupply(self.fw.router, self.ref.identifier)
+                    nursery.start_soon(fresh.feed)
+                    resumed = await self._fetch(fresh, stack, requested, requested.size)
+                    nursery.cancel_scope.cancel()
+                saved.fetched += self.attempts.fetched
+                if not isinstance(resumed, GiveUp):
+                    logger.info(
+                        "mirror stream resumed after waiting for a provider",
+                        extra={"key": self.ref.identifier, "offset": requested.start},
+                    )
+                    return resumed
+        finally:
+            self.attempts = saved
+        return give_up
+
+    def avoid_now(self) -> frozenset[tuple[str, int]]:
+        """Peers not to ask now: quarantined for this digest (they sent bad bytes)."""
+        return self.verify.avoided(self.ref.digest)
+
     async def _copy(
         self,
         fetch: PeerFetch,
@@ -471,10 +507,12 @@ class _Run:
             await stack.aclose()
             if self.claiming is not None and self.report.serving:
                 self.claiming.failed(self.report.serving[-1])  # its stream broke: another source
-            give_up = self.attempts.fetch_failed()
-            if give_up is not None:
-                return give_up
-            resumed = await self._fetch(supply, stack, ByteRange(position, size - 1, size), size)
+            requested = ByteRange(position, size - 1, size)
+            resumed: PeerFetch | GiveUp | None = self.attempts.fetch_failed()
+            if resumed is None:
+                resumed = await self._fetch(supply, stack, requested, size)
+            if isinstance(resumed, GiveUp) and self.head_sent:
+                resumed = await self._resume_patiently(stack, requested, resumed)
             if isinstance(resumed, GiveUp):
                 return resumed
             return Continuation(resumed.peer, resumed.response)

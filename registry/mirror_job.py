@@ -75,6 +75,11 @@ class MirrorSettings:
     claim_settle: float = 0.020
     claim_wait: float = 10.0
     claim_poll: float = 0.1
+    # A blob body already partly sent whose providers all failed: containerd 1.6 fails the whole
+    # pull on a cut body, so the mirror keeps looking (fresh lookups every `resume_interval`) for
+    # this long before cutting it (a provider's agent restarting takes a few seconds).
+    resume_patience: float = 20.0
+    resume_interval: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.resolve_timeout > 0 or not math.isfinite(self.resolve_timeout):

@@ -22,6 +22,7 @@ from tests.registry.conftest import StartNode
 CONTENT = os.urandom(2 * 1024 * 1024 + 77)
 DIGEST = "sha256:" + hashlib.sha256(CONTENT).hexdigest()
 PATH = f"/v2/library/app/blobs/{DIGEST}?ns=docker.io"
+PEER = {"X-Spegel-Mirrored": "true"}  # what a peer's agent sends
 
 
 class DownloadingStore(MemoryContentStore):
@@ -66,15 +67,17 @@ async def test_holder_serves_full_size_and_bytes_as_they_land(
     start_file(store.ingest.data_path)
     holder = await start_node(store, zero_copy=zero_copy)
     async with holder.client() as client:
-        head = await client.head(PATH)
+        own = await client.head(PATH)  # this node's containerd: never its own download
+        assert own.status_code == 404
+        head = await client.head(PATH, headers=PEER)
         assert head.status_code == 200
         assert head.headers["content-length"] == str(len(CONTENT))
         assert head.headers["docker-content-digest"] == DIGEST
         nursery.start_soon(grow, store)
-        ranged = await client.get(PATH, headers={"Range": "bytes=1000000-1000099"})
+        ranged = await client.get(PATH, headers={**PEER, "Range": "bytes=1000000-1000099"})
         assert ranged.status_code == 206
         assert ranged.content == CONTENT[1000000:1000100]
-        full = await client.get(PATH)  # started before the commit, ends after it
+        full = await client.get(PATH, headers=PEER)  # started before the commit, ends after it
         assert full.status_code == 200 and full.content == CONTENT
     assert store.done
     if zero_copy:
@@ -105,7 +108,7 @@ async def test_an_aborted_download_cuts_the_body_short(
     start_file(store.ingest.data_path)
     holder = await start_node(store)
     async with holder.client() as client:
-        async with client.stream("GET", PATH) as response:
+        async with client.stream("GET", PATH, headers=PEER) as response:
             assert response.status_code == 200
             got = bytearray()
             with pytest.raises(httpx.RemoteProtocolError):

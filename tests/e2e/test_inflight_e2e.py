@@ -1,0 +1,193 @@
+"""End-to-end: a node serves layers its containerd is still pulling (issue 10, items 1, 2, 5).
+
+Two namespace nodes with real containerd and real agents; the upstream is shaped with tbf so a
+pull takes seconds.  n1 starts pulling; as soon as its agent advertises the layers as in flight,
+n2 pulls the same image and gets the layers from n1's growing ingest files.  Asserted on the
+upstream's access log (which node fetched which blob), the agents' counters and the bytes on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import agents as ag
+from tests.harness import nsexec
+from tests.harness.cluster import UPSTREAM_HOST, Cluster, Node, PullResult
+from tests.harness.fixtures import require_harness, short_tempdir
+from tests.harness.images import MIB, BuiltImage, _single
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture(scope="module")
+def c() -> Iterator[Cluster]:
+    require_harness()
+    cl = Cluster(short_tempdir("spg-infl-"), nodes=2)
+    try:
+        cl.up(large_mib=1)
+        ag.start_agents(cl)
+        yield cl
+    finally:
+        cl.down()
+
+
+def one_layer_image(tmp_path: Path, tag: str) -> BuiltImage:
+    """One 6 MiB layer (containerd 1.6 writes an ingest in 1 MiB steps, and with two layers
+    sharing a shaped link one can finish before the other has written its first step)."""
+    name = f"infl-{tag}-{hashlib.sha256(str(tmp_path).encode()).hexdigest()[:8]}"
+    return _single(tmp_path / "img", name, "v1", [[6 * MIB]])
+
+
+class Pull(threading.Thread):
+    def __init__(self, node: Node, ref: str) -> None:
+        super().__init__(daemon=True)
+        self.node, self.ref = node, ref
+        self.result: PullResult | None = None
+        self.error: BaseException | None = None
+        self.ended = 0.0
+
+    def run(self) -> None:
+        try:
+            self.result = self.node.pull(self.ref, timeout=120)
+        except BaseException as e:  # reported by the test
+            self.error = e
+        self.ended = time.monotonic()
+
+
+def inflight_ingests(node: Node, digests: tuple[str, ...]) -> int:
+    ingest = node.containerd.content_path / "ingest"
+    refs = [p.read_text() for p in ingest.glob("*/ref")] if ingest.exists() else []
+    return sum(1 for d in digests if any(r.endswith(d) for r in refs))
+
+
+def wait_advertised_inflight(c: Cluster, holder: Node, asker: Node, img: BuiltImage) -> None:
+    """Until `asker`'s agent answers a HEAD for every layer through a peer (n1 still pulling)."""
+    layers = tuple(layer.digest for layer in img.for_platform().layers)
+    deadline = time.monotonic() + 20
+    while inflight_ingests(holder, layers) < len(layers):
+        assert time.monotonic() < deadline, "the holder's downloads never began"
+        time.sleep(0.02)
+    pending = list(layers)
+    while pending:
+        assert time.monotonic() < deadline, f"{pending} never served while in flight"
+        assert inflight_ingests(holder, layers) > 0, "the holder finished before the test could ask"
+        url = (
+            f"http://127.0.0.1:{ag.REGISTRY_PORT}/v2/e2e/{img.name}/blobs/{pending[0]}"
+            f"?ns={UPSTREAM_HOST}"
+        )
+        try:
+            status, headers, _ = nsexec.http_get(url, asker.netns, timeout=2.0, method="HEAD")
+        except OSError:
+            status, headers = 0, {}
+        if status == 200:
+            size = next(x.size for x in img.for_platform().layers if x.digest == pending[0])
+            assert headers["content-length"] == str(size)  # the full size, from `total`
+            pending.pop(0)
+        else:
+            time.sleep(0.05)
+
+
+def counter(node: Node, name: str, **labels: str) -> float:
+    total = 0.0
+    for (metric, have), value in ag.metrics(node).items():
+        if metric == name and all(dict(have).get(k) == v for k, v in labels.items()):
+            total += value
+    return total
+
+
+def layer_fetches(c: Cluster, node: Node, mark: int, img: BuiltImage) -> set[str]:
+    layers = {layer.digest for layer in img.for_platform().layers}
+    return {
+        r.blob_digest or ""
+        for r in c.upstream.blob_fetches(mark)
+        if r.remote_ip == node.ip and r.blob_digest in layers
+    }
+
+
+def assert_intact(node: Node, img: BuiltImage) -> None:
+    for d in img.blob_digests():
+        got = node.containerd.blob_path(d).read_bytes()
+        assert "sha256:" + hashlib.sha256(got).hexdigest() == d
+
+
+def test_layers_stream_from_a_node_still_pulling_them_and_survive_its_commit(
+    c: Cluster, tmp_path: Path
+) -> None:
+    """n2 gets the layer from n1's ingest while n1 pulls it; n1's link to n2 is slower
+    than its upstream, so n1 commits while n2 is still reading (the hand-over to the committed
+    file).  The upstream serves the layer once, to n1."""
+    img = one_layer_image(tmp_path, "a")
+    ref = c.upstream.push(img)
+    n1, n2 = c.node(1), c.node(2)
+    inflight_before = counter(n2, "spegel_mirror_requests_total", cache="inflight")
+    mark = c.upstream.mark()
+    c.limit_upstream(16)  # 6 MiB: ~3 s for n1
+    c.limit_node(n1, 6)  # what n1 serves n2: ~8 s
+    try:
+        first = Pull(n1, ref)
+        first.start()
+        wait_advertised_inflight(c, n1, n2, img)
+        second = Pull(n2, ref)
+        second.start()
+        first.join(60)
+        second.join(90)
+    finally:
+        c.unlimit_upstream()
+        c.limit_node(n1, None)
+    assert first.error is None and second.error is None, (first.error, second.error)
+    assert second.result is not None
+    assert second.result.image_id == img.for_platform().config.digest
+    assert first.ended < second.ended - 1.0  # n1 committed while n2 still streamed
+    assert_intact(n2, img)
+    assert layer_fetches(c, n2, mark, img) == set()  # the layer came from n1's ingest
+    assert layer_fetches(c, n1, mark, img) == {x.digest for x in img.for_platform().layers}
+    assert counter(n2, "spegel_mirror_requests_total", cache="inflight") >= inflight_before + 1
+
+
+def test_provider_agent_killed_mid_stream_the_pull_still_completes(
+    c: Cluster, tmp_path: Path
+) -> None:
+    """n2 streams from n1's ingests; n1's agent is killed mid-stream and comes back (as a
+    DaemonSet restarts it).  n2's agent, with part of the body already sent (a cut body would fail
+    containerd 1.6's whole pull), keeps looking for a provider and resumes from the restarted
+    agent; the pull completes intact."""
+    img = one_layer_image(tmp_path, "k")
+    ref = c.upstream.push(img)
+    n1, n2 = c.node(1), c.node(2)
+    mark = c.upstream.mark()
+    c.limit_upstream(4)  # n1 needs ~12 s: the layer is still in flight when its agent dies
+    c.limit_node(n1, 4)
+    killed = False
+    try:
+        first = Pull(n1, ref)
+        first.start()
+        wait_advertised_inflight(c, n1, n2, img)
+        second = Pull(n2, ref)
+        second.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and second.is_alive():
+            if n1 in ag.serving_peers(c, n2, sending=True):
+                n1.processes["agent"].kill()
+                killed = True
+                ag.start_agent(c, n1)
+                break
+            time.sleep(0.05)
+        first.join(60)
+        second.join(90)
+    finally:
+        c.unlimit_upstream()
+        c.limit_node(n1, None)
+        if "agent" in n1.processes and not n1.processes["agent"].alive():
+            ag.start_agent(c, n1)
+    assert killed, "no transfer from n1 was seen to kill"
+    assert first.error is None and second.error is None, (first.error, second.error)
+    assert_intact(n2, img)
+    assert layer_fetches(c, n2, mark, img) == set()  # resumed from the restarted agent
+    messages = [r.get("msg", "") for r in ag.agent_log(n2)]
+    assert "mirror stream resumed after waiting for a provider" in messages
