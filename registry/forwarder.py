@@ -458,7 +458,8 @@ class _Run:
         `resume_interval`, for up to `resume_patience` (a provider's agent restarting, an
         in-flight provider whose record arrives late) before cutting it."""
         deadline = trio.current_time() + self.settings.resume_patience
-        saved = self.attempts
+        saved, claiming = self.attempts, self.claiming
+        self.claiming = None  # a claim decides who goes upstream; here only peers can help
         try:
             while trio.current_time() + self.settings.resume_interval < deadline:
                 await trio.sleep(self.settings.resume_interval)
@@ -479,7 +480,7 @@ class _Run:
                     )
                     return resumed
         finally:
-            self.attempts = saved
+            self.attempts, self.claiming = saved, claiming
         return give_up
 
     def avoid_now(self) -> frozenset[tuple[str, int]]:
