@@ -84,6 +84,7 @@ from registry.peer_race import open_hedged
 from registry.peer_supply import PeerSupply, RouterFailure
 from registry.peer_transfer import PeerFetch, TransferRequest, open_transfer, read_whole_body
 from registry.ranges import ByteRange, RangeNotSatisfiable
+from registry.resume_wait import wait_for_provider
 from registry.verification import VerificationPolicy, peer_address
 
 __all__ = ["Forwarder", "RouterFailure"]
@@ -453,39 +454,37 @@ class _Run:
     async def _resume_patiently(
         self, stack: AsyncExitStack, requested: ByteRange, give_up: GiveUp
     ) -> PeerFetch | GiveUp:
-        """The client already has part of the body, and a cut body fails its whole pull
-        (containerd 1.6 does not resume within a pull): look again, with fresh lookups every
-        `resume_interval`, for up to `resume_patience` (a provider's agent restarting, an
-        in-flight provider whose record arrives late) before cutting it."""
-        deadline = trio.current_time() + self.settings.resume_patience
+        """Part of the body is out and every source failed: wait for a provider
+        (`registry.resume_wait`), asking peers directly (a claim has decided already), each
+        round with fresh attempts (quarantined peers stay avoided)."""
         saved, claiming = self.attempts, self.claiming
-        self.claiming = None  # a claim decides who goes upstream; here only peers can help
-        try:
-            while trio.current_time() + self.settings.resume_interval < deadline:
-                await trio.sleep(self.settings.resume_interval)
-                # a fresh budget of attempts (quarantined peers stay avoided), a fresh lookup
-                self.attempts = MirrorAttempts(
-                    saved.identifier, saved.max_attempts, saved.avoid | frozenset(self.avoid_now())
-                )
-                async with trio.open_nursery() as nursery:
-                    fresh = PeerSupply(self.fw.router, self.ref.identifier)
-                    nursery.start_soon(fresh.feed)
-                    resumed = await self._fetch(fresh, stack, requested, requested.size)
-                    nursery.cancel_scope.cancel()
+        self.claiming = None
+
+        async def attempt(supply: PeerSupply) -> PeerFetch | GiveUp:
+            avoid = saved.avoid | self.verify.avoided(self.ref.digest)
+            self.attempts = MirrorAttempts(saved.identifier, saved.max_attempts, avoid)
+            try:
+                return await self._fetch(supply, stack, requested, requested.size)
+            finally:
                 saved.fetched += self.attempts.fetched
-                if not isinstance(resumed, GiveUp):
-                    logger.info(
-                        "mirror stream resumed after waiting for a provider",
-                        extra={"key": self.ref.identifier, "offset": requested.start},
-                    )
-                    return resumed
+
+        try:
+            resumed = await wait_for_provider(
+                self.fw.router,
+                self.ref.identifier,
+                attempt,
+                patience=self.settings.resume_patience,
+                interval=self.settings.resume_interval,
+            )
         finally:
             self.attempts, self.claiming = saved, claiming
-        return give_up
-
-    def avoid_now(self) -> frozenset[tuple[str, int]]:
-        """Peers not to ask now: quarantined for this digest (they sent bad bytes)."""
-        return self.verify.avoided(self.ref.digest)
+        if resumed is None:
+            return give_up
+        logger.info(
+            "mirror stream resumed after waiting for a provider",
+            extra={"key": self.ref.identifier, "offset": requested.start},
+        )
+        return resumed
 
     async def _copy(
         self,

@@ -1,0 +1,47 @@
+"""Waiting for a provider when a half-sent blob body has lost all of its sources.
+
+Why: containerd 1.6 does not resume a cut body within a pull (the pull fails with "unexpected
+EOF" and kubelet retries after its back-off), so once a response head has gone out the mirror
+tries harder than a fresh request would: every `interval` it runs a fresh lookup with a fresh
+budget of attempts, for up to `patience`, before the body is cut.  What it waits for is a
+provider's agent restarting (a DaemonSet rolls it) or an in-flight provider whose record arrives
+late.  The forwarder says how one attempt opens a transfer; this loop only paces the attempts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import trio
+
+from registry.interfaces import Router
+from registry.mirror import GiveUp
+from registry.peer_supply import PeerSupply
+
+__all__ = ["wait_for_provider"]
+
+T = TypeVar("T")
+
+
+async def wait_for_provider(
+    router: Router,
+    key: str,
+    attempt: Callable[[PeerSupply], Awaitable[T | GiveUp]],
+    *,
+    patience: float,
+    interval: float,
+) -> T | None:
+    """`attempt(supply)` with a fresh lookup every `interval` until one opens a transfer (its
+    result) or `patience` is over (None)."""
+    deadline = trio.current_time() + patience
+    while trio.current_time() + interval < deadline:
+        await trio.sleep(interval)
+        async with trio.open_nursery() as nursery:
+            supply = PeerSupply(router, key)
+            nursery.start_soon(supply.feed)
+            result = await attempt(supply)
+            nursery.cancel_scope.cancel()
+        if not isinstance(result, GiveUp):
+            return result
+    return None
