@@ -224,7 +224,7 @@ class _FrontDoor:
                 head = conn.response_head(plan.status, headers)
                 if growing is not None and request.method == "GET" and plan.length:
                     await conn.send_bytes(head)
-                    sent = await _send_growing_body(conn, growing, plan, client)
+                    sent = await _send_growing_body(conn, growing, plan, client, report)
                     await conn.send_bytes(conn.end_bytes())
                 elif fd < 0:
                     await conn.send_bytes(head + conn.end_bytes())
@@ -249,7 +249,11 @@ REPORT_SLICE = 8 << 20  # bytes per sendfile call between progress reports
 
 
 async def _send_growing_body(
-    conn: ServerConnection, growing: GrowingFile, plan: LocalBlob, client: Address
+    conn: ServerConnection,
+    growing: GrowingFile,
+    plan: LocalBlob,
+    client: Address,
+    report: TransferReport | None,
 ) -> int:
     """The body of a blob still downloading (registry.inflight); a failed download closes the
     connection (the requester sees a short body and resumes elsewhere)."""
@@ -259,7 +263,8 @@ async def _send_growing_body(
 
     ip = client[0] if client else ""
     try:
-        return await upload_growing(growing, plan.offset, plan.length, ip, send_range)
+        progress = None if report is None else report.progress
+        return await upload_growing(growing, plan.offset, plan.length, ip, send_range, progress)
     except IngestBroken as exc:
         raise ClientGone(f"in-flight upload cut: {exc}") from exc
 

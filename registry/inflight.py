@@ -273,13 +273,25 @@ UPLOADS = InflightUploads()  # the process's uploads (one registry per agent pro
 
 
 async def upload_growing(
-    growing: GrowingFile, offset: int, length: int, peer: str, send_range: SendRange
+    growing: GrowingFile,
+    offset: int,
+    length: int,
+    peer: str,
+    send_range: SendRange,
+    on_progress: Callable[[int], None] | None = None,
 ) -> int:
-    """`send_growing`, counted as an upload (IngestBroken: the caller cuts the response)."""
+    """`send_growing`, counted as an upload (IngestBroken: the caller cuts the response);
+    `on_progress` gets the bytes sent so far after each run."""
     upload = UPLOADS.start(growing.ingest.digest, peer, growing.size)
+
+    def add(count: int) -> None:
+        upload.add(count)
+        if on_progress is not None:
+            on_progress(upload.bytes)
+
     ok = False
     try:
-        sent = await send_growing(growing, offset, length, send_range, upload.add)
+        sent = await send_growing(growing, offset, length, send_range, add)
         ok = True
         return sent
     except IngestBroken as exc:

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import trio
 
+from registry.events import MirrorEvents, TransferProgress
 from registry.interfaces import IngestFile, PeerState
 from registry.metrics import MIRROR_REQUESTS
 from tests.fakes import MemoryContentStore, MemoryRouter
@@ -117,3 +118,23 @@ async def test_an_aborted_download_cuts_the_body_short(
                     if len(got) >= 4096:
                         os.unlink(store.ingest.data_path)  # containerd aborted the download
     assert bytes(got) == CONTENT[:4096]
+
+
+async def test_an_inflight_upload_reports_its_progress(
+    tmp_path: Path, start_node: StartNode, nursery: trio.Nursery
+) -> None:
+    store = DownloadingStore(tmp_path)
+    start_file(store.ingest.data_path)
+    events = MirrorEvents()
+    seen: list[TransferProgress] = []
+    events.subscribe(lambda e: seen.append(e) if isinstance(e, TransferProgress) else None)
+    holder = await start_node(store, events=events)
+    nursery.start_soon(grow, store, 0.1)  # ~1.7 s: several progress reports
+    async with holder.client() as client:
+        response = await client.get(PATH, headers=PEER)
+    assert response.content == CONTENT
+    assert {e.source for e in seen} == {"inflight"} and {e.direction for e in seen} == {"out"}
+    assert seen[0].state == "running" and seen[0].bytes == 0
+    assert seen[-1].state == "done" and seen[-1].bytes == len(CONTENT)
+    middle = [e.bytes for e in seen[1:-1]]
+    assert middle and middle == sorted(middle) and 0 < middle[0] < len(CONTENT)
