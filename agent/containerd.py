@@ -236,6 +236,12 @@ class ContainerdClient:
             reply = await self._channel.unary(self._content.ListStatuses, request, self._md)
         return [IngestStatus(s.ref, s.offset, s.total, s.expected) for s in reply.statuses]
 
+    async def abort_ingest(self, ref: str) -> None:
+        """Drop a write in progress (its partial data is deleted); NotFound if there is none."""
+        request = containerd_content_pb2.AbortRequest(ref=ref)
+        with self._errors("abort ingest"):
+            await self._channel.unary(self._content.Abort, request, self._md)
+
     async def content_root(self) -> str | None:
         """The content store's directory as containerd reports it (introspection), if it does."""
         request = containerd_introspection_pb2.PluginsRequest(

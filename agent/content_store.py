@@ -167,6 +167,30 @@ class ContainerdContentStore:
         data = os.path.join(entry.directory, "data")
         return IngestFile(digest, entry.total, data, blob_path(watcher.root, digest))
 
+    async def discard_download(self, digest: str) -> None:
+        """Abort containerd's download of `digest` (a `registry.interfaces.DownloadDiscarder`).
+
+        The mirror calls this when bytes it already passed on turn out not to match the digest:
+        containerd then holds a bad prefix, and a retry would resume from it (Range) and fail
+        at commit again; aborted, the retry downloads afresh."""
+        with trio.move_on_after(5.0):
+            try:
+                statuses = await self._client.list_statuses()
+            except ContainerdUnavailable as exc:
+                logger.warning("cannot list downloads", extra={"key": digest, "error": str(exc)})
+                return
+            for status in statuses:
+                if status.expected != digest and not status.ref.endswith(digest):
+                    continue
+                try:
+                    await self._client.abort_ingest(status.ref)
+                    logger.warning(
+                        "aborted a download fed bad bytes by a peer",
+                        extra={"key": digest, "ref": status.ref, "offset": status.offset},
+                    )
+                except (NotFound, ContainerdUnavailable) as exc:
+                    logger.info("download not aborted", extra={"key": digest, "error": str(exc)})
+
     async def content_dir(self, *, look_now: bool = False) -> str | None:
         """The readable content directory in use, or None when reads go over gRPC.
 

@@ -40,6 +40,7 @@ from registry.interfaces import (
     ContentNotFound,
     ContentStore,
     Descriptor,
+    DownloadDiscarder,
     InflightSource,
     IngestFile,
     Router,
@@ -129,6 +130,7 @@ class _Registry:
             Quarantine(),
             events=events,
             claims=claims,
+            discard=store if isinstance(store, DownloadDiscarder) else None,
         )
         self.uploads = UploadSlots(settings.peer_upload_limit)
 

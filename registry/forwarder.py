@@ -59,7 +59,7 @@ from registry.events import (
     PeerFetchFailed,
 )
 from registry.hedging import HedgeDelay, HedgePolicy
-from registry.interfaces import Peer, PeerState, Router
+from registry.interfaces import DownloadDiscarder, Peer, PeerState, Router
 from registry.mediatypes import OCTET_STREAM
 from registry.mirror import (
     GiveUp,
@@ -104,8 +104,12 @@ class Forwarder:
         stale: StaleProviders | None = None,
         events: MirrorEvents | None = None,
         claims: ClaimParticipation | None = None,
+        discard: DownloadDiscarder | None = None,
     ) -> None:
         self.router = router
+        # this node's containerd download to drop when it was already fed bytes that failed
+        # their digest (else a retry resumes from the bad prefix and fails at commit again)
+        self.discard = discard
         # taking part in bursts' claims (registry.claim); None: plain resolve, as Spegel does
         self.claims = claims
         self.events = events if events is not None else MirrorEvents()
@@ -531,5 +535,7 @@ class _Run:
         )
         if isinstance(outcome, Mismatch):
             self.verify.punish(digest, outcome.contributors, self.ref.registry)
+            if self.head_sent and self.fw.discard is not None:
+                await self.fw.discard.discard_download(digest)
         return outcome
 

@@ -135,6 +135,15 @@ class ContentStore(Protocol):
 
 
 @runtime_checkable
+class DownloadDiscarder(Protocol):
+    """Optional face of a ContentStore: drop this node's own download of a digest."""
+
+    async def discard_download(self, digest: str) -> None:
+        """Abort the download in progress (its partial data was fed bad bytes); never raises."""
+        ...
+
+
+@runtime_checkable
 class InflightSource(Protocol):
     """Optional face of a ContentStore: the blobs this node is still downloading."""
 

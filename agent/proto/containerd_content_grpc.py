@@ -9,6 +9,7 @@ import grpclib.client
 if typing.TYPE_CHECKING:
     import grpclib.server
 
+import google.protobuf.empty_pb2
 import google.protobuf.timestamp_pb2
 import agent.proto.containerd_content_pb2
 
@@ -29,6 +30,10 @@ class ContentBase(abc.ABC):
 
     @abc.abstractmethod
     async def ListStatuses(self, stream: 'grpclib.server.Stream[agent.proto.containerd_content_pb2.ListStatusesRequest, agent.proto.containerd_content_pb2.ListStatusesResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def Abort(self, stream: 'grpclib.server.Stream[agent.proto.containerd_content_pb2.AbortRequest, google.protobuf.empty_pb2.Empty]') -> None:
         pass
 
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
@@ -56,6 +61,12 @@ class ContentBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 agent.proto.containerd_content_pb2.ListStatusesRequest,
                 agent.proto.containerd_content_pb2.ListStatusesResponse,
+            ),
+            '/containerd.services.content.v1.Content/Abort': grpclib.const.Handler(
+                self.Abort,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                agent.proto.containerd_content_pb2.AbortRequest,
+                google.protobuf.empty_pb2.Empty,
             ),
         }
 
@@ -86,4 +97,10 @@ class ContentStub:
             '/containerd.services.content.v1.Content/ListStatuses',
             agent.proto.containerd_content_pb2.ListStatusesRequest,
             agent.proto.containerd_content_pb2.ListStatusesResponse,
+        )
+        self.Abort = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/containerd.services.content.v1.Content/Abort',
+            agent.proto.containerd_content_pb2.AbortRequest,
+            google.protobuf.empty_pb2.Empty,
         )

@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
+from agent.containerd import open_containerd
+from agent.content_store import ContainerdContentStore
 from tests.harness import agents as ag
 from tests.harness import nsexec
 from tests.harness.cluster import UPSTREAM_HOST, Cluster, Node, PullResult
@@ -191,3 +194,35 @@ def test_provider_agent_killed_mid_stream_the_pull_still_completes(
     assert layer_fetches(c, n2, mark, img) == set()  # resumed from the restarted agent
     messages = [r.get("msg", "") for r in ag.agent_log(n2)]
     assert "mirror stream resumed after waiting for a provider" in messages
+
+
+def test_a_download_fed_bad_bytes_is_aborted_in_containerd(c: Cluster, tmp_path: Path) -> None:
+    """What the mirror does after streaming bytes that failed their digest: it aborts this
+    node's containerd download of the blob (gRPC Content.Abort), so the retry starts afresh
+    instead of resuming from a bad prefix.  Checked against n1's real, running download."""
+    img = one_layer_image(tmp_path, "d")
+    ref = c.upstream.push(img)
+    n1 = c.node(1)
+    layer = img.for_platform().layers[0].digest
+    c.limit_upstream(4)  # ~12 s: time to abort it mid-way
+    try:
+        pull = Pull(n1, ref)
+        pull.start()
+        deadline = time.monotonic() + 20
+        while inflight_ingests(n1, (layer,)) == 0:
+            assert time.monotonic() < deadline, "the download never began"
+            time.sleep(0.02)
+        trio.run(discard, n1, layer)
+        pull.join(60)
+    finally:
+        c.unlimit_upstream()
+    assert pull.error is not None  # that pull failed; kubelet's retry downloads afresh
+    assert inflight_ingests(n1, (layer,)) == 0
+    assert not n1.containerd.has_blob(layer)
+    assert n1.pull(ref).image_id == img.for_platform().config.digest  # the retry
+    assert_intact(n1, img)
+
+
+async def discard(node: Node, digest: str) -> None:
+    async with open_containerd(str(node.containerd.socket), "k8s.io") as client:
+        await ContainerdContentStore(client).discard_download(digest)

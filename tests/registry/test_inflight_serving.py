@@ -138,3 +138,41 @@ async def test_an_inflight_upload_reports_its_progress(
     assert seen[-1].state == "done" and seen[-1].bytes == len(CONTENT)
     middle = [e.bytes for e in seen[1:-1]]
     assert middle and middle == sorted(middle) and 0 < middle[0] < len(CONTENT)
+
+
+class DiscardingStore(MemoryContentStore):
+    """The requester's store: records which downloads the mirror asked it to drop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.discarded: list[str] = []
+
+    async def discard_download(self, digest: str) -> None:
+        self.discarded.append(digest)
+
+
+async def test_bad_bytes_from_an_inflight_provider_cut_the_stream_and_drop_the_download(
+    start_node: StartNode,
+) -> None:
+    """An in-flight provider's bytes stream at once (any size) and are hashed on the way; when
+    they do not match, the body ends short of its last byte, the provider is quarantined, and
+    this node's own download of the digest (fed the bad prefix) is dropped."""
+    liar_store = MemoryContentStore()
+    bad = bytearray(CONTENT)
+    bad[12345] ^= 0xFF
+    liar_store.add(bytes(bad), digest=DIGEST)
+    liar = await start_node(liar_store)
+    await liar.router.advertise([DIGEST], PeerState.INFLIGHT)
+    store = DiscardingStore()
+    requester = await start_node(store)
+    async with requester.client() as client:
+        async with client.stream("GET", PATH) as response:
+            assert response.status_code == 200  # streamed before the whole blob was checked
+            got = bytearray()
+            with pytest.raises(httpx.RemoteProtocolError):
+                async for chunk in response.aiter_bytes():
+                    got += chunk
+    assert len(got) < len(CONTENT)  # never the whole (bad) blob
+    assert store.discarded == [DIGEST]
+    async with requester.client() as client:  # the liar is quarantined: a miss now
+        assert (await client.get(PATH)).status_code == 404
