@@ -181,7 +181,7 @@ def parse_peer(text: str, default_port: int | None = None) -> HostPort:
 
 
 _MULTIADDR_IP = {"ip4": 4, "ip6": 6}
-_MULTIADDR_DNS = ("dns", "dns4", "dns6", "dnsaddr")
+_MULTIADDR_DNS = ("dns", "dns4", "dns6")  # not /dnsaddr: that names TXT records
 _MULTIADDR_PORT = ("tcp", "udp")
 # protocols after the transport that carry no address information for us
 _MULTIADDR_SKIP = {"p2p": 1, "ipfs": 1, "quic": 0, "quic-v1": 0, "webtransport": 0, "certhash": 1}

@@ -221,6 +221,7 @@ def test_static_bootstrap_peers_accept_spegel_multiaddrs(value: str, expected: H
         ("/ip4/10.0.0.1/tcp/0", "port 0"),
         ("/ip4/10.0.0.1/sctp/5001", "no /tcp"),
         ("/unix/tmp/sock/x", "unsupported multiaddr"),
+        ("/dnsaddr/bootstrap.example/tcp/5001", "unsupported multiaddr"),
         ("/ip4/10.0.0.1/tcp/5001/p2p", "unsupported part"),
         ("/ip4/10.0.0.1/tcp/5001/ws", "unsupported part"),
         ("/dns/bad_host!/tcp/5001", "invalid host"),

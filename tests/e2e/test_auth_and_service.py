@@ -183,3 +183,32 @@ def test_node_without_agent_pulls_through_the_service(c: Cluster, fresh: Fresh) 
         assert ag.mirror_counts(n3)[0] >= hits3_before + len(img.blob_digests())
     finally:
         ag.start_agent(c, n2, extra=["--basic-auth-dir", str(c.workdir / "basic-auth")])
+
+
+def _answered_401(node: Node) -> float:
+    return sum(
+        value
+        for (name, labels), value in ag.metrics(node).items()
+        if name == "http_request_duration_seconds_count" and dict(labels).get("code") == "401"
+    )
+
+
+def test_containerd_without_the_header_falls_back_upstream(c: Cluster, fresh: Fresh) -> None:
+    """A node whose hosts.toml lacks the header (credentials changed, init container not re-run):
+    the agents answer 401, containerd treats that as "next host" and the pull still works, from
+    upstream."""
+    img, ref = fresh()
+    n1 = c.node(1)
+    path = n1.containerd.certs_d / UPSTREAM_HOST / "hosts.toml"
+    configured = path.read_text()
+    try:
+        path.write_text(
+            "\n".join(line for line in configured.splitlines() if "Authorization" not in line)
+        )
+        refused_before = _answered_401(n1)
+        mark = c.upstream.mark()
+        assert n1.pull(ref).image_id == img.for_platform().config.digest
+        assert _upstream_blobs(c, n1, mark) == set(img.blob_digests())
+        assert _answered_401(n1) > refused_before
+    finally:
+        path.write_text(configured)
