@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import os
 from dataclasses import dataclass
@@ -76,9 +77,14 @@ def authorized(auth: BasicAuth | None, header: str | None) -> bool:
         return True
     given = _credentials(header) if header is not None else None
     user, password = given if given is not None else (b"", b"")
-    user_ok = hmac.compare_digest(user, auth.username.encode())
-    password_ok = hmac.compare_digest(password, auth.password.encode())
+    # compared as digests: equal lengths, so not even the length of a secret shows in the timing
+    user_ok = hmac.compare_digest(_digest(user), _digest(auth.username.encode()))
+    password_ok = hmac.compare_digest(_digest(password), _digest(auth.password.encode()))
     return given is not None and user_ok & password_ok
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
 
 
 def _read_field(directory: str, name: str) -> str | None:

@@ -86,8 +86,10 @@ def c() -> Iterator[Cluster]:
 
 @pytest.fixture
 def fresh(c: Cluster, tmp_path: Path) -> Fresh:
+    counter = iter(range(100))
+
     def make() -> tuple[BuiltImage, str]:
-        name = f"auth-{hashlib.sha256(str(tmp_path).encode()).hexdigest()[:8]}"
+        name = f"auth-{hashlib.sha256(str(tmp_path).encode()).hexdigest()[:8]}-{next(counter)}"
         img = build_small(tmp_path / "img", name=name)
         return img, c.upstream.push(img)
 
@@ -212,3 +214,42 @@ def test_containerd_without_the_header_falls_back_upstream(c: Cluster, fresh: Fr
         assert _answered_401(n1) > refused_before
     finally:
         path.write_text(configured)
+
+
+def test_service_reaches_the_holder_and_every_agent_down_means_upstream(
+    c: Cluster, fresh: Fresh
+) -> None:
+    """Agents of nodes 2 and 3 down: node 2's pull goes through the Service to node 1, which
+    serves its own content.  Then node 1's too: the Service has no ready agent, containerd goes
+    on to upstream and the pull still works."""
+    img, ref = fresh()
+    n1, n2, n3 = c.nodes
+    n1.pull(ref)
+    ag.stop_agent(c, n2)
+    ag.stop_agent(c, n3)
+    secret = ["--basic-auth-dir", str(c.workdir / "basic-auth")]
+    try:
+        deadline = time.monotonic() + 10
+        while not _service_answers_from(n2, n1):
+            assert time.monotonic() < deadline, "the Service stand-in never chose node 1's agent"
+            time.sleep(0.1)
+        mark = c.upstream.mark()
+        assert n2.pull(ref).image_id == img.for_platform().config.digest
+        assert c.upstream.blob_fetches(mark) == []
+        assert all(n2.containerd.has_blob(d) for d in img.blob_digests())
+
+        other, other_ref = fresh()
+        ag.stop_agent(c, n1)
+        deadline = time.monotonic() + 10
+        while _service_answers_from(n2, n1):
+            assert time.monotonic() < deadline, "the Service stand-in kept a stopped agent"
+            time.sleep(0.1)
+        mark = c.upstream.mark()
+        assert n2.pull(other_ref).image_id == other.for_platform().config.digest
+        assert _upstream_blobs(c, n2, mark) == set(other.blob_digests())
+    finally:
+        for n in (n1, n2, n3):
+            if "agent" not in n.processes:
+                ag.start_agent(c, n, extra=secret, ready_timeout=None)
+        for n in (n1, n2, n3):
+            ag.wait_ready(n, 30.0, n.processes.get("agent"))

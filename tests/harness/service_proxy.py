@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import socket
+import struct
 import time
 from pathlib import Path
 
@@ -75,6 +77,10 @@ class ServiceProxy:
         self._record(chosen)
         async with client:
             if not chosen:
+                # kube-proxy rejects a Service without ready endpoints: reset, not a clean close
+                client.socket.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
                 return
             try:
                 upstream = await trio.open_tcp_stream(*_split(chosen))
