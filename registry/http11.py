@@ -134,6 +134,7 @@ class ServerConnection:
         self._closing = False
         self._answered = False  # response bytes went out: close with a linger
         self._broken = False  # the client is gone: close at once
+        self._head_request = False  # the request being answered is a HEAD (no body goes out)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -155,6 +156,7 @@ class ServerConnection:
                     self._h11.receive_data(data)
                     continue
                 if isinstance(event, h11.Request):
+                    self._head_request = event.method == b"HEAD"
                     if not _servable_target(bytes(event.target)):
                         raise h11.RemoteProtocolError(
                             "request target must be a path (/...) or an absolute http URL"
@@ -304,8 +306,10 @@ class ServerConnection:
             (b"connection", b"close"),
         ]
         try:
-            data = self.response_head(status, headers) + self.body_bytes(body) + self.end_bytes()
-            await self.send_bytes(data)
+            data = self.response_head(status, headers)
+            if not self._head_request:  # h11 refuses body bytes in an answer to a HEAD
+                data += self.body_bytes(body)
+            await self.send_bytes(data + self.end_bytes())
         except (h11.LocalProtocolError, ClientGone):
             pass
 

@@ -140,6 +140,7 @@ async def test_absolute_form_targets(start_node: StartNode, tmp_path: Path) -> N
             413,
         ),
         (b"GET /v2/ HTTP/1.1\r\nHost: x\r\n", 400),  # half-closed before the head ended
+        (b"HEAD %2Fv2%2F HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # not a path: 400 without a body
     ],
 )
 async def test_malformed_requests_get_4xx_and_a_closed_connection(
@@ -147,9 +148,10 @@ async def test_malformed_requests_get_4xx_and_a_closed_connection(
 ) -> None:
     node = await start_node()
     answer = await send_and_read(node.port, raw, half_close=True)
-    [(got, headers, body)] = responses(answer, ["GET"])
+    head = raw.startswith(b"HEAD")
+    [(got, headers, body)] = responses(answer, ["HEAD" if head else "GET"])
     assert (got, headers["connection"]) == (status, "close")
-    assert body  # says what was wrong
+    assert head or body  # says what was wrong
     # the agent is fine: the next connection is served
     closing = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     [(got, _, _)] = responses(await send_and_read(node.port, closing), ["GET"])
