@@ -61,6 +61,8 @@ class KeyStates:
     def track(self, keys: Iterable[str]) -> list[Change]:
         before = self._before(keys)
         self.tracked.update(before)
+        for key in before:  # the tracker speaks for it from now on (a delete withdraws it)
+            self.committed.pop(key, None)
         return self._changes(before)
 
     def untrack(self, keys: Iterable[str]) -> list[Change]:

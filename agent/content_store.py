@@ -150,6 +150,7 @@ class ContainerdContentStore:
         self._content_dir: str | None = None
         self._content_dir_known = False
         self._recheck_at = -math.inf  # no readable directory found: look again from then on
+        self._introspected = ""  # the content root containerd reported (asked once)
         self._reported_mode = False
         self._lock = trio.Lock()
         self.ingests: IngestWatcher | None = None  # set by the agent: downloads in progress
@@ -224,10 +225,10 @@ class ContainerdContentStore:
     async def _find_content_dir(self) -> str | None:
         if not self._direct_reads:
             return None
-        path = self._configured_path
+        path = self._configured_path or self._introspected
         if not path:
             try:
-                path = await self._client.content_root() or ""
+                path = self._introspected = await self._client.content_root() or ""
             except ContainerdUnavailable:
                 raise
             except Exception as exc:  # an old containerd without introspection: use gRPC

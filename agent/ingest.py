@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 _LAYER_REF = re.compile(r"^([^/]+)/[^/]*/layer-(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 MAX_TOTAL = 1 << 50  # sizes beyond this are not real layers
 MAX_SMALL_FILE = 512  # ref/total/startedat files are tiny; never read more
+LOOK_FOR_DIR = 0.25  # seconds between looks for a content directory not there yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,37 +126,79 @@ def _read_small(path: str) -> str | None:
         return None
 
 
-def scan_ingests(content_dir: str, namespace: str) -> list[IngestEntry]:
-    """Blocking: the layer downloads of `namespace` under `<content_dir>/ingest` (none: absent)."""
+@dataclass(slots=True)
+class _Parsed:
+    """What one ingest directory said when its (inode, mtime) was last seen (the scan cache)."""
+
+    identity: tuple[int, int]
+    entry: IngestEntry | None  # None: not a layer download of our namespace
+    has_bytes: bool = False
+
+
+ScanCache = dict[str, _Parsed]
+
+
+def scan_ingests(
+    content_dir: str, namespace: str, cache: ScanCache | None = None
+) -> list[IngestEntry]:
+    """Blocking: the layer downloads of `namespace` under `<content_dir>/ingest` (none: absent).
+
+    With a `cache` (kept by the caller between scans), a directory whose inode and mtime did not
+    change is not read again: a scan of running downloads is then one `scandir` and a `stat` per
+    download (files written into the directory, e.g. a restart's new `startedat`, change its
+    mtime and so are read again)."""
     out: list[IngestEntry] = []
+    cache = {} if cache is None else cache
     try:
         listing = list(os.scandir(os.path.join(content_dir, "ingest")))
     except OSError:
+        cache.clear()
         return out
+    for path in set(cache) - {item.path for item in listing}:
+        del cache[path]
     for item in listing:
-        if not item.is_dir(follow_symlinks=False):
-            continue
-        ref = _read_small(os.path.join(item.path, "ref"))
-        if ref is None:
-            continue  # being created or removed right now: the next scan sees it settled
-        digest = layer_digest(ref, namespace)
-        if digest is None:
-            continue
-        total = parse_total(_read_small(os.path.join(item.path, "total")) or "")
-        if total is None:
-            continue
         try:
-            written = os.stat(os.path.join(item.path, "data")).st_size
+            if not item.is_dir(follow_symlinks=False):
+                continue
+            st = item.stat(follow_symlinks=False)
         except OSError:
             continue
-        if written == 0:
+        identity = (st.st_ino, st.st_mtime_ns)
+        parsed = cache.get(item.path)
+        if parsed is None or parsed.identity != identity:
+            entry = _parse(item.path, namespace)
+            if entry is None and not os.path.exists(os.path.join(item.path, "total")):
+                cache.pop(item.path, None)  # still being created: read it again next time
+                continue
+            parsed = cache[item.path] = _Parsed(identity, entry)
+        if parsed.entry is None:
+            continue
+        if not parsed.has_bytes:
+            try:
+                parsed.has_bytes = os.stat(os.path.join(item.path, "data")).st_size > 0
+            except OSError:
+                continue
+        if not parsed.has_bytes:
             # containerd opens the ingest before it sends its GET (to the mirror first): until
             # bytes land it is no source, and advertising it would let a burst's nodes pick
             # each other's empty downloads while each waits for its own mirror request
             continue
-        started = _read_small(os.path.join(item.path, "startedat")) or ""
-        out.append(IngestEntry(digest, ref.strip(), item.path, total, started.strip()))
+        out.append(parsed.entry)
     return out
+
+
+def _parse(directory: str, namespace: str) -> IngestEntry | None:
+    ref = _read_small(os.path.join(directory, "ref"))
+    if ref is None:
+        return None
+    digest = layer_digest(ref, namespace)
+    if digest is None:
+        return None
+    total = parse_total(_read_small(os.path.join(directory, "total")) or "")
+    if total is None:
+        return None
+    started = _read_small(os.path.join(directory, "startedat")) or ""
+    return IngestEntry(digest, ref.strip(), directory, total, started.strip())
 
 
 def blob_path(content_dir: str, digest: str) -> str:
@@ -188,6 +231,7 @@ class IngestWatcher:
         self._on_change = on_change
         self._interval = interval
         self.table = IngestTable()
+        self._cache: ScanCache = {}
         self.root: str | None = None
         self.scans = 0
 
@@ -201,8 +245,8 @@ class IngestWatcher:
             logger.warning("content directory not readable: in-flight downloads are not served")
             task_status.started()
             task_status = trio.TASK_STATUS_IGNORED
-            while root is None:
-                await trio.sleep(self._interval)
+            while root is None:  # (a look is cheap: one access() once the path is known)
+                await trio.sleep(max(self._interval, LOOK_FOR_DIR))
                 root = await self._content_dir()
         self.root = root
         logger.info("watching in-flight downloads", extra={"ingest_dir": f"{root}/ingest"})
@@ -213,7 +257,7 @@ class IngestWatcher:
             await self.scan_once(root)
 
     async def scan_once(self, root: str) -> None:
-        found = await trio.to_thread.run_sync(scan_ingests, root, self._namespace)
+        found = await trio.to_thread.run_sync(scan_ingests, root, self._namespace, self._cache)
         self.scans += 1
         for change in self.table.update(found):
             committed = False

@@ -184,7 +184,13 @@ async def containerd_backend(cfg: RegistryConfig, router: Router) -> AsyncIterat
             filters=filters,
             refresh_interval=cfg.state_refresh,
         )
-        watcher = IngestWatcher(store.content_dir, cfg.containerd_namespace, advertiser.on_ingest)
+        # a fresh node's containerd creates its content directory with its first pull: the
+        # watcher looks for it at once each time (cheap), not at the store's slower pace
+        watcher = IngestWatcher(
+            functools.partial(store.content_dir, look_now=True),
+            cfg.containerd_namespace,
+            advertiser.on_ingest,
+        )
         store.ingests = watcher
 
         def inflight_stats() -> dict[str, Any]:

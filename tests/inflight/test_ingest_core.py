@@ -15,6 +15,7 @@ from agent.ingest import (
     IngestStarted,
     IngestTable,
     IngestVanished,
+    ScanCache,
     layer_digest,
     parse_total,
     scan_ingests,
@@ -116,8 +117,7 @@ def test_key_states_merge_sources_best_first() -> None:
     assert states.unclaim(D1) == []  # still in flight
     assert states.finish(D1, committed=True, now=0.0) == [(D1, PeerState.COMPLETE)]
     assert states.track([D1]) == []  # the tracker takes over: no change seen outside
-    assert states.expire(200.0) == []  # the tracker still has it
-    assert states.untrack([D1]) == [(D1, None)]  # image deleted
+    assert states.untrack([D1]) == [(D1, None)]  # image deleted: withdrawn at once (no grace)
 
 
 def test_an_aborted_download_is_withdrawn_but_tracked_keys_stay() -> None:
@@ -135,3 +135,28 @@ def test_committed_digests_the_tracker_never_takes_expire() -> None:
     states.finish(D1, committed=True, now=10.0)
     assert states.expire(50.0) == []
     assert states.expire(110.0) == [(D1, None)]
+
+
+def test_a_scan_cache_rereads_only_directories_that_changed(tmp_path: Path) -> None:
+    root = tmp_path / "content"
+    d = root / "ingest" / "h1"
+    d.mkdir(parents=True)
+    (d / "ref").write_text(f"k8s.io/1/layer-{D1}")
+    (d / "total").write_text("4096")
+    (d / "startedat").write_text("t0")
+    (d / "data").write_bytes(b"")
+    cache: ScanCache = {}
+    assert scan_ingests(str(root), "k8s.io", cache) == []  # no bytes yet
+    (d / "data").write_bytes(b"x")
+    assert [e.started for e in scan_ingests(str(root), "k8s.io", cache)] == ["t0"]
+    (d / "ref").write_text("k8s.io/1/layer-sha256:" + "00" * 32)  # in place: not re-read
+    assert [e.digest for e in scan_ingests(str(root), "k8s.io", cache)] == [D1]
+    # containerd restarting the download writes its files anew (atomic renames): re-read
+    (d / "startedat.tmp").write_text("t1")
+    os.rename(d / "startedat.tmp", d / "startedat")
+    (d / "ref").write_text(f"k8s.io/1/layer-{D1}")
+    assert [e.started for e in scan_ingests(str(root), "k8s.io", cache)] == ["t1"]
+    for f in d.iterdir():
+        f.unlink()
+    d.rmdir()
+    assert scan_ingests(str(root), "k8s.io", cache) == [] and cache == {}
