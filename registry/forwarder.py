@@ -53,14 +53,13 @@ from registry.blob_stream import (
 from registry.buffers import BufferPool, Chunk
 from registry.claim import ClaimSettings
 from registry.claim_supply import ClaimingSupply, ClaimParticipation
-from registry.distribution import ContentKind, ErrorCode
+from registry.distribution import ContentKind
 from registry.events import (
     MirrorEvents,
     PeerFetchFailed,
 )
 from registry.hedging import HedgeDelay, HedgePolicy
 from registry.interfaces import DownloadDiscarder, Peer, PeerState, Router
-from registry.mediatypes import OCTET_STREAM
 from registry.mirror import (
     GiveUp,
     MirrorAttempts,
@@ -70,6 +69,7 @@ from registry.mirror import (
     StaleProviders,
     peer_key,
 )
+from registry.mirror_framing import mirror_head, range_not_satisfiable
 from registry.mirror_job import (
     MirrorAbort,
     MirrorFailure,
@@ -333,35 +333,14 @@ class _Run:
     def _content_headers(
         self, answer: PeerAnswer, delivered: ByteRange | None, peer: Peer | None = None
     ) -> MirrorHead:
-        headers = [("Docker-Content-Digest", answer.digest)]
-        if delivered is None:
-            headers += [("Content-Type", answer.media_type), ("Content-Length", str(answer.size))]
-            status = 200
-        else:
-            headers += [
-                ("Content-Type", OCTET_STREAM),
-                ("Content-Length", str(delivered.length)),
-                ("Content-Range", delivered.content_range),
-            ]
-            status = 206
-        if self.is_blob:
-            headers.append(("Accept-Ranges", "bytes"))
-        inflight = peer is not None and peer.state is PeerState.INFLIGHT
-        return MirrorHead(status, tuple(headers), inflight)
+        return mirror_head(answer, delivered, is_blob=self.is_blob, peer=peer)
 
     async def _send_head(self, head: MirrorHead | MirrorFailure) -> None:
         self.head_sent = True
         await self._emit(head)
 
     async def _unsatisfiable(self, size: int) -> None:
-        failure = MirrorFailure(
-            416,
-            ErrorCode.RANGE_INVALID,
-            f"range not satisfiable for {size} bytes",
-            0,
-            (("Content-Range", f"bytes */{size}"),),
-        )
-        await self._send_head(failure)
+        await self._send_head(range_not_satisfiable(size))
 
     async def _serve_head(self, supply: PeerSupply, stack: AsyncExitStack) -> None:
         fetch = await self._fetch(supply, stack, None, None)
