@@ -9,6 +9,7 @@ upstream's access log (which node fetched which blob), the agents' counters and 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import threading
 import time
 from collections.abc import Iterator
@@ -226,3 +227,78 @@ def test_a_download_fed_bad_bytes_is_aborted_in_containerd(c: Cluster, tmp_path:
 async def discard(node: Node, digest: str) -> None:
     async with open_containerd(str(node.containerd.socket), "k8s.io") as client:
         await ContainerdContentStore(client).discard_download(digest)
+
+
+class PeerRead(threading.Thread):
+    """A peer's GET of a blob from `holder`'s agent (made from `asker`'s namespace), read in
+    chunks; `got` grows as bytes arrive, `short` says the body ended before its length."""
+
+    def __init__(self, asker: Node, holder: Node, img: BuiltImage, digest: str) -> None:
+        super().__init__(daemon=True)
+        self.asker, self.holder, self.img, self.digest = asker, holder, img, digest
+        self.got = bytearray()
+        self.length = -1
+        self.short: bool | None = None
+        self.ended = 0.0
+
+    def run(self) -> None:
+        nsexec.call_in_netns(self.asker.netns, self._read)
+        self.ended = time.monotonic()
+
+    def _read(self) -> None:
+        conn = http.client.HTTPConnection(self.holder.ip, ag.REGISTRY_PORT, timeout=30)
+        try:
+            path = f"/v2/e2e/{self.img.name}/blobs/{self.digest}?ns={UPSTREAM_HOST}"
+            conn.request("GET", path, headers={"X-Spegel-Mirrored": "true"})
+            resp = conn.getresponse()
+            self.length = int(resp.getheader("content-length") or -1)
+            try:
+                while chunk := resp.read1(64 * 1024):
+                    self.got += chunk
+                self.short = len(self.got) < self.length
+            except http.client.IncompleteRead as e:
+                self.got += e.partial
+                self.short = True
+        except (OSError, http.client.HTTPException):
+            self.short = True
+        finally:
+            conn.close()
+
+
+def test_an_aborted_download_cuts_the_peer_stream_at_once(c: Cluster, tmp_path: Path) -> None:
+    """A peer reads n1's layer while n1's containerd still downloads it; the download is then
+    aborted in containerd (its data file removed, as a failed pull's lease GC or a restart
+    does).  The body ends short at once (not after the stall bound), and what arrived is a true
+    prefix of the layer."""
+    img = one_layer_image(tmp_path, "x")
+    ref = c.upstream.push(img)
+    n1, n2 = c.node(1), c.node(2)
+    layer = img.for_platform().layers[0].digest
+    c.limit_upstream(4)  # ~12 s
+    try:
+        pull = Pull(n1, ref)
+        pull.start()
+        deadline = time.monotonic() + 20
+        while inflight_ingests(n1, (layer,)) == 0 or not _advertised(n1, layer):
+            assert time.monotonic() < deadline, "the download never began"
+            time.sleep(0.05)
+        reader = PeerRead(n2, n1, img, layer)
+        reader.start()
+        while len(reader.got) < 512 * 1024:
+            assert time.monotonic() < deadline and reader.is_alive(), "no bytes streamed"
+            time.sleep(0.02)
+        aborted_at = time.monotonic()
+        trio.run(discard, n1, layer)
+        reader.join(15)
+        pull.join(60)
+    finally:
+        c.unlimit_upstream()
+    assert reader.short is True and 0 < len(reader.got) < reader.length
+    assert reader.ended - aborted_at < 2.0  # cut at once, not after the 10 s stall bound
+    full = (img.path / "blobs" / "sha256" / layer.removeprefix("sha256:")).read_bytes()
+    assert bytes(reader.got) == full[: len(reader.got)]
+    assert pull.error is not None
+
+
+def _advertised(node: Node, digest: str) -> bool:
+    return counter(node, "spegla_inflight_ingests") >= 1
