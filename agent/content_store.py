@@ -234,8 +234,10 @@ class ContainerdContentStore:
             except Exception as exc:  # an old containerd without introspection: use gRPC
                 logger.warning("content root unknown, reading over gRPC", extra={"error": str(exc)})
                 return None
-        blobs = os.path.join(path, "blobs")
-        if path and os.access(blobs, os.R_OK | os.X_OK):
+        # containerd makes `ingest/` when its content store starts and `blobs/` at the first
+        # commit: a node that has pulled nothing yet has only the former
+        readable = [os.path.join(path, sub) for sub in ("blobs", "ingest")]
+        if path and any(os.access(p, os.R_OK | os.X_OK) for p in readable):
             return path
         log = logger.debug if self._reported_mode else logger.warning  # once, not every look
         log("content directory not readable, reading over gRPC", extra={"content_path": path})

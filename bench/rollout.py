@@ -217,7 +217,7 @@ class Simulation:
                 return
             for s in found:
                 t.wait.seen(s)
-            t.wait.round_ended()
+            t.wait.round_ended(self.now)
             if t.token == token:
                 self._step(t)
 

@@ -61,7 +61,9 @@ class AnnounceSchedule:
         else:
             self._states[kid] = state
         self._when.pop(kid, None)  # the pending refresh, if any, is superseded
-        self._enqueue(kid)
+        # a claim or a download in progress matters for the next few seconds only (a burst's
+        # nodes decide on it): it goes ahead of the keys waiting for their first announce
+        self._enqueue(kid, urgent=state is not RecordState.COMPLETE)
         return True
 
     def remove(self, kid: bytes) -> bool:
@@ -72,10 +74,16 @@ class AnnounceSchedule:
         self._queued.discard(kid)
         return True
 
-    def _enqueue(self, kid: bytes) -> None:
+    def _enqueue(self, kid: bytes, urgent: bool = False) -> None:
+        if kid in self._queued and urgent:
+            self._queue.remove(kid)  # rare (a state change of a key still queued): O(queue)
+            self._queued.discard(kid)
         if kid not in self._queued:
             self._queued.add(kid)
-            self._queue.append(kid)
+            if urgent:
+                self._queue.appendleft(kid)
+            else:
+                self._queue.append(kid)
 
     def reschedule(self, kid: bytes, now: float, delay: float | None = None) -> None:
         """Announce `kid` again after `delay` (default: `refresh`, minus up to `jitter` of it)."""

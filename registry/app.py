@@ -182,7 +182,8 @@ class _Registry:
                 return _oci_error(404, parsed.unknown_code, f"{parsed.reference} not found")
             cast(dict[str, Any], request.scope)["spegla.mirrored"] = True  # access log: "mirror"
             client_ip = request.remote_addr or None
-            return await self._mirror(MirrorJob(parsed, method, range_spec, client_ip))
+            accept = request.headers.get("Accept")
+            return await self._mirror(MirrorJob(parsed, method, range_spec, client_ip, accept))
         if parsed.kind is ContentKind.MANIFEST:
             return await self._serve_manifest(parsed, descriptor, method)
         return await self._serve_blob(parsed, descriptor, method, range_spec)
@@ -372,7 +373,7 @@ class _Registry:
             return None
         if self.filters.is_filtered(parsed.reference) or await self._local(parsed) is not None:
             return None
-        job = MirrorJob(parsed, method, range_spec, client_ip)
+        job = MirrorJob(parsed, method, range_spec, client_ip, headers.get("accept"))
         return MirrorPlan(job, self.forwarder, self.app)
 
     def open_mirror(

@@ -16,7 +16,9 @@ returns, feeding back lookup results (`seen`, `round_ended`) and fetch outcomes 
                                                  -> `PublishClaim`, then SETTLING.
   SETTLING  `settle` after our claim went out, a fresh lookup (`Resolve`) shows the claims made at
             about the same moment.  Decided when that lookup converges, and never later than the
-            resolve budget (`resolve_timeout` x `resolve_retries`, the 60 ms a plain miss takes):
+            resolve budget (`resolve_timeout` x `resolve_retries`, the 60 ms a plain miss takes)
+            or, on a network so slow that the first lookup took more than a third of `settle`,
+            the settle window stretched to 3 lookups (`settle_for`, at most 250 ms):
             the claimant is the claim of lowest `claim_rank` (a hash of node id and key, so the
             layers of one image get different claimants and no node uploads every layer first)
             among the claims seen (ours included).  Every node that sees a set of claims
@@ -73,6 +75,14 @@ class ClaimSettings:
     settle: float = 0.020  # after publishing a claim, wait this long before looking again
     ingest_wait: float = 10.0  # a waiter answers 404 if no source appeared by then
     poll: float = 0.1  # a waiter re-resolves this often
+    # Two nodes that claim within about twice the time a claim takes to become visible may not
+    # see each other.  That time is about a lookup plus a store, so the settle window grows with
+    # the first lookup's duration (a loaded network): settle = clamp(lookup x factor).
+    settle_per_lookup: float = 3.0
+    settle_max: float = 0.25
+
+    def settle_for(self, first_lookup: float) -> float:
+        return max(self.settle, min(first_lookup * self.settle_per_lookup, self.settle_max))
 
     @property
     def budget(self) -> float:
@@ -157,6 +167,8 @@ class ProviderWait:
     resolve_due: float | None = None  # when WAITING/SETTLING next starts a lookup
     waited_on: bytes | None = None
     reason: str = ""
+    first_lookup: float | None = None  # how long the first lookup took to converge
+    settle: float = 0.0  # the settle window chosen when our claim went out
 
     def __post_init__(self) -> None:
         self.round_started = self.started
@@ -173,9 +185,11 @@ class ProviderWait:
         elif sighting.node_id not in self.distrusted_claims:
             self.claims[sighting.node_id] = sighting
 
-    def round_ended(self) -> None:
-        """The current lookup converged: everything it could find was reported."""
+    def round_ended(self, now: float | None = None) -> None:
+        """The current lookup converged: everything it could find was reported (at `now`)."""
         self.round_done = True
+        if self.first_lookup is None and now is not None:
+            self.first_lookup = now - self.round_started
 
     def exclude(self, peer: PeerKey, now: float) -> None:
         """A fetch from `peer` failed (or its stream broke): look for another source.
@@ -289,11 +303,18 @@ class ProviderWait:
         self.phase = _Phase.SETTLING
         self.own_claim = True
         self.claim_at = now
-        self.resolve_due = now + self.settings.settle
+        first = self.first_lookup if self.first_lookup is not None else now - self.started
+        self.settle = self.settings.settle_for(first)
+        self.resolve_due = now + self.settle
         return PublishClaim()
 
     def _settling(self, now: float) -> Step:
-        decide_by = max(self.started + self.settings.budget, self.claim_at + self.settings.settle)
+        # the lookup after the settle gets at least one attempt's time (or two first lookups')
+        first = self.first_lookup if self.first_lookup is not None else 0.0
+        second_round = max(self.settings.resolve_timeout, 2 * first)
+        decide_by = max(
+            self.started + self.settings.budget, self.claim_at + self.settle + second_round
+        )
         if self.resolve_due is not None:
             if now < self.resolve_due:
                 return Wait(self.resolve_due)

@@ -162,7 +162,7 @@ class ClaimingSupply:
             except Exception as exc:
                 self._error = exc
             if scope is self._lookup:
-                self.wait.round_ended()
+                self.wait.round_ended(trio.current_time())
                 self._changed.set()
 
     # -- the request's side ------------------------------------------------------------------------
@@ -211,7 +211,18 @@ class ClaimingSupply:
             self._claims.distrusted.add(self._digest, step.waited_on, trio.current_time())
         else:
             self._outcome("miss")
-        logger.debug("claim outcome", extra={"key": self._digest, "reason": step.reason})
+        logger.debug(
+            "claim outcome",
+            extra={
+                "key": self._digest,
+                "reason": step.reason,
+                "claims_seen": [n.hex()[:8] for n in self.wait.claims],
+                "sources_seen": len(self.wait.sources),
+                "first_lookup_ms": round((self.wait.first_lookup or 0) * 1000, 1),
+                "settle_ms": round(self.wait.settle * 1000, 1),
+                "waited_ms": round((trio.current_time() - self.wait.started) * 1000, 1),
+            },
+        )
         return GiveUp(step.reason, attempts.failed)
 
     def _outcome(self, outcome: str) -> None:

@@ -214,7 +214,13 @@ class _Run:
             async with trio.open_nursery() as nursery:
                 supply = PeerSupply(self.fw.router, self.ref.identifier)
                 claims = self.fw.claims
-                if claims is not None and self.is_blob and not self.is_head and self.ref.digest:
+                if (
+                    claims is not None
+                    and self.is_blob
+                    and not self.is_head
+                    and self.ref.digest
+                    and self.job.claimable
+                ):
                     s = self.settings
                     self.claiming = ClaimingSupply(
                         self.fw.router,

@@ -107,6 +107,18 @@ class MirrorJob:
     method: str  # "GET" or "HEAD"
     range_spec: RangeSpec | None  # blobs only
     client_ip: str | None = None  # who asked (a claim is made only for this node's containerd)
+    accept: str | None = None  # the request's Accept (containerd names the blob's media type)
+
+    @property
+    def claimable(self) -> bool:
+        """Worth a burst claim: a layer, not a small JSON blob (an image config).
+
+        containerd asks for a blob with ``Accept: <descriptor media type>, */*``.  A config is
+        written in one go (its download is never seen in flight), so a claim on it would make
+        the other nodes wait for the claimant's whole pull; they fetch it upstream instead.
+        """
+        first = (self.accept or "").split(",", 1)[0].strip().lower()
+        return "json" not in first
 
 
 @dataclass(frozen=True, slots=True)

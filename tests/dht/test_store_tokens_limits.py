@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dht.announce import AnnounceSchedule
-from dht.ids import ProviderInfo
+from dht.ids import ProviderInfo, RecordState
 from dht.providers import ProviderStore
 from dht.ratelimit import SourceLimiter, TokenBucket
 from dht.tokens import TokenIssuer
@@ -95,6 +95,20 @@ def test_announce_schedule_queues_reschedules_and_forgets() -> None:
     assert sched.pop_queued() is None
     sched.release_due(due)
     assert sched.pop_queued() == b"a" * 32
+
+
+def test_claims_and_downloads_jump_the_announce_queue() -> None:
+    """A burst decides on claim and in-flight records within tens of milliseconds: they must not
+    wait behind keys queued for their first announce."""
+    sched = AnnounceSchedule(refresh=100.0, rng=random.Random(1), jitter=0.1)
+    for i in range(5):
+        sched.add(bytes([i]) * 32, f"k{i}")
+    sched.add(b"c" * 32, "claimed", RecordState.CLAIM)
+    sched.add(b"\x03" * 32, "k3", RecordState.INFLIGHT)  # queued already: moved to the front
+    assert sched.pop_queued() == b"\x03" * 32
+    assert sched.pop_queued() == b"c" * 32
+    assert [sched.pop_queued() for _ in range(4)] == [bytes([i]) * 32 for i in (0, 1, 2, 4)]
+    assert sched.pop_queued() is None
 
 
 def test_announce_pacer_allows_a_burst_then_the_rate_and_always_moves_time_forward() -> None:
