@@ -6,6 +6,10 @@ to HTTP responses; local content comes from a `ContentStore`, everything else go
 with an empty body, like Spegel.  Malformed names, tags, digests and `ns` values get a 404 (what
 containerd treats as "next host") whose OCI error body says what was wrong; malformed ranges 400,
 unsatisfiable ranges 416.  Request metrics and the access log line are `registry.access_log`'s.
+With Basic auth configured (`RegistrySettings.basic_auth`), every request but the probes is checked
+first, before any lookup, by `registry.basic_auth.authorized`; the front door's plans
+(`plan_local_blob`, `plan_mirror_blob`) make the same check and leave refused requests to the app,
+which answers 401 `UNAUTHORIZED`.
 """
 
 from __future__ import annotations
