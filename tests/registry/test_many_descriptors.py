@@ -56,3 +56,27 @@ async def test_mirror_with_descriptors_above_fd_setsize(
     assert blob.content == content.layer_bytes
     assert manifest.status_code == 200
     assert manifest.content == content.manifest_bytes
+
+
+def test_no_select_select_in_the_agent() -> None:
+    """`select.select` (FD_SETSIZE-bound) appears nowhere in the shipped packages."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    offenders = []
+    for package in ("agent", "dht", "registry"):
+        for path in sorted((root / package).rglob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module == "select":
+                    if any(alias.name == "select" for alias in node.names):
+                        offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+                if (
+                    isinstance(node, ast.Attribute)
+                    and node.attr == "select"
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id == "select"
+                ):
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert offenders == []
