@@ -25,6 +25,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -72,6 +73,12 @@ class BenchRouter:
 def serve(args: argparse.Namespace) -> None:
     import trio
 
+    if os.environ.get("SPEGLA_BENCH_LOG"):  # a file name prefix: INFO logs of each server
+        import logging
+
+        prefix = os.environ["SPEGLA_BENCH_LOG"]
+        logging.basicConfig(level=logging.INFO, filename=prefix + args.serve)
+
     from registry.app import create_app
     from registry.interfaces import Peer, Router
     from registry.server import serve_registry
@@ -84,13 +91,17 @@ def serve(args: argparse.Namespace) -> None:
             store.add_file(path)
         router = MemoryRouter()
     else:
-        peer = Peer(node_id=b"\x01" * 32, host="127.0.0.1", port=args.peer_port)
-        router = BenchRouter({digest: [peer] for digest in args.digests})
+        addresses = args.peers or [f"127.0.0.1:{args.peer_port}"]
+        peers = [
+            Peer(node_id=bytes([i + 1]) * 32, host=host, port=int(port))
+            for i, (host, _, port) in enumerate(a.rpartition(":") for a in addresses)
+        ]
+        router = BenchRouter({digest: peers for digest in args.digests})
 
     async def run() -> None:
         app = create_app(store, router)
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(functools.partial(serve_registry, app, "127.0.0.1", 0))
+            port = await nursery.start(functools.partial(serve_registry, app, args.host, 0))
             await trio.Path(args.port_file).write_text(str(port))
 
     trio.run(run)
@@ -147,6 +158,61 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
         if line.startswith(field + ":"):
             return round(int(line.split()[1]) / 1024, 1)
     return 0.0
+
+
+def start_server(root: Path, port_file: Path, role: str, *args: str) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "bench.mirror", "--serve", role, "--port-file", str(port_file)]
+    return subprocess.Popen([*cmd, *args], cwd=root)
+
+
+def frozen_provider(work: Path, root: Path, layers: int = 4, layer_mib: int = 25) -> dict[str, Any]:
+    """An image of `layers` layers pulled (all layers at once, like containerd) through an
+    agent whose lookup names two providers, the first of which is then frozen (SIGSTOP): the
+    pull time with it frozen over the pull time with both healthy (issue 11: <= 1.5)."""
+    files = [work / f"layer{i}" for i in range(layers)]
+    digests = [make_blob(path, layer_mib << 20) for path in files]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        ports = []
+        for name in ("a", "b"):
+            port_file = work / f"peer-{name}.port"
+            proc = start_server(root, port_file, "peer", "--files", *map(str, files))
+            procs.append(proc)
+            ports.append(wait_port(port_file, proc))
+        agent_port_file = work / "frozen-agent.port"
+        peers = [f"127.0.0.1:{port}" for port in ports]
+        agent = start_server(
+            root, agent_port_file, "agent", "--peers", *peers, "--digests", *digests
+        )
+        procs.append(agent)
+        agent_port = wait_port(agent_port_file, agent)
+        urls = [
+            f"http://127.0.0.1:{agent_port}/v2/bench/img/blobs/{d}?ns=docker.io" for d in digests
+        ]
+
+        def pull() -> float:
+            return download(urls, layer_mib << 20)  # raises unless every layer came whole
+
+        pull()  # warm-up
+        healthy = statistics.median(pull() for _ in range(3))
+        os.kill(procs[0].pid, signal.SIGSTOP)
+        try:
+            frozen = [pull() for _ in range(3)]
+        finally:
+            os.kill(procs[0].pid, signal.SIGCONT)
+        return {
+            "image_mib": layers * layer_mib,
+            "layers": layers,
+            "healthy_s": round(healthy, 3),
+            "frozen_first_pull_s": round(frozen[0], 3),
+            "frozen_median_s": round(statistics.median(frozen), 3),
+            # target (issue 11): <= 1.5; the first pull after the freeze pays the hedge delay
+            "ratio_first_pull": round(frozen[0] / healthy, 3),
+            "ratio_median": round(statistics.median(frozen) / healthy, 3),
+        }
+    finally:
+        for proc in procs:
+            stop(proc)
 
 
 def run(size_mib: int, burst_gib: float = 1.0, burst_streams: int = 16) -> dict[str, Any]:
@@ -228,7 +294,9 @@ def run(size_mib: int, burst_gib: float = 1.0, burst_streams: int = 16) -> dict[
         time.sleep(1.0)
         unknown = "sha256:" + "0" * 64
         silent = SILENT + "f" * 63
+        frozen = frozen_provider(work, root)
         return {
+            "frozen_provider": frozen,
             "size_mib": size_mib,
             "proxied": {
                 "mb_s": round(proxied_mb_s, 1),
@@ -279,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--files", nargs="*", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--peer-port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--digests", nargs="*", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--peers", nargs="*", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         serve(args)

@@ -25,6 +25,7 @@ from registry.buffers import BufferPool, Chunk
 from registry.interfaces import Peer
 from registry.mirror import GiveUp
 from registry.peer_client import PeerError, PeerResponse
+from registry.range_plan import Span
 from registry.ranges import ByteRange
 from registry.reference import sha256_digest
 
@@ -59,6 +60,15 @@ class BufferSource:
             return self._reserved.pop()
         return await self.pool.acquire()
 
+    def take_nowait(self, keep_free: int) -> mmap.mmap | None:
+        """A buffer now, if one is reserved or the pool keeps `keep_free` free after it."""
+        if self._reserved:
+            return self._reserved.pop()
+        if self.pool.free <= keep_free:
+            return None
+        taken = self.pool.reserve(1)
+        return taken[0] if taken else None
+
     def close(self) -> None:
         """Give back reserved buffers that were not used."""
         reserved, self._reserved = self._reserved, []
@@ -80,6 +90,10 @@ class Mismatch:
 
     contributors: tuple[Peer, ...]
     message: str = "content from peers does not match its digest"
+    # multi-peer copies (registry.multi_peer): who sent which bytes, and the prefix digests at
+    # every boundary between sources, to find the span that does not fit
+    spans: tuple[Span, ...] = ()
+    checkpoints: tuple[tuple[int, bytes], ...] = ()
 
 
 async def copy_blob(

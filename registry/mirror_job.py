@@ -44,6 +44,13 @@ class MirrorSettings:
     hedge_floor: float = 0.050
     hedge_ceiling: float = 0.500
     hedge_racers: int = 2
+    # Several peers for one blob (registry.multi_peer): a blob of at least multi_peer_min bytes
+    # is fetched as ranges from up to multi_peer_max providers at once (1 = always one peer); a
+    # head range with no progress for multi_peer_slow_after changes hands.
+    multi_peer_max: int = 4
+    multi_peer_min: int = 32 * 1024 * 1024
+    multi_peer_slow_after: float = 1.0
+    multi_peer_piece: int = 4 * 1024 * 1024  # one range (rounded to the buffer size)
     manifest_deadline: float = 3.0  # HEAD and manifest mirror requests finish within this
     max_manifest_size: int = SNIFF_LIMIT
     user_agent: str = "spegla"
@@ -96,6 +103,8 @@ class MirrorSettings:
             raise ValueError(
                 "claim_settle, claim_wait and claim_poll must be positive, settle <= wait"
             )
+        if self.multi_peer_max < 1:
+            raise ValueError("multi_peer_max must be at least 1")
 
 
 MIRROR_DEFAULTS = MirrorSettings()

@@ -30,7 +30,7 @@ from registry.mirror import GiveUp, MirrorAttempts, PeerAnswerError, PeerBusy, p
 from registry.peer_client import PeerError
 from registry.peer_supply import PeerSupply, next_usable_peer
 
-__all__ = ["Opened", "open_hedged"]
+__all__ = ["Opened", "SlowPeers", "open_hedged"]
 
 logger = logging.getLogger("registry.forwarder")
 
@@ -47,6 +47,30 @@ class Opened(Generic[T]):
     result: T
     stack: AsyncExitStack
     hedged: bool  # more than one provider was asked at once
+
+
+class SlowPeers:
+    """Peers that lately lost a race they were asked first in (frozen, overloaded), for `ttl`
+    seconds: a request that asks one of them first asks the next provider at once too, so a
+    frozen provider costs one hedge delay per `ttl`, not one per request.  Bounded."""
+
+    def __init__(self, ttl: float = 10.0, max_peers: int = 1024) -> None:
+        self.ttl = ttl
+        self._max = max_peers
+        self._until: dict[tuple[str, int], float] = {}
+
+    def lost(self, peer: Peer, now: float) -> None:
+        self._until.pop(peer_key(peer), None)
+        self._until[peer_key(peer)] = now + self.ttl
+        while len(self._until) > self._max:
+            self._until.pop(next(iter(self._until)))
+
+    def answered(self, peer: Peer) -> None:
+        self._until.pop(peer_key(peer), None)
+
+    def is_slow(self, peer: Peer, now: float) -> bool:
+        until = self._until.get(peer_key(peer))
+        return until is not None and until > now
 
 
 class _Race(Generic[T]):
@@ -75,6 +99,7 @@ async def open_hedged(
     open_one: Callable[[Peer, AsyncExitStack], Awaitable[T]],
     on_failure: Callable[[Peer, Exception], None],
     next_peer: Callable[[], Awaitable[Peer | GiveUp]] | None = None,
+    slow: SlowPeers | None = None,
 ) -> Opened[T] | GiveUp:
     """Open with the first provider that answers; GiveUp when attempts or providers ran out.
 
@@ -82,19 +107,24 @@ async def open_hedged(
     it raises PeerError, PeerAnswerError or trio.TooSlowError when that peer fails.  A busy
     peer (PeerBusy: at its upload limit) is reported to `on_failure` but uses up no attempt and
     may be asked again later.  `next_peer` replaces the resolve clock's choice of the next
-    provider (a burst's claim/wait, `registry.claim_supply`).
+    provider (a burst's claim/wait, `registry.claim_supply`).  Peers that lately
+    lost a race they started first (`slow`) get company at once, not after the delay.
     """
     race: _Race[T] = _Race()
+    slow = slow if slow is not None else SlowPeers()
+    asked: list[Peer] = []  # in the order they were asked
+    failed_peers: list[Peer] = []
 
     async def racer(peer: Peer, nursery: trio.Nursery) -> None:
         stack = AsyncExitStack()
-        asked = trio.current_time()
+        started = trio.current_time()
         try:
             result = await open_one(peer, stack)
         except FAILURES as exc:
             with trio.CancelScope(shield=True):
                 await stack.aclose()
             on_failure(peer, exc)
+            failed_peers.append(peer)
             race.running -= 1
             if isinstance(exc, PeerBusy):
                 attempts.tried.discard(peer_key(peer))  # not a failure: it may serve later
@@ -109,18 +139,27 @@ async def open_hedged(
             with trio.CancelScope(shield=True):
                 await stack.aclose()
             race.running -= 1
+            # not a failed attempt, and not used up: it may still serve a resumption later
+            attempts.tried.discard(peer_key(peer))
+            supply.put_back(peer)
             raise
         race.running -= 1
         if race.winner is not None:  # answered in the same moment as the winner
             with trio.CancelScope(shield=True):
                 await stack.aclose()
             return
-        delay.observe(trio.current_time() - asked)
+        delay.observe(trio.current_time() - started)
         race.winner = Opened(peer, result, stack, race.launched > 1)
+        now = trio.current_time()
+        slow.answered(peer)
+        for earlier in asked[: asked.index(peer)]:
+            if earlier not in failed_peers:
+                slow.lost(earlier, now)  # asked before the winner and still silent
         nursery.cancel_scope.cancel()
 
     def launch(peer: Peer, nursery: trio.Nursery) -> None:
         attempts.start_fetch(peer)
+        asked.append(peer)
         race.running += 1
         race.launched += 1
         nursery.start_soon(racer, peer, nursery)
@@ -146,7 +185,10 @@ async def open_hedged(
             if race.running >= max_racers or race.converged or race.give_up is not None:
                 await race.changed.wait()
                 continue
-            with trio.move_on_after(delay.current()):
+            running = [p for p in asked if p not in failed_peers]
+            now = trio.current_time()
+            wait = 0.0 if all(slow.is_slow(p, now) for p in running) else delay.current()
+            with trio.move_on_after(wait):
                 await race.changed.wait()
                 continue
             # the hedge delay passed without an answer: ask the next provider too

@@ -45,6 +45,7 @@ class PeerSupply:
         self._router = router
         self._key = key
         self._send, self._receive = trio.open_memory_channel[Peer](math.inf)
+        self._returned: list[Peer] = []
         self.error: Exception | None = None
         self._seen: set[tuple[str, int]] = set()
         if isinstance(router, KnowsProviders):
@@ -69,13 +70,22 @@ class PeerSupply:
 
     def next_ready(self) -> Peer | None:
         """A provider that has already arrived, without waiting; None if there is none."""
+        if self._returned:
+            return self._returned.pop(0)
         try:
             return self._receive.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
             return None
 
+    def put_back(self, peer: Peer) -> None:
+        """Hand `peer` out again (it was asked, but its answer was not needed: a hedge loser)."""
+        self._returned.append(peer)
+
     async def next(self) -> Peer | None:
         """The next provider; None once the lookup converged; RouterFailure if it failed."""
+        if self._returned:
+            await trio.lowlevel.checkpoint()
+            return self._returned.pop(0)
         try:
             return await self._receive.receive()
         except trio.EndOfChannel:

@@ -11,6 +11,8 @@ other's content.
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -342,3 +344,35 @@ def test_interrupted_pull_resumes_with_range_from_a_peer(c: Cluster, tmp_path: P
     for d in img.blob_digests():
         got = n3.containerd.blob_path(d).read_bytes()
         assert "sha256:" + hashlib.sha256(got).hexdigest() == d
+
+
+def test_frozen_provider_costs_a_hedge_delay_not_the_response_timeout(
+    c: Cluster, fresh: Fresh
+) -> None:
+    """n1 and n3 hold an image; n1's agent is frozen with SIGSTOP (its sockets accept, nothing
+    answers).  n2's pull is served by n3, and no mirror request of it waits out the 2 s peer
+    response timeout: a provider that does not answer is hedged after ~50 ms."""
+    img, ref = fresh()
+    n1, n2, n3 = c.node(1), c.node(2), c.node(3)
+    n1.pull(ref)
+    n3.pull(ref)
+    wait_served_by_peer(n2, f"e2e/{img.name}", img.blob_digests())  # both have advertised
+    frozen = n1.processes["agent"]
+    log_mark = len(ag.agent_log(n2))
+    mark = c.upstream.mark()
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        n2.pull(ref, timeout=60)
+        took = time.monotonic() - started
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    assert _upstream_blobs(c, n2, mark) == set()
+    for d in img.blob_digests():
+        got = n2.containerd.blob_path(d).read_bytes()
+        assert "sha256:" + hashlib.sha256(got).hexdigest() == d
+    hits = [r for r in ag.agent_log(n2)[log_mark:] if r.get("msg") == "mirror hit"]
+    assert hits, "the pull went through n2's agent"
+    assert all(r.get("peer", "").startswith(f"{n3.ip}:") for r in hits), hits
+    slowest = max(float(r["duration_ms"]) for r in hits)
+    assert slowest < 1500, f"a mirror request waited {slowest} ms (pull took {took:.2f} s)"
