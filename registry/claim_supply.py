@@ -234,6 +234,19 @@ class ClaimingSupply:
     def failed(self, peer: Peer) -> None:
         self.wait.exclude(peer_key(peer), trio.current_time())
 
+    def spare_peer(self, attempts: MirrorAttempts) -> Peer | None:
+        """A complete provider already seen that `attempts` allows, to hedge a slow fetch with
+        (`registry.peer_race`); no claim or wait step is taken for it.  None if there is none."""
+        now = trio.current_time()
+        for key, peer in self._peers.items():
+            if (
+                peer.state is PeerState.COMPLETE
+                and attempts.usable(peer)
+                and not self._claims.busy.busy(key, now)
+            ):
+                return peer
+        return None
+
     def busy(self, peer: Peer, retry_after: float) -> None:
         now = trio.current_time()
         self.wait.busy(peer_key(peer), now + max(0.0, min(retry_after, 10.0)), now)

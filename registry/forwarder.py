@@ -304,14 +304,18 @@ class _Run:
             self.attempts,
             resolve_timeout=self.settings.resolve_timeout,
             delay=self.fw.hedge_delay,
-            # a burst's claim/wait decides who is asked (registry.claim): no hedging there
-            max_racers=1 if claiming is not None else self.settings.hedge_racers,
+            max_racers=self.settings.hedge_racers,
             open_one=open_one,
             on_failure=failed_or_busy,
             next_peer=None
             if claiming is None
             else functools.partial(claiming.next_peer, self.attempts),
             slow=self.fw.slow_peers,
+            # a burst's claim/wait decides who is asked first (registry.claim); a hedge goes
+            # only to a complete provider it has already seen
+            spare_peer=None
+            if claiming is None
+            else functools.partial(claiming.spare_peer, self.attempts),
         )
         if isinstance(opened, GiveUp):
             return opened

@@ -78,6 +78,7 @@ class _Race(Generic[T]):
         self.winner: Opened[T] | None = None
         self.running = 0
         self.launched = 0
+        self.hedges = 0  # providers asked beside a slow one (not fail-overs)
         self.give_up: GiveUp | None = None
         self.converged = False
         self.changed = trio.Event()
@@ -100,6 +101,7 @@ async def open_hedged(
     on_failure: Callable[[Peer, Exception], None],
     next_peer: Callable[[], Awaitable[Peer | GiveUp]] | None = None,
     slow: SlowPeers | None = None,
+    spare_peer: Callable[[], Peer | None] | None = None,
 ) -> Opened[T] | GiveUp:
     """Open with the first provider that answers; GiveUp when attempts or providers ran out.
 
@@ -107,8 +109,9 @@ async def open_hedged(
     it raises PeerError, PeerAnswerError or trio.TooSlowError when that peer fails.  A busy
     peer (PeerBusy: at its upload limit) is reported to `on_failure` but uses up no attempt and
     may be asked again later.  `next_peer` replaces the resolve clock's choice of the next
-    provider (a burst's claim/wait, `registry.claim_supply`).  Peers that lately
-    lost a race they started first (`slow`) get company at once, not after the delay.
+    provider (a burst's claim/wait, `registry.claim_supply`); hedges then come from `spare_peer`
+    (a provider already known, no waiting), not from `supply`.  Peers that lately lost a race
+    they started first (`slow`) get company at once, not after the delay.
     """
     race: _Race[T] = _Race()
     slow = slow if slow is not None else SlowPeers()
@@ -149,7 +152,7 @@ async def open_hedged(
                 await stack.aclose()
             return
         delay.observe(trio.current_time() - started)
-        race.winner = Opened(peer, result, stack, race.launched > 1)
+        race.winner = Opened(peer, result, stack, race.hedges > 0)
         now = trio.current_time()
         slow.answered(peer)
         for earlier in asked[: asked.index(peer)]:
@@ -192,7 +195,14 @@ async def open_hedged(
                 await race.changed.wait()
                 continue
             # the hedge delay passed without an answer: ask the next provider too
-            hedge = await _hedge_peer(supply, attempts, race)
+            if spare_peer is not None:
+                hedge = spare_peer()
+                if hedge is None:  # none known now: look again after another delay
+                    with trio.move_on_after(delay.current()):
+                        await race.changed.wait()
+                    continue
+            else:
+                hedge = await _hedge_peer(supply, attempts, race)
             if hedge is not None:
                 logger.info(
                     "peer slow to answer; hedging",
@@ -202,6 +212,7 @@ async def open_hedged(
                         "delay_ms": round(delay.current() * 1000, 1),
                     },
                 )
+                race.hedges += 1
                 launch(hedge, nursery)
         nursery.cancel_scope.cancel()
     if race.winner is not None:
