@@ -65,10 +65,10 @@ class Dom(HTMLParser):
         return [re.sub(r"<[^>]+>", " ", row) for row in re.findall(r"<tr>(.*?)</tr>", match[1])]
 
 
-def render(node: Node, workdir: str) -> str:
+def render(node: Node, workdir: str, path: str = "/debug/web/") -> str:
     chromium = shutil.which("chromium")
     assert chromium, "chromium is installed by hack/setup.sh"
-    url = f"http://127.0.0.1:{METRICS_PORT}/debug/web/"
+    url = f"http://127.0.0.1:{METRICS_PORT}{path}"
     argv = [
         "ip", "netns", "exec", node.netns, chromium, *CHROMIUM_FLAGS,
         f"--user-data-dir={workdir}", "--virtual-time-budget=5000", "--dump-dom", url,
@@ -111,6 +111,9 @@ def test_debug_page_in_headless_chromium(cluster: Callable[..., Cluster]) -> Non
 
     with tempfile.TemporaryDirectory(prefix="spg-chromium-") as profile:
         html = render(two, profile)
+        bare = Dom()
+        bare.feed(render(two, profile, "/debug/web"))  # the feed's URLs are relative to the page
+        assert bare.text["conn"] == "live" and bare.text["summary"].startswith("Ready")
     dom = Dom()
     dom.feed(html)
     summary = " ".join(dom.text["summary"].split())
@@ -159,7 +162,7 @@ def test_transfer_rows_get_progress_bars() -> None:
     page = (resources.files("agent.web") / "debug.html").read_text()
     snapshot: dict[str, Any] = state.snapshot()
     page = page.replace("connect();\n</script>", f"render({json.dumps(snapshot)});\n</script>")
-    page = page.replace('fetch("/debug/web/stats")', "Promise.reject()")
+    page = page.replace('fetch(base + "stats")', "Promise.reject()")
     with tempfile.TemporaryDirectory(prefix="spg-chromium-") as tmp:
         path = f"{tmp}/page.html"
         with open(path, "w") as fh:
