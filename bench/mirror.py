@@ -79,7 +79,7 @@ def serve(args: argparse.Namespace) -> None:
         prefix = os.environ["SPEGLA_BENCH_LOG"]
         logging.basicConfig(level=logging.INFO, filename=prefix + args.serve)
 
-    from registry.app import create_app
+    from registry.app import RegistrySettings, create_app
     from registry.interfaces import Peer, Router
     from registry.server import serve_registry
     from tests.fakes import MemoryContentStore, MemoryRouter
@@ -99,7 +99,8 @@ def serve(args: argparse.Namespace) -> None:
         router = BenchRouter({digest: peers for digest in args.digests})
 
     async def run() -> None:
-        app = create_app(store, router)
+        # no per-node upload bound: the bench measures the path, not the admission policy
+        app = create_app(store, router, RegistrySettings(peer_upload_limit=0))
         async with trio.open_nursery() as nursery:
             port = await nursery.start(functools.partial(serve_registry, app, args.host, 0))
             await trio.Path(args.port_file).write_text(str(port))
@@ -165,7 +166,9 @@ def start_server(root: Path, port_file: Path, role: str, *args: str) -> subproce
     return subprocess.Popen([*cmd, *args], cwd=root)
 
 
-def frozen_provider(work: Path, root: Path, layers: int = 4, layer_mib: int = 25) -> dict[str, Any]:
+def frozen_provider(
+    work: Path, root: Path, layers: int = 4, layer_mib: int = 25, rounds: int = 5
+) -> dict[str, Any]:
     """An image of `layers` layers pulled (all layers at once, like containerd) through an
     agent whose lookup names two providers, the first of which is then frozen (SIGSTOP): the
     pull time with it frozen over the pull time with both healthy (issue 11: <= 1.5)."""
@@ -194,21 +197,25 @@ def frozen_provider(work: Path, root: Path, layers: int = 4, layer_mib: int = 25
             return download(urls, layer_mib << 20)  # raises unless every layer came whole
 
         pull()  # warm-up
-        healthy = statistics.median(pull() for _ in range(3))
-        os.kill(procs[0].pid, signal.SIGSTOP)
-        try:
-            frozen = [pull() for _ in range(3)]
-        finally:
-            os.kill(procs[0].pid, signal.SIGCONT)
+        # alternate healthy and frozen pulls, so load from elsewhere on the machine hits both
+        healthy, frozen = [], []
+        for _ in range(rounds):
+            healthy.append(pull())
+            os.kill(procs[0].pid, signal.SIGSTOP)
+            try:
+                frozen.append(pull())
+            finally:
+                os.kill(procs[0].pid, signal.SIGCONT)
         return {
             "image_mib": layers * layer_mib,
             "layers": layers,
-            "healthy_s": round(healthy, 3),
-            "frozen_first_pull_s": round(frozen[0], 3),
+            "healthy_median_s": round(statistics.median(healthy), 3),
             "frozen_median_s": round(statistics.median(frozen), 3),
-            # target (issue 11): <= 1.5; the first pull after the freeze pays the hedge delay
-            "ratio_first_pull": round(frozen[0] / healthy, 3),
-            "ratio_median": round(statistics.median(frozen) / healthy, 3),
+            "first_round_s": [round(healthy[0], 3), round(frozen[0], 3)],
+            # target (issue 11): <= 1.5 (the first frozen pull pays a hedge delay per layer;
+            # later ones hedge at once: the frozen peer lost a race lately)
+            "ratio_median": round(statistics.median(frozen) / statistics.median(healthy), 3),
+            "ratio_first_round": round(frozen[0] / healthy[0], 3),
         }
     finally:
         for proc in procs:

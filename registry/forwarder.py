@@ -534,6 +534,7 @@ class _Run:
             and self.settings.multi_peer_max > 1
             and self.claiming is None  # a burst's claim/wait decides who serves (registry.claim)
             and fetch.peer.state is PeerState.COMPLETE  # an in-flight one streams as bytes land
+            and self._another_provider(supply)
         ):
             return await self._copy_from_peers(fetch, supply, stack, delivered, sink, buffers)
         outcome = await copy_blob(
@@ -553,6 +554,14 @@ class _Run:
             if self.head_sent and self.fw.discard is not None:
                 await self.fw.discard.discard_download(digest)
         return outcome
+
+    def _another_provider(self, supply: PeerSupply) -> bool:
+        """True when a second usable provider has already turned up (it stays in `supply`)."""
+        while (peer := supply.next_ready()) is not None:
+            if self.attempts.usable(peer):
+                supply.put_back(peer)
+                return True
+        return False
 
     def _open_range(self, size: int) -> OpenRange:
         async def open_range(
@@ -597,6 +606,11 @@ class _Run:
             return peer
 
         def failed(peer: Peer, exc: Exception) -> GiveUp | None:
+            if isinstance(exc, PeerBusy):  # at its upload limit: not a failure, just not now
+                logger.info(
+                    "peer busy", extra={"peer": peer_address(peer), "key": self.ref.identifier}
+                )
+                return None
             self._fetch_failed(peer, exc)
             return self.attempts.fetch_failed()
 

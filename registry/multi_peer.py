@@ -13,7 +13,8 @@ starve each other's head piece (which is what makes them progress).
 
 Failures: a peer whose stream breaks or stalls (`stall_timeout`) stops; its piece goes back to the
 plan with what it received so far, and a failed attempt is counted.  A head piece whose owner sent
-nothing for `slow_after` is taken away from it, and that peer stops the same way (a failed
+nothing for `slow_after` while another peer works is taken away from it, and that peer stops the
+same way (a failed
 attempt: so a frozen provider cannot be retried forever, and its place goes to another).  While
 fewer than `max_peers` work, more providers are asked for (`recruit`).  When no peer works and
 none is left, the copy gives up.
@@ -144,9 +145,9 @@ async def copy_from_peers(
             if filled == len(buffer) or piece.complete:
                 queue = state.chunks.setdefault(piece.index, deque())
                 queue.append(Chunk(pool, buffer, 0, filled))
+                state.notify()  # the writer (and idle workers) care about whole buffers only
             else:
                 state.partial[piece.index] = (buffer, filled)
-            state.notify()
 
     async def worker(peer: Peer, stream: PeerResponse | None, piece: Piece | None) -> None:
         key = peer_key(peer)
@@ -282,7 +283,9 @@ async def copy_from_peers(
                     await state.changed.wait()
                     continue
                 stalled = plan.stalled_head(trio.current_time(), settings.slow_after)
-                if stalled is not None and stalled.index in state.scopes:
+                # only when another peer is there to take it over (a lone peer that stalls for
+                # good is caught by stall_timeout and failed over like any broken stream)
+                if stalled is not None and stalled.index in state.scopes and state.alive > 1:
                     logger.info(
                         "peer slow with the head of a multi-peer blob; passing it on",
                         extra={"key": digest, "offset": stalled.offset},

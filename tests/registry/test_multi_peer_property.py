@@ -213,6 +213,8 @@ def test_multi_peer_blobs_arrive_whole_or_cut_short_with_the_liar_found(
     blob, peers, client_range, piece, window, liars = scenario
     clock = trio.testing.MockClock(autojump_threshold=0)
     outcome = trio.run(mirror, blob, peers, client_range, piece, window, clock=clock)
+    ranged = sum(1 for p in peers if len(p.ranges) > 1 or (p.ranges and p.ranges[0][0] > 0))
+    event(f"peers asked for ranges: {ranged}")
     assert isinstance(outcome.head, MirrorHead)
     expected = expected_slice(blob, client_range)
     honest = {("127.0.0.1", i) for i in range(len(peers)) if i not in liars}
