@@ -19,9 +19,12 @@ before anyone could use them, and without a total nobody can be told the size.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -34,6 +37,7 @@ _LAYER_REF = re.compile(r"^([^/]+)/[^/]*/layer-(sha256:[0-9a-f]{64}|sha512:[0-9a
 MAX_TOTAL = 1 << 50  # sizes beyond this are not real layers
 MAX_SMALL_FILE = 512  # ref/total/startedat files are tiny; never read more
 LOOK_FOR_DIR = 0.25  # seconds between looks for a content directory not there yet
+QUIET_FOR = 30.0  # a download whose data did not change for this long is not in flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +187,39 @@ def scan_ingests(
             # bytes land it is no source, and advertising it would let a burst's nodes pick
             # each other's empty downloads while each waits for its own mirror request
             continue
+        if not being_written(os.path.join(item.path, "data")):
+            continue  # left behind (its containerd died or its pull failed): nobody feeds it
         out.append(parsed.entry)
     return out
+
+
+def being_written(data_path: str, now: float | None = None) -> bool:
+    """Blocking: is a process still writing this download?
+
+    An ingest outlives the containerd that wrote it (a restart, a crash, a pull that failed and
+    whose lease has not been collected yet); such a download never grows again, and a peer
+    streaming from it would wait for nothing.  A live one is open for writing: then the kernel
+    refuses a read lease (EAGAIN), which is asked for and, if granted, dropped at once.  Where
+    leases are not available (no CAP_LEASE, a filesystem without them) a download counts as
+    written if its data changed within QUIET_FOR seconds.
+    """
+    try:
+        fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                return True  # open for writing by someone: containerd is on it
+        else:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            return False  # nobody has it open for writing
+        when = time.time() if now is None else now
+        return when - os.fstat(fd).st_mtime < QUIET_FOR
+    finally:
+        os.close(fd)
 
 
 def _parse(directory: str, namespace: str) -> IngestEntry | None:

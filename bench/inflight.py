@@ -45,6 +45,9 @@ def progress(msg: str) -> None:
     print(f"[bench.inflight {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+WRITERS: list[Any] = []  # the downloads' data files, held open for writing as containerd does
+
+
 def make_ingest(root: Path, n: int) -> str:
     """An ingest as containerd creates it, then its first bytes; returns the digest."""
     digest = "sha256:" + hashlib.sha256(f"layer-{n}".encode()).hexdigest()
@@ -53,7 +56,10 @@ def make_ingest(root: Path, n: int) -> str:
     (d / "ref").write_text(f"k8s.io/1/layer-{digest}")
     (d / "total").write_text(str(64 * MIB))
     (d / "startedat").write_text(str(time.time()))
-    (d / "data").write_bytes(b"\0" * 4096)
+    writer = open(d / "data", "ab")  # stays open, as containerd's writer does
+    writer.write(b"\0" * 4096)
+    writer.flush()
+    WRITERS.append(writer)
     return digest
 
 
@@ -84,6 +90,8 @@ async def discovery(root: Path, downloads: int) -> dict[str, Any]:
                     arrived = trio.Event()
             latencies.append((seen[digest] - started) * 1000)
         # what watching costs while nothing changes (3 downloads present, as containerd runs)
+        for writer in WRITERS[3:]:
+            writer.close()
         for d in sorted((root / "ingest").iterdir())[3:]:
             for f in d.iterdir():
                 f.unlink()

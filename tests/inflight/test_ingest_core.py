@@ -16,6 +16,7 @@ from agent.ingest import (
     IngestTable,
     IngestVanished,
     ScanCache,
+    being_written,
     layer_digest,
     parse_total,
     scan_ingests,
@@ -99,15 +100,19 @@ def test_scan_reads_a_real_ingest_directory_layout(tmp_path: Path) -> None:
     (empty / "ref").write_text(f"k8s.io/1/layer-{D2}")
     (empty / "total").write_text("4096")
     (empty / "data").write_bytes(b"")
-    found = scan_ingests(str(root), "k8s.io")
-    assert found == [
-        IngestEntry(D1, f"k8s.io/1/layer-{D1}", str(good), 4096, "2026-11-30T08:00:00Z")
-    ]
-    assert scan_ingests(str(tmp_path / "missing"), "k8s.io") == []
-    (empty / "data").write_bytes(b"y")  # the first bytes landed: now it is advertised
-    rescanned = sorted(e.directory for e in scan_ingests(str(root), "k8s.io"))
-    assert rescanned == sorted([str(good), str(empty)])
+    with open(good / "data", "ab"), open(empty / "data", "ab") as writing:  # as containerd does
+        found = scan_ingests(str(root), "k8s.io")
+        assert found == [
+            IngestEntry(D1, f"k8s.io/1/layer-{D1}", str(good), 4096, "2026-11-30T08:00:00Z")
+        ]
+        assert scan_ingests(str(tmp_path / "missing"), "k8s.io") == []
+        writing.write(b"y")  # the first bytes landed: now it is advertised
+        writing.flush()
+        rescanned = sorted(e.directory for e in scan_ingests(str(root), "k8s.io"))
+        assert rescanned == sorted([str(good), str(empty)])
     assert os.path.isdir(good)  # a scan only reads
+    # nobody writes them any more (their containerd died): no longer in flight
+    assert scan_ingests(str(root), "k8s.io") == []
 
 
 def test_key_states_merge_sources_best_first() -> None:
@@ -146,8 +151,10 @@ def test_a_scan_cache_rereads_only_directories_that_changed(tmp_path: Path) -> N
     (d / "startedat").write_text("t0")
     (d / "data").write_bytes(b"")
     cache: ScanCache = {}
+    writer = open(d / "data", "ab")
     assert scan_ingests(str(root), "k8s.io", cache) == []  # no bytes yet
-    (d / "data").write_bytes(b"x")
+    writer.write(b"x")
+    writer.flush()
     assert [e.started for e in scan_ingests(str(root), "k8s.io", cache)] == ["t0"]
     (d / "ref").write_text("k8s.io/1/layer-sha256:" + "00" * 32)  # in place: not re-read
     assert [e.digest for e in scan_ingests(str(root), "k8s.io", cache)] == [D1]
@@ -156,7 +163,17 @@ def test_a_scan_cache_rereads_only_directories_that_changed(tmp_path: Path) -> N
     os.rename(d / "startedat.tmp", d / "startedat")
     (d / "ref").write_text(f"k8s.io/1/layer-{D1}")
     assert [e.started for e in scan_ingests(str(root), "k8s.io", cache)] == ["t1"]
+    writer.close()
     for f in d.iterdir():
         f.unlink()
     d.rmdir()
     assert scan_ingests(str(root), "k8s.io", cache) == [] and cache == {}
+
+
+def test_a_download_nobody_writes_is_not_in_flight(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.write_bytes(b"x" * 100)
+    with open(data, "ab"):
+        assert being_written(str(data))
+    assert not being_written(str(data))  # left behind: its writer is gone
+    assert not being_written(str(tmp_path / "missing"))
