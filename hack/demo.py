@@ -5,10 +5,13 @@ namespaces, one containerd and one ``spegla registry`` per node, a docker-regist
 a rate-limited link), pulls an image on node 1 (from upstream), then on nodes 2 and 3, and reports
 where each blob came from (upstream or which peer), the pull times and the agents' hit/miss
 counters.  Per-blob peer attribution comes from the pulling agent's INFO mirror lines.
+Then a burst: a second image, pulled by every node at the same moment; the report shows how many
+copies the upstream served (one: each layer was claimed by one node, whose containerd fetched
+it upstream) and, per blob, who streamed it from whom while it was still arriving.
 Everything is torn down at the end (``--keep`` leaves it up for ``hack/cluster``).
 Needs root.
 
-  python -m hack.demo [--nodes 3] [--size-mib 64] [--rate-mbit 100] [--keep]
+  python -m hack.demo [--nodes 3] [--size-mib 64] [--rate-mbit 100] [--keep] [--no-burst]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from typing import Any
 from tests.harness import agents as ag
 from tests.harness.cluster import Cluster, Node
 from tests.harness.fixtures import missing_requirements
-from tests.harness.images import BuiltImage, build_test_set
+from tests.harness.images import BuiltImage, build_large, build_test_set
 
 
 def step(msg: str) -> None:
@@ -153,6 +157,8 @@ def run(a: argparse.Namespace) -> int:
         for node in c.nodes:
             hits, misses = ag.mirror_counts(node)
             print(f"      {node.name}  hit {hits:3d}  miss {misses:3d}")
+        if not a.no_burst:
+            burst(c, a)
         print(f"  total {time.monotonic() - t_start:.1f}s")
         if a.keep:
             print(f"  cluster left up in {workdir}: `hack/cluster status`, `hack/cluster down`")
@@ -166,6 +172,63 @@ def run(a: argparse.Namespace) -> int:
         if not a.keep:
             step("tearing down")
             c.down()
+
+
+def burst(c: Cluster, a: argparse.Namespace) -> None:
+    """Every node pulls a new image at the same moment; report upstream copies and who streamed
+    what from whom while it was still arriving (the pulling agents' INFO mirror lines)."""
+    img = build_large(Path(tempfile.mkdtemp(prefix="spg-demo-burst-")), a.size_mib, name="burst")
+    ref = c.upstream.push(img)
+    step(f"burst: all {len(c.nodes)} nodes pull {ref} at the same moment")
+    mark = c.upstream.mark()
+    log_marks = {n.name: len(ag.agent_log(n)) for n in c.nodes}
+    results: dict[str, float | BaseException] = {}
+    start = threading.Barrier(len(c.nodes))
+
+    def pull(n: Node) -> None:
+        start.wait()
+        try:
+            results[n.name] = n.pull(ref, timeout=900).seconds
+        except BaseException as e:
+            results[n.name] = e
+
+    threads = [threading.Thread(target=pull, args=(n,)) for n in c.nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    up_bytes = c.upstream.blob_bytes(mark)
+    by_ip = {n.ip: n.name for n in c.nodes}
+    fetched_by: dict[str, list[str]] = {}
+    for r in c.upstream.blob_fetches(mark):
+        fetched_by.setdefault(r.blob_digest or "", []).append(by_ip.get(r.remote_ip, r.remote_ip))
+    print()
+    print(f"burst: {len(c.nodes)} nodes pull {ref} ({img.total_size / 2**20:.0f} MiB) at once")
+    print(
+        f"  upstream blob bytes {up_bytes:,} = {up_bytes / img.total_size:.2f} copies of the image"
+    )
+    for n in c.nodes:
+        r = results.get(n.name)
+        took = f"{r:6.2f}s" if isinstance(r, float) else f"FAILED ({r})"
+        print(f"  {n.name}  pull {took}")
+        lines = {}
+        for rec in ag.agent_log(n)[log_marks[n.name] :]:
+            if rec.get("cache") == "hit" and rec.get("peer") and rec.get("method", "GET") == "GET":
+                lines[str(rec.get("key"))] = rec
+        for digest in img.blob_digests():
+            if n.name in fetched_by.get(digest, []):
+                print(f"      {_short(digest)}  upstream (this node fetched it)")
+                continue
+            rec = lines.get(digest)
+            if rec is None:
+                print(f"      {_short(digest)}  ?")
+                continue
+            peer = _peer_names(c, [str(rec["peer"]), *rec.get("resumed_from", [])])
+            size = int(rec.get("bytes") or 0)
+            when = "while it was still arriving" if rec.get("source") == "inflight" else "complete"
+            amount = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size:,} B"
+            ms = float(rec.get("duration_ms") or 0.0)
+            print(f"      {_short(digest)}  peer {peer}, {when}  ({amount} in {ms:.0f} ms)")
 
 
 def save_logs(c: Cluster) -> Path:
@@ -184,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mib", type=int, default=64)
     p.add_argument("--rate-mbit", type=float, default=100.0, help="0: no limit")
     p.add_argument("--keep", action="store_true", help="leave the cluster up afterwards")
+    p.add_argument("--no-burst", action="store_true", help="skip the all-at-once pull")
     a = p.parse_args(argv)
     reason = missing_requirements()
     if reason:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,3 +136,69 @@ def test_three_nodes_pull_at_once_each_layer_leaves_upstream_once(
     c: Cluster, tmp_path: Path
 ) -> None:
     _burst(c, c.nodes, tmp_path)
+
+
+def _ingest_bytes(node: Node) -> int:
+    ingest = node.containerd.content_path / "ingest"
+    return sum(p.stat().st_size for p in ingest.glob("*/data")) if ingest.exists() else 0
+
+
+def _claimants(nodes: list[Node], before: dict[str, int]) -> list[Node]:
+    out = []
+    for n in nodes:
+        for (name, labels), value in ag.metrics(n).items():
+            if name == "spegla_claim_outcomes_total" and dict(labels)["outcome"] == "claimant":
+                if value > before.get(n.name, 0):
+                    out.append(n)
+    return out
+
+
+def test_claimant_containerd_killed_mid_download_the_others_finish_intact(
+    c: Cluster, tmp_path: Path
+) -> None:
+    """Three nodes pull at once; the first claimant's containerd dies while it downloads (the
+    others are streaming from its download or waiting for it).  The others still finish, with
+    content matching the digests: the protocol falls back (another source, another claim, or
+    upstream) within bounded waits."""
+    img, ref = _fresh(c, tmp_path)
+    nodes = c.nodes
+    before = {
+        n.name: int(
+            sum(
+                v
+                for (name, labels), v in ag.metrics(n).items()
+                if name == "spegla_claim_outcomes_total" and dict(labels)["outcome"] == "claimant"
+            )
+        )
+        for n in nodes
+    }
+    results: dict[str, PullResult | BaseException] = {}
+    killed: list[Node] = []
+    c.limit_upstream(8)  # 8 MiB take ~8 s: time to kill in the middle
+    try:
+        puller = threading.Thread(target=lambda: results.update(_pull_at_once(nodes, ref)))
+        puller.start()
+        deadline = time.monotonic() + 20
+        while not killed and time.monotonic() < deadline:
+            for n in _claimants(nodes, before):
+                if _ingest_bytes(n) >= 1024 * 1024:  # its download is under way
+                    n.containerd.kill()
+                    killed.append(n)
+                    break
+            time.sleep(0.05)
+        puller.join(timeout=170)
+    finally:
+        c.unlimit_upstream()
+        for n in killed:
+            n.containerd.start()
+        c.save()
+    assert killed, "no claimant with a download under way was seen"
+    others = [n for n in nodes if n not in killed]
+    failed = {
+        name: r
+        for name, r in results.items()
+        if name in {n.name for n in others} and isinstance(r, BaseException)
+    }
+    assert not failed, failed
+    assert all(isinstance(results.get(n.name), PullResult) for n in others), results
+    _assert_intact(others, img)
