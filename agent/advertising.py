@@ -63,6 +63,7 @@ class KeyStates:
         self.tracked.update(before)
         for key in before:  # the tracker speaks for it from now on (a delete withdraws it)
             self.committed.pop(key, None)
+        self.claims.difference_update(before)  # held now: a claim would outlive a delete
         return self._changes(before)
 
     def untrack(self, keys: Iterable[str]) -> list[Change]:
@@ -73,6 +74,7 @@ class KeyStates:
     def start(self, digest: str) -> list[Change]:
         before = self._before([digest])
         self.inflight.add(digest)
+        self.claims.discard(digest)  # the download the claim announced has begun
         return self._changes(before)
 
     def finish(self, digest: str, committed: bool, now: float) -> list[Change]:
@@ -83,8 +85,11 @@ class KeyStates:
         return self._changes(before)
 
     def claim(self, digest: str) -> list[Change]:
+        """A claim on a digest this node has nothing of; never hides (or outlives) a better
+        record: it ends when the download starts or the digest is held."""
         before = self._before([digest])
-        self.claims.add(digest)
+        if before[digest] is None:
+            self.claims.add(digest)
         return self._changes(before)
 
     def unclaim(self, digest: str) -> list[Change]:

@@ -173,6 +173,11 @@ class ProviderWait:
     def __post_init__(self) -> None:
         self.round_started = self.started
 
+    @property
+    def decided(self) -> bool:
+        """A Miss was returned: the request is over for this machine."""
+        return self.phase is _Phase.DONE
+
     # -- inputs ------------------------------------------------------------------------------------
 
     def seen(self, sighting: Sighting) -> None:

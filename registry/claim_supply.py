@@ -130,6 +130,7 @@ class ClaimingSupply:
         self._claimed = False  # our claim record is out
         self.claimant = False  # this request ended as the claimant
         self._reported = False
+        self._last: Peer | None = None  # the provider the last Fetch handed out
 
     # -- lookups -----------------------------------------------------------------------------------
 
@@ -172,6 +173,12 @@ class ClaimingSupply:
         if self._lookup is None:
             self._seed_known()
             self._start_lookup()
+        if self.wait.decided:  # asked again after a miss (a resumption): the answer stands
+            return GiveUp(self.wait.reason, attempts.failed)
+        if self.wait.fetching and self._last is not None:
+            # asked again without hearing how the last fetch ended (a lying peer's whole body
+            # was thrown away, a stream broke on a path that does not report): it failed
+            self.failed(self._last)
         while True:
             if self._error is not None:
                 raise RouterFailure(f"router lookup failed: {self._error!r}") from self._error
@@ -187,6 +194,7 @@ class ClaimingSupply:
                     self.wait.exclude(step.sighting.address, now)
                     continue
                 self._outcome("fetch")
+                self._last = peer
                 return peer
             if isinstance(step, Wait):
                 with trio.move_on_at(step.until):
@@ -232,7 +240,8 @@ class ClaimingSupply:
             CLAIM_WAIT.labels(outcome).observe(trio.current_time() - self.wait.started)
 
     def failed(self, peer: Peer) -> None:
-        self.wait.exclude(peer_key(peer), trio.current_time())
+        if self.wait.fetching:
+            self.wait.exclude(peer_key(peer), trio.current_time())
 
     def spare_peer(self, attempts: MirrorAttempts) -> Peer | None:
         """A complete provider already seen that `attempts` allows, to hedge a slow fetch with
@@ -248,6 +257,8 @@ class ClaimingSupply:
         return None
 
     def busy(self, peer: Peer, retry_after: float) -> None:
+        if not self.wait.fetching:
+            return
         now = trio.current_time()
         self.wait.busy(peer_key(peer), now + max(0.0, min(retry_after, 10.0)), now)
 

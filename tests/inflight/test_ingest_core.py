@@ -125,6 +125,23 @@ def test_key_states_merge_sources_best_first() -> None:
     assert states.untrack([D1]) == [(D1, None)]  # image deleted: withdrawn at once (no grace)
 
 
+def test_a_claim_ends_when_its_download_starts_or_the_digest_is_held() -> None:
+    """A claim left in place would come back as the effective state once the image is deleted
+    (or the download aborted): peers would then wait on a node that fetches nothing."""
+    states = KeyStates()
+    states.claim(D1)
+    states.start(D1)
+    states.finish(D1, committed=True, now=0.0)
+    states.track([D1])
+    assert states.untrack([D1]) == [(D1, None)]  # deleted: withdrawn, no CLAIM comes back
+    states.claim(D2)
+    states.start(D2)
+    assert states.finish(D2, committed=False, now=0.0) == [(D2, None)]  # aborted: gone
+    states.track([D1])
+    assert states.claim(D1) == []  # held: a claim never hides it
+    assert states.untrack([D1]) == [(D1, None)]
+
+
 def test_an_aborted_download_is_withdrawn_but_tracked_keys_stay() -> None:
     states = KeyStates()
     assert states.start(D2) == [(D2, PeerState.INFLIGHT)]

@@ -183,3 +183,19 @@ async def test_upload_limit_answers_busy_and_the_requester_moves_on(
         response = await http.get(PATH)
     assert response.status_code == 200 and response.content == BLOB
     assert len(good.requests) == 1
+
+
+async def test_a_lying_provider_is_followed_by_the_next_one_under_claims(
+    start_node: StartNode, network: MemoryNetwork, start_scripted: StartScripted
+) -> None:
+    """The whole body of a small blob is checked before a byte goes out; a peer whose bytes do
+    not match is dropped and the next provider asked (the claim wait hears of it)."""
+    liar = await start_scripted(ScriptedPeer("serve", body=b"x" * len(BLOB), digest=DIGEST))
+    broken = await start_scripted(ScriptedPeer("500"))
+    good = await start_scripted(ScriptedPeer("serve", body=BLOB, digest=DIGEST))
+    client, _, _ = await burst_node(start_node, network)
+    for peer in (liar, broken, good):
+        network.add(DIGEST, peer.peer)
+    async with client.client() as http:  # type: ignore[attr-defined]
+        response = await http.get(PATH)
+    assert response.status_code == 200 and response.content == BLOB
