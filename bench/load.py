@@ -235,8 +235,10 @@ def run(
             agent_result = run_client(cluster, plan, work, "agent")
             if profiler is not None:
                 profiler.wait(60)
-            time.sleep(10)  # connections closed, buffers given back
+        time.sleep(10)  # connections closed, buffers given back
         after = usage(agent_pid)
+        time.sleep(20)
+        after_30s = usage(agent_pid)
         peer_keys = {b["digest"] for b in peer_blobs}
         result: dict[str, Any] = {
             "clients": clients,
@@ -245,7 +247,12 @@ def run(
             "peer_upload_limit": upload_limit,
             "blob_sizes": sorted(b["size"] for b in local_blobs + peer_blobs),
             "agent": agent_result,
-            "agent_usage": {"idle": idle, "peak": sampler.peak(), "after_10s": after},
+            "agent_usage": {
+                "idle": idle,
+                "peak": sampler.peak(),
+                "after_10s": after,
+                "after_30s": after_30s,
+            },
             "agent_false_miss_reasons": miss_reasons(node1, peer_keys),
             "agent_warnings": {"node1": warnings(node1), "node2": warnings(node2)},
         }
