@@ -162,6 +162,7 @@ def test_own_agent_sigkilled_mid_transfer(c: Cluster, push: Push) -> None:
     n1.pull(ref)
     wait_served(n2, img)  # n2's agent knows n1 holds it
     c.limit_node(n1, 8)  # 8 MiB at 8 Mbit/s: several seconds
+    mark = c.upstream.mark()
     try:
         pull = Pull(n2, ref)
         wait_until(
@@ -181,9 +182,11 @@ def test_own_agent_sigkilled_mid_transfer(c: Cluster, push: Push) -> None:
     assert_store_not_corrupt(n2)
     ag.start_agent(c, n2)
     wait_served(n2, img)
+    upstream = len(upstream_blobs(c, n2, mark))
     report(
         "own agent SIGKILLed mid-transfer",
-        "pull completed" if first is None else f"pull failed cleanly ({first}); retry completed",
+        ("pull completed" if first is None else f"pull failed cleanly ({first}); retry completed")
+        + f", {upstream} of {len(img.blob_digests())} blobs from upstream; restarted agent serves",
     )
 
 
