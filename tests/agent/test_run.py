@@ -131,7 +131,7 @@ async def test_two_agents_join_serve_debug_and_drain(tmp_path: Any, nursery: tri
         tree = (await http.get(f"{metrics}/debug/tasks", params={"format": "json"})).json()
         assert tree["tasks"] > 10 and tree["root"]["name"] == "<init>"
         page = await http.get(f"{metrics}/debug/web")
-        assert page.status_code == 200 and "/debug/web/ws" in page.text
+        assert page.status_code == 200 and "new WebSocket(" in page.text
         stats = (await http.get(f"http://127.0.0.1:{a.metrics_port}/debug/web/stats")).json()
         assert stats["node_id"] == a.node_id.hex() and stats["images"] == [
             {"name": "example.com/app:v1"}
