@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.shared import cluster_with_agents, upstream_blobs
 from tests.harness import agents as ag
 from tests.harness.cluster import UPSTREAM_HOST, Cluster, Node
-from tests.harness.fixtures import require_harness, short_tempdir
 from tests.harness.images import BuiltImage, build_large, build_small
 
 pytestmark = pytest.mark.root
@@ -32,14 +32,8 @@ Fresh = Callable[..., tuple[BuiltImage, str]]
 
 @pytest.fixture(scope="module")
 def c() -> Iterator[Cluster]:
-    require_harness()
-    cl = Cluster(short_tempdir("spg-e2e-"), nodes=3)
-    try:
-        cl.up(large_mib=8)
-        ag.start_agents(cl)
+    with cluster_with_agents("spg-e2e-", nodes=3, large_mib=8) as cl:
         yield cl
-    finally:
-        cl.down()
 
 
 @pytest.fixture
@@ -53,10 +47,6 @@ def fresh(c: Cluster, tmp_path: Path) -> Callable[..., tuple[BuiltImage, str]]:
         return img, c.upstream.push(img)
 
     return make
-
-
-def _upstream_blobs(c: Cluster, node: Node, mark: int) -> set[str]:
-    return {r.blob_digest or "" for r in c.upstream.blob_fetches(mark) if r.remote_ip == node.ip}
 
 
 def _wait_upstream_done_with(c: Cluster, node: Node, limit: float = 15.0) -> None:
@@ -108,12 +98,12 @@ def test_peer_hit_second_node_fetches_nothing_upstream(c: Cluster, fresh: Fresh)
     n1, n2 = c.node(1), c.node(2)
     mark = c.upstream.mark()
     n1.pull(ref)
-    assert _upstream_blobs(c, n1, mark) == set(img.blob_digests())
+    assert upstream_blobs(c, n1, mark) == set(img.blob_digests())
     wait_served_by_peer(n2, f"e2e/{img.name}", img.blob_digests())
     hits_before, _ = ag.mirror_counts(n2)
     mark2 = c.upstream.mark()
     assert n2.pull(ref).image_id == img.for_platform().config.digest
-    assert _upstream_blobs(c, n2, mark2) == set()
+    assert upstream_blobs(c, n2, mark2) == set()
     for d in img.blob_digests():
         assert n2.containerd.has_blob(d)
     hits_after, _ = ag.mirror_counts(n2)
@@ -126,7 +116,7 @@ def test_miss_falls_back_to_upstream(c: Cluster, fresh: Fresh) -> None:
     _, misses_before = ag.mirror_counts(n3)
     mark = c.upstream.mark()
     n3.pull(ref)
-    assert _upstream_blobs(c, n3, mark) == set(img.blob_digests())
+    assert upstream_blobs(c, n3, mark) == set(img.blob_digests())
     _, misses_after = ag.mirror_counts(n3)
     assert misses_after > misses_before
 
@@ -151,7 +141,7 @@ def test_multi_platform_index_from_a_peer(c: Cluster) -> None:
     wait_served_by_peer(n2, "e2e/multi", multi.blob_digests())
     mark = c.upstream.mark()
     assert n2.pull(ref).image_id == multi.for_platform("amd64").config.digest
-    assert _upstream_blobs(c, n2, mark) == set()
+    assert upstream_blobs(c, n2, mark) == set()
     assert not any(n2.containerd.has_blob(d) for d in multi.for_platform("arm64").blob_digests())
 
 
@@ -164,7 +154,7 @@ def test_docker_v2s2_from_a_peer(c: Cluster) -> None:
     wait_served_by_peer(n3, "e2e/docker", docker.blob_digests())
     mark = c.upstream.mark()
     assert n3.pull(ref).image_id == docker.for_platform().config.digest
-    assert _upstream_blobs(c, n3, mark) == set()
+    assert upstream_blobs(c, n3, mark) == set()
 
 
 def test_range_request_through_the_mirror(c: Cluster, fresh: Fresh) -> None:
@@ -190,7 +180,7 @@ def test_agent_stopped_containerd_falls_back(c: Cluster, fresh: Fresh) -> None:
     try:
         mark = c.upstream.mark()
         n3.pull(ref)
-        assert _upstream_blobs(c, n3, mark) == set(img.blob_digests())
+        assert upstream_blobs(c, n3, mark) == set(img.blob_digests())
     finally:
         ag.start_agent(c, n3)
 
@@ -209,7 +199,7 @@ def test_image_deleted_on_peer_is_no_longer_served(c: Cluster, fresh: Fresh) -> 
         time.sleep(0.2)
     mark = c.upstream.mark()
     n2.pull(ref)
-    assert layer in _upstream_blobs(c, n2, mark)
+    assert layer in upstream_blobs(c, n2, mark)
 
 
 def test_containerd_restart_agent_recovers_and_readvertises(c: Cluster, fresh: Fresh) -> None:
@@ -222,7 +212,7 @@ def test_containerd_restart_agent_recovers_and_readvertises(c: Cluster, fresh: F
     wait_served_by_peer(n3, f"e2e/{img.name}", img.blob_digests(), timeout=30)
     mark = c.upstream.mark()
     n3.pull(ref)
-    assert _upstream_blobs(c, n3, mark) == set()
+    assert upstream_blobs(c, n3, mark) == set()
 
 
 def test_corrupted_content_on_peer_never_reaches_containerd(c: Cluster, fresh: Fresh) -> None:
@@ -340,7 +330,7 @@ def test_interrupted_pull_resumes_with_range_from_a_peer(c: Cluster, tmp_path: P
     mark = c.upstream.mark()
     assert n3.pull(ref).image_id == img.for_platform().config.digest
     assert _count_206(n3) > before  # containerd resumed with Range and the agent answered it
-    assert _upstream_blobs(c, n3, mark) == set()
+    assert upstream_blobs(c, n3, mark) == set()
     for d in img.blob_digests():
         got = n3.containerd.blob_path(d).read_bytes()
         assert "sha256:" + hashlib.sha256(got).hexdigest() == d
@@ -367,7 +357,7 @@ def test_frozen_provider_costs_a_hedge_delay_not_the_response_timeout(
         took = time.monotonic() - started
     finally:
         os.kill(frozen.pid, signal.SIGCONT)
-    assert _upstream_blobs(c, n2, mark) == set()
+    assert upstream_blobs(c, n2, mark) == set()
     for d in img.blob_digests():
         got = n2.containerd.blob_path(d).read_bytes()
         assert "sha256:" + hashlib.sha256(got).hexdigest() == d

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.shared import upstream_blobs
 from tests.harness import agents as ag
 from tests.harness.cluster import REPO_ROOT, UPSTREAM_HOST, Cluster, Node
 from tests.harness.fixtures import require_harness, short_tempdir
@@ -96,10 +97,6 @@ def fresh(c: Cluster, tmp_path: Path) -> Fresh:
     return make
 
 
-def _upstream_blobs(c: Cluster, node: Node, mark: int) -> set[str]:
-    return {r.blob_digest or "" for r in c.upstream.blob_fetches(mark) if r.remote_ip == node.ip}
-
-
 def _blob_url(agent: Node, name: str, digest: str) -> str:
     return f"http://{agent.ip}:{ag.REGISTRY_PORT}/v2/e2e/{name}/blobs/{digest}?ns={UPSTREAM_HOST}"
 
@@ -136,7 +133,7 @@ def test_pulls_through_auth_enabled_agents(c: Cluster, fresh: Fresh) -> None:
     n1, n2, n3 = c.nodes
     mark = c.upstream.mark()
     n1.pull(ref)
-    assert _upstream_blobs(c, n1, mark) == set(img.blob_digests())
+    assert upstream_blobs(c, n1, mark) == set(img.blob_digests())
     layer = img.blob_digests()[-1]
     # Without credentials nothing is told: held and unknown content get the same 401.
     for digest in (layer, "sha256:" + "0" * 64):
@@ -152,7 +149,7 @@ def test_pulls_through_auth_enabled_agents(c: Cluster, fresh: Fresh) -> None:
     hits_before, _ = ag.mirror_counts(n2)
     mark2 = c.upstream.mark()
     assert n2.pull(ref).image_id == img.for_platform().config.digest
-    assert _upstream_blobs(c, n2, mark2) == set()
+    assert upstream_blobs(c, n2, mark2) == set()
     assert all(n2.containerd.has_blob(d) for d in img.blob_digests())
     assert ag.mirror_counts(n2)[0] > hits_before
 
@@ -162,7 +159,7 @@ def test_node_without_agent_pulls_through_the_service(c: Cluster, fresh: Fresh) 
     n1, n2, n3 = c.nodes
     mark = c.upstream.mark()
     n1.pull(ref)
-    assert _upstream_blobs(c, n1, mark) == set(img.blob_digests())
+    assert upstream_blobs(c, n1, mark) == set(img.blob_digests())
     _wait_held(c, n1, n3, img.name, img.blob_digests())
     ag.stop_agent(c, n2)
     try:
@@ -176,7 +173,7 @@ def test_node_without_agent_pulls_through_the_service(c: Cluster, fresh: Fresh) 
         mark2 = c.upstream.mark()
         assert n2.pull(ref).image_id == img.for_platform().config.digest
         # every blob from the cluster, none from upstream (by node 2, or by anyone for it)
-        assert _upstream_blobs(c, n2, mark2) == set()
+        assert upstream_blobs(c, n2, mark2) == set()
         assert [r for r in c.upstream.blob_fetches(mark2)] == []
         assert all(n2.containerd.has_blob(d) for d in img.blob_digests())
         # the pull went through the Service to node 3's agent, which fetched from node 1
@@ -210,7 +207,7 @@ def test_containerd_without_the_header_falls_back_upstream(c: Cluster, fresh: Fr
         refused_before = _answered_401(n1)
         mark = c.upstream.mark()
         assert n1.pull(ref).image_id == img.for_platform().config.digest
-        assert _upstream_blobs(c, n1, mark) == set(img.blob_digests())
+        assert upstream_blobs(c, n1, mark) == set(img.blob_digests())
         assert _answered_401(n1) > refused_before
     finally:
         path.write_text(configured)
@@ -246,7 +243,7 @@ def test_service_reaches_the_holder_and_every_agent_down_means_upstream(
             time.sleep(0.1)
         mark = c.upstream.mark()
         assert n2.pull(other_ref).image_id == other.for_platform().config.digest
-        assert _upstream_blobs(c, n2, mark) == set(other.blob_digests())
+        assert upstream_blobs(c, n2, mark) == set(other.blob_digests())
     finally:
         for n in (n1, n2, n3):
             if "agent" not in n.processes:

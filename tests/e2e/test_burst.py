@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.shared import assert_intact, cluster_with_agents
 from tests.harness import agents as ag
 from tests.harness.cluster import Cluster, Node, PullResult
-from tests.harness.fixtures import require_harness, short_tempdir
 from tests.harness.images import BuiltImage, build_large
 
 pytestmark = pytest.mark.root
@@ -29,14 +29,10 @@ RATE_MBIT = 16  # 8 MiB take ~4 s upstream
 
 @pytest.fixture(scope="module")
 def c() -> Iterator[Cluster]:
-    require_harness()
-    cl = Cluster(short_tempdir("spg-burst-"), nodes=3)
-    try:
-        cl.up(large_mib=1)
-        ag.start_agents(cl, extra=["--mirror-claim-wait", "20s"])
+    with cluster_with_agents(
+        "spg-burst-", nodes=3, large_mib=1, extra=["--mirror-claim-wait", "20s"]
+    ) as cl:
         yield cl
-    finally:
-        cl.down()
 
 
 def _fresh(c: Cluster, tmp_path: Path, size_mib: int = 8) -> tuple[BuiltImage, str]:
@@ -76,9 +72,7 @@ def _layer_fetchers(c: Cluster, img: BuiltImage, mark: int) -> dict[str, set[str
 
 def _assert_intact(nodes: list[Node], img: BuiltImage) -> None:
     for n in nodes:
-        for d in img.blob_digests():
-            got = n.containerd.blob_path(d).read_bytes()
-            assert "sha256:" + hashlib.sha256(got).hexdigest() == d, (n.name, d)
+        assert_intact(n, img)
 
 
 def _counts(nodes: list[Node]) -> collections.Counter[str]:

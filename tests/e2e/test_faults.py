@@ -28,10 +28,10 @@ from typing import Any
 import msgpack
 import pytest
 
+from tests.e2e.shared import assert_intact, cluster_with_agents, upstream_blobs
 from tests.harness import agents as ag
 from tests.harness import nsexec
 from tests.harness.cluster import UPSTREAM_HOST, Cluster, Node
-from tests.harness.fixtures import require_harness, short_tempdir
 from tests.harness.images import BuiltImage, build_large, build_small
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -40,14 +40,8 @@ Push = Callable[..., tuple[BuiltImage, str]]
 
 @pytest.fixture(scope="module")
 def c() -> Iterator[Cluster]:
-    require_harness()
-    cl = Cluster(short_tempdir("spg-fault-"), nodes=3)
-    try:
-        cl.up(large_mib=1)
-        ag.start_agents(cl)
+    with cluster_with_agents("spg-fault-", nodes=3, large_mib=1) as cl:
         yield cl
-    finally:
-        cl.down()
 
 
 @pytest.fixture
@@ -77,21 +71,11 @@ def blob_url(img: BuiltImage, digest: str) -> str:
     )
 
 
-def assert_intact(node: Node, img: BuiltImage) -> None:
-    for digest in img.blob_digests():
-        data = node.containerd.blob_path(digest).read_bytes()
-        assert "sha256:" + hashlib.sha256(data).hexdigest() == digest, digest
-
-
 def assert_store_not_corrupt(node: Node) -> None:
     """Every committed blob in the node's content store matches its name."""
     blobs = node.containerd.content_path / "blobs" / "sha256"
     for path in blobs.iterdir() if blobs.exists() else ():
         assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name, path
-
-
-def upstream_blobs(c: Cluster, node: Node, mark: int) -> set[str]:
-    return {r.blob_digest or "" for r in c.upstream.blob_fetches(mark) if r.remote_ip == node.ip}
 
 
 def wait_served(node: Node, img: BuiltImage, timeout: float = 30.0) -> None:

@@ -20,10 +20,10 @@ import trio
 
 from agent.containerd import open_containerd
 from agent.content_store import ContainerdContentStore
+from tests.e2e.shared import assert_intact, cluster_with_agents
 from tests.harness import agents as ag
 from tests.harness import nsexec
 from tests.harness.cluster import UPSTREAM_HOST, Cluster, Node, PullResult
-from tests.harness.fixtures import require_harness, short_tempdir
 from tests.harness.images import MIB, BuiltImage, _single
 
 pytestmark = pytest.mark.root
@@ -31,14 +31,8 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture(scope="module")
 def c() -> Iterator[Cluster]:
-    require_harness()
-    cl = Cluster(short_tempdir("spg-infl-"), nodes=2)
-    try:
-        cl.up(large_mib=1)
-        ag.start_agents(cl)
+    with cluster_with_agents("spg-infl-", nodes=2, large_mib=1) as cl:
         yield cl
-    finally:
-        cl.down()
 
 
 def one_layer_image(tmp_path: Path, tag: str) -> BuiltImage:
@@ -112,12 +106,6 @@ def layer_fetches(c: Cluster, node: Node, mark: int, img: BuiltImage) -> set[str
         for r in c.upstream.blob_fetches(mark)
         if r.remote_ip == node.ip and r.blob_digest in layers
     }
-
-
-def assert_intact(node: Node, img: BuiltImage) -> None:
-    for d in img.blob_digests():
-        got = node.containerd.blob_path(d).read_bytes()
-        assert "sha256:" + hashlib.sha256(got).hexdigest() == d
 
 
 def test_layers_stream_from_a_node_still_pulling_them_and_survive_its_commit(

@@ -1,0 +1,44 @@
+"""What the namespace-cluster e2e modules share: a cluster with an agent on every node, the check
+that a node's copy of an image is intact, and which blobs a node took from the upstream.
+
+Why: each e2e module had its own copy of these; one copy keeps their meaning the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator, Sequence
+
+from tests.harness import agents as ag
+from tests.harness.cluster import Cluster, Node
+from tests.harness.fixtures import require_harness, short_tempdir
+from tests.harness.images import BuiltImage
+
+
+@contextlib.contextmanager
+def cluster_with_agents(
+    prefix: str, nodes: int, large_mib: int, extra: Sequence[str] = ()
+) -> Iterator[Cluster]:
+    """A namespace cluster of `nodes` (skipped where the harness cannot run), an agent started
+    on each (with `extra` flags); torn down on exit."""
+    require_harness()
+    cl = Cluster(short_tempdir(prefix), nodes=nodes)
+    try:
+        cl.up(large_mib=large_mib)
+        ag.start_agents(cl, extra=extra)
+        yield cl
+    finally:
+        cl.down()
+
+
+def assert_intact(node: Node, img: BuiltImage) -> None:
+    """Every blob of `img` in `node`'s content store matches its digest."""
+    for digest in img.blob_digests():
+        data = node.containerd.blob_path(digest).read_bytes()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == digest, (node.name, digest)
+
+
+def upstream_blobs(c: Cluster, node: Node, mark: int) -> set[str]:
+    """The blob digests `node` fetched from the upstream since `mark`."""
+    return {r.blob_digest or "" for r in c.upstream.blob_fetches(mark) if r.remote_ip == node.ip}
