@@ -63,6 +63,7 @@ from registry.peer_client import PeerClient
 from registry.provider_choice import UploadSlots
 from registry.ranges import RangeError, RangeNotSatisfiable, RangeSpec, parse_range
 from registry.responses import LocalBlob, MirrorAborted, MirrorPlan, Response
+from registry.responses import blob_response as _blob_response
 from registry.responses import blob_response_parts as _blob_response_parts
 from registry.responses import empty_response as _empty
 from registry.responses import mirror_chunks as _mirror_chunks
@@ -226,31 +227,18 @@ class _Registry:
         range_spec: RangeSpec | None,
     ) -> Response:
         """A blob still downloading: full size announced, bytes as they land (registry.inflight)."""
-        descriptor = Descriptor(ingest.digest, ingest.size, OCTET_STREAM)
-        try:
-            status, headers, start, length = _blob_response_parts(
-                descriptor, parsed.reference.registry, range_spec
-            )
-        except RangeNotSatisfiable:
-            return _oci_error(
-                416,
-                ErrorCode.RANGE_INVALID,
-                f"range not satisfiable for {ingest.size} bytes",
-                headers={"Content-Range": f"bytes */{ingest.size}"},
-            )
-        del headers["Content-Length"]
-        if method == "HEAD" or length == 0:
-            response = Response(b"", status=status, headers=headers)
-        else:
+
+        def growing_body(start: int, length: int) -> AsyncIterator[bytes] | Response:
             growing = GrowingFile(ingest)
             try:
                 growing.open()
             except OSError:
                 return _oci_error(404, ErrorCode.BLOB_UNKNOWN, f"{ingest.digest} not found")
-            peer = request.remote_addr or ""
-            response = Response(upload_chunks(growing, start, length, peer), status, headers)
-        response.headers["Content-Length"] = str(length)
-        return response
+            return upload_chunks(growing, start, length, request.remote_addr or "")
+
+        descriptor = Descriptor(ingest.digest, ingest.size, OCTET_STREAM)
+        registry = parsed.reference.registry
+        return _blob_response(descriptor, registry, method, range_spec, growing_body)
 
     async def _serve_manifest(
         self, parsed: ContentRequest, descriptor: Descriptor, method: str
@@ -292,26 +280,12 @@ class _Registry:
     ) -> Response:
         if is_manifest_media_type(descriptor.media_type):
             return _oci_error(404, ErrorCode.BLOB_UNKNOWN, f"{descriptor.digest} is a manifest")
-        size = descriptor.size
-        try:
-            status, headers, start, length = _blob_response_parts(
-                descriptor, parsed.reference.registry, range_spec
-            )
-        except RangeNotSatisfiable:
-            return _oci_error(
-                416,
-                ErrorCode.RANGE_INVALID,
-                f"range not satisfiable for {size} bytes",
-                headers={"Content-Range": f"bytes */{size}"},
-            )
-        del headers["Content-Length"]
-        if method == "HEAD" or length == 0:
-            response = Response(b"", status=status, headers=headers)
-        else:
-            chunks = self._local_chunks(descriptor.digest, start, length)
-            response = Response(chunks, status=status, headers=headers)
-        response.headers["Content-Length"] = str(length)
-        return response
+
+        def stored_body(start: int, length: int) -> AsyncIterator[bytes]:
+            return self._local_chunks(descriptor.digest, start, length)
+
+        registry = parsed.reference.registry
+        return _blob_response(descriptor, registry, method, range_spec, stored_body)
 
     async def plan_local_blob(
         self,

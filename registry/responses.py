@@ -8,7 +8,7 @@ body cut short by `MirrorAborted`) and the plans the zero-copy front door execut
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,7 +23,7 @@ from registry.forwarder import Forwarder
 from registry.interfaces import ContentNotFound, ContentStore, Descriptor, IngestFile
 from registry.mediatypes import OCTET_STREAM
 from registry.mirror_job import MirrorAbort, MirrorItem, MirrorJob
-from registry.ranges import RangeSpec
+from registry.ranges import RangeNotSatisfiable, RangeSpec
 
 if TYPE_CHECKING:
     from registry.app import _Registry
@@ -33,6 +33,7 @@ __all__ = [
     "MirrorAborted",
     "MirrorPlan",
     "Response",
+    "blob_response",
     "blob_response_parts",
     "empty_response",
     "mirror_chunks",
@@ -105,6 +106,37 @@ def blob_response_parts(
     headers["Content-Range"] = selected.content_range
     headers["Content-Length"] = str(selected.length)
     return 206, headers, selected.start, selected.length
+
+
+def blob_response(
+    descriptor: Descriptor,
+    registry: str,
+    method: str,
+    range_spec: RangeSpec | None,
+    body: Callable[[int, int], AsyncIterator[bytes] | Response],
+) -> Response:
+    """A blob's answer: 416 for a range outside it; for a GET of some bytes, what `body(start,
+    length)` gives (the bytes, or an error response instead); Content-Length of the selection."""
+    size = descriptor.size
+    try:
+        status, headers, start, length = blob_response_parts(descriptor, registry, range_spec)
+    except RangeNotSatisfiable:
+        return oci_error(
+            416,
+            ErrorCode.RANGE_INVALID,
+            f"range not satisfiable for {size} bytes",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    del headers["Content-Length"]
+    if method == "HEAD" or length == 0:
+        response = Response(b"", status=status, headers=headers)
+    else:
+        chunks = body(start, length)
+        if isinstance(chunks, Response):
+            return chunks
+        response = Response(chunks, status=status, headers=headers)
+    response.headers["Content-Length"] = str(length)
+    return response
 
 
 @dataclass(frozen=True, slots=True)
