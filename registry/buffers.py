@@ -80,16 +80,6 @@ class BufferPool:
         self._freed.set()
         self._freed = trio.Event()
 
-    def trim(self) -> None:
-        """Unmap every idle buffer."""
-        idle, self._idle = self._idle, []
-        for buffer in idle:
-            self.allocated -= 1
-            try:
-                buffer.close()
-            except BufferError:
-                pass
-
 
 class Chunk:
     """Bytes `start:end` of a pooled buffer, owned until `release()`."""
