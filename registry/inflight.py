@@ -21,7 +21,8 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -282,36 +283,36 @@ async def upload_growing(
 ) -> int:
     """`send_growing`, counted as an upload (IngestBroken: the caller cuts the response);
     `on_progress` gets the bytes sent so far after each run."""
-    upload = UPLOADS.start(growing.ingest.digest, peer, growing.size)
+    with _counted_upload(growing, peer) as upload:
 
-    def add(count: int) -> None:
-        upload.add(count)
-        if on_progress is not None:
-            on_progress(upload.bytes)
+        def add(count: int) -> None:
+            upload.add(count)
+            if on_progress is not None:
+                on_progress(upload.bytes)
 
-    ok = False
-    try:
-        sent = await send_growing(growing, offset, length, send_range, add)
-        ok = True
-        return sent
-    except IngestBroken as exc:
-        logger.info(
-            "in-flight upload cut", extra={"key": upload.key, "peer": peer, "error": str(exc)}
-        )
-        raise
-    finally:
-        UPLOADS.end(upload, ok)
+        return await send_growing(growing, offset, length, send_range, add)
 
 
 async def upload_chunks(
     growing: GrowingFile, offset: int, length: int, peer: str
 ) -> AsyncIterator[bytes]:
     """`growing_chunks`, counted as an upload; closes the file when done (IngestBroken cuts)."""
+    try:
+        with _counted_upload(growing, peer) as upload:
+            async for chunk in growing_chunks(growing, offset, length, upload.add):
+                yield chunk
+    finally:
+        growing.close()
+
+
+@contextmanager
+def _counted_upload(growing: GrowingFile, peer: str) -> Iterator[Upload]:
+    """An upload of `growing` to `peer` in `UPLOADS` while the block runs: served if it ends
+    normally, cut if it raises (an IngestBroken is logged)."""
     upload = UPLOADS.start(growing.ingest.digest, peer, growing.size)
     ok = False
     try:
-        async for chunk in growing_chunks(growing, offset, length, upload.add):
-            yield chunk
+        yield upload
         ok = True
     except IngestBroken as exc:
         logger.info(
@@ -320,4 +321,3 @@ async def upload_chunks(
         raise
     finally:
         UPLOADS.end(upload, ok)
-        growing.close()
