@@ -298,8 +298,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         if args.command == "registry":
             cfg = registry_config(args)
+            from agent.node_setup import read_basic_auth, read_psk
             from agent.run import main as run_registry
-            from agent.run import read_basic_auth, read_psk
 
             read_psk(cfg.dht_psk_file)  # an unreadable key file is a bad flag value: fail now
             read_basic_auth(cfg.basic_auth_dir)  # so are unusable credential files

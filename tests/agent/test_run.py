@@ -245,7 +245,7 @@ async def test_crashing_service_takes_the_agent_down(tmp_path: Any, autojump_clo
 def test_make_bootstrapper_and_psk(tmp_path: Any) -> None:
     from agent.bootstrap import DnsBootstrap, HttpBootstrap, NoBootstrap, SelfInfo, StaticBootstrap
     from agent.config import ConfigError
-    from agent.run import make_bootstrapper, read_psk
+    from agent.node_setup import make_bootstrapper, read_psk
 
     me = SelfInfo(bytes(32), "10.0.0.1", 5001)
     base = RegistryConfig()

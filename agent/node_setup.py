@@ -1,0 +1,87 @@
+"""What the agent derives from its configuration before it runs: the address it advertises, how it
+finds its first peers, the DHT's pre-shared key and the registry's credentials.
+
+Why its own module: these read the host (its addresses, key and secret files) and turn a bad value
+into a `ConfigError`; `agent.cli` checks them before starting (a bad flag fails at once) and
+`agent.run` uses them while it wires the services.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from agent.bootstrap import (
+    Bootstrapper,
+    DnsBootstrap,
+    HttpBootstrap,
+    KubernetesBootstrap,
+    NoBootstrap,
+    SelfInfo,
+    StaticBootstrap,
+)
+from agent.config import ConfigError, RegistryConfig
+from registry.basic_auth import BasicAuth
+
+__all__ = ["detect_advertise_addr", "make_bootstrapper", "read_basic_auth", "read_psk"]
+
+
+def detect_advertise_addr(cfg: RegistryConfig) -> str:
+    """The IP peers should use for us: the flag, else a routable-looking address of this host."""
+    if cfg.advertise_addr:
+        return cfg.advertise_addr
+    if cfg.router_addr.host and cfg.router_addr.host not in ("0.0.0.0", "::"):
+        return cfg.router_addr.host
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, type=socket.SOCK_DGRAM)
+    except OSError:
+        return ""
+    addrs = [str(info[4][0]) for info in infos]
+    for addr in addrs:
+        if not addr.startswith("127.") and addr != "::1":
+            return addr
+    return addrs[0] if addrs else ""
+
+
+def make_bootstrapper(cfg: RegistryConfig, me: SelfInfo) -> Bootstrapper:
+    boot = cfg.bootstrap
+    if boot.kind == "static":
+        return StaticBootstrap(boot.static_peers)
+    if boot.kind == "dns":
+        return DnsBootstrap(boot.dns_domain, me.port)
+    if boot.kind == "http":
+        return HttpBootstrap(me, boot.http_addr, boot.http_url)
+    if boot.kind == "kubernetes":
+        from agent.config import HostPort
+        from agent.k8s import LeaseElector, make_api_client
+
+        if not me.host:
+            raise ConfigError("--bootstrap-kind=kubernetes needs --advertise-addr (the pod IP)")
+        identity = str(HostPort(me.host, me.port))
+        elector = LeaseElector(
+            make_api_client(boot.kubeconfig), boot.lease_name, boot.lease_namespace, identity
+        )
+        return KubernetesBootstrap(elector, me.port)
+    return NoBootstrap()
+
+
+def read_basic_auth(directory: str) -> BasicAuth | None:
+    """The registry's Basic auth credentials (None: off); unusable files are a ConfigError."""
+    from registry.basic_auth import BasicAuthError, load_basic_auth
+
+    try:
+        return load_basic_auth(directory)
+    except BasicAuthError as exc:
+        raise ConfigError(f"--basic-auth-dir: {exc}") from None
+
+
+def read_psk(path: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            key = fh.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --dht-psk-file {path}: {exc.strerror}") from None
+    if len(key) < 16:
+        raise ConfigError(f"--dht-psk-file {path} must hold at least 16 bytes")
+    return key
