@@ -28,41 +28,45 @@ def node(seed: int) -> Node:
     )
 
 
-async def test_registry_router_yields_peers_for_dht_providers() -> None:
-    a, b = node(1), node(2)
+@asynccontextmanager
+async def provider_and_seeker(
+    seed_a: int, seed_b: int
+) -> AsyncIterator[tuple[RegistryRouter, RegistryRouter]]:
+    """Two DHT nodes on loopback (b bootstrapped from a), each behind the registry adapter."""
+    a, b = node(seed_a), node(seed_b)
     async with trio.open_nursery() as nursery:
         await nursery.start(a.serve)
         await nursery.start(b.serve)
         assert a.bound is not None
         await b.bootstrap([a.bound])
-        provider: Router = RegistryRouter(a.router)
-        seeker: Router = RegistryRouter(b.router)
+        yield RegistryRouter(a.router), RegistryRouter(b.router)
+        nursery.cancel_scope.cancel()
+
+
+async def resolve_until_found(seeker: Router) -> list[Peer]:
+    with trio.fail_after(5):
+        while True:
+            async with seeker.resolve(KEY) as peers:
+                found = [p async for p in peers]
+            if found:
+                return found
+            await trio.sleep(0.01)
+
+
+async def test_registry_router_yields_peers_for_dht_providers() -> None:
+    async with provider_and_seeker(1, 2) as (provider, seeker):
         assert provider.ready() and seeker.ready()
         await provider.advertise([KEY])
-        with trio.fail_after(5):
-            while True:
-                async with seeker.resolve(KEY) as peers:
-                    found = [p async for p in peers]
-                if found:
-                    break
-                await trio.sleep(0.01)
+        found = await resolve_until_found(seeker)
         assert found == [Peer(bytes([1]) * 32, "127.0.0.1", 6001)]
         assert all(type(p) is Peer for p in found)
         await provider.withdraw([KEY])
         async with provider.resolve(KEY) as peers:
             assert [p async for p in peers] == []  # never yourself
-        nursery.cancel_scope.cancel()
 
 
 async def test_record_states_travel_over_real_udp_and_withdraw_reaches_the_seeker() -> None:
-    a, b = node(3), node(4)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(a.serve)
-        await nursery.start(b.serve)
-        assert a.bound is not None
-        await b.bootstrap([a.bound])
-        provider: Router = RegistryRouter(a.router)
-        seeker: Router = RegistryRouter(b.router)
+    async with provider_and_seeker(3, 4) as (provider, seeker):
 
         async def states() -> list[PeerState]:
             async with seeker.resolve(KEY) as peers:
@@ -83,30 +87,15 @@ async def test_record_states_travel_over_real_udp_and_withdraw_reaches_the_seeke
         await until([PeerState.CLAIM])
         await provider.withdraw([KEY])  # a claim record is dropped by its holder at once
         await until([])
-        nursery.cancel_scope.cancel()
 
 
 async def test_known_providers_answer_without_a_lookup() -> None:
-    a, b = node(5), node(6)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(a.serve)
-        await nursery.start(b.serve)
-        assert a.bound is not None
-        await b.bootstrap([a.bound])
-        provider = RegistryRouter(a.router)
-        seeker = RegistryRouter(b.router)
+    async with provider_and_seeker(5, 6) as (provider, seeker):
         assert seeker.known_providers(KEY) == []
         await provider.advertise([KEY])
-        with trio.fail_after(5):
-            while True:
-                async with seeker.resolve(KEY) as peers:
-                    found = [p async for p in peers]
-                if found:
-                    break
-                await trio.sleep(0.01)
+        found = await resolve_until_found(seeker)
         assert seeker.known_providers(KEY) == found
         assert provider.known_providers(KEY) == []  # never yourself
-        nursery.cancel_scope.cancel()
 
 
 class _OneProviderDht:
