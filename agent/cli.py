@@ -212,6 +212,7 @@ def registry_config(ns: argparse.Namespace) -> RegistryConfig:
         mirror_resolve_timeout=ns.mirror_resolve_timeout,
         mirror_resolve_retries=ns.mirror_resolve_retries,
         mirror_buffer_memory=ns.mirror_buffer_memory << 20,
+        mirror_peers_per_blob=ns.mirror_peers_per_blob,
         mirror_claim_wait=ns.mirror_claim_wait,
         peer_upload_limit=ns.peer_upload_limit,
         bootstrap=bootstrap,

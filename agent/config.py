@@ -306,6 +306,7 @@ class RegistryConfig:
     mirror_resolve_timeout: float = MIRROR_DEFAULTS.resolve_timeout
     mirror_resolve_retries: int = MIRROR_DEFAULTS.resolve_retries
     mirror_buffer_memory: int = MIRROR_DEFAULTS.buffer_memory  # bytes
+    mirror_peers_per_blob: int = MIRROR_DEFAULTS.multi_peer_max
     mirror_claim_wait: float = MIRROR_DEFAULTS.claim_wait
     peer_upload_limit: int = 8
     bootstrap: BootstrapConfig = BootstrapConfig()
@@ -344,6 +345,8 @@ class RegistryConfig:
             raise ConfigError("--peer-upload-limit must be 0 (no limit) or more")
         if self.mirror_buffer_memory < MIRROR_DEFAULTS.buffer_size:
             raise ConfigError("--mirror-buffer-memory must be at least 1 (MiB)")
+        if self.mirror_peers_per_blob < 1:
+            raise ConfigError("--mirror-peers-per-blob must be at least 1")
         return self
 
     def mirror_settings(self) -> MirrorSettings:
@@ -353,6 +356,7 @@ class RegistryConfig:
             resolve_timeout=self.mirror_resolve_timeout,
             resolve_retries=self.mirror_resolve_retries,
             buffer_memory=self.mirror_buffer_memory,
+            multi_peer_max=self.mirror_peers_per_blob,
             claim_wait=self.mirror_claim_wait,
         )
 

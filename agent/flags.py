@@ -140,6 +140,9 @@ FLAGS: dict[str, tuple[Flag, ...]] = {
              "MiB of memory for blob bytes in transit from peers, over all requests (keep it "
              "well under the DaemonSet's memory limit; an idle agent holds ~50 MiB)",
              metavar="MIB"),
+        Flag("--mirror-peers-per-blob", str(MIRROR_DEFAULTS.multi_peer_max), _int,
+             "providers a big blob (32 MiB or more) is fetched from at once, as byte ranges "
+             "(1: one peer per blob)", metavar="N"),
         Flag("--mirror-claim-wait", format_duration(MIRROR_DEFAULTS.claim_wait), parse_duration,
              "in a burst (nodes missing one layer at once), how long a node waits for the one "
              "that fetches it upstream to start receiving it before going upstream itself "
