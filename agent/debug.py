@@ -130,8 +130,8 @@ class DebugState:
         """A transfer started, moved on or ended (same `id`): shown live, then dropped."""
         self.publish({"type": "transfer", "transfer": self.live.transfer(transfer).as_dict()})
 
-    def record_served(self, nbytes: int, client: str = "") -> None:
-        self.live.served(self.clock(), nbytes, client)
+    def record_served(self, nbytes: int) -> None:
+        self.live.served(self.clock(), nbytes)
 
     def on_mirror_event(self, event: MirrorEvent) -> None:
         """Observer for `registry.events.MirrorEvents`: one result per request or failed peer."""

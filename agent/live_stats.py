@@ -85,16 +85,12 @@ class LiveStats:
             traffic.errors += outcome == "error"
             traffic.last = max(traffic.last, at)
 
-    def served(self, at: float, nbytes: int, client: str = "") -> None:
-        """Bytes the registry sent (to containerd or to a peer, `client` when known)."""
+    def served(self, at: float, nbytes: int) -> None:
+        """Bytes the registry sent (to containerd or to a peer: `served_to` says which peer)."""
         if nbytes <= 0:
             return
         self.bytes_out_total += nbytes
         self._bucket(at)[2] += nbytes
-        if client:
-            traffic = self._peer(client)
-            traffic.bytes_out += nbytes
-            traffic.last = max(traffic.last, at)
 
     def served_to(self, at: float, client: str, nbytes: int) -> None:
         """Bytes of a finished upload to `client`: per-peer only (totals come from `served`)."""
