@@ -50,21 +50,22 @@ class PeerSupply:
         self._seen: set[tuple[str, int]] = set()
         if isinstance(router, KnowsProviders):
             for peer in router.known_providers(key):
-                if peer_key(peer) not in self._seen:
-                    self._seen.add(peer_key(peer))
-                    self._send.send_nowait(peer)
+                self._offer(peer)
+
+    def _offer(self, peer: Peer) -> None:
+        """Hand `peer` out unless it was already (each provider once per request)."""
+        if peer_key(peer) not in self._seen:
+            self._seen.add(peer_key(peer))
+            self._send.send_nowait(peer)
 
     async def feed(self) -> None:
         started = time.monotonic()
-        seen = self._seen
         async with self._send:
             try:
                 async with self._router.resolve(self._key) as peers:
                     async for peer in peers:
                         RESOLVE_DURATION.labels("dht").observe(time.monotonic() - started)
-                        if peer_key(peer) not in seen:
-                            seen.add(peer_key(peer))
-                            self._send.send_nowait(peer)
+                        self._offer(peer)
             except Exception as exc:
                 self.error = exc  # raised to the request by next(), not to the nursery
 
