@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from collections.abc import Iterator, Sequence
 
 from tests.harness import agents as ag
-from tests.harness.cluster import Cluster, Node
+from tests.harness.cluster import UPSTREAM_HOST, Cluster, Node
 from tests.harness.fixtures import require_harness, short_tempdir
 from tests.harness.images import BuiltImage
 
@@ -42,3 +43,35 @@ def assert_intact(node: Node, img: BuiltImage) -> None:
 def upstream_blobs(c: Cluster, node: Node, mark: int) -> set[str]:
     """The blob digests `node` fetched from the upstream since `mark`."""
     return {r.blob_digest or "" for r in c.upstream.blob_fetches(mark) if r.remote_ip == node.ip}
+
+
+def own_agent_blob_url(name: str, digest: str) -> str:
+    """A blob of image `e2e/<name>` at the node's own agent, asked the way containerd asks it
+    (from inside the node's namespace)."""
+    return f"http://127.0.0.1:{ag.REGISTRY_PORT}/v2/e2e/{name}/blobs/{digest}?ns={UPSTREAM_HOST}"
+
+
+def wait_served_by_peer(
+    node: Node,
+    repo: str,
+    digests: tuple[str, ...],
+    timeout: float = 15.0,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Poll ``node``'s own agent (from inside its namespace) until it can serve every digest from
+    a peer: advertising is asynchronous, so tests wait for it instead of sleeping."""
+    deadline = time.monotonic() + timeout
+    pending = list(digests)
+    while pending:
+        d = pending[0]
+        url = own_agent_blob_url(repo.removeprefix("e2e/"), d)
+        try:
+            status = node.http_get(url, headers=headers, timeout=2.0)[0]
+        except OSError:
+            status = 0
+        if status == 200:
+            pending.pop(0)
+            continue
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{node.name}: {d} not served through a peer after {timeout}s")
+        time.sleep(0.1)

@@ -21,9 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.shared import cluster_with_agents, upstream_blobs
+from tests.e2e.shared import (
+    cluster_with_agents,
+    own_agent_blob_url,
+    upstream_blobs,
+    wait_served_by_peer,
+)
 from tests.harness import agents as ag
-from tests.harness.cluster import UPSTREAM_HOST, Cluster, Node
+from tests.harness.cluster import Cluster, Node
 from tests.harness.images import BuiltImage, build_large, build_small
 
 pytestmark = pytest.mark.root
@@ -64,33 +69,6 @@ def _wait_upstream_done_with(c: Cluster, node: Node, limit: float = 15.0) -> Non
 
 def _upstream_requests(c: Cluster, node: Node, mark: int) -> list[str]:
     return [f"{r.method} {r.path}" for r in c.upstream.access_log(mark) if r.remote_ip == node.ip]
-
-
-def _mirror_url(name: str, digest: str) -> str:
-    """The node's own agent, asked the way containerd asks it."""
-    return f"http://127.0.0.1:{ag.REGISTRY_PORT}/v2/e2e/{name}/blobs/{digest}?ns={UPSTREAM_HOST}"
-
-
-def wait_served_by_peer(
-    node: Node, repo: str, digests: tuple[str, ...], timeout: float = 15.0
-) -> None:
-    """Poll ``node``'s own agent (from inside its namespace) until it can serve every digest from
-    a peer: advertising is asynchronous, so tests wait for it instead of sleeping."""
-    deadline = time.monotonic() + timeout
-    pending = list(digests)
-    while pending:
-        d = pending[0]
-        url = _mirror_url(repo.removeprefix("e2e/"), d)
-        try:
-            status = node.http_get(url, timeout=2.0)[0]
-        except OSError:
-            status = 0
-        if status == 200:
-            pending.pop(0)
-            continue
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{node.name}: {d} not served through a peer after {timeout}s")
-        time.sleep(0.1)
 
 
 def test_peer_hit_second_node_fetches_nothing_upstream(c: Cluster, fresh: Fresh) -> None:
@@ -165,7 +143,7 @@ def test_range_request_through_the_mirror(c: Cluster, fresh: Fresh) -> None:
     wait_served_by_peer(n2, f"e2e/{img.name}", (layer.digest,))
     data = n1.containerd.blob_path(layer.digest).read_bytes()
     start = layer.size // 3
-    url = _mirror_url(img.name, layer.digest)
+    url = own_agent_blob_url(img.name, layer.digest)
     status, headers, body = n2.http_get(url, headers={"Range": f"bytes={start}-"})
     assert status == 206
     assert headers["content-range"] == f"bytes {start}-{layer.size - 1}/{layer.size}"
@@ -192,7 +170,7 @@ def test_image_deleted_on_peer_is_no_longer_served(c: Cluster, fresh: Fresh) -> 
     wait_served_by_peer(n2, f"e2e/{img.name}", img.blob_digests())
     n1.remove(ref)
     layer = img.for_platform().layers[0].digest
-    url = _mirror_url(img.name, layer)
+    url = own_agent_blob_url(img.name, layer)
     deadline = time.monotonic() + 15
     while n2.http_get(url)[0] == 200:
         assert time.monotonic() < deadline, "deleted content still served by the peer"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.shared import upstream_blobs
+from tests.e2e.shared import upstream_blobs, wait_served_by_peer
 from tests.harness import agents as ag
 from tests.harness.cluster import REPO_ROOT, UPSTREAM_HOST, Cluster, Node
 from tests.harness.fixtures import require_harness, short_tempdir
@@ -101,16 +101,6 @@ def _blob_url(agent: Node, name: str, digest: str) -> str:
     return f"http://{agent.ip}:{ag.REGISTRY_PORT}/v2/e2e/{name}/blobs/{digest}?ns={UPSTREAM_HOST}"
 
 
-def _wait_held(c: Cluster, holder: Node, asker: Node, name: str, digests: tuple[str, ...]) -> None:
-    """Until `asker`'s agent finds every digest at a peer (advertising is asynchronous)."""
-    deadline = time.monotonic() + 20
-    for digest in digests:
-        url = f"http://127.0.0.1:{ag.REGISTRY_PORT}/v2/e2e/{name}/blobs/{digest}?ns={UPSTREAM_HOST}"
-        while asker.http_get(url, headers=AUTH, timeout=2.0)[0] != 200:
-            assert time.monotonic() < deadline, f"{digest} not found at a peer of {asker.name}"
-            time.sleep(0.1)
-
-
 def _service_answers_from(node: Node, endpoint: Node) -> bool:
     """Does `node`'s Service port now forward to `endpoint`'s agent (as kube-proxy would once
     the endpoints follow readiness)?"""
@@ -145,7 +135,7 @@ def test_pulls_through_auth_enabled_agents(c: Cluster, fresh: Fresh) -> None:
     assert status == 200 and hashlib.sha256(body).hexdigest() == layer.removeprefix("sha256:")
     assert n3.http_get(f"http://{n1.ip}:{ag.REGISTRY_PORT}/readyz")[0] == 200
     # containerd sends the header from hosts.toml; the agents send it to each other
-    _wait_held(c, n1, n2, img.name, img.blob_digests())
+    wait_served_by_peer(n2, img.name, img.blob_digests(), timeout=20, headers=AUTH)
     hits_before, _ = ag.mirror_counts(n2)
     mark2 = c.upstream.mark()
     assert n2.pull(ref).image_id == img.for_platform().config.digest
@@ -160,7 +150,7 @@ def test_node_without_agent_pulls_through_the_service(c: Cluster, fresh: Fresh) 
     mark = c.upstream.mark()
     n1.pull(ref)
     assert upstream_blobs(c, n1, mark) == set(img.blob_digests())
-    _wait_held(c, n1, n3, img.name, img.blob_digests())
+    wait_served_by_peer(n3, img.name, img.blob_digests(), timeout=20, headers=AUTH)
     ag.stop_agent(c, n2)
     try:
         service_log = n2.workdir / "service.jsonl"

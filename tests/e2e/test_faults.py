@@ -28,10 +28,10 @@ from typing import Any
 import msgpack
 import pytest
 
-from tests.e2e.shared import assert_intact, cluster_with_agents, upstream_blobs
+from tests.e2e.shared import assert_intact, cluster_with_agents, own_agent_blob_url, upstream_blobs
 from tests.harness import agents as ag
 from tests.harness import nsexec
-from tests.harness.cluster import UPSTREAM_HOST, Cluster, Node
+from tests.harness.cluster import Cluster, Node
 from tests.harness.images import BuiltImage, build_large, build_small
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -65,12 +65,6 @@ def report(case: str, outcome: str) -> None:
     print(f"FAULT {case}: {outcome}")
 
 
-def blob_url(img: BuiltImage, digest: str) -> str:
-    return (
-        f"http://127.0.0.1:{ag.REGISTRY_PORT}/v2/e2e/{img.name}/blobs/{digest}?ns={UPSTREAM_HOST}"
-    )
-
-
 def assert_store_not_corrupt(node: Node) -> None:
     """Every committed blob in the node's content store matches its name."""
     blobs = node.containerd.content_path / "blobs" / "sha256"
@@ -84,7 +78,7 @@ def wait_served(node: Node, img: BuiltImage, timeout: float = 30.0) -> None:
     for digest in img.blob_digests():
         while True:
             try:
-                status, _, body = node.http_get(blob_url(img, digest), timeout=5.0)
+                status, _, body = node.http_get(own_agent_blob_url(img.name, digest), timeout=5.0)
             except OSError:
                 status, body = 0, b""
             if status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == digest:
@@ -237,7 +231,7 @@ def test_containerd_restarted_under_load(c: Cluster, push: Push) -> None:
         while not stop.is_set():
             digest = rng.choice(digests)
             try:
-                status, _, body = n1.http_get(blob_url(img, digest), timeout=10.0)
+                status, _, body = n1.http_get(own_agent_blob_url(img.name, digest), timeout=10.0)
             except OSError:
                 status, body = -1, b""
             right = status != 200 or "sha256:" + hashlib.sha256(body).hexdigest() == digest
