@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.shared import wait_served_by_peer
 from tests.harness.agents import METRICS_PORT, start_agents
 from tests.harness.cluster import Cluster, Node
 
@@ -78,24 +79,6 @@ def render(node: Node, workdir: str, path: str = "/debug/web/") -> str:
     return out.stdout
 
 
-def _served_through_peer(node: Node, blob: str, limit: float = 15.0) -> None:
-    """Advertising is asynchronous: wait until the node's agent gets `blob` from its peer."""
-    import time
-
-    from tests.harness.cluster import UPSTREAM_HOST
-
-    url = f"http://127.0.0.1:5000/v2/e2e/small/blobs/{blob}?ns={UPSTREAM_HOST}"
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        try:
-            if node.http_get(url, timeout=2.0)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{blob} never served through a peer")
-
-
 @pytest.mark.root
 @pytest.mark.slow
 def test_debug_page_in_headless_chromium(cluster: Callable[..., Cluster]) -> None:
@@ -106,7 +89,7 @@ def test_debug_page_in_headless_chromium(cluster: Callable[..., Cluster]) -> Non
     ref = c.ref("small")
     one.pull(ref)
     blob = c.images.small.blob_digests()[-1]
-    _served_through_peer(two, blob)
+    wait_served_by_peer(two, "small", (blob,))  # advertising is asynchronous
     two.pull(ref)
 
     with tempfile.TemporaryDirectory(prefix="spg-chromium-") as profile:
