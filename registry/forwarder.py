@@ -16,26 +16,8 @@ for `stall_timeout` counts as a broken stream; HEAD and manifests finish within
 A peer answering 404 for a key it advertised (deleted since; its provider records live on) is
 skipped for that key for `stale_ttl` (60 s) by later requests (`mirror.StaleProviders`).
 
-Verification: a manifest body is read whole and hashed before its first byte is sent.  A blob of
-up to `verify_first_max` (64 MiB), when the agent's buffer memory (`buffer_memory`) has room for
-it, is fetched whole (resuming across peers), hashed, and only then
-sent: a lying peer costs a fail-over to the next one, or a clean 404, never bad bytes.  (Streaming
-with only the last byte held back is not enough for containerd: it resumes a cut-off body with a
-Range request, from us or from upstream, and stitches the bad prefix to good bytes.)  A bigger blob
-streams, hashed from byte 0 as it goes, with the final byte held back until the digest is
-checked; on a mismatch the response is cut short.  So does a blob of any size from an in-flight
-provider (one still downloading it: its bytes come as they reach it, and holding them would stop
-this node's containerd from writing its own download, which peers may be reading in turn); such a
-body may pause up to `inflight_stall_timeout`.  Either way every peer that contributed to bad
-content is quarantined for that digest (for a multi-peer blob only the one whose bytes do not fit).
-
-Client ranges (containerd resuming a cut download): the answer is verified like a whole blob.  The
-blob is read from byte 0 and hashed in full; only the requested slice is passed on, its last byte
-after the digest matched (small blobs: nothing before the digest matched).  Bytes before the range
-cost a transfer but no client bandwidth, and a blob of at least `multi_peer_min` with several
-providers has that prefix fetched from them in parallel (`registry.multi_peer`).  Trusting a
-resumed range without its prefix would let one lying peer poison a download that containerd
-stitches together.
+Verification and client ranges: `registry.verification` says what is trusted and how a resumed
+range is verified; this module applies it.
 
 Hedging and several peers: a provider that has not answered within the hedge delay gets company
 (`registry.peer_race`); a big blob is fetched as ranges from up to `multi_peer_max` providers.
@@ -90,10 +72,10 @@ from registry.mirror_job import (
     MirrorSettings,
 )
 from registry.mirror_report import MirrorReport
-from registry.multi_peer import MultiPeerSettings, OpenRange, copy_from_peers, find_liars
-from registry.peer_client import PeerClient, PeerResponse
+from registry.multi_peer_run import MultiPeerRun
+from registry.peer_client import PeerClient
 from registry.peer_race import SlowPeers, open_hedged
-from registry.peer_supply import PeerSupply, RouterFailure, next_usable_peer
+from registry.peer_supply import PeerSupply, RouterFailure
 from registry.peer_transfer import PeerFetch, TransferRequest, open_transfer, read_whole_body
 from registry.ranges import ByteRange, RangeNotSatisfiable
 from registry.resume_wait import wait_for_provider
@@ -328,6 +310,18 @@ class _Run:
             self.report.serving.append(opened.peer)
         return opened.result
 
+    def _multi(self) -> MultiPeerRun:
+        """A big blob from several providers at once, on this request's current attempts."""
+        return MultiPeerRun(
+            client=self.fw.client,
+            transfer=self.transfer,
+            settings=self.settings,
+            attempts=self.attempts,
+            report=self.report,
+            fetch_failed=self._fetch_failed,
+            mark_stale=self._mark_stale,
+        )
+
     def _fetch_failed(self, peer: Peer, exc: Exception) -> None:
         key, error = self.ref.identifier, str(exc) or type(exc).__name__
         failure = PeerFetchFailed(time.time(), key, peer_address(peer), error)
@@ -534,9 +528,9 @@ class _Run:
             and self.settings.multi_peer_max > 1
             and self.claiming is None  # a burst's claim/wait decides who serves (registry.claim)
             and fetch.peer.state is PeerState.COMPLETE  # an in-flight one streams as bytes land
-            and self._another_provider(supply)
+            and self._multi().another_provider(supply)
         ):
-            return await self._copy_from_peers(fetch, supply, stack, delivered, sink, buffers)
+            return await self._multi().copy(fetch, supply, stack, delivered, sink, buffers)
         outcome = await copy_blob(
             fetch.peer,
             fetch.response,
@@ -555,112 +549,12 @@ class _Run:
                 await self.fw.discard.discard_download(digest)
         return outcome
 
-    def _another_provider(self, supply: PeerSupply) -> bool:
-        """True when a second usable provider has already turned up (it stays in `supply`)."""
-        while (peer := supply.next_ready()) is not None:
-            if self.attempts.usable(peer):
-                supply.put_back(peer)
-                return True
-        return False
-
-    def _open_range(self, size: int) -> OpenRange:
-        async def open_range(
-            peer: Peer, start: int, end: int, stack: AsyncExitStack
-        ) -> PeerResponse:
-            fetch = await open_transfer(
-                self.fw.client,
-                peer,
-                self.transfer,
-                stack,
-                requested=ByteRange(start, end - 1, size),
-                expected_size=size,
-                response_timeout=self.settings.response_timeout,
-                on_not_found=functools.partial(self._mark_stale, peer),
-            )
-            return fetch.response
-
-        return open_range
-
-    async def _copy_from_peers(
-        self,
-        fetch: PeerFetch,
-        supply: PeerSupply,
-        stack: AsyncExitStack,
-        delivered: ByteRange | None,
-        sink: Sink,
-        buffers: BufferSource,
-    ) -> Mismatch | GiveUp | None:
-        """A big blob from up to `multi_peer_max` providers at once (`registry.multi_peer`)."""
-        settings = self.settings
-
-        async def recruit(urgent: bool) -> Peer | GiveUp | None:
-            peer: Peer | GiveUp | None
-            if urgent:  # nobody is working: the resolve clock applies
-                peer = await next_usable_peer(supply, self.attempts, settings.resolve_timeout)
-            else:
-                while (peer := await supply.next()) is not None and not self.attempts.usable(peer):
-                    pass
-            if isinstance(peer, Peer):
-                self.attempts.start_fetch(peer)
-                self.report.serving.append(peer)
-            return peer
-
-        def failed(peer: Peer, exc: Exception) -> GiveUp | None:
-            if isinstance(exc, PeerBusy):  # at its upload limit: not a failure, just not now
-                logger.info(
-                    "peer busy", extra={"peer": peer_address(peer), "key": self.ref.identifier}
-                )
-                return None
-            self._fetch_failed(peer, exc)
-            return self.attempts.fetch_failed()
-
-        return await copy_from_peers(
-            fetch.peer,
-            fetch.response,
-            fetch.answer.size,
-            fetch.answer.digest,
-            delivered,
-            sink,
-            buffers,
-            open_range=self._open_range(fetch.answer.size),
-            recruit=recruit,
-            failed=failed,
-            close_first=stack.aclose,
-            settings=MultiPeerSettings(
-                max_peers=settings.multi_peer_max,
-                piece_size=settings.multi_peer_piece,
-                window=2 * settings.multi_peer_max,
-                stall_timeout=settings.stall_timeout,
-                slow_after=settings.multi_peer_slow_after,
-            ),
-        )
-
     async def _punish(
         self, outcome: Mismatch, size: int, digest: str, supply: PeerSupply
     ) -> None:
-        """Quarantine the peers behind a multi-peer blob that did not match: only the one whose
-        bytes do not fit (found against a provider whose whole blob matches: providers that sent
-        none of these bytes are tried first, then the contributors), else all of them."""
-        liars = list(outcome.contributors)
-        if outcome.spans:
-            contributors = {peer_key(peer) for peer in liars}
-            others = [p for p in self.report.serving if peer_key(p) not in contributors]
-            with trio.move_on_after(self.settings.resolve_timeout):
-                while (peer := await supply.next()) is not None:
-                    if peer_key(peer) not in contributors and self.attempts.usable(peer):
-                        others.append(peer)
-            candidates = list({peer_key(p): p for p in others + liars}.values())
-            found = await find_liars(
-                outcome,
-                size,
-                digest,
-                candidates,
-                self._open_range(size),
-                self.settings.stall_timeout,
-            )
-            if found:
-                liars = found
+        """Quarantine the peers behind a multi-peer blob that did not match (see
+        `MultiPeerRun.liars`) and drop what this node's containerd has of it."""
+        liars = await self._multi().liars(outcome, size, digest, supply)
         self.verify.punish(digest, liars, self.ref.registry)
         if self.head_sent and self.fw.discard is not None:
             await self.fw.discard.discard_download(digest)
-

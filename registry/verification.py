@@ -1,11 +1,27 @@
 """Verification policy: what the mirror trusts from peers, and what a peer that lied costs it.
 
-Why its own module: the rules are few but they decide safety.  A manifest is read whole and hashed
-before a byte goes out (and is never bigger than `max_manifest_size`).  A blob of up to
-`verify_first_max` is held whole and hashed first, when the agent's buffer pool has room for it
-(`registry.buffers`: the same capped memory streaming reads use); a bigger one streams with its
-last byte held back (`registry.blob_stream`).  Every peer that contributed to content not
-matching its digest is quarantined for that digest.
+Why its own module: the rules are few but they decide safety; the forwarder applies them.
+
+Verification: a manifest body is read whole and hashed before its first byte is sent.  A blob of
+up to `verify_first_max` (64 MiB), when the agent's buffer memory (`buffer_memory`) has room for
+it, is fetched whole (resuming across peers), hashed, and only then
+sent: a lying peer costs a fail-over to the next one, or a clean 404, never bad bytes.  (Streaming
+with only the last byte held back is not enough for containerd: it resumes a cut-off body with a
+Range request, from us or from upstream, and stitches the bad prefix to good bytes.)  A bigger blob
+streams, hashed from byte 0 as it goes, with the final byte held back until the digest is
+checked; on a mismatch the response is cut short.  So does a blob of any size from an in-flight
+provider (one still downloading it: its bytes come as they reach it, and holding them would stop
+this node's containerd from writing its own download, which peers may be reading in turn); such a
+body may pause up to `inflight_stall_timeout`.  Either way every peer that contributed to bad
+content is quarantined for that digest (for a multi-peer blob only the one whose bytes do not fit).
+
+Client ranges (containerd resuming a cut download): the answer is verified like a whole blob.  The
+blob is read from byte 0 and hashed in full; only the requested slice is passed on, its last byte
+after the digest matched (small blobs: nothing before the digest matched).  Bytes before the range
+cost a transfer but no client bandwidth, and a blob of at least `multi_peer_min` with several
+providers has that prefix fetched from them in parallel (`registry.multi_peer`).  Trusting a
+resumed range without its prefix would let one lying peer poison a download that containerd
+stitches together.
 """
 
 from __future__ import annotations
