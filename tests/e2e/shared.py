@@ -40,6 +40,21 @@ def assert_intact(node: Node, img: BuiltImage) -> None:
         assert "sha256:" + hashlib.sha256(data).hexdigest() == digest, (node.name, digest)
 
 
+def ingest_bytes(node: Node) -> int:
+    """Bytes in `node`'s containerd downloads still in progress (its ingests' data files)."""
+    ingest = node.containerd.content_path / "ingest"
+    return sum(p.stat().st_size for p in ingest.glob("*/data")) if ingest.exists() else 0
+
+
+def counter(node: Node, name: str, **labels: str) -> float:
+    """The sum of metric `name` over the samples of `node`'s agent that carry `labels`."""
+    total = 0.0
+    for (metric, have), value in ag.metrics(node).items():
+        if metric == name and all(dict(have).get(k) == v for k, v in labels.items()):
+            total += value
+    return total
+
+
 def upstream_blobs(c: Cluster, node: Node, mark: int) -> set[str]:
     """The blob digests `node` fetched from the upstream since `mark`."""
     return {r.blob_digest or "" for r in c.upstream.blob_fetches(mark) if r.remote_ip == node.ip}

@@ -22,7 +22,10 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.shared import (
+    assert_intact,
     cluster_with_agents,
+    counter,
+    ingest_bytes,
     own_agent_blob_url,
     upstream_blobs,
     wait_served_by_peer,
@@ -210,11 +213,6 @@ def test_corrupted_content_on_peer_never_reaches_containerd(c: Cluster, fresh: F
     assert "sha256:" + hashlib.sha256(got).hexdigest() == layer.digest
 
 
-def _ingest_bytes(node: Node) -> int:
-    ingest = node.containerd.content_path / "ingest"
-    return sum(p.stat().st_size for p in ingest.glob("*/data")) if ingest.exists() else 0
-
-
 def test_peer_killed_mid_transfer_pull_still_succeeds(c: Cluster) -> None:
     """n1 and n3 hold the image; their links are slowed so n2's pull from them takes seconds;
     while it runs, the agent serving n2 is killed.  The pull must still succeed, intact."""
@@ -254,18 +252,12 @@ def test_peer_killed_mid_transfer_pull_still_succeeds(c: Cluster) -> None:
             ag.start_agent(c, n)
     assert killed, "no transfer from a peer was seen to kill"
     assert "error" not in box, box.get("error")
-    for d in big.blob_digests():
-        got = n2.containerd.blob_path(d).read_bytes()
-        assert "sha256:" + hashlib.sha256(got).hexdigest() == d
+    assert_intact(n2, big)
 
 
 def _count_206(node: Node) -> int:
     """Partial-content answers the node's agent gave (from its request metrics)."""
-    total = 0.0
-    for (name, labels), v in ag.metrics(node).items():
-        if name == "http_request_duration_seconds_count" and dict(labels).get("code") == "206":
-            total += v
-    return int(total)
+    return int(counter(node, "http_request_duration_seconds_count", code="206"))
 
 
 def test_interrupted_pull_resumes_with_range_from_a_peer(c: Cluster, tmp_path: Path) -> None:
@@ -290,9 +282,9 @@ def test_interrupted_pull_resumes_with_range_from_a_peer(c: Cluster, tmp_path: P
     try:
         t.start()
         deadline = time.monotonic() + 20
-        while _ingest_bytes(n3) < 1024 * 1024 and time.monotonic() < deadline:
+        while ingest_bytes(n3) < 1024 * 1024 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert _ingest_bytes(n3) > 0, "no partial download seen"
+        assert ingest_bytes(n3) > 0, "no partial download seen"
         n3.containerd.kill()
         t.join(timeout=30)
         assert "error" in box  # the interrupted pull failed
@@ -309,9 +301,7 @@ def test_interrupted_pull_resumes_with_range_from_a_peer(c: Cluster, tmp_path: P
     assert n3.pull(ref).image_id == img.for_platform().config.digest
     assert _count_206(n3) > before  # containerd resumed with Range and the agent answered it
     assert upstream_blobs(c, n3, mark) == set()
-    for d in img.blob_digests():
-        got = n3.containerd.blob_path(d).read_bytes()
-        assert "sha256:" + hashlib.sha256(got).hexdigest() == d
+    assert_intact(n3, img)
 
 
 def test_frozen_provider_costs_a_hedge_delay_not_the_response_timeout(
@@ -336,9 +326,7 @@ def test_frozen_provider_costs_a_hedge_delay_not_the_response_timeout(
     finally:
         os.kill(frozen.pid, signal.SIGCONT)
     assert upstream_blobs(c, n2, mark) == set()
-    for d in img.blob_digests():
-        got = n2.containerd.blob_path(d).read_bytes()
-        assert "sha256:" + hashlib.sha256(got).hexdigest() == d
+    assert_intact(n2, img)
     hits = [r for r in ag.agent_log(n2)[log_mark:] if r.get("msg") == "mirror hit"]
     assert hits, "the pull went through n2's agent"
     assert all(r.get("peer", "").startswith(f"{n3.ip}:") for r in hits), hits

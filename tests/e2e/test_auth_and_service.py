@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.shared import upstream_blobs, wait_served_by_peer
+from tests.e2e.shared import counter, upstream_blobs, wait_served_by_peer
 from tests.harness import agents as ag
 from tests.harness.cluster import REPO_ROOT, UPSTREAM_HOST, Cluster, Node
 from tests.harness.fixtures import require_harness, short_tempdir
@@ -175,11 +175,7 @@ def test_node_without_agent_pulls_through_the_service(c: Cluster, fresh: Fresh) 
 
 
 def _answered_401(node: Node) -> float:
-    return sum(
-        value
-        for (name, labels), value in ag.metrics(node).items()
-        if name == "http_request_duration_seconds_count" and dict(labels).get("code") == "401"
-    )
+    return counter(node, "http_request_duration_seconds_count", code="401")
 
 
 def test_containerd_without_the_header_falls_back_upstream(c: Cluster, fresh: Fresh) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.shared import assert_intact, cluster_with_agents
+from tests.e2e.shared import assert_intact, cluster_with_agents, ingest_bytes
 from tests.harness import agents as ag
 from tests.harness.cluster import Cluster, Node, PullResult
 from tests.harness.images import BuiltImage, build_large
@@ -132,11 +132,6 @@ def test_three_nodes_pull_at_once_each_layer_leaves_upstream_once(
     _burst(c, c.nodes, tmp_path)
 
 
-def _ingest_bytes(node: Node) -> int:
-    ingest = node.containerd.content_path / "ingest"
-    return sum(p.stat().st_size for p in ingest.glob("*/data")) if ingest.exists() else 0
-
-
 def _claimants(nodes: list[Node], before: dict[str, int]) -> list[Node]:
     out = []
     for n in nodes:
@@ -175,7 +170,7 @@ def test_claimant_containerd_killed_mid_download_the_others_finish_intact(
         deadline = time.monotonic() + 20
         while not killed and time.monotonic() < deadline:
             for n in _claimants(nodes, before):
-                if _ingest_bytes(n) >= 1024 * 1024:  # its download is under way
+                if ingest_bytes(n) >= 1024 * 1024:  # its download is under way
                     n.containerd.kill()
                     killed.append(n)
                     break

@@ -20,7 +20,7 @@ import trio
 
 from agent.containerd import open_containerd
 from agent.content_store import ContainerdContentStore
-from tests.e2e.shared import assert_intact, cluster_with_agents
+from tests.e2e.shared import assert_intact, cluster_with_agents, counter
 from tests.harness import agents as ag
 from tests.harness import nsexec
 from tests.harness.cluster import UPSTREAM_HOST, Cluster, Node, PullResult
@@ -89,14 +89,6 @@ def wait_advertised_inflight(c: Cluster, holder: Node, asker: Node, img: BuiltIm
             pending.pop(0)
         else:
             time.sleep(0.05)
-
-
-def counter(node: Node, name: str, **labels: str) -> float:
-    total = 0.0
-    for (metric, have), value in ag.metrics(node).items():
-        if metric == name and all(dict(have).get(k) == v for k, v in labels.items()):
-            total += value
-    return total
 
 
 def layer_fetches(c: Cluster, node: Node, mark: int, img: BuiltImage) -> set[str]:
