@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 import time
 from collections.abc import Iterator, Sequence
 
 from tests.harness import agents as ag
-from tests.harness.cluster import UPSTREAM_HOST, Cluster, Node
+from tests.harness.cluster import UPSTREAM_HOST, Cluster, Node, PullResult
 from tests.harness.fixtures import require_harness, short_tempdir
 from tests.harness.images import BuiltImage
 
@@ -38,6 +39,32 @@ def assert_intact(node: Node, img: BuiltImage) -> None:
     for digest in img.blob_digests():
         data = node.containerd.blob_path(digest).read_bytes()
         assert "sha256:" + hashlib.sha256(data).hexdigest() == digest, (node.name, digest)
+
+
+class Pull(threading.Thread):
+    """A CRI pull of `ref` on `node` in a thread, started at once; when it ends: `result` or
+    `error`, and `ended` (monotonic)."""
+
+    def __init__(self, node: Node, ref: str, timeout: float = 120.0) -> None:
+        super().__init__(daemon=True)
+        self.node, self.ref, self.timeout = node, ref, timeout
+        self.result: PullResult | None = None
+        self.error: BaseException | None = None
+        self.ended = 0.0
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.node.pull(self.ref, timeout=self.timeout)
+        except BaseException as e:  # reported by the test
+            self.error = e
+        self.ended = time.monotonic()
+
+    def wait(self, timeout: float = 150.0) -> str | None:
+        """None if the pull succeeded, else its error text."""
+        self.join(timeout)
+        assert not self.is_alive(), "pull hung"
+        return None if self.error is None else str(self.error)[:200]
 
 
 def ingest_bytes(node: Node) -> int:

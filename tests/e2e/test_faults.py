@@ -23,12 +23,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import msgpack
 import pytest
 
-from tests.e2e.shared import assert_intact, cluster_with_agents, own_agent_blob_url, upstream_blobs
+from tests.e2e.shared import (
+    Pull,
+    assert_intact,
+    cluster_with_agents,
+    own_agent_blob_url,
+    upstream_blobs,
+)
 from tests.harness import agents as ag
 from tests.harness import nsexec
 from tests.harness.cluster import Cluster, Node
@@ -87,27 +92,6 @@ def wait_served(node: Node, img: BuiltImage, timeout: float = 30.0) -> None:
             time.sleep(0.2)
 
 
-class Pull:
-    """A CRI pull in a thread."""
-
-    def __init__(self, node: Node, ref: str, timeout: float = 120.0) -> None:
-        self.box: dict[str, Any] = {}
-        self.thread = threading.Thread(target=self._run, args=(node, ref, timeout))
-        self.thread.start()
-
-    def _run(self, node: Node, ref: str, timeout: float) -> None:
-        try:
-            self.box["result"] = node.pull(ref, timeout=timeout)
-        except Exception as exc:
-            self.box["error"] = exc
-
-    def wait(self, timeout: float = 150.0) -> str | None:
-        """None if the pull succeeded, else its error text."""
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "pull hung"
-        return None if "error" not in self.box else str(self.box["error"])[:200]
-
-
 def mirror_lines(node: Node) -> list[str]:
     """The agent's mirror outcome lines that were not plain hits (for failure messages)."""
     lines = []
@@ -144,7 +128,7 @@ def test_own_agent_sigkilled_mid_transfer(c: Cluster, push: Push) -> None:
     try:
         pull = Pull(n2, ref)
         wait_until(
-            lambda: n1 in ag.serving_peers(c, n2, sending=True) or not pull.thread.is_alive(),
+            lambda: n1 in ag.serving_peers(c, n2, sending=True) or not pull.is_alive(),
             20,
             "a transfer from n1 to n2",
         )
@@ -184,7 +168,7 @@ def test_serving_peer_frozen_with_sigstop(c: Cluster, push: Push) -> None:
     try:
         pull = Pull(n2, ref)
         deadline = time.monotonic() + 20
-        while not frozen and time.monotonic() < deadline and pull.thread.is_alive():
+        while not frozen and time.monotonic() < deadline and pull.is_alive():
             serving = ag.serving_peers(c, n2, sending=True)
             if serving:
                 os.kill(agent_pid(serving[0]), signal.SIGSTOP)

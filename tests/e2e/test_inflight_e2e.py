@@ -20,10 +20,10 @@ import trio
 
 from agent.containerd import open_containerd
 from agent.content_store import ContainerdContentStore
-from tests.e2e.shared import assert_intact, cluster_with_agents, counter
+from tests.e2e.shared import Pull, assert_intact, cluster_with_agents, counter
 from tests.harness import agents as ag
 from tests.harness import nsexec
-from tests.harness.cluster import UPSTREAM_HOST, Cluster, Node, PullResult
+from tests.harness.cluster import UPSTREAM_HOST, Cluster, Node
 from tests.harness.images import MIB, BuiltImage, _single
 
 pytestmark = pytest.mark.root
@@ -40,22 +40,6 @@ def one_layer_image(tmp_path: Path, tag: str) -> BuiltImage:
     sharing a shaped link one can finish before the other has written its first step)."""
     name = f"infl-{tag}-{hashlib.sha256(str(tmp_path).encode()).hexdigest()[:8]}"
     return _single(tmp_path / "img", name, "v1", [[6 * MIB]])
-
-
-class Pull(threading.Thread):
-    def __init__(self, node: Node, ref: str) -> None:
-        super().__init__(daemon=True)
-        self.node, self.ref = node, ref
-        self.result: PullResult | None = None
-        self.error: BaseException | None = None
-        self.ended = 0.0
-
-    def run(self) -> None:
-        try:
-            self.result = self.node.pull(self.ref, timeout=120)
-        except BaseException as e:  # reported by the test
-            self.error = e
-        self.ended = time.monotonic()
 
 
 def inflight_ingests(node: Node, digests: tuple[str, ...]) -> int:
@@ -115,10 +99,8 @@ def test_layers_stream_from_a_node_still_pulling_them_and_survive_its_commit(
     c.limit_node(n1, 6)  # what n1 serves n2: ~8 s
     try:
         first = Pull(n1, ref)
-        first.start()
         wait_advertised_inflight(c, n1, n2, img)
         second = Pull(n2, ref)
-        second.start()
         first.join(60)
         second.join(90)
     finally:
@@ -150,10 +132,8 @@ def test_provider_agent_killed_mid_stream_the_pull_still_completes(
     killed = False
     try:
         first = Pull(n1, ref)
-        first.start()
         wait_advertised_inflight(c, n1, n2, img)
         second = Pull(n2, ref)
-        second.start()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and second.is_alive():
             if n1 in ag.serving_peers(c, n2, sending=True):
@@ -188,7 +168,6 @@ def test_a_download_fed_bad_bytes_is_aborted_in_containerd(c: Cluster, tmp_path:
     c.limit_upstream(4)  # ~12 s: time to abort it mid-way
     try:
         pull = Pull(n1, ref)
-        pull.start()
         deadline = time.monotonic() + 20
         while inflight_ingests(n1, (layer,)) == 0:
             assert time.monotonic() < deadline, "the download never began"
@@ -257,7 +236,6 @@ def test_an_aborted_download_cuts_the_peer_stream_at_once(c: Cluster, tmp_path: 
     c.limit_upstream(4)  # ~12 s
     try:
         pull = Pull(n1, ref)
-        pull.start()
         deadline = time.monotonic() + 20
         while inflight_ingests(n1, (layer,)) == 0 or not _advertised(n1, layer):
             assert time.monotonic() < deadline, "the download never began"
