@@ -215,9 +215,11 @@ def burst(c: Cluster, a: argparse.Namespace) -> None:
         for rec in ag.agent_log(n)[log_marks[n.name] :]:
             if rec.get("cache") == "hit" and rec.get("peer") and rec.get("method", "GET") == "GET":
                 lines[str(rec.get("key"))] = rec
+        config = img.for_platform().config.digest
         for digest in img.blob_digests():
             if n.name in fetched_by.get(digest, []):
-                print(f"      {_short(digest)}  upstream (this node fetched it)")
+                why = "image config: tiny, never claimed" if digest == config else "claimed it"
+                print(f"      {_short(digest)}  upstream ({why})")
                 continue
             rec = lines.get(digest)
             if rec is None:
@@ -225,7 +227,8 @@ def burst(c: Cluster, a: argparse.Namespace) -> None:
                 continue
             peer = _peer_names(c, [str(rec["peer"]), *rec.get("resumed_from", [])])
             size = int(rec.get("bytes") or 0)
-            when = "while it was still arriving" if rec.get("source") == "inflight" else "complete"
+            inflight = rec.get("provider_state") == "inflight"
+            when = "while it was still arriving" if inflight else "complete"
             amount = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size:,} B"
             ms = float(rec.get("duration_ms") or 0.0)
             print(f"      {_short(digest)}  peer {peer}, {when}  ({amount} in {ms:.0f} ms)")

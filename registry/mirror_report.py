@@ -111,6 +111,7 @@ class MirrorReport:
         self.events.emit(outcome)
         log_outcome(outcome)
 
+
 def log_outcome(outcome: MirrorOutcome) -> None:
     """The request's INFO line (`make demo` reads it; the debug page takes the event instead).
 
@@ -131,7 +132,9 @@ def log_outcome(outcome: MirrorOutcome) -> None:
     if outcome.hedged:
         extra["hedged"] = True
     if outcome.inflight:
-        extra["source"] = "inflight"  # the provider was still downloading it (cache="inflight")
+        # the provider was still downloading it (cache="inflight"); not "source": the JSON log
+        # formatter writes the code location under that name
+        extra["provider_state"] = "inflight"
     if outcome.resumed_from:
         extra["resumed_from"] = list(outcome.resumed_from)
     if outcome.reason:
