@@ -41,7 +41,7 @@ from registry.app import LocalBlob, MirrorPlan, mirror_events, plan_local_blob, 
 from registry.asgi_h11 import Address, run_asgi, socket_addresses, split_target
 from registry.distribution import ErrorCode, error_body
 from registry.http11 import ClientGone, FileRange, HttpRequest, ServerConnection, is_client_gone
-from registry.inflight import GrowingFile, IngestBroken, upload_growing
+from registry.inflight import UPLOADS, GrowingFile, IngestBroken, upload_growing
 from registry.interfaces import ContentNotFound
 from registry.metrics import HTTP_INFLIGHT, UPLOADS_ACTIVE, UPLOADS_BUSY
 from registry.mirror_door import serve_mirror_blob
@@ -114,7 +114,7 @@ class _FrontDoor:
             return
         # a peer fetching a blob from us: bounded (--peer-upload-limit), so a burst forms a tree
         slots = self.app.extensions["spegla.registry"].uploads
-        if not slots.try_acquire(upload):
+        if not slots.try_acquire(upload, lagging=UPLOADS.lagging(LAGGING_BYTES)):
             UPLOADS_BUSY.inc()
             body = error_body(ErrorCode.TOOMANYREQUESTS, "upload limit reached, ask another peer")
             headers = [
@@ -267,6 +267,9 @@ async def _send_growing_body(
         return await upload_growing(growing, plan.offset, plan.length, ip, send_range, progress)
     except IngestBroken as exc:
         raise ClientGone(f"in-flight upload cut: {exc}") from exc
+
+
+LAGGING_BYTES = 2 * 1024 * 1024  # an in-flight upload this far behind the download: uplink-bound
 
 
 def _peer_upload_key(request: HttpRequest) -> str | None:

@@ -213,6 +213,18 @@ class Upload:
     started: float  # unix time
     bytes: int = 0
     state: str = "running"  # running | done | failed
+    growing: GrowingFile | None = None  # the file it reads (for `InflightUploads.lagging`)
+    offset: int = 0  # where in the blob it started
+
+    def behind(self) -> int:
+        """Bytes this node's download holds that this upload has not sent yet (0: keeping up)."""
+        if self.growing is None or self.growing.fd < 0:
+            return 0
+        try:
+            written = os.fstat(self.growing.fd).st_size
+        except OSError:
+            return 0
+        return max(0, min(written, self.total) - (self.offset + self.bytes))
 
     def add(self, count: int) -> None:
         self.bytes += count
@@ -262,6 +274,12 @@ class InflightUploads:
         del self.finished[: -self.keep_finished]
         self._notify(upload)
 
+    def lagging(self, limit: int) -> bool:
+        """True when an upload of a blob still downloading here is more than `limit` bytes behind
+        the download: this node's uplink, not its download, is the bottleneck, so another upload
+        would only slow the running ones (`registry.provider_choice.UploadSlots`)."""
+        return any(upload.behind() > limit for upload in self.running.values())
+
     def _notify(self, upload: Upload) -> None:
         for listener in self.listeners:
             listener(upload)
@@ -283,7 +301,7 @@ async def upload_growing(
 ) -> int:
     """`send_growing`, counted as an upload (IngestBroken: the caller cuts the response);
     `on_progress` gets the bytes sent so far after each run."""
-    with _counted_upload(growing, peer) as upload:
+    with _counted_upload(growing, peer, offset) as upload:
 
         def add(count: int) -> None:
             upload.add(count)
@@ -298,7 +316,7 @@ async def upload_chunks(
 ) -> AsyncIterator[bytes]:
     """`growing_chunks`, counted as an upload; closes the file when done (IngestBroken cuts)."""
     try:
-        with _counted_upload(growing, peer) as upload:
+        with _counted_upload(growing, peer, offset) as upload:
             async for chunk in growing_chunks(growing, offset, length, upload.add):
                 yield chunk
     finally:
@@ -306,10 +324,11 @@ async def upload_chunks(
 
 
 @contextmanager
-def _counted_upload(growing: GrowingFile, peer: str) -> Iterator[Upload]:
+def _counted_upload(growing: GrowingFile, peer: str, offset: int) -> Iterator[Upload]:
     """An upload of `growing` to `peer` in `UPLOADS` while the block runs: served if it ends
     normally, cut if it raises (an IngestBroken is logged)."""
     upload = UPLOADS.start(growing.ingest.digest, peer, growing.size)
+    upload.growing, upload.offset = growing, offset
     ok = False
     try:
         yield upload
