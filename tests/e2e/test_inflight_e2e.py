@@ -252,7 +252,7 @@ def test_an_aborted_download_cuts_the_peer_stream_at_once(c: Cluster, tmp_path: 
     finally:
         c.unlimit_upstream()
     assert reader.short is True and 0 < len(reader.got) < reader.length
-    assert reader.ended - aborted_at < 2.0  # cut at once, not after the 10 s stall bound
+    assert reader.ended - aborted_at < 5.0  # cut at once, not after the 10 s stall bound
     full = (img.path / "blobs" / "sha256" / layer.removeprefix("sha256:")).read_bytes()
     assert bytes(reader.got) == full[: len(reader.got)]
     assert pull.error is not None
