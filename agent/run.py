@@ -33,12 +33,14 @@ from agent.debug import DebugState, render_task_tree, task_tree, watch_mirror_me
 from agent.dht_metrics import export as export_dht_metrics
 from agent.flag import Flag
 from agent.identity import load_or_create_node_id
+from agent.memory_trim import glibc_malloc_trim, trim_when_idle
 from agent.metrics_server import create_metrics_app, serve_app
 from agent.node_setup import detect_advertise_addr, make_bootstrapper, read_basic_auth, read_psk
 from agent.peer_router import registry_router
 from agent.supervise import RestartPolicy, Service, ServiceFailed, Supervisor
 from registry.claim_supply import ClaimParticipation
 from registry.events import MirrorEvents
+from registry.fastpath import FastPathStats
 from registry.interfaces import ClaimBoard, ContentStore, Router
 
 if TYPE_CHECKING:
@@ -249,11 +251,8 @@ async def default_serve_registry(
     )
 
 
-def _default_serve_with_stats(debug: DebugState) -> ServeRegistry:
+def _default_serve_with_stats(debug: DebugState, stats: FastPathStats) -> ServeRegistry:
     """The registry's own server, with its fast-path counters on the debug page."""
-    from registry.fastpath import FastPathStats
-
-    stats = FastPathStats()
     debug.sections["registry fast path"] = lambda: dict(vars(stats))
     return functools.partial(default_serve_registry, stats=stats)
 
@@ -335,7 +334,12 @@ async def run_agent(
                 claims = ClaimParticipation(backend.claims, node_id, own_hosts=own)
             parts = AppParts(backend.store, router, cfg, readiness, events, claims)
             app = (hooks.app or default_app)(parts)
-            serve_registry = hooks.serve_registry or _default_serve_with_stats(debug)
+            front_door = FastPathStats()
+            serve_registry = hooks.serve_registry or _default_serve_with_stats(debug, front_door)
+            root.start_soon(
+                functools.partial(trim_when_idle, front_door.requests, trim=glibc_malloc_trim()),
+                name="memory-trim",
+            )
             grace = grace_seconds(cfg.shutdown_grace)
             metrics_app = create_metrics_app(debug, web_enabled=cfg.debug_web_enabled)
             with trio.CancelScope() as http_scope:
