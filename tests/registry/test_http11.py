@@ -12,7 +12,7 @@ import trio
 
 from registry.app import create_app
 from registry.asgi_h11 import split_target
-from registry.http11 import MAX_BODY, MAX_HEAD
+from registry.http11 import MAX_BODY, MAX_HEAD, ClientGone, ServerConnection
 from registry.server import serve_registry
 from tests.fakes import MemoryContentStore, MemoryRouter
 
@@ -216,3 +216,52 @@ async def test_a_head_must_complete_within_the_head_timeout(
 )
 def test_split_target(target: bytes, expected: tuple[str, bytes, bytes]) -> None:
     assert split_target(target) == expected
+
+
+async def _connection_pair() -> tuple[ServerConnection, trio.SocketStream]:
+    server_sock, client_sock = trio.socket.socketpair()
+    conn = ServerConnection(trio.SocketStream(server_sock), head_timeout=5, idle_timeout=5)
+    return conn, trio.SocketStream(client_sock)
+
+
+async def _request(conn: ServerConnection, client: trio.SocketStream) -> None:
+    await client.send_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert await conn.next_request() is not None
+
+
+@pytest.mark.parametrize("length", [None, 3 * 1024 * 1024 + 7])
+async def test_a_big_body_piece_goes_out_whole_to_a_slow_reader(length: int | None) -> None:
+    # pieces bigger than the socket buffers take the direct write path and wait for room
+    pieces = [bytes([i]) * (1024 * 1024 + i) for i in range(3)] + [b"x" * 4]
+    body = b"".join(pieces)
+    conn, client = await _connection_pair()
+    await _request(conn, client)
+    headers = [(b"content-length", str(len(body)).encode())] if length else []
+    received = bytearray()
+
+    async def read_slowly() -> None:
+        while data := await client.receive_some(32 * 1024):
+            received.extend(data)
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_slowly)
+            await conn.send_bytes(conn.response_head(200, headers))
+            for piece in pieces:
+                with memoryview(piece) as view:
+                    await conn.send_view(view)
+            await conn.send_bytes(conn.end_bytes())
+            await conn.stream.send_eof()
+    [(status, _, answer)] = responses(bytes(received), ["GET"])
+    assert (status, answer) == (200, body)
+
+
+async def test_a_client_gone_during_a_big_body_piece_is_client_gone() -> None:
+    conn, client = await _connection_pair()
+    await _request(conn, client)
+    body = b"y" * (8 * 1024 * 1024)
+    await conn.send_bytes(conn.response_head(200, [(b"content-length", str(len(body)).encode())]))
+    await client.aclose()
+    with trio.fail_after(10), pytest.raises(ClientGone):
+        await conn.send_view(memoryview(body))
