@@ -9,9 +9,6 @@ its last byte; either way nothing after an abort is sent.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import trio
 import trio.testing
@@ -30,71 +27,11 @@ from registry.mirror_job import (
     MirrorJob,
     MirrorSettings,
 )
-from registry.peer_client import PeerError
-from registry.ranges import RangeSpec, parse_range
+from registry.ranges import RangeSpec
 from registry.reference import Reference
 from tests.fakes import MemoryNetwork, MemoryRouter
 
-
-@dataclass
-class FakePeer:
-    data: bytes  # what this peer serves (may differ from the true blob: a liar)
-    cut_at: int | None  # absolute offset at which its stream breaks
-    chunk: int
-
-
-class FakeResponse:
-    def __init__(self, peer: FakePeer, start: int, end: int, digest: str, ranged: bool) -> None:
-        self.status = 206 if ranged else 200
-        self.headers = {
-            "content-type": "application/octet-stream",
-            "docker-content-digest": digest,
-            "content-length": str(end - start + 1),
-        }
-        if ranged:
-            self.headers["content-range"] = f"bytes {start}-{end}/{len(peer.data)}"
-        self._peer, self._pos, self._end = peer, start, end + 1
-
-    async def receive(self) -> bytes | None:
-        await trio.lowlevel.checkpoint()
-        if self._pos >= self._end:
-            return None
-        if self._peer.cut_at is not None and self._pos >= self._peer.cut_at:
-            raise PeerError("cut")
-        stop = min(self._end, self._pos + self._peer.chunk)
-        if self._peer.cut_at is not None:
-            stop = min(stop, self._peer.cut_at)
-        piece, self._pos = self._peer.data[self._pos : stop], stop
-        return piece
-
-    async def receive_into(self, view: memoryview) -> int:
-        end, self._end = self._end, min(self._end, self._pos + len(view))
-        try:
-            piece = await self.receive()
-        finally:
-            self._end = end
-        if piece is None:
-            return 0
-        view[: len(piece)] = piece
-        return len(piece)
-
-
-class FakeClient:
-    def __init__(self, peers: dict[int, FakePeer], digest: str) -> None:
-        self.peers, self.digest = peers, digest
-
-    @asynccontextmanager
-    async def request(
-        self, host: str, port: int, method: str, target: str, headers: list[tuple[str, str]]
-    ) -> AsyncIterator[FakeResponse]:
-        peer = self.peers[port]
-        size = len(peer.data)
-        ranged = dict(headers).get("Range")
-        start, end = 0, size - 1
-        if ranged:
-            r = parse_range(ranged).resolve(size)
-            start, end = r.start, r.end
-        yield FakeResponse(peer, start, end, self.digest, ranged is not None)
+from .memory_peers import FakeClient, FakePeer
 
 
 async def mirror(
@@ -146,7 +83,7 @@ def scenarios(draw: st.DrawFn) -> tuple[bytes, list[FakePeer], RangeSpec | None,
             lied = True
         last = i == n - 1
         cut = None if last else draw(st.integers(0, size))
-        peers.append(FakePeer(bytes(data), cut, draw(st.integers(1, 700))))
+        peers.append(FakePeer(bytes(data), cut_at=cut, chunk=draw(st.integers(1, 700))))
     client_range = None
     if draw(st.booleans()):
         first = draw(st.integers(0, size - 1))

@@ -10,9 +10,7 @@ buffer goes back.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 import trio.testing
@@ -24,85 +22,16 @@ from registry.distribution import ContentKind, ContentRequest
 from registry.forwarder import Forwarder
 from registry.interfaces import Peer
 from registry.mirror_job import MirrorAbort, MirrorHead, MirrorItem, MirrorJob, MirrorSettings
-from registry.peer_client import PeerError
 from registry.range_plan import RangePlan
-from registry.ranges import RangeSpec, parse_range
+from registry.ranges import RangeSpec
 from registry.reference import Reference
 from tests.fakes import MemoryNetwork, MemoryRouter
+
+from .memory_peers import FakeClient, FakePeer
 
 BUFFER = 4096
 
 
-@dataclass
-class FakePeer:
-    data: bytes  # what it serves (differs from the blob: a liar)
-    chunk: int  # bytes per receive
-    delay: float = 0.0  # seconds per receive (slow)
-    cut_at: int | None = None  # absolute offset where its streams break
-    frozen_at: int | None = None  # absolute offset where its streams stop sending for good
-    ranges: list[tuple[int, int]] = field(default_factory=list)  # requests it answered
-
-    @property
-    def lies(self) -> bool:
-        return False
-
-
-class FakeResponse:
-    def __init__(self, peer: FakePeer, start: int, end: int, digest: str, ranged: bool) -> None:
-        self.status = 206 if ranged else 200
-        self.headers = {
-            "content-type": "application/octet-stream",
-            "docker-content-digest": digest,
-            "content-length": str(end - start + 1),
-        }
-        if ranged:
-            self.headers["content-range"] = f"bytes {start}-{end}/{len(peer.data)}"
-        self._peer, self._pos, self._end = peer, start, end + 1
-
-    async def receive_into(self, view: memoryview) -> int:
-        peer = self._peer
-        if peer.delay:
-            await trio.sleep(peer.delay)
-        else:
-            await trio.lowlevel.checkpoint()
-        if self._pos >= self._end:
-            return 0
-        if peer.frozen_at is not None and self._pos >= peer.frozen_at:
-            await trio.sleep_forever()
-        if peer.cut_at is not None and self._pos >= peer.cut_at:
-            raise PeerError("cut")
-        stop = min(self._end, self._pos + peer.chunk, self._pos + len(view))
-        for limit in (peer.cut_at, peer.frozen_at):
-            if limit is not None and limit > self._pos:
-                stop = min(stop, limit)
-        n = stop - self._pos
-        view[:n] = peer.data[self._pos : stop]
-        self._pos = stop
-        return n
-
-    async def receive(self) -> bytes | None:
-        buffer = bytearray(1 << 16)
-        n = await self.receive_into(memoryview(buffer))
-        return bytes(buffer[:n]) if n else None
-
-
-class FakeClient:
-    def __init__(self, peers: dict[int, FakePeer], digest: str) -> None:
-        self.peers, self.digest = peers, digest
-
-    @asynccontextmanager
-    async def request(
-        self, host: str, port: int, method: str, target: str, headers: list[tuple[str, str]]
-    ) -> AsyncIterator[FakeResponse]:
-        peer = self.peers[port]
-        size = len(peer.data)
-        ranged = dict(headers).get("Range")
-        start, end = 0, size - 1
-        if ranged:
-            r = parse_range(ranged).resolve(size)
-            start, end = r.start, r.end
-        peer.ranges.append((start, end))
-        yield FakeResponse(peer, start, end, self.digest, ranged is not None)
 
 
 @dataclass
