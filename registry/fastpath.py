@@ -154,21 +154,19 @@ class _FrontDoor:
         await run_asgi(self.app, conn, request, client=client, server=server, state=self.state)
 
     async def _plan(self, request: HttpRequest) -> LocalBlob | None:
-        path, _, query = split_target(request.target)
-        ns_values = parse_qs(query.decode("latin-1")).get("ns")
+        path, ns = _path_and_ns(request)
         return await plan_local_blob(
             self.app,
             method=request.method,
             path=path,
-            ns=ns_values[0] if ns_values else None,
+            ns=ns,
             range_header=request.header(b"range"),
             authorization=request.header(b"authorization"),
             mirrored=(request.header(b"x-spegel-mirrored") or "").strip().lower() == "true",
         )
 
     async def _plan_mirror(self, request: HttpRequest, ip: str) -> MirrorPlan | None:
-        path, _, query = split_target(request.target)
-        ns_values = parse_qs(query.decode("latin-1")).get("ns")
+        path, ns = _path_and_ns(request)
         headers = {
             name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers
         }
@@ -176,7 +174,7 @@ class _FrontDoor:
             self.app,
             method=request.method,
             path=path,
-            ns=ns_values[0] if ns_values else None,
+            ns=ns,
             headers=headers,
             client_ip=ip or None,
         )
@@ -345,3 +343,10 @@ async def serve_front_door(
             server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
+
+
+def _path_and_ns(request: HttpRequest) -> tuple[str, str | None]:
+    """The request's path and its first `ns` query value (the mirrored registry), if any."""
+    path, _, query = split_target(request.target)
+    ns_values = parse_qs(query.decode("latin-1")).get("ns")
+    return path, ns_values[0] if ns_values else None
