@@ -59,6 +59,7 @@ from registry.mirror_job import (
     MirrorJob,
     MirrorSettings,
 )
+from registry.own_downloads import FED_BY_HEADER
 from registry.peer_client import PeerClient
 from registry.provider_choice import UploadSlots
 from registry.ranges import RangeError, RangeNotSatisfiable, RangeSpec, parse_range
@@ -324,6 +325,8 @@ class _Registry:
             return None
         # whether a file backs it is checked once, when the fast path opens it (`LocalBlob.open`)
         headers = {name.lower(): value for name, value in headers.items()}
+        if ingest is not None and (fed_by := self.forwarder.own.fed_by(ingest.digest)):
+            headers[FED_BY_HEADER.lower()] = ",".join(fed_by)  # see registry.own_downloads
         return LocalBlob(status, headers, start, length, self.store, descriptor, ingest)
 
     async def plan_mirror_blob(

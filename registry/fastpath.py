@@ -116,11 +116,18 @@ class _FrontDoor:
         if upload is None:
             await self._dispatch(conn, request, client, server)
             return
-        # a peer fetching a blob from us: bounded (--peer-upload-limit), so a burst forms a tree
-        slots = self.app.extensions["spegla.registry"].uploads
-        if not slots.try_acquire(upload, lagging=UPLOADS.lagging(LAGGING_BYTES)):
+        # a peer fetching a blob from us: bounded (--peer-upload-limit), so a burst forms a tree;
+        # and never fed from a download of ours that has no source or that it feeds itself
+        registry = self.app.extensions["spegla.registry"]
+        slots = registry.uploads
+        refusal = registry.forwarder.own.refusal(upload, client[0] if client else "")
+        if refusal is not None or not slots.try_acquire(
+            upload, lagging=UPLOADS.lagging(LAGGING_BYTES)
+        ):
             UPLOADS_BUSY.inc()
-            body = error_body(ErrorCode.TOOMANYREQUESTS, "upload limit reached, ask another peer")
+            body = error_body(
+                ErrorCode.TOOMANYREQUESTS, refusal or "upload limit reached, ask another peer"
+            )
             headers = [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),

@@ -29,7 +29,7 @@ import functools
 import logging
 import math
 import time
-from contextlib import AsyncExitStack, suppress
+from contextlib import AsyncExitStack, ExitStack, suppress
 from urllib.parse import quote
 
 import trio
@@ -73,6 +73,7 @@ from registry.mirror_job import (
 )
 from registry.mirror_report import MirrorReport
 from registry.multi_peer_run import MultiPeerRun
+from registry.own_downloads import FED_BY_HEADER, DownloadFeed, OwnDownloads, parse_fed_by
 from registry.peer_client import PeerClient
 from registry.peer_race import SlowPeers, open_hedged
 from registry.peer_supply import PeerSupply, RouterFailure
@@ -125,6 +126,8 @@ class Forwarder:
         )
         # peers that answered 404 for a key they advertise: skipped for it for a while
         self.stale = stale if stale is not None else StaleProviders(self.settings.stale_ttl)
+        # where the blobs streaming to this node's containerd come from (no loops in a burst)
+        self.own = OwnDownloads()
 
     async def run(self, job: MirrorJob, send: trio.MemorySendChannel[MirrorItem]) -> None:
         """Produce the mirror response for `job` on `send` (closed when done)."""
@@ -177,6 +180,11 @@ class _Run:
             forwarder.events, self.ref, job.method, self.is_blob, self.attempts
         )
         self.claiming: ClaimingSupply | None = None  # blob GETs when claims are on
+        # blob GETs: this download's source now (registry.own_downloads)
+        self.feed: DownloadFeed | None = None
+        # no-progress bound across resumptions: the position last reached, and since when
+        self.stuck_at = -1
+        self.stuck_since = 0.0
 
     async def _emit(self, item: MirrorItem) -> None:
         """Hand an item to the response; a response that stops reading counts as gone."""
@@ -235,8 +243,11 @@ class _Run:
                 else:
                     nursery.start_soon(supply.feed)
                 try:
-                    async with AsyncExitStack() as stack:
-                        await self._serve(supply, stack)
+                    with ExitStack() as feeds:
+                        if self.is_blob and not self.is_head and self.ref.digest:
+                            self.feed = feeds.enter_context(self.fw.own.open(self.ref.digest))
+                        async with AsyncExitStack() as stack:
+                            await self._serve(supply, stack)
                 finally:
                     if self.claiming is not None:
                         await self.claiming.finish()
@@ -308,6 +319,12 @@ class _Run:
             self.report.serving = [opened.peer]  # a fresh answer (not a resumption)
         else:
             self.report.serving.append(opened.peer)
+        if self.feed is not None:
+            peer = opened.result.peer
+            chain: tuple[str, ...] = ()
+            if peer.state is PeerState.INFLIGHT:
+                chain = parse_fed_by(opened.result.response.headers.get(FED_BY_HEADER.lower()))
+            self.feed.streaming(peer.host, chain)
         return opened.result
 
     def _multi(self) -> MultiPeerRun:
@@ -457,8 +474,17 @@ class _Run:
                 await self.fail(404, give_up.message, give_up.attempts)
                 return
 
+    def _patience_left(self, position: int) -> float:
+        """How much longer resumptions may go on: `resume_patience` since the body last got
+        further (a resumed source that stalls again at the same byte does not reset it, so a
+        burst whose only sources feed each other ends, and containerd resumes elsewhere)."""
+        now = trio.current_time()
+        if position > self.stuck_at:
+            self.stuck_at, self.stuck_since = position, now
+        return self.settings.resume_patience - (now - self.stuck_since)
+
     async def _resume_patiently(
-        self, stack: AsyncExitStack, requested: ByteRange, give_up: GiveUp
+        self, stack: AsyncExitStack, requested: ByteRange, give_up: GiveUp, patience: float
     ) -> PeerFetch | GiveUp:
         """Part of the body is out and every source failed: wait for a provider
         (`registry.resume_wait`), asking peers directly (a claim has decided already), each
@@ -479,7 +505,7 @@ class _Run:
                 self.fw.router,
                 self.ref.identifier,
                 attempt,
-                patience=self.settings.resume_patience,
+                patience=patience,
                 interval=self.settings.resume_interval,
             )
         finally:
@@ -511,14 +537,23 @@ class _Run:
 
         async def resume(position: int) -> Continuation | GiveUp:
             await stack.aclose()
+            if self.feed is not None:
+                self.feed.searching()
             if self.claiming is not None and self.report.serving:
                 self.claiming.failed(self.report.serving[-1])  # its stream broke: another source
             requested = ByteRange(position, size - 1, size)
+            patience = self._patience_left(position)
+            if patience <= 0:
+                return GiveUp(
+                    f"no progress past byte {position} of {self.ref.identifier} for "
+                    f"{self.settings.resume_patience:g} s",
+                    self.attempts.failed,
+                )
             resumed: PeerFetch | GiveUp | None = self.attempts.fetch_failed()
             if resumed is None:
                 resumed = await self._fetch(supply, stack, requested, size)
             if isinstance(resumed, GiveUp) and self.head_sent:
-                resumed = await self._resume_patiently(stack, requested, resumed)
+                resumed = await self._resume_patiently(stack, requested, resumed, patience)
             if isinstance(resumed, GiveUp):
                 return resumed
             return Continuation(resumed.peer, resumed.response)
@@ -549,9 +584,7 @@ class _Run:
                 await self.fw.discard.discard_download(digest)
         return outcome
 
-    async def _punish(
-        self, outcome: Mismatch, size: int, digest: str, supply: PeerSupply
-    ) -> None:
+    async def _punish(self, outcome: Mismatch, size: int, digest: str, supply: PeerSupply) -> None:
         """Quarantine the peers behind a multi-peer blob that did not match (see
         `MultiPeerRun.liars`) and drop what this node's containerd has of it."""
         liars = await self._multi().liars(outcome, size, digest, supply)

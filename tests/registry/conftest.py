@@ -8,6 +8,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h11
 import httpx
@@ -35,6 +36,7 @@ class Node:
     router: MemoryRouter
     port: int
     stats: FastPathStats
+    app: Any = None  # the Quart app (its extensions hold the registry's parts)
 
     @property
     def peer(self) -> Peer:
@@ -78,7 +80,7 @@ def start_node(nursery: trio.Nursery, network: MemoryNetwork) -> StartNode:
         port = await nursery.start(
             functools.partial(serve_registry, app, LOOPBACK, 0, zero_copy=zero_copy, stats=stats)
         )
-        node = Node(store, router, port, stats)
+        node = Node(store, router, port, stats, app)
         router.self_peer = node.peer
         if claims is not None:
             claims.node_id = node.peer.node_id
