@@ -143,6 +143,14 @@ class _Registry:
     async def dispatch(self, path: str) -> Response:
         return await self._dispatch(path, request.method)
 
+    def still_written(self, digest: str) -> Callable[[], bool] | None:
+        """A check that this node's download of `digest` is still in progress (its writer alive:
+        the store's in-flight table drops a download nobody writes); None without such a table."""
+        inflight = self.inflight
+        if inflight is None:
+            return None
+        return lambda: inflight.find_inflight(digest) is not None
+
     def authorized(self, header: str | None) -> bool:
         """The one authentication check, made before anything is looked up (both paths)."""
         return authorized(self.settings.basic_auth, header)
@@ -230,7 +238,7 @@ class _Registry:
         """A blob still downloading: full size announced, bytes as they land (registry.inflight)."""
 
         def growing_body(start: int, length: int) -> AsyncIterator[bytes] | Response:
-            growing = GrowingFile(ingest)
+            growing = GrowingFile(ingest, written=self.still_written(ingest.digest))
             try:
                 growing.open()
             except OSError:

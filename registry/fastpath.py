@@ -45,6 +45,7 @@ from registry.inflight import UPLOADS, GrowingFile, IngestBroken, upload_growing
 from registry.interfaces import ContentNotFound
 from registry.metrics import HTTP_INFLIGHT, UPLOADS_ACTIVE, UPLOADS_BUSY
 from registry.mirror_door import serve_mirror_blob
+from registry.own_downloads import REFUSED_HEADER
 from registry.transfer_report import TransferReport
 
 __all__ = ["FastPathStats", "serve_front_door"]
@@ -125,14 +126,17 @@ class _FrontDoor:
             upload, lagging=UPLOADS.lagging(LAGGING_BYTES)
         ):
             UPLOADS_BUSY.inc()
-            body = error_body(
-                ErrorCode.TOOMANYREQUESTS, refusal or "upload limit reached, ask another peer"
-            )
+            message = "upload limit reached, ask another peer"
+            if refusal is not None:
+                message = refusal.message
+            body = error_body(ErrorCode.TOOMANYREQUESTS, message)
             headers = [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"retry-after", b"1"),
             ]
+            if refusal is not None:
+                headers.append((REFUSED_HEADER.lower().encode(), refusal.kind.encode()))
             data = conn.response_head(429, headers) + conn.body_bytes(body) + conn.end_bytes()
             await conn.send_bytes(data)
             return
@@ -186,6 +190,13 @@ class _FrontDoor:
             client_ip=ip or None,
         )
 
+    def _still_written(self, digest: str) -> Callable[[], bool] | None:
+        """Whether this node's download of `digest` is still being written (None: unknown)."""
+        check: Callable[[], bool] | None = self.app.extensions["spegla.registry"].still_written(
+            digest
+        )
+        return check
+
     def _report(
         self, request: HttpRequest, plan: LocalBlob, client: Address
     ) -> TransferReport | None:
@@ -214,7 +225,9 @@ class _FrontDoor:
             growing: GrowingFile | None = None
             try:
                 if plan.ingest is not None:  # still downloading here: follow the growing file
-                    growing = stack.enter_context(GrowingFile(plan.ingest))
+                    growing = stack.enter_context(
+                        GrowingFile(plan.ingest, written=self._still_written(plan.ingest.digest))
+                    )
                 else:
                     path = await stack.enter_async_context(plan.open())
                 if request.method == "GET" and plan.length and growing is None:

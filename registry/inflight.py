@@ -63,15 +63,26 @@ class IngestBroken(Exception):
 class InflightSettings:
     poll_interval: float = 0.025  # how often a waiting response looks for new bytes
     stall_timeout: float = 10.0  # no new bytes for this long: cut (the requester resumes elsewhere)
+    # while no bytes come, how often to ask whether a process still writes the download (its
+    # containerd may have died: then the body is cut at once, not after `stall_timeout`)
+    writer_check_interval: float = 0.5
     read_size: int = 1024 * 1024
 
 
 class GrowingFile:
     """An ingest's `data` file, opened once, read as its contiguous prefix grows."""
 
-    def __init__(self, ingest: IngestFile, settings: InflightSettings | None = None) -> None:
+    def __init__(
+        self,
+        ingest: IngestFile,
+        settings: InflightSettings | None = None,
+        written: Callable[[], bool] | None = None,
+    ) -> None:
         self.ingest = ingest
         self.settings = settings or InflightSettings()
+        # does a process still write this download? (the store's in-flight table says; None:
+        # unknown, only the stall bound applies)
+        self.written = written
         self.fd = -1
         self._identity: tuple[int, int] = (0, 0)
         self._largest = 0  # the largest size seen: a file smaller than that was truncated
@@ -139,13 +150,19 @@ class GrowingFile:
         Raises IngestBroken when the download stalled, shrank, or was aborted or restarted.
         """
         settings = self.settings
-        give_up = trio.current_time() + settings.stall_timeout
+        now = trio.current_time()
+        give_up = now + settings.stall_timeout
+        ask_writer = now + settings.writer_check_interval
         while True:
             end = self.contiguous_end(position)
             if end > position:
                 return end
             if not self.still_ours():
                 raise IngestBroken(f"{self.ingest.digest}: the download was aborted or restarted")
+            if self.written is not None and trio.current_time() >= ask_writer:
+                ask_writer = trio.current_time() + settings.writer_check_interval
+                if not self.written() and self.contiguous_end(position) <= position:
+                    raise IngestBroken(f"{self.ingest.digest}: nobody writes the download any more")
             if trio.current_time() >= give_up:
                 raise IngestBroken(
                     f"{self.ingest.digest}: no new bytes for {settings.stall_timeout} s"

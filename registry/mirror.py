@@ -147,9 +147,12 @@ class PeerAnswerError(ValueError):
 class PeerBusy(PeerAnswerError):
     """The peer is at its upload limit (429/503): ask another, try it again after `retry_after`."""
 
-    def __init__(self, retry_after: float) -> None:
+    def __init__(self, retry_after: float, refused: str = "") -> None:
         super().__init__(f"peer is busy (retry after {retry_after:g} s)")
         self.retry_after = retry_after
+        # set when the peer cannot serve it at all now (registry.own_downloads: "no-source",
+        # "loop"), not merely at its upload limit
+        self.refused = refused
 
 
 @dataclass(frozen=True, slots=True)

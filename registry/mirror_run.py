@@ -69,6 +69,36 @@ if TYPE_CHECKING:
     from registry.forwarder import Forwarder
 
 
+class RefusalRounds:
+    """While a half-sent body waits for a provider: whether the providers there are all refuse
+    for good reason ("no-source" or "loop", `registry.own_downloads`) round after round.  Then the
+    body is cut at once rather than after `resume_patience`: containerd resumes it through a fresh
+    request, whose claim sends one node upstream for the rest."""
+
+    ROUNDS = 2  # rounds in a row with only such refusals (a round is `resume_interval` apart)
+
+    def __init__(self) -> None:
+        self.refused = 0  # this round: peers that cannot serve it now
+        self.busy = 0  # this round: peers merely at their upload limit (worth waiting for)
+        self.hopeless_rounds = 0
+
+    def new_round(self) -> None:
+        if self.refused and not self.busy:
+            self.hopeless_rounds += 1
+        elif self.refused or self.busy:
+            self.hopeless_rounds = 0
+        self.refused = self.busy = 0
+
+    def count(self, busy: PeerBusy) -> None:
+        if busy.refused:
+            self.refused += 1
+        else:
+            self.busy += 1
+
+    def hopeless(self) -> bool:
+        return self.hopeless_rounds + (1 if self.refused and not self.busy else 0) >= self.ROUNDS
+
+
 class MirrorRun:
     """One mirror request: its attempts, its source now, what went out, and the sequence."""
 
@@ -105,6 +135,7 @@ class MirrorRun:
         # no-progress bound across resumptions: the position last reached, and since when
         self.stuck_at = -1
         self.stuck_since = 0.0
+        self.refusals = RefusalRounds()  # providers that cannot serve it at all now
 
     async def _emit(self, item: MirrorItem) -> None:
         """Hand an item to the response; a response that stops reading counts as gone."""
@@ -201,6 +232,7 @@ class MirrorRun:
 
         def failed_or_busy(peer: Peer, exc: Exception) -> None:
             if isinstance(exc, PeerBusy):  # at its upload limit: the next provider is asked
+                self.refusals.count(exc)
                 logger.info(
                     "peer busy", extra={"peer": peer_address(peer), "key": self.ref.identifier}
                 )
@@ -415,6 +447,7 @@ class MirrorRun:
         async def attempt(supply: PeerSupply) -> PeerFetch | GiveUp:
             avoid = saved.avoid | self.verify.avoided(self.ref.digest)
             self.attempts = MirrorAttempts(saved.identifier, saved.max_attempts, avoid)
+            self.refusals.new_round()
             try:
                 return await self._fetch(supply, stack, requested, requested.size)
             finally:
@@ -427,6 +460,7 @@ class MirrorRun:
                 attempt,
                 patience=patience,
                 interval=self.settings.resume_interval,
+                hopeless=self.refusals.hopeless,
             )
         finally:
             self.attempts, self.claiming = saved, claiming
@@ -459,6 +493,7 @@ class MirrorRun:
             await stack.aclose()
             if self.feed is not None:
                 self.feed.searching()
+            self.refusals = RefusalRounds()
             if self.claiming is not None and self.report.serving:
                 self.claiming.failed(self.report.serving[-1])  # its stream broke: another source
             requested = ByteRange(position, size - 1, size)

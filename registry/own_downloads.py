@@ -21,9 +21,12 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-__all__ = ["FED_BY_HEADER", "Feed", "OwnDownloads", "parse_fed_by"]
+__all__ = ["FED_BY_HEADER", "REFUSED_HEADER", "Feed", "OwnDownloads", "Refusal", "parse_fed_by"]
 
 FED_BY_HEADER = "Spegla-Fed-By"
+# on a refusal (429): "no-source" or "loop", so the requester knows waiting for this peer is
+# pointless (unlike a peer at its upload limit)
+REFUSED_HEADER = "Spegla-Refused"
 MAX_CHAIN = 16  # a longer chain is cut: refusing a loop past it is left to the stall bounds
 
 
@@ -50,6 +53,18 @@ def parse_fed_by(value: str | None) -> tuple[str, ...]:
         if host and len(host) <= 64 and all(c in "0123456789abcdefABCDEF.:" for c in host):
             hosts.append(host)
     return tuple(hosts[:MAX_CHAIN])
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a peer may not read this node's download: `kind` is "no-source" or "loop"."""
+
+    kind: str
+    message: str
+
+
+NO_SOURCE = Refusal("no-source", "this node's own download of it has no source right now")
+LOOP = Refusal("loop", "this node's own download of it comes from the asking node")
 
 
 class DownloadFeed:
@@ -87,7 +102,7 @@ class OwnDownloads:
         self._feeds.setdefault(digest, {})[token] = Feed(None)
         return DownloadFeed(self, digest, token)
 
-    def refusal(self, digest: str, requester: str) -> str | None:
+    def refusal(self, digest: str, requester: str) -> Refusal | None:
         """Why this node must not serve its download of `digest` to `requester` (a host), or
         None when it may."""
         feeds = self._feeds.get(digest)
@@ -95,9 +110,9 @@ class OwnDownloads:
             return None
         for feed in feeds.values():
             if feed.source is None:
-                return "this node's own download of it has no source right now"
+                return NO_SOURCE
             if requester in feed.hosts:
-                return "this node's own download of it comes from the asking node"
+                return LOOP
         return None
 
     def fed_by(self, digest: str) -> tuple[str, ...]:

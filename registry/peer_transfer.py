@@ -18,6 +18,7 @@ import trio
 from registry.interfaces import Peer
 from registry.mediatypes import MANIFEST_MEDIA_TYPES
 from registry.mirror import PeerAnswer, PeerAnswerError, PeerBusy, check_peer_answer
+from registry.own_downloads import REFUSED_HEADER
 from registry.peer_client import PeerClient, PeerError, PeerResponse
 from registry.ranges import ByteRange
 
@@ -102,7 +103,8 @@ async def open_transfer(
     if response.status == 404:
         on_not_found()
     if response.status in (429, 503):
-        raise PeerBusy(_retry_after(response.headers.get("retry-after")))
+        refused = response.headers.get(REFUSED_HEADER.lower(), "")[:16]
+        raise PeerBusy(_retry_after(response.headers.get("retry-after")), refused)
     answer = check_peer_answer(
         status=response.status,
         headers=response.headers,

@@ -5,7 +5,10 @@ EOF" and kubelet retries after its back-off), so once a response head has gone o
 tries harder than a fresh request would: every `interval` it runs a fresh lookup with a fresh
 budget of attempts, for up to `patience`, before the body is cut.  What it waits for is a
 provider's agent restarting (a DaemonSet rolls it) or an in-flight provider whose record arrives
-late.  The forwarder says how one attempt opens a transfer; this loop only paces the attempts.
+late.  It stops early when `hopeless` says the providers there are cannot serve it at all (their
+own downloads have no source, or come from this node: `registry.own_downloads`): waiting longer
+would not help, and the cut lets containerd's next request go through a claim.  The forwarder says
+how one attempt opens a transfer; this loop only paces the attempts.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ async def wait_for_provider(
     *,
     patience: float,
     interval: float,
+    hopeless: Callable[[], bool] | None = None,
 ) -> T | None:
     """`attempt(supply)` with a fresh lookup every `interval` until one opens a transfer (its
     result) or `patience` is over (None)."""
@@ -44,4 +48,6 @@ async def wait_for_provider(
             nursery.cancel_scope.cancel()
         if not isinstance(result, GiveUp):
             return result
+        if hopeless is not None and hopeless():
+            return None  # the providers there are cannot help (registry.own_downloads)
     return None

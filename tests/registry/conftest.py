@@ -158,6 +158,7 @@ class ScriptedPeer:
     digest: str = ""
     media_type: str = "application/octet-stream"
     cut: int = 0
+    dies_after: int = 0  # when set: after this many requests it hangs up without an answer
     port: int = 0
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
 
@@ -187,6 +188,8 @@ class ScriptedPeer:
                 return
         headers = {k.decode().lower(): v.decode() for k, v in event.headers}
         self.requests.append((event.method.decode(), event.target.decode(), headers))
+        if self.dies_after and len(self.requests) > self.dies_after:
+            return  # it died: hangs up on every later request
         if self.behaviour == "silent":
             await trio.sleep_forever()
         if self.behaviour == "500":

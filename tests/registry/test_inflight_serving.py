@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from registry.events import MirrorEvents, TransferProgress
 from registry.interfaces import IngestFile, PeerState
@@ -39,6 +40,13 @@ class DownloadingStore(MemoryContentStore):
 
     def find_inflight(self, digest: str) -> IngestFile | None:
         return self.ingest if digest == DIGEST and not self.done else None
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """Virtual time for the tests that ask for it; it jumps once every task has waited 20 ms of
+    real time (the loopback I/O here is a few small reads)."""
+    return trio.testing.MockClock(autojump_threshold=0.02)
 
 
 def start_file(path: str) -> None:
@@ -118,6 +126,30 @@ async def test_an_aborted_download_cuts_the_body_short(
                     if len(got) >= 4096:
                         os.unlink(store.ingest.data_path)  # containerd aborted the download
     assert bytes(got) == CONTENT[:4096]
+
+
+@pytest.mark.parametrize("zero_copy", [True, False])
+async def test_a_download_nobody_writes_any_more_is_cut_at_once_not_after_the_stall_bound(
+    clock: trio.testing.MockClock, tmp_path: Path, start_node: StartNode, zero_copy: bool
+) -> None:
+    """The holder's containerd died mid-download: its file stays, but the store's in-flight
+    table drops it (no writer).  A peer's body is cut within a writer check (0.5 s), not after
+    the 10 s stall bound, so the peer resumes elsewhere at once."""
+    store = DownloadingStore(tmp_path)
+    start_file(store.ingest.data_path)
+    holder = await start_node(store, zero_copy=zero_copy)
+    async with holder.client() as client:
+        async with client.stream("GET", PATH, headers=PEER) as response:
+            assert response.status_code == 200
+            got = bytearray()
+            with pytest.raises(httpx.RemoteProtocolError):
+                async for chunk in response.aiter_bytes():
+                    got += chunk
+                    if len(got) >= 4096:
+                        store.done = True  # the watcher dropped it: nobody writes it
+                        cut_from = trio.current_time()
+    assert bytes(got) == CONTENT[:4096]
+    assert trio.current_time() - cut_from < 3.0
 
 
 async def test_an_inflight_upload_reports_its_progress(

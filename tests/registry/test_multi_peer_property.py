@@ -32,8 +32,6 @@ from .memory_peers import FakeClient, FakePeer
 BUFFER = 4096
 
 
-
-
 @dataclass
 class Outcome:
     head: MirrorItem

@@ -19,10 +19,12 @@ import trio.testing
 
 from registry.app import RegistrySettings
 from registry.interfaces import IngestFile, PeerState
+from registry.mirror import PeerBusy
 from registry.mirror_job import MirrorSettings
+from registry.mirror_run import RefusalRounds
 from registry.own_downloads import MAX_CHAIN, OwnDownloads, parse_fed_by
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter
-from tests.registry.conftest import StartNode
+from tests.registry.conftest import ScriptedPeer, StartNode, StartScripted
 
 CONTENT = os.urandom(3 * 1024 * 1024)
 DIGEST = "sha256:" + hashlib.sha256(CONTENT).hexdigest()
@@ -133,3 +135,66 @@ async def test_two_nodes_holding_the_same_stalled_prefix_do_not_wait_on_each_oth
                 nursery.start_soon(pull, i)
     assert [answers[i].status_code for i in range(2)] == [404, 404]
     assert trio.current_time() - started < 1.0
+
+
+def test_refusal_rounds_are_hopeless_only_when_nobody_is_merely_busy() -> None:
+    rounds = RefusalRounds()
+    rounds.count(PeerBusy(1.0, "no-source"))
+    assert not rounds.hopeless()  # one round is not enough
+    rounds.new_round()
+    rounds.count(PeerBusy(1.0, "loop"))
+    assert rounds.hopeless()
+    busy = RefusalRounds()
+    for _ in range(5):
+        busy.new_round()
+        busy.count(PeerBusy(1.0, "no-source"))
+        busy.count(PeerBusy(1.0))  # at its upload limit: it will serve, so keep waiting
+    assert not busy.hopeless()
+
+
+async def test_a_half_sent_body_whose_only_providers_refuse_is_cut_at_once(
+    clock: trio.testing.MockClock,
+    start_node: StartNode,
+    start_scripted: StartScripted,
+    network: MemoryNetwork,
+    tmp_path: Path,
+) -> None:
+    """Two nodes stream a blob from a source that breaks after 1 MiB (it died); the only other
+    providers are each other's downloads, which have no source now.  Each body is cut within a
+    second or so (containerd resumes through a fresh request, whose claim sends one node
+    upstream), not after the 20 s resume patience."""
+    source = await start_scripted(
+        ScriptedPeer("cut", body=CONTENT, digest=DIGEST, cut=1 << 20, dies_after=2)
+    )
+    network.add(DIGEST, source.peer)
+    # streamed (not held whole until verified), so the head goes out before the source breaks
+    mirror = MirrorSettings(resolve_timeout=0.1, response_timeout=2.0, verify_first_max=1024)
+    settings = RegistrySettings(mirror=mirror)
+    nodes = [
+        await start_node(
+            StalledDownload(tmp_path / name), settings=settings, router=MemoryRouter(network)
+        )
+        for name in ("a", "b")
+    ]
+    for node in nodes:
+        network.add(DIGEST, replace(node.peer, state=PeerState.INFLIGHT))
+    ended: dict[int, float] = {}
+    got: dict[int, int] = {}
+
+    async def pull(i: int) -> None:
+        async with nodes[i].client() as http:
+            async with http.stream("GET", PATH) as response:
+                assert response.status_code == 200
+                got[i] = 0
+                with pytest.raises(httpx.RemoteProtocolError):
+                    async for chunk in response.aiter_bytes():
+                        got[i] += len(chunk)
+        ended[i] = trio.current_time()
+
+    started = trio.current_time()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for i in range(2):
+                nursery.start_soon(pull, i)
+    assert all(0 < got[i] < len(CONTENT) for i in range(2)), got
+    assert max(ended.values()) - started < 5.0, ended

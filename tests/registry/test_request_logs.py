@@ -70,15 +70,18 @@ async def test_mirror_hit_and_miss_lines(
     assert (hit.status_code, tag.status_code, miss.status_code) == (200, 200, 404)
     blob, head, missed = mirror_lines(caplog)
     assert blob.levelno == logging.INFO and blob.getMessage() == "mirror hit"
-    assert vars(blob).items() >= {
-        "cache": "hit",
-        "key": content.layer,
-        "peer": f"127.0.0.1:{provider.port}",
-        "registry": "docker.io",
-        "method": "GET",
-        "bytes": len(content.layer_bytes),
-        "attempts": 1,
-    }.items()
+    assert (
+        vars(blob).items()
+        >= {
+            "cache": "hit",
+            "key": content.layer,
+            "peer": f"127.0.0.1:{provider.port}",
+            "registry": "docker.io",
+            "method": "GET",
+            "bytes": len(content.layer_bytes),
+            "attempts": 1,
+        }.items()
+    )
     assert isinstance(blob.duration_ms, float) and blob.duration_ms >= 0
     assert not hasattr(blob, "reason")
     assert (head.key, head.bytes, head.cache) == (content.tag_key, 0, "hit")
@@ -176,22 +179,28 @@ async def test_access_lines_for_app_and_sendfile_requests(
     assert sorted(by_handler) == ["blob", "mirror"]
     served, mirrored = by_handler["blob"], by_handler["mirror"]
     path = f"/v2/library/app/blobs/{content.layer}"
-    assert vars(served).items() >= {
-        "path": path,
-        "status": 200,
-        "method": "GET",
-        "ip": "127.0.0.1",  # the client node's own connection to its peer
-        "registry": "docker.io",
-        "bytes": len(content.layer_bytes),
-    }.items()
-    assert vars(mirrored).items() >= {
-        "path": path,
-        "status": 200,
-        "method": "GET",
-        "ip": "10.9.8.7",
-        "registry": "docker.io",
-        "bytes": len(content.layer_bytes),
-    }.items()
+    assert (
+        vars(served).items()
+        >= {
+            "path": path,
+            "status": 200,
+            "method": "GET",
+            "ip": "127.0.0.1",  # the client node's own connection to its peer
+            "registry": "docker.io",
+            "bytes": len(content.layer_bytes),
+        }.items()
+    )
+    assert (
+        vars(mirrored).items()
+        >= {
+            "path": path,
+            "status": 200,
+            "method": "GET",
+            "ip": "10.9.8.7",
+            "registry": "docker.io",
+            "bytes": len(content.layer_bytes),
+        }.items()
+    )
     assert all(r.levelno == logging.DEBUG and r.latency >= 0 for r in lines)
     # app-served local content and the API check: handler names as Spegel's
     async with provider.client() as http:
