@@ -6,10 +6,12 @@ connections but never answers (a frozen process, a node under memory pressure) w
 cost a whole `response_timeout` (2 s) before fail-over; with hedging it costs one hedge delay.
 
 The delay is a high quantile (`quantile`, p90) of the last `window` times from sending a request to
-a peer to having its response head, clamped to [`floor`, `ceiling`]: on a healthy cluster peers
-answer in a few milliseconds, so the floor (50 ms, as Spegel's resilient hedging) is what counts;
-when every peer is slow the quantile grows and hedges stop doubling load, but never beyond the
-ceiling (well under a second).  With no history yet the floor is used.
+a peer to having its first body bytes (its response head, for HEAD and empty bodies), clamped to
+[`floor`, `ceiling`]: on a healthy cluster peers answer in a few milliseconds, so the floor (50 ms,
+as Spegel's resilient hedging) is what counts; when every peer is slow the quantile grows and
+hedges stop doubling load, but never beyond the ceiling (well under a second).  With no history
+yet the floor is used.  Samples from in-flight providers are left out: their first bytes may wait
+on their own upstream download.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class HedgeDelay:
         self._samples: deque[float] = deque(maxlen=self.policy.window)
 
     def observe(self, seconds: float) -> None:
-        """A peer answered (response head) `seconds` after it was asked."""
+        """A peer answered (first body bytes) `seconds` after it was asked."""
         if seconds >= 0 and math.isfinite(seconds):
             self._samples.append(seconds)
 

@@ -219,6 +219,11 @@ class MirrorRun:
         provider slow to answer is hedged with the next one, see `registry.peer_race`)."""
 
         async def open_one(peer: Peer, inner: AsyncExitStack) -> PeerFetch:
+            # an answer counts (wins the race) once its first body bytes are here, within the
+            # same bound a stalled body has: a provider still downloading may wait on upstream
+            stall = self.settings.stall_timeout
+            if peer.state is PeerState.INFLIGHT:
+                stall = self.settings.inflight_stall_timeout
             return await open_transfer(
                 self.fw.client,
                 peer,
@@ -228,6 +233,7 @@ class MirrorRun:
                 expected_size=expected_size,
                 response_timeout=self.settings.response_timeout,
                 on_not_found=functools.partial(self._mark_stale, peer),
+                first_bytes_timeout=stall,
             )
 
         def failed_or_busy(peer: Peer, exc: Exception) -> None:

@@ -30,6 +30,8 @@ __all__ = ["PeerClient", "PeerError", "PeerResponse"]
 logger = logging.getLogger(__name__)
 
 READ_SIZE = 1024 * 1024
+# the read that proves a body is flowing (`PeerResponse.first_bytes`): small, it is handed on as is
+FIRST_READ = 64 * 1024
 
 
 class PeerError(Exception):
@@ -75,6 +77,27 @@ class PeerResponse:
                 raise PeerError("peer sent more than its Content-Length")
             if "close" in self.headers.get("connection", "").lower():
                 self.reusable = False
+
+    async def first_bytes(self) -> None:
+        """Wait until the body's first bytes are here; they stay for the next `receive`.
+
+        Returns at once for a body that is empty, complete, or already has bytes waiting (they
+        came with the head).  A peer that sends its head and then nothing is still waiting here:
+        the caller bounds it (and races another peer meanwhile, `registry.peer_race`).
+        """
+        if self.complete or self._pending:
+            return
+        if self._remaining is None:
+            data = await self._next_data()
+            if data is not None:
+                self._pending = data  # handed out first by `_next_data`/`_chunked_into`
+            return
+        if self._remaining == 0:
+            return
+        buffer = bytearray(min(FIRST_READ, self._remaining))
+        n = await self._read_socket(memoryview(buffer), len(buffer))
+        del buffer[n:]
+        self._pending = buffer
 
     async def receive(self) -> bytes | bytearray | None:
         """The next piece of the body, or None once the body is complete."""

@@ -2,10 +2,13 @@
 
 Why its own module: which peer is asked next (`registry.peer_supply`) and what one peer's answer
 must look like (`registry.peer_transfer`) do not change with hedging; what changes is *when* the
-next provider is asked.  `open_hedged` asks one provider; if it has not answered (response head)
-within the hedge delay (`registry.hedging`), the next usable provider is asked too, up to
-`max_racers` at once.  The first good answer wins; every other open attempt is cancelled by its
-cancel scope (its connection closed), so a long transfer is never fetched twice.  A provider that
+next provider is asked.  `open_hedged` asks one provider; if it has not answered within the hedge
+delay (`registry.hedging`), the next usable provider is asked too, up to `max_racers` at once.
+What counts as an answer is `open_one`'s to say: the mirror's (`registry.peer_transfer`) returns
+once the response head *and* the body's first bytes are here (kept for the body reader), so a
+peer that sends its head and then stalls is hedged like a silent one.  The first useful answer
+wins; every other open attempt is cancelled by its cancel scope (its connection closed), so a
+long transfer is never fetched twice: only the start is raced.  A provider that
 fails fast (refused, 404, bad headers) is failed over at once, as without hedging, and counts as a
 failed attempt; a cancelled loser does not.
 
@@ -25,7 +28,7 @@ from typing import Generic, TypeVar
 import trio
 
 from registry.hedging import HedgeDelay
-from registry.interfaces import Peer
+from registry.interfaces import Peer, PeerState
 from registry.mirror import GiveUp, MirrorAttempts, PeerAnswerError, PeerBusy, peer_key
 from registry.peer_client import PeerError
 from registry.peer_supply import PeerSupply, next_usable_peer
@@ -151,7 +154,8 @@ async def open_hedged(
             with trio.CancelScope(shield=True):
                 await stack.aclose()
             return
-        delay.observe(trio.current_time() - started)
+        if peer.state is not PeerState.INFLIGHT:  # its first bytes may wait on its upstream
+            delay.observe(trio.current_time() - started)
         race.winner = Opened(peer, result, stack, race.hedges > 0)
         now = trio.current_time()
         slow.answered(peer)

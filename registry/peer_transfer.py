@@ -88,11 +88,16 @@ async def open_transfer(
     expected_size: int | None,
     response_timeout: float,
     on_not_found: Callable[[], None],
+    first_bytes_timeout: float | None = None,
 ) -> PeerFetch:
     """Open `request` at `peer` on `stack` and check its answer.
 
     Raises PeerError, PeerAnswerError or trio.TooSlowError (the caller closes `stack`).
     `on_not_found` runs when the peer answers 404 (it advertised a key it no longer has).
+    With `first_bytes_timeout`, a GET with a non-empty body returns only once the body's first
+    bytes arrived (kept in the response for the reader): an answer is useful only then, so a peer
+    that sends its head and then stalls is raced like one that sends nothing
+    (`registry.peer_race`); no bytes within the timeout is a PeerError.
     """
     with trio.fail_after(response_timeout):
         response = await stack.enter_async_context(
@@ -116,6 +121,11 @@ async def open_transfer(
     )
     if not request.is_blob and answer.media_type not in MANIFEST_MEDIA_TYPES:
         raise PeerAnswerError(f"peer sent media type {answer.media_type}")
+    if first_bytes_timeout is not None and not request.is_head and answer.length > 0:
+        with trio.move_on_after(first_bytes_timeout) as waited:
+            await response.first_bytes()
+        if waited.cancelled_caught:
+            raise PeerError(f"peer sent its head but no body bytes for {first_bytes_timeout:g} s")
     return PeerFetch(peer, response, answer)
 
 

@@ -150,7 +150,9 @@ class ScriptedPeer:
     behaviour: "500" (answers 500), "429" (busy: at its upload limit), "404" (answers 404: it
     advertised content it no longer holds), "silent" (accepts, never answers), "cut" (announces
     `body` in full but sends only `cut` bytes, then closes), "serve" (serves `body` as `digest`,
-    honouring a Range, whatever the bytes are: with wrong bytes it is a lying peer).
+    honouring a Range, whatever the bytes are: with wrong bytes it is a lying peer), "mute"
+    (sends its head and the first `cut` body bytes, then silence until the requester hangs up,
+    which sets `hung_up`), "late" (sends its head, then the body after `pause` seconds).
     """
 
     behaviour: str
@@ -160,7 +162,9 @@ class ScriptedPeer:
     cut: int = 0
     dies_after: int = 0  # when set: after this many requests it hangs up without an answer
     port: int = 0
+    pause: float = 0.0
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    hung_up: trio.Event = field(default_factory=trio.Event)
 
     @property
     def peer(self) -> Peer:
@@ -224,6 +228,17 @@ class ScriptedPeer:
         if self.behaviour == "cut":
             await stream.send_all(payload + body[: self.cut])
             await trio.sleep(0.01)
+            return
+        if self.behaviour == "mute":
+            await stream.send_all(payload + body[: self.cut])
+            while await stream.receive_some(65536):
+                pass
+            self.hung_up.set()
+            return
+        if self.behaviour == "late":
+            await stream.send_all(payload)
+            await trio.sleep(self.pause)
+            await stream.send_all(body)
             return
         await stream.send_all(payload + body)
 

@@ -34,8 +34,26 @@ class FakeResponse:
         if ranged:
             self.headers["content-range"] = f"bytes {start}-{end}/{len(peer.data)}"
         self._peer, self._pos, self._end = peer, start, end + 1
+        self._pending = b""  # read by `first_bytes`, handed out first
+
+    async def first_bytes(self) -> None:
+        """As PeerResponse.first_bytes: wait for the body to start, keep what came."""
+        if self._pending or self._pos >= self._end:
+            return
+        buffer = bytearray(1 << 16)
+        n = await self._read_into(memoryview(buffer))
+        self._pending = bytes(buffer[:n])
 
     async def receive_into(self, view: memoryview) -> int:
+        if self._pending:
+            n = min(len(view), len(self._pending))
+            view[:n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            await trio.lowlevel.checkpoint()
+            return n
+        return await self._read_into(view)
+
+    async def _read_into(self, view: memoryview) -> int:
         peer = self._peer
         if peer.delay:
             await trio.sleep(peer.delay)

@@ -14,6 +14,7 @@ import trio.testing
 from registry.app import RegistrySettings
 from registry.hedging import HedgeDelay, HedgePolicy
 from registry.interfaces import Peer
+from registry.mediatypes import OCI_MANIFEST
 from registry.mirror_job import MirrorSettings
 from tests.fakes import MemoryNetwork
 
@@ -148,3 +149,80 @@ async def test_a_slow_start_is_raced_but_the_body_comes_from_one_peer(
     assert response.content == again.content == content.layer_bytes
     assert provider.stats.passed_on - sent_before == 2  # one request (and body) per pull
     assert len(silent.requests) == 2  # asked first each time, never waited out
+
+
+@pytest.mark.parametrize("kind", ["layer", "manifest"])
+async def test_headers_then_silence_costs_one_hedge_delay(
+    clock: trio.testing.MockClock,
+    start_node: StartNode,
+    network: MemoryNetwork,
+    start_scripted: StartScripted,
+    kind: str,
+) -> None:
+    """A provider that sends its response head at once and then no body byte is hedged like a
+    silent one: an answer is useful only once its first body bytes are here.  The loser's
+    connection is closed (its cancel scope), not left to the 5 s stall timeout."""
+    provider, content, client = await provider_and_client(start_node, network, SETTINGS)
+    key = content.layer if kind == "layer" else content.manifest
+    body = content.layer_bytes if kind == "layer" else content.manifest_bytes
+    media_type = "application/octet-stream" if kind == "layer" else OCI_MANIFEST
+    mute = await start_scripted(ScriptedPeer("mute", body, key, media_type))
+    network.remove(key, provider.peer)
+    advertise(network, key, mute, provider)  # the mute one is asked first
+    path = "blobs" if kind == "layer" else "manifests"
+    async with client.client() as http:
+        started = trio.current_time()
+        response = await http.get(f"/v2/library/app/{path}/{key}?ns=docker.io")
+        elapsed = trio.current_time() - started
+    assert response.status_code == 200
+    assert response.content == body
+    assert 0.05 <= elapsed < 0.5, elapsed  # one hedge delay, not stall_timeout (5 s)
+    assert len(mute.requests) == 1
+    with trio.fail_after(1):
+        await mute.hung_up.wait()  # the loser was hung up on
+
+
+async def test_without_hedging_headers_then_silence_costs_the_stall_timeout(
+    clock: trio.testing.MockClock,
+    start_node: StartNode,
+    network: MemoryNetwork,
+    start_scripted: StartScripted,
+) -> None:
+    """The control: one racer waits out the mute peer's first bytes (stall_timeout), then fails
+    over to the good provider."""
+    settings = RegistrySettings(
+        mirror=MirrorSettings(resolve_timeout=0.5, response_timeout=2.0, hedge_racers=1)
+    )
+    provider, content, client = await provider_and_client(start_node, network, settings)
+    mute = await start_scripted(ScriptedPeer("mute", content.layer_bytes, content.layer))
+    network.remove(content.layer, provider.peer)
+    advertise(network, content.layer, mute, provider)
+    async with client.client() as http:
+        started = trio.current_time()
+        response = await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")
+        elapsed = trio.current_time() - started
+    assert response.status_code == 200
+    assert response.content == content.layer_bytes
+    assert elapsed >= settings.mirror.stall_timeout
+
+
+async def test_a_late_body_from_the_only_provider_is_waited_for(
+    clock: trio.testing.MockClock,
+    start_node: StartNode,
+    network: MemoryNetwork,
+    start_scripted: StartScripted,
+) -> None:
+    """With nobody to hedge to, a provider whose first bytes come after many hedge delays (but
+    within the stall timeout) still serves: hedging adds company, it never cuts a peer short."""
+    provider, content, client = await provider_and_client(start_node, network, SETTINGS)
+    late = await start_scripted(ScriptedPeer("late", content.layer_bytes, content.layer, pause=1.5))
+    network.remove(content.layer, provider.peer)
+    advertise(network, content.layer, late)
+    async with client.client() as http:
+        started = trio.current_time()
+        response = await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")
+        elapsed = trio.current_time() - started
+    assert response.status_code == 200
+    assert response.content == content.layer_bytes
+    assert 1.5 <= elapsed < 2.0, elapsed
+    assert len(late.requests) == 1

@@ -270,6 +270,61 @@ async def test_peer_client_reuses_connections(nursery: trio.Nursery) -> None:
     await client.aclose()
 
 
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_peer_client_keeps_the_first_bytes_for_the_reader(
+    nursery: trio.Nursery, framing: str
+) -> None:
+    """`first_bytes` waits for the body to start (a head alone is not enough) and loses nothing:
+    the bytes it saw come out of the next reads, and the connection is reused afterwards."""
+    go = trio.Event()
+    body = b"first" + b"x" * 100_000 + b"last"
+
+    async def handler(stream: trio.SocketStream) -> None:
+        buffer = b""
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            buffer += data
+            while b"\r\n\r\n" in buffer:
+                _, buffer = buffer.split(b"\r\n\r\n", 1)
+                if framing == "chunked":
+                    await stream.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    await go.wait()
+                    await stream.send_all(b"5\r\nfirst\r\n")
+                    rest = body[5:]
+                    await stream.send_all(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+                else:
+                    await stream.send_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body)
+                    )
+                    await go.wait()
+                    await stream.send_all(body[:5])
+                    await trio.sleep(0.01)
+                    await stream.send_all(body[5:])
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    client = PeerClient()
+    for round_ in range(2):
+        async with client.request("127.0.0.1", port, "GET", "/x") as response:
+            assert response.status == 200
+            if round_ == 0:
+                with trio.move_on_after(0.05) as waited:
+                    await response.first_bytes()
+                assert waited.cancelled_caught  # the head alone does not count
+                go.set()
+            await response.first_bytes()
+            await response.first_bytes()  # again: nothing more is read, nothing lost
+            parts = []
+            while (chunk := await response.receive()) is not None:
+                parts.append(bytes(chunk))
+            assert b"".join(parts) == body
+            assert parts[0].startswith(b"first")
+        assert response.complete
+    await client.aclose()
+
+
 async def test_peer_client_errors(nursery: trio.Nursery) -> None:
     async def hang_up(stream: trio.SocketStream) -> None:
         await stream.receive_some(65536)
