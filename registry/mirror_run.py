@@ -240,10 +240,18 @@ class MirrorRun:
             if isinstance(exc, PeerBusy):  # at its upload limit: the next provider is asked
                 self.refusals.count(exc)
                 logger.info(
-                    "peer busy", extra={"peer": peer_address(peer), "key": self.ref.identifier}
+                    "peer refused" if exc.refused else "peer busy",
+                    extra={
+                        "peer": peer_address(peer),
+                        "key": self.ref.identifier,
+                        "reason": exc.refused or "upload limit",
+                    },
                 )
                 if self.claiming is not None:
-                    self.claiming.busy(peer, exc.retry_after)
+                    if exc.refused:  # its download has no source, or it is ours: not worth a wait
+                        self.claiming.failed(peer)
+                    else:
+                        self.claiming.busy(peer, exc.retry_after)
                 return
             if self.claiming is not None:
                 self.claiming.failed(peer)

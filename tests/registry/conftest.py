@@ -147,7 +147,8 @@ def fill(
 class ScriptedPeer:
     """A raw HTTP peer that misbehaves on purpose.
 
-    behaviour: "500" (answers 500), "429" (busy: at its upload limit), "404" (answers 404: it
+    behaviour: "500" (answers 500), "429" (busy: at its upload limit), "refuse" (429 saying its
+    own download has no source, `registry.own_downloads`), "404" (answers 404: it
     advertised content it no longer holds), "silent" (accepts, never answers), "cut" (announces
     `body` in full but sends only `cut` bytes, then closes), "serve" (serves `body` as `digest`,
     honouring a Range, whatever the bytes are: with wrong bytes it is a lying peer), "mute"
@@ -204,6 +205,12 @@ class ScriptedPeer:
         if self.behaviour == "429":
             await stream.send_all(
                 b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n"
+            )
+            return
+        if self.behaviour == "refuse":  # its own download of it has no source (own_downloads)
+            await stream.send_all(
+                b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\n"
+                b"spegla-refused: no-source\r\ncontent-length: 0\r\n\r\n"
             )
             return
         if self.behaviour == "404":

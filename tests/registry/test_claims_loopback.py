@@ -7,6 +7,8 @@ there.  Claims go through the same Router as other records (`RouterClaimBoard`).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import httpx
 import pytest
 import trio
@@ -213,3 +215,27 @@ async def test_a_lying_provider_is_followed_by_the_next_one_under_claims(
     async with client.client() as http:  # type: ignore[attr-defined]
         response = await http.get(PATH)
     assert response.status_code == 200 and response.content == BLOB
+
+
+async def test_a_provider_that_refuses_for_good_is_not_waited_for_like_a_busy_one(
+    clock: trio.testing.MockClock,
+    start_node: StartNode,
+    network: MemoryNetwork,
+    start_scripted: StartScripted,
+) -> None:
+    """A provider at its upload limit (429) is worth waiting for, up to `claim_wait`; one whose own
+    download has no source (429 with Spegla-Refused) is not: the request goes on at once (here:
+    the lone claimant, 404, its containerd goes upstream)."""
+    waited = {}
+    for behaviour in ("429", "refuse"):
+        provider = await start_scripted(ScriptedPeer(behaviour))
+        client, _, _ = await burst_node(start_node, network, wait=5.0)
+        digest = sha256_digest(behaviour.encode() * 1000)
+        network.add(digest, replace(provider.peer, state=PeerState.INFLIGHT))
+        started = trio.current_time()
+        async with client.client() as http:  # type: ignore[attr-defined]
+            response = await http.get(f"/v2/library/app/blobs/{digest}?ns=docker.io")
+        assert response.status_code == 404
+        waited[behaviour] = trio.current_time() - started
+    assert waited["429"] >= 4.0, waited  # waited for the busy provider to free up
+    assert waited["refuse"] < 1.0, waited
