@@ -331,7 +331,10 @@ async def run_agent(
             claims = None
             if backend.claims is not None:
                 own = frozenset(h for h in (me.host, cfg.registry_addr.bind_host) if h)
-                claims = ClaimParticipation(backend.claims, node_id, own_hosts=own)
+                connected = backend.connected
+                claims = ClaimParticipation(
+                    backend.claims, node_id, own_hosts=own, containerd_up=lambda: bool(connected)
+                )
             parts = AppParts(backend.store, router, cfg, readiness, events, claims)
             app = (hooks.app or default_app)(parts)
             front_door = FastPathStats()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -38,6 +39,8 @@ from registry.provider_choice import BusyPeers, RecordState, Sighting
 __all__ = ["ClaimParticipation", "ClaimingSupply", "DistrustedClaims"]
 
 logger = logging.getLogger(__name__)
+
+HOLD_CHECK = 0.25  # while a claim is held, how often to look whether containerd is still there
 
 _STATES = {
     PeerState.COMPLETE: RecordState.COMPLETE,
@@ -76,6 +79,11 @@ class ClaimParticipation:
     background: trio.Nursery | None = None  # where claim holds run (the app's nursery)
     busy: BusyPeers = field(default_factory=BusyPeers)
     distrusted: DistrustedClaims = field(default_factory=DistrustedClaims)
+    # is this node's containerd still there to fetch what it claimed? (the agent's connection
+    # to it; None: assume so).  A claim held for a containerd that died is withdrawn at once,
+    # so the waiters claim again instead of waiting out `ingest_wait` for a download that
+    # will not start.
+    containerd_up: Callable[[], bool] | None = None
 
     def local_client(self, ip: str | None) -> bool:
         """Requests from this node's containerd may claim; others (via a Service) may not."""
@@ -87,7 +95,12 @@ class ClaimParticipation:
             return False
 
     async def hold_then_unclaim(self, digest: str, hold: float) -> None:
-        await trio.sleep(hold)
+        deadline = trio.current_time() + hold
+        while (left := deadline - trio.current_time()) > 0:
+            await trio.sleep(min(left, HOLD_CHECK))
+            if self.containerd_up is not None and not self.containerd_up():
+                logger.info("containerd is gone: claim withdrawn", extra={"key": digest})
+                break
         with trio.CancelScope(shield=True), trio.move_on_after(2.0):
             await self.board.unclaim(digest)
 

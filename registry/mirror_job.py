@@ -82,11 +82,12 @@ class MirrorSettings:
     claim_settle: float = 0.020
     claim_wait: float = 10.0
     claim_poll: float = 0.1
-    # A blob body already partly sent whose providers all failed: containerd 1.6 fails the whole
-    # pull on a cut body, so the mirror keeps looking (fresh lookups every `resume_interval`) for
-    # this long before cutting it (a provider's agent restarting takes a few seconds); less when
-    # every provider there refuses for good (registry.own_downloads), and the bound counts from
-    # the last byte that got further, so sources that stall again do not extend it.
+    # A blob body already partly sent whose providers all failed: the mirror keeps looking (fresh
+    # lookups every `resume_interval`) for this long before cutting it (a provider's agent
+    # restarting takes a few seconds; after the cut containerd resumes with a Range request, here
+    # first, then upstream); less when every provider there refuses for good
+    # (registry.own_downloads).  The bound counts from the last byte that got further, so
+    # sources that stall again do not extend it.
     resume_patience: float = 20.0
     resume_interval: float = 0.5
 

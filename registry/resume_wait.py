@@ -1,9 +1,10 @@
 """Waiting for a provider when a half-sent blob body has lost all of its sources.
 
-Why: containerd 1.6 does not resume a cut body within a pull (the pull fails with "unexpected
-EOF" and kubelet retries after its back-off), so once a response head has gone out the mirror
-tries harder than a fresh request would: every `interval` it runs a fresh lookup with a fresh
-budget of attempts, for up to `patience`, before the body is cut.  What it waits for is a
+Why: containerd re-requests a cut body from the byte it got to (a Range request, to the mirror
+first, then upstream), but only a few times in a row without progress, and the re-request costs a
+fresh lookup or an upstream fetch of the rest.  So once a response head has gone out the mirror
+tries a little harder than a fresh request would: every `interval` it runs a fresh lookup with a
+fresh budget of attempts, for up to `patience`, before the body is cut.  What it waits for is a
 provider's agent restarting (a DaemonSet rolls it) or an in-flight provider whose record arrives
 late.  It stops early when `hopeless` says the providers there are cannot serve it at all (their
 own downloads have no source, or come from this node: `registry.own_downloads`): waiting longer

@@ -239,3 +239,23 @@ async def test_a_provider_that_refuses_for_good_is_not_waited_for_like_a_busy_on
         waited[behaviour] = trio.current_time() - started
     assert waited["429"] >= 4.0, waited  # waited for the busy provider to free up
     assert waited["refuse"] < 1.0, waited
+
+
+async def test_a_held_claim_is_withdrawn_as_soon_as_containerd_is_gone(
+    clock: trio.testing.MockClock,
+) -> None:
+    """After answering 404 the claimant holds its claim while its containerd starts the download;
+    if containerd dies meanwhile the claim goes at once (the waiters claim again), not after the
+    whole hold."""
+    board = RouterClaimBoard(MemoryRouter())
+    up = True
+    claims = ClaimParticipation(board, b"", containerd_up=lambda: up)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(claims.hold_then_unclaim, DIGEST, 10.0)
+        nursery.start_soon(claims.hold_then_unclaim, "sha256:" + "1" * 64, 3.0)
+        await trio.sleep(4.0)
+        assert board.unclaimed == ["sha256:" + "1" * 64]  # a full hold while containerd is up
+        up = False
+        await trio.sleep(0.3)
+        assert board.unclaimed[-1] == DIGEST
+        assert trio.current_time() < 5.0
