@@ -37,6 +37,14 @@ class Peer:
     host: str  # IP address literal (v4 or v6, no brackets)
     port: int  # the peer's registry port
     state: PeerState = PeerState.COMPLETE
+    # other addresses of the same node (dual-stack, a second interface): a new connection races
+    # them with `host` (`registry.dial`); the peer is still told apart by `host` and `port`
+    more_hosts: tuple[str, ...] = ()
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """Every address of the peer, `host` first."""
+        return (self.host, *self.more_hosts)
 
 
 @dataclass(frozen=True, slots=True)

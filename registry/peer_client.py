@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
+from registry.dial import connect_first
+
 __all__ = ["PeerClient", "PeerError", "PeerResponse"]
 
 logger = logging.getLogger(__name__)
@@ -230,14 +232,20 @@ class PeerClient:
         method: str,
         target: str,
         headers: Sequence[tuple[str, str]] = (),
+        *,
+        also: Sequence[str] = (),
     ) -> AsyncIterator[PeerResponse]:
-        """Send a request and yield the response once its headers arrived."""
+        """Send a request and yield the response once its headers arrived.
+
+        `also`: other addresses of the same peer; a new connection races them with `host`
+        (`registry.dial`).  Idle connections are pooled by `host`, whichever address they reached.
+        """
         # Blob fetches get connections of their own: a peer's zero-copy front door keeps serving a
         # connection only while it carries local blob requests (see registry.fastpath).
         key = (host, port, "blobs" if "/blobs/" in target else "other")
         authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         request = h11.Request(method=method, target=target, headers=[("Host", authority), *headers])
-        conn, response = await self._exchange(key, request)
+        conn, response = await self._exchange(key, request, also)
         reusable = False
         try:
             resp = PeerResponse(conn, response, self._read_size, method)
@@ -258,7 +266,7 @@ class PeerClient:
                     await conn.stream.aclose()
 
     async def _exchange(
-        self, key: tuple[str, int, str], request: h11.Request
+        self, key: tuple[str, int, str], request: h11.Request, also: Sequence[str] = ()
     ) -> tuple[_Connection, h11.Response]:
         pool = self._idle.get(key)
         while pool:
@@ -269,7 +277,10 @@ class PeerClient:
                 # a pooled connection the peer has closed meanwhile: try the next one
                 await conn.stream.aclose()
         try:
-            stream = await trio.open_tcp_stream(key[0], key[1])
+            if also:
+                stream = await connect_first((key[0], *also), key[1])
+            else:
+                stream = await trio.open_tcp_stream(key[0], key[1])
         except OSError as exc:
             raise PeerError(f"cannot connect to {key[0]}:{key[1]}: {exc}") from None
         conn = _Connection(stream)

@@ -12,9 +12,8 @@ long transfer is never fetched twice: only the start is raced.  A provider that
 fails fast (refused, 404, bad headers) is failed over at once, as without hedging, and counts as a
 failed attempt; a cancelled loser does not.
 
-Several addresses of one peer: the Router hands out each address as a provider of its own, so
-they are raced like providers.  A host name with several addresses is dialled by
-`trio.open_tcp_stream`, which races those connects itself (happy eyeballs).
+Several addresses of one peer (`Peer.more_hosts`): they are one provider here; its connect races
+them (happy eyeballs, `registry.dial`), so a blackholed address costs one dial stagger.
 """
 
 from __future__ import annotations

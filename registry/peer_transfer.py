@@ -102,7 +102,12 @@ async def open_transfer(
     with trio.fail_after(response_timeout):
         response = await stack.enter_async_context(
             client.request(
-                peer.host, peer.port, request.method, request.target, request.headers(requested)
+                peer.host,
+                peer.port,
+                request.method,
+                request.target,
+                request.headers(requested),
+                also=peer.more_hosts,
             )
         )
     if response.status == 404:

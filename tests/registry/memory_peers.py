@@ -86,7 +86,14 @@ class FakeClient:
 
     @asynccontextmanager
     async def request(
-        self, host: str, port: int, method: str, target: str, headers: list[tuple[str, str]]
+        self,
+        host: str,
+        port: int,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        *,
+        also: tuple[str, ...] = (),
     ) -> AsyncIterator[FakeResponse]:
         peer = self.peers[port]
         size = len(peer.data)
