@@ -220,6 +220,7 @@ def registry_config(ns: argparse.Namespace) -> RegistryConfig:
         debug_web_enabled=ns.debug_web_enabled,
         log_level=ns.log_level,
         advertise_addr=ns.advertise_addr,
+        advertise_more_addrs=_flatten(ns.advertise_more_addrs),
         dht_psk_file=ns.dht_psk_file,
         standalone=ns.standalone,
         shutdown_grace=None if math.isinf(ns.shutdown_grace) else ns.shutdown_grace,

@@ -89,6 +89,14 @@ def parse_bool(text: str | bool) -> bool:
     raise ConfigError(f"invalid boolean {text!r} (use true or false)")
 
 
+def parse_ip(text: str) -> str:
+    """An IP address literal (v4 or v6, no brackets), in its one canonical spelling."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ConfigError(f"{text!r} is not an IP address") from None
+
+
 def parse_port(text: str) -> int:
     if not text.isdigit():
         raise ConfigError(f"invalid port {text!r}")
@@ -314,6 +322,7 @@ class RegistryConfig:
     debug_web_enabled: bool = True
     log_level: str = "INFO"
     advertise_addr: str = ""
+    advertise_more_addrs: tuple[str, ...] = ()  # other IPs peers may dial (dht.addresses)
     dht_psk_file: str = ""
     standalone: bool = False
     # on SIGTERM: how long running requests may still finish; None waits for every one of them
@@ -347,6 +356,8 @@ class RegistryConfig:
             raise ConfigError("--mirror-buffer-memory must be at least 1 (MiB)")
         if self.mirror_peers_per_blob < 1:
             raise ConfigError("--mirror-peers-per-blob must be at least 1")
+        if len(set(self.advertise_more_addrs) - {self.advertise_addr}) > 4:
+            raise ConfigError("--advertise-more-addrs takes at most 4 addresses")
         return self
 
     def mirror_settings(self) -> MirrorSettings:

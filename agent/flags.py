@@ -17,6 +17,7 @@ from agent.config import (
     parse_bool,
     parse_duration,
     parse_grace,
+    parse_ip,
     parse_listen_addr,
     parse_log_level,
     parse_mirrored_registry,
@@ -176,6 +177,11 @@ FLAGS: dict[str, tuple[Flag, ...]] = {
              "serve /debug/web on the metrics address", boolean=True),
         Flag("--advertise-addr", "", _text,
              "IP peers reach this node on (default: detected; set it to the pod IP)", metavar="IP"),
+        Flag("--advertise-more-addrs", (), parse_ip,
+             "more IPs this node's registry answers on, beside the one its DHT datagrams come "
+             "from (dual-stack: the pod's IPs, e.g. status.podIPs; repeating that one is "
+             "harmless); peers race connects to all of them (at most 4)",
+             many=True, metavar="IP"),
         Flag("--dht-psk-file", "", _text,
              "file holding a pre-shared key: only nodes with the same key join the DHT",
              metavar="PATH"),

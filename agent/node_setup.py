@@ -22,7 +22,13 @@ from agent.bootstrap import (
 from agent.config import ConfigError, RegistryConfig
 from registry.basic_auth import BasicAuth
 
-__all__ = ["detect_advertise_addr", "make_bootstrapper", "read_basic_auth", "read_psk"]
+__all__ = [
+    "detect_advertise_addr",
+    "make_bootstrapper",
+    "more_addresses",
+    "read_basic_auth",
+    "read_psk",
+]
 
 
 def detect_advertise_addr(cfg: RegistryConfig) -> str:
@@ -40,6 +46,18 @@ def detect_advertise_addr(cfg: RegistryConfig) -> str:
         if not addr.startswith("127.") and addr != "::1":
             return addr
     return addrs[0] if addrs else ""
+
+
+def more_addresses(cfg: RegistryConfig, advertised: str) -> tuple[str, ...]:
+    """The IPs named in our provider records beside the one our DHT datagrams come from.
+
+    Choice: they are configured (`--advertise-more-addrs`, e.g. the pod's `status.podIPs` on a
+    dual-stack cluster), not guessed from the host's interfaces: an agent cannot tell which of
+    its addresses its peers can route to, and a wrong one costs every peer a dial stagger.  The
+    advertised address itself is left out (the record has it already), so a single-stack pod
+    given its one IP sends exactly what older agents understand.
+    """
+    return tuple(dict.fromkeys(a for a in cfg.advertise_more_addrs if a != advertised))
 
 
 def make_bootstrapper(cfg: RegistryConfig, me: SelfInfo) -> Bootstrapper:

@@ -25,8 +25,15 @@ RECENT_KEYS = 4096  # keys remembered at most (oldest forgotten first)
 
 
 def as_peer(provider: ProviderInfo) -> Peer:
-    state = PeerState[provider.state.name]
-    return Peer(node_id=provider.node_id, host=provider.host, port=provider.port, state=state)
+    """The registry's view of a provider record: one peer, every address it named (the DHT
+    groups a node's addresses into one record, `dht.addresses`); its connects race them."""
+    return Peer(
+        node_id=provider.node_id,
+        host=provider.host,
+        port=provider.port,
+        state=PeerState[provider.state.name],
+        more_hosts=provider.more_hosts,
+    )
 
 
 class RegistryRouter:

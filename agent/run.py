@@ -35,7 +35,13 @@ from agent.flag import Flag
 from agent.identity import load_or_create_node_id
 from agent.memory_trim import glibc_malloc_trim, trim_when_idle
 from agent.metrics_server import create_metrics_app, serve_app
-from agent.node_setup import detect_advertise_addr, make_bootstrapper, read_basic_auth, read_psk
+from agent.node_setup import (
+    detect_advertise_addr,
+    make_bootstrapper,
+    more_addresses,
+    read_basic_auth,
+    read_psk,
+)
 from agent.peer_router import registry_router
 from agent.supervise import RestartPolicy, Service, ServiceFailed, Supervisor
 from registry.claim_supply import ClaimParticipation
@@ -299,6 +305,7 @@ async def run_agent(
             registry_port=cfg.registry_addr.port,
             psk=psk,
             standalone=cfg.standalone,
+            more_hosts=more_addresses(cfg, detect_advertise_addr(cfg)),
         )
     )
     router = registry_router(node.router)

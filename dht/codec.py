@@ -16,6 +16,11 @@ Version 2 adds record states (`dht.ids.RecordState`): its provider entries are
 "drop my record of this key". Every other kind is the same in both versions. A message is sent as
 version 1 whenever it carries no state other than COMPLETE, so nodes that only speak version 1 keep
 understanding everything except in-flight and claim records (which they drop as bad datagrams).
+
+Version 3 adds a node's other addresses (`dht.addresses`): only ADD_PROVIDER has it, as version 2
+plus a trailing list of up to four packed IPs, sent only by a node configured with several
+addresses.  PROVIDERS keeps its version-1/2 layout: a record with several addresses is one entry
+per address (same id, port and state); the requester groups them again (`dht.protocol`).
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ from typing import Any
 
 import msgpack
 
+from dht.addresses import MAX_MORE_HOSTS, each_address
 from dht.ids import ID_BYTES, Contact, ProviderInfo, RecordState
 
 VERSION = 1
 VERSION_STATES = 2  # provider entries and ADD_PROVIDER carry a RecordState
+VERSION_ADDRESSES = 3  # ADD_PROVIDER also names the sender's other addresses
 MAX_PAYLOAD = 1200  # what we send, before the optional MAC
 MAX_DATAGRAM = 1400  # what we accept at all
 MAC_BYTES = 16
@@ -112,6 +119,7 @@ class AddProvider:
     ttl: int  # 0 (version 2 only): drop the sender's record of `key`
     token: bytes
     state: RecordState = RecordState.COMPLETE
+    more_hosts: tuple[str, ...] = ()  # (version 3) other IPs the sender's registry answers on
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +229,11 @@ def encode(msg: Message) -> bytes:
             body = [Kind.GET_PROVIDERS, msg.txid, msg.sender, msg.key, msg.offset]
         case AddProvider():
             body = [Kind.ADD_PROVIDER, msg.txid, msg.sender, msg.key, msg.port, msg.ttl, msg.token]
-            if msg.state is not RecordState.COMPLETE or msg.ttl == 0:
+            if msg.more_hosts:
+                head = [VERSION_ADDRESSES]
+                body.append(int(msg.state))
+                body.append([pack_ip(h) for h in msg.more_hosts[:MAX_MORE_HOSTS]])
+            elif msg.state is not RecordState.COMPLETE or msg.ttl == 0:
                 head = [VERSION_STATES]
                 body.append(int(msg.state))
         case Ack():
@@ -244,8 +256,9 @@ def encode(msg: Message) -> bytes:
             with_state = any(p.state is not RecordState.COMPLETE for p in msg.providers)
             if with_state:
                 head = [VERSION_STATES]
-            providers, used = _entries(msg.providers, budget, with_state)
-            more = msg.more or len(providers) < len(msg.providers)
+            entries = each_address(msg.providers)
+            providers, used = _entries(entries, budget, with_state)
+            more = msg.more or len(providers) < len(entries)
             nodes, _ = _entries(msg.nodes, budget - used)
             body = [Kind.PROVIDERS, msg.txid, msg.sender, msg.token, providers, more, nodes]
     return msgpack.packb(head + body)  # type: ignore[no-any-return]
@@ -296,6 +309,12 @@ def _state(raw: object) -> RecordState:
         return RecordState(raw)
     except ValueError:
         raise DecodeError(f"unknown record state {raw}") from None
+
+
+def _more_hosts(raw: object) -> tuple[str, ...]:
+    if type(raw) is not list or len(raw) > MAX_MORE_HOSTS:
+        raise DecodeError(f"addresses must be a list of at most {MAX_MORE_HOSTS}")
+    return tuple(unpack_ip(ip) for ip in raw)
 
 
 def _providers(raw: object, version: int) -> tuple[ProviderInfo, ...]:
@@ -350,7 +369,7 @@ def decode(payload: bytes) -> Message:
         raise DecodeError(f"not msgpack: {type(exc).__name__}") from None
     if type(obj) is not list or len(obj) < 4:
         raise DecodeError("message must be an array of at least 4 items")
-    if type(obj[0]) is not int or obj[0] not in (VERSION, VERSION_STATES):
+    if type(obj[0]) is not int or obj[0] not in (VERSION, VERSION_STATES, VERSION_ADDRESSES):
         raise DecodeError(f"unsupported version: {obj[0]!r}")
     version: int = obj[0]
     if type(obj[1]) is not int:
@@ -359,7 +378,11 @@ def decode(payload: bytes) -> Message:
         kind = Kind(obj[1])
     except ValueError:
         raise DecodeError("unknown message kind") from None
-    arity = _ARITY[kind] + (1 if version == VERSION_STATES and kind is Kind.ADD_PROVIDER else 0)
+    if version == VERSION_ADDRESSES and kind is not Kind.ADD_PROVIDER:
+        raise DecodeError(f"{kind.name} has no version {version}")
+    arity = _ARITY[kind]
+    if kind is Kind.ADD_PROVIDER:
+        arity += {VERSION_STATES: 1, VERSION_ADDRESSES: 2}.get(version, 0)
     if len(obj) != arity:
         raise DecodeError(f"{kind.name} must have {arity} items in version {version}")
     txid = _uint(obj[2], "txid", 0, MAX_TXID)
@@ -385,6 +408,7 @@ def decode(payload: bytes) -> Message:
                 ttl, state = _uint(obj[6], "ttl", 1, MAX_TTL), RecordState.COMPLETE
             else:
                 ttl, state = _uint(obj[6], "ttl", 0, MAX_TTL), _state(obj[8])
+            more_hosts = _more_hosts(obj[9]) if version == VERSION_ADDRESSES else ()
             return AddProvider(
                 txid,
                 sender,
@@ -393,6 +417,7 @@ def decode(payload: bytes) -> Message:
                 ttl,
                 _token(obj[7]),
                 state,
+                more_hosts,
             )
         case Kind.ACK:
             nodes = tuple(Contact(*t) for t in _triples(obj[6], "nodes"))

@@ -6,8 +6,10 @@ needing the protocol's internals.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
+from dht.addresses import MAX_MORE_HOSTS
 from dht.ids import ID_BYTES, RecordState
 
 
@@ -26,6 +28,9 @@ class ProtocolConfig:
     claim_ttl: float = 15.0
     claim_refresh: float = 5.0
     psk: bytes | None = None  # cluster pre-shared key: HMAC on every datagram
+    # other IPs our registry answers on, named in our records beside the address our datagrams
+    # come from (dht.addresses); peers dial them in a race
+    more_hosts: tuple[str, ...] = ()
     rpc_stall: float = 0.01  # a lookup stops waiting for a request after this and asks someone else
     rpc_timeout: float = 0.5  # after this a request has failed
     rate: float = 2000.0  # datagrams per second per source IP
@@ -57,6 +62,13 @@ class ProtocolConfig:
             raise ValueError("announce_rate must be positive and announce_burst at least 1")
         if self.k < 1 or self.alpha < 1 or self.announce_concurrency < 1:
             raise ValueError("k, alpha and announce_concurrency must be at least 1")
+        if len(self.more_hosts) > MAX_MORE_HOSTS:
+            raise ValueError(f"at most {MAX_MORE_HOSTS} more addresses")
+        for host in self.more_hosts:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"not an IP address: {host!r}") from None
 
     def ttl_for(self, state: RecordState) -> float:
         if state is RecordState.INFLIGHT:

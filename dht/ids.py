@@ -75,9 +75,17 @@ class RecordState(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class ProviderInfo:
-    """A node that holds a key: its id, IP and registry (HTTP) port, and its record's state."""
+    """A node that holds a key: its id, IP and registry (HTTP) port, and its record's state.
+
+    `more_hosts`: other IPs the node is reachable on (`dht.addresses`), `host` being the one its
+    record came from."""
 
     node_id: bytes
     host: str
     port: int
     state: RecordState = RecordState.COMPLETE
+    more_hosts: tuple[str, ...] = ()
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return (self.host, *self.more_hosts)

@@ -48,6 +48,7 @@ class NodeConfig:
     rpc_timeout: float = 0.5
     rate: float = 2000.0  # datagrams/s accepted per source IP
     burst: float = 4000.0
+    more_hosts: tuple[str, ...] = ()  # other IPs our registry answers on (dht.addresses)
 
     def protocol_config(self) -> ProtocolConfig:
         return ProtocolConfig(
@@ -62,6 +63,7 @@ class NodeConfig:
             rpc_timeout=self.rpc_timeout,
             rate=self.rate,
             burst=self.burst,
+            more_hosts=self.more_hosts,
         )
 
 

@@ -8,6 +8,7 @@ call and asks `next_deadline()` when to call `handle_timeouts` next.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import random
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from cachetools import LRUCache
 
 from dht import codec
+from dht.addresses import PlainContacts, group_by_node, kept_more_hosts
 from dht.announce import AnnounceSchedule
 from dht.codec import (
     Ack,
@@ -63,6 +65,8 @@ class _Pending:
     reply_type: type
     purpose: int
     ref: int
+    # an ADD_PROVIDER naming our other addresses (version 3): the plain one, sent if this times out
+    plain_retry: AddProvider | None = None
 
 
 @dataclass(slots=True)
@@ -111,6 +115,7 @@ class DhtProtocol:
             maxsize=TOKEN_CACHE
         )
         self._bootstrap_addrs: list[tuple[str, int]] = []
+        self._plain = PlainContacts()  # older nodes: ADD_PROVIDER without our other addresses
         self._announcing = 0
         self._maintenance_at: float | None = None
         self._due_at: float | None = None
@@ -173,7 +178,8 @@ class DhtProtocol:
         """Advertise `keys` with `state`; a key advertised with another state switches at once."""
         out: list[Effect] = []
         self._ensure_maintenance(now)
-        me = ProviderInfo(self.node_id, UNSPECIFIED[0], self.config.registry_port, state)
+        port, more_hosts = self.config.registry_port, self.config.more_hosts
+        me = ProviderInfo(self.node_id, UNSPECIFIED[0], port, state, more_hosts)
         for key in keys:
             kid = key_id(key)
             if self.schedule.add(kid, key, state):
@@ -296,7 +302,12 @@ class DhtProtocol:
         now: float,
         out: list[Effect],
     ) -> None:
-        self._pending[msg.txid] = _Pending(addr, node_id, _REPLY_TYPE[type(msg)], purpose, ref)
+        plain = None
+        if isinstance(msg, AddProvider) and msg.more_hosts:
+            plain = dataclasses.replace(msg, more_hosts=())
+        self._pending[msg.txid] = _Pending(
+            addr, node_id, _REPLY_TYPE[type(msg)], purpose, ref, plain
+        )
         self._c["rpcs_sent"] += 1
         self._send(msg, addr, out)
         if purpose == P_LOOKUP:
@@ -333,7 +344,8 @@ class DhtProtocol:
                     stored = True
                 else:
                     ttl = min(float(msg.ttl), float(codec.MAX_TTL))
-                    record = ProviderInfo(msg.sender, addr[0], msg.port, msg.state)
+                    more_hosts = kept_more_hosts(msg.more_hosts, addr[0])
+                    record = ProviderInfo(msg.sender, addr[0], msg.port, msg.state, more_hosts)
                     stored = self.store.add(msg.key, record, now + ttl)
                 token = self.tokens.issue(addr[0], now)
                 nodes = tuple(self.table.closest(msg.key, k, exclude=msg.sender))
@@ -368,11 +380,12 @@ class DhtProtocol:
                     job.stored.add(msg.sender)
             elif isinstance(msg, Providers):
                 found = []
-                for p in msg.providers:
+                for p in group_by_node(msg.providers):  # a node's addresses: one provider
                     if p.host in UNSPECIFIED:
                         if p.node_id != msg.sender:
                             continue
-                        p = ProviderInfo(p.node_id, addr[0], p.port, p.state)
+                        more_hosts = tuple(h for h in p.more_hosts if h != addr[0])
+                        p = ProviderInfo(p.node_id, addr[0], p.port, p.state, more_hosts)
                     # report a provider once, and again only if a better state turns up for it
                     # (COMPLETE < INFLIGHT < CLAIM): another node holds a newer record
                     before = job.seen.get(p.node_id)
@@ -385,7 +398,13 @@ class DhtProtocol:
             self._pump(job, now, out)
 
     def _on_failure(self, pending: _Pending, now: float, out: list[Effect]) -> None:
-        if pending.node_id is not None:
+        if pending.node_id is not None and pending.plain_retry is not None:
+            # an older node drops version 3 as a bad datagram: not a failure; it gets the plain
+            # record now, and for a while (dht.addresses.PlainContacts)
+            self._plain.add(pending.node_id, now)
+            retry = dataclasses.replace(pending.plain_retry, txid=self._txid())
+            self._request(retry, pending.addr, pending.node_id, P_ADD, 0, now, out)
+        elif pending.node_id is not None:
             self.table.failed(pending.node_id)
         if pending.purpose == P_BOOTSTRAP:
             boot = self._bootstraps.get(pending.ref)
@@ -420,7 +439,7 @@ class DhtProtocol:
             if job.purpose == L_RESOLVE:
                 msg = GetProviders(txid, self.node_id, lookup.target, 0)
             elif job.purpose == L_ANNOUNCE and (token := self._fresh_token(cand.contact, now)):
-                msg = self._add_provider(txid, lookup.target, token)
+                msg = self._add_provider(txid, lookup.target, token, cand.contact.node_id, now)
                 self._note_holder(lookup.target, cand.contact)
             else:
                 msg = FindNode(txid, self.node_id, lookup.target)
@@ -446,7 +465,9 @@ class DhtProtocol:
                 for cand in responders:
                     if cand.contact.node_id in job.stored:
                         continue  # already stored while looking up
-                    msg = self._add_provider(self._txid(), kid, cand.token)
+                    msg = self._add_provider(
+                        self._txid(), kid, cand.token, cand.contact.node_id, now
+                    )
                     self._note_holder(kid, cand.contact)
                     self._request(msg, cand.contact.addr, cand.contact.node_id, P_ADD, 0, now, out)
                 # nobody to tell yet (alone, or cut off): try again soon rather than in `refresh`
@@ -455,11 +476,16 @@ class DhtProtocol:
                 self._arm_due()
             self._start_announces(now, out)
 
-    def _add_provider(self, txid: int, kid: bytes, token: bytes) -> AddProvider:
-        """Our record of `kid`, in the state it is advertised with now."""
+    def _add_provider(
+        self, txid: int, kid: bytes, token: bytes, to: bytes, now: float
+    ) -> AddProvider:
+        """Our record of `kid`, in the state it is advertised with now, for node `to` (our other
+        addresses too, unless `to` lately did not answer that form)."""
         state = self.schedule.state(kid)
         ttl = int(self.config.ttl_for(state))
-        return AddProvider(txid, self.node_id, kid, self.config.registry_port, ttl, token, state)
+        more_hosts = () if self._plain(to, now) else self.config.more_hosts
+        port = self.config.registry_port
+        return AddProvider(txid, self.node_id, kid, port, ttl, token, state, more_hosts)
 
     def _note_holder(self, kid: bytes, contact: Contact) -> None:
         """Remember who got an in-flight/claim record of ours (bounded by k per such key)."""

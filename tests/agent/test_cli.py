@@ -19,6 +19,7 @@ from agent.config import (
     parse_listen_addr,
     parse_peer,
 )
+from agent.node_setup import more_addresses
 from registry.mirror_job import MIRROR_DEFAULTS
 
 
@@ -101,6 +102,20 @@ def test_env_twins_and_cli_precedence() -> None:
     assert cfg.mirrored_registries == ("https://docker.io", "https://quay.io")
     assert cfg.bootstrap.static_peers == (HostPort("10.0.0.1", 5001), HostPort("fd00::2", 5001))
     assert cfg.debug_web_enabled is False and cfg.log_level == "WARNING"
+
+
+def test_more_advertised_addresses() -> None:
+    env = {"ADVERTISE_MORE_ADDRS": "10.0.0.1, FD00:0::1"}  # e.g. status.podIPs
+    cfg = registry(["--advertise-addr", "10.0.0.1"], env)
+    assert cfg.advertise_more_addrs == ("10.0.0.1", "fd00::1")
+    assert more_addresses(cfg, "10.0.0.1") == ("fd00::1",)  # the advertised one is left out
+    assert more_addresses(registry([]), "10.0.0.1") == ()
+    repeated = registry(["--advertise-more-addrs", "fd00::1", "--advertise-more-addrs", "fd00::2"])
+    assert repeated.advertise_more_addrs == ("fd00::1", "fd00::2")
+    with pytest.raises(SystemExit):
+        registry(["--advertise-more-addrs", "node-a"])
+    with pytest.raises(ConfigError):
+        registry(["--advertise-more-addrs", ",".join(f"10.0.0.{i}" for i in range(1, 7))])
 
 
 def test_bool_flags() -> None:

@@ -17,23 +17,24 @@ from registry.interfaces import Peer, PeerState, Router
 KEY = "sha256:" + "ef" * 32
 
 
-def node(seed: int) -> Node:
+def node(seed: int, more_hosts: tuple[str, ...] = ()) -> Node:
     return Node(
         NodeConfig(
             node_id=bytes([seed]) * 32,
             bind_host="127.0.0.1",
             bind_port=0,
             registry_port=6000 + seed,
+            more_hosts=more_hosts,
         )
     )
 
 
 @asynccontextmanager
 async def provider_and_seeker(
-    seed_a: int, seed_b: int
+    seed_a: int, seed_b: int, more_hosts: tuple[str, ...] = ()
 ) -> AsyncIterator[tuple[RegistryRouter, RegistryRouter]]:
     """Two DHT nodes on loopback (b bootstrapped from a), each behind the registry adapter."""
-    a, b = node(seed_a), node(seed_b)
+    a, b = node(seed_a, more_hosts), node(seed_b)
     async with trio.open_nursery() as nursery:
         await nursery.start(a.serve)
         await nursery.start(b.serve)
@@ -63,6 +64,19 @@ async def test_registry_router_yields_peers_for_dht_providers() -> None:
         await provider.withdraw([KEY])
         async with provider.resolve(KEY) as peers:
             assert [p async for p in peers] == []  # never yourself
+
+
+async def test_a_provider_with_several_addresses_is_one_peer_with_all_of_them() -> None:
+    """The provider names another address (version-3 ADD_PROVIDER, over real UDP): the seeker
+    gets one peer carrying both, its DHT source address first."""
+    async with provider_and_seeker(7, 8, more_hosts=("127.0.0.2",)) as (provider, seeker):
+        await provider.advertise([KEY])
+        found = await resolve_until_found(seeker)
+        assert found == [
+            Peer(bytes([7]) * 32, "127.0.0.1", 6007, more_hosts=("127.0.0.2",)),
+        ]
+        assert found[0].hosts == ("127.0.0.1", "127.0.0.2")
+        assert seeker.known_providers(KEY) == found
 
 
 async def test_record_states_travel_over_real_udp_and_withdraw_reaches_the_seeker() -> None:

@@ -1,0 +1,121 @@
+"""A node's several addresses in its provider records (dual-stack IPv4 + IPv6, two interfaces).
+
+Why its own module: the wire and the store know a provider by one IP (the address its
+ADD_PROVIDER came from); a node reachable on more addresses names the others in a version-3
+ADD_PROVIDER (`dht.codec`), the storing node keeps them in the record (`ProviderInfo.more_hosts`),
+and a PROVIDERS reply lists the record once per address, the same node id each time: nodes that
+only speak versions 1 and 2 read those as they always did (the first entry of a node wins their
+lookup), newer ones group them again into one provider whose addresses the registry dials in a race.
+These are the pure rules for that: which claimed addresses are kept, and the spreading and grouping
+of a reply's entries.  `PlainContacts` remembers nodes that did not answer an ADD_PROVIDER naming
+addresses (older agents drop version 3 as a bad datagram): they are sent the plain form for a while.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from collections.abc import Iterable
+
+from dht.ids import ProviderInfo
+
+__all__ = [
+    "MAX_MORE_HOSTS",
+    "PlainContacts",
+    "each_address",
+    "group_by_node",
+    "kept_more_hosts",
+]
+
+MAX_MORE_HOSTS = 4  # other addresses a record keeps beside its source address
+PLAIN_FOR = 600.0  # seconds a node that did not answer an ADD_PROVIDER naming addresses gets plain
+PLAIN_MAX = 4096
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def kept_more_hosts(claimed: Iterable[str], source: str) -> tuple[str, ...]:
+    """The addresses an ADD_PROVIDER from `source` names that a record keeps.
+
+    IP literals only, deduplicated, without `source` itself, none unspecified or multicast, and
+    loopback ones only from a loopback source (anything else would send peers to their own
+    machine); at most MAX_MORE_HOSTS.
+    """
+    source_ip = _ip(source)
+    from_loopback = source_ip is not None and source_ip.is_loopback
+    kept: list[str] = []
+    for text in claimed:
+        ip = _ip(text)
+        if ip is None or ip.is_unspecified or ip.is_multicast:
+            continue
+        if ip.is_loopback and not from_loopback:
+            continue
+        host = str(ip)
+        if host != source and host not in kept:
+            kept.append(host)
+        if len(kept) == MAX_MORE_HOSTS:
+            break
+    return tuple(kept)
+
+
+def each_address(providers: Iterable[ProviderInfo]) -> tuple[ProviderInfo, ...]:
+    """One wire entry per address: a record with `more_hosts` becomes several entries."""
+    out: list[ProviderInfo] = []
+    for p in providers:
+        if not p.more_hosts:
+            out.append(p)
+            continue
+        out.append(dataclasses.replace(p, more_hosts=()))
+        out.extend(ProviderInfo(p.node_id, host, p.port, p.state) for host in p.more_hosts)
+    return tuple(out)
+
+
+def group_by_node(entries: Iterable[ProviderInfo]) -> tuple[ProviderInfo, ...]:
+    """The entries of one reply, one provider per node: a node's later entries (same port and
+    state) add their address to its first entry's `more_hosts`; others are ignored."""
+    first: dict[bytes, ProviderInfo] = {}
+    for entry in entries:
+        known = first.get(entry.node_id)
+        if known is None:
+            first[entry.node_id] = entry
+            continue
+        if (
+            entry.port != known.port
+            or entry.state is not known.state
+            or entry.host in known.hosts
+            or len(known.more_hosts) >= MAX_MORE_HOSTS
+        ):
+            continue
+        first[entry.node_id] = dataclasses.replace(
+            known, more_hosts=(*known.more_hosts, entry.host)
+        )
+    return tuple(first.values())
+
+
+class PlainContacts:
+    """Nodes that lately did not answer an ADD_PROVIDER naming addresses: they get the plain one."""
+
+    def __init__(self, hold: float = PLAIN_FOR, max_nodes: int = PLAIN_MAX) -> None:
+        self._hold = hold
+        self._max = max_nodes
+        self._until: dict[bytes, float] = {}
+
+    def add(self, node_id: bytes, now: float) -> None:
+        self._until.pop(node_id, None)
+        self._until[node_id] = now + self._hold
+        while len(self._until) > self._max:
+            del self._until[next(iter(self._until))]
+
+    def __call__(self, node_id: bytes, now: float) -> bool:
+        until = self._until.get(node_id)
+        if until is None:
+            return False
+        if until <= now:
+            del self._until[node_id]
+            return False
+        return True
