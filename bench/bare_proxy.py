@@ -21,7 +21,9 @@ from pathlib import Path
 
 import h11
 
-READ_SIZE = 1024 * 1024  # the agent's buffer size (MirrorSettings.buffer_size)
+from registry.mirror_job import MIRROR_DEFAULTS
+
+READ_SIZE = MIRROR_DEFAULTS.buffer_size  # the agent's reads
 
 
 def _read_head(sock: socket.socket, conn: h11.Connection) -> h11.Request | h11.Response:

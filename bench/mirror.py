@@ -17,7 +17,7 @@ cost), and the agent's CPU per GiB over sha256's CPU per GiB.  The agent's RSS i
 /proc: idle, after the proxied copies, peak (VmHWM), and after a burst of concurrent pulls that
 moves `--burst-gib` through it.
 
-The sha256 baseline hashes buffers of the agent's read size (`MirrorSettings.buffer_size`, 1 MiB),
+The sha256 baseline hashes buffers of the agent's read size (`MirrorSettings.buffer_size`),
 as the agent does: bytes a socket read has just written, in cache.  (Until issue 11 it hashed
 16 MiB pieces, which do not fit this machine's 2 MiB L2: 30-40% slower than the agent's own
 hashing, so the ratios flattered the agent; that figure is still printed, `sha256_16mib_pieces`,

@@ -66,7 +66,9 @@ class MirrorSettings:
     verify_first_max: int = 64 * 1024 * 1024
     # memory for peer bodies over all requests: verify-first blobs and streaming buffers
     buffer_memory: int = 256 * 1024 * 1024
-    buffer_size: int = 1024 * 1024  # one socket read fills at most this
+    # one socket read fills at most this; 2 MiB halves the per-piece work of 1 MiB (bench.mirror:
+    # agent CPU per GiB -12%); it is hashed right after the read, still in a core's L2 (2 MiB here)
+    buffer_size: int = 2 * 1024 * 1024
     # a peer answering 404 for a key it advertises is skipped for that key this long (its
     # provider records outlive a delete until their ttl; it may also pull the content again)
     stale_ttl: float = 60.0

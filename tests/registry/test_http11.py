@@ -4,6 +4,7 @@ answer, malformed requests a 4xx and a closed connection (never silence, never a
 from __future__ import annotations
 
 import functools
+import socket
 from pathlib import Path
 
 import h11
@@ -12,7 +13,13 @@ import trio
 
 from registry.app import create_app
 from registry.asgi_h11 import split_target
-from registry.http11 import MAX_BODY, MAX_HEAD, ClientGone, ServerConnection
+from registry.http11 import (
+    BULK_NOTSENT_LOWAT,
+    MAX_BODY,
+    MAX_HEAD,
+    ClientGone,
+    ServerConnection,
+)
 from registry.server import serve_registry
 from tests.fakes import MemoryContentStore, MemoryRouter
 
@@ -265,3 +272,44 @@ async def test_a_client_gone_during_a_big_body_piece_is_client_gone() -> None:
     await client.aclose()
     with trio.fail_after(10), pytest.raises(ClientGone):
         await conn.send_view(memoryview(body))
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_NOTSENT_LOWAT"), reason="Linux TCP option")
+async def test_a_big_body_lifts_trios_not_sent_mark_and_arrives_whole() -> None:
+    # trio keeps at most 16 KiB unsent per TCP stream; for a bulk body the kernel would then take
+    # ~190 KiB per write.  Small answers leave the mark alone; the first big piece lifts it.
+    [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    conn = ServerConnection(await listener.accept(), head_timeout=5, idle_timeout=5)
+
+    def mark() -> int:
+        return conn.stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+
+    small, big = b"s" * 100, bytes(range(256)) * (12 * 1024)  # 3 MiB
+    received = bytearray()
+
+    async def read_all() -> None:
+        while data := await client.receive_some(1 << 20):
+            received.extend(data)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            for body in (small, big):
+                await _request(conn, client)
+                length = str(len(body)).encode()
+                await conn.send_bytes(conn.response_head(200, [(b"content-length", length)]))
+                before = mark()
+                await conn.send_view(memoryview(body))
+                await conn.send_bytes(conn.end_bytes())
+                assert conn.next_cycle()
+                if body is small:
+                    assert mark() == before < BULK_NOTSENT_LOWAT
+            assert mark() == BULK_NOTSENT_LOWAT
+            await conn.stream.send_eof()
+    answers = responses(bytes(received), ["GET", "GET"])
+    assert [(status, answer) for status, _, answer in answers] == [(200, small), (200, big)]
+    await client.aclose()
+    await conn.stream.aclose()
+    await listener.aclose()
