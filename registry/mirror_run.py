@@ -63,7 +63,7 @@ from registry.verification import peer_address
 
 __all__ = ["MirrorRun"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("registry.forwarder")  # the name the mirror path's lines have always had
 
 if TYPE_CHECKING:
     from registry.forwarder import Forwarder
