@@ -9,7 +9,8 @@ succeeds wins and every other attempt is cancelled by its cancel scope (its sock
 `dial_order` (pure) decides the order: the addresses as given, deduplicated, alternating between
 address families starting with the first address's, so one broken family costs one stagger.
 
-No timeouts inside: the caller bounds the whole dial with a cancel scope.
+No timeouts inside: the caller bounds the whole dial with a cancel scope.  `registry.peer_client`
+puts the address that last won a peer's race first next time.
 """
 
 from __future__ import annotations

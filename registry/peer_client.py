@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 READ_SIZE = 1024 * 1024
 # the read that proves a body is flowing (`PeerResponse.first_bytes`): small, it is handed on as is
 FIRST_READ = 64 * 1024
+MAX_REACHED = 4096  # peers whose winning address is remembered
 
 
 class PeerError(Exception):
@@ -217,6 +218,9 @@ class PeerClient:
         self._read_size = read_size
         self._max_idle = max_idle
         self._idle: dict[tuple[str, int, str], list[_Connection]] = {}
+        # peers with several addresses: the one that last won the dial race, tried first next
+        # time (a blackholed first address then costs one stagger per peer, not per connection)
+        self._reached: dict[tuple[str, int], str] = {}
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, {}
@@ -278,7 +282,7 @@ class PeerClient:
                 await conn.stream.aclose()
         try:
             if also:
-                stream = await connect_first((key[0], *also), key[1])
+                stream = await self._dial_several(key[0], key[1], also)
             else:
                 stream = await trio.open_tcp_stream(key[0], key[1])
         except OSError as exc:
@@ -290,6 +294,21 @@ class PeerClient:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             raise
+
+    async def _dial_several(self, host: str, port: int, also: Sequence[str]) -> trio.SocketStream:
+        preferred = self._reached.get((host, port))
+        hosts = [host, *also]
+        if preferred in hosts:
+            hosts.remove(preferred)
+            hosts.insert(0, preferred)
+        stream = await connect_first(hosts, port)
+        reached = str(stream.socket.getpeername()[0])
+        self._reached.pop((host, port), None)
+        if reached != host:
+            self._reached[(host, port)] = reached
+            while len(self._reached) > MAX_REACHED:
+                del self._reached[next(iter(self._reached))]
+        return stream
 
     async def _send(self, conn: _Connection, request: h11.Request) -> h11.Response:
         try:

@@ -17,6 +17,7 @@ from registry.app import RegistrySettings
 from registry.dial import STAGGER, connect_first, dial_order
 from registry.interfaces import Peer
 from registry.mirror_job import MirrorSettings
+from registry.peer_client import PeerClient
 from tests.fakes import MemoryNetwork
 
 from .conftest import StartNode
@@ -155,3 +156,32 @@ async def test_a_peer_whose_first_address_is_a_blackhole_serves_fast(
     assert response.status_code == 200
     assert response.content == content.layer_bytes
     assert STAGGER <= elapsed < 0.5, elapsed
+
+
+async def test_the_address_that_won_is_dialled_first_next_time(
+    clock: trio.testing.MockClock, nursery: trio.Nursery, blackhole_port: int
+) -> None:
+    """A peer whose first address is a blackhole costs one stagger for its first connection
+    only: the client remembers which address answered."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
+        )
+        await stream.aclose()
+
+    await nursery.start(functools.partial(trio.serve_tcp, answer, blackhole_port, host="127.0.0.1"))
+    client = PeerClient()
+    took = []
+    for _ in range(3):  # `connection: close`: each request dials anew
+        started = trio.current_time()
+        with trio.fail_after(5):
+            async with client.request(
+                BLACKHOLE, blackhole_port, "GET", "/x", also=("127.0.0.1",)
+            ) as response:
+                assert await response.receive() == b"ok"
+        took.append(trio.current_time() - started)
+    assert took[0] >= STAGGER
+    assert took[1] < STAGGER and took[2] < STAGGER, took
+    await client.aclose()
