@@ -90,11 +90,14 @@ def parse_bool(text: str | bool) -> bool:
 
 
 def parse_ip(text: str) -> str:
-    """An IP address literal (v4 or v6, no brackets), in its one canonical spelling."""
+    """An IP address literal (v4 or v6, no brackets, no zone), in its one canonical spelling."""
     try:
-        return str(ipaddress.ip_address(text.strip()))
+        ip = ipaddress.ip_address(text.strip())
     except ValueError:
         raise ConfigError(f"{text!r} is not an IP address") from None
+    if "%" in text:
+        raise ConfigError(f"{text!r}: an address with a zone cannot be advertised to peers")
+    return str(ip)
 
 
 def parse_port(text: str) -> int:

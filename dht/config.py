@@ -66,9 +66,11 @@ class ProtocolConfig:
             raise ValueError(f"at most {MAX_MORE_HOSTS} more addresses")
         for host in self.more_hosts:
             try:
-                ipaddress.ip_address(host)
+                ip = ipaddress.ip_address(host)
             except ValueError:
                 raise ValueError(f"not an IP address: {host!r}") from None
+            if "%" in host or str(ip) != host:  # goes on the wire packed: no zone, one spelling
+                raise ValueError(f"not a plain canonical IP address: {host!r}")
 
     def ttl_for(self, state: RecordState) -> float:
         if state is RecordState.INFLIGHT:

@@ -112,8 +112,9 @@ def test_more_advertised_addresses() -> None:
     assert more_addresses(registry([]), "10.0.0.1") == ()
     repeated = registry(["--advertise-more-addrs", "fd00::1", "--advertise-more-addrs", "fd00::2"])
     assert repeated.advertise_more_addrs == ("fd00::1", "fd00::2")
-    with pytest.raises(SystemExit):
-        registry(["--advertise-more-addrs", "node-a"])
+    for bad in ("node-a", "fe80::1%eth0"):
+        with pytest.raises(SystemExit):
+            registry(["--advertise-more-addrs", bad])
     with pytest.raises(ConfigError):
         registry(["--advertise-more-addrs", ",".join(f"10.0.0.{i}" for i in range(1, 7))])
 

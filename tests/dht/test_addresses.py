@@ -105,6 +105,9 @@ def test_config_checks_other_addresses() -> None:
         ProtocolConfig(node_id=A, registry_port=5000, more_hosts=("not-an-ip",))
     with pytest.raises(ValueError):
         ProtocolConfig(node_id=A, registry_port=5000, more_hosts=("10.0.0.1",) * 5)
+    for unpackable in ("fe80::1%eth0", "FD00::1"):  # a zone; not the canonical spelling
+        with pytest.raises(ValueError):
+            ProtocolConfig(node_id=A, registry_port=5000, more_hosts=(unpackable,))
 
 
 class _OldProtocol(DhtProtocol):
