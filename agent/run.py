@@ -337,7 +337,8 @@ async def run_agent(
             me = SelfInfo(node_id, detect_advertise_addr(cfg), int(bound[1]))
             claims = None
             if backend.claims is not None:
-                own = frozenset(h for h in (me.host, cfg.registry_addr.bind_host) if h)
+                addresses = (me.host, cfg.registry_addr.bind_host, *cfg.advertise_more_addrs)
+                own = frozenset(h for h in addresses if h)
                 connected = backend.connected
                 claims = ClaimParticipation(
                     backend.claims, node_id, own_hosts=own, containerd_up=lambda: bool(connected)
