@@ -1,14 +1,18 @@
 """A node with several addresses: the pure rules (which claimed addresses a record keeps, one wire
 entry per address and grouped back), the version-3 ADD_PROVIDER on the wire (and the unchanged
 forms without addresses), and the simulated network: a resolver learns every address of a
-provider, also through nodes that only speak versions 1 and 2."""
+provider, also through nodes that only speak versions 1 and 2; replies listing several addresses
+stay within the datagram bound (property)."""
 
 from __future__ import annotations
 
+import ipaddress
 import random
 
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dht import codec
 from dht.addresses import (
@@ -187,3 +191,37 @@ def test_the_provider_itself_lists_its_other_addresses() -> None:
     result = net.resolve(seeker, KEY)
     net.run_for(1.0)
     assert [p.hosts for p in result.providers] == [(provider.addr[0], "fd00::7")]
+
+
+_hosts = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str)
+_multi = st.builds(
+    ProviderInfo,
+    st.binary(min_size=32, max_size=32),
+    _hosts,
+    st.integers(1, 65535),
+    st.sampled_from(list(RecordState)),
+    st.lists(_hosts, max_size=MAX_MORE_HOSTS, unique_by=ipaddress.ip_address).map(tuple),
+).filter(lambda p: p.host not in p.more_hosts)  # a record never repeats its source address
+
+
+@given(st.lists(_multi, max_size=40, unique_by=lambda p: p.node_id))
+def test_replies_with_several_addresses_stay_bounded_and_group_back(
+    records: list[ProviderInfo],
+) -> None:
+    reply = Providers(codec.MAX_TXID, A, b"t" * codec.TOKEN_MAX, tuple(records), False, ())
+    data = codec.encode(reply)
+    assert len(data) <= codec.MAX_PAYLOAD
+    decoded = codec.decode(data)
+    assert isinstance(decoded, Providers)
+    grouped = group_by_node(decoded.providers)
+    # every record that fit comes back whole, in order (as addresses: inet_ntop may spell one
+    # otherwise); one cut by the size bound keeps its first addresses; `more` says so
+    assert len(grouped) <= len(records)
+    for got, sent in zip(grouped, records, strict=False):
+        assert got.node_id == sent.node_id
+        assert _ips(got.hosts) == _ips(sent.hosts)[: len(got.hosts)]
+    assert decoded.more == (len(decoded.providers) < len(each_address(records)))
+
+
+def _ips(hosts: tuple[str, ...]) -> list[object]:
+    return [ipaddress.ip_address(h) for h in hosts]
