@@ -58,7 +58,7 @@ from registry.peer_race import open_hedged
 from registry.peer_supply import PeerSupply
 from registry.peer_transfer import PeerFetch, TransferRequest, open_transfer, read_whole_body
 from registry.ranges import ByteRange, RangeNotSatisfiable
-from registry.resume_wait import wait_for_provider
+from registry.resume_wait import RefusalRounds, wait_for_provider
 from registry.verification import peer_address
 
 __all__ = ["MirrorRun"]
@@ -67,36 +67,6 @@ logger = logging.getLogger("registry.forwarder")  # the name the mirror path's l
 
 if TYPE_CHECKING:
     from registry.forwarder import Forwarder
-
-
-class RefusalRounds:
-    """While a half-sent body waits for a provider: whether the providers there are all refuse
-    for good reason ("no-source" or "loop", `registry.own_downloads`) round after round.  Then the
-    body is cut at once rather than after `resume_patience`: containerd resumes it through a fresh
-    request, whose claim sends one node upstream for the rest."""
-
-    ROUNDS = 2  # rounds in a row with only such refusals (a round is `resume_interval` apart)
-
-    def __init__(self) -> None:
-        self.refused = 0  # this round: peers that cannot serve it now
-        self.busy = 0  # this round: peers merely at their upload limit (worth waiting for)
-        self.hopeless_rounds = 0
-
-    def new_round(self) -> None:
-        if self.refused and not self.busy:
-            self.hopeless_rounds += 1
-        elif self.refused or self.busy:
-            self.hopeless_rounds = 0
-        self.refused = self.busy = 0
-
-    def count(self, busy: PeerBusy) -> None:
-        if busy.refused:
-            self.refused += 1
-        else:
-            self.busy += 1
-
-    def hopeless(self) -> bool:
-        return self.hopeless_rounds + (1 if self.refused and not self.busy else 0) >= self.ROUNDS
 
 
 class MirrorRun:

@@ -21,8 +21,8 @@ from registry.app import RegistrySettings
 from registry.interfaces import IngestFile, PeerState
 from registry.mirror import PeerBusy
 from registry.mirror_job import MirrorSettings
-from registry.mirror_run import RefusalRounds
 from registry.own_downloads import MAX_CHAIN, OwnDownloads, parse_fed_by
+from registry.resume_wait import RefusalRounds
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter
 from tests.registry.conftest import ScriptedPeer, StartNode, StartScripted
 
