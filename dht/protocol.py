@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from cachetools import LRUCache
 
 from dht import codec
-from dht.addresses import PlainContacts, group_by_node, kept_more_hosts
+from dht.addresses import PlainContacts, group_by_node
 from dht.announce import AnnounceSchedule
 from dht.codec import (
     Ack,
@@ -39,6 +39,7 @@ from dht.ids import ID_BITS, Contact, ProviderInfo, RecordState, key_id, random_
 from dht.lookup import Lookup
 from dht.providers import ProviderStore
 from dht.ratelimit import SourceLimiter, TokenBucket
+from dht.responder import Responder
 from dht.routing_table import RoutingTable
 from dht.tokens import TokenIssuer
 
@@ -92,8 +93,11 @@ class DhtProtocol:
         self.node_id = config.node_id
         self.rng = rng or random.Random()
         self.table = RoutingTable(config.node_id, config.k)
-        self.store = ProviderStore()
         self.tokens = TokenIssuer(self.rng.randbytes)
+        # the answering side (dht.responder): reads the table, the store and the tokens
+        self.responder = Responder(
+            config.node_id, config.k, self.table, ProviderStore(), self.tokens, self.rng
+        )
         self.limiter = SourceLimiter(config.rate, config.burst)
         self.schedule = AnnounceSchedule(
             config.refresh,
@@ -124,11 +128,20 @@ class DhtProtocol:
         self._pace_timer: float | None = None
         self._c = dict.fromkeys(
             (
-                "rpcs_sent rpcs_received rpcs_timed_out bad_datagrams rate_limited tokens_refused"
+                "rpcs_sent rpcs_received rpcs_timed_out bad_datagrams rate_limited"
                 " unexpected_replies datagrams_sent datagrams_received"
             ).split(),
             0,
         )
+
+    @property
+    def store(self) -> ProviderStore:
+        """The provider records this node holds for others."""
+        return self.responder.store
+
+    @store.setter
+    def store(self, store: ProviderStore) -> None:
+        self.responder.store = store
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -140,6 +153,7 @@ class DhtProtocol:
             announces_queued=self.schedule.queued(),
             lookups_active=len(self._lookups),
             rpcs_in_flight=len(self._pending),
+            tokens_refused=self.responder.tokens_refused,
             **self._c,
         )
 
@@ -243,7 +257,9 @@ class DhtProtocol:
         if isinstance(msg, codec.REQUEST_TYPES):
             self._c["rpcs_received"] += 1
             self._seen(Contact(msg.sender, addr[0], addr[1]), now, out)
-            self._answer(msg, addr, now, out)
+            reply = self.responder.answer(msg, addr[0], now)
+            if reply is not None:
+                self._send(reply, addr, out)
         else:
             self._on_reply(msg, addr, now, out)
         return out
@@ -319,37 +335,6 @@ class DhtProtocol:
         if stale is not None:  # bucket full: ping its oldest contact before evicting it
             ping = Ping(self._txid(), self.node_id)
             self._request(ping, stale.addr, stale.node_id, P_EVICT_PING, 0, now, out)
-
-    def _answer(self, msg: Message, addr: tuple[str, int], now: float, out: list[Effect]) -> None:
-        me = self.node_id
-        k = self.config.k
-        match msg:
-            case Ping():
-                self._send(Pong(msg.txid, me, self.tokens.issue(addr[0], now)), addr, out)
-            case FindNode():
-                nodes = tuple(self.table.closest(msg.target, k, exclude=msg.sender))
-                self._send(Nodes(msg.txid, me, self.tokens.issue(addr[0], now), nodes), addr, out)
-            case GetProviders():
-                providers = self.store.get(msg.key, now, self.rng)[msg.offset :]
-                nodes = tuple(self.table.closest(msg.key, k, exclude=msg.sender))
-                token = self.tokens.issue(addr[0], now)
-                reply = Providers(msg.txid, me, token, tuple(providers), False, nodes)
-                self._send(reply, addr, out)
-            case AddProvider():
-                stored = False
-                if not self.tokens.check(addr[0], msg.token, now):
-                    self._c["tokens_refused"] += 1
-                elif msg.ttl == 0:  # the sender withdraws its record
-                    self.store.remove(msg.key, msg.sender)
-                    stored = True
-                else:
-                    ttl = min(float(msg.ttl), float(codec.MAX_TTL))
-                    more_hosts = kept_more_hosts(msg.more_hosts, addr[0])
-                    record = ProviderInfo(msg.sender, addr[0], msg.port, msg.state, more_hosts)
-                    stored = self.store.add(msg.key, record, now + ttl)
-                token = self.tokens.issue(addr[0], now)
-                nodes = tuple(self.table.closest(msg.key, k, exclude=msg.sender))
-                self._send(Ack(msg.txid, me, stored, token, nodes), addr, out)
 
     def _on_reply(self, msg: Message, addr: tuple[str, int], now: float, out: list[Effect]) -> None:
         pending = self._pending.get(msg.txid)
