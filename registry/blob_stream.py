@@ -55,10 +55,11 @@ class BufferSource:
         self.pool = pool
         self._reserved = reserved or []
 
-    async def take(self) -> mmap.mmap:
+    async def take(self, units: int = 1) -> mmap.mmap:
+        """A reserved buffer, else one of `units` pool units (at most the pool's capacity)."""
         if self._reserved:
             return self._reserved.pop()
-        return await self.pool.acquire()
+        return await self.pool.acquire(min(units, self.pool.capacity))
 
     def take_nowait(self, keep_free: int) -> mmap.mmap | None:
         """A buffer now, if one is reserved or the pool keeps `keep_free` free after it."""
@@ -108,15 +109,16 @@ async def copy_blob(
     buffers: BufferSource,
     *,
     fill: bool = False,
+    units: int = 1,
 ) -> Mismatch | GiveUp | None:
     """Read the whole blob (resuming via `resume(offset)`), hash it, pass on the delivered range.
 
-    Bytes are read into buffers from `buffers` and passed on as `Chunk`s that own them (the sink
-    must release each).  With `fill` every buffer is filled before it is passed on (the
-    verify-first path reserves exactly enough); otherwise a buffer goes on once a quarter full or
-    `FLUSH_INTERVAL` after its first byte.  The last delivered byte goes to `sink` only once the
-    digest matched.  Returns None on success, a `Mismatch` or the GiveUp `resume` returned when
-    no peer could continue.
+    Bytes are read into buffers from `buffers` (of `units` pool units unless reserved) and passed
+    on as `Chunk`s that own them (the sink must release each).  With `fill` every buffer is
+    filled before it is passed on (the verify-first path reserves exactly enough); otherwise a
+    buffer goes on once a quarter full or `FLUSH_INTERVAL` after its first byte.  The last
+    delivered byte goes to `sink` only once the digest matched.  Returns None on success, a
+    `Mismatch` or the GiveUp `resume` returned when no peer could continue.
     """
     if size == 0:
         return None if digest == sha256_digest(b"") else Mismatch((peer,))
@@ -128,7 +130,7 @@ async def copy_blob(
     current: PeerResponse | None = response
     pool = buffers.pool
     while position < size:
-        buffer = await buffers.take()
+        buffer = await buffers.take(units)
         want = min(len(buffer), size - position)
         filled = 0
         with memoryview(buffer) as view:

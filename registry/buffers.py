@@ -24,55 +24,68 @@ __all__ = ["BufferPool", "Chunk"]
 
 
 class BufferPool:
-    """Fixed-size buffers, at most `max_bytes` of them in use or idle at once."""
+    """Buffers of `buffer_size` (or a few times it), at most `max_bytes` of them in use at once.
+
+    `buffer_size` is the pool's unit: the cap, `in_use`, `free` and `allocated` count units.  A
+    streamed big blob reads into buffers of several units (`acquire(units)`: fewer, bigger reads);
+    each size keeps up to `keep_idle` idle buffers for reuse (idle ones are outside the cap).
+    """
 
     def __init__(self, buffer_size: int, max_bytes: int, keep_idle: int = 4) -> None:
         if buffer_size < 4096:
             raise ValueError("buffer_size must be at least 4096 bytes")
         self.buffer_size = buffer_size
-        self.capacity = max(1, max_bytes // buffer_size)  # buffers
+        self.capacity = max(1, max_bytes // buffer_size)  # units
         self.keep_idle = keep_idle
-        self._idle: list[mmap.mmap] = []
-        self.allocated = 0  # buffers that exist (idle or in use)
+        self._idle: dict[int, list[mmap.mmap]] = {}  # by units
+        self._idle_units = 0
+        self.allocated = 0  # units that exist (idle or in use)
         self.peak_in_use = 0
         self._freed = trio.Event()
 
     @property
     def in_use(self) -> int:
-        return self.allocated - len(self._idle)
+        return self.allocated - self._idle_units
 
     @property
     def free(self) -> int:
-        """Buffers that can be handed out now (idle ones and room under the cap)."""
+        """Units that can be handed out now (idle ones and room under the cap)."""
         return self.capacity - self.in_use
 
-    def _take(self) -> mmap.mmap:
-        if self._idle:
-            buffer = self._idle.pop()
+    def _take(self, units: int) -> mmap.mmap:
+        idle = self._idle.get(units)
+        if idle:
+            buffer = idle.pop()
+            self._idle_units -= units
         else:
-            buffer = mmap.mmap(-1, self.buffer_size)
-            self.allocated += 1
+            buffer = mmap.mmap(-1, units * self.buffer_size)
+            self.allocated += units
         self.peak_in_use = max(self.peak_in_use, self.in_use)
         return buffer
 
-    async def acquire(self) -> mmap.mmap:
-        """A buffer; waits while `capacity` buffers are in use."""
+    async def acquire(self, units: int = 1) -> mmap.mmap:
+        """A buffer of `units` units; waits while fewer than that are free."""
+        if not 1 <= units <= self.capacity:
+            raise ValueError(f"a buffer of {units} units does not fit the pool")
         await trio.lowlevel.checkpoint()
-        while self.free <= 0:
+        while self.free < units:
             await self._freed.wait()
-        return self._take()
+        return self._take(units)
 
     def reserve(self, count: int) -> list[mmap.mmap] | None:
-        """`count` buffers at once, or None (at once) if they are not free."""
+        """`count` one-unit buffers at once, or None (at once) if they are not free."""
         if count > self.free:
             return None
-        return [self._take() for _ in range(count)]
+        return [self._take(1) for _ in range(count)]
 
     def release(self, buffer: mmap.mmap) -> None:
-        if len(self._idle) < self.keep_idle:
-            self._idle.append(buffer)
+        units = len(buffer) // self.buffer_size
+        idle = self._idle.setdefault(units, [])
+        if len(idle) < self.keep_idle:
+            idle.append(buffer)
+            self._idle_units += units
         else:
-            self.allocated -= 1
+            self.allocated -= units
             try:
                 buffer.close()  # unmapped now: RSS goes down at once
             except BufferError:

@@ -377,8 +377,12 @@ class MirrorRun:
                 # too big to hold (or no memory left for it): stream, hashing as it goes, and
                 # hold back the last byte
                 await self._send_head(head)
+                big = not inflight and size > self.settings.verify_first_max
+                units = self.settings.stream_buffer_size // pool.buffer_size if big else 1
                 source = BufferSource(pool)
-                outcome = await self._copy(fetch, supply, stack, delivered, self._emit, source)
+                outcome = await self._copy(
+                    fetch, supply, stack, delivered, self._emit, source, units=units
+                )
                 if outcome is not None:
                     await self._emit(MirrorAbort(outcome.message))
                 if isinstance(outcome, Mismatch) and outcome.spans:  # several peers: find the liar
@@ -466,8 +470,10 @@ class MirrorRun:
         buffers: BufferSource,
         *,
         fill: bool = False,
+        units: int = 1,
     ) -> Mismatch | GiveUp | None:
-        """`copy_blob` from this fetch, resuming from the next providers; quarantines liars."""
+        """`copy_blob` from this fetch (buffers of `units` pool units), resuming from the next
+        providers; quarantines liars.  Several providers at once keep one-unit buffers."""
         size, digest = fetch.answer.size, fetch.answer.digest
         stall = self.settings.stall_timeout
         if fetch.peer.state is PeerState.INFLIGHT:
@@ -516,6 +522,7 @@ class MirrorRun:
             stall,
             buffers,
             fill=fill,
+            units=units,
         )
         if isinstance(outcome, Mismatch):
             self.verify.punish(digest, outcome.contributors, self.ref.registry)

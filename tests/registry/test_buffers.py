@@ -69,3 +69,27 @@ async def test_a_dropped_chunk_gives_its_buffer_back() -> None:
 def test_buffers_must_be_big_enough() -> None:
     with pytest.raises(ValueError):
         BufferPool(100, SIZE)
+
+
+async def test_multi_unit_buffers_count_against_the_cap_and_are_reused_by_size() -> None:
+    pool = BufferPool(SIZE, 4 * SIZE, keep_idle=1)
+    double = await pool.acquire(2)
+    assert len(double) == 2 * SIZE and (pool.in_use, pool.free) == (2, 2)
+    single = await pool.acquire()
+    got: list[object] = []
+
+    async def another_double() -> None:
+        got.append(await pool.acquire(2))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(another_double)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []  # one unit free: a 2-unit buffer waits
+        pool.release(single)  # idle now: two units free
+    assert len(got) == 1 and got[0] is not single  # a fresh double, not the idle single
+    assert pool.in_use == 4 and pool.free == 0
+    pool.release(double)
+    again = await pool.acquire(2)
+    assert again is double  # the idle double is reused
+    with pytest.raises(ValueError):
+        await pool.acquire(5)  # bigger than the whole cap: would wait forever

@@ -9,6 +9,7 @@ its last byte; either way nothing after an abort is sent.
 from __future__ import annotations
 
 import hashlib
+import mmap
 
 import trio
 import trio.testing
@@ -20,6 +21,7 @@ from registry.distribution import ContentKind, ContentRequest
 from registry.forwarder import Forwarder
 from registry.interfaces import Peer
 from registry.mirror_job import (
+    MIRROR_DEFAULTS,
     MirrorAbort,
     MirrorFailure,
     MirrorHead,
@@ -35,8 +37,15 @@ from .memory_peers import FakeClient, FakePeer
 
 
 async def mirror(
-    blob: bytes, peers: list[FakePeer], client_range: RangeSpec | None, verify_first_max: int
+    blob: bytes,
+    peers: list[FakePeer],
+    client_range: RangeSpec | None,
+    verify_first_max: int,
+    buffer_size: int = MIRROR_DEFAULTS.buffer_size,
+    acquired: list[int] | None = None,
 ) -> tuple[MirrorItem, bytes, bool]:
+    """The forwarder's items for one GET; `acquired` collects the units of each pooled buffer
+    taken (blobs bigger than verify_first_max stream in buffers of stream_buffer_size)."""
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
     network = MemoryNetwork()
     for port in range(len(peers)):
@@ -44,8 +53,21 @@ async def mirror(
     forwarder = Forwarder(
         MemoryRouter(network),
         FakeClient(dict(enumerate(peers)), digest),  # type: ignore[arg-type]
-        MirrorSettings(resolve_retries=len(peers) + 1, verify_first_max=verify_first_max),
+        MirrorSettings(
+            resolve_retries=len(peers) + 1,
+            verify_first_max=verify_first_max,
+            buffer_size=buffer_size,
+            stream_buffer_size=2 * buffer_size,
+        ),
     )
+    if acquired is not None:
+        pool, acquire = forwarder.buffers, forwarder.buffers.acquire
+
+        async def recording(units: int = 1) -> mmap.mmap:
+            acquired.append(units)
+            return await acquire(units)
+
+        pool.acquire = recording  # type: ignore[method-assign]
     request = ContentRequest(ContentKind.BLOB, Reference("docker.io", "a", digest=digest))
     send, receive = trio.open_memory_channel[MirrorItem](0)
     body, aborted = bytearray(), False
@@ -70,8 +92,10 @@ async def mirror(
 
 
 @st.composite
-def scenarios(draw: st.DrawFn) -> tuple[bytes, list[FakePeer], RangeSpec | None, bool]:
-    size = draw(st.integers(1, 3000))
+def scenarios(
+    draw: st.DrawFn, max_size: int = 3000
+) -> tuple[bytes, list[FakePeer], RangeSpec | None, bool]:
+    size = draw(st.integers(1, max_size))
     blob = draw(st.binary(min_size=size, max_size=size))
     n = draw(st.integers(1, 3))
     peers = []
@@ -112,6 +136,30 @@ def test_streamed_blobs_resume_and_never_end_unverified(
         assert body == expected
 
 
+@settings(max_examples=100, deadline=None)
+@given(scenarios(max_size=40_000))
+def test_big_blobs_stream_in_double_buffers_resume_and_never_end_unverified(
+    scenario: tuple[bytes, list[FakePeer], RangeSpec | None, bool],
+) -> None:
+    # 4 KiB pool units: a blob above verify_first_max spans many 2-unit (8 KiB) buffers, cut
+    # across buffer bounds by resumptions and client ranges
+    blob, peers, client_range, lied = scenario
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    acquired: list[int] = []
+    head, body, aborted = trio.run(
+        mirror, blob, peers, client_range, 0, 4096, acquired, clock=clock
+    )
+    assert isinstance(head, MirrorHead)
+    assert acquired and set(acquired) == {2}
+    if not lied:
+        assert not aborted
+    expected = expected_slice(blob, client_range)
+    if aborted:
+        assert len(body) < len(expected)
+    else:
+        assert body == expected
+
+
 @settings(max_examples=200, deadline=None)
 @given(scenarios())
 def test_small_blobs_are_verified_before_the_first_byte(
@@ -119,7 +167,11 @@ def test_small_blobs_are_verified_before_the_first_byte(
 ) -> None:
     blob, peers, client_range, lied = scenario
     clock = trio.testing.MockClock(autojump_threshold=0)
-    head, body, aborted = trio.run(mirror, blob, peers, client_range, 1 << 20, clock=clock)
+    acquired: list[int] = []
+    head, body, aborted = trio.run(
+        mirror, blob, peers, client_range, 1 << 20, 4096, acquired, clock=clock
+    )
+    assert set(acquired) <= {1}  # reserved one-unit buffers (acquire only for a resumption)
     assert not aborted
     if isinstance(head, MirrorFailure):
         event("clean 404")
