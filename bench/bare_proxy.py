@@ -23,7 +23,7 @@ import h11
 
 from registry.mirror_job import MIRROR_DEFAULTS
 
-READ_SIZE = MIRROR_DEFAULTS.buffer_size  # the agent's reads
+READ_SIZE = MIRROR_DEFAULTS.stream_buffer_size  # the agent's reads of a streamed blob
 
 
 def _read_head(sock: socket.socket, conn: h11.Connection) -> h11.Request | h11.Response:

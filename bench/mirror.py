@@ -17,13 +17,14 @@ cost), and the agent's CPU per GiB over sha256's CPU per GiB.  The agent's RSS i
 /proc: idle, after the proxied copies, peak (VmHWM), and after a burst of concurrent pulls that
 moves `--burst-gib` through it.
 
-The sha256 baseline hashes buffers of the agent's read size (`MirrorSettings.buffer_size`),
-as the agent does: bytes a socket read has just written, in cache.  (Until issue 11 it hashed
-16 MiB pieces, which do not fit this machine's 2 MiB L2: 30-40% slower than the agent's own
-hashing, so the ratios flattered the agent; that figure is still printed, `sha256_16mib_pieces`,
-with its ratios.)  `bare_proxy` is the same copy through `bench.bare_proxy`: a blocking loop that
-only reads, hashes and writes, measured in the same window; its ratios say how much of the gap
-to sha256 is the machine (loopback TCP on both sides, the peer and curl on the same 2 cores).
+The sha256 baseline hashes buffers of the size the agent reads a streamed blob in
+(`MirrorSettings.stream_buffer_size`), as the agent does: bytes a socket read has just written,
+in cache.  (Until issue 11 it hashed 16 MiB pieces, which do not fit this machine's 2 MiB L2:
+30-40% slower than the agent's own hashing, so the ratios flattered the agent; that figure is
+still printed, `sha256_16mib_pieces`, with its ratios.)  `bare_proxy` is the same copy through
+`bench.bare_proxy`: a blocking loop that only reads, hashes and writes, measured in the same
+window; its ratios say how much of the gap to sha256 is the machine (loopback TCP on both
+sides, the peer and curl on the same 2 cores).
 """
 
 from __future__ import annotations
@@ -322,7 +323,7 @@ def run(size_mib: int, burst_gib: float = 1.0, burst_streams: int = 16) -> dict[
         download([url(agent_port, big_digest)], size)
         download([url(bare_port, big_digest)], size)
         direct_wall = download([url(peer_port, big_digest)], size)
-        piece = MIRROR_DEFAULTS.buffer_size
+        piece = MIRROR_DEFAULTS.stream_buffer_size  # what the agent reads the big blob in
         sha_before, legacy_before = sha256_rate(piece), sha256_rate(16 << 20)
         before = cpu_seconds(agent.pid)
         mirrored_wall = download([url(agent_port, big_digest)], size)
