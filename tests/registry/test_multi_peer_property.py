@@ -55,6 +55,7 @@ async def mirror(
             resolve_retries=2 * len(peers) + 1,
             verify_first_max=0,  # stream (the case where lies cut the response short)
             buffer_size=BUFFER,
+            stream_buffer_size=2 * BUFFER,  # a single-peer fallback streams in 2-unit buffers
             multi_peer_min=1,
             multi_peer_max=window // 2,
             multi_peer_piece=piece,
