@@ -45,8 +45,8 @@ SENDFILE_CHUNK = 8 * 1024 * 1024
 DIRECT_SEND_MIN = 64 * 1024  # body pieces from this size are written by `_send_direct`
 # Trio sets TCP_NOTSENT_LOWAT to 16 KiB on every socket stream (low latency for chatty protocols):
 # the kernel then takes only ~190 KiB per write or sendfile call on loopback, and a non-blocking
-# sender pays a system call and a scheduler pass per slice.  A registry's bodies are bulk: the
-# first big body piece on a connection lifts the mark to this (the send buffer still bounds it).
+# sender pays a system call and a scheduler pass per slice.  A mirrored body is bulk: its first
+# big piece on a connection lifts the mark to this (the send buffer still bounds it).
 BULK_NOTSENT_LOWAT = 4 * 1024 * 1024
 LINGER = 1.0  # after answering and half-closing, read what the client still sends this long
 
@@ -319,7 +319,8 @@ class ServerConnection:
         return part.length
 
     async def _sendfile(self, part: FileRange) -> None:
-        self._allow_bulk()
+        # (the not-sent mark stays: lifted here, 16 concurrent 64 MiB pulls through a mirror
+        # ran ~20% slower, at more CPU in the mirror too; `_send_direct` lifts it)
         sock = self.stream.socket
         sent = 0
         while sent < part.length:
