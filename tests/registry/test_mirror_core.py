@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -241,21 +241,31 @@ async def test_provider_slower_than_all_attempts_is_not_waited_for(
     assert trio.current_time() - start == pytest.approx(0.06)
 
 
+async def answer_each_request(
+    stream: trio.SocketStream, respond: Callable[[trio.SocketStream], Awaitable[None]]
+) -> None:
+    """A raw HTTP/1.1 server loop: `respond` once per request head (bodiless GETs) until EOF."""
+    buffer = b""
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            return
+        buffer += data
+        while b"\r\n\r\n" in buffer:
+            _, buffer = buffer.split(b"\r\n\r\n", 1)
+            await respond(stream)
+
+
 async def test_peer_client_reuses_connections(nursery: trio.Nursery) -> None:
     connections = 0
+
+    async def hello(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
 
     async def handler(stream: trio.SocketStream) -> None:
         nonlocal connections
         connections += 1
-        buffer = b""
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            buffer += data
-            while b"\r\n\r\n" in buffer:
-                _, buffer = buffer.split(b"\r\n\r\n", 1)
-                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
+        await answer_each_request(stream, hello)
 
     listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
     port = listeners[0].socket.getsockname()[1]
@@ -279,30 +289,21 @@ async def test_peer_client_keeps_the_first_bytes_for_the_reader(
     go = trio.Event()
     body = b"first" + b"x" * 100_000 + b"last"
 
-    async def handler(stream: trio.SocketStream) -> None:
-        buffer = b""
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            buffer += data
-            while b"\r\n\r\n" in buffer:
-                _, buffer = buffer.split(b"\r\n\r\n", 1)
-                if framing == "chunked":
-                    await stream.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-                    await go.wait()
-                    await stream.send_all(b"5\r\nfirst\r\n")
-                    rest = body[5:]
-                    await stream.send_all(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
-                else:
-                    await stream.send_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body)
-                    )
-                    await go.wait()
-                    await stream.send_all(body[:5])
-                    await trio.sleep(0.01)
-                    await stream.send_all(body[5:])
+    async def head_then_body(stream: trio.SocketStream) -> None:
+        if framing == "chunked":
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            await go.wait()
+            await stream.send_all(b"5\r\nfirst\r\n")
+            rest = body[5:]
+            await stream.send_all(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+        else:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body))
+            await go.wait()
+            await stream.send_all(body[:5])
+            await trio.sleep(0.01)
+            await stream.send_all(body[5:])
 
+    handler = functools.partial(answer_each_request, respond=head_then_body)
     listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
     port = listeners[0].socket.getsockname()[1]
     client = PeerClient()
