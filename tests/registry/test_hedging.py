@@ -7,6 +7,7 @@ import logging
 import socket
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -18,7 +19,7 @@ from registry.mediatypes import OCI_MANIFEST
 from registry.mirror_job import MirrorSettings
 from tests.fakes import MemoryNetwork
 
-from .conftest import LOOPBACK, ScriptedPeer, StartNode, StartScripted
+from .conftest import LOOPBACK, Node, ScriptedPeer, StartNode, StartScripted
 from .test_mirror_peers import advertise, provider_and_client
 
 
@@ -73,6 +74,14 @@ SETTINGS = RegistrySettings(
 )
 
 
+async def timed_get(client: Node, path: str) -> tuple[httpx.Response, float]:
+    """GET `path` from `client`'s registry: the response and how long it took (trio's clock)."""
+    async with client.client() as http:
+        started = trio.current_time()
+        response = await http.get(path)
+        return response, trio.current_time() - started
+
+
 @pytest.mark.parametrize("kind", ["layer", "manifest"])
 async def test_frozen_provider_costs_one_hedge_delay(
     clock: trio.testing.MockClock,
@@ -88,10 +97,7 @@ async def test_frozen_provider_costs_one_hedge_delay(
     advertise(network, key, frozen_peer, provider)  # the frozen one is asked first
     path = "blobs" if kind == "layer" else "manifests"
     caplog.set_level(logging.INFO, logger="registry.forwarder")
-    async with client.client() as http:
-        started = trio.current_time()
-        response = await http.get(f"/v2/library/app/{path}/{key}?ns=docker.io")
-        elapsed = trio.current_time() - started
+    response, elapsed = await timed_get(client, f"/v2/library/app/{path}/{key}?ns=docker.io")
     assert response.status_code == 200
     assert response.content == (content.layer_bytes if kind == "layer" else content.manifest_bytes)
     # one hedge delay (50 ms floor), not the 2 s response timeout
@@ -101,11 +107,9 @@ async def test_frozen_provider_costs_one_hedge_delay(
     assert outcome.__dict__["peer"] == f"{LOOPBACK}:{provider.port}"
     # the frozen peer lost a race it was asked first in: for a while, requests that ask it
     # first ask the next provider at once (no second hedge delay)
-    async with client.client() as http:
-        started = trio.current_time()
-        response = await http.get(f"/v2/library/app/{path}/{key}?ns=docker.io")
-        assert response.status_code == 200
-        assert trio.current_time() - started < 0.05
+    response, elapsed = await timed_get(client, f"/v2/library/app/{path}/{key}?ns=docker.io")
+    assert response.status_code == 200
+    assert elapsed < 0.05
 
 
 async def test_without_hedging_a_frozen_provider_costs_the_response_timeout(
@@ -121,10 +125,9 @@ async def test_without_hedging_a_frozen_provider_costs_the_response_timeout(
     provider, content, client = await provider_and_client(start_node, network, settings)
     network.remove(content.layer, provider.peer)
     advertise(network, content.layer, frozen_peer, provider)
-    async with client.client() as http:
-        started = trio.current_time()
-        response = await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")
-        elapsed = trio.current_time() - started
+    response, elapsed = await timed_get(
+        client, f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
+    )
     assert response.status_code == 200
     assert elapsed >= 2.0
 
@@ -170,10 +173,7 @@ async def test_headers_then_silence_costs_one_hedge_delay(
     network.remove(key, provider.peer)
     advertise(network, key, mute, provider)  # the mute one is asked first
     path = "blobs" if kind == "layer" else "manifests"
-    async with client.client() as http:
-        started = trio.current_time()
-        response = await http.get(f"/v2/library/app/{path}/{key}?ns=docker.io")
-        elapsed = trio.current_time() - started
+    response, elapsed = await timed_get(client, f"/v2/library/app/{path}/{key}?ns=docker.io")
     assert response.status_code == 200
     assert response.content == body
     assert 0.05 <= elapsed < 0.5, elapsed  # one hedge delay, not stall_timeout (5 s)
@@ -197,10 +197,9 @@ async def test_without_hedging_headers_then_silence_costs_the_stall_timeout(
     mute = await start_scripted(ScriptedPeer("mute", content.layer_bytes, content.layer))
     network.remove(content.layer, provider.peer)
     advertise(network, content.layer, mute, provider)
-    async with client.client() as http:
-        started = trio.current_time()
-        response = await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")
-        elapsed = trio.current_time() - started
+    response, elapsed = await timed_get(
+        client, f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
+    )
     assert response.status_code == 200
     assert response.content == content.layer_bytes
     assert elapsed >= settings.mirror.stall_timeout
@@ -218,10 +217,9 @@ async def test_a_late_body_from_the_only_provider_is_waited_for(
     late = await start_scripted(ScriptedPeer("late", content.layer_bytes, content.layer, pause=1.5))
     network.remove(content.layer, provider.peer)
     advertise(network, content.layer, late)
-    async with client.client() as http:
-        started = trio.current_time()
-        response = await http.get(f"/v2/library/app/blobs/{content.layer}?ns=docker.io")
-        elapsed = trio.current_time() - started
+    response, elapsed = await timed_get(
+        client, f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
+    )
     assert response.status_code == 200
     assert response.content == content.layer_bytes
     assert 1.5 <= elapsed < 2.0, elapsed
