@@ -9,8 +9,12 @@ from dataclasses import dataclass, field
 
 import trio
 
+from registry.forwarder import Forwarder
+from registry.interfaces import Peer
+from registry.mirror_job import MirrorSettings
 from registry.peer_client import PeerError
 from registry.ranges import parse_range
+from tests.fakes import MemoryNetwork, MemoryRouter
 
 
 @dataclass
@@ -104,3 +108,13 @@ class FakeClient:
             start, end = r.start, r.end
         peer.ranges.append((start, end))
         yield FakeResponse(peer, start, end, self.digest, ranged is not None)
+
+
+def forwarder_over(digest: str, peers: list[FakePeer], settings: MirrorSettings) -> Forwarder:
+    """A forwarder whose router knows `peers` (ports 0, 1, ...) as providers of `digest` and
+    whose peer client is `FakeClient`."""
+    network = MemoryNetwork()
+    for port in range(len(peers)):
+        network.add(digest, Peer(bytes([port + 1]) * 32, "127.0.0.1", port))
+    client = FakeClient(dict(enumerate(peers)), digest)
+    return Forwarder(MemoryRouter(network), client, settings)  # type: ignore[arg-type]

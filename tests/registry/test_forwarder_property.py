@@ -18,8 +18,6 @@ from hypothesis import strategies as st
 
 from registry.buffers import Chunk
 from registry.distribution import ContentKind, ContentRequest
-from registry.forwarder import Forwarder
-from registry.interfaces import Peer
 from registry.mirror_job import (
     MIRROR_DEFAULTS,
     MirrorAbort,
@@ -31,9 +29,8 @@ from registry.mirror_job import (
 )
 from registry.ranges import RangeSpec
 from registry.reference import Reference
-from tests.fakes import MemoryNetwork, MemoryRouter
 
-from .memory_peers import FakeClient, FakePeer
+from .memory_peers import FakePeer, forwarder_over
 
 
 async def mirror(
@@ -47,12 +44,9 @@ async def mirror(
     """The forwarder's items for one GET; `acquired` collects the units of each pooled buffer
     taken (blobs bigger than verify_first_max stream in buffers of stream_buffer_size)."""
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    network = MemoryNetwork()
-    for port in range(len(peers)):
-        network.add(digest, Peer(bytes([port + 1]) * 32, "127.0.0.1", port))
-    forwarder = Forwarder(
-        MemoryRouter(network),
-        FakeClient(dict(enumerate(peers)), digest),  # type: ignore[arg-type]
+    forwarder = forwarder_over(
+        digest,
+        peers,
         MirrorSettings(
             resolve_retries=len(peers) + 1,
             verify_first_max=verify_first_max,

@@ -19,15 +19,12 @@ from hypothesis import strategies as st
 
 from registry.buffers import Chunk
 from registry.distribution import ContentKind, ContentRequest
-from registry.forwarder import Forwarder
-from registry.interfaces import Peer
 from registry.mirror_job import MirrorAbort, MirrorHead, MirrorItem, MirrorJob, MirrorSettings
 from registry.range_plan import RangePlan
 from registry.ranges import RangeSpec
 from registry.reference import Reference
-from tests.fakes import MemoryNetwork, MemoryRouter
 
-from .memory_peers import FakeClient, FakePeer
+from .memory_peers import FakePeer, forwarder_over
 
 BUFFER = 4096
 
@@ -45,12 +42,9 @@ async def mirror(
     blob: bytes, peers: list[FakePeer], client_range: RangeSpec | None, piece: int, window: int
 ) -> Outcome:
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    network = MemoryNetwork()
-    for port in range(len(peers)):
-        network.add(digest, Peer(bytes([port + 1]) * 32, "127.0.0.1", port))
-    forwarder = Forwarder(
-        MemoryRouter(network),
-        FakeClient(dict(enumerate(peers)), digest),  # type: ignore[arg-type]
+    forwarder = forwarder_over(
+        digest,
+        peers,
         MirrorSettings(
             resolve_retries=2 * len(peers) + 1,
             verify_first_max=0,  # stream (the case where lies cut the response short)
