@@ -3,11 +3,19 @@
 # the manifests applied, one image pulled on two nodes, and proof that the second pull was served by a
 # peer: the second node cannot reach the upstream registry at all, and its agent counts a mirror hit.
 #
-# Needs docker, kind and kubectl. Usage: hack/kind-demo.sh [up|down]
+# Needs docker, kind v0.31.0 or newer, kubectl, and what `make image` needs (docs/image.md).
+# Usage: hack/kind-demo.sh [up|down]
+#
+# containerd config: kind's node images run containerd 2.x. Each patch below names its config version,
+# and kind (from v0.31.0) applies a versioned patch only to a config file of that version: version 3
+# keys (`io.containerd.cri.v1.images`) for a node whose config.toml says version = 3, version 2 keys
+# (`io.containerd.grpc.v1.cri`) for one still written as version 2, which containerd 2.x migrates at
+# start (that migration would overwrite a version 3 key placed in a version 2 file). `spegla doctor`
+# then checks on a node that the settings took.
 set -euo pipefail
 
 CLUSTER=${CLUSTER:-spegla-demo}
-IMAGE=${IMAGE:-localhost/spegla:demo}
+ARCHIVE=${ARCHIVE:-build/spegla-image.tar}  # what `make image` writes: localhost/spegla:0.1.0
 TEST_IMAGE=${TEST_IMAGE:-docker.io/library/busybox:1.36.1}
 FIRST="$CLUSTER-worker"
 SECOND="$CLUSTER-worker2"
@@ -17,11 +25,13 @@ cd "$(dirname "$0")/.."
 log() { printf '\n== %s\n' "$*"; }
 k() { kubectl --context "kind-$CLUSTER" "$@"; }
 
+agent_pod() {
+  k -n spegla get pods -l app.kubernetes.io/component=agent \
+    --field-selector "spec.nodeName=$1" -o jsonpath='{.items[0].metadata.name}'
+}
+
 agent_metrics() {
-  local pod
-  pod=$(k -n spegla get pods -l app.kubernetes.io/component=agent \
-    --field-selector "spec.nodeName=$1" -o jsonpath='{.items[0].metadata.name}')
-  k get --raw "/api/v1/namespaces/spegla/pods/$pod:9090/proxy/metrics"
+  k get --raw "/api/v1/namespaces/spegla/pods/$(agent_pod "$1"):9090/proxy/metrics"
 }
 
 if [[ ${1:-up} == down ]]; then
@@ -29,20 +39,40 @@ if [[ ${1:-up} == down ]]; then
   exit 0
 fi
 
-for tool in docker kind kubectl; do
+for tool in docker kind kubectl make; do
   command -v "$tool" >/dev/null || { echo "kind-demo: needs $tool" >&2; exit 1; }
 done
+kind_minor=$(kind version | sed -n 's/^kind v0\.\([0-9]*\)\..*/\1/p')
+if [[ -n $kind_minor ]] && (( kind_minor < 31 )); then
+  echo "kind-demo: needs kind v0.31.0 or newer (version-aware containerd config patches);" \
+    "found: $(kind version)" >&2
+  exit 1
+fi
+
+log "building the agent image ($ARCHIVE)"
+make image
 
 log "cluster $CLUSTER: 1 control plane + 2 workers; containerd reads certs.d and keeps layers"
 kind create cluster --name "$CLUSTER" --config - <<'EOF'
 kind: Cluster
 apiVersion: kind.x-k8s.io/v1alpha4
 containerdConfigPatches:
+  # containerd 2.x with a version 3 config
   - |-
-    [plugins."io.containerd.grpc.v1.cri".registry]
+    version = 3
+    [plugins."io.containerd.cri.v1.images"]
+      discard_unpacked_layers = false
+    [plugins."io.containerd.cri.v1.images".registry]
       config_path = "/etc/containerd/certs.d"
+    [plugins."io.containerd.metadata.v1.bolt"]
+      content_sharing_policy = "isolated"
+  # the same settings for a node image whose config file is still version 2
+  - |-
+    version = 2
     [plugins."io.containerd.grpc.v1.cri".containerd]
       discard_unpacked_layers = false
+    [plugins."io.containerd.grpc.v1.cri".registry]
+      config_path = "/etc/containerd/certs.d"
     [plugins."io.containerd.metadata.v1.bolt"]
       content_sharing_policy = "isolated"
 nodes:
@@ -51,15 +81,17 @@ nodes:
   - role: worker
 EOF
 
-log "building $IMAGE (only the files the image needs are sent to docker) and loading it into kind"
-tar -c --exclude=__pycache__ Containerfile pyproject.toml README.md agent dht registry \
-  | docker build -f Containerfile -t "$IMAGE" -
-kind load docker-image "$IMAGE" --name "$CLUSTER"
+log "loading $ARCHIVE into every node (the manifests use it as is: imagePullPolicy IfNotPresent)"
+kind load image-archive "$ARCHIVE" --name "$CLUSTER"
 
 log "installing spegla"
-k kustomize manifests | sed "s#registry.example.com/spegla:0.1.0#$IMAGE#g" | k apply -f -
+k apply -k manifests/
 k -n spegla rollout status daemonset/spegla --timeout=5m
 k -n spegla get pods -o wide
+
+log "spegla doctor on $SECOND: containerd settings, hosts.toml, agent ports, peers"
+k -n spegla exec "$(agent_pod "$SECOND")" -c registry -- spegla doctor \
+  || { echo "kind-demo: doctor found a problem on $SECOND (see above)" >&2; exit 1; }
 
 log "pulling $TEST_IMAGE on $FIRST (from the upstream registry)"
 docker exec "$FIRST" crictl pull "$TEST_IMAGE"
