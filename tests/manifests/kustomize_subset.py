@@ -3,7 +3,7 @@
 Why our own: CI may have no kubectl, and the manifests are meant for `kubectl apply -k`, so the
 tests must see what kustomize would produce. The subset is deliberately tiny (resources, components,
 JSON 6902 patches with a kind/name target, strategic-merge patches that merge lists by `name`,
-configMapGenerator without name hashes) and refuses
+configMapGenerator without name hashes, `images:` on pod templates' containers) and refuses
 anything else, so a manifest change that needs more fails loudly here instead of being rendered
 wrongly. When kubectl is present, test_manifests.py checks that this renders exactly what
 `kubectl kustomize` does.
@@ -20,7 +20,7 @@ import yaml
 Object = dict[str, Any]
 
 _KUSTOMIZATION_KEYS = {
-    "apiVersion", "kind", "resources", "components", "patches", "configMapGenerator",
+    "apiVersion", "kind", "resources", "components", "patches", "configMapGenerator", "images",
 }
 _KINDS = {
     "Kustomization": "kustomize.config.k8s.io/v1beta1",
@@ -67,7 +67,28 @@ def _build(directory: Path, expect: str, objects: list[Object] | None = None) ->
         _build((directory / entry).resolve(), expect="Component", objects=out)
     for patch in data.get("patches", []):
         _apply_patch(directory, patch, out)
+    for image in data.get("images", []):
+        _set_image(image, out)
     return out
+
+
+def _set_image(entry: dict[str, Any], objects: list[Object]) -> None:
+    """kustomize's image transformer on pod templates: match the name, swap name and/or tag."""
+    if set(entry) - {"name", "newName", "newTag"} or "name" not in entry:
+        raise KustomizeError(f"images: only name, newName and newTag are supported, got {entry}")
+    for obj in objects:
+        pod = obj.get("spec", {}).get("template", {}).get("spec", {})
+        for container in pod.get("initContainers", []) + pod.get("containers", []):
+            if "@" in container["image"]:
+                raise KustomizeError(f"images: digest references are not supported: {container}")
+            name, _, tag = container["image"].rpartition(":")
+            if not name or "/" in tag:  # no tag: the colon (if any) was a registry port
+                name, tag = container["image"], ""
+            if name != entry["name"]:
+                continue
+            name = entry.get("newName", name)
+            tag = str(entry.get("newTag", tag))
+            container["image"] = f"{name}:{tag}" if tag else name
 
 
 def _load_objects(path: Path) -> list[Object]:

@@ -23,7 +23,14 @@ from pathlib import Path
 import pytest
 
 from tests.manifests.kustomize_subset import Object, render
-from tests.manifests.test_manifests import MANIFESTS, ROOT, _container_env, _expand, _one
+from tests.manifests.test_manifests import (
+    MANIFESTS,
+    ROOT,
+    _container_env,
+    _expand,
+    _one,
+    init_container,
+)
 
 USER_HOSTS = "server = 'https://registry-1.docker.io'\n\n[host.'https://mirror.internal']\n"
 
@@ -82,7 +89,7 @@ def test_install_restart_and_uninstall_keep_the_nodes_own_certs_d(tmp_path: Path
     host_dirs = {"containerd-certs-d": certs_d}
 
     objects = render(MANIFESTS)
-    init = _one(objects, "DaemonSet", "spegla")["spec"]["template"]["spec"]["initContainers"][0]
+    init = init_container(_one(objects, "DaemonSet", "spegla")["spec"]["template"]["spec"])
     for _ in range(2):  # first install, then the pod starting again on the same node
         _run(init, objects, host_dirs)
         hosts = (certs_d / "_default" / "hosts.toml").read_text()
@@ -126,7 +133,7 @@ def test_prepend_existing_keeps_a_named_registrys_certificates(tmp_path: Path) -
     )
     (private / "ca.crt").write_text("certificate\n")
     objects = render(MANIFESTS)
-    init = _one(objects, "DaemonSet", "spegla")["spec"]["template"]["spec"]["initContainers"][0]
+    init = init_container(_one(objects, "DaemonSet", "spegla")["spec"]["template"]["spec"])
     overrides = {
         "PREPEND_EXISTING": "true",
         "MIRRORED_REGISTRIES": "_default,https://registry.internal.example",
