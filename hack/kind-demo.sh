@@ -10,8 +10,9 @@
 # and kind (from v0.31.0) applies a versioned patch only to a config file of that version: version 3
 # keys (`io.containerd.cri.v1.images`) for a node whose config.toml says version = 3, version 2 keys
 # (`io.containerd.grpc.v1.cri`) for one still written as version 2, which containerd 2.x migrates at
-# start (that migration would overwrite a version 3 key placed in a version 2 file). `spegla doctor`
-# then checks on a node that the settings took.
+# start (containerd 2.x ignores version 2 keys in a version 3 file, and its migration of a version 2
+# file replaces a version 3 `config_path` with the file's own). `spegla doctor` then checks on a node
+# that the settings took.
 set -euo pipefail
 
 CLUSTER=${CLUSTER:-spegla-demo}
