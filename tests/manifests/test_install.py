@@ -9,9 +9,12 @@ containerd-check script is run with the real /bin/sh against a real Unix socket 
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import subprocess
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -178,3 +181,55 @@ def test_readme_says_how_a_configmap_change_reaches_the_agents() -> None:
     text = (ROOT / "README.md").read_text()
     assert "kubectl -n spegla rollout restart ds/spegla" in text
     assert "rollout restart ds/spegla" in (MANIFESTS / "base" / "configmap.yaml").read_text()
+
+
+# containerd 1.x (Debian's package) and 2.x (built for the tests, beside the checkout)
+_CONTAINERD_1 = shutil.which("containerd")
+_CONTAINERD_2 = sorted((ROOT.parent / "shared" / "containerd").glob("2.*/containerd"))
+_PLUGIN = {3: ("io.containerd.cri.v1.images", ""), 2: ("io.containerd.grpc.v1.cri", "containerd")}
+
+
+def _readme_snippet(version: int) -> str:
+    text = (ROOT / "README.md").read_text()
+    marker = f"(config `version = {version}`):\n\n```toml\n"
+    return text.split(marker, 1)[1].split("```", 1)[0]
+
+
+def _dump(binary: str, version: int, snippet: str, tmp_path: Path) -> dict[str, Any]:
+    """`containerd config dump` of a file of `version` that discards layers and has no
+    config_path, importing the README's snippet (containerd merges imports over the file)."""
+    plugin, section = _PLUGIN[version]
+    where = f'[plugins."{plugin}".{section}]' if section else f'[plugins."{plugin}"]'
+    (tmp_path / "snippet.toml").write_text(f"version = {version}\n{snippet}")
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"version = {version}\nimports = ['{tmp_path / 'snippet.toml'}']\n"
+        f"{where}\n  discard_unpacked_layers = true\n"
+    )
+    out = subprocess.run(
+        [binary, "--config", str(config), "config", "dump"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    return tomllib.loads(out)
+
+
+@pytest.mark.skipif(not _CONTAINERD_2, reason="no containerd 2.x in ../shared/containerd/")
+def test_readme_version_3_settings_are_what_containerd_2_reads(tmp_path: Path) -> None:
+    dump = _dump(str(_CONTAINERD_2[-1]), 3, _readme_snippet(3), tmp_path)
+    images = dump["plugins"]["io.containerd.cri.v1.images"]
+    assert images["discard_unpacked_layers"] is False
+    assert images["registry"]["config_path"] == "/etc/containerd/certs.d"  # one directory
+
+
+@pytest.mark.skipif(_CONTAINERD_1 is None, reason="Debian's containerd 1.x not installed")
+def test_readme_version_2_settings_are_what_containerd_1_reads(tmp_path: Path) -> None:
+    assert _CONTAINERD_1 is not None
+    version = subprocess.run(
+        [_CONTAINERD_1, "--version"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    if " 1." not in version:
+        pytest.skip(f"containerd on PATH is not 1.x: {version.strip()}")
+    dump = _dump(_CONTAINERD_1, 2, _readme_snippet(2), tmp_path)
+    cri = dump["plugins"]["io.containerd.grpc.v1.cri"]
+    assert cri["containerd"]["discard_unpacked_layers"] is False
+    assert cri["registry"]["config_path"] == "/etc/containerd/certs.d"

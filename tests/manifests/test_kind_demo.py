@@ -40,7 +40,7 @@ def _patch_texts() -> list[str]:
     return patches
 
 
-def _patches() -> list[dict[str, object]]:
+def _patches() -> list[dict[str, Any]]:
     return [tomllib.loads(patch) for patch in _patch_texts()]
 
 
