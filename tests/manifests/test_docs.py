@@ -1,0 +1,62 @@
+"""The README and docs/ link to files and headings that exist, and the README's platform table
+covers every containerd line and distribution an operator asks about.
+
+Why: the operator documentation is split over several files; a renamed heading or a moved file
+breaks the path from the README to the answer without anything else noticing.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# written on other branches at the same time as these pages (the image build, the security model)
+ELSEWHERE = {ROOT / "docs" / "image.md", ROOT / "SECURITY.md"}
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {_slug(m.group(1)) for m in re.finditer(r"^#{1,6} (.+)$", text, re.M)}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_reach_a_file_and_heading(page: Path) -> None:
+    for target in _LINK.findall(page.read_text()):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if linked in ELSEWHERE and not linked.exists():
+            continue
+        assert linked.exists(), f"{page.name}: {target} does not exist"
+        if anchor and linked.suffix == ".md":
+            assert anchor in _anchors(linked), f"{page.name}: no heading #{anchor} in {path}"
+
+
+def test_slug_matches_githubs_rule() -> None:
+    assert _slug("Clusters without hostPort support: `components/node-port-local`") == (
+        "clusters-without-hostport-support-componentsnode-port-local"
+    )
+    assert _slug("Verify that peers serve pulls") == "verify-that-peers-serve-pulls"
+
+
+def test_readme_platform_table_names_every_line_and_distribution() -> None:
+    text = (ROOT / "README.md").read_text()
+    rows = {line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")}
+    for containerd in ("1.6", "1.7", "2.0", "2.1 and newer"):
+        assert containerd in rows, containerd
+    for name in ("kubeadm", "kind", "EKS (AL2023)", "AKS", "GKE", "k3s, RKE2", "Talos", "k0s",
+                 "Bottlerocket"):
+        assert name in rows, name
+    assert text.count("tested here") >= 2 and "not tested here" in text
