@@ -72,13 +72,17 @@ def test_the_image_make_image_builds_is_loaded_and_the_manifests_applied_as_they
 # containerd 2.x binaries built for the tests, beside the checkout (absent: the test skips)
 _CONTAINERD_2 = sorted((ROOT.parent / "shared" / "containerd").glob("2.*/containerd"))
 # The settings a kind node config (containerd 2.x) carries that matter here: layers discarded, no
-# registry config_path. Version 3 keys for a version 3 file, version 2 keys for a version 2 one.
+# registry config_path. Version 3 keys for a version 3 file, version 2 keys for a version 2 one,
+# with a runtime as every real config has: containerd 2.x migrates a version 2 `containerd`
+# section's discard_unpacked_layers only when that section also names runtimes.
 _KIND_LIKE = {
     3: 'version = 3\n[plugins."io.containerd.cri.v1.images"]\n  discard_unpacked_layers = true\n'
        '[plugins."io.containerd.cri.v1.images".registry]\n  config_path = ""\n',
     2: 'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n'
-       '  discard_unpacked_layers = true\n[plugins."io.containerd.grpc.v1.cri".registry]\n'
-       '  config_path = ""\n',
+       '  discard_unpacked_layers = true\n'
+       '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]\n'
+       '  runtime_type = "io.containerd.runc.v2"\n'
+       '[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = ""\n',
 }
 
 
