@@ -118,18 +118,8 @@ def test_the_agent_reads_the_socket_inside_the_checked_directory() -> None:
 # --- components/node-port-local ---
 
 
-def _node_port_local(tmp_path: Path) -> list[Object]:
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": [str(MANIFESTS / "base")],
-        "components": [str(MANIFESTS / "components" / "node-port-local")],
-    }))
-    return render(tmp_path)
-
-
-def test_node_port_local_sends_containerd_to_the_service_only(tmp_path: Path) -> None:
-    objects = _node_port_local(tmp_path)
+def test_node_port_local_sends_containerd_to_the_service_only() -> None:
+    objects = render(MANIFESTS / "examples" / "node-port-local")
     pod = _pod(objects, "spegla")
     assert not [p for c in pod["containers"] for p in c.get("ports", []) if "hostPort" in p]
     service = _one(objects, "Service", "spegla-registry")["spec"]
