@@ -82,6 +82,8 @@ def _check_command(tmp_path: Path) -> tuple[list[str], Path]:
     assert agent_mount["mountPath"] == mount["mountPath"] == volume["hostPath"]["path"]
     host_dir = tmp_path / "run-containerd"
     host_dir.mkdir()
+    # no heredoc: shells may back it with a temp file, and the root filesystem is read-only
+    assert "<<" not in check["args"][0]
     script = check["args"][0].replace(mount["mountPath"], str(host_dir))
     return [*check["command"], script], host_dir
 
