@@ -225,3 +225,22 @@ def test_readme_version_2_settings_are_what_containerd_1_reads(tmp_path: Path) -
     cri = dump["plugins"]["io.containerd.grpc.v1.cri"]
     assert cri["containerd"]["discard_unpacked_layers"] is False
     assert cri["registry"]["config_path"] == "/etc/containerd/certs.d"
+
+
+def test_readme_push_instructions_change_the_image_of_install_and_cleanup(tmp_path: Path) -> None:
+    """Run the README's edit of manifests/image on a copy of manifests/, then render both."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("### 3. Put the image on the nodes", 1)[1].split("### 4.", 1)[0]
+    (edit,) = [
+        b for b in re.findall(r"```sh\n(.*?)```", block, re.S) if "manifests/image" in b
+    ]
+    command = "\n".join(line for line in edit.splitlines() if not line.startswith("skopeo "))
+    pushed = re.search(r"docker://(\S+):(\S+)", edit)
+    assert pushed is not None
+    copy = tmp_path / "checkout"
+    shutil.copytree(MANIFESTS, copy / "manifests")
+    subprocess.run(["sh", "-c", command], cwd=copy, check=True, timeout=30)
+    want = f"{pushed.group(1)}:{pushed.group(2)}"
+    for directory, daemonset in (("manifests", "spegla"), ("manifests/cleanup", "spegla-cleanup")):
+        images = {c["image"] for c in _containers(_pod(render(copy / directory), daemonset))}
+        assert images == {want}, directory
