@@ -115,6 +115,12 @@ def test_the_agent_reads_the_socket_inside_the_checked_directory() -> None:
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "containerd-sock")
     assert flag == f"--containerd-sock={mount['mountPath']}/containerd.sock"
     assert mount["readOnly"] is True
+    # the directory holds running containers' mounts: without HostToContainer (rslave) the pod
+    # would keep each finished container's rootfs mounted in its own mount namespace
+    for container in _containers(pod):
+        for volume_mount in container.get("volumeMounts", []):
+            if volume_mount["name"] == "containerd-sock":
+                assert volume_mount["mountPropagation"] == "HostToContainer", container["name"]
 
 
 # --- components/node-port-local ---
