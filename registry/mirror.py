@@ -13,6 +13,7 @@ do not use up attempts, so a long blob can resume as long as fewer than `max_att
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cachetools import LRUCache, TTLCache
@@ -175,11 +176,15 @@ def check_peer_answer(
     is_head: bool,
     requested: ByteRange | None,
     expected_size: int | None = None,
+    vouch: Callable[[str], bool] | None = None,
 ) -> PeerAnswer:
     """Validate a peer's status and headers (lower-cased names) against what was asked for.
 
     `expected_digest` is the requested digest (None for a tag); `requested` the range asked of the
     peer (None: everything); `expected_size` the size learnt from an earlier peer, when resuming.
+    Invariant: the digest a peer names for a tag is used only when `vouch(digest)` is true (the
+    peer proved it holds the cluster key, `registry.peer_auth`); without `vouch` no tag answer is
+    accepted.  A digest asked for needs no proof: its bytes are checked against it.
     """
     if requested is None and status != 200:
         raise PeerAnswerError(f"peer answered {status}")
@@ -196,6 +201,8 @@ def check_peer_answer(
         raise PeerAnswerError(f"peer sent a bad Docker-Content-Digest: {exc}") from None
     if expected_digest is not None and digest != expected_digest:
         raise PeerAnswerError(f"peer sent digest {digest}, asked for {expected_digest}")
+    if expected_digest is None and (vouch is None or not vouch(digest)):
+        raise PeerAnswerError("peer's tag answer is not vouched for by the cluster key")
     media_type = headers.get("content-type")
     if media_type is None:
         if not is_blob:

@@ -94,6 +94,11 @@ class MirrorRun:
             is_blob=self.is_blob,
             user_agent=self.settings.user_agent,
             authorization=self.settings.authorization,
+            peer_auth=self.settings.peer_auth,
+            reference=str(self.ref),
+            path=job.request.path,
+            ns=self.ref.registry,
+            allow_loopback=self.settings.allow_loopback_peers,
         )
         # what went out, reported as events and the one outcome log line
         self.report = MirrorReport(
