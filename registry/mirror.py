@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from cachetools import LRUCache, TTLCache
 
 from registry.interfaces import Peer, PeerState
+from registry.peer_addresses import allowed_hosts
 from registry.ranges import ByteRange
 from registry.reference import ReferenceError, parse_digest
 
@@ -60,12 +61,19 @@ class MirrorAttempts:
     failed: int = 0
     fetched: int = 0
     tried: set[PeerKey] = field(default_factory=set)
+    allow_loopback: bool = True  # see `registry.peer_addresses`
 
     def usable(self, peer: Peer) -> bool:
-        """True when `peer` should be fetched from (not tried before, not quarantined, and not
-        a mere claim: a claimant serves nothing until its download starts)."""
+        """True when `peer` should be fetched from (not tried before, not quarantined, not a
+        mere claim: a claimant serves nothing until its download starts, and with an address a
+        request may go to: `registry.peer_addresses`; a refused one costs no attempt)."""
         key = peer_key(peer)
-        return peer.state is not PeerState.CLAIM and key not in self.tried and key not in self.avoid
+        return (
+            peer.state is not PeerState.CLAIM
+            and key not in self.tried
+            and key not in self.avoid
+            and bool(allowed_hosts(peer, allow_loopback=self.allow_loopback))
+        )
 
     def start_fetch(self, peer: Peer) -> None:
         self.tried.add(peer_key(peer))

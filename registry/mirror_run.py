@@ -86,7 +86,12 @@ class MirrorRun:
         self.verify = forwarder.verification
         avoid = self.verify.avoided(self.ref.digest)
         avoid |= forwarder.stale.peers(self.ref.identifier, trio.current_time())
-        self.attempts = MirrorAttempts(self.ref.identifier, self.settings.resolve_retries, avoid)
+        self.attempts = MirrorAttempts(
+            self.ref.identifier,
+            self.settings.resolve_retries,
+            avoid,
+            allow_loopback=self.settings.allow_loopback_peers,
+        )
         self.transfer = TransferRequest(
             method=job.method,
             target=f"{job.request.path}?ns={quote(self.ref.registry, safe=':[]')}",
@@ -439,7 +444,9 @@ class MirrorRun:
 
         async def attempt(supply: PeerSupply) -> PeerFetch | GiveUp:
             avoid = saved.avoid | self.verify.avoided(self.ref.digest)
-            self.attempts = MirrorAttempts(saved.identifier, saved.max_attempts, avoid)
+            self.attempts = MirrorAttempts(
+                saved.identifier, saved.max_attempts, avoid, allow_loopback=saved.allow_loopback
+            )
             self.refusals.new_round()
             try:
                 return await self._fetch(supply, stack, requested, requested.size)

@@ -16,13 +16,16 @@ import trio
 
 from registry.app import RegistrySettings
 from registry.basic_auth import BasicAuth
+from registry.distribution import ContentRequest, parse_request_path
+from registry.forwarder import Forwarder
 from registry.interfaces import Peer
-from registry.mirror import PeerAnswerError, check_peer_answer
+from registry.mirror import MirrorAttempts, PeerAnswerError, check_peer_answer
+from registry.mirror_job import MirrorFailure, MirrorJob, MirrorSettings
 from registry.peer_addresses import allowed_hosts, peer_address_allowed
 from registry.peer_auth import ANSWER_HEADER, SCHEME, PeerAuth, hkdf_sha256, parse_credential
 from registry.peer_client import PeerError
 from registry.peer_transfer import TransferRequest, open_transfer
-from tests.fakes import MemoryContentStore, MemoryNetwork
+from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter
 
 from .conftest import CLUSTER_KEY, ScriptedPeer, StartNode, StartScripted, fill, with_key
 from .test_mirror_peers import FAST
@@ -278,6 +281,35 @@ async def test_with_the_key_the_password_stays_home() -> None:
     sent = [headers["Authorization"] for *_, headers in client.dialled]
     assert all(value.startswith(SCHEME + " ") for value in sent)
     assert sent[0] != sent[1]  # a fresh nonce per request
+
+
+def test_a_refused_address_is_no_provider_and_costs_no_attempt() -> None:
+    attempts = MirrorAttempts("k", 3, allow_loopback=False)
+    assert not attempts.usable(Peer(b"\x01" * 32, "169.254.169.254", 5000))
+    assert not attempts.usable(Peer(b"\x02" * 32, "127.0.0.1", 5000))
+    assert attempts.usable(Peer(b"\x03" * 32, "169.254.169.254", 5000, more_hosts=("10.0.0.3",)))
+    assert attempts.failed == 0
+    assert MirrorAttempts("k", 3, allow_loopback=True).usable(Peer(b"\x02" * 32, "::1", 5000))
+
+
+async def test_the_mirror_never_dials_refused_providers() -> None:
+    """The mirror path end to end over a router naming only refused addresses: the client that
+    would dial records nothing, and the request is a plain miss (containerd goes upstream)."""
+    network = MemoryNetwork()
+    for i, host in enumerate(["169.254.169.254", "fe80::1", "224.0.0.1", "127.0.0.1", "0.0.0.0"]):
+        network.add(DIGEST, Peer(bytes([i + 1]) * 32, host, 5000))
+    client = RecordingClient()
+    settings = MirrorSettings(resolve_timeout=0.05, allow_loopback_peers=False)
+    forwarder = Forwarder(MemoryRouter(network), client, settings)  # type: ignore[arg-type]
+    request = parse_request_path(f"/v2/library/app/blobs/{DIGEST}", "docker.io")
+    assert isinstance(request, ContentRequest)
+    send, receive = trio.open_memory_channel[Any](8)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(forwarder.run, MirrorJob(request, "GET", None, None, None), send)
+        first = await receive.receive()
+    assert isinstance(first, MirrorFailure) and first.status == 404
+    assert "could not find peer" in first.message
+    assert client.dialled == []
 
 
 # --- the registry over loopback --------------------------------------------------------------
