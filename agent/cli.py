@@ -11,6 +11,7 @@ parse the DaemonSet's args with it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -321,8 +322,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         configure_logging(args.log_level)
         if args.command == "configuration":
             from agent.hosts_toml import configure_main
+            from agent.node_setup import read_cluster_key
 
-            return configure_main(mirror_config(args))
+            mirrors = mirror_config(args)
+            key_file = _cluster_key_file(args.cluster_key_file, args.dht_psk_file)
+            if mirrors.resolve_tags and read_cluster_key(key_file) is None:
+                # without the cluster key the agents answer every tag with 404 (no peer can
+                # prove what a tag means), so containerd is not told to ask them
+                mirrors = dataclasses.replace(mirrors, resolve_tags=False)
+            return configure_main(mirrors)
         if args.command == "cleanup":
             from agent.hosts_toml import cleanup_main
 

@@ -207,6 +207,11 @@ FLAGS: dict[str, tuple[Flag, ...]] = {
         _MIRROR_TARGETS,
         Flag("--resolve-tags", "true", parse_bool,
              "let mirrors resolve tags (capabilities pull+resolve, else pull)", boolean=True),
+        Flag("--cluster-key-file", "", _text,
+             "the agents' cluster key file: without a key mirrors never resolve tags, whatever "
+             "--resolve-tags says (the agents would refuse them)", metavar="PATH"),
+        Flag("--dht-psk-file", "", _text,
+             "older name of --cluster-key-file", metavar="PATH"),
         Flag("--prepend-existing", "false", parse_bool,
              "keep the mirrors that were configured before, after ours", boolean=True),
         Flag("--dial-timeout", "200ms", parse_duration,

@@ -76,6 +76,31 @@ def test_flags_env_and_the_older_name() -> None:
     assert doctor.cluster_key_file == "/k/key"
 
 
+@pytest.mark.parametrize("keyed", [True, False])
+def test_configuration_lets_mirrors_resolve_tags_only_with_the_key(
+    keyed: bool, tmp_path: Path
+) -> None:
+    import tomllib
+
+    from agent.cli import main
+
+    key = tmp_path / "key-dir" / "key"
+    key.parent.mkdir()
+    if keyed:
+        key.write_bytes(KEY)
+    certs = tmp_path / "certs.d"
+    env = {
+        "CONTAINERD_REGISTRY_CONFIG_PATH": str(certs),
+        "MIRROR_TARGETS": "http://127.0.0.1:30020",
+        "CLUSTER_KEY_FILE": str(key),
+        "RESOLVE_TAGS": "true",
+    }
+    assert main(["configuration"], environ=env) == 0
+    data = tomllib.loads((certs / "_default" / "hosts.toml").read_text())
+    expected = ["pull", "resolve"] if keyed else ["pull"]
+    assert data["host"]["http://127.0.0.1:30020"]["capabilities"] == expected
+
+
 def test_a_bad_key_file_stops_the_agent_with_one_line(tmp_path: Path) -> None:
     key = tmp_path / "key"
     key.write_bytes(b"short\n")
