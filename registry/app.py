@@ -9,10 +9,9 @@ unsatisfiable ranges 416.  Request metrics and the access log line are `registry
 With Basic auth configured (`RegistrySettings.basic_auth`), every request but the probes is checked
 first, before any lookup, by `registry.basic_auth.authorized`; the front door's plans
 (`plan_local_blob`, `plan_mirror_blob`) make the same check and leave refused requests to the app,
-which answers 401 `UNAUTHORIZED`.  With the cluster key (`RegistrySettings.peer_auth`) a peer's
-per-request credential (`registry.peer_auth`) is accepted instead of the password, and a manifest
-answered to such a request carries the proof that lets the requester use it for a tag.  Without
-the key a tag is never resolved through peers (404: containerd asks upstream).
+which answers 401 `UNAUTHORIZED`.  A peer's cluster-key credential is accepted instead of the
+password, and a manifest answered to it carries the proof the requester needs to use it for a tag
+(`registry.peer_auth`); without the key a tag is never resolved through peers (404).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from quart import request
 from quart_trio import QuartTrio
 
 from registry.access_log import with_request_metrics
-from registry.basic_auth import BasicAuth, authorized
+from registry.basic_auth import BasicAuth
 from registry.claim_supply import ClaimParticipation
 from registry.distribution import (
     ApiVersionCheck,
@@ -63,7 +62,7 @@ from registry.mirror_job import (
     MirrorSettings,
 )
 from registry.own_downloads import FED_BY_HEADER
-from registry.peer_auth import ANSWER_HEADER, PeerAuth, PeerCredential
+from registry.peer_auth import ANSWER_HEADER, PeerAuth, PeerCredential, admit
 from registry.peer_client import PeerClient
 from registry.provider_choice import UploadSlots
 from registry.ranges import RangeError, RangeNotSatisfiable, RangeSpec, parse_range
@@ -160,41 +159,27 @@ class _Registry:
             return None
         return lambda: inflight.find_inflight(digest) is not None
 
-    def peer_credential(
-        self, header: str | None, method: str, path: str, ns: str | None, *, consume: bool
-    ) -> PeerCredential | None:
-        """A valid cluster-key credential of a peer's request (None: none, or no key here)."""
-        auth = self.settings.peer_auth
-        if auth is None or header is None:
-            return None
-        return auth.check(header, method, path, ns or "", time.time(), consume=consume)
+    def admit(
+        self, header: str | None, method: str, path: str, ns: str | None, *, consume: bool = False
+    ) -> tuple[bool, PeerCredential | None]:
+        """The one authentication check, made before anything is looked up (both paths): Basic
+        credentials or a peer's cluster-key credential (`registry.peer_auth.admit`)."""
+        basic, auth = self.settings.basic_auth, self.settings.peer_auth
+        return admit(basic, auth, header, method, path, ns, time.time(), consume=consume)
 
     def authorized(
-        self,
-        header: str | None,
-        method: str = "GET",
-        path: str = "",
-        ns: str | None = None,
-        *,
-        consume: bool = False,
+        self, header: str | None, method: str = "GET", path: str = "", ns: str | None = None
     ) -> bool:
-        """The one authentication check, made before anything is looked up (both paths): Basic
-        credentials, or a peer's cluster-key credential for this very request.  `consume`: the
-        caller answers the request (the credential's nonce is used up)."""
-        if authorized(self.settings.basic_auth, header):
-            if consume:  # a peer credential is spent even where no authentication is required
-                self.peer_credential(header, method, path, ns, consume=True)
-            return True
-        return self.peer_credential(header, method, path, ns, consume=consume) is not None
+        return self.admit(header, method, path, ns)[0]
 
     async def _dispatch(self, path: str, method: str) -> Response:
         probe = path in ("/livez", "/readyz") and method in ("GET", "HEAD")
-        header = request.headers.get("Authorization")
-        credential = None
-        if not probe:  # spent here: this handler answers the request
+        ok, credential = True, None
+        if not probe:  # a peer credential is spent here: this handler answers the request
             ns_arg = request.args.get("ns")
-            credential = self.peer_credential(header, method, path, ns_arg, consume=True)
-        if not probe and credential is None and not authorized(self.settings.basic_auth, header):
+            header = request.headers.get("Authorization")
+            ok, credential = self.admit(header, method, path, ns_arg, consume=True)
+        if not ok:
             return _oci_error(401, ErrorCode.UNAUTHORIZED, "invalid credentials")
         if method not in ("GET", "HEAD"):
             return _empty(404)
@@ -417,7 +402,7 @@ class _Registry:
             return None
         if self.filters.is_filtered(parsed.reference) or await self._local(parsed) is not None:
             return None
-        if not self.authorized(authorization, method, path, ns, consume=True):
+        if not self.admit(authorization, method, path, ns, consume=True)[0]:
             return None
         job = MirrorJob(parsed, method, range_spec, client_ip, headers.get("accept"))
         return MirrorPlan(job, self.forwarder, self.app)

@@ -29,12 +29,15 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
+from registry.basic_auth import BasicAuth, authorized
+
 __all__ = [
     "ANSWER_HEADER",
     "MIN_KEY_BYTES",
     "SCHEME",
     "PeerAuth",
     "PeerCredential",
+    "admit",
     "hkdf_sha256",
     "parse_credential",
 ]
@@ -187,3 +190,25 @@ class PeerAuth:
             return False
         expected = self.answer_proof(nonce, digest, reference).encode("ascii")
         return hmac.compare_digest(expected, proof.strip().encode("utf-8", "replace"))
+
+
+def admit(
+    basic: BasicAuth | None,
+    auth: PeerAuth | None,
+    header: str | None,
+    method: str,
+    path: str,
+    ns: str | None,
+    now: float,
+    *,
+    consume: bool = False,
+) -> tuple[bool, PeerCredential | None]:
+    """(may this request be served, its valid peer credential or None).
+
+    Served: with Basic credentials when those are configured (`registry.basic_auth`, open when
+    not), or with a valid cluster-key credential for this very request (method, path, `ns`).
+    `consume` spends the credential's nonce: set by the place that answers the request."""
+    credential = None
+    if auth is not None and header is not None:
+        credential = auth.check(header, method, path, ns or "", now, consume=consume)
+    return credential is not None or authorized(basic, header), credential

@@ -22,7 +22,14 @@ from registry.interfaces import Peer
 from registry.mirror import MirrorAttempts, PeerAnswerError, check_peer_answer
 from registry.mirror_job import MirrorFailure, MirrorJob, MirrorSettings
 from registry.peer_addresses import allowed_hosts, peer_address_allowed
-from registry.peer_auth import ANSWER_HEADER, SCHEME, PeerAuth, hkdf_sha256, parse_credential
+from registry.peer_auth import (
+    ANSWER_HEADER,
+    SCHEME,
+    PeerAuth,
+    admit,
+    hkdf_sha256,
+    parse_credential,
+)
 from registry.peer_client import PeerError
 from registry.peer_transfer import TransferRequest, open_transfer
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter
@@ -121,6 +128,21 @@ def test_an_answer_proof_binds_nonce_digest_and_reference() -> None:
     assert not other.answer_ok("nonce-1", DIGEST, ref, "x" * 10_000)
     rogue = PeerAuth(b"another cluster's key, 32 bytes")
     assert not other.answer_ok("nonce-1", DIGEST, ref, rogue.answer_proof("nonce-1", DIGEST, ref))
+
+
+def test_admit_takes_basic_credentials_or_a_peer_credential() -> None:
+    basic = BasicAuth("spegla", "s3cret")
+    auth = PeerAuth(CLUSTER_KEY)
+    header, nonce = auth.sign("GET", TAG, "docker.io", NOW)
+    args = ("GET", TAG, "docker.io", NOW)
+    ok, credential = admit(basic, auth, header, *args)
+    assert ok and credential is not None and credential.nonce == nonce
+    assert admit(basic, auth, basic.header_value, *args) == (True, None)
+    assert admit(basic, auth, None, *args) == (False, None)
+    assert admit(basic, None, header, *args) == (False, None)  # no key here: not a credential
+    assert admit(None, None, None, *args) == (True, None)  # nothing configured: open
+    assert admit(basic, auth, header, *args, consume=True)[0]
+    assert admit(basic, auth, header, *args) == (False, None)  # spent
 
 
 def test_a_short_key_is_refused() -> None:
