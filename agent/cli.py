@@ -11,6 +11,7 @@ parse the DaemonSet's args with it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -221,12 +222,21 @@ def registry_config(ns: argparse.Namespace) -> RegistryConfig:
         log_level=ns.log_level,
         advertise_addr=ns.advertise_addr,
         advertise_more_addrs=_flatten(ns.advertise_more_addrs),
-        dht_psk_file=ns.dht_psk_file,
+        cluster_key_file=_cluster_key_file(ns.cluster_key_file, ns.dht_psk_file),
         standalone=ns.standalone,
         shutdown_grace=None if math.isinf(ns.shutdown_grace) else ns.shutdown_grace,
         state_refresh=ns.state_refresh,
         basic_auth_dir=ns.basic_auth_dir,
     ).validate()
+
+
+def _cluster_key_file(cluster_key_file: str, dht_psk_file: str) -> str:
+    """--cluster-key-file, or its older name --dht-psk-file; two different paths are an error."""
+    if cluster_key_file and dht_psk_file and cluster_key_file != dht_psk_file:
+        raise ConfigError(
+            "--cluster-key-file and --dht-psk-file name different files (give one of them)"
+        )
+    return cluster_key_file or dht_psk_file
 
 
 def mirror_config(ns: argparse.Namespace) -> MirrorConfig:
@@ -259,6 +269,7 @@ def doctor_config(ns: argparse.Namespace) -> Any:
         mirror_targets=_flatten(ns.mirror_targets),
         standalone=ns.standalone,
         timeout=ns.probe_timeout,
+        cluster_key_file=_cluster_key_file(ns.cluster_key_file, ns.dht_psk_file),
     )
 
 
@@ -300,10 +311,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         if args.command == "registry":
             cfg = registry_config(args)
-            from agent.node_setup import read_basic_auth, read_psk
+            from agent.node_setup import read_basic_auth, read_cluster_key
             from agent.run import main as run_registry
 
-            read_psk(cfg.dht_psk_file)  # an unreadable key file is a bad flag value: fail now
+            read_cluster_key(cfg.cluster_key_file)  # a bad key file is a bad flag value: fail now
             read_basic_auth(cfg.basic_auth_dir)  # so are unusable credential files
             configure_logging(cfg.log_level)
 
@@ -311,8 +322,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         configure_logging(args.log_level)
         if args.command == "configuration":
             from agent.hosts_toml import configure_main
+            from agent.node_setup import read_cluster_key
 
-            return configure_main(mirror_config(args))
+            mirrors = mirror_config(args)
+            key_file = _cluster_key_file(args.cluster_key_file, args.dht_psk_file)
+            if mirrors.resolve_tags and read_cluster_key(key_file) is None:
+                # without the cluster key the agents answer every tag with 404 (no peer can
+                # prove what a tag means), so containerd is not told to ask them
+                mirrors = dataclasses.replace(mirrors, resolve_tags=False)
+            return configure_main(mirrors)
         if args.command == "cleanup":
             from agent.hosts_toml import cleanup_main
 

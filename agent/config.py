@@ -326,7 +326,9 @@ class RegistryConfig:
     log_level: str = "INFO"
     advertise_addr: str = ""
     advertise_more_addrs: tuple[str, ...] = ()  # other IPs peers may dial (dht.addresses)
-    dht_psk_file: str = ""
+    # the cluster key (--cluster-key-file, alias --dht-psk-file): DHT datagram MACs, peer
+    # credentials and tag answer proofs (registry.peer_auth); empty: no key
+    cluster_key_file: str = ""
     standalone: bool = False
     # on SIGTERM: how long running requests may still finish; None waits for every one of them
     # (like Spegel: the pod's terminationGracePeriodSeconds is the bound)

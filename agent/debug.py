@@ -116,6 +116,8 @@ class DebugState:
     live: LiveStats = field(default_factory=LiveStats)
     _transfer_started: dict[str, float] = field(default_factory=dict)
     clock: Callable[[], float] = time.time
+    # what this agent trusts (`agent.run.trust_summary`): the page shows `notice` when set
+    trust: dict[str, Any] = field(default_factory=dict)
 
     def record_mirror(self, result: MirrorResult) -> None:
         self.results.appendleft(result)
@@ -211,6 +213,7 @@ class DebugState:
             "node_id": self.node_id,
             "ready": self.ready(),
             "readiness": self.ready_detail(),
+            "trust": dict(self.trust),
             "summary": self.live.summary(now),
             "peer_traffic": self.live.peer_traffic(),
             "transfers": self.live.transfers(),

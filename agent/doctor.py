@@ -40,6 +40,7 @@ class DoctorConfig:
     standalone: bool = False
     timeout: float = 2.0  # per probe
     max_peers: int = 8  # peers tried for the registry-port check
+    cluster_key_file: str = ""
 
 
 def _local(addr: ListenAddr) -> str:
@@ -386,7 +387,19 @@ async def run_checks(cfg: DoctorConfig) -> list[dc.Check]:
             dc.check_peer_registry(agent.peer_tried, agent.peer_reached, agent.peer_errors, peers)
         )
     checks.append(dc.check_content(cfg.content_path, count, content_error))
+    checks.append(cluster_key_check(cfg.cluster_key_file))
     return checks
+
+
+def cluster_key_check(path: str) -> dc.Check:
+    """Reads the key file the way the agent does (`agent.node_setup.read_cluster_key`)."""
+    from agent.config import ConfigError
+    from agent.node_setup import read_cluster_key
+
+    try:
+        return dc.check_cluster_key(path, read_cluster_key(path) is not None, None)
+    except ConfigError as exc:
+        return dc.check_cluster_key(path, False, str(exc))
 
 
 def doctor_main(cfg: DoctorConfig, *, as_json: bool = False) -> int:

@@ -37,6 +37,7 @@ class Check:
     ok: bool
     result: str
     fix: str = ""
+    warning: bool = False  # ok, but less safe or useful than it should be (shown, exit code 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +310,32 @@ def check_content(path: str, entries: int | None, error: str | None) -> Check:
     )
 
 
+def check_cluster_key(path: str, present: bool, error: str | None) -> Check:
+    """The cluster key (issue 17): without it the agent is open to any pod and resolves no tag
+    through peers; a key file that exists but cannot be used stops the agent from starting."""
+    name = "cluster key"
+    if error is not None:
+        return Check(
+            name,
+            False,
+            error,
+            "the key must be 16 to 4096 bytes: kubectl -n spegla create secret generic "
+            'spegla-cluster-key --from-literal=key="$(openssl rand -base64 32)"',
+        )
+    if present:
+        return Check(name, True, f"{path}: agents authenticate each other; tags via peers")
+    return Check(
+        name,
+        True,
+        f"no key at {path or '(--cluster-key-file not set)'}: any pod can join the DHT, and "
+        "tags are never resolved through peers (digests still are, verified)",
+        "kubectl -n spegla create secret generic spegla-cluster-key "
+        '--from-literal=key="$(openssl rand -base64 32)", then restart the agents '
+        "(kubectl -n spegla rollout restart ds/spegla)",
+        warning=True,
+    )
+
+
 # --- output -------------------------------------------------------------------------------------
 
 
@@ -326,7 +353,7 @@ def render_table(checks: Sequence[Check], width: int = 100) -> str:
     result_w = max(30, width - len(indent))
     lines = [f"{'CHECK':<{name_w}}  {'':2}  RESULT / what to do", "-" * min(width, 100)]
     for c in checks:
-        mark = "ok" if c.ok else "!!"
+        mark = "!!" if not c.ok else "??" if c.warning else "ok"
         result = textwrap.wrap(c.result, result_w, break_on_hyphens=False) or [""]
         lines.append(f"{c.name:<{name_w}}  {mark}  {result[0]}")
         lines += [indent + more for more in result[1:]]
@@ -334,10 +361,13 @@ def render_table(checks: Sequence[Check], width: int = 100) -> str:
             fix = textwrap.wrap("-> " + c.fix, result_w, break_on_hyphens=False)
             lines += [indent + part for part in fix]
     failed = sum(1 for c in checks if not c.ok)
+    warned = sum(1 for c in checks if c.ok and c.warning)
     lines.append("")
     lines.append(
         "all checks passed" if not failed else f"{failed} of {len(checks)} check(s) failed"
     )
+    if warned:
+        lines[-1] += f" ({warned} warning(s): ??)"
     return "\n".join(lines)
 
 

@@ -182,8 +182,14 @@ FLAGS: dict[str, tuple[Flag, ...]] = {
              "from (dual-stack: the pod's IPs, e.g. status.podIPs; repeating that one is "
              "harmless); peers race connects to all of them (at most 4)",
              many=True, metavar="IP"),
+        Flag("--cluster-key-file", "", _text,
+             "file holding the cluster key (at least 16 bytes): only agents with the same key "
+             "join the DHT, resolve tags for each other and get each other's content without "
+             "the Basic password; a missing file in an existing directory (the optional "
+             "Secret not created) means no key: tags are then never resolved through peers",
+             metavar="PATH"),
         Flag("--dht-psk-file", "", _text,
-             "file holding a pre-shared key: only nodes with the same key join the DHT",
+             "older name of --cluster-key-file (either may be given, not two different paths)",
              metavar="PATH"),
         _STANDALONE,
         Flag("--shutdown-grace", "none", parse_grace,
@@ -201,6 +207,11 @@ FLAGS: dict[str, tuple[Flag, ...]] = {
         _MIRROR_TARGETS,
         Flag("--resolve-tags", "true", parse_bool,
              "let mirrors resolve tags (capabilities pull+resolve, else pull)", boolean=True),
+        Flag("--cluster-key-file", "", _text,
+             "the agents' cluster key file: without a key mirrors never resolve tags, whatever "
+             "--resolve-tags says (the agents would refuse them)", metavar="PATH"),
+        Flag("--dht-psk-file", "", _text,
+             "older name of --cluster-key-file", metavar="PATH"),
         Flag("--prepend-existing", "false", parse_bool,
              "keep the mirrors that were configured before, after ours", boolean=True),
         Flag("--dial-timeout", "200ms", parse_duration,
@@ -243,6 +254,10 @@ FLAGS: dict[str, tuple[Flag, ...]] = {
         _STANDALONE,
         Flag("--probe-timeout", "2s", parse_duration,
              "time budget of each probe", metavar="DURATION"),
+        Flag("--cluster-key-file", "", _text,
+             "the agent's cluster key file (checked: present and usable)", metavar="PATH"),
+        Flag("--dht-psk-file", "", _text,
+             "older name of --cluster-key-file", metavar="PATH"),
     ),
     "keys": (
         _LOG_LEVEL,

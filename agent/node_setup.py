@@ -1,5 +1,5 @@
 """What the agent derives from its configuration before it runs: the address it advertises, how it
-finds its first peers, the DHT's pre-shared key and the registry's credentials.
+finds its first peers, the cluster key and the registry's credentials.
 
 Why its own module: these read the host (its addresses, key and secret files) and turn a bad value
 into a `ConfigError`; `agent.cli` checks them before starting (a bad flag fails at once) and
@@ -8,7 +8,9 @@ into a `ConfigError`; `agent.cli` checks them before starting (a bad flag fails 
 
 from __future__ import annotations
 
+import os
 import socket
+from typing import Any
 
 from agent.bootstrap import (
     Bootstrapper,
@@ -21,13 +23,18 @@ from agent.bootstrap import (
 )
 from agent.config import ConfigError, RegistryConfig
 from registry.basic_auth import BasicAuth
+from registry.peer_auth import MIN_KEY_BYTES
+
+MAX_KEY_BYTES = 4096
 
 __all__ = [
     "detect_advertise_addr",
     "make_bootstrapper",
     "more_addresses",
     "read_basic_auth",
+    "read_cluster_key",
     "read_psk",
+    "trust_summary",
 ]
 
 
@@ -92,14 +99,51 @@ def read_basic_auth(directory: str) -> BasicAuth | None:
         raise ConfigError(f"--basic-auth-dir: {exc}") from None
 
 
-def read_psk(path: str) -> bytes | None:
+def read_cluster_key(path: str) -> bytes | None:
+    """The cluster key in `path` (surrounding whitespace dropped); None without one.
+
+    No key: an empty `path`, or a file missing from a directory that exists (the base manifests
+    mount the Secret `optional`, so before it is created the directory is there and empty).
+    A ConfigError: a missing directory (a mistyped path), an unreadable file, or a key that is
+    empty, shorter than 16 bytes or longer than 4096.
+    """
     if not path:
         return None
     try:
         with open(path, "rb") as fh:
-            key = fh.read().strip()
+            key = fh.read(MAX_KEY_BYTES + 1).strip()
+    except FileNotFoundError:
+        if os.path.isdir(os.path.dirname(path) or "."):
+            return None
+        raise ConfigError(f"--cluster-key-file {path}: no such file or directory") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read --dht-psk-file {path}: {exc.strerror}") from None
-    if len(key) < 16:
-        raise ConfigError(f"--dht-psk-file {path} must hold at least 16 bytes")
+        raise ConfigError(f"cannot read --cluster-key-file {path}: {exc.strerror}") from None
+    if not key:
+        raise ConfigError(f"--cluster-key-file {path} is empty")
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(
+            f"--cluster-key-file {path} must hold at least {MIN_KEY_BYTES} bytes "
+            f"(it holds {len(key)}); create it with `openssl rand -base64 32`"
+        )
+    if len(key) > MAX_KEY_BYTES:
+        raise ConfigError(f"--cluster-key-file {path} holds more than {MAX_KEY_BYTES} bytes")
     return key
+
+
+read_psk = read_cluster_key  # the older name
+
+
+def trust_summary(cluster_key: bytes | None, cluster_key_file: str) -> dict[str, Any]:
+    """What the agent trusts, as the start log, `doctor` and the debug page's feed report it."""
+    if cluster_key is not None:
+        return {"cluster_key": True, "tags_through_peers": True, "notice": None}
+    where = f" (looked for {cluster_key_file})" if cluster_key_file else ""
+    return {
+        "cluster_key": False,
+        "tags_through_peers": False,
+        "notice": "no cluster key"
+        + where
+        + ": tags are never resolved through peers (they go upstream), digests still are "
+        "(their bytes are verified); any pod can join the DHT. Create the Secret "
+        "spegla-cluster-key and restart the agents.",
+    }

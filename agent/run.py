@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import logging
 import signal
 import sys
@@ -40,7 +41,8 @@ from agent.node_setup import (
     make_bootstrapper,
     more_addresses,
     read_basic_auth,
-    read_psk,
+    read_cluster_key,
+    trust_summary,
 )
 from agent.peer_router import registry_router
 from agent.supervise import RestartPolicy, Service, ServiceFailed, Supervisor
@@ -95,6 +97,7 @@ class AppParts:
     ready: Callable[[], bool]
     events: MirrorEvents  # the mirror path reports here (the debug page subscribes)
     claims: ClaimParticipation | None = None  # take part in bursts' claims
+    cluster_key: bytes | None = None  # None: no key, so no tags through peers
 
 
 AppFactory = Callable[[AppParts], QuartTrio]
@@ -221,18 +224,31 @@ async def containerd_backend(cfg: RegistryConfig, router: Router) -> AsyncIterat
 def default_app(parts: AppParts) -> QuartTrio:
     from registry.app import RegistrySettings, create_app
     from registry.filters import ReferenceFilter
+    from registry.peer_auth import PeerAuth
 
     cfg = parts.cfg
+    # loopback peers only when this agent is itself on loopback: then every agent is on this host
+    mirror = dataclasses.replace(
+        cfg.mirror_settings(), allow_loopback_peers=_is_loopback(detect_advertise_addr(cfg))
+    )
     settings = RegistrySettings(
-        mirror=cfg.mirror_settings(),
+        mirror=mirror,
         filters=ReferenceFilter.from_config(cfg.mirrored_registries, cfg.registry_filters),
         readiness=parts.ready,
         basic_auth=read_basic_auth(cfg.basic_auth_dir),
         peer_upload_limit=cfg.peer_upload_limit,
+        peer_auth=None if parts.cluster_key is None else PeerAuth(parts.cluster_key),
     )
     if settings.basic_auth is not None:
         logger.info("basic auth enabled", extra={"basic_auth_dir": cfg.basic_auth_dir})
     return create_app(parts.store, parts.router, settings, events=parts.events, claims=parts.claims)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def default_serve_registry(
@@ -296,7 +312,10 @@ async def run_agent(
     logger.info("configuration", extra={"config": dataclasses.asdict(cfg)})
     started_at = trio.current_time()
     node_id = load_or_create_node_id(cfg.data_dir)
-    psk = read_psk(cfg.dht_psk_file)
+    psk = read_cluster_key(cfg.cluster_key_file)
+    trust = trust_summary(psk, cfg.cluster_key_file)
+    if psk is None:
+        logger.warning(trust["notice"], extra={"cluster_key": False, "tags_through_peers": False})
     node = Node(
         NodeConfig(
             node_id=node_id,
@@ -317,6 +336,7 @@ async def run_agent(
         services=lambda: dict(supervisor.states),
         ready=readiness,
         ready_detail=readiness.detail,
+        trust=trust,
     )
     events = MirrorEvents()
     events.subscribe(debug.on_mirror_event)  # per-request results and last success for the page
@@ -343,7 +363,7 @@ async def run_agent(
                 claims = ClaimParticipation(
                     backend.claims, node_id, own_hosts=own, containerd_up=lambda: bool(connected)
                 )
-            parts = AppParts(backend.store, router, cfg, readiness, events, claims)
+            parts = AppParts(backend.store, router, cfg, readiness, events, claims, psk)
             app = (hooks.app or default_app)(parts)
             front_door = FastPathStats()
             serve_registry = hooks.serve_registry or _default_serve_with_stats(debug, front_door)

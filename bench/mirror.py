@@ -91,6 +91,7 @@ def serve(args: argparse.Namespace) -> None:
 
     from registry.app import RegistrySettings, create_app
     from registry.interfaces import Peer, Router
+    from registry.peer_auth import PeerAuth
     from registry.server import serve_registry
     from tests.fakes import MemoryContentStore, MemoryRouter
 
@@ -110,7 +111,11 @@ def serve(args: argparse.Namespace) -> None:
 
     async def run() -> None:
         # no per-node upload bound: the bench measures the path, not the admission policy
-        app = create_app(store, router, RegistrySettings(peer_upload_limit=0))
+        # the cluster key, as the default install has it (each peer request signed and
+        # checked); SPEGLA_BENCH_CLUSTER_KEY=0 runs without, to compare
+        keyed = os.environ.get("SPEGLA_BENCH_CLUSTER_KEY", "1") != "0"
+        peer_auth = PeerAuth(b"bench cluster key, 32 bytes long") if keyed else None
+        app = create_app(store, router, RegistrySettings(peer_upload_limit=0, peer_auth=peer_auth))
         async with trio.open_nursery() as nursery:
             port = await nursery.start(functools.partial(serve_registry, app, args.host, 0))
             await trio.Path(args.port_file).write_text(str(port))

@@ -9,7 +9,9 @@ unsatisfiable ranges 416.  Request metrics and the access log line are `registry
 With Basic auth configured (`RegistrySettings.basic_auth`), every request but the probes is checked
 first, before any lookup, by `registry.basic_auth.authorized`; the front door's plans
 (`plan_local_blob`, `plan_mirror_blob`) make the same check and leave refused requests to the app,
-which answers 401 `UNAUTHORIZED`.
+which answers 401 `UNAUTHORIZED`.  A peer's cluster-key credential is accepted instead of the
+password, and a manifest answered to it carries the proof the requester needs to use it for a tag
+(`registry.peer_auth`); without the key a tag is never resolved through peers (404).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from quart import request
 from quart_trio import QuartTrio
 
 from registry.access_log import with_request_metrics
-from registry.basic_auth import BasicAuth, authorized
+from registry.basic_auth import BasicAuth
 from registry.claim_supply import ClaimParticipation
 from registry.distribution import (
     ApiVersionCheck,
@@ -60,6 +62,7 @@ from registry.mirror_job import (
     MirrorSettings,
 )
 from registry.own_downloads import FED_BY_HEADER
+from registry.peer_auth import ANSWER_HEADER, PeerAuth, PeerCredential, admit
 from registry.peer_client import PeerClient
 from registry.provider_choice import UploadSlots
 from registry.ranges import RangeError, RangeNotSatisfiable, RangeSpec, parse_range
@@ -102,6 +105,9 @@ class RegistrySettings:
     # Basic auth (Spegel's basic-auth Secret): required on every route but the probes, and sent
     # to peers (the forwarder's `MirrorSettings.authorization` is set from it).  None: off.
     basic_auth: BasicAuth | None = None
+    # The cluster key's peer credentials: accepted in place of Basic auth, sent to peers instead
+    # of the password, and the only way a tag is resolved through peers.  None: no key.
+    peer_auth: PeerAuth | None = None
     # --peer-upload-limit: blob GETs from peers served at once; beyond it a peer gets 429 with
     # Retry-After and asks another provider (a burst then forms a tree).  0: no limit.
     peer_upload_limit: int = 8
@@ -127,6 +133,8 @@ class _Registry:
         mirror = settings.mirror
         if settings.basic_auth is not None:
             mirror = replace(mirror, authorization=settings.basic_auth.header_value)
+        if settings.peer_auth is not None:
+            mirror = replace(mirror, peer_auth=settings.peer_auth)
         # blobs this node is still downloading (a store that can tell: the containerd-backed one)
         self.inflight = store if isinstance(store, InflightSource) else None
         self.forwarder = Forwarder(
@@ -151,13 +159,27 @@ class _Registry:
             return None
         return lambda: inflight.find_inflight(digest) is not None
 
-    def authorized(self, header: str | None) -> bool:
-        """The one authentication check, made before anything is looked up (both paths)."""
-        return authorized(self.settings.basic_auth, header)
+    def admit(
+        self, header: str | None, method: str, path: str, ns: str | None, *, consume: bool = False
+    ) -> tuple[bool, PeerCredential | None]:
+        """The one authentication check, made before anything is looked up (both paths): Basic
+        credentials or a peer's cluster-key credential (`registry.peer_auth.admit`)."""
+        basic, auth = self.settings.basic_auth, self.settings.peer_auth
+        return admit(basic, auth, header, method, path, ns, time.time(), consume=consume)
+
+    def authorized(
+        self, header: str | None, method: str = "GET", path: str = "", ns: str | None = None
+    ) -> bool:
+        return self.admit(header, method, path, ns)[0]
 
     async def _dispatch(self, path: str, method: str) -> Response:
         probe = path in ("/livez", "/readyz") and method in ("GET", "HEAD")
-        if not probe and not self.authorized(request.headers.get("Authorization")):
+        ok, credential = True, None
+        if not probe:  # a peer credential is spent here: this handler answers the request
+            ns_arg = request.args.get("ns")
+            header = request.headers.get("Authorization")
+            ok, credential = self.admit(header, method, path, ns_arg, consume=True)
+        if not ok:
             return _oci_error(401, ErrorCode.UNAUTHORIZED, "invalid credentials")
         if method not in ("GET", "HEAD"):
             return _empty(404)
@@ -194,12 +216,26 @@ class _Registry:
         if descriptor is None:
             if mirrored:
                 return _oci_error(404, parsed.unknown_code, f"{parsed.reference} not found")
+            if parsed.reference.digest is None and self.settings.peer_auth is None:
+                # no cluster key: no peer can prove what a tag means, so peers are not asked
+                return _oci_error(
+                    404,
+                    parsed.unknown_code,
+                    f"{parsed.reference}: tags are not resolved through peers without the "
+                    "cluster key",
+                )
             cast(dict[str, Any], request.scope)["spegla.mirrored"] = True  # access log: "mirror"
             client_ip = request.remote_addr or None
             accept = request.headers.get("Accept")
             return await self._mirror(MirrorJob(parsed, method, range_spec, client_ip, accept))
         if parsed.kind is ContentKind.MANIFEST:
-            return await self._serve_manifest(parsed, descriptor, method)
+            response = await self._serve_manifest(parsed, descriptor, method)
+            if credential is not None and self.settings.peer_auth is not None:
+                # the requester uses a tag's digest only with this proof (registry.peer_auth)
+                response.headers[ANSWER_HEADER] = self.settings.peer_auth.answer_proof(
+                    credential.nonce, descriptor.digest, str(parsed.reference)
+                )
+            return response
         return await self._serve_blob(parsed, descriptor, method, range_spec)
 
     async def _local(self, parsed: ContentRequest) -> Descriptor | None:
@@ -308,7 +344,7 @@ class _Registry:
         """The response to a GET/HEAD of a local blob; None for anything else (including a
         request without valid credentials: the app answers it, with a 401).  A peer's request
         (`mirrored`) may also get a blob still downloading here."""
-        if not self.authorized(authorization):
+        if not self.authorized(authorization, method, path, ns):
             return None
         try:
             parsed = parse_request_path(path, ns or self.default_registry)
@@ -335,6 +371,9 @@ class _Registry:
         headers = {name.lower(): value for name, value in headers.items()}
         if ingest is not None and (fed_by := self.forwarder.own.fed_by(ingest.digest)):
             headers[FED_BY_HEADER.lower()] = ",".join(fed_by)  # see registry.own_downloads
+        # A peer credential is not spent here: the door may still hand the request to the app
+        # (no file backs the blob), which checks it again.  So a blob GET's credential can be
+        # replayed within its window for the same blob, whose bytes its digest fixes.
         return LocalBlob(status, headers, start, length, self.store, descriptor, ingest)
 
     async def plan_mirror_blob(
@@ -348,7 +387,8 @@ class _Registry:
         """The mirror job a GET of a blob that is not held here becomes; None for anything else
         (the app answers those, a request without valid credentials with a 401).  `headers`
         have lower-case names."""
-        if not self.authorized(headers.get("authorization")):
+        authorization = headers.get("authorization")
+        if not self.authorized(authorization, method, path, ns):
             return None
         if method != "GET" or headers.get(MIRRORED_HEADER.lower(), "").strip().lower() == "true":
             return None
@@ -361,6 +401,8 @@ class _Registry:
         if not isinstance(parsed, ContentRequest) or parsed.kind is not ContentKind.BLOB:
             return None
         if self.filters.is_filtered(parsed.reference) or await self._local(parsed) is not None:
+            return None
+        if not self.admit(authorization, method, path, ns, consume=True)[0]:
             return None
         job = MirrorJob(parsed, method, range_spec, client_ip, headers.get("accept"))
         return MirrorPlan(job, self.forwarder, self.app)

@@ -13,11 +13,13 @@ do not use up attempts, so a long blob can resume as long as fewer than `max_att
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cachetools import LRUCache, TTLCache
 
 from registry.interfaces import Peer, PeerState
+from registry.peer_addresses import allowed_hosts
 from registry.ranges import ByteRange
 from registry.reference import ReferenceError, parse_digest
 
@@ -59,12 +61,19 @@ class MirrorAttempts:
     failed: int = 0
     fetched: int = 0
     tried: set[PeerKey] = field(default_factory=set)
+    allow_loopback: bool = True  # see `registry.peer_addresses`
 
     def usable(self, peer: Peer) -> bool:
-        """True when `peer` should be fetched from (not tried before, not quarantined, and not
-        a mere claim: a claimant serves nothing until its download starts)."""
+        """True when `peer` should be fetched from (not tried before, not quarantined, not a
+        mere claim: a claimant serves nothing until its download starts, and with an address a
+        request may go to: `registry.peer_addresses`; a refused one costs no attempt)."""
         key = peer_key(peer)
-        return peer.state is not PeerState.CLAIM and key not in self.tried and key not in self.avoid
+        return (
+            peer.state is not PeerState.CLAIM
+            and key not in self.tried
+            and key not in self.avoid
+            and bool(allowed_hosts(peer, allow_loopback=self.allow_loopback))
+        )
 
     def start_fetch(self, peer: Peer) -> None:
         self.tried.add(peer_key(peer))
@@ -175,11 +184,15 @@ def check_peer_answer(
     is_head: bool,
     requested: ByteRange | None,
     expected_size: int | None = None,
+    vouch: Callable[[str], bool] | None = None,
 ) -> PeerAnswer:
     """Validate a peer's status and headers (lower-cased names) against what was asked for.
 
     `expected_digest` is the requested digest (None for a tag); `requested` the range asked of the
     peer (None: everything); `expected_size` the size learnt from an earlier peer, when resuming.
+    Invariant: the digest a peer names for a tag is used only when `vouch(digest)` is true (the
+    peer proved it holds the cluster key, `registry.peer_auth`); without `vouch` no tag answer is
+    accepted.  A digest asked for needs no proof: its bytes are checked against it.
     """
     if requested is None and status != 200:
         raise PeerAnswerError(f"peer answered {status}")
@@ -196,6 +209,8 @@ def check_peer_answer(
         raise PeerAnswerError(f"peer sent a bad Docker-Content-Digest: {exc}") from None
     if expected_digest is not None and digest != expected_digest:
         raise PeerAnswerError(f"peer sent digest {digest}, asked for {expected_digest}")
+    if expected_digest is None and (vouch is None or not vouch(digest)):
+        raise PeerAnswerError("peer's tag answer is not vouched for by the cluster key")
     media_type = headers.get("content-type")
     if media_type is None:
         if not is_blob:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from registry.buffers import Chunk
 from registry.distribution import ContentRequest, ErrorCode
 from registry.mediatypes import SNIFF_LIMIT
+from registry.peer_auth import PeerAuth
 from registry.ranges import RangeSpec
 
 __all__ = [
@@ -54,8 +55,15 @@ class MirrorSettings:
     manifest_deadline: float = 3.0  # HEAD and manifest mirror requests finish within this
     max_manifest_size: int = SNIFF_LIMIT
     user_agent: str = "spegla"
-    # `Authorization` header value sent to peers (Basic auth configured on every agent)
+    # `Authorization` header value sent to peers (Basic auth configured on every agent); not
+    # sent when `peer_auth` is set (the cluster key's per-request credentials replace it)
     authorization: str | None = None
+    # the cluster key's peer credentials (registry.peer_auth); None: no key, so tags are never
+    # resolved through peers (their answers cannot be vouched for)
+    peer_auth: PeerAuth | None = None
+    # peers on loopback addresses may be asked (registry.peer_addresses): the agent allows it
+    # only when it advertises a loopback address itself (all agents on one host)
+    allow_loopback_peers: bool = True
     # a response not taking the next chunk for this long is abandoned (its client is gone, or it
     # never started reading); this also bounds how long a peer connection can be held for it
     consumer_timeout: float = 60.0

@@ -86,7 +86,12 @@ class MirrorRun:
         self.verify = forwarder.verification
         avoid = self.verify.avoided(self.ref.digest)
         avoid |= forwarder.stale.peers(self.ref.identifier, trio.current_time())
-        self.attempts = MirrorAttempts(self.ref.identifier, self.settings.resolve_retries, avoid)
+        self.attempts = MirrorAttempts(
+            self.ref.identifier,
+            self.settings.resolve_retries,
+            avoid,
+            allow_loopback=self.settings.allow_loopback_peers,
+        )
         self.transfer = TransferRequest(
             method=job.method,
             target=f"{job.request.path}?ns={quote(self.ref.registry, safe=':[]')}",
@@ -94,6 +99,11 @@ class MirrorRun:
             is_blob=self.is_blob,
             user_agent=self.settings.user_agent,
             authorization=self.settings.authorization,
+            peer_auth=self.settings.peer_auth,
+            reference=str(self.ref),
+            path=job.request.path,
+            ns=self.ref.registry,
+            allow_loopback=self.settings.allow_loopback_peers,
         )
         # what went out, reported as events and the one outcome log line
         self.report = MirrorReport(
@@ -434,7 +444,9 @@ class MirrorRun:
 
         async def attempt(supply: PeerSupply) -> PeerFetch | GiveUp:
             avoid = saved.avoid | self.verify.avoided(self.ref.digest)
-            self.attempts = MirrorAttempts(saved.identifier, saved.max_attempts, avoid)
+            self.attempts = MirrorAttempts(
+                saved.identifier, saved.max_attempts, avoid, allow_loopback=saved.allow_loopback
+            )
             self.refusals.new_round()
             try:
                 return await self._fetch(supply, stack, requested, requested.size)

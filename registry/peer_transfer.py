@@ -5,10 +5,16 @@ request headers we send, the response deadline, the announced digest/size/range 
 `registry.mirror.check_peer_answer`, reading a whole manifest body within the stall deadline) does
 not depend on how the peer was found (`registry.peer_supply`) or on what is then trusted
 (`registry.verification`).
+
+Trust (`registry.peer_auth`, `registry.peer_addresses`): a request goes only to the peer's allowed
+addresses; with the cluster key it carries a per-request credential instead of the Basic password,
+and a tag's answer is used only when its `Spegla-Peer-Answer` proof verifies for this request's
+nonce (checked before the announced digest is used, for GET and HEAD alike).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -19,6 +25,8 @@ from registry.interfaces import Peer
 from registry.mediatypes import MANIFEST_MEDIA_TYPES
 from registry.mirror import PeerAnswer, PeerAnswerError, PeerBusy, check_peer_answer
 from registry.own_downloads import REFUSED_HEADER
+from registry.peer_addresses import allowed_hosts
+from registry.peer_auth import ANSWER_HEADER, PeerAuth
 from registry.peer_client import PeerClient, PeerError, PeerResponse
 from registry.ranges import ByteRange
 
@@ -43,23 +51,47 @@ class TransferRequest:
     expected_digest: str | None
     is_blob: bool
     user_agent: str
-    authorization: str | None = None  # sent to peers when Basic auth is configured
+    # sent to peers when Basic auth is configured and there is no cluster key
+    authorization: str | None = None
+    # the cluster key's credentials: replace `authorization`, and vouch for tag answers
+    peer_auth: PeerAuth | None = None
+    # what the answer proof of a tag names (`str(Reference)`), and the request's path and `ns`
+    # (what the request credential covers)
+    reference: str = ""
+    path: str = ""
+    ns: str = ""
+    allow_loopback: bool = False  # peers on loopback addresses (every agent on this one host)
 
     @property
     def is_head(self) -> bool:
         return self.method == "HEAD"
 
-    def headers(self, requested: ByteRange | None) -> list[tuple[str, str]]:
+    def headers(
+        self, requested: ByteRange | None, now: float = 0.0
+    ) -> tuple[list[tuple[str, str]], str | None]:
+        """The request headers for one peer, and the nonce of their credential (None: none)."""
         headers = [
             ("X-Spegel-Mirrored", "true"),
             ("User-Agent", self.user_agent),
             ("Accept", ACCEPT),
         ]
-        if self.authorization is not None:
+        nonce = None
+        if self.peer_auth is not None:
+            value, nonce = self.peer_auth.sign(self.method, self.path, self.ns, now)
+            headers.append(("Authorization", value))
+        elif self.authorization is not None:
             headers.append(("Authorization", self.authorization))
         if requested is not None:
             headers.append(("Range", requested.header))
-        return headers
+        return headers, nonce
+
+    def vouch(self, nonce: str | None, proof: str | None) -> Callable[[str], bool] | None:
+        """For a tag: whether a digest the peer names is vouched for by its proof (None: this
+        request cannot check one, so its tag answers are refused)."""
+        auth = self.peer_auth
+        if auth is None or nonce is None:
+            return None
+        return lambda digest: auth.answer_ok(nonce, digest, self.reference, proof)
 
 
 class PeerFetch:
@@ -92,22 +124,22 @@ async def open_transfer(
 ) -> PeerFetch:
     """Open `request` at `peer` on `stack` and check its answer.
 
-    Raises PeerError, PeerAnswerError or trio.TooSlowError (the caller closes `stack`).
+    Raises PeerError, PeerAnswerError or trio.TooSlowError (the caller closes `stack`); an
+    address the policy refuses (`registry.peer_addresses`) is a PeerError before any connect.
     `on_not_found` runs when the peer answers 404 (it advertised a key it no longer has).
     With `first_bytes_timeout`, a GET with a non-empty body returns only once the body's first
     bytes arrived (kept in the response for the reader): an answer is useful only then, so a peer
     that sends its head and then stalls is raced like one that sends nothing
     (`registry.peer_race`); no bytes within the timeout is a PeerError.
     """
+    hosts = allowed_hosts(peer, allow_loopback=request.allow_loopback)
+    if not hosts or not 0 < peer.port < 65536:
+        raise PeerError(f"refused peer address {peer.host}:{peer.port} (not an agent address)")
+    headers, nonce = request.headers(requested, time.time())
     with trio.fail_after(response_timeout):
         response = await stack.enter_async_context(
             client.request(
-                peer.host,
-                peer.port,
-                request.method,
-                request.target,
-                request.headers(requested),
-                also=peer.more_hosts,
+                hosts[0], peer.port, request.method, request.target, headers, also=hosts[1:]
             )
         )
     if response.status == 404:
@@ -123,6 +155,7 @@ async def open_transfer(
         is_head=request.is_head,
         requested=requested,
         expected_size=expected_size,
+        vouch=request.vouch(nonce, response.headers.get(ANSWER_HEADER.lower())),
     )
     if not request.is_blob and answer.media_type not in MANIFEST_MEDIA_TYPES:
         raise PeerAnswerError(f"peer sent media type {answer.media_type}")

@@ -277,8 +277,10 @@ def test_make_bootstrapper_and_psk(tmp_path: Any) -> None:
     key.write_bytes(b"short")
     with pytest.raises(ConfigError, match="16 bytes"):
         read_psk(str(key))
-    with pytest.raises(ConfigError, match="cannot read"):
-        read_psk(str(tmp_path / "missing"))
+    # a missing file in an existing directory: the optional Secret is not there, so no key
+    assert read_psk(str(tmp_path / "missing")) is None
+    with pytest.raises(ConfigError, match="no such file or directory"):
+        read_psk(str(tmp_path / "no-dir" / "key"))
 
 
 def test_unreadable_psk_file_is_a_one_line_usage_error(tmp_path: Any) -> None:
@@ -286,14 +288,21 @@ def test_unreadable_psk_file_is_a_one_line_usage_error(tmp_path: Any) -> None:
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "agent", "registry", "--dht-psk-file", str(tmp_path / "none")],
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "registry",
+            "--dht-psk-file",
+            str(tmp_path / "none" / "key"),
+        ],
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        line for line in out.stderr.strip().splitlines() if "--dht-psk-file" in line
+        line for line in out.stderr.strip().splitlines() if "--cluster-key-file" in line
     ]
     assert len(out.stderr.strip().splitlines()) == 1
 

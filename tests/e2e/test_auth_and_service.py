@@ -49,6 +49,7 @@ def _configure_node(c: Cluster, node: Node, secret: Path) -> None:
         f"--mirrored-registries=http://{UPSTREAM_HOST}",
         f"--mirror-targets=http://127.0.0.1:{ag.REGISTRY_PORT},http://127.0.0.1:{SERVICE_PORT}",
         f"--basic-auth-dir={secret}",
+        f"--cluster-key-file={ag.cluster_key_file(c)}",
     ]  # fmt: skip
     subprocess.run(argv, check=True, cwd=REPO_ROOT, capture_output=True, timeout=60)
 

@@ -8,6 +8,8 @@ served which blob.
 
 API
 - ``agent_argv(cluster, node, log_level="INFO", extra=())`` -> argv (pure, for inspection).
+  Every agent gets the cluster's key (``cluster_key_file(cluster)``, as the base manifests mount
+  the Secret); ``extra`` may override it, e.g. ``--cluster-key-file=`` for an agent without one.
   ``SPEGLA_E2E_AGENT`` (env) replaces ``python -m agent`` with another command (split on spaces),
   e.g. to run the same tests against another build of the agent.
 - ``start_agents(cluster, log_level="INFO", extra=(), nodes=None, ready_timeout=30)``: start and
@@ -24,6 +26,7 @@ API
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -39,6 +42,17 @@ from .procs import Daemon
 REGISTRY_PORT = 5000
 ROUTER_PORT = 5001
 METRICS_PORT = 9090
+
+
+def cluster_key_file(cluster: Cluster, create: bool = False) -> Path:
+    """The cluster key every agent of `cluster` reads (the base manifests' Secret); `create`
+    writes a random one unless it exists."""
+    path = cluster.workdir / "cluster-key" / "key"
+    if create and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+        path.chmod(0o400)
+    return path
 
 
 def agent_argv(
@@ -57,6 +71,7 @@ def agent_argv(
         "--containerd-content-path", str(node.containerd.content_path),
         "--data-dir", str(node.workdir / "agent-data"),
         "--advertise-addr", node.ip,
+        "--cluster-key-file", str(cluster_key_file(cluster)),
     ]  # fmt: skip
     if peers:
         argv += ["--bootstrap-kind", "static", "--static-bootstrap-peers", *peers]
@@ -95,6 +110,7 @@ def start_agent(
     extra: Sequence[str] = (),
     ready_timeout: float | None = 30.0,
 ) -> Daemon:
+    cluster_key_file(cluster, create=True)
     d = cluster.start_on_node(node, "agent", agent_argv(cluster, node, log_level, extra))
     if ready_timeout:
         wait_ready(node, ready_timeout, d)

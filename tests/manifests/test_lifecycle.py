@@ -35,17 +35,26 @@ from tests.manifests.test_manifests import (
 USER_HOSTS = "server = 'https://registry-1.docker.io'\n\n[host.'https://mirror.internal']\n"
 
 
+def _mapped(text: str, container: Object, host_dirs: dict[str, Path]) -> str:
+    """`text` with every mount path replaced by the temp dir standing in for it; a mount
+    without one (the cluster key's Secret) maps to a directory that does not exist here."""
+    for mount in container.get("volumeMounts", []):
+        host_dir = host_dirs.get(mount["name"], Path("/nonexistent-volume") / mount["name"])
+        text = text.replace(mount["mountPath"], str(host_dir))
+    return text
+
+
 def _command(container: Object, objects: list[Object], host_dirs: dict[str, Path]) -> list[str]:
     """The container's argv with every mount path replaced by the temp dir standing in for it."""
     env = _container_env(container, objects)
-    mounts = {m["mountPath"]: host_dirs[m["name"]] for m in container.get("volumeMounts", [])}
-    args = []
-    for arg in container["args"]:
-        arg = _expand(arg, env)
-        for mount_path, host_dir in mounts.items():
-            arg = arg.replace(mount_path, str(host_dir))
-        args.append(arg)
+    args = [_mapped(_expand(arg, env), container, host_dirs) for arg in container["args"]]
     return [sys.executable, "-m", "agent", *args]
+
+
+def _env(container: Object, objects: list[Object], host_dirs: dict[str, Path]) -> dict[str, str]:
+    """The container's environment (ConfigMap included), mount paths mapped like the args."""
+    env = _container_env(container, objects)
+    return {k: _mapped(v, container, host_dirs) for k, v in env.items()}
 
 
 def _run(
@@ -54,7 +63,7 @@ def _run(
     host_dirs: dict[str, Path],
     overrides: dict[str, str] | None = None,
 ) -> None:
-    env = {"PATH": os.environ.get("PATH", ""), **_container_env(container, objects)}
+    env = {"PATH": os.environ.get("PATH", ""), **_env(container, objects, host_dirs)}
     env.update(overrides or {})
     result = subprocess.run(
         _command(container, objects, host_dirs), cwd=ROOT, env=env,
@@ -86,7 +95,9 @@ def test_install_restart_and_uninstall_keep_the_nodes_own_certs_d(tmp_path: Path
     certs_d = tmp_path / "certs.d"
     (certs_d / "docker.io").mkdir(parents=True)
     (certs_d / "docker.io" / "hosts.toml").write_text(USER_HOSTS)
-    host_dirs = {"containerd-certs-d": certs_d}
+    # the optional Secret not created yet: kubelet mounts an empty directory
+    (tmp_path / "cluster-key").mkdir()
+    host_dirs = {"containerd-certs-d": certs_d, "cluster-key": tmp_path / "cluster-key"}
 
     objects = render(MANIFESTS)
     init = init_container(_one(objects, "DaemonSet", "spegla")["spec"]["template"]["spec"])
@@ -138,7 +149,9 @@ def test_prepend_existing_keeps_a_named_registrys_certificates(tmp_path: Path) -
         "PREPEND_EXISTING": "true",
         "MIRRORED_REGISTRIES": "_default,https://registry.internal.example",
     }
-    _run(init, objects, {"containerd-certs-d": certs_d}, overrides)
+    (tmp_path / "cluster-key").mkdir()
+    host_dirs = {"containerd-certs-d": certs_d, "cluster-key": tmp_path / "cluster-key"}
+    _run(init, objects, host_dirs, overrides)
     assert (private / "ca.crt").read_text() == "certificate\n"
     hosts = (private / "hosts.toml").read_text()
     assert hosts.index("http://10.0.0.11:30020") < hosts.index("https://registry.internal.example']")
@@ -168,8 +181,11 @@ def test_agent_started_with_the_daemonsets_args_answers_its_probes(tmp_path: Pat
         "tmp": tmp_path / "tmp",
         "containerd-certs-d": tmp_path / "certs.d",
         "containerd-etc": tmp_path / "etc-containerd",
+        "cluster-key": tmp_path / "cluster-key",  # the optional Secret not created: empty
     }
-    for name in ("containerd-content", "data", "tmp", "containerd-certs-d", "containerd-etc"):
+    for name in (
+        "containerd-content", "data", "tmp", "containerd-certs-d", "containerd-etc", "cluster-key"
+    ):
         host_dirs[name].mkdir()
     addr_flags = {
         "--registry-addr": "registry", "--router-addr": "router", "--metrics-addr": "metrics",
@@ -181,7 +197,7 @@ def test_agent_started_with_the_daemonsets_args_answers_its_probes(tmp_path: Pat
     container = {**container, "args": args}
     env = {
         "PATH": os.environ.get("PATH", ""),
-        **_container_env(container, objects),
+        **_env(container, objects, host_dirs),
         "BOOTSTRAP_KIND": "none",
     }
     command = _command(container, objects, host_dirs)

@@ -358,18 +358,43 @@ def test_bootstrap_service_publishes_not_ready_agents(rendered: dict[str, list[O
     assert config["DNS_BOOTSTRAP_DOMAIN"].startswith("spegla-bootstrap.spegla.svc.")
 
 
-def test_dht_psk_component_mounts_the_key_where_the_agent_reads_it(
+def test_the_default_install_mounts_the_cluster_key_where_the_agent_reads_it(
+    rendered: dict[str, list[Object]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = rendered["default"]
+    key_file = _one(objects, "ConfigMap", "spegla-agent")["data"]["CLUSTER_KEY_FILE"]
+    pod = _one(objects, "DaemonSet", "spegla")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "cluster-key")
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "cluster-key")
+    assert key_file == f"{mount['mountPath']}/key" == "/etc/spegla/cluster-key/key"
+    assert mount["readOnly"] is True
+    # the init container reads it too: without a key hosts.toml gets capability pull only
+    init = next(m for m in pod["initContainers"][0]["volumeMounts"] if m["name"] == "cluster-key")
+    assert init == mount
+    # optional: the agents start before the Secret exists (and then say they have no key)
+    assert volume["secret"] == {
+        "secretName": "spegla-cluster-key",
+        "optional": True,
+        "defaultMode": 0o400,
+    }
+    text = (MANIFESTS / "base" / "daemonset.yaml").read_text()
+    assert "create secret generic spegla-cluster-key --from-literal=key=" in text
+    # the agent reads it: CLUSTER_KEY_FILE is the env twin of --cluster-key-file
+    ns = _parse(monkeypatch, ["registry"], {"CLUSTER_KEY_FILE": key_file})
+    assert ns.cluster_key_file == key_file
+
+
+def test_dht_psk_component_keeps_an_older_installs_secret(
     rendered: dict[str, list[Object]],
 ) -> None:
     objects = rendered["all-components"]
-    key_file = _one(objects, "ConfigMap", "spegla-agent")["data"]["DHT_PSK_FILE"]
     pod = _one(objects, "DaemonSet", "spegla")["spec"]["template"]["spec"]
-    volume = next(v for v in pod["volumes"] if v["name"] == "dht-psk")
-    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "dht-psk")
-    assert key_file == f"{mount['mountPath']}/key" and mount["readOnly"] is True
-    assert volume["secret"]["secretName"] == "spegla-dht-psk"
-    text = (COMPONENTS["dht-psk"] / "kustomization.yaml").read_text()
-    assert "create secret generic spegla-dht-psk --from-literal=key=" in text
+    volumes = [v for v in pod["volumes"] if v["name"] == "cluster-key"]
+    assert len(volumes) == 1
+    assert volumes[0]["secret"]["secretName"] == "spegla-dht-psk"
+    assert volumes[0]["secret"]["optional"] is True
+    data = _one(objects, "ConfigMap", "spegla-agent")["data"]
+    assert data["CLUSTER_KEY_FILE"] == "/etc/spegla/cluster-key/key" and "DHT_PSK_FILE" not in data
 
 
 def test_network_policy_names_ports_the_agent_has(rendered: dict[str, list[Object]]) -> None:
@@ -512,7 +537,7 @@ ENV_PROBES = {
     "DEBUG_WEB_ENABLED": "false",
     "MIRRORED_REGISTRIES": "https://probe.example.com",
     "REGISTRY_FILTERS": ":probe$",
-    "DHT_PSK_FILE": "/probe/psk",
+    "CLUSTER_KEY_FILE": "/probe/key",
 }
 # Keys the ConfigMap only documents in comments, with the subcommands that must honour them.
 DOCUMENTED_KEYS = {

@@ -6,7 +6,7 @@ import functools
 import json
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,21 @@ from registry.events import MirrorEvents
 from registry.fastpath import FastPathStats
 from registry.interfaces import Peer
 from registry.mediatypes import OCI_INDEX, OCI_MANIFEST
+from registry.peer_auth import PeerAuth
 from registry.ranges import parse_range
 from registry.server import serve_registry
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha256_digest
 
 LOOPBACK = "127.0.0.1"
+# the cluster key the keyed test nodes share (registry.peer_auth): tags resolve only between them
+CLUSTER_KEY = b"test cluster key: 32 bytes long!"
+
+
+def with_key(
+    settings: RegistrySettings | None = None, key: bytes = CLUSTER_KEY
+) -> RegistrySettings:
+    """`settings` (default: the defaults) with the cluster key's peer credentials."""
+    return replace(settings or RegistrySettings(), peer_auth=PeerAuth(key))
 
 
 @dataclass

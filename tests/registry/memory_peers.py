@@ -111,10 +111,10 @@ class FakeClient:
 
 
 def forwarder_over(digest: str, peers: list[FakePeer], settings: MirrorSettings) -> Forwarder:
-    """A forwarder whose router knows `peers` (ports 0, 1, ...) as providers of `digest` and
-    whose peer client is `FakeClient`."""
+    """A forwarder whose router knows `peers` (ports 1, 2, ...: port 0 is no peer's) as
+    providers of `digest` and whose peer client is `FakeClient`."""
     network = MemoryNetwork()
-    for port in range(len(peers)):
-        network.add(digest, Peer(bytes([port + 1]) * 32, "127.0.0.1", port))
-    client = FakeClient(dict(enumerate(peers)), digest)
+    for port in range(1, len(peers) + 1):
+        network.add(digest, Peer(bytes([port]) * 32, "127.0.0.1", port))
+    client = FakeClient(dict(enumerate(peers, start=1)), digest)
     return Forwarder(MemoryRouter(network), client, settings)  # type: ignore[arg-type]

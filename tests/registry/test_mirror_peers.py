@@ -23,12 +23,15 @@ from .conftest import (
     StartScripted,
     fill,
     unreachable_peer,
+    with_key,
 )
 
 # Real sockets run on the real clock: generous deadlines keep a busy CI machine from failing over
 # by accident (the deadlines themselves are tested on a mock clock in test_mirror_core).
-FAST = RegistrySettings(
-    mirror=MirrorSettings(resolve_timeout=0.5, response_timeout=1.0, stall_timeout=1.0)
+FAST = with_key(
+    RegistrySettings(
+        mirror=MirrorSettings(resolve_timeout=0.5, response_timeout=1.0, stall_timeout=1.0)
+    )
 )
 
 
@@ -43,7 +46,7 @@ async def provider_and_client(
     """A provider node holding an image (advertised) and an empty client node."""
     provider_store = MemoryContentStore()
     content = fill(provider_store)
-    provider = await start_node(provider_store)
+    provider = await start_node(provider_store, settings=with_key())
     for key in (content.config, content.layer, content.manifest, content.index, content.tag_key):
         network.add(key, provider.peer)
     client = await start_node(settings=settings)

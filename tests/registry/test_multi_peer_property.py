@@ -139,7 +139,7 @@ def test_multi_peer_blobs_arrive_whole_or_cut_short_with_the_liar_found(
     event(f"peers asked for ranges: {ranged}")
     assert isinstance(outcome.head, MirrorHead)
     expected = expected_slice(blob, client_range)
-    honest = {("127.0.0.1", i) for i in range(len(peers)) if i not in liars}
+    honest = {("127.0.0.1", i + 1) for i in range(len(peers)) if i not in liars}  # ports 1, 2, ..
     assert not (outcome.quarantined & honest), "an honest peer was quarantined"
     if outcome.aborted:
         event("aborted")

@@ -16,10 +16,12 @@ from registry.events import MirrorEvent, MirrorEvents, MirrorOutcome, TransferPr
 from registry.mirror_job import MirrorSettings
 from tests.fakes import MemoryContentStore, MemoryNetwork
 
-from .conftest import Content, Node, StartNode, fill
+from .conftest import Content, Node, StartNode, fill, with_key
 
-FAST = RegistrySettings(
-    mirror=MirrorSettings(resolve_timeout=0.5, response_timeout=1.0, stall_timeout=1.0)
+FAST = with_key(
+    RegistrySettings(
+        mirror=MirrorSettings(resolve_timeout=0.5, response_timeout=1.0, stall_timeout=1.0)
+    )
 )
 MISSING = "sha256:" + "e" * 64
 
@@ -30,7 +32,7 @@ async def provider_and_client(
     """A provider holding a file-backed image (so its blobs go out by sendfile) and a client."""
     store = MemoryContentStore()
     content = fill(store, files=files)
-    provider = await start_node(store)
+    provider = await start_node(store, settings=with_key())
     for key in (content.layer, content.manifest, content.tag_key):
         network.add(key, provider.peer)
     return provider, content, await start_node(settings=FAST, events=events)
