@@ -369,7 +369,8 @@ def test_the_default_install_mounts_the_cluster_key_where_the_agent_reads_it(
     assert key_file == f"{mount['mountPath']}/key" == "/etc/spegla/cluster-key/key"
     assert mount["readOnly"] is True
     # the init container reads it too: without a key hosts.toml gets capability pull only
-    init = next(m for m in pod["initContainers"][0]["volumeMounts"] if m["name"] == "cluster-key")
+    configuration = next(c for c in pod["initContainers"] if c["name"] == "configuration")
+    init = next(m for m in configuration["volumeMounts"] if m["name"] == "cluster-key")
     assert init == mount
     # optional: the agents start before the Secret exists (and then say they have no key)
     assert volume["secret"] == {
