@@ -103,7 +103,8 @@ class _FrontDoor:
 
     def _client_ip(self, request: HttpRequest, client: Address) -> str:
         """The requester's address (X-Forwarded-For only from --trusted-proxies)."""
-        trusted = self.app.extensions["spegla.registry"].settings.trusted_proxies
+        registry = self.app.extensions.get("spegla.registry")  # (absent: an app of tests)
+        trusted = () if registry is None else registry.settings.trusted_proxies
         return client_ip(request.header(b"x-forwarded-for"), client[0] if client else "", trusted)
 
     def close_idle(self) -> None:
@@ -166,11 +167,14 @@ class _FrontDoor:
         self, conn: ServerConnection, request: HttpRequest, client: Address, server: Address
     ) -> None:
         upload = _peer_upload_key(request)
+        if upload is None:
+            await self._dispatch(conn, request, client, server)
+            return
         registry = self.app.extensions["spegla.registry"]
         # authentication comes before any admission or refusal: a 429 `Spegla-Refused` to a
         # client without credentials would tell it what this node is downloading (the app
         # answers such a request with a 401 before looking anything up)
-        if upload is None or not registry.authorized(request.header(b"authorization")):
+        if not registry.authorized(request.header(b"authorization")):
             await self._dispatch(conn, request, client, server)
             return
         # a peer fetching a blob from us: bounded (--peer-upload-limit), so a burst forms a tree;
