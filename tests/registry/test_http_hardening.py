@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
+import logging
 import os
 import socket
 from pathlib import Path
@@ -27,7 +28,7 @@ from registry.mirror_job import MirrorSettings
 from registry.server import serve_registry
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha256_digest
 
-from .conftest import LOOPBACK, StartNode
+from .conftest import LOOPBACK, StartNode, fill
 
 FAST = MirrorSettings(resolve_timeout=0.5, response_timeout=1.0, stall_timeout=1.0)
 AUTH = BasicAuth("spegla", "s3cret")
@@ -276,3 +277,23 @@ async def test_a_mirrored_request_whose_client_left_stops_its_peer_fetch(
         await peer.hung_up.wait()
     assert peer.sent < len(peer.body)
     assert hashlib.sha256(peer.body).hexdigest() == peer.digest.removeprefix("sha256:")
+
+
+async def test_forwarded_for_from_a_trusted_proxy_names_the_logged_client(
+    start_node: StartNode, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="registry.access")
+    store = MemoryContentStore()
+    content = fill(store, files=tmp_path)
+    trusted = parse_trusted_proxies("127.0.0.0/8")
+    node = await start_node(store, settings=RegistrySettings(trusted_proxies=trusted))
+    forwarded = {"X-Forwarded-For": "10.9.8.7"}
+    async with node.client() as http:
+        assert (await http.get("/v2/", headers=forwarded)).status_code == 200  # the app
+        blob = await http.get(f"/v2/a/blobs/{content.layer}?ns=docker.io", headers=forwarded)
+        assert blob.status_code == 200  # the front door (sendfile)
+    with trio.fail_after(5):
+        while len([r for r in caplog.records if r.name == "registry.access"]) < 2:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    lines = {r.handler: r.ip for r in caplog.records if r.name == "registry.access"}  # type: ignore[attr-defined]
+    assert lines == {"v2": "10.9.8.7", "blob": "10.9.8.7"}
