@@ -53,6 +53,7 @@ DIRECT_SEND_MIN = 64 * 1024  # body pieces from this size are written by `_send_
 BULK_NOTSENT_LOWAT = 4 * 1024 * 1024
 LINGER = 1.0  # after answering and half-closing, read what the client still sends this long
 DEFAULT_SEND_TIMEOUT = 30.0  # a client that takes no response bytes for this long is cut
+SEND_SLICE = 64 * 1024  # `send_bytes` hands the socket this much per deadline
 
 
 class ClientGone(Exception):
@@ -267,16 +268,18 @@ class ServerConnection:
         if not data:
             return
         self._answered = True
-        try:
-            # bytes (heads, small pieces) of at most a few hundred KiB: the whole call must
-            # finish within the deadline, as one wait would
-            with trio.move_on_after(self.send_timeout) as scope:
-                await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._broken = True
-            raise ClientGone(str(exc)) from exc
-        if scope.cancelled_caught:
-            self._stalled()
+        with memoryview(data) as view:
+            # each slice must be taken within the deadline: a client that reads at all (more
+            # than SEND_SLICE per send_timeout) is never cut, one that stops reading is
+            for start in range(0, len(view), SEND_SLICE):
+                try:
+                    with trio.move_on_after(self.send_timeout) as scope:
+                        await self.stream.send_all(view[start : start + SEND_SLICE])
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self._broken = True
+                    raise ClientGone(str(exc)) from exc
+                if scope.cancelled_caught:
+                    self._stalled()
 
     def gone(self, reason: str) -> ClientGone:
         """The client left (seen by someone else than this connection's reads and writes): the

@@ -297,3 +297,33 @@ async def test_forwarded_for_from_a_trusted_proxy_names_the_logged_client(
             await trio.sleep(0.01)
     lines = {r.handler: r.ip for r in caplog.records if r.name == "registry.access"}  # type: ignore[attr-defined]
     assert lines == {"v2": "10.9.8.7", "blob": "10.9.8.7"}
+
+
+async def test_a_slow_but_steady_reader_is_not_cut(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The send deadline bounds each wait for the client, not the whole body: a client that
+    reads a little at a time, for longer than the deadline in all, gets every byte."""
+    data = os.urandom(2 << 20)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    store = MemoryContentStore()
+    digest = store.add_file(path)
+    port, _, _ = await serve(nursery, store, ConnectionLimits(send_timeout=1.0))
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    await sock.connect((LOOPBACK, port))
+    await sock.send(f"GET /v2/a/blobs/{digest}?ns=docker.io HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+    received = bytearray()
+    started = trio.current_time()
+    expected: int | None = None  # head and body, once the head is here
+    with trio.fail_after(60):
+        while expected is None or len(received) < expected:
+            chunk = await sock.recv(64 * 1024)
+            assert chunk, "the server closed the connection early"
+            received += chunk
+            if expected is None and b"\r\n\r\n" in received:
+                expected = received.index(b"\r\n\r\n") + 4 + len(data)
+            await trio.sleep(0.02)  # a few KiB per 20 ms: seconds for the whole body
+    sock.close()
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and body == data
+    assert trio.current_time() - started > 1.0  # it did take longer than the deadline
