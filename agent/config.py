@@ -320,6 +320,10 @@ class RegistryConfig:
     mirror_peers_per_blob: int = MIRROR_DEFAULTS.multi_peer_max
     mirror_claim_wait: float = MIRROR_DEFAULTS.claim_wait
     peer_upload_limit: int = 8
+    max_connections: int = 1024  # registry connections at once (0: no cap)
+    send_timeout: float = 30.0  # a client that takes no response bytes this long is cut
+    # --trusted-proxies: X-Forwarded-For is believed only from these networks
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     bootstrap: BootstrapConfig = BootstrapConfig()
     data_dir: str = ""
     debug_web_enabled: bool = True
@@ -357,6 +361,10 @@ class RegistryConfig:
             raise ConfigError("--mirror-claim-wait must be between 20ms and 10m")
         if self.peer_upload_limit < 0:
             raise ConfigError("--peer-upload-limit must be 0 (no limit) or more")
+        if self.max_connections < 0:
+            raise ConfigError("--max-connections must be 0 (no cap) or more")
+        if self.send_timeout <= 0:
+            raise ConfigError("--send-timeout must be greater than 0")
         if self.mirror_buffer_memory < MIRROR_DEFAULTS.buffer_size:
             raise ConfigError("--mirror-buffer-memory must be at least 1 (MiB)")
         if self.mirror_peers_per_blob < 1:

@@ -26,7 +26,10 @@ from agent.config import (
     parse_static_peer,
     parse_url,
 )
+from registry.access_log import TrustedProxies, parse_trusted_proxies
 from registry.basic_auth import DEFAULT_DIR as DEFAULT_BASIC_AUTH_DIR
+from registry.fastpath import DEFAULT_MAX_CONNECTIONS
+from registry.http11 import DEFAULT_SEND_TIMEOUT
 from registry.mirror_job import MIRROR_DEFAULTS
 
 
@@ -54,6 +57,13 @@ class Flag:
 
 def _text(value: str) -> str:
     return value
+
+
+def _trusted_proxies(value: str) -> TrustedProxies:
+    try:
+        return parse_trusted_proxies(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _int(value: str) -> int:
@@ -151,6 +161,16 @@ FLAGS: dict[str, tuple[Flag, ...]] = {
         Flag("--peer-upload-limit", "8", _int,
              "blob downloads this node serves to peers at once; more get 429 and ask another "
              "peer, so a burst spreads as a tree (0: no limit)", metavar="N"),
+        Flag("--max-connections", str(DEFAULT_MAX_CONNECTIONS), _int,
+             "registry connections open at once; one more gets 503 with Retry-After and is "
+             "closed (containerd then tries its next host) (0: no cap)", metavar="N"),
+        Flag("--send-timeout", format_duration(DEFAULT_SEND_TIMEOUT), parse_duration,
+             "a registry client that takes no response bytes for this long is cut off, its "
+             "upload slot and file freed (Go duration)", metavar="DURATION"),
+        Flag("--trusted-proxies", "", _trusted_proxies,
+             "comma-separated CIDRs of proxies whose X-Forwarded-For is believed (for the "
+             "logged client and \"is this my own containerd\"); empty: the header is ignored",
+             metavar="CIDRS"),
         Flag("--bootstrap-kind", "none", _kind,
              "how to find the first peers: dns, http, static, kubernetes, none", metavar="KIND"),
         Flag("--dns-bootstrap-domain", "", _text,

@@ -36,6 +36,9 @@ from agent.debug import (
 logger = logging.getLogger(__name__)
 
 LIVE_INTERVAL = 2.0
+# live viewers of the debug page at once: each costs a snapshot every LIVE_INTERVAL; one more
+# is refused with a 503 before the websocket is accepted
+MAX_VIEWERS = 8
 
 
 def _dual_stack_available() -> bool:
@@ -86,8 +89,11 @@ def _page() -> str:
     return (resources.files("agent.web") / "debug.html").read_text(encoding="utf-8")
 
 
-def create_metrics_app(debug: DebugState | None = None, *, web_enabled: bool = True) -> QuartTrio:
-    """Quart-Trio app of the metrics port; the debug page and websocket only when `web_enabled`."""
+def create_metrics_app(
+    debug: DebugState | None = None, *, web_enabled: bool = True, max_viewers: int = MAX_VIEWERS
+) -> QuartTrio:
+    """Quart-Trio app of the metrics port; the debug page and websocket only when `web_enabled`
+    (at most `max_viewers` websocket viewers at once)."""
     app = QuartTrio("spegla-metrics")
 
     @app.route("/metrics")
@@ -122,12 +128,16 @@ def create_metrics_app(debug: DebugState | None = None, *, web_enabled: bool = T
         )
 
     @app.websocket("/debug/web/ws")
-    async def live() -> None:
+    async def live() -> Response | None:
+        state.unsubscribe_closed()  # viewers that left are not counted
+        if state.viewers >= max_viewers:
+            body = f"more than {max_viewers} live viewers; try again later\n"
+            return Response(body, status=503, content_type="text/plain; charset=utf-8")
         events = state.subscribe()
         try:
-            await websocket.accept()
-            await websocket.send(json.dumps(state.snapshot()))
             async with events:
+                await websocket.accept()
+                await websocket.send(json.dumps(state.snapshot()))
                 while True:
                     event: dict[str, Any] | None = None
                     with trio.move_on_after(LIVE_INTERVAL):

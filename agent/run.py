@@ -48,7 +48,7 @@ from agent.peer_router import registry_router
 from agent.supervise import RestartPolicy, Service, ServiceFailed, Supervisor
 from registry.claim_supply import ClaimParticipation
 from registry.events import MirrorEvents
-from registry.fastpath import FastPathStats
+from registry.fastpath import ConnectionLimits, FastPathStats
 from registry.interfaces import ClaimBoard, ContentStore, Router
 
 if TYPE_CHECKING:
@@ -238,6 +238,7 @@ def default_app(parts: AppParts) -> QuartTrio:
         basic_auth=read_basic_auth(cfg.basic_auth_dir),
         peer_upload_limit=cfg.peer_upload_limit,
         peer_auth=None if parts.cluster_key is None else PeerAuth(parts.cluster_key),
+        trusted_proxies=cfg.trusted_proxies,
     )
     if settings.basic_auth is not None:
         logger.info("basic auth enabled", extra={"basic_auth_dir": cfg.basic_auth_dir})
@@ -258,6 +259,7 @@ async def default_serve_registry(
     shutdown_trigger: Callable[[], Awaitable[None]],
     grace: float,
     stats: FastPathStats | None = None,
+    limits: ConnectionLimits | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     from registry.server import serve_registry
@@ -269,14 +271,18 @@ async def default_serve_registry(
         shutdown_trigger=shutdown_trigger,
         graceful_timeout=grace,
         stats=stats,
+        limits=limits,
         task_status=task_status,
     )
 
 
-def _default_serve_with_stats(debug: DebugState, stats: FastPathStats) -> ServeRegistry:
+def _default_serve_with_stats(
+    debug: DebugState, stats: FastPathStats, cfg: RegistryConfig
+) -> ServeRegistry:
     """The registry's own server, with its fast-path counters on the debug page."""
     debug.sections["registry fast path"] = lambda: dict(vars(stats))
-    return functools.partial(default_serve_registry, stats=stats)
+    limits = ConnectionLimits(cfg.max_connections, cfg.send_timeout)
+    return functools.partial(default_serve_registry, stats=stats, limits=limits)
 
 
 # --- the agent ------------------------------------------------------------------------------------
@@ -366,7 +372,9 @@ async def run_agent(
             parts = AppParts(backend.store, router, cfg, readiness, events, claims, psk)
             app = (hooks.app or default_app)(parts)
             front_door = FastPathStats()
-            serve_registry = hooks.serve_registry or _default_serve_with_stats(debug, front_door)
+            serve_registry = hooks.serve_registry or _default_serve_with_stats(
+                debug, front_door, cfg
+            )
             root.start_soon(
                 functools.partial(trim_when_idle, front_door.requests, trim=glibc_malloc_trim()),
                 name="memory-trim",

@@ -8,19 +8,27 @@ ASGI middleware that applies them to every request the app serves.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from typing import Any
 from urllib.parse import parse_qs
 
-from registry.metrics import HTTP_INFLIGHT, HTTP_REQUEST_DURATION, HTTP_RESPONSE_SIZE
+from registry.metrics import (
+    HTTP_INFLIGHT,
+    HTTP_REQUEST_DURATION,
+    HTTP_RESPONSE_SIZE,
+    method_label,
+)
 
 __all__ = [
+    "TrustedProxies",
     "access_handler",
     "access_logger",
     "client_ip",
     "handler_label",
     "log_access",
+    "parse_trusted_proxies",
     "record_request",
     "with_request_metrics",
 ]
@@ -29,6 +37,7 @@ __all__ = [
 # at the configured one while the agent opens `registry` up to DEBUG for the debug page's tap:
 # callers check `access_logger.isEnabledFor(logging.DEBUG)` and skip all work when it is off.
 access_logger = logging.getLogger("registry.access")
+MAX_LOGGED_METHOD = 32  # a method is a token of any length; the log line keeps its start
 
 
 def record_request(handler: str, method: str, code: str, size: int, started: float) -> None:
@@ -71,15 +80,15 @@ def log_access(
 ) -> None:
     """The DEBUG access line of one request; call only when `access_logger` is enabled for DEBUG.
 
-    Fields as Spegel's (`path`, `status`, `method`, `latency` in seconds, `ip`: first
-    X-Forwarded-For entry else the peer address, `handler`, `registry`: the `ns`), plus `bytes`.
+    Fields as Spegel's (`path`, `status`, `method`, `latency` in seconds, `ip`: the client as
+    `client_ip` finds it, `handler`, `registry`: the `ns`), plus `bytes`.
     """
     access_logger.debug(
         "request",
         extra={
             "path": path,
             "status": status,
-            "method": method,
+            "method": method[:MAX_LOGGED_METHOD],
             "latency": round(time.monotonic() - started, 6),
             "ip": ip,
             "handler": handler,
@@ -89,16 +98,55 @@ def log_access(
     )
 
 
-def client_ip(forwarded_for: str | None, peer: str) -> str:
-    """Spegel's `ip`: the first X-Forwarded-For entry, else the connection's remote address."""
-    if forwarded_for:
-        first = forwarded_for.split(",", 1)[0].strip()
-        if first:
-            return first
-    return peer
+TrustedProxies = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+MAX_FORWARDED_HOPS = 16  # X-Forwarded-For entries looked at, from the right
 
 
-def _log_asgi_access(scope: dict[str, Any], status: int, size: int, started: float) -> None:
+def parse_trusted_proxies(text: str) -> TrustedProxies:
+    """`--trusted-proxies`: comma-separated CIDRs or addresses; ValueError names a bad entry."""
+    networks = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ValueError(f"not an IP address or CIDR: {entry[:64]!r}") from None
+    return tuple(networks)
+
+
+def _trusted(address: str, trusted: TrustedProxies) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in trusted)
+
+
+def client_ip(forwarded_for: str | None, peer: str, trusted: TrustedProxies = ()) -> str:
+    """The client a request is from: the connection's remote address, unless that is a trusted
+    proxy (`--trusted-proxies`; none by default); then X-Forwarded-For is read from the right,
+    past every trusted hop, and the first address not trusted is the client.  Without trusted
+    proxies the header is ignored: anyone can send it, and it decides "is this my own
+    containerd" (claims) and the logged client."""
+    if not forwarded_for or not trusted or not _trusted(peer, trusted):
+        return peer
+    hop = peer
+    for entry in reversed(forwarded_for.split(",")[-MAX_FORWARDED_HOPS:]):
+        if not _trusted(hop, trusted):
+            break
+        try:
+            hop = str(ipaddress.ip_address(entry.strip()))
+        except ValueError:
+            break  # garbage from beyond the last trusted hop: that hop is all we know
+    return hop
+
+
+def _log_asgi_access(
+    scope: dict[str, Any], status: int, size: int, started: float, trusted: TrustedProxies
+) -> None:
     path: str = scope["path"]
     handler = access_handler(path, bool(scope.get("spegla.mirrored")))
     if handler is None:
@@ -116,15 +164,15 @@ def _log_asgi_access(scope: dict[str, Any], status: int, size: int, started: flo
         path=path,
         status=status,
         started=started,
-        ip=client_ip(forwarded, str(client[0]) if client else ""),
+        ip=client_ip(forwarded, str(client[0]) if client else "", trusted),
         registry=ns,
         size=size,
     )
 
 
-def with_request_metrics(asgi_app: Any) -> Any:
+def with_request_metrics(asgi_app: Any, trusted: TrustedProxies = ()) -> Any:
     """ASGI middleware: inflight, duration (until the body is done) and bytes of every request,
-    and the DEBUG access line when that is enabled."""
+    and the DEBUG access line when that is enabled (`trusted`: see `client_ip`)."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -148,12 +196,13 @@ def with_request_metrics(asgi_app: Any) -> Any:
         finally:
             _record(handler, method, str(status), size, started)
             if access_logger.isEnabledFor(logging.DEBUG):
-                _log_asgi_access(scope, status, size, started)
+                _log_asgi_access(scope, status, size, started, trusted)
 
     return app
 
 
 def _record(handler: str, method: str, code: str, size: int, started: float) -> None:
-    HTTP_INFLIGHT.labels(handler).dec()
+    method = method_label(method)  # a client may send any token as its method
     HTTP_REQUEST_DURATION.labels(handler, method, code).observe(time.monotonic() - started)
     HTTP_RESPONSE_SIZE.labels(handler, method, code).observe(size)
+    HTTP_INFLIGHT.labels(handler).dec()

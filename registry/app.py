@@ -26,7 +26,7 @@ import trio
 from quart import request
 from quart_trio import QuartTrio
 
-from registry.access_log import with_request_metrics
+from registry.access_log import TrustedProxies, with_request_metrics
 from registry.basic_auth import BasicAuth
 from registry.claim_supply import ClaimParticipation
 from registry.distribution import (
@@ -52,7 +52,12 @@ from registry.interfaces import (
     Router,
 )
 from registry.mediatypes import OCTET_STREAM, is_manifest_media_type
-from registry.metrics import MIRROR_LAST_SUCCESS, MIRROR_REQUESTS
+from registry.metrics import (
+    MIRROR_LAST_SUCCESS,
+    MIRROR_REQUESTS,
+    registry_label,
+    set_label_registries,
+)
 from registry.mirror import Quarantine
 from registry.mirror_job import (
     MirrorFailure,
@@ -111,6 +116,8 @@ class RegistrySettings:
     # --peer-upload-limit: blob GETs from peers served at once; beyond it a peer gets 429 with
     # Retry-After and asks another provider (a burst then forms a tree).  0: no limit.
     peer_upload_limit: int = 8
+    # --trusted-proxies: X-Forwarded-For is read only from these (`access_log.client_ip`)
+    trusted_proxies: TrustedProxies = ()
 
 
 class _Registry:
@@ -128,6 +135,7 @@ class _Registry:
         self.router = router
         self.settings = settings
         self.filters = settings.filters or ReferenceFilter()
+        set_label_registries(self.filters.registries)
         self.readiness = settings.readiness or router.ready
         self.default_registry = settings.default_registry
         mirror = settings.mirror
@@ -421,7 +429,7 @@ class _Registry:
                 yield chunk
 
     async def _mirror(self, job: MirrorJob) -> Response:
-        registry = job.request.reference.registry
+        registry = registry_label(job.request.reference.registry)
         receive = self.open_mirror(job, self.app.nursery)
         try:
             first = await receive.receive()
@@ -511,7 +519,9 @@ def create_app(
     app.config["RESPONSE_TIMEOUT"] = None
     registry = _Registry(app, store, router, settings or RegistrySettings(), events, claims)
     app.extensions["spegla.registry"] = registry
-    app.asgi_app = with_request_metrics(app.asgi_app)  # type: ignore[method-assign]
+    app.asgi_app = with_request_metrics(  # type: ignore[method-assign]
+        app.asgi_app, registry.settings.trusted_proxies
+    )
 
     async def handle(path: str = "") -> Response:
         return await registry.dispatch("/" + path)

@@ -15,6 +15,9 @@ Design (small on purpose):
   manifests and blobs (containerd, peers) get sendfile for every local blob.
 - A GET of a blob the app would mirror from peers is answered here too (`registry.mirror_door`):
   the forwarder's pooled chunks go to the socket without the copies the ASGI path makes.
+- Limits (`ConnectionLimits`): beyond `--max-connections` open connections a new one gets a 503
+  with Retry-After before any request is read, then is closed; every wait for a client to take
+  response bytes ends after `--send-timeout` (the connection is cut, its slot and file freed).
 - Hypercorn runs the app's lifespan; at shutdown idle connections are closed at once and running
   requests get `config.graceful_timeout`.
 """
@@ -26,6 +29,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qs
@@ -40,7 +44,14 @@ from registry.access_log import access_logger, client_ip, log_access, record_req
 from registry.app import LocalBlob, MirrorPlan, mirror_events, plan_local_blob, plan_mirror_blob
 from registry.asgi_h11 import Address, run_asgi, socket_addresses, split_target
 from registry.distribution import ErrorCode, error_body
-from registry.http11 import ClientGone, FileRange, HttpRequest, ServerConnection, is_client_gone
+from registry.http11 import (
+    DEFAULT_SEND_TIMEOUT,
+    ClientGone,
+    FileRange,
+    HttpRequest,
+    ServerConnection,
+    is_client_gone,
+)
 from registry.inflight import UPLOADS, GrowingFile, IngestBroken, upload_growing
 from registry.interfaces import ContentNotFound
 from registry.metrics import HTTP_INFLIGHT, UPLOADS_ACTIVE, UPLOADS_BUSY
@@ -48,7 +59,9 @@ from registry.mirror_door import serve_mirror_blob
 from registry.own_downloads import REFUSED_HEADER
 from registry.transfer_report import TransferReport
 
-__all__ = ["FastPathStats", "serve_front_door"]
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "ConnectionLimits", "FastPathStats", "serve_front_door"]
+
+DEFAULT_MAX_CONNECTIONS = 1024
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +74,7 @@ class FastPathStats:
         self.served = 0
         self.mirrored = 0
         self.passed_on = 0
+        self.refused = 0  # connections answered 503 over --max-connections
 
     def requests(self) -> int:
         """Requests seen so far (a running count; the idle heap trimmer watches it move)."""
@@ -75,14 +89,23 @@ class _FrontDoor:
         state: dict[str, Any],
         stats: FastPathStats,
         head_timeout: float,
+        limits: ConnectionLimits,
     ) -> None:
         self.head_timeout = head_timeout
+        self.limits = limits
+        self.refusing = 0  # connections being answered 503 (over the cap) right now
         self.app = app
         self.config = config
         self.state = state
         self.stats = stats
         self.connections: set[ServerConnection] = set()
         self.closing = False
+
+    def _client_ip(self, request: HttpRequest, client: Address) -> str:
+        """The requester's address (X-Forwarded-For only from --trusted-proxies)."""
+        registry = self.app.extensions.get("spegla.registry")  # (absent: an app of tests)
+        trusted = () if registry is None else registry.settings.trusted_proxies
+        return client_ip(request.header(b"x-forwarded-for"), client[0] if client else "", trusted)
 
     def close_idle(self) -> None:
         self.closing = True
@@ -91,8 +114,15 @@ class _FrontDoor:
 
     async def connection(self, stream: trio.SocketStream) -> None:
         """Serve one client connection; whatever happens, only this connection is affected."""
+        limits = self.limits
+        if limits.max_connections and len(self.connections) >= limits.max_connections:
+            await self._refuse(stream)
+            return
         conn = ServerConnection(
-            stream, head_timeout=self.head_timeout, idle_timeout=self.config.keep_alive_timeout
+            stream,
+            head_timeout=self.head_timeout,
+            idle_timeout=self.config.keep_alive_timeout,
+            send_timeout=limits.send_timeout,
         )
         if self.closing:
             conn.close_idle()
@@ -110,6 +140,29 @@ class _FrontDoor:
             self.connections.discard(conn)
             await conn.close()
 
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        """Over --max-connections: a 503 with Retry-After, written before any request is read,
+        then close (containerd takes it as "next host" and pulls upstream).  Refusals are
+        bounded too: past a quarter of the cap more at once are closed without a word."""
+        self.stats.refused += 1
+        with trio.CancelScope(shield=True):
+            if self.refusing >= max(1, self.limits.max_connections // 4):
+                await stream.aclose()
+                return
+            self.refusing += 1
+            try:
+                with trio.move_on_after(REFUSAL_LINGER):
+                    try:
+                        await stream.send_all(OVER_CAPACITY)
+                        await stream.send_eof()
+                        while await stream.receive_some(4096):
+                            pass  # unread request bytes would make the close a reset
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+            finally:
+                self.refusing -= 1
+                await stream.aclose()
+
     async def _answer(
         self, conn: ServerConnection, request: HttpRequest, client: Address, server: Address
     ) -> None:
@@ -117,9 +170,16 @@ class _FrontDoor:
         if upload is None:
             await self._dispatch(conn, request, client, server)
             return
+        registry = self.app.extensions["spegla.registry"]
+        # authentication comes before any admission or refusal: a 429 `Spegla-Refused` to a
+        # client without credentials would tell it what this node is downloading (the app
+        # answers such a request with a 401 before looking anything up)
+        path, ns = _path_and_ns(request)
+        if not registry.authorized(request.header(b"authorization"), request.method, path, ns):
+            await self._dispatch(conn, request, client, server)
+            return
         # a peer fetching a blob from us: bounded (--peer-upload-limit), so a burst forms a tree;
         # and never fed from a download of ours that has no source or that it feeds itself
-        registry = self.app.extensions["spegla.registry"]
         slots = registry.uploads
         refusal = registry.forwarder.own.refusal(upload, client[0] if client else "")
         if refusal is not None or not slots.try_acquire(
@@ -154,7 +214,7 @@ class _FrontDoor:
             plan = await self._plan(request)
             if plan is not None and await self._serve(conn, request, plan, client):
                 return
-            ip = client_ip(request.header(b"x-forwarded-for"), client[0] if client else "")
+            ip = self._client_ip(request, client)
             mirror = await self._plan_mirror(request, ip) if request.method == "GET" else None
             if mirror is not None:
                 # a blob from peers: written here from pooled buffers (mirror_door)
@@ -204,7 +264,7 @@ class _FrontDoor:
         events = mirror_events(self.app)
         if events is None or request.method != "GET" or not plan.length:
             return None
-        ip = client_ip(request.header(b"x-forwarded-for"), client[0] if client else "")
+        ip = self._client_ip(request, client)
         report = TransferReport(
             events,
             key=plan.descriptor.digest,
@@ -263,11 +323,31 @@ class _FrontDoor:
                     report.end(sent, ok=sent == plan.length)
                 record_request("/v2/*", request.method, str(plan.status), sent, started)
                 if access_logger.isEnabledFor(logging.DEBUG):
-                    _log_served(request, plan, sent, started, client)
+                    _log_served(request, plan, sent, started, self._client_ip(request, client))
         return True
 
 
 REPORT_SLICE = 8 << 20  # bytes per sendfile call between progress reports
+REFUSAL_LINGER = 1.0  # a refused connection is closed after at most this long
+_REFUSAL_BODY = b"too many connections to this registry, try again later\n"
+# written before a request was read, so not through h11 (it frames answers to requests only)
+OVER_CAPACITY = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"content-type: text/plain; charset=utf-8\r\n"
+    b"content-length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n"
+    b"retry-after: 1\r\n"
+    b"connection: close\r\n"
+    b"\r\n" + _REFUSAL_BODY
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """--max-connections (0: no cap; beyond it a clean 503) and --send-timeout (a client that
+    takes no response bytes for this long is cut, its upload slot and file freed)."""
+
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
 
 
 async def _send_growing_body(
@@ -304,9 +384,7 @@ def _peer_upload_key(request: HttpRequest) -> str | None:
     return path.rsplit("/blobs/", 1)[1] or None
 
 
-def _log_served(
-    request: HttpRequest, plan: LocalBlob, sent: int, started: float, client: Address
-) -> None:
+def _log_served(request: HttpRequest, plan: LocalBlob, sent: int, started: float, ip: str) -> None:
     """The DEBUG access line of a request served here (as the app writes for its own)."""
     log_access(
         handler="blob",
@@ -314,7 +392,7 @@ def _log_served(
         path=split_target(request.target)[0],
         status=plan.status,
         started=started,
-        ip=client_ip(request.header(b"x-forwarded-for"), client[0] if client else ""),
+        ip=ip,
         registry=plan.headers.get("oci-namespace", ""),
         size=sent,
     )
@@ -328,16 +406,20 @@ async def serve_front_door(
     shutdown_trigger: Callable[[], Awaitable[None]] | None,
     stats: FastPathStats,
     head_timeout: float = 10.0,
+    limits: ConnectionLimits | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve on the listening `sock` until `shutdown_trigger` returns, then drain gracefully.
 
-    A request head must arrive within `head_timeout` seconds once it has started.
+    A request head must arrive within `head_timeout` seconds once it has started; `limits`:
+    the connection cap and the send deadline.
     """
     hypercorn_app = wrap_app(app, config.wsgi_max_body_size, None)
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(hypercorn_app, config, lifespan_state)
-    door = _FrontDoor(app, config, lifespan_state, stats, head_timeout)
+    door = _FrontDoor(
+        app, config, lifespan_state, stats, head_timeout, limits or ConnectionLimits()
+    )
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()

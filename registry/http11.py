@@ -10,7 +10,9 @@ data pass-through keeps its Content-Length bookkeeping exact).  Malformed reques
 
 Timeouts are cancel scopes: a request head (and its small body) must arrive within `head_timeout`
 of its first byte; between requests the connection may idle for `idle_timeout`, and `close_idle`
-cuts idle waits short at shutdown.
+cuts idle waits short at shutdown.  Sending has a deadline too: every wait for the client to take
+response bytes lasts at most `send_timeout` (a client that reads nothing for that long is gone:
+ClientGone, so whoever holds an upload slot or a file for it lets go).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import h11
 import trio
 
 __all__ = [
+    "DEFAULT_SEND_TIMEOUT",
     "MAX_BODY",
     "MAX_HEAD",
     "ClientGone",
@@ -49,6 +52,8 @@ DIRECT_SEND_MIN = 64 * 1024  # body pieces from this size are written by `_send_
 # big piece on a connection lifts the mark to this (the send buffer still bounds it).
 BULK_NOTSENT_LOWAT = 4 * 1024 * 1024
 LINGER = 1.0  # after answering and half-closing, read what the client still sends this long
+DEFAULT_SEND_TIMEOUT = 30.0  # a client that takes no response bytes for this long is cut
+SEND_SLICE = 64 * 1024  # `send_bytes` hands the socket this much per deadline
 
 
 class ClientGone(Exception):
@@ -131,11 +136,17 @@ class ServerConnection:
     `next_cycle` (False: close with `close`)."""
 
     def __init__(
-        self, stream: trio.SocketStream, *, head_timeout: float, idle_timeout: float
+        self,
+        stream: trio.SocketStream,
+        *,
+        head_timeout: float,
+        idle_timeout: float,
+        send_timeout: float = DEFAULT_SEND_TIMEOUT,
     ) -> None:
         self.stream = stream
         self.head_timeout = head_timeout
         self.idle_timeout = idle_timeout
+        self.send_timeout = send_timeout
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self._idle_scope: trio.CancelScope | None = None
         self._closing = False
@@ -257,11 +268,35 @@ class ServerConnection:
         if not data:
             return
         self._answered = True
-        try:
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._broken = True
-            raise ClientGone(str(exc)) from exc
+        with memoryview(data) as view:
+            # each slice must be taken within the deadline: a client that reads at all (more
+            # than SEND_SLICE per send_timeout) is never cut, one that stops reading is
+            for start in range(0, len(view), SEND_SLICE):
+                try:
+                    with trio.move_on_after(self.send_timeout) as scope:
+                        await self.stream.send_all(view[start : start + SEND_SLICE])
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self._broken = True
+                    raise ClientGone(str(exc)) from exc
+                if scope.cancelled_caught:
+                    self._stalled()
+
+    def gone(self, reason: str) -> ClientGone:
+        """The client left (seen by someone else than this connection's reads and writes): the
+        exception to raise; the connection is closed without a linger."""
+        self._broken = True
+        return ClientGone(reason)
+
+    def _stalled(self) -> None:
+        self._broken = True  # part of a response is out: the connection cannot be reused
+        raise ClientGone(f"client read nothing for {self.send_timeout:g} s")
+
+    async def _wait_writable(self) -> None:
+        """Wait until the socket takes bytes again, at most `send_timeout`."""
+        with trio.move_on_after(self.send_timeout) as scope:
+            await trio.lowlevel.wait_writable(self.stream.socket)
+        if scope.cancelled_caught:
+            self._stalled()
 
     async def send_view(self, data: bytes | bytearray | memoryview) -> None:
         """Send `data` as (the next piece of) the response body without copying it."""
@@ -299,7 +334,7 @@ class ServerConnection:
                 try:
                     sent += os.write(fd, view[sent:])
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(sock)
+                    await self._wait_writable()
                     waited = True
                 except OSError as exc:
                     self._broken = True
@@ -332,7 +367,7 @@ class ServerConnection:
                     min(SENDFILE_CHUNK, part.length - sent),
                 )
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
+                await self._wait_writable()
                 continue
             except OSError as exc:
                 if exc.errno in _CLIENT_GONE_ERRNOS:

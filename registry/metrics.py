@@ -2,9 +2,15 @@
 
 Why module-level: prometheus-client registers each metric once per process in its default
 registry, which the agent's /metrics endpoint serves; every app instance in a process shares them.
+
+Invariant: every label value that comes from a request passes through `method_label` or
+`registry_label` first, so each label is drawn from a fixed set and the /metrics body stays small
+whatever clients send (a label per distinct 8 KB method name once made it hundreds of MiB).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -20,7 +26,48 @@ __all__ = [
     "RESOLVE_DURATION",
     "UPLOADS_ACTIVE",
     "UPLOADS_BUSY",
+    "method_label",
+    "registry_label",
+    "set_label_registries",
 ]
+
+# the methods the registry answers (app.ALL_METHODS); anything else is counted as "other"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER = "other"
+# registry labels when every registry is mirrored (no --mirrored-registries): the usual public ones
+WELL_KNOWN_REGISTRIES = frozenset(
+    {
+        "docker.io",
+        "ghcr.io",
+        "quay.io",
+        "registry.k8s.io",
+        "gcr.io",
+        "mcr.microsoft.com",
+        "public.ecr.aws",
+        "registry.gitlab.com",
+        "nvcr.io",
+        "k8s.gcr.io",
+    }
+)
+_label_registries: frozenset[str] = WELL_KNOWN_REGISTRIES
+
+
+def set_label_registries(registries: Iterable[str] | None) -> None:
+    """The registries that get a label value of their own (the configured ones; None: every
+    registry is mirrored, so the well-known public ones)."""
+    global _label_registries
+    _label_registries = WELL_KNOWN_REGISTRIES if registries is None else frozenset(registries)
+
+
+def method_label(method: str) -> str:
+    """A request's method as a label value: one the registry serves, else "other"."""
+    return method if method in METHODS else OTHER
+
+
+def registry_label(registry: str) -> str:
+    """A request's registry (`ns`) as a label value: a configured one, else "other"."""
+    return registry if registry in _label_registries else OTHER
+
 
 MIRROR_REQUESTS = Counter(
     "spegel_mirror_requests_total",

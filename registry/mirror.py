@@ -231,9 +231,11 @@ def check_peer_answer(
 
 
 def _non_negative(value: str | None, name: str) -> int:
-    if value is None or not value.strip().isdigit() or len(value.strip()) > 19:
+    text = "" if value is None else value.strip()
+    # ASCII digits only: str.isdigit() also takes superscripts ("²"), which int() refuses
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
         raise PeerAnswerError(f"peer sent a missing or bad {name}")
-    return int(value.strip())
+    return int(text)
 
 
 def _content_range(value: str | None) -> tuple[int, int, int]:

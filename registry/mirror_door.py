@@ -8,12 +8,16 @@ runs in this connection's nursery and its pooled chunks go out through h11's dat
 (framing without copies), then are released.  Headers, status codes, metrics and the access line
 are the same as the app's (`registry.app._Registry._mirror`); misses answer with the same OCI
 error body.  A body cut short leaves the response incomplete, so the front door closes the
-connection.
+connection.  While the mirror runs, the client's socket is watched: a client that closes it (or
+resets it) has its peer fetch cancelled at once, even when no byte was due to it yet (a
+`Range: bytes=-1` waits for the whole blob to be hashed).  As in nginx, a client's end of stream
+counts as leaving: a registry client does not half-close and then wait for an answer.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 
 import h11
@@ -24,7 +28,12 @@ from registry.app import MirrorPlan
 from registry.buffers import Chunk
 from registry.distribution import error_body
 from registry.http11 import ServerConnection
-from registry.metrics import HTTP_INFLIGHT, MIRROR_LAST_SUCCESS, MIRROR_REQUESTS
+from registry.metrics import (
+    HTTP_INFLIGHT,
+    MIRROR_LAST_SUCCESS,
+    MIRROR_REQUESTS,
+    registry_label,
+)
 from registry.mirror_job import MirrorAbort, MirrorFailure, MirrorHead
 
 __all__ = ["serve_mirror_blob"]
@@ -44,8 +53,10 @@ async def serve_mirror_blob(conn: ServerConnection, plan: MirrorPlan, ip: str, p
     sent = 0
     status = 500
     HTTP_INFLIGHT.labels("/v2/*").inc()
+    left = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_client, conn, nursery.cancel_scope, left)
             receive = plan.open(nursery)
             with receive:
                 try:
@@ -57,7 +68,7 @@ async def serve_mirror_blob(conn: ServerConnection, plan: MirrorPlan, ip: str, p
                         )
                     if isinstance(first, MirrorHead):
                         cache = "inflight" if first.inflight else "hit"
-                        MIRROR_REQUESTS.labels(registry, cache).inc()
+                        MIRROR_REQUESTS.labels(registry_label(registry), cache).inc()
                         MIRROR_LAST_SUCCESS.set(time.time())
                         status = first.status
                         await conn.send_bytes(
@@ -81,7 +92,7 @@ async def serve_mirror_blob(conn: ServerConnection, plan: MirrorPlan, ip: str, p
                         if not cut:
                             await conn.send_bytes(conn.end_bytes())
                     else:
-                        MIRROR_REQUESTS.labels(registry, "miss").inc()
+                        MIRROR_REQUESTS.labels(registry_label(registry), "miss").inc()
                         failure = (
                             first
                             if isinstance(first, MirrorFailure)
@@ -111,6 +122,8 @@ async def serve_mirror_blob(conn: ServerConnection, plan: MirrorPlan, ip: str, p
                 finally:
                     _drain(receive)
             nursery.cancel_scope.cancel()
+        if left.is_set():
+            raise conn.gone("client closed the connection while its blob was mirrored")
     finally:
         record_request("/v2/*", "GET", str(status), sent, started)
         if access_logger.isEnabledFor(logging.DEBUG):
@@ -124,6 +137,21 @@ async def serve_mirror_blob(conn: ServerConnection, plan: MirrorPlan, ip: str, p
                 registry=registry,
                 size=sent,
             )
+
+
+async def _watch_client(
+    conn: ServerConnection, mirror: trio.CancelScope, left: trio.Event
+) -> None:
+    """Cancel `mirror` once the client closed or reset its connection; return if it sends more
+    (a pipelined request: it is still there, and h11 reads it after this answer)."""
+    sock = conn.stream.socket
+    try:
+        data = await sock.recv(1, socket.MSG_PEEK)
+    except OSError:
+        data = b""
+    if not data:
+        left.set()
+        mirror.cancel()
 
 
 def _drain(receive: trio.MemoryReceiveChannel[object]) -> None:

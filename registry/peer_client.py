@@ -45,6 +45,7 @@ class PeerError(Exception):
 class _Connection:
     stream: trio.SocketStream
     h11: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
+    idle_since: float = 0.0  # trio clock time it was put in the pool
 
 
 class PeerResponse:
@@ -72,7 +73,8 @@ class PeerResponse:
             and self.status not in (204, 304)
             and self.status >= 200
             and "transfer-encoding" not in self.headers
-            and length.isdigit()
+            and length.isascii()
+            and length.isdigit()  # (h11 has checked it already: digits only, ASCII)
         ):
             self._remaining = int(length)
             self._pending, _ = conn.h11.trailing_data
@@ -211,12 +213,32 @@ class PeerResponse:
             raise PeerError(f"unexpected HTTP event from peer: {type(event).__name__}")
 
 
-class PeerClient:
-    """Opens requests to peers, reusing idle keep-alive connections (`max_idle` per peer)."""
+IDLE_TIMEOUT = 20.0  # below the peers' keep-alive (30 s): an older idle connection is closed
+MAX_HOSTS = 256  # peers (host, port, kind) with idle connections pooled
 
-    def __init__(self, *, read_size: int = READ_SIZE, max_idle: int = 8) -> None:
+
+class PeerClient:
+    """Opens requests to peers, reusing idle keep-alive connections.
+
+    Bounds: at most `max_idle` idle connections per peer, pools for at most `max_hosts` peers
+    (the least recently used pool is closed first) and none idle longer than `idle_timeout`
+    seconds (a peer may have closed it meanwhile; its socket would linger until reused).
+    """
+
+    def __init__(
+        self,
+        *,
+        read_size: int = READ_SIZE,
+        max_idle: int = 8,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_hosts: int = MAX_HOSTS,
+    ) -> None:
         self._read_size = read_size
         self._max_idle = max_idle
+        self._idle_timeout = idle_timeout
+        self._max_hosts = max_hosts
+        self._swept = 0.0  # when expired idle connections were last looked for
+        # least recently used first (a pool is moved to the end when a connection joins it)
         self._idle: dict[tuple[str, int, str], list[_Connection]] = {}
         # peers with several addresses: the one that last won the dial race, tried first next
         # time (a blackholed first address then costs one stagger per peer, not per connection)
@@ -259,15 +281,44 @@ class PeerClient:
                     conn.h11.start_next_cycle()
                 reusable = conn.h11.our_state is h11.IDLE and conn.h11.their_state is h11.IDLE
         finally:
+            closing = [] if reusable else [conn]
             if reusable:
-                pool = self._idle.setdefault(key, [])
-                if len(pool) < self._max_idle:
-                    pool.append(conn)
-                else:
-                    reusable = False
-            if not reusable:
+                closing = self._pool(key, conn)
+            if closing:
                 with trio.CancelScope(shield=True):
-                    await conn.stream.aclose()
+                    for stale in closing:
+                        await stale.stream.aclose()
+
+    def _pool(self, key: tuple[str, int, str], conn: _Connection) -> list[_Connection]:
+        """Keep `conn` idle for reuse; the connections that must be closed now (it, if its pool
+        is full; the pools beyond `max_hosts`; idle ones past `idle_timeout`)."""
+        now = trio.current_time()
+        conn.idle_since = now
+        pool = self._idle.pop(key, [])
+        self._idle[key] = pool  # most recently used last
+        closing: list[_Connection] = []
+        if len(pool) < self._max_idle:
+            pool.append(conn)
+        else:
+            closing.append(conn)
+        while len(self._idle) > self._max_hosts:
+            closing.extend(self._idle.pop(next(iter(self._idle))))
+        if now - self._swept >= self._idle_timeout / 2:
+            self._swept = now
+            for peer in list(self._idle):
+                fresh: list[_Connection] = []
+                for idle in self._idle[peer]:
+                    stale = now - idle.idle_since > self._idle_timeout
+                    (closing if stale else fresh).append(idle)
+                if fresh:
+                    self._idle[peer] = fresh
+                else:
+                    del self._idle[peer]
+        return closing
+
+    def idle_connections(self) -> int:
+        """Idle connections pooled now (all peers)."""
+        return sum(len(pool) for pool in self._idle.values())
 
     async def _exchange(
         self, key: tuple[str, int, str], request: h11.Request, also: Sequence[str] = ()
@@ -275,6 +326,11 @@ class PeerClient:
         pool = self._idle.get(key)
         while pool:
             conn = pool.pop()
+            if not pool:
+                del self._idle[key]
+            if trio.current_time() - conn.idle_since > self._idle_timeout:
+                await conn.stream.aclose()  # the peer may have closed it: do not try
+                continue
             try:
                 return conn, await self._send(conn, request)
             except PeerError:

@@ -10,7 +10,8 @@ peer that sends its head and then stalls is hedged like a silent one.  The first
 wins; every other open attempt is cancelled by its cancel scope (its connection closed), so a
 long transfer is never fetched twice: only the start is raced.  A provider that
 fails fast (refused, 404, bad headers) is failed over at once, as without hedging, and counts as a
-failed attempt; a cancelled loser does not.
+failed attempt; a cancelled loser does not.  Any other exception from an open (a peer answer no
+check foresaw) is such a failure too: peer answers are untrusted input.
 
 Several addresses of one peer (`Peer.more_hosts`): they are one provider here; its connect races
 them (happy eyeballs, `registry.dial`), so a blackholed address costs one dial stagger.
@@ -124,7 +125,18 @@ async def open_hedged(
         stack = AsyncExitStack()
         started = trio.current_time()
         try:
-            result = await open_one(peer, stack)
+            try:
+                result = await open_one(peer, stack)
+            except FAILURES:
+                raise
+            except Exception as exc:
+                # a peer's answer is untrusted input: one that no check foresaw fails this
+                # peer, never the race (the good peers in it) nor the request
+                logger.warning(
+                    "peer answer could not be read",
+                    extra={"peer": f"{peer.host}:{peer.port}", "error": repr(exc)[:200]},
+                )
+                raise PeerAnswerError(f"unreadable answer: {type(exc).__name__}") from exc
         except FAILURES as exc:
             with trio.CancelScope(shield=True):
                 await stack.aclose()

@@ -105,8 +105,9 @@ class PeerFetch:
 
 def _retry_after(value: str | None) -> float:
     """Retry-After in seconds (an HTTP date or garbage counts as 1 s), capped at 60 s."""
-    if value is not None and value.strip().isdigit() and len(value.strip()) < 6:
-        return min(float(value.strip()), 60.0)
+    text = "" if value is None else value.strip()
+    if text.isascii() and text.isdigit() and len(text) < 6:  # not "²": isdigit alone takes it
+        return min(float(text), 60.0)
     return 1.0
 
 

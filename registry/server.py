@@ -19,7 +19,7 @@ from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
 from registry.app import MirrorAborted
-from registry.fastpath import FastPathStats, serve_front_door
+from registry.fastpath import ConnectionLimits, FastPathStats, serve_front_door
 
 __all__ = ["hypercorn_config", "serve_registry"]
 
@@ -68,9 +68,12 @@ async def serve_registry(
     zero_copy: bool = True,
     stats: FastPathStats | None = None,
     head_timeout: float = 10.0,
+    limits: ConnectionLimits | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `app` on host:port until `shutdown_trigger` returns; `task_status.started(port)`."""
+    """Serve `app` on host:port until `shutdown_trigger` returns; `task_status.started(port)`.
+
+    `limits` (connection cap, send deadline) apply to the zero-copy front door."""
     config = hypercorn_config(host, port, graceful_timeout=graceful_timeout)
     if zero_copy:
         sock = await _listen(host, port, config.backlog)
@@ -85,6 +88,7 @@ async def serve_registry(
                     shutdown_trigger=shutdown_trigger,
                     stats=stats or FastPathStats(),
                     head_timeout=head_timeout,
+                    limits=limits,
                     task_status=task_status,
                 )
             )

@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from registry.buffers import BufferPool
 from registry.events import MirrorEvents, PeerQuarantined
 from registry.interfaces import Peer
-from registry.metrics import PEER_QUARANTINED
+from registry.metrics import PEER_QUARANTINED, registry_label
 from registry.mirror import PeerAnswer, Quarantine, peer_key
 from registry.reference import sha256_digest
 
@@ -85,7 +85,7 @@ class VerificationPolicy:
     def punish(self, digest: str, peers: Iterable[Peer], registry: str) -> None:
         for peer in peers:
             self.quarantine.add(digest, peer_key(peer))
-            PEER_QUARANTINED.labels(registry).inc()
+            PEER_QUARANTINED.labels(registry_label(registry)).inc()
             self.events.emit(PeerQuarantined(time.time(), digest, peer_address(peer), registry))
             logger.warning(
                 "peer served content not matching its digest; quarantined",
