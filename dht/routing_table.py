@@ -3,6 +3,10 @@
 Why this shape: Kademlia's observation that a node seen for long is likely to stay. A full bucket
 never drops its least recently seen contact for a newcomer; it asks the caller to ping that contact
 first and only evicts it when the ping fails. Newcomers wait in a bounded replacement cache.
+
+A contact's address is never changed by `seen`: a datagram from another address carrying a known
+id is not proof that the node moved (anyone can write any id).  The protocol core decides when a
+move is proven (`dht.relocation`) and then calls `relocate`.
 """
 
 from __future__ import annotations
@@ -59,9 +63,10 @@ class RoutingTable:
         return [e.contact for _, b in sorted(self.buckets.items()) for e in b.entries.values()]
 
     def seen(self, contact: Contact, now: float) -> Contact | None:
-        """Record that `contact` just spoke to us.
+        """Record that `contact` just spoke to us from its address.
 
-        Returns a contact the caller should ping (the oldest of a full bucket), or None.
+        Returns a contact the caller should ping (the oldest of a full bucket), or None.  A known id
+        speaking from another address changes nothing (see `relocate`).
         """
         i = bucket_index(self.self_id, contact.node_id)
         if i < 0:
@@ -69,7 +74,8 @@ class RoutingTable:
         bucket = self._bucket(i)
         entry = bucket.entries.get(contact.node_id)
         if entry is not None:
-            entry.contact = contact  # the address may have changed
+            if entry.contact.addr != contact.addr:
+                return None
             entry.last_seen = now
             entry.failures = 0
             bucket.entries.move_to_end(contact.node_id)
@@ -92,6 +98,25 @@ class RoutingTable:
             bucket.pinging = oldest.contact.node_id
             return oldest.contact
         return None
+
+    def relocate(self, contact: Contact, now: float) -> bool:
+        """Point a known id at a new address: only once the move is proven.  False if unknown."""
+        bucket = self._existing(contact.node_id)
+        entry = bucket.entries.get(contact.node_id) if bucket is not None else None
+        if entry is None:
+            return False
+        entry.contact = contact
+        entry.last_seen = now
+        entry.failures = 0
+        return True
+
+    def has_room(self, node_id: bytes) -> bool:
+        """Would `seen` put this unknown id straight into its bucket (not full)?"""
+        i = bucket_index(self.self_id, node_id)
+        if i < 0:
+            return False
+        bucket = self.buckets.get(i)
+        return bucket is None or (node_id not in bucket.entries and len(bucket.entries) < self.k)
 
     def failed(self, node_id: bytes) -> None:
         """An RPC to `node_id` timed out: drop it if unreliable or if someone can replace it."""
