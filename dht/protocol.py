@@ -70,7 +70,7 @@ TTL_SLACK = 1.25  # a stored record lives at most this times our own ttl for its
 MAX_VERIFYING = 64  # pings in flight to unproven requesters before they enter the table
 # a ping padded so that the largest pong (with a token) fits in the size of the ping
 PONG_SIZE = len(codec.encode(Pong(codec.MAX_TXID, bytes(32), bytes(8))))
-MAX_PING = len(codec.encode(Ping(codec.MAX_TXID, bytes(32))))  # an unpadded ping, at most
+PADDED_PING = PONG_SIZE + 1  # a padded ping is this long at most (its length header may grow)
 
 _REPLY_TYPE = {Ping: Pong, FindNode: Nodes, GetProviders: Providers, AddProvider: Ack}
 
@@ -369,7 +369,6 @@ class DhtProtocol:
         ref: int,
         now: float,
         out: list[Effect],
-        pad: bool = True,
     ) -> None:
         plain = None
         if isinstance(msg, AddProvider) and msg.more_hosts:
@@ -380,7 +379,7 @@ class DhtProtocol:
             entry = self._their_tokens.get(addr)
             if entry is not None and now - entry[1] < TOKEN_FRESH:
                 msg = dataclasses.replace(msg, proof=entry[0])
-            elif pad:
+            else:
                 msg = codec.padded(msg, PONG_SIZE if isinstance(msg, Ping) else codec.MAX_PAYLOAD)
         self._pending[msg.txid] = _Pending(
             addr, node_id, _REPLY_TYPE[type(msg)], purpose, ref, plain
@@ -402,7 +401,7 @@ class DhtProtocol:
                 # old one no longer does (dht.relocation)
                 for addr in (known.addr, contact.addr):
                     ping = Ping(self._txid(), self.node_id)
-                    self._request(ping, addr, contact.node_id, P_MOVE, 0, now, out, pad=False)
+                    self._request(ping, addr, contact.node_id, P_MOVE, 0, now, out)
             return
         stale = self.table.seen(contact, now)
         if stale is not None:  # bucket full: ping its oldest contact before evicting it
@@ -410,12 +409,12 @@ class DhtProtocol:
             self._request(ping, stale.addr, stale.node_id, P_EVICT_PING, 0, now, out)
 
     def _verify(self, contact: Contact, size: int, now: float, out: list[Effect]) -> None:
-        """An unproven requester the table has room for: ping it (unpadded, and only if its
-        request of `size` bytes was at least as large) and add it when it echoes the nonce from
-        there.  Bounded."""
+        """An unproven requester the table has room for: ping it (only if its request of `size`
+        bytes was at least as large as our ping) and add it when it echoes the nonce from there.
+        Bounded."""
         node_id = contact.node_id
         if (
-            size < MAX_PING
+            size < PADDED_PING
             or node_id in self._verifying
             or len(self._verifying) >= MAX_VERIFYING
             or not self.table.has_room(node_id)
@@ -423,7 +422,7 @@ class DhtProtocol:
             return
         self._verifying.add(node_id)
         ping = Ping(self._txid(), self.node_id)
-        self._request(ping, contact.addr, node_id, P_VERIFY, 0, now, out, pad=False)
+        self._request(ping, contact.addr, node_id, P_VERIFY, 0, now, out)
 
     def _on_reply(self, msg: Message, addr: tuple[str, int], now: float, out: list[Effect]) -> None:
         pending = self._pending.get(msg.txid)
