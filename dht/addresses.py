@@ -21,13 +21,16 @@ from dht.ids import ProviderInfo
 
 __all__ = [
     "MAX_MORE_HOSTS",
+    "UNSPECIFIED",
     "PlainContacts",
     "dialable",
     "each_address",
     "group_by_node",
     "kept_more_hosts",
+    "reported",
 ]
 
+UNSPECIFIED = ("0.0.0.0", "::")  # a provider entry meaning "at the address this reply came from"
 MAX_MORE_HOSTS = 4  # other addresses a record keeps beside its source address
 PLAIN_FOR = 600.0  # seconds a node that did not answer an ADD_PROVIDER naming addresses gets plain
 PLAIN_MAX = 4096
@@ -120,6 +123,31 @@ def group_by_node(entries: Iterable[ProviderInfo]) -> tuple[ProviderInfo, ...]:
             known, more_hosts=(*known.more_hosts, entry.host)
         )
     return tuple(first.values())
+
+
+def reported(
+    entries: Iterable[ProviderInfo], sender: bytes, source: str, *, grouped: bool
+) -> list[ProviderInfo]:
+    """The providers a PROVIDERS reply from `sender` at `source` names, each only at addresses
+    peers may be sent to (`dialable`); an unspecified address is the sender's own entry.
+
+    `grouped` (with the cluster key): a node's several entries are one provider with all its
+    addresses.  Without the key entries sharing an id may come from different senders, so each
+    stays its own provider (an impostor's address never joins an honest node's)."""
+    out = []
+    for p in group_by_node(entries) if grouped else entries:
+        if p.host in UNSPECIFIED:
+            if p.node_id != sender:
+                continue
+            more_hosts = tuple(h for h in p.more_hosts if h != source)
+            p = ProviderInfo(p.node_id, source, p.port, p.state, more_hosts)
+        elif not dialable(p.host, source):
+            continue
+        if any(not dialable(h, source) for h in p.more_hosts):
+            more = tuple(h for h in p.more_hosts if dialable(h, source))
+            p = dataclasses.replace(p, more_hosts=more)
+        out.append(p)
+    return out
 
 
 class PlainContacts:

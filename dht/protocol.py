@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from cachetools import LRUCache
 
 from dht import codec
-from dht.addresses import PlainContacts, dialable, group_by_node
+from dht.addresses import UNSPECIFIED, PlainContacts, reported
 from dht.announce import AnnounceSchedule
 from dht.codec import (
     Ack,
@@ -53,7 +53,6 @@ from dht.responder import Responder, fit
 from dht.routing_table import RoutingTable
 from dht.tokens import TokenIssuer
 
-UNSPECIFIED = ("0.0.0.0", "::")  # a provider entry meaning "at the address this reply came from"
 OWN_SLOT = ("0.0.0.0", 0)  # the store slot of this node's own records
 
 # what a pending RPC is for
@@ -462,7 +461,8 @@ class DhtProtocol:
                     job.stored.add(msg.sender)
             elif isinstance(msg, Providers):
                 found = []
-                for p in self._providers(msg, addr[0]):
+                keyed = self.config.psk is not None
+                for p in reported(msg.providers, msg.sender, addr[0], grouped=keyed):
                     # report a provider once, and again only if a better state turns up for it
                     # (COMPLETE < INFLIGHT < CLAIM): another node holds a newer record
                     before = job.seen.get((p.node_id, p.host))
@@ -473,27 +473,6 @@ class DhtProtocol:
                 if found and job.purpose == L_RESOLVE:
                     out.append(ProvidersFound(job.ref, tuple(found)))
             self._pump(job, now, out)
-
-    def _providers(self, msg: Providers, source: str) -> list[ProviderInfo]:
-        """The providers a reply from `source` names, each at addresses peers may be sent to.
-
-        With the key, a node's several entries are one provider (its addresses); without it,
-        entries sharing an id may come from different senders, so each stays its own provider."""
-        entries = group_by_node(msg.providers) if self.config.psk is not None else msg.providers
-        out = []
-        for p in entries:
-            if p.host in UNSPECIFIED:
-                if p.node_id != msg.sender:
-                    continue
-                more_hosts = tuple(h for h in p.more_hosts if h != source)
-                p = ProviderInfo(p.node_id, source, p.port, p.state, more_hosts)
-            elif not dialable(p.host, source):
-                continue
-            if any(not dialable(h, source) for h in p.more_hosts):
-                more = tuple(h for h in p.more_hosts if dialable(h, source))
-                p = dataclasses.replace(p, more_hosts=more)
-            out.append(p)
-        return out
 
     def _on_failure(self, pending: _Pending, now: float, out: list[Effect]) -> None:
         if pending.purpose == P_MOVE:  # the id's contact is judged by dht.relocation, not here

@@ -12,7 +12,7 @@ larger than the request (`fit`), so a forged source address gains no amplificati
 record is kept in the slot of the datagram's source address with the source IP as its address
 (`dht.providers`), its ttl capped by state; other addresses (version 3) are kept only from an
 authenticated sender, and in-flight/claim records only from an authenticated sender or from the
-address this node's routing table already holds for the sender's id (proven by a reply).
+address this node's routing table (or its replacement cache) already held for the sender's id.
 """
 
 from __future__ import annotations
@@ -127,8 +127,7 @@ class Responder:
             self.store.remove(msg.key, source)
             return True
         if msg.state is not RecordState.COMPLETE and not proof.authenticated:
-            known = self.table.get(msg.sender)
-            if known is None or known.addr != source:
+            if not self.table.knows_at(msg.sender, source):  # as known before this datagram
                 self.claims_refused += 1
                 return False
         ttl = min(float(msg.ttl), self.ttl_cap(msg.state), float(codec.MAX_TTL))

@@ -110,6 +110,17 @@ class RoutingTable:
         entry.failures = 0
         return True
 
+    def knows_at(self, node_id: bytes, addr: tuple[str, int]) -> bool:
+        """Was `node_id` seen speaking from `addr` (a contact, or a newcomer waiting for room)?"""
+        bucket = self._existing(node_id)
+        if bucket is None:
+            return False
+        entry = bucket.entries.get(node_id)
+        if entry is not None:
+            return entry.contact.addr == addr
+        waiting = bucket.replacements.get(node_id)
+        return waiting is not None and waiting.addr == addr
+
     def has_room(self, node_id: bytes) -> bool:
         """Would `seen` put this unknown id straight into its bucket (not full)?"""
         i = bucket_index(self.self_id, node_id)

@@ -19,6 +19,7 @@ from dht.effects import Effect, ProvidersFound, Send
 from dht.ids import Contact, ProviderInfo, RecordState, key_id
 from dht.protocol import PONG_SIZE, TTL_SLACK, DhtProtocol, ProtocolConfig
 from dht.providers import ProviderStore
+from dht.simulation import SimNetwork
 
 ME = b"\x01" * 32
 HONEST = b"\x80" + b"\x02" * 31
@@ -305,3 +306,26 @@ def test_version_4_proof_round_trips(kind: type) -> None:
     msg = kind(*args, b"t" * 8)
     assert codec.decode(codec.encode(msg)) == msg
     assert msgpack.unpackb(codec.encode(msg))[0] == codec.VERSION_PROOF
+
+
+def test_without_the_key_inflight_records_reach_every_holder_by_the_first_refresh() -> None:
+    """An honest node a holder has not heard from yet is refused once (no claim from an id the
+    holder did not know at that address); the holder then knows it, and the refresh is kept."""
+    net = SimNetwork(seed=3)
+    nodes = net.grow(50)
+    net.run_for(2.0)
+    provider = nodes[4]
+
+    def holders() -> int:
+        return sum(
+            any(r.node_id == provider.protocol.node_id for r in n.protocol.store.get(KID, net.now))
+            for n in net.nodes.values()
+            if n is not provider
+        )
+
+    net.advertise(provider, [KEY], RecordState.INFLIGHT)
+    net.run_for(1.0)
+    first = holders()
+    assert first >= 15
+    net.run_for(provider.protocol.config.inflight_refresh + 1.0)
+    assert holders() == provider.protocol.config.k
