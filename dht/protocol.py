@@ -416,7 +416,7 @@ class DhtProtocol:
             size < PADDED_PING
             or node_id in self._verifying
             or len(self._verifying) >= MAX_VERIFYING
-            or not self.table.has_room(node_id)
+            or not self.table.has_room(node_id, contact.host)
         ):
             return
         self._verifying.add(node_id)

@@ -119,3 +119,21 @@ def test_seen_never_moves_a_known_id_relocate_does() -> None:
     table.seen(waiting, 502.0)  # the bucket is full: it waits in the replacement cache
     assert waiting.node_id not in table and table.knows_at(waiting.node_id, waiting.addr)
     assert not table.relocate(waiting, 503.0)  # only table contacts move
+
+
+def test_one_ip_holds_at_most_max_per_ip_contacts_except_loopback() -> None:
+    rng = random.Random(4)
+    table = RoutingTable(ME, k=20, max_per_ip=2)
+    many = [Contact(rng.randbytes(32), "10.0.0.66", 5001 + i) for i in range(10)]
+    for c in many:
+        table.seen(c, 0.0)
+    assert len(table) == 2 and table.refused_ip == 8
+    assert not table.has_room(rng.randbytes(32), "10.0.0.66")
+    table.seen(Contact(rng.randbytes(32), "10.0.0.2", 5001), 0.0)  # others are not refused
+    assert len(table) == 3
+    table.remove(many[0].node_id)  # a slot of that IP is free again
+    table.seen(many[5], 1.0)
+    assert many[5].node_id in table
+    for i in range(5):  # test clusters on loopback share one IP
+        table.seen(Contact(rng.randbytes(32), "127.0.0.1", 6000 + i), 0.0)
+    assert len(table) == 8
