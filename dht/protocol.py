@@ -348,11 +348,10 @@ class DhtProtocol:
     def _send(
         self, msg: Message, addr: tuple[str, int], out: list[Effect], budget: int | None = None
     ) -> None:
-        if budget is None:
-            payload: bytes | None = codec.encode(msg)
-        else:
-            payload = fit(msg, budget)
+        payload: bytes | None = codec.encode(msg)
+        if budget is not None and payload is not None and len(payload) > budget:
             self._c["replies_trimmed"] += 1
+            payload = fit(msg, budget)
             if payload is None:
                 return
         assert payload is not None

@@ -284,6 +284,7 @@ def test_a_padded_or_tokened_request_gets_the_full_answer() -> None:
         if a == ROGUE_ADDR and isinstance(m, codec.Nodes)
     ]
     assert isinstance(also, codec.Nodes) and len(also.nodes) == p.config.k
+    assert p.statistics().replies_trimmed == 1  # the plain one only
 
 
 # -- randomness ----------------------------------------------------------------------------------
