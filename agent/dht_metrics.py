@@ -105,6 +105,26 @@ def families(s: Statistics) -> list[Metric]:
             "UDP datagrams received, before any check.",
             value=s.datagrams_received,
         ),
+        CounterMetricFamily(
+            "spegla_dht_replies_trimmed_total",
+            "Replies to a source that has not proven its address, sized to its request.",
+            value=s.replies_trimmed,
+        ),
+        CounterMetricFamily(
+            "spegla_dht_records_refused_quota_total",
+            "Provider records refused because their source IP reached its quota.",
+            value=s.records_refused_quota,
+        ),
+        CounterMetricFamily(
+            "spegla_dht_claims_refused_total",
+            "In-flight or claim records refused from a sender that has not proven its id.",
+            value=s.claims_refused,
+        ),
+        CounterMetricFamily(
+            "spegla_dht_moves_refused_total",
+            "Contact address changes refused: the old address still answered, or the new did not.",
+            value=s.moves_refused,
+        ),
     ]
 
 

@@ -21,12 +21,16 @@ from dht.ids import ProviderInfo
 
 __all__ = [
     "MAX_MORE_HOSTS",
+    "UNSPECIFIED",
     "PlainContacts",
+    "dialable",
     "each_address",
     "group_by_node",
     "kept_more_hosts",
+    "reported",
 ]
 
+UNSPECIFIED = ("0.0.0.0", "::")  # a provider entry meaning "at the address this reply came from"
 MAX_MORE_HOSTS = 4  # other addresses a record keeps beside its source address
 PLAIN_FOR = 600.0  # seconds a node that did not answer an ADD_PROVIDER naming addresses gets plain
 PLAIN_MAX = 4096
@@ -39,21 +43,45 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+# cloud metadata services that are not link-local (169.254.169.254 is, and is refused as such)
+METADATA = frozenset(
+    ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200", "169.254.169.254")
+)
+
+
+def dialable(host: str, source: str) -> bool:
+    """May a record learnt from `source` send peers to `host`?
+
+    Never to an address that is not one host of the cluster network: unspecified, multicast,
+    link-local (169.254/16, fe80::/10: the metadata service and other per-link services), a known
+    metadata address, or loopback unless `source` is loopback itself (anything else would send
+    peers to their own machine).  IPv4-mapped IPv6 addresses are judged as the IPv4 they carry.
+    """
+    ip = _ip(host)
+    if ip is None:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_unspecified or ip.is_multicast or ip.is_link_local or ip in METADATA:
+        return False
+    if ip.is_loopback:
+        source_ip = _ip(source)
+        if isinstance(source_ip, ipaddress.IPv6Address) and source_ip.ipv4_mapped is not None:
+            source_ip = source_ip.ipv4_mapped
+        return source_ip is not None and source_ip.is_loopback
+    return True
+
+
 def kept_more_hosts(claimed: Iterable[str], source: str) -> tuple[str, ...]:
     """The addresses an ADD_PROVIDER from `source` names that a record keeps.
 
-    IP literals only, deduplicated, without `source` itself, none unspecified or multicast, and
-    loopback ones only from a loopback source (anything else would send peers to their own
-    machine); at most MAX_MORE_HOSTS.
+    IP literals only, deduplicated, without `source` itself, each `dialable` from `source`; at most
+    MAX_MORE_HOSTS.  (The caller accepts them only from an authenticated sender at all.)
     """
-    source_ip = _ip(source)
-    from_loopback = source_ip is not None and source_ip.is_loopback
     kept: list[str] = []
     for text in claimed:
         ip = _ip(text)
-        if ip is None or ip.is_unspecified or ip.is_multicast:
-            continue
-        if ip.is_loopback and not from_loopback:
+        if ip is None or not dialable(text, source):
             continue
         host = str(ip)
         if host != source and host not in kept:
@@ -95,6 +123,31 @@ def group_by_node(entries: Iterable[ProviderInfo]) -> tuple[ProviderInfo, ...]:
             known, more_hosts=(*known.more_hosts, entry.host)
         )
     return tuple(first.values())
+
+
+def reported(
+    entries: Iterable[ProviderInfo], sender: bytes, source: str, *, grouped: bool
+) -> list[ProviderInfo]:
+    """The providers a PROVIDERS reply from `sender` at `source` names, each only at addresses
+    peers may be sent to (`dialable`); an unspecified address is the sender's own entry.
+
+    `grouped` (with the cluster key): a node's several entries are one provider with all its
+    addresses.  Without the key entries sharing an id may come from different senders, so each
+    stays its own provider (an impostor's address never joins an honest node's)."""
+    out = []
+    for p in group_by_node(entries) if grouped else entries:
+        if p.host in UNSPECIFIED:
+            if p.node_id != sender:
+                continue
+            more_hosts = tuple(h for h in p.more_hosts if h != source)
+            p = ProviderInfo(p.node_id, source, p.port, p.state, more_hosts)
+        elif not dialable(p.host, source):
+            continue
+        if any(not dialable(h, source) for h in p.more_hosts):
+            more = tuple(h for h in p.more_hosts if dialable(h, source))
+            p = dataclasses.replace(p, more_hosts=more)
+        out.append(p)
+    return out
 
 
 class PlainContacts:

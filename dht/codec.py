@@ -21,10 +21,18 @@ Version 3 adds a node's other addresses (`dht.addresses`): only ADD_PROVIDER has
 plus a trailing list of up to four packed IPs, sent only by a node configured with several
 addresses.  PROVIDERS keeps its version-1/2 layout: a record with several addresses is one entry
 per address (same id, port and state); the requester groups them again (`dht.protocol`).
+
+Version 4 is PING, FIND_NODE and GET_PROVIDERS only: version 1 plus a trailing `proof`, either the
+write token the receiver gave the sender's IP (it proves the sender receives at that address) or
+padding, so that the request is at least as large as the largest reply it may get.  A node answers
+a request whose source has not proven its address (no MAC, no valid token) with a reply no larger
+than the request (`dht.responder`): padding makes the full answer fit, and a reflected datagram is
+never larger than the one that caused it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -41,6 +49,7 @@ from dht.ids import ID_BYTES, Contact, ProviderInfo, RecordState
 VERSION = 1
 VERSION_STATES = 2  # provider entries and ADD_PROVIDER carry a RecordState
 VERSION_ADDRESSES = 3  # ADD_PROVIDER also names the sender's other addresses
+VERSION_PROOF = 4  # PING, FIND_NODE, GET_PROVIDERS carry a proof (token or padding)
 MAX_PAYLOAD = 1200  # what we send, before the optional MAC
 MAX_DATAGRAM = 1400  # what we accept at all
 MAC_BYTES = 16
@@ -68,6 +77,7 @@ class Kind(IntEnum):
 class Ping:
     txid: int
     sender: bytes
+    proof: bytes = b""  # (version 4) the receiver's token for our IP, or padding
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +92,7 @@ class FindNode:
     txid: int
     sender: bytes
     target: bytes
+    proof: bytes = b""  # (version 4) the receiver's token for our IP, or padding
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +109,7 @@ class GetProviders:
     sender: bytes
     key: bytes
     offset: int
+    proof: bytes = b""  # (version 4) the receiver's token for our IP, or padding
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,12 +227,14 @@ def _entries(
     return out, used
 
 
-def encode(msg: Message) -> bytes:
-    """Pack a message; nodes/providers lists are trimmed so the result fits in MAX_PAYLOAD."""
+def encode(msg: Message, max_payload: int = MAX_PAYLOAD) -> bytes:
+    """Pack a message; nodes/providers lists are trimmed so the result fits in `max_payload`
+    (at most MAX_PAYLOAD) if the rest of the message does."""
+    max_payload = min(max_payload, MAX_PAYLOAD)
     head: list[Any] = [VERSION]
     match msg:
         case Ping():
-            return msgpack.packb([VERSION, Kind.PING, msg.txid, msg.sender])  # type: ignore[no-any-return]
+            body = [Kind.PING, msg.txid, msg.sender]
         case Pong():
             body = [Kind.PONG, msg.txid, msg.sender, msg.token]
         case FindNode():
@@ -240,11 +254,11 @@ def encode(msg: Message) -> bytes:
             base = len(
                 msgpack.packb([VERSION, Kind.ACK, msg.txid, msg.sender, msg.stored, msg.token, []])
             )
-            nodes, _ = _entries(msg.nodes, MAX_PAYLOAD - base - 2)
+            nodes, _ = _entries(msg.nodes, max_payload - base - 2)
             body = [Kind.ACK, msg.txid, msg.sender, msg.stored, msg.token, nodes]
         case Nodes():
             base = len(msgpack.packb([VERSION, Kind.NODES, msg.txid, msg.sender, msg.token, []]))
-            nodes, _ = _entries(msg.nodes, MAX_PAYLOAD - base - 2)
+            nodes, _ = _entries(msg.nodes, max_payload - base - 2)
             body = [Kind.NODES, msg.txid, msg.sender, msg.token, nodes]
         case Providers():
             base = len(
@@ -252,7 +266,7 @@ def encode(msg: Message) -> bytes:
                     [VERSION, Kind.PROVIDERS, msg.txid, msg.sender, msg.token, [], True, []]
                 )
             )
-            budget = MAX_PAYLOAD - base - 4
+            budget = max_payload - base - 4
             with_state = any(p.state is not RecordState.COMPLETE for p in msg.providers)
             if with_state:
                 head = [VERSION_STATES]
@@ -261,7 +275,20 @@ def encode(msg: Message) -> bytes:
             more = msg.more or len(providers) < len(entries)
             nodes, _ = _entries(msg.nodes, budget - used)
             body = [Kind.PROVIDERS, msg.txid, msg.sender, msg.token, providers, more, nodes]
+    if isinstance(msg, (Ping, FindNode, GetProviders)) and msg.proof:
+        head = [VERSION_PROOF]
+        body.append(msg.proof)
     return msgpack.packb(head + body)  # type: ignore[no-any-return]
+
+
+def padded(msg: Ping | FindNode | GetProviders, size: int) -> Ping | FindNode | GetProviders:
+    """`msg` (version 4) with zero padding as its proof, encoding to at least `size` bytes."""
+    n = max(1, size - len(encode(dataclasses.replace(msg, proof=b"\0"))) + 1)
+    while True:
+        out = dataclasses.replace(msg, proof=bytes(n))
+        if len(encode(out)) >= size:
+            return out
+        n += 1  # the proof's length header grew (bin8 -> bin16)
 
 
 # -- decoding ------------------------------------------------------------------------------------
@@ -337,6 +364,16 @@ def _providers(raw: object, version: int) -> tuple[ProviderInfo, ...]:
     return tuple(out)
 
 
+_VERSIONS = (VERSION, VERSION_STATES, VERSION_ADDRESSES, VERSION_PROOF)
+_PROVING = (Kind.PING, Kind.FIND_NODE, Kind.GET_PROVIDERS)
+
+
+def _proof(raw: object) -> bytes:
+    if type(raw) is not bytes or not raw:
+        raise DecodeError("proof must be non-empty bytes")
+    return raw
+
+
 _ARITY = {
     Kind.PING: 4,
     Kind.PONG: 5,
@@ -369,7 +406,7 @@ def decode(payload: bytes) -> Message:
         raise DecodeError(f"not msgpack: {type(exc).__name__}") from None
     if type(obj) is not list or len(obj) < 4:
         raise DecodeError("message must be an array of at least 4 items")
-    if type(obj[0]) is not int or obj[0] not in (VERSION, VERSION_STATES, VERSION_ADDRESSES):
+    if type(obj[0]) is not int or obj[0] not in _VERSIONS:
         raise DecodeError(f"unsupported version: {obj[0]!r}")
     version: int = obj[0]
     if type(obj[1]) is not int:
@@ -380,25 +417,31 @@ def decode(payload: bytes) -> Message:
         raise DecodeError("unknown message kind") from None
     if version == VERSION_ADDRESSES and kind is not Kind.ADD_PROVIDER:
         raise DecodeError(f"{kind.name} has no version {version}")
+    if version == VERSION_PROOF and kind not in _PROVING:
+        raise DecodeError(f"{kind.name} has no version {version}")
     arity = _ARITY[kind]
     if kind is Kind.ADD_PROVIDER:
         arity += {VERSION_STATES: 1, VERSION_ADDRESSES: 2}.get(version, 0)
+    elif version == VERSION_PROOF:
+        arity += 1
     if len(obj) != arity:
         raise DecodeError(f"{kind.name} must have {arity} items in version {version}")
     txid = _uint(obj[2], "txid", 0, MAX_TXID)
     sender = _id(obj[3], "sender")
+    proof = _proof(obj[-1]) if version == VERSION_PROOF else b""
     match kind:
         case Kind.PING:
-            return Ping(txid, sender)
+            return Ping(txid, sender, proof)
         case Kind.PONG:
             return Pong(txid, sender, _token(obj[4]))
         case Kind.FIND_NODE:
-            return FindNode(txid, sender, _id(obj[4], "target"))
+            return FindNode(txid, sender, _id(obj[4], "target"), proof)
         case Kind.NODES:
             nodes = tuple(Contact(*t) for t in _triples(obj[5], "nodes"))
             return Nodes(txid, sender, _token(obj[4]), nodes)
         case Kind.GET_PROVIDERS:
-            return GetProviders(txid, sender, _id(obj[4], "key"), _uint(obj[5], "offset", 0, 2**20))
+            offset = _uint(obj[5], "offset", 0, 2**20)
+            return GetProviders(txid, sender, _id(obj[4], "key"), offset, proof)
         case Kind.PROVIDERS:
             providers = _providers(obj[5], version)
             nodes = tuple(Contact(*t) for t in _triples(obj[7], "nodes"))

@@ -104,3 +104,10 @@ class Statistics:
     unexpected_replies: int
     datagrams_sent: int
     datagrams_received: int
+    # trust (docs/security/dht.md): replies sized to an unproven request; records refused for a
+    # per-source quota; in-flight/claim records refused from an unproven sender; address changes
+    # refused because the old address still answered (or the new one did not)
+    replies_trimmed: int = 0
+    records_refused_quota: int = 0
+    claims_refused: int = 0
+    moves_refused: int = 0

@@ -4,6 +4,14 @@ Why sans-IO: the same object runs under the Trio driver (`dht.node`), under an i
 with a mock clock (`dht.simulation`), and in unit tests, so what the tests and the 5000-node
 simulation prove is what runs in production. The caller passes `now` (seconds, monotonic) into every
 call and asks `next_deadline()` when to call `handle_timeouts` next.
+
+Trust (see docs/security/dht.md): with the cluster key every datagram is authenticated.  Without
+it, a datagram proves nothing by itself: a reply proves its source address (it echoes the random
+transaction id we sent there), a request proves it only with our token for its IP.  Only proven
+addresses enter the routing table; a known id never moves on one datagram (`dht.relocation`);
+replies to unproven requests are no larger than the request (`dht.responder.fit`), and our own
+requests carry the peer's token or padding so that its full answer fits.  Secrets and transaction
+ids come from the OS (`os.urandom`) unless a seeded `random.Random` is injected (simulation, tests).
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import os
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,7 +27,7 @@ from dataclasses import dataclass, field
 from cachetools import LRUCache
 
 from dht import codec
-from dht.addresses import PlainContacts, group_by_node
+from dht.addresses import UNSPECIFIED, PlainContacts, reported
 from dht.announce import AnnounceSchedule
 from dht.codec import (
     Ack,
@@ -39,14 +48,15 @@ from dht.ids import ID_BITS, Contact, ProviderInfo, RecordState, key_id, random_
 from dht.lookup import Lookup
 from dht.providers import ProviderStore
 from dht.ratelimit import SourceLimiter, TokenBucket
-from dht.responder import Responder
+from dht.relocation import Relocations
+from dht.responder import Responder, fit
 from dht.routing_table import RoutingTable
 from dht.tokens import TokenIssuer
 
-UNSPECIFIED = ("0.0.0.0", "::")  # a provider entry meaning "at the address this reply came from"
+OWN_SLOT = ("0.0.0.0", 0)  # the store slot of this node's own records
 
 # what a pending RPC is for
-P_LOOKUP, P_EVICT_PING, P_BOOTSTRAP, P_ADD = range(4)
+P_LOOKUP, P_EVICT_PING, P_BOOTSTRAP, P_ADD, P_MOVE, P_VERIFY = range(6)
 # lookup purposes
 L_RESOLVE, L_ANNOUNCE, L_JOIN, L_REFRESH = range(4)
 # timer kinds
@@ -55,6 +65,11 @@ T_STALL, T_TIMEOUT, T_MAINTENANCE, T_DUE, T_PACE = range(5)
 BOOTSTRAP_TRIES = 3
 TOKEN_FRESH = 240.0  # a token we were given stays usable this long (secrets rotate every 300 s)
 TOKEN_CACHE = 8192
+TTL_SLACK = 1.25  # a stored record lives at most this times our own ttl for its state
+MAX_VERIFYING = 64  # pings in flight to unproven requesters before they enter the table
+# a ping padded so that the largest pong (with a token) fits in the size of the ping
+PONG_SIZE = len(codec.encode(Pong(codec.MAX_TXID, bytes(32), bytes(8))))
+PADDED_PING = PONG_SIZE + 1  # a padded ping is this long at most (its length header may grow)
 
 _REPLY_TYPE = {Ping: Pong, FindNode: Nodes, GetProviders: Providers, AddProvider: Ack}
 
@@ -76,7 +91,8 @@ class _LookupJob:
     purpose: int
     ref: int = 0  # bootstrap job id for joins
     key: bytes = b""
-    seen: dict[bytes, RecordState] = field(default_factory=dict)  # resolve: providers reported
+    # resolve: providers reported, by (id, address)
+    seen: dict[tuple[bytes, str], RecordState] = field(default_factory=dict)
     stored: set[bytes] = field(default_factory=set)  # announce: who already took our record
 
 
@@ -91,13 +107,23 @@ class DhtProtocol:
     def __init__(self, config: ProtocolConfig, rng: random.Random | None = None) -> None:
         self.config = config
         self.node_id = config.node_id
-        self.rng = rng or random.Random()
+        # secrets and nonces: the OS's, unless the caller injects a seeded rng for determinism
+        self._random_bytes = os.urandom if rng is None else rng.randbytes
+        self.rng = rng or random.Random(os.urandom(16))
         self.table = RoutingTable(config.node_id, config.k)
-        self.tokens = TokenIssuer(self.rng.randbytes)
+        self.tokens = TokenIssuer(self._random_bytes)
         # the answering side (dht.responder): reads the table, the store and the tokens
         self.responder = Responder(
-            config.node_id, config.k, self.table, ProviderStore(), self.tokens, self.rng
+            config.node_id,
+            config.k,
+            self.table,
+            ProviderStore(),
+            self.tokens,
+            self.rng,
+            ttl_cap=lambda state: TTL_SLACK * config.ttl_for(state),
         )
+        self.relocations = Relocations()
+        self._verifying: set[bytes] = set()  # unproven requesters being pinged (bounded)
         self.limiter = SourceLimiter(config.rate, config.burst)
         self.schedule = AnnounceSchedule(
             config.refresh,
@@ -107,7 +133,6 @@ class DhtProtocol:
         # where our in-flight/claim records went, so withdrawing one reaches them at once
         self._holders: dict[bytes, dict[bytes, Contact]] = {}
         self._pending: dict[int, _Pending] = {}
-        self._txids = itertools.count(self.rng.getrandbits(31))
         self._timers: list[tuple[float, int, int, int]] = []  # (when, seq, kind, ref)
         self._seq = itertools.count()
         self._lookups: dict[int, _LookupJob] = {}
@@ -129,7 +154,7 @@ class DhtProtocol:
         self._c = dict.fromkeys(
             (
                 "rpcs_sent rpcs_received rpcs_timed_out bad_datagrams rate_limited"
-                " unexpected_replies datagrams_sent datagrams_received"
+                " unexpected_replies datagrams_sent datagrams_received replies_trimmed"
             ).split(),
             0,
         )
@@ -154,6 +179,9 @@ class DhtProtocol:
             lookups_active=len(self._lookups),
             rpcs_in_flight=len(self._pending),
             tokens_refused=self.responder.tokens_refused,
+            records_refused_quota=self.store.refused_quota,
+            claims_refused=self.responder.claims_refused,
+            moves_refused=self.relocations.refused,
             **self._c,
         )
 
@@ -168,7 +196,7 @@ class DhtProtocol:
         job = self._new_lookup(kid, L_RESOLVE, now)
         local = self._known(kid, now)
         if local:
-            job.seen.update((p.node_id, p.state) for p in local)
+            job.seen.update(((p.node_id, p.host), p.state) for p in local)
             job.lookup.found_locally(len(local))
             out.append(ProvidersFound(job.ref, tuple(local)))
         self._pump(job, now, out)
@@ -197,7 +225,7 @@ class DhtProtocol:
         for key in keys:
             kid = key_id(key)
             if self.schedule.add(kid, key, state):
-                self.store.add(kid, me, float("inf"))
+                self.store.add(kid, me, float("inf"), OWN_SLOT, quota=False)
         self._start_announces(now, out)
         return out
 
@@ -208,7 +236,7 @@ class DhtProtocol:
         for key in keys:
             kid = key_id(key)
             if self.schedule.remove(kid):
-                self.store.remove(kid, self.node_id)
+                self.store.remove(kid, OWN_SLOT)
             for contact in self._holders.pop(kid, {}).values():
                 token = self._fresh_token(contact, now)
                 if token:
@@ -243,6 +271,7 @@ class DhtProtocol:
         if not self.limiter.allow(addr[0], now):
             self._c["rate_limited"] += 1
             return out
+        authenticated = self.config.psk is not None
         try:
             msg = codec.decode(codec.unseal(data, self.config.psk))
         except DecodeError:
@@ -256,10 +285,18 @@ class DhtProtocol:
             return out
         if isinstance(msg, codec.REQUEST_TYPES):
             self._c["rpcs_received"] += 1
-            self._seen(Contact(msg.sender, addr[0], addr[1]), now, out)
-            reply = self.responder.answer(msg, addr[0], now)
+            proof = self.responder.proof(msg, addr[0], authenticated, now)
+            # answered before the sender may enter the table: what the table proves about an id
+            # (dht.responder: claims) must predate this datagram
+            reply = self.responder.answer(msg, addr, now, proof)
             if reply is not None:
-                self._send(reply, addr, out)
+                # an unproven source gets no more bytes than it sent (no amplification)
+                self._send(reply, addr, out, None if proof.address else len(data))
+            contact = Contact(msg.sender, addr[0], addr[1])
+            if proof.address:
+                self._seen(contact, now, out)
+            else:
+                self._verify(contact, len(data), now, out)
         else:
             self._on_reply(msg, addr, now, out)
         return out
@@ -299,14 +336,27 @@ class DhtProtocol:
     # -- internals: requests -----------------------------------------------------------------------
 
     def _txid(self) -> int:
-        return next(self._txids) & codec.MAX_TXID
+        """A fresh random transaction id: the nonce a reply must echo from where we sent it."""
+        while True:
+            txid = int.from_bytes(self._random_bytes(4), "big") & codec.MAX_TXID
+            if txid not in self._pending:
+                return txid
 
     def _timer(self, when: float, kind: int, ref: int) -> None:
         heapq.heappush(self._timers, (when, next(self._seq), kind, ref))
 
-    def _send(self, msg: Message, addr: tuple[str, int], out: list[Effect]) -> None:
+    def _send(
+        self, msg: Message, addr: tuple[str, int], out: list[Effect], budget: int | None = None
+    ) -> None:
+        payload: bytes | None = codec.encode(msg)
+        if budget is not None and payload is not None and len(payload) > budget:
+            self._c["replies_trimmed"] += 1
+            payload = fit(msg, budget)
+            if payload is None:
+                return
+        assert payload is not None
         self._c["datagrams_sent"] += 1
-        out.append(Send(addr, codec.seal(codec.encode(msg), self.config.psk)))
+        out.append(Send(addr, codec.seal(payload, self.config.psk)))
 
     def _request(
         self,
@@ -321,6 +371,14 @@ class DhtProtocol:
         plain = None
         if isinstance(msg, AddProvider) and msg.more_hosts:
             plain = dataclasses.replace(msg, more_hosts=())
+        elif not isinstance(msg, AddProvider) and self.config.psk is None:
+            # without the key the receiver answers in full only a proven source: its token for
+            # our IP proves us; without one, padding makes its full answer no larger than ours
+            entry = self._their_tokens.get(addr)
+            if entry is not None and now - entry[1] < TOKEN_FRESH:
+                msg = dataclasses.replace(msg, proof=entry[0])
+            else:
+                msg = codec.padded(msg, PONG_SIZE if isinstance(msg, Ping) else codec.MAX_PAYLOAD)
         self._pending[msg.txid] = _Pending(
             addr, node_id, _REPLY_TYPE[type(msg)], purpose, ref, plain
         )
@@ -331,10 +389,38 @@ class DhtProtocol:
         self._timer(now + self.config.rpc_timeout, T_TIMEOUT, msg.txid)
 
     def _seen(self, contact: Contact, now: float, out: list[Effect]) -> None:
+        """`contact` spoke from a proven address (a reply, or a request with proof)."""
+        known = self.table.get(contact.node_id)
+        if known is not None and known.addr != contact.addr:
+            if self.config.psk is not None:  # an authenticated datagram is proof of the move
+                self.table.relocate(contact, now)
+            elif self.relocations.start(known, contact):
+                # ping both with fresh nonces: it moves only if the new address answers and the
+                # old one no longer does (dht.relocation)
+                for addr in (known.addr, contact.addr):
+                    ping = Ping(self._txid(), self.node_id)
+                    self._request(ping, addr, contact.node_id, P_MOVE, 0, now, out)
+            return
         stale = self.table.seen(contact, now)
         if stale is not None:  # bucket full: ping its oldest contact before evicting it
             ping = Ping(self._txid(), self.node_id)
             self._request(ping, stale.addr, stale.node_id, P_EVICT_PING, 0, now, out)
+
+    def _verify(self, contact: Contact, size: int, now: float, out: list[Effect]) -> None:
+        """An unproven requester the table has room for: ping it (only if its request of `size`
+        bytes was at least as large as our ping) and add it when it echoes the nonce from there.
+        Bounded."""
+        node_id = contact.node_id
+        if (
+            size < PADDED_PING
+            or node_id in self._verifying
+            or len(self._verifying) >= MAX_VERIFYING
+            or not self.table.has_room(node_id, contact.host)
+        ):
+            return
+        self._verifying.add(node_id)
+        ping = Ping(self._txid(), self.node_id)
+        self._request(ping, contact.addr, node_id, P_VERIFY, 0, now, out)
 
     def _on_reply(self, msg: Message, addr: tuple[str, int], now: float, out: list[Effect]) -> None:
         pending = self._pending.get(msg.txid)
@@ -347,6 +433,15 @@ class DhtProtocol:
             self._c["unexpected_replies"] += 1
             return
         del self._pending[msg.txid]
+        if pending.purpose == P_MOVE:
+            moved = self.relocations.answered(msg.sender, addr)
+            if moved is not None:
+                self.table.relocate(moved, now)
+            elif addr == getattr(self.table.get(msg.sender), "addr", None):
+                self.table.seen(Contact(msg.sender, addr[0], addr[1]), now)
+            return
+        if pending.purpose == P_VERIFY:
+            self._verifying.discard(msg.sender)
         self._seen(Contact(msg.sender, addr[0], addr[1]), now, out)
         token = getattr(msg, "token", b"")
         if token:
@@ -365,17 +460,13 @@ class DhtProtocol:
                     job.stored.add(msg.sender)
             elif isinstance(msg, Providers):
                 found = []
-                for p in group_by_node(msg.providers):  # a node's addresses: one provider
-                    if p.host in UNSPECIFIED:
-                        if p.node_id != msg.sender:
-                            continue
-                        more_hosts = tuple(h for h in p.more_hosts if h != addr[0])
-                        p = ProviderInfo(p.node_id, addr[0], p.port, p.state, more_hosts)
+                keyed = self.config.psk is not None
+                for p in reported(msg.providers, msg.sender, addr[0], grouped=keyed):
                     # report a provider once, and again only if a better state turns up for it
                     # (COMPLETE < INFLIGHT < CLAIM): another node holds a newer record
-                    before = job.seen.get(p.node_id)
+                    before = job.seen.get((p.node_id, p.host))
                     if p.node_id != self.node_id and (before is None or p.state < before):
-                        job.seen[p.node_id] = p.state
+                        job.seen[(p.node_id, p.host)] = p.state
                         found.append(p)
                 job.lookup.replied(msg.sender, msg.nodes, token, len(found))
                 if found and job.purpose == L_RESOLVE:
@@ -383,6 +474,16 @@ class DhtProtocol:
             self._pump(job, now, out)
 
     def _on_failure(self, pending: _Pending, now: float, out: list[Effect]) -> None:
+        if pending.purpose == P_MOVE:  # the id's contact is judged by dht.relocation, not here
+            if pending.node_id is not None:
+                moved = self.relocations.silent(pending.node_id, pending.addr)
+                if moved is not None:
+                    self.table.relocate(moved, now)
+            return
+        if pending.purpose == P_VERIFY:  # never in the table: nothing to fail
+            if pending.node_id is not None:
+                self._verifying.discard(pending.node_id)
+            return
         if pending.node_id is not None and pending.plain_retry is not None:
             # an older node drops version 3 as a bad datagram: not a failure; it gets the plain
             # record now, and for a while (dht.addresses.PlainContacts)

@@ -3,11 +3,18 @@
 Why this shape: Kademlia's observation that a node seen for long is likely to stay. A full bucket
 never drops its least recently seen contact for a newcomer; it asks the caller to ping that contact
 first and only evicts it when the ping fails. Newcomers wait in a bounded replacement cache.
+
+One IP holds at most `max_per_ip` contacts (loopback excepted: test clusters share 127.0.0.1): a
+host that answers from its own address under many made-up ids cannot fill the table, and with it
+every lookup's first hops.  A contact's address is never changed by `seen`: a datagram from
+another address carrying a known id is not proof that the node moved (anyone can write any id).
+The protocol core decides when a move is proven (`dht.relocation`) and then calls `relocate`.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import ipaddress
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from dht.ids import ID_BITS, Contact, as_int, bucket_index
@@ -34,14 +41,22 @@ class Bucket:
 
 class RoutingTable:
     def __init__(
-        self, self_id: bytes, k: int = 20, max_failures: int = 3, ping_after: float = 300.0
+        self,
+        self_id: bytes,
+        k: int = 20,
+        max_failures: int = 3,
+        ping_after: float = 300.0,
+        max_per_ip: int = 2,
     ) -> None:
         self.self_id = self_id
         self.k = k
         self.max_failures = max_failures
         self.ping_after = ping_after
+        self.max_per_ip = max_per_ip
         self.buckets: dict[int, Bucket] = {}  # created on first use; most stay empty
         self._size = 0
+        self._per_ip: Counter[str] = Counter()  # contacts (not replacements) by host
+        self.refused_ip = 0  # newcomers refused: their IP holds max_per_ip contacts already
 
     def __len__(self) -> int:
         return self._size
@@ -59,9 +74,10 @@ class RoutingTable:
         return [e.contact for _, b in sorted(self.buckets.items()) for e in b.entries.values()]
 
     def seen(self, contact: Contact, now: float) -> Contact | None:
-        """Record that `contact` just spoke to us.
+        """Record that `contact` just spoke to us from its address.
 
-        Returns a contact the caller should ping (the oldest of a full bucket), or None.
+        Returns a contact the caller should ping (the oldest of a full bucket), or None.  A known id
+        speaking from another address changes nothing (see `relocate`).
         """
         i = bucket_index(self.self_id, contact.node_id)
         if i < 0:
@@ -69,17 +85,22 @@ class RoutingTable:
         bucket = self._bucket(i)
         entry = bucket.entries.get(contact.node_id)
         if entry is not None:
-            entry.contact = contact  # the address may have changed
+            if entry.contact.addr != contact.addr:
+                return None
             entry.last_seen = now
             entry.failures = 0
             bucket.entries.move_to_end(contact.node_id)
             if bucket.pinging == contact.node_id:
                 bucket.pinging = None
             return None
+        if not self._ip_allows(contact.host):
+            self.refused_ip += 1
+            return None
         if len(bucket.entries) < self.k:
             bucket.entries[contact.node_id] = _Entry(contact, now)
             bucket.replacements.pop(contact.node_id, None)
             self._size += 1
+            self._per_ip[contact.host] += 1
             return None
         bucket.replacements.pop(contact.node_id, None)
         bucket.replacements[contact.node_id] = contact
@@ -92,6 +113,51 @@ class RoutingTable:
             bucket.pinging = oldest.contact.node_id
             return oldest.contact
         return None
+
+    def relocate(self, contact: Contact, now: float) -> bool:
+        """Point a known id at a new address: only once the move is proven.  False if unknown."""
+        bucket = self._existing(contact.node_id)
+        entry = bucket.entries.get(contact.node_id) if bucket is not None else None
+        if entry is None:
+            return False
+        self._uncount(entry.contact.host)
+        self._per_ip[contact.host] += 1
+        entry.contact = contact
+        entry.last_seen = now
+        entry.failures = 0
+        return True
+
+    def _ip_allows(self, host: str) -> bool:
+        if self._per_ip.get(host, 0) < self.max_per_ip:
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def _uncount(self, host: str) -> None:
+        self._per_ip[host] -= 1
+        if self._per_ip[host] <= 0:
+            del self._per_ip[host]
+
+    def knows_at(self, node_id: bytes, addr: tuple[str, int]) -> bool:
+        """Was `node_id` seen speaking from `addr` (a contact, or a newcomer waiting for room)?"""
+        bucket = self._existing(node_id)
+        if bucket is None:
+            return False
+        entry = bucket.entries.get(node_id)
+        if entry is not None:
+            return entry.contact.addr == addr
+        waiting = bucket.replacements.get(node_id)
+        return waiting is not None and waiting.addr == addr
+
+    def has_room(self, node_id: bytes, host: str) -> bool:
+        """Would `seen` put this unknown id at `host` straight into its bucket (not full)?"""
+        i = bucket_index(self.self_id, node_id)
+        if i < 0 or not self._ip_allows(host):
+            return False
+        bucket = self.buckets.get(i)
+        return bucket is None or (node_id not in bucket.entries and len(bucket.entries) < self.k)
 
     def failed(self, node_id: bytes) -> None:
         """An RPC to `node_id` timed out: drop it if unreliable or if someone can replace it."""
@@ -110,16 +176,21 @@ class RoutingTable:
         bucket = self._existing(node_id)
         if bucket is None:
             return
-        if bucket.entries.pop(node_id, None) is None:
+        gone = bucket.entries.pop(node_id, None)
+        if gone is None:
             bucket.replacements.pop(node_id, None)
             return
         self._size -= 1
+        self._uncount(gone.contact.host)
         if bucket.pinging == node_id:
             bucket.pinging = None
-        if bucket.replacements:
+        while bucket.replacements:
             _, newcomer = bucket.replacements.popitem(last=True)
-            bucket.entries[newcomer.node_id] = _Entry(newcomer, 0.0)
-            self._size += 1
+            if self._ip_allows(newcomer.host):
+                bucket.entries[newcomer.node_id] = _Entry(newcomer, 0.0)
+                self._size += 1
+                self._per_ip[newcomer.host] += 1
+                break
 
     def closest(self, target: bytes, count: int, exclude: bytes | None = None) -> list[Contact]:
         """The `count` known contacts nearest to `target` by XOR distance."""

@@ -66,11 +66,13 @@ def test_sums_attached_sources_and_reports_nothing_when_none() -> None:
     collector = DhtCollector()
     registry.register(collector)
     assert scrape(registry) == {}
-    collector.attach(lambda: stats(table_size=4, bad_datagrams=7))
+    collector.attach(lambda: stats(table_size=4, bad_datagrams=7, claims_refused=3))
     samples = scrape(registry)
     assert samples["spegla_dht_routing_table_size"] == 4
     assert samples["spegla_dht_bad_datagrams_total"] == 7
     assert samples["spegla_dht_rpcs_sent_total"] == 0
+    assert samples["spegla_dht_claims_refused_total"] == 3  # the trust counters too
+    assert samples["spegla_dht_moves_refused_total"] == 0
 
 
 def test_export_tolerates_several_nodes_and_unregisters_with_the_last() -> None:

@@ -17,7 +17,10 @@ from registry.interfaces import Peer, PeerState, Router
 KEY = "sha256:" + "ef" * 32
 
 
-def node(seed: int, more_hosts: tuple[str, ...] = ()) -> Node:
+PSK = b"the cluster key of these tests!"
+
+
+def node(seed: int, more_hosts: tuple[str, ...] = (), psk: bytes | None = None) -> Node:
     return Node(
         NodeConfig(
             node_id=bytes([seed]) * 32,
@@ -25,16 +28,17 @@ def node(seed: int, more_hosts: tuple[str, ...] = ()) -> Node:
             bind_port=0,
             registry_port=6000 + seed,
             more_hosts=more_hosts,
+            psk=psk,
         )
     )
 
 
 @asynccontextmanager
 async def provider_and_seeker(
-    seed_a: int, seed_b: int, more_hosts: tuple[str, ...] = ()
+    seed_a: int, seed_b: int, more_hosts: tuple[str, ...] = (), psk: bytes | None = None
 ) -> AsyncIterator[tuple[RegistryRouter, RegistryRouter]]:
     """Two DHT nodes on loopback (b bootstrapped from a), each behind the registry adapter."""
-    a, b = node(seed_a, more_hosts), node(seed_b)
+    a, b = node(seed_a, more_hosts, psk), node(seed_b, psk=psk)
     async with trio.open_nursery() as nursery:
         await nursery.start(a.serve)
         await nursery.start(b.serve)
@@ -68,8 +72,10 @@ async def test_registry_router_yields_peers_for_dht_providers() -> None:
 
 async def test_a_provider_with_several_addresses_is_one_peer_with_all_of_them() -> None:
     """The provider names another address (version-3 ADD_PROVIDER, over real UDP): the seeker
-    gets one peer carrying both, its DHT source address first."""
-    async with provider_and_seeker(7, 8, more_hosts=("127.0.0.2",)) as (provider, seeker):
+    gets one peer carrying both, its DHT source address first.  Other addresses are taken only
+    from an authenticated sender: the two share the cluster key."""
+    pair = provider_and_seeker(7, 8, more_hosts=("127.0.0.2",), psk=PSK)
+    async with pair as (provider, seeker):
         await provider.advertise([KEY])
         found = await resolve_until_found(seeker)
         assert found == [

@@ -28,6 +28,7 @@ from dht.ids import ProviderInfo, RecordState, key_id, random_node_id
 from dht.protocol import DhtProtocol, ProtocolConfig
 from dht.simulation import SimNetwork, SimNode
 
+PSK = b"cluster key for the tests, 32 b"
 KEY = "sha256:" + "cd" * 32
 A = b"\x0a" * 32
 B = b"\x0b" * 32
@@ -118,19 +119,26 @@ class _OldProtocol(DhtProtocol):
     """A node that only speaks versions 1 and 2: it drops version-3 datagrams as bad."""
 
     def handle_datagram(self, data: bytes, addr: tuple[str, int], now: float) -> list[Effect]:
-        if msgpack.unpackb(data)[0] == codec.VERSION_ADDRESSES:
+        if msgpack.unpackb(codec.unseal(data, self.config.psk))[0] == codec.VERSION_ADDRESSES:
             self.dropped_v3 = getattr(self, "dropped_v3", 0) + 1
             return []
         return super().handle_datagram(data, addr, now)
 
 
-def _network(old_share: float) -> tuple[SimNetwork, list[SimNode], SimNode]:
+def _network(
+    old_share: float, psk: bytes | None = PSK
+) -> tuple[SimNetwork, list[SimNode], SimNode]:
+    """Other addresses are kept only from authenticated senders: the cluster key is on unless
+    `psk` is None."""
     rng = random.Random(1005)
     multi = random_node_id(rng)
     net = SimNetwork(
         seed=5,
         config=lambda nid: ProtocolConfig(
-            node_id=nid, registry_port=5000, more_hosts=("fd00::7",) if nid == multi else ()
+            node_id=nid,
+            registry_port=5000,
+            more_hosts=("fd00::7",) if nid == multi else (),
+            psk=psk,
         ),
     )
     nodes = net.grow(40)
@@ -167,6 +175,16 @@ def test_a_resolver_learns_every_address_of_a_provider(old_share: float) -> None
         assert found.hosts in ((provider.addr[0], "fd00::7"), (provider.addr[0],))
 
 
+def test_without_the_key_other_addresses_are_not_kept() -> None:
+    """Unauthenticated, a record names only the address its datagram came from."""
+    net, nodes, provider = _network(0.0, psk=None)
+    net.advertise(provider, [KEY])
+    net.run_for(3.0)
+    records = [r for n in nodes for r in n.protocol.store.get(key_id(KEY), net.now)]
+    assert len(records) >= 20
+    assert all(r.host == provider.addr[0] and r.more_hosts == () for r in records)
+
+
 def test_the_provider_itself_lists_its_other_addresses() -> None:
     """Two nodes: the resolver can only ask the provider itself, which answers with the record it
     keeps of itself (the 'at the address this reply came from' entry, then its other address)."""
@@ -175,7 +193,10 @@ def test_the_provider_itself_lists_its_other_addresses() -> None:
     net = SimNetwork(
         seed=9,
         config=lambda nid: ProtocolConfig(
-            node_id=nid, registry_port=5000, more_hosts=("fd00::7",) if nid == multi else ()
+            node_id=nid,
+            registry_port=5000,
+            more_hosts=("fd00::7",) if nid == multi else (),
+            psk=PSK,
         ),
     )
     seeker = net.add_node()

@@ -21,8 +21,8 @@ def world(n: int, seed: int, k: int) -> tuple[dict[bytes, RoutingTable], list[by
     tables = {}
     for nid in ids:
         table = RoutingTable(nid, k=k)
-        for other in ids:
-            table.seen(Contact(other, "10.0.0.1", 1), 0.0)
+        for j, other in enumerate(ids):  # one address each (a table holds few per IP)
+            table.seen(Contact(other, f"10.0.{j // 250}.{j % 250 + 1}", 1), 0.0)
         tables[nid] = table
     return tables, ids
 

@@ -8,10 +8,10 @@ import random
 import pytest
 
 from dht import codec
-from dht.codec import AddProvider, Ping
+from dht.codec import AddProvider, Ping, Pong
 from dht.effects import Send
 from dht.ids import key_id, random_node_id
-from dht.protocol import DhtProtocol, ProtocolConfig
+from dht.protocol import PONG_SIZE, DhtProtocol, ProtocolConfig
 from dht.simulation import SimNetwork, SimNode
 
 KEY = "sha256:" + "ab" * 32
@@ -90,9 +90,12 @@ def test_add_provider_needs_a_token_from_the_source_address() -> None:
         codec.encode(AddProvider(2, b"\x02" * 32, kid, 5000, 600, other_token)), src, 0.0
     )
     assert len(node.store) == 0
-    pong = node.handle_datagram(codec.encode(Ping(3, b"\x02" * 32)), src, 0.0)
-    assert isinstance(pong[0], Send)
-    token = codec.decode(pong[0].data).token  # type: ignore[union-attr]
+    # a ping padded to the size of a pong with a token (what an unproven requester sends)
+    ping = codec.padded(Ping(3, b"\x02" * 32), PONG_SIZE)
+    sent = node.handle_datagram(codec.encode(ping), src, 0.0)
+    replies = [codec.decode(e.data) for e in sent if isinstance(e, Send)]
+    [pong] = [m for m in replies if isinstance(m, Pong)]
+    token = pong.token
     add = AddProvider(4, b"\x02" * 32, kid, 5000, 600, token)
     effects = node.handle_datagram(codec.encode(add), src, 1.0)
     ack = codec.decode(effects[-1].data)  # type: ignore[union-attr]
@@ -125,11 +128,12 @@ def test_a_flood_from_one_source_is_rate_limited() -> None:
     node = DhtProtocol(cfg)
     replies = 0
     for i in range(5000):
-        ping = codec.encode(Ping(i, b"\x02" * 32))
+        ping = codec.encode(codec.padded(Ping(i, b"\x02" * 32), PONG_SIZE))
         replies += len(node.handle_datagram(ping, ("10.0.0.66", 5001), i * 0.0001))
     assert replies <= 50 + 100 * 0.5 + 1
     assert node.statistics().rate_limited >= 4800
-    assert node.handle_datagram(codec.encode(Ping(1, b"\x03" * 32)), ("10.0.0.67", 5001), 0.5)
+    other = codec.padded(Ping(1, b"\x03" * 32), PONG_SIZE)
+    assert node.handle_datagram(codec.encode(other), ("10.0.0.67", 5001), 0.5)
 
 
 @pytest.mark.parametrize("loss", [0.1, 0.3])

@@ -4,13 +4,19 @@ what a resolver sees, switching state, short ttls, a withdraw that reaches the h
 from __future__ import annotations
 
 from dht.ids import RecordState, key_id
+from dht.protocol import ProtocolConfig
 from dht.simulation import SimNetwork, SimNode
 
 KEY = "sha256:" + "cd" * 32
+PSK = b"record states are for keyed nodes"
 
 
 def network(n: int, seed: int = 3) -> tuple[SimNetwork, list[SimNode]]:
-    net = SimNetwork(seed=seed)
+    """Keyed nodes: without the key a node keeps in-flight and claim records only from senders
+    its table already held (docs/security/dht.md), so the first announce may miss a few."""
+    net = SimNetwork(
+        seed=seed, config=lambda nid: ProtocolConfig(node_id=nid, registry_port=5000, psk=PSK)
+    )
     nodes = net.grow(n)
     net.run_for(2.0)
     return net, nodes

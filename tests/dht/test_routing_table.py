@@ -103,3 +103,37 @@ def test_stale_buckets_start_at_the_nearest_non_empty_one() -> None:
     assert table.stale_buckets(1000.0, 900.0) == [250, 251, 252, 253, 254, 255]
     table.touch(random_id_in_bucket(ME, 252, rng), 999.0)
     assert 252 not in table.stale_buckets(1000.0, 900.0)
+
+
+def test_seen_never_moves_a_known_id_relocate_does() -> None:
+    table, members, rng = full_bucket()
+    known = members[1]
+    elsewhere = Contact(known.node_id, "10.9.9.9", 5001)
+    assert table.seen(elsewhere, 500.0) is None
+    assert table.get(known.node_id) == known  # the address a datagram claims changes nothing
+    assert table.knows_at(known.node_id, known.addr)
+    assert not table.knows_at(known.node_id, elsewhere.addr)
+    assert table.relocate(elsewhere, 501.0)  # once the protocol core has proof
+    assert table.get(known.node_id) == elsewhere
+    waiting = contact_in_bucket(200, rng, 77)
+    table.seen(waiting, 502.0)  # the bucket is full: it waits in the replacement cache
+    assert waiting.node_id not in table and table.knows_at(waiting.node_id, waiting.addr)
+    assert not table.relocate(waiting, 503.0)  # only table contacts move
+
+
+def test_one_ip_holds_at_most_max_per_ip_contacts_except_loopback() -> None:
+    rng = random.Random(4)
+    table = RoutingTable(ME, k=20, max_per_ip=2)
+    many = [Contact(rng.randbytes(32), "10.0.0.66", 5001 + i) for i in range(10)]
+    for c in many:
+        table.seen(c, 0.0)
+    assert len(table) == 2 and table.refused_ip == 8
+    assert not table.has_room(rng.randbytes(32), "10.0.0.66")
+    table.seen(Contact(rng.randbytes(32), "10.0.0.2", 5001), 0.0)  # others are not refused
+    assert len(table) == 3
+    table.remove(many[0].node_id)  # a slot of that IP is free again
+    table.seen(many[5], 1.0)
+    assert many[5].node_id in table
+    for i in range(5):  # test clusters on loopback share one IP
+        table.seen(Contact(rng.randbytes(32), "127.0.0.1", 6000 + i), 0.0)
+    assert len(table) == 8
