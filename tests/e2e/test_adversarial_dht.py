@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from agent.node_setup import read_psk
+from agent.node_setup import read_cluster_key
 from dht import codec
 from dht.codec import Ack, AddProvider, GetProviders, Message, Ping, Pong, Providers
 from dht.ids import RecordState, key_id
@@ -56,10 +56,22 @@ ROGUE_REGISTRY_PORT = 6666  # nothing listens there: a peer that dials it fails 
 FLOOD = 3000  # records per target in the flood case (the DHT's rate limit is 2000/s per IP)
 
 
-@pytest.fixture(scope="module")
-def c() -> Iterator[Cluster]:
-    with cluster_with_agents("spg-adv-", nodes=3, large_mib=1) as cl:
-        yield cl
+# the observer's key per cluster (None: the agents run without one)
+_OBSERVER_KEYS: dict[int, bytes | None] = {}
+
+
+@pytest.fixture(scope="module", params=["keyless", "keyed"])
+def c(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """The base install's agents: without the cluster key (what the DHT must withstand on its
+    own) and with it (the default install, the Secret created)."""
+    extra = ["--cluster-key-file="] if request.param == "keyless" else []
+    with cluster_with_agents("spg-adv-", nodes=3, large_mib=1, extra=extra) as cl:
+        key_file = ag.cluster_key_file(cl)
+        _OBSERVER_KEYS[id(cl)] = read_cluster_key(str(key_file)) if not extra else None
+        try:
+            yield cl
+        finally:
+            _OBSERVER_KEYS.pop(id(cl), None)
 
 
 def fresh_image(c: Cluster, tmp_path: Path, what: str) -> tuple[BuiltImage, str]:
@@ -232,11 +244,8 @@ def providers_at(c: Cluster, target: tuple[str, int], key: str) -> list[tuple[st
 
 
 def cluster_key(c: Cluster) -> bytes | None:
-    """The DHT key the harness gives the agents, if it gives them one."""
-    argv = ag.agent_argv(c, c.node(1))
-    if "--dht-psk-file" not in argv:
-        return None
-    return read_psk(argv[argv.index("--dht-psk-file") + 1])
+    """The DHT key the agents of `c` run with, if they run with one."""
+    return _OBSERVER_KEYS[id(c)]
 
 
 def out_ranking(key: str, honest: list[bytes]) -> bytes:
