@@ -30,6 +30,7 @@ import pytest
 from tests.e2e.shared import counter, upstream_blobs, wait_served_by_peer
 from tests.harness import agents as ag
 from tests.harness.cluster import REPO_ROOT, UPSTREAM_HOST, Cluster, Node
+from tests.harness.containerd import Line
 from tests.harness.fixtures import require_harness, short_tempdir
 from tests.harness.images import BuiltImage, build_small
 from tests.harness.service_proxy import read_log
@@ -59,9 +60,9 @@ def _service_order(c: Cluster, node: Node) -> list[Node]:
 
 
 @pytest.fixture(scope="module")
-def c() -> Iterator[Cluster]:
+def c(containerd_line: Line) -> Iterator[Cluster]:
     require_harness()
-    cl = Cluster(short_tempdir("spg-auth-"), nodes=3)
+    cl = Cluster(short_tempdir("spg-auth-"), nodes=3, line=containerd_line)
     try:
         cl.up(large_mib=1)
         secret = cl.workdir / "basic-auth"
