@@ -55,14 +55,3 @@ def discard_only(version: int) -> str:
 def local_image_pull() -> str:
     """2.1+: CRI pulls without the transfer service (which reads a multi-directory path too)."""
     return tomli_w.dumps(_plugins(3, {"use_local_image_pull": True}, {}))
-
-
-def configuration_hint(certs_d: str) -> str:
-    """What `spegla configuration` prints after writing hosts.toml: the containerd side."""
-    return (
-        f"containerd reads these files only when its registry config_path is exactly {certs_d} "
-        "(one directory) and it keeps layers after unpacking. containerd 2.x (config version 3):\n"
-        f"{spegla_settings(3, certs_d)}\n"
-        f"containerd 1.6/1.7 (config version 2):\n{spegla_settings(2, certs_d)}"
-        "then restart containerd; `spegla doctor` checks the node."
-    )
