@@ -270,3 +270,31 @@ def test_doctor_follows_imports_and_the_release_default(
     _, checks = doctor(*node_args(discarding), *_no_agent())
     assert not checks["discard_unpacked_layers"]["ok"]
     assert "io.containerd.cri.v1.images" in checks["discard_unpacked_layers"]["fix"]
+
+
+def test_host_files_are_read_under_the_mount(tmp_path: Path) -> None:
+    """In the pod the host's /etc/containerd is mounted at /host/etc/containerd: the files' own
+    absolute import paths are the host's, read under the mount; messages name host paths."""
+    etc = tmp_path / "etc" / "containerd"
+    (etc / "conf.d").mkdir(parents=True)
+    (etc / "config.toml").write_text('version = 3\nimports = ["/etc/containerd/conf.d/*.toml"]\n')
+    (etc / "conf.d" / "spegla.toml").write_text(
+        snippets.config_path_only(3, "/etc/containerd/certs.d")
+    )
+    got = read_settings("/etc/containerd/config.toml", host_root=str(tmp_path))
+    assert got.errors == ()
+    assert got.files == ("/etc/containerd/config.toml", "/etc/containerd/conf.d/spegla.toml")
+    assert got.config_path.value == "/etc/containerd/certs.d"
+    assert got.config_path.source == "/etc/containerd/conf.d/spegla.toml"
+
+
+def test_without_containerd_in_sight_the_flag_names_the_file(tmp_path: Path) -> None:
+    from agent.doctor import DoctorConfig, locate_config
+
+    nobody = str(tmp_path / "no.sock")
+    pod = locate_config(
+        DoctorConfig(containerd_sock=nobody, containerd_config="/host/etc/containerd/config.toml")
+    )
+    assert (pod.path, pod.host_root) == ("/etc/containerd/config.toml", "/host")
+    host = locate_config(DoctorConfig(containerd_sock=nobody, containerd_config="/etc/c.toml"))
+    assert (host.path, host.host_root) == ("/etc/c.toml", "")
