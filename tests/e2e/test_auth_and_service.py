@@ -22,6 +22,7 @@ import json
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -115,8 +116,10 @@ def _service_answers_from(node: Node, endpoint: Node) -> bool:
 
 def test_hosts_toml_written_by_configuration_carries_the_header(c: Cluster) -> None:
     text = (c.node(2).containerd.certs_d / UPSTREAM_HOST / "hosts.toml").read_text()
-    assert text.index(f"127.0.0.1:{ag.REGISTRY_PORT}") < text.index(f"127.0.0.1:{SERVICE_PORT}")
-    assert text.count(f"Authorization = '{AUTH['Authorization']}'") == 2
+    hosts = tomllib.loads(text)["host"]
+    ours = [f"http://127.0.0.1:{ag.REGISTRY_PORT}", f"http://127.0.0.1:{SERVICE_PORT}"]
+    assert list(hosts) == ours  # the agent first, then the Service
+    assert [hosts[url]["header"] for url in ours] == [AUTH, AUTH]
 
 
 def test_pulls_through_auth_enabled_agents(c: Cluster, fresh: Fresh) -> None:

@@ -317,6 +317,7 @@ def test_content_directory_full_while_serving(c: Cluster, push: Push) -> None:
     content = n3.containerd.content_path
     saved = content.parent / "content-saved"
     n3.containerd.stop()
+    content.mkdir(exist_ok=True)  # containerd 2.x creates it only at its first pull
     content.rename(saved)
     content.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(content)], check=True)
