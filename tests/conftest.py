@@ -19,6 +19,7 @@ HARNESS_FIXTURES = frozenset(
         "containerd_instance",
         "cri_client",
         "cluster",
+        "containerd_line",
     }
 )
 

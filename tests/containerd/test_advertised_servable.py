@@ -60,7 +60,7 @@ async def test_every_advertised_tag_key_resolves_in_the_store() -> None:
 
 
 def _ctr(ctd: Containerd, *args: str) -> None:
-    argv = ["ctr", "-a", str(ctd.socket), "-n", NS, *args]
+    argv = ctd.ctr("-n", NS, *args)
     subprocess.run(argv, check=True, capture_output=True)
 
 

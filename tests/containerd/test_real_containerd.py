@@ -46,7 +46,7 @@ async def pull(cri: CriClient, ref: str) -> None:
 
 
 async def ctr_rm(ctd: Containerd, *names: str) -> None:
-    argv = ["ctr", "-a", str(ctd.socket), "-n", NS, "images", "rm", *names]
+    argv = ctd.ctr("-n", NS, "images", "rm", *names)
     await trio.to_thread.run_sync(lambda: subprocess.run(argv, check=True, capture_output=True))
 
 
@@ -253,8 +253,8 @@ async def test_calls_are_cancellable_and_abandoned_streams_do_not_leak(
     archive = tmp_path / "cancel.tar"
     with tarfile.open(archive, "w") as tar:
         tar.add(image.path, arcname=".")
-    argv = ["ctr", "-a", str(containerd_instance.socket), "-n", NS, "images", "import",
-            "--no-unpack", "--index-name", "cancel.test/big:v1", str(archive)]  # fmt: skip
+    argv = containerd_instance.ctr("-n", NS, "images", "import", "--no-unpack",
+                                   "--index-name", "cancel.test/big:v1", str(archive))  # fmt: skip
     await trio.to_thread.run_sync(lambda: subprocess.run(argv, check=True, capture_output=True))
     layer = image.manifests[0].layers[0]
     async with open_containerd(str(containerd_instance.socket), NS) as client:
@@ -310,8 +310,7 @@ async def test_content_info_once_per_blob_request_and_deleted_content_is_noticed
         # deleted (and its file collected) while its size was remembered: open asks again
         for digest in layers[:2]:
             await trio.run_process(
-                ["ctr", "--address", str(containerd_instance.socket), "-n", NS,
-                 "content", "rm", digest],
+                containerd_instance.ctr("-n", NS, "content", "rm", digest),
                 capture_stdout=True,
             )  # fmt: skip
         containerd_instance.blob_path(layers[0]).unlink(missing_ok=True)  # what GC does

@@ -8,7 +8,8 @@ what.  Everything it starts is recorded (by PID and start time) in ``<workdir>/s
 (``teardown_leftovers()``, used by ``hack/cluster down``).
 
 API
-- ``Cluster(workdir, nodes=3, rate_mbit=None, tag=None, persistent=False)``;
+- ``Cluster(workdir, nodes=3, rate_mbit=None, tag=None, persistent=False, line=LINE_1_6)``
+  (``line``: the containerd release line every node runs, see ``containerd.Line``);
   ``.up(images=None, large_mib=4)`` (builds/pushes the test images), ``.down()``;
   ``Cluster.load(workdir)`` re-attaches to a cluster started by another process.
 - ``.nodes`` (list of ``Node``), ``.node(i)`` (1-based), ``.upstream`` (``Upstream``,
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from . import netns, nsexec
-from .containerd import Containerd
+from .containerd import LINE_1_6, Containerd, Line, line_by_id
 from .cri import CriClient
 from .images import TestImages, build_test_set
 from .procs import Daemon, state_root, stop_leftover_daemons, stop_recorded
@@ -79,7 +80,10 @@ class Node:
         self.ip = netns.node_ip(index)
         self.workdir = cluster.workdir / self.name
         self.containerd = Containerd(
-            self.workdir / "ctrd", netns=self.netns, name=f"containerd-{self.name}"
+            self.workdir / "ctrd",
+            netns=self.netns,
+            name=f"containerd-{self.name}",
+            line=cluster.line,
         )
         self.processes: dict[str, Daemon] = {}
 
@@ -119,6 +123,7 @@ class Cluster:
         rate_mbit: float | None = None,
         tag: str | None = None,
         persistent: bool = False,
+        line: Line = LINE_1_6,
     ) -> None:
         if not 1 <= nodes <= 50:
             raise ValueError("nodes must be between 1 and 50")
@@ -127,6 +132,7 @@ class Cluster:
         self.topology = netns.Topology(self.tag, nodes)
         self.rate_mbit = rate_mbit
         self.persistent = persistent
+        self.line = line
         self.upstream = Upstream(
             workdir / "upstream", f"0.0.0.0:{UPSTREAM_PORT}", self.topology.upstream
         )
@@ -287,6 +293,7 @@ class Cluster:
             "tag": self.tag,
             "nodes": len(self.nodes),
             "rate_mbit": self.rate_mbit,
+            "containerd_line": self.line.id,
             "namespaces": self.topology.all_namespaces,
             "daemons": daemons,
             "images": {i.name: self.ref(i.name) for i in self.images.all} if self.images else {},
@@ -300,7 +307,8 @@ class Cluster:
     @classmethod
     def load(cls, workdir: Path) -> Cluster:
         st = json.loads((workdir / "state.json").read_text())
-        c = cls(workdir, st["nodes"], st.get("rate_mbit"), st["tag"], persistent=True)
+        line = line_by_id(st.get("containerd_line", LINE_1_6.id))
+        c = cls(workdir, st["nodes"], st.get("rate_mbit"), st["tag"], persistent=True, line=line)
         for rec in st["daemons"]:
             d = Daemon.from_record(rec)
             if rec["role"] == "upstream":

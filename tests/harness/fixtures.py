@@ -9,12 +9,17 @@ Fixtures (all skip unless root with containerd, docker-registry, skopeo and ip i
 - ``upstream_registry`` (session) -> loopback ``Upstream`` with all test images pushed
   (``.pushed[name]`` is the reference); use ``.mark()`` + ``since=`` to see your test's
   requests only.
+- ``containerd_line`` -> the ``Line`` a test runs on: parametrized over 1.6 and 2.x (ids
+  ``ctrd1.6``, ``ctrd2.2``; 2.x skips with the reason when ``../shared/containerd/`` is absent).
+  Every fixture below that starts containerd uses it, so every real-containerd test runs on both;
+  a test that does not depend on containerd's behaviour can pin one line with
+  ``@pytest.mark.parametrize("containerd_line", [LINE_1_6], indirect=True)``.
 - ``containerd_factory`` -> ``make(name="c", netns=None, **options) -> Containerd`` (started;
   stopped and removed after the test; options go to ``Containerd``).
   ``containerd_instance`` -> one started loopback ``Containerd``.
 - ``cri_client`` -> ``CriClient`` on ``containerd_instance``.
 - ``cluster`` -> ``make(nodes=3, rate_mbit=None) -> Cluster`` (namespaces, upstream with test
-  images, one containerd per node); torn down after the test.
+  images, one containerd per node, on ``containerd_line``); torn down after the test.
 Real agents on a cluster: ``tests.harness.agents.start_agents(cluster)`` (see that module).
 Mark such tests ``@pytest.mark.root``.  When a test fails while a cluster is up, the report gets
 the tail of every node's agent/mirror/containerd log.
@@ -32,7 +37,7 @@ from typing import Any
 import pytest
 
 from .cluster import ACTIVE, Cluster, exit_on_sigterm, log_tails
-from .containerd import Containerd
+from .containerd import LINES, Containerd, Line
 from .cri import CriClient
 from .images import TestImages, build_test_set
 from .upstream import Upstream
@@ -78,12 +83,27 @@ def upstream_registry(
         yield up
 
 
+def require_line(line: Line) -> None:
+    require_harness()
+    reason = line.missing()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(params=LINES, ids=[line.id for line in LINES])
+def containerd_line(request: pytest.FixtureRequest) -> Line:
+    line: Line = request.param
+    require_line(line)
+    return line
+
+
 @pytest.fixture
-def containerd_factory() -> Iterator[Callable[..., Containerd]]:
+def containerd_factory(containerd_line: Line) -> Iterator[Callable[..., Containerd]]:
     require_harness()
     made: list[Containerd] = []
 
     def make(name: str = "c", netns: str | None = None, **options: Any) -> Containerd:
+        options.setdefault("line", containerd_line)
         c = Containerd(
             short_tempdir(f"spg-{name}-"), netns=netns, name=f"containerd-{name}", **options
         )
@@ -106,11 +126,13 @@ def cri_client(containerd_instance: Containerd) -> CriClient:
 
 
 @pytest.fixture
-def cluster(test_images: TestImages) -> Iterator[Callable[..., Cluster]]:
+def cluster(test_images: TestImages, containerd_line: Line) -> Iterator[Callable[..., Cluster]]:
     made: list[Cluster] = []
 
     def make(nodes: int = 3, rate_mbit: float | None = None) -> Cluster:
-        c = Cluster(short_tempdir("spg-cluster-"), nodes=nodes, rate_mbit=rate_mbit)
+        c = Cluster(
+            short_tempdir("spg-cluster-"), nodes=nodes, rate_mbit=rate_mbit, line=containerd_line
+        )
         made.append(c)
         c.up(images=test_images)
         return c

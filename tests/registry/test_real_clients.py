@@ -58,10 +58,7 @@ async def test_containerd_pulls_through_the_app(
     )
     ref = f"{upstream}/{repo}:{image.tag}"
     result = await trio.run_process(
-        [
-            "ctr",
-            "--address",
-            str(containerd_instance.socket),
+        containerd_instance.ctr(
             "-n",
             "k8s.io",
             "images",
@@ -69,7 +66,7 @@ async def test_containerd_pulls_through_the_app(
             "--hosts-dir",
             str(containerd_instance.certs_d),
             ref,
-        ],
+        ),
         capture_stdout=True,
         capture_stderr=True,
         check=False,
@@ -78,7 +75,7 @@ async def test_containerd_pulls_through_the_app(
     for digest in (*image.manifest_digests(), *image.blob_digests()):
         assert containerd_instance.has_blob(digest), digest
     listing = await trio.run_process(
-        ["ctr", "--address", str(containerd_instance.socket), "-n", "k8s.io", "images", "ls", "-q"],
+        containerd_instance.ctr("-n", "k8s.io", "images", "ls", "-q"),
         capture_stdout=True,
     )
     assert ref in listing.stdout.decode().split()
