@@ -3,7 +3,8 @@
 #   1. the project's wheel and its dependencies' wheels (the venv's pip, from PyPI, for CPython 3.11
 #      on this architecture: the ABI of Debian 12's python3);
 #   2. a Debian 12 root filesystem from Debian's packages with mmdebstrap: the `essential` variant
-#      (no apt) plus python3, without docs, man pages, locales or apt lists;
+#      (no apt) plus python3 and libstdc++6 (greenlet, under trio-asyncio, is C++), without docs,
+#      man pages, locales or apt lists;
 #   3. /opt/spegla, a venv of that python3 with the wheels installed by pip run inside the root
 #      filesystem (from pip's own wheel, which is not left in the image);
 #   4. an OCI image assembled with umoci: one layer for Debian, one for /opt/spegla; entrypoint
@@ -34,6 +35,21 @@ if [[ ${1:-} == --customize ]]; then
   rm -rf "$root/tmp/spegla-wheels"
   # The asyncio twin of the Kubernetes client (~70 MB); spegla uses only the synchronous client.
   rm -rf "$root"/opt/spegla/lib/python3.*/site-packages/kubernetes/aio
+  # Every shared library the wheels' extensions link must be in the root filesystem, and every
+  # module of the agent must import (lazily imported ones too): `spegla version` alone loads few.
+  unresolved=$(chroot "$root" find /opt/spegla -name '*.so*' -type f -exec ldd {} + | grep 'not found' || true)
+  if [[ -n $unresolved ]]; then
+    echo "build-image: libraries missing from the image:" >&2
+    echo "$unresolved" >&2
+    exit 1
+  fi
+  chroot "$root" /opt/spegla/bin/python -c '
+import importlib, pkgutil
+for top in ("agent", "dht", "registry"):
+    for m in pkgutil.walk_packages(importlib.import_module(top).__path__, top + "."):
+        if not m.name.endswith("__main__"):
+            importlib.import_module(m.name)
+'
   chroot "$root" /opt/spegla/bin/spegla version
   exit 0
 fi
@@ -90,7 +106,7 @@ sources=()
 export SPEGLA_WHEELS="$work/wheels"
 # The merged-usr hook sets up merged /usr itself: otherwise init-system-helpers pulls in usrmerge and
 # with it all of perl (~30 MB).
-mmdebstrap --quiet --mode=root --variant=essential --include=python3 \
+mmdebstrap --quiet --mode=root --variant=essential --include=python3,libstdc++6 \
   --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
   --dpkgopt='path-exclude=/usr/share/doc/*' \
   --dpkgopt='path-include=/usr/share/doc/*/copyright' \
@@ -128,7 +144,7 @@ add_layer() { # add_layer DIR CREATED_BY
     --history.created_by "$2" "$work/layer.tar"
   rm "$work/layer.tar"
 }
-add_layer "$rootfs" "mmdebstrap --variant=essential --include=python3 bookworm"
+add_layer "$rootfs" "mmdebstrap --variant=essential --include=python3,libstdc++6 bookworm"
 mkdir -p "$work/app/opt"
 mv "$work/app/spegla" "$work/app/opt/spegla"
 add_layer "$work/app" "spegla $VERSION and its dependencies in a venv at /opt/spegla"
