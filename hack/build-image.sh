@@ -151,7 +151,7 @@ add_layer "$work/app" "spegla $VERSION and its dependencies in a venv at /opt/sp
 umoci config --image "$layout:$tag" --created "$created" --history.created "$created" \
   --author spegla --config.user 0:0 --config.workingdir / \
   --config.env PATH=/opt/spegla/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-  --config.env PYTHONDONTWRITEBYTECODE=1 --config.env PYTHONUNBUFFERED=1 \
+  --config.env LANG=C.UTF-8 --config.env PYTHONDONTWRITEBYTECODE=1 --config.env PYTHONUNBUFFERED=1 \
   --config.entrypoint spegla --config.cmd --help \
   --config.label org.opencontainers.image.title=spegla \
   --config.label "org.opencontainers.image.description=Node agent that makes every Kubernetes node a pull-only OCI registry mirror for its neighbours" \
