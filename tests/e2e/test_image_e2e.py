@@ -25,6 +25,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,26 @@ def test_peer_pull_served_by_the_agent_in_the_image(c: Cluster) -> None:
     assert ag.peer_serves(n1) > served_before
     for d in img.blob_digests():
         assert n1 in ag.served_to(c, d, n2.ip), d
+
+
+def test_init_container_writes_hosts_toml_from_the_image(c: Cluster) -> None:
+    """The DaemonSet's init container: `spegla configuration` from the image, read-only root, no
+    capabilities, writing the node's certs.d (a directory of this test's own here)."""
+    n1 = c.node(1)
+    certs = n1.workdir / "init-certs.d"
+    certs.mkdir()
+    targets = f"http://{n1.ip}:30020,http://{n1.ip}:30021"
+    mount = f"type=bind,src={certs},dst=/etc/containerd/certs.d,options=rbind:rw"
+    run = ["run", "--rm", "--read-only", "--user", "0:0", "--mount", mount]
+    for cap in DEFAULT_CAPS:
+        run += ["--cap-drop", cap]
+    out = ctr(n1, *run, IMAGE, "spegla-init", "spegla", "configuration",
+              "--containerd-registry-config-path=/etc/containerd/certs.d",
+              f"--mirror-targets={targets}")  # fmt: skip
+    written = certs / "_default" / "hosts.toml"
+    hosts = tomllib.loads(written.read_text())
+    assert list(hosts["host"]) == targets.split(","), out
+    assert written.stat().st_uid == 0
 
 
 def test_agent_in_the_image_stops_on_sigterm(c: Cluster) -> None:
