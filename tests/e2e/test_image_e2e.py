@@ -4,8 +4,9 @@ containerd 2.x on a namespace node and run from there as a container, serves a p
 Why: the image is what every node runs; an entrypoint, a missing shared library, a file written to
 the read-only root or a mount the DaemonSet gives and the agent does not expect would only show up
 on a cluster.  Here node 1's agent runs FROM THE IMAGE (``ctr run`` with runc, host networking in
-the node's namespace, the DaemonSet's mounts, args, user and read-only root, no capabilities); node
-2 runs the agent from the checkout.  Node 1 pulls an image (upstream), then node 2 pulls it and the
+the node's namespace, and the mounts, args, user, read-only root and dropped capabilities read from
+manifests/base/daemonset.yaml by ``tests.harness.ctr_pod``); node 2 runs the agent from the
+checkout.  Node 1 pulls an image (upstream), then node 2 pulls it and the
 upstream sees no blob fetch from node 2: every blob came from node 1's containerized agent, whose
 own log and metrics say it served them.
 
@@ -36,6 +37,7 @@ from tests.e2e.shared import upstream_blobs, wait_served_by_peer
 from tests.harness import agents as ag
 from tests.harness.cluster import Cluster, Node
 from tests.harness.containerd import LINE_2_2, NAMESPACE
+from tests.harness.ctr_pod import ctr_run_args, pod_container
 from tests.harness.fixtures import require_line, short_tempdir
 from tests.harness.runc_node import restart_for_containers
 
@@ -50,16 +52,7 @@ CACHE = Path(tempfile.gettempdir()) / "spegla-image-cache"
 CACHE_KEEP = 3  # archives of other source states kept (other checkouts may be using them)
 BUILD_TIMEOUT = 900.0
 CONTAINER = "spegla-agent"
-# ctr has no "ALL": these are the capabilities it grants by default (containerd's oci defaults).
-DEFAULT_CAPS = (
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
-)  # fmt: skip
-# The DaemonSet's container-side paths (manifests/base/daemonset.yaml).
-SOCK = "/run/containerd/containerd.sock"
-CONTENT = "/var/lib/containerd/io.containerd.content.v1.content"
-DATA = "/var/lib/spegla"
+DAEMONSET = ROOT / "manifests" / "base" / "daemonset.yaml"
 
 
 def source_files() -> list[Path]:
@@ -156,42 +149,36 @@ def ctr(node: Node, *args: str, timeout: float = 120.0) -> str:
     return r.stdout
 
 
-def container_argv(cluster: Cluster, node: Node) -> list[str]:
-    """`ctr run` of the image the way the DaemonSet runs it: host network (the node's namespace,
-    where containerd and so its shim run), read-only root, no capabilities, uid 0, the same three
-    host mounts and /tmp in memory, and the DaemonSet's args.  Unlike a pod's `args`, ctr's
-    arguments replace the entrypoint too, so `spegla` is named again (the image's own entrypoint
-    is checked in `test_archive_names_the_image_and_its_entrypoint`)."""
+def host_paths(node: Node) -> dict[str, str]:
+    """The test node's stand-ins for the host paths the DaemonSet mounts.  The containerd
+    instance's directory holds its socket (``containerd.sock``) and its ``config.toml``."""
+    ctrd = node.containerd
     data = node.workdir / "agent-data"
     data.mkdir(parents=True, exist_ok=True)
+    return {
+        "/run/containerd": str(ctrd.workdir),
+        "/run/containerd/containerd.sock": str(ctrd.socket),
+        "/var/lib/containerd/io.containerd.content.v1.content": str(ctrd.content_path),
+        "/etc/containerd/certs.d": str(ctrd.certs_d),
+        "/etc/containerd": str(ctrd.workdir),
+        "/var/lib/spegla": str(data),
+    }
+
+
+def agent_run_args(cluster: Cluster, node: Node) -> list[str]:
+    """`ctr run` of the DaemonSet's agent container on `node`, detached, with host networking (the
+    node's namespace, where containerd and so its shim run) and its output in the node's
+    agent.log.  What the ConfigMap sets in a cluster (bootstrap) is added as flags."""
+    spec = pod_container(
+        DAEMONSET.read_text(), "registry", host_paths(node), {"POD_IP": node.ip, "NODE_IP": node.ip}
+    )
     peers = [f"{n.ip}:{ag.ROUTER_PORT}" for n in cluster.nodes if n is not node]
-    mounts = [
-        f"type=bind,src={node.containerd.socket},dst={SOCK},options=rbind:rw",
-        f"type=bind,src={node.containerd.content_path},dst={CONTENT},options=rbind:ro",
-        f"type=bind,src={data},dst={DATA},options=rbind:rw",
-        "type=tmpfs,src=tmpfs,dst=/tmp,options=nosuid:nodev:size=16m",
-    ]
-    run = ["run", "--detach", "--net-host", "--read-only", "--user", "0:0",
-           "--log-uri", f"file://{node.workdir / 'agent.log'}"]  # fmt: skip
-    for cap in DEFAULT_CAPS:
-        run += ["--cap-drop", cap]
-    for m in mounts:
-        run += ["--mount", m]
-    args = [
-        "spegla", "registry",
-        "--log-level=DEBUG",  # the access lines: which blob went to which peer
-        f"--registry-addr=:{ag.REGISTRY_PORT}",
-        f"--router-addr=:{ag.ROUTER_PORT}",
-        f"--metrics-addr=:{ag.METRICS_PORT}",
-        f"--containerd-sock={SOCK}",
-        f"--containerd-namespace={NAMESPACE}",
-        f"--containerd-content-path={CONTENT}",
-        f"--data-dir={DATA}",
-        f"--advertise-addr={node.ip}",
-        "--bootstrap-kind=static",
-        "--static-bootstrap-peers", *peers,
-    ]  # fmt: skip
-    return [*run, IMAGE, CONTAINER, *args]
+    extra = ["--log-level=DEBUG",  # the access lines: which blob went to which peer
+             "--bootstrap-kind=static", "--static-bootstrap-peers", *peers]  # fmt: skip
+    return ctr_run_args(
+        spec, IMAGE, CONTAINER, ["spegla"], extra, detach=True, net_host=True,
+        log_uri=f"file://{node.workdir / 'agent.log'}",
+    )  # fmt: skip
 
 
 def task_pid(node: Node) -> int:
@@ -218,7 +205,7 @@ def c(image_archive: Path) -> Iterator[Cluster]:
         cl.up(large_mib=1)
         restart_for_containers(n1)
         ctr(n1, "images", "import", str(image_archive), timeout=300)
-        ctr(n1, *container_argv(cl, n1))
+        ctr(n1, *agent_run_args(cl, n1))
         ag.start_agent(cl, cl.node(2), ready_timeout=None)
         try:
             ag.wait_ready(n1, timeout=60)
@@ -277,22 +264,17 @@ def test_peer_pull_served_by_the_agent_in_the_image(c: Cluster) -> None:
 
 
 def test_init_container_writes_hosts_toml_from_the_image(c: Cluster) -> None:
-    """The DaemonSet's init container: `spegla configuration` from the image, read-only root, no
-    capabilities, writing the node's certs.d (a directory of this test's own here)."""
+    """The DaemonSet's init container from the image: `spegla configuration` writes the node's
+    certs.d (a directory of this test's own here, not the one the node's containerd reads)."""
     n1 = c.node(1)
     certs = n1.workdir / "init-certs.d"
     certs.mkdir()
-    targets = f"http://{n1.ip}:30020,http://{n1.ip}:30021"
-    mount = f"type=bind,src={certs},dst=/etc/containerd/certs.d,options=rbind:rw"
-    run = ["run", "--rm", "--read-only", "--user", "0:0", "--mount", mount]
-    for cap in DEFAULT_CAPS:
-        run += ["--cap-drop", cap]
-    out = ctr(n1, *run, IMAGE, "spegla-init", "spegla", "configuration",
-              "--containerd-registry-config-path=/etc/containerd/certs.d",
-              f"--mirror-targets={targets}")  # fmt: skip
+    paths = {**host_paths(n1), "/etc/containerd/certs.d": str(certs)}
+    spec = pod_container(DAEMONSET.read_text(), "configuration", paths, {"NODE_IP": n1.ip})
+    out = ctr(n1, *ctr_run_args(spec, IMAGE, "spegla-init", ["spegla"]))
     written = certs / "_default" / "hosts.toml"
     hosts = tomllib.loads(written.read_text())
-    assert list(hosts["host"]) == targets.split(","), out
+    assert list(hosts["host"]) == [f"http://{n1.ip}:30020", f"http://{n1.ip}:30021"], out
     assert written.stat().st_uid == 0
 
 

@@ -1,0 +1,158 @@
+"""Run a container of the DaemonSet with `ctr run`, the way the kubelet would run it.
+
+Why: the image e2e test must run the agent with the DaemonSet's mounts, args, user and security
+settings, not with a copy of them that drifts when the manifests change.  This reads the container
+(or init container) from the DaemonSet manifest and translates it into `ctr run` arguments, with the
+node's host paths replaced by the test node's stand-ins.  Pure: no process is started here.
+
+What is translated: ``args`` (``$(VAR)`` references filled from ``env``; an unknown one is an
+error), ``volumeMounts`` of ``hostPath`` volumes (bind mounts; ``readOnly``; ``mountPropagation``
+HostToContainer -> rslave, Bidirectional -> rshared) and of in-memory ``emptyDir`` volumes (tmpfs
+of ``sizeLimit``), ``securityContext`` ``runAsUser``, ``readOnlyRootFilesystem``,
+``allowPrivilegeEscalation`` and ``capabilities.drop: [ALL]``.  Anything else that would change how
+the container runs (``subPath``, other volume kinds) is refused with a ValueError.
+
+API
+- ``pod_container(manifest_text, name, host_paths, env)`` -> ``PodContainer``.
+- ``ctr_run_args(container, image, container_id, command, extra_args=(), detach=False,
+  net_host=False, log_uri=None)`` -> argv after ``ctr [global options]``.
+- ``DEFAULT_CAPS``: the capabilities ``ctr run`` grants unless dropped (it has no "ALL").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+DEFAULT_CAPS = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+)  # fmt: skip
+PROPAGATION = {None: "rprivate", "None": "rprivate", "HostToContainer": "rslave",
+               "Bidirectional": "rshared"}  # fmt: skip
+_VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+_SIZE = re.compile(r"^(\d+)(Ki|Mi|Gi)?$")
+
+
+@dataclass(frozen=True, slots=True)
+class PodContainer:
+    """What `ctr run` needs to know about one container of the pod."""
+
+    name: str
+    args: tuple[str, ...]
+    mounts: tuple[str, ...]  # `ctr run --mount` values
+    user: str  # uid:gid
+    read_only_root: bool
+    drop_all_caps: bool
+    no_new_privileges: bool
+
+
+def _daemonset(manifest_text: str) -> dict[str, Any]:
+    for doc in yaml.safe_load_all(manifest_text):
+        if isinstance(doc, dict) and doc.get("kind") == "DaemonSet":
+            return doc
+    raise ValueError("no DaemonSet in the manifest")
+
+
+def _fill(arg: str, env: Mapping[str, str]) -> str:
+    def one(m: re.Match[str]) -> str:
+        if m.group(1) not in env:
+            raise ValueError(f"argument {arg!r} names ${m.group(1)}, which the test does not set")
+        return env[m.group(1)]
+
+    return _VAR.sub(one, arg)
+
+
+def _tmpfs_size(limit: str | None) -> str:
+    if limit is None:
+        return ""
+    m = _SIZE.match(str(limit))
+    if not m:
+        raise ValueError(f"emptyDir sizeLimit {limit!r} is not understood")
+    unit = {"Ki": "k", "Mi": "m", "Gi": "g", None: ""}[m.group(2)]
+    return f":size={m.group(1)}{unit}"
+
+
+def _mount(mount: dict[str, Any], volume: dict[str, Any], host_paths: Mapping[str, str]) -> str:
+    if "subPath" in mount or "subPathExpr" in mount:
+        raise ValueError(f"volumeMount {mount['name']}: subPath is not supported")
+    dst = mount["mountPath"]
+    if "hostPath" in volume:
+        path = volume["hostPath"]["path"]
+        if path not in host_paths:
+            raise ValueError(f"volume {volume['name']}: no stand-in for hostPath {path}")
+        access = "ro" if mount.get("readOnly") else "rw"
+        propagation = PROPAGATION.get(mount.get("mountPropagation"))
+        if propagation is None:
+            raise ValueError(f"volumeMount {mount['name']}: {mount['mountPropagation']!r}")
+        return f"type=bind,src={host_paths[path]},dst={dst},options=rbind:{access}:{propagation}"
+    empty = volume.get("emptyDir")
+    if isinstance(empty, dict) and empty.get("medium") == "Memory":
+        size = _tmpfs_size(empty.get("sizeLimit"))
+        return f"type=tmpfs,src=tmpfs,dst={dst},options=nosuid:nodev{size}"
+    raise ValueError(f"volume {volume['name']}: only hostPath and in-memory emptyDir are supported")
+
+
+def pod_container(
+    manifest_text: str, name: str, host_paths: Mapping[str, str], env: Mapping[str, str]
+) -> PodContainer:
+    pod = _daemonset(manifest_text)["spec"]["template"]["spec"]
+    candidates = [*pod.get("initContainers", []), *pod.get("containers", [])]
+    spec = next((c for c in candidates if c["name"] == name), None)
+    if spec is None:
+        raise ValueError(f"no container {name!r} in the DaemonSet")
+    if "command" in spec:
+        raise ValueError(f"container {name}: `command` replaces the entrypoint; not supported")
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = tuple(_mount(m, volumes[m["name"]], host_paths) for m in spec.get("volumeMounts", []))
+    security = spec.get("securityContext", {})
+    uid = security.get("runAsUser", pod.get("securityContext", {}).get("runAsUser"))
+    if uid is None:
+        raise ValueError(f"container {name}: no runAsUser (the image's user would be a guess)")
+    return PodContainer(
+        name=name,
+        args=tuple(_fill(str(a), env) for a in spec.get("args", [])),
+        mounts=mounts,
+        user=f"{uid}:{security.get('runAsGroup', uid)}",
+        read_only_root=bool(security.get("readOnlyRootFilesystem", False)),
+        drop_all_caps="ALL" in security.get("capabilities", {}).get("drop", []),
+        no_new_privileges=security.get("allowPrivilegeEscalation") is False,
+    )
+
+
+def ctr_run_args(
+    container: PodContainer,
+    image: str,
+    container_id: str,
+    command: Sequence[str],
+    extra_args: Sequence[str] = (),
+    detach: bool = False,
+    net_host: bool = False,
+    log_uri: str | None = None,
+) -> list[str]:
+    """``ctr run`` replaces the image's entrypoint with whatever follows the id, unlike a pod's
+    ``args``; ``command`` is therefore the image's entrypoint, named again by the caller."""
+    run = ["run", "--user", container.user]
+    if detach:
+        run.append("--detach")
+    else:
+        run.append("--rm")
+    if net_host:
+        run.append("--net-host")
+    if container.read_only_root:
+        run.append("--read-only")
+    if not container.no_new_privileges:
+        run.append("--allow-new-privs")  # ctr sets no_new_privs unless told otherwise
+    if container.drop_all_caps:
+        for cap in DEFAULT_CAPS:
+            run += ["--cap-drop", cap]
+    if log_uri is not None:
+        run += ["--log-uri", log_uri]
+    for m in container.mounts:
+        run += ["--mount", m]
+    return [*run, image, container_id, *command, *container.args, *extra_args]
