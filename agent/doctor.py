@@ -15,13 +15,16 @@ import itertools
 import json
 import os
 import socket
+import struct
 from dataclasses import dataclass, field
 
 import trio
 
 from agent import doctor_checks as dc
 from agent.config import ListenAddr
+from agent.containerd_config import read_settings, split_host_path
 
+DEFAULT_CONTAINERD_CONFIG = "/etc/containerd/config.toml"
 PROBE_DATAGRAM = b"spegla doctor probe (not a DHT message)"
 MAX_STATS_BODY = 8 << 20
 
@@ -29,7 +32,7 @@ MAX_STATS_BODY = 8 << 20
 @dataclass(frozen=True, slots=True)
 class DoctorConfig:
     containerd_sock: str = "/run/containerd/containerd.sock"
-    containerd_config: str = "/etc/containerd/config.toml"
+    containerd_config: str = DEFAULT_CONTAINERD_CONFIG
     config_path: str = "/etc/containerd/certs.d"
     content_path: str = "/var/lib/containerd/io.containerd.content.v1.content"
     registry_addr: ListenAddr = field(default_factory=lambda: ListenAddr("", 5000))
@@ -125,20 +128,73 @@ async def containerd_facts(cfg: DoctorConfig) -> ContainerdFacts:
             facts.cri_error = f"CRI status failed: {getattr(exc, 'message', None) or exc}"
     facts.cri = dc.from_cri_info(info)
     if facts.cri is None and info and (dc.major_version(facts.version) or 0) >= 2:
-        try:
-            text = await trio.Path(cfg.containerd_config).read_text(encoding="utf-8")
-        except OSError as exc:  # a missing file is not proof of defaults: it may not be mounted
+        located = locate_config(cfg)
+        settings = await trio.to_thread.run_sync(read_settings, located.path, located.host_root)
+        if not settings.files:
             facts.cri_error = (
-                f"containerd {facts.version} does not report image settings over CRI and "
-                f"{cfg.containerd_config} cannot be read ({exc.strerror}); point "
+                f"containerd {facts.version} does not report image settings over CRI and its "
+                f"config ({located.how}) cannot be read: {'; '.join(settings.errors)}; point "
                 "--containerd-config (CONTAINERD_CONFIG) at containerd's config file"
             )
             return facts
-        try:
-            facts.cri = dc.from_config_toml(text, cfg.containerd_config)
-        except ValueError as exc:
-            facts.cri_error = f"{cfg.containerd_config} is not valid TOML: {exc}"
+        if settings.errors:
+            facts.cri_error = "config files not fully read: " + "; ".join(settings.errors)
+            return facts
+        facts.cri = dc.from_settings(settings)
     return facts
+
+
+@dataclass(frozen=True, slots=True)
+class LocatedConfig:
+    path: str  # the host's path of containerd's root config file
+    host_root: str  # where the host's files are read ("" or "/host" or "/proc/PID/root")
+    how: str  # for messages
+
+
+def config_flag(argv: list[str]) -> str | None:
+    """The `--config`/`-c` value of a containerd command line (None: the default file)."""
+    for i, arg in enumerate(argv):
+        for flag in ("--config", "-config", "-c", "--c"):
+            if arg == flag and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(flag + "="):
+                return arg[len(flag) + 1 :]
+    return None
+
+
+def containerd_pid(sock_path: str) -> int | None:
+    """The PID of the process serving `sock_path`, when it is visible in this PID namespace."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            s.connect(sock_path)
+            raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid = struct.unpack("3i", raw)[0]
+    return pid if pid > 0 else None  # 0: the server lives in a PID namespace we cannot see
+
+
+def locate_config(cfg: DoctorConfig) -> LocatedConfig:
+    """containerd's own command line names its config when its process is visible (the host, a
+    hostPID pod): then its files are read through /proc/PID/root, as containerd sees them.
+    Otherwise --containerd-config, host paths read under /host when it points there (the
+    DaemonSet mounts the host's /etc/containerd at /host/etc/containerd)."""
+    pid = containerd_pid(cfg.containerd_sock)
+    if pid is not None:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+            path = config_flag(argv) or DEFAULT_CONTAINERD_CONFIG
+            if not os.path.isabs(path):
+                path = os.path.join(os.readlink(f"/proc/{pid}/cwd"), path)
+            return LocatedConfig(path, f"/proc/{pid}/root", f"{path} from containerd's pid {pid}")
+        except OSError:
+            pass
+    host_root = "/host" if cfg.containerd_config.startswith("/host/") else ""
+    path = split_host_path(cfg.containerd_config, host_root)
+    where = f" (read under {host_root})" if host_root else ""
+    return LocatedConfig(path, host_root, f"{path}{where} from --containerd-config")
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -167,11 +223,19 @@ def hosts_files(cfg: DoctorConfig) -> list[dc.HostsFile]:
 
 
 def content_facts(path: str) -> tuple[int | None, str | None]:
-    """(blob count, None) when the content directory and a blob in it can be read."""
+    """(blob count, None) when the content directory and a blob in it can be read; (None, None)
+    when it does not exist yet but containerd's root does."""
     if not path:
         return 0, None
     try:
         os.listdir(path)
+    except FileNotFoundError:
+        # containerd 2.x creates the directory at its first pull (1.6 at start); the agent
+        # picks it up once it appears. Only a missing parent means the mount is wrong.
+        parent = os.path.dirname(os.path.normpath(path))
+        if os.path.isdir(parent):
+            return None, None
+        return None, f"neither it nor {parent} exists"
     except OSError as exc:
         return None, f"cannot list it: {exc.strerror}"
     blobs = os.path.join(path, "blobs", "sha256")
@@ -352,13 +416,14 @@ async def run_checks(cfg: DoctorConfig) -> list[dc.Check]:
     ctr = results["containerd"]
     agent = results["agent"]
     assert isinstance(ctr, ContainerdFacts) and isinstance(agent, AgentFacts)
-    major = dc.major_version(ctr.version or "")
+    version = dc.version_tuple(ctr.version or "")
+    major = version[0] if version else None
     count, content_error = content_facts(cfg.content_path)
     peers = None if agent.peers is None else len(agent.peers)
     reg = f"{_local(cfg.registry_addr)}:{cfg.registry_addr.port}"
     checks = [dc.check_containerd(ctr.version, ctr.error, cfg.containerd_sock)]
     if ctr.version is not None:
-        checks.append(dc.check_config_path(ctr.cri, cfg.config_path, major, ctr.cri_error))
+        checks.append(dc.check_config_path(ctr.cri, cfg.config_path, version, ctr.cri_error))
         checks.append(dc.check_discard(ctr.cri, major, ctr.cri_error))
     checks += [
         dc.check_hosts_toml(

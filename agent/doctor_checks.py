@@ -6,27 +6,26 @@ ignoring certs.d, discarding layers after unpack, a hosts.toml pointing elsewher
 peers, an unreadable content directory) is a pure function from a fact to a `Check`, tested without
 a node. `agent.doctor` gathers the facts (containerd over gRPC, the agent over HTTP/UDP, files).
 
-containerd reports its CRI configuration in the verbose CRI `Status` (what `crictl info` prints):
-1.6 and 1.7 put `registry.configPath` and `containerd.discardUnpackedLayers` in `info["config"]`;
-2.x moved image settings to the `io.containerd.cri.v1.images` plugin, whose settings that JSON no
-longer carries, so for 2.x they are read from containerd's config file (version 2 or 3 layout) with
-2.x's defaults for what the file leaves out.
+containerd 1.6 and 1.7 report their effective CRI configuration in the verbose CRI `Status` (what
+`crictl info` prints: `registry.configPath`, `containerd.discardUnpackedLayers`); 2.x no longer
+reports image settings there, so they come from its config files read the way containerd reads
+them (`agent.containerd_config`). On 2.1+ CRI pulls go through the transfer service unless
+`use_local_image_pull = true`, and that path takes `config_path` as ONE directory: a `:`-joined
+list (2.1's default among them) silently ignores every hosts.toml, so that is a failure here.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
-# containerd 2.x's built-in image settings (internal/cri/config defaults).
-V2_DEFAULT_CONFIG_PATH = "/etc/containerd/certs.d:/etc/docker/certs.d"
-V1_CRI_PLUGIN = "io.containerd.grpc.v1.cri"
-V2_IMAGES_PLUGIN = "io.containerd.cri.v1.images"
+from agent import containerd_snippets as snippets
+from agent.containerd_config import ImageSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,17 +40,35 @@ class Check:
 
 @dataclass(frozen=True, slots=True)
 class CriImageConfig:
-    """The two containerd settings spegla depends on, and where they were read from."""
+    """The containerd settings spegla depends on, and where they were read from."""
 
-    source: str  # "CRI status (1.x)", "config file /etc/containerd/config.toml (2.x)", ...
-    config_path: str | None  # None: containerd did not say
-    discard_unpacked_layers: bool | None
+    source: str  # "CRI status (containerd 1.x)", "config files /etc/containerd/config.toml", ...
+    config_path: str | None  # None: not set anywhere
+    discard_unpacked_layers: bool | None  # None: containerd did not say
+    use_local_image_pull: bool | None = None  # 2.x only; None: not set (off)
+    config_version: int | None = None  # of the config file read (2.x), for the fix snippets
+    config_path_from: str | None = None  # the file that sets config_path last
+
+
+def version_tuple(version: str) -> tuple[int, int] | None:
+    """`v1.6.20` / `1.6.20~ds1` / `2.2.7` -> (1, 6) / (1, 6) / (2, 2); None when unparseable."""
+    parts = version.strip().lstrip("v").split(".")
+    digits = ["".join(itertools.takewhile(str.isdigit, p)) for p in parts[:2]]
+    if len(digits) < 2 or not all(digits):
+        head = digits[0] if digits else ""
+        return (int(head), 0) if head else None
+    return int(digits[0]), int(digits[1])
 
 
 def major_version(version: str) -> int | None:
-    """`v1.6.20` / `1.6.20~ds1` / `2.0.0-rc.1` -> 1 / 1 / 2; None when unparseable."""
-    head = version.strip().lstrip("v").split(".", 1)[0]
-    return int(head) if head.isdigit() else None
+    parsed = version_tuple(version)
+    return parsed[0] if parsed else None
+
+
+def transfer_service_pulls(version: tuple[int, int] | None, cfg: CriImageConfig | None) -> bool:
+    """containerd 2.1+ does CRI pulls through its transfer service unless told not to."""
+    local = cfg is not None and bool(cfg.use_local_image_pull)
+    return version is not None and version >= (2, 1) and not local
 
 
 def from_cri_info(info: Mapping[str, str]) -> CriImageConfig | None:
@@ -72,36 +89,26 @@ def from_cri_info(info: Mapping[str, str]) -> CriImageConfig | None:
     discard = runtime.get("discardUnpackedLayers") if isinstance(runtime, dict) else None
     path = registry.get("configPath")
     return CriImageConfig(
-        source="CRI status (containerd 1.x shape)",
+        source="CRI status",
         config_path=str(path) if path is not None else None,
         discard_unpacked_layers=bool(discard) if isinstance(discard, bool) else None,
     )
 
 
-def _table(doc: Mapping[str, Any], *keys: str) -> Mapping[str, Any]:
-    node: Any = doc
-    for key in keys:
-        node = node.get(key) if isinstance(node, Mapping) else None
-    return node if isinstance(node, Mapping) else {}
-
-
-def from_config_toml(text: str, where: str) -> CriImageConfig:
-    """Image settings from containerd 2.x's config file (version 3 layout, or version 2 which 2.x
-    migrates); what the file leaves out takes 2.x's default. Raises ValueError on bad TOML."""
-    doc = tomllib.loads(text)
-    plugins = _table(doc, "plugins")
-    images = _table(plugins, V2_IMAGES_PLUGIN)
-    old = _table(plugins, V1_CRI_PLUGIN)
-    path: Any = _table(images, "registry").get("config_path")
-    if path is None:
-        path = _table(old, "registry").get("config_path")
-    discard: Any = images.get("discard_unpacked_layers")
-    if discard is None:
-        discard = _table(old, "containerd").get("discard_unpacked_layers")
+def from_settings(s: ImageSettings) -> CriImageConfig:
+    """What containerd 2.x's config files say; unset means containerd's built-in default
+    (``discard_unpacked_layers`` and ``use_local_image_pull`` false, ``config_path`` not ours)."""
+    files = ", ".join(s.files) if s.files else "no file"
+    path = s.config_path.value
+    discard = s.discard_unpacked_layers.value
+    local = s.use_local_image_pull.value
     return CriImageConfig(
-        source=f"config file {where} (containerd 2.x)",
-        config_path=V2_DEFAULT_CONFIG_PATH if path is None else str(path),
-        discard_unpacked_layers=False if discard is None else bool(discard),
+        source=f"config files {files}",
+        config_path=str(path) if path is not None else None,
+        discard_unpacked_layers=bool(discard) if discard is not None else False,
+        use_local_image_pull=bool(local) if local is not None else None,
+        config_version=s.version or None,
+        config_path_from=s.config_path.source,
     )
 
 
@@ -120,53 +127,67 @@ def check_containerd(version: str | None, error: str | None, sock: str) -> Check
     )
 
 
-def _plugin_hint(major: int | None) -> str:
-    if major is not None and major >= 2:
-        return f'[plugins."{V2_IMAGES_PLUGIN}".registry]'
-    return f'[plugins."{V1_CRI_PLUGIN}".registry]'
+def _snippet_version(cfg: CriImageConfig | None, major: int | None) -> int:
+    if cfg is not None and cfg.config_version:
+        return 3 if cfg.config_version >= 3 else 2
+    return snippets.config_version_for(major)
+
+
+def _block(text: str) -> str:
+    """A config snippet as indented lines under a fix (kept verbatim by `render_table`)."""
+    return "\n" + "\n".join("    " + line for line in text.splitlines() if line.strip())
 
 
 def check_config_path(
     cfg: CriImageConfig | None,
     certs_d: str,
-    major: int | None,
+    version: tuple[int, int] | None,
     missing: str = "containerd did not report its CRI configuration",
 ) -> Check:
     name = "registry config_path"
-    where = _plugin_hint(major)
+    major = version[0] if version else None
+    snippet = snippets.config_path_only(_snippet_version(cfg, major), certs_d)
     fix = (
-        f'set config_path = "{certs_d}" under {where} in containerd\'s config.toml and restart '
-        "containerd (without it containerd never reads spegla's hosts.toml)"
+        f"set config_path to the one directory {certs_d} in containerd's config and restart "
+        "containerd (without it containerd never reads spegla's hosts.toml):" + _block(snippet)
     )
     if cfg is None:
         return Check(name, False, missing, fix)
+    where = f" (set in {cfg.config_path_from})" if cfg.config_path_from else f" ({cfg.source})"
     if not cfg.config_path:
         return Check(name, False, f"not set ({cfg.source})", fix)
     paths = [p for p in cfg.config_path.split(":") if p]
     want = os.path.normpath(certs_d)
-    if any(os.path.normpath(p) == want for p in paths):
-        return Check(name, True, f"{cfg.config_path} ({cfg.source})")
-    return Check(
-        name,
-        False,
-        f"{cfg.config_path} does not include {certs_d}, where spegla writes hosts.toml",
-        f'add "{certs_d}" to config_path under {where}, or point the `configuration` init '
-        "container's --containerd-registry-config-path at the directory containerd reads",
-    )
+    if not any(os.path.normpath(p) == want for p in paths):
+        return Check(
+            name,
+            False,
+            f"{cfg.config_path}{where} does not include {certs_d}, where spegla writes hosts.toml",
+            fix + "\nor point the `configuration` init container's "
+            "--containerd-registry-config-path at the directory containerd reads",
+        )
+    if len(paths) > 1 and transfer_service_pulls(version, cfg):
+        return Check(
+            name,
+            False,
+            f"{cfg.config_path}{where} lists {len(paths)} directories: containerd 2.1+ pulls for "
+            "CRI through its transfer service, which takes config_path as ONE directory, so it "
+            "reads no hosts.toml and never asks spegla",
+            fix
+            + "\nor keep the list and make CRI pull without the transfer service:"
+            + _block(snippets.local_image_pull()),
+        )
+    return Check(name, True, f"{cfg.config_path}{where}")
 
 
 def check_discard(
     cfg: CriImageConfig | None, major: int | None, missing: str = "containerd did not report it"
 ) -> Check:
     name = "discard_unpacked_layers"
-    table = (
-        f'[plugins."{V2_IMAGES_PLUGIN}"]'
-        if major is not None and major >= 2
-        else f'[plugins."{V1_CRI_PLUGIN}".containerd]'
-    )
     fix = (
-        f"set discard_unpacked_layers = false under {table} and restart containerd: with true, "
-        "containerd deletes layers after unpacking and this node has nothing to share"
+        "set discard_unpacked_layers = false and restart containerd (with true, containerd "
+        "deletes layers after unpacking and this node has nothing to share):"
+        + _block(snippets.discard_only(_snippet_version(cfg, major)))
     )
     if cfg is None or cfg.discard_unpacked_layers is None:
         return Check(name, False, missing, fix)
@@ -297,6 +318,10 @@ def check_content(path: str, entries: int | None, error: str | None) -> Check:
     name = "content directory"
     if not path:
         return Check(name, True, "not used (blobs stream over containerd's gRPC API)")
+    if error is None and entries is None:
+        return Check(
+            name, True, f"{path} not created yet (containerd 2.x creates it at its first pull)"
+        )
     if error is None:
         return Check(name, True, f"{path} readable ({entries} blob(s))")
     return Check(
@@ -330,9 +355,14 @@ def render_table(checks: Sequence[Check], width: int = 100) -> str:
         result = textwrap.wrap(c.result, result_w, break_on_hyphens=False) or [""]
         lines.append(f"{c.name:<{name_w}}  {mark}  {result[0]}")
         lines += [indent + more for more in result[1:]]
-        if c.fix:
-            fix = textwrap.wrap("-> " + c.fix, result_w, break_on_hyphens=False)
-            lines += [indent + part for part in fix]
+        if c.fix:  # prose is wrapped; indented lines (config snippets) are kept as they are
+            for n, part in enumerate(c.fix.split("\n")):
+                if part.startswith(" "):
+                    lines.append(indent + part)
+                else:
+                    text = ("-> " if n == 0 else "") + part
+                    wrapped = textwrap.wrap(text, result_w, break_on_hyphens=False)
+                    lines += [indent + w for w in wrapped]
     failed = sum(1 for c in checks if not c.ok)
     lines.append("")
     lines.append(

@@ -6,7 +6,10 @@ rendered file must work on containerd 1.6 through 2.x: explicit `http://` mirror
 means https), at least one `[host]` table (1.6 silently ignores a file without one), `capabilities`
 pull/resolve or pull only, and `dial_timeout` (ignored by < 2.1, bounds the connect to a dead agent
 on newer ones). Whatever was in the directory before the first install is moved to `_backup` once
-and put back by `cleanup`, so uninstalling leaves the node as it was.
+and put back by `cleanup`, so uninstalling leaves the node as it was. A later install replaces only
+what spegla wrote (hosts.toml starting with `MANAGED_HEADER`): a registry directory an admin added
+since stays, or goes into the backup when spegla now writes that same registry. Files are written
+with tomli-w, so any value (control characters too) comes out as valid TOML.
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+import tomli_w
+
+from agent import containerd_snippets as snippets
 from agent.config import ConfigError, MirrorConfig, format_duration
 from registry.basic_auth import BasicAuth, BasicAuthError, load_basic_auth
 
 logger = logging.getLogger(__name__)
 
 BACKUP_DIR = "_backup"
+MANAGED_HEADER = "# written by `spegla configuration`; `spegla cleanup` restores what was here"
 _BACKUP_PENDING = ".spegla-backup-pending"
 DEFAULT_REGISTRY = "_default"
 
@@ -49,6 +56,10 @@ def registry_dir_name(registry: str) -> str:
     netloc = urlsplit(registry).netloc
     if not netloc or "/" in netloc or netloc in (".", ".."):
         raise ConfigError(f"mirrored registry {registry!r} has no usable host")
+    if not netloc.isascii() or not netloc.isprintable() or any(c.isspace() for c in netloc):
+        raise ConfigError(
+            f"mirrored registry {registry!r}: the host must be printable ASCII (IDNA for others)"
+        )
     return netloc
 
 
@@ -60,48 +71,6 @@ def server_url(registry: str) -> str | None:
     if parts.netloc == "docker.io":
         return f"{parts.scheme}://registry-1.docker.io"
     return registry.rstrip("/")
-
-
-def _toml_string(value: str) -> str:
-    if "'" not in value and "\n" not in value and "\r" not in value:
-        return f"'{value}'"
-    escaped = (
-        value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-    )
-    return f'"{escaped}"'
-
-
-def _toml_key(key: str) -> str:
-    bare = key.replace("-", "").replace("_", "")
-    return key if key and bare.isalnum() and key.isascii() else _toml_string(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise ConfigError(f"cannot render {type(value).__name__} in hosts.toml")
-
-
-def _render_table(path: Sequence[str], table: Mapping[str, Any]) -> list[str]:
-    """A `[a.'b']` table: scalar keys first (original order), then sub-tables."""
-    lines = ["[" + ".".join(_toml_key(part) for part in path) + "]"]
-    subtables: list[tuple[str, Mapping[str, Any]]] = []
-    for key, value in table.items():
-        if isinstance(value, Mapping):
-            subtables.append((key, value))
-        else:
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    for key, value in subtables:
-        lines.extend(_render_table([*path, key], value))
-    return lines
 
 
 def render_hosts_toml(
@@ -119,11 +88,12 @@ def render_hosts_toml(
     each of our mirror targets, so containerd sends them to every agent it asks."""
     if not targets:
         raise ConfigError("at least one mirror target is needed")
-    blocks: list[list[str]] = []
+    doc: dict[str, Any] = {}
     server = server_url(registry)
     if server is not None:
-        blocks.append([f"server = {_toml_string(server)}"])
+        doc["server"] = server
     capabilities = ["pull", "resolve"] if resolve_tags else ["pull"]
+    hosts: dict[str, Any] = {}
     for target in targets:
         table: dict[str, Any] = {
             "capabilities": capabilities,
@@ -131,12 +101,21 @@ def render_hosts_toml(
         }
         if headers:
             table["header"] = dict(headers)
-        blocks.append(_render_table(["host", encapsulate_ipv6(target)], table))
-    ours = {encapsulate_ipv6(target) for target in targets}
+        hosts[encapsulate_ipv6(target)] = table
     for url, old in (existing_hosts or {}).items():
-        if url not in ours:
-            blocks.append(_render_table(["host", url], old))
-    return "\n\n".join("\n".join(block) for block in blocks) + "\n"
+        hosts.setdefault(url, dict(old))
+    doc["host"] = hosts
+    # tomli-w escapes every string (control characters included): valid TOML for any input
+    return MANAGED_HEADER + "\n" + tomli_w.dumps(doc)
+
+
+def is_managed(directory: str) -> bool:
+    """A certs.d entry spegla wrote: a directory whose hosts.toml starts with `MANAGED_HEADER`."""
+    try:
+        with open(os.path.join(directory, "hosts.toml"), encoding="utf-8", errors="replace") as fh:
+            return fh.readline().rstrip("\n") == MANAGED_HEADER
+    except OSError:
+        return False
 
 
 def _existing_host_tables(backup_dir: str) -> dict[str, Mapping[str, Any]]:
@@ -213,8 +192,7 @@ def configure(cfg: MirrorConfig) -> list[str]:
     headers = {"Authorization": auth.header_value} if auth is not None else None
     os.makedirs(cfg.config_path, mode=0o755, exist_ok=True)
     backup = ensure_backup(cfg.config_path)
-    for name in _entries_except(cfg.config_path, (BACKUP_DIR,)):
-        _remove(os.path.join(cfg.config_path, name))
+    _clear_for_install(cfg.config_path, backup, set(dirs))
     written: list[str] = []
     for registry, dir_name in zip(registries, dirs, strict=True):
         target_dir = os.path.join(cfg.config_path, dir_name)
@@ -249,6 +227,34 @@ def configure(cfg: MirrorConfig) -> list[str]:
     return written
 
 
+def _clear_for_install(config_path: str, backup: str, ours: set[str]) -> None:
+    """Remove what an earlier install wrote. An entry someone else added after that install is
+    kept where it is, unless this install writes the same registry directory: then it goes into
+    the backup (under a free name), so `cleanup` puts it back."""
+    for name in _entries_except(config_path, (BACKUP_DIR,)):
+        path = os.path.join(config_path, name)
+        if is_managed(path):
+            _remove(path)
+        elif name in ours:
+            kept = _free_name(backup, name)
+            os.replace(path, kept)
+            logger.warning(
+                "moved a registry directory added after the first install into the backup",
+                extra={"path": path, "backup": kept},
+            )
+        else:
+            logger.info("left a registry directory spegla did not write", extra={"path": path})
+
+
+def _free_name(directory: str, name: str) -> str:
+    candidate = os.path.join(directory, name)
+    n = 1
+    while os.path.lexists(candidate):
+        candidate = os.path.join(directory, f"{name}.{n}")
+        n += 1
+    return candidate
+
+
 def _basic_auth(directory: str) -> BasicAuth | None:
     try:
         auth = load_basic_auth(directory)
@@ -260,26 +266,45 @@ def _basic_auth(directory: str) -> BasicAuth | None:
 
 
 def cleanup(config_path: str) -> bool:
-    """Put back what `configure` backed up; returns False when there was nothing to restore."""
+    """Put back what `configure` backed up and remove what it wrote (entries someone else added
+    since stay); returns False when there was nothing to restore."""
     backup = os.path.join(config_path, BACKUP_DIR)
     if not os.path.isdir(backup):
         logger.info("no backup to restore", extra={"path": config_path})
         return False
     for name in _entries_except(config_path, (BACKUP_DIR,)):
-        _remove(os.path.join(config_path, name))
+        path = os.path.join(config_path, name)
+        if is_managed(path):
+            _remove(path)
     for name in _entries_except(backup, ()):
-        os.replace(os.path.join(backup, name), os.path.join(config_path, name))
+        # an entry added since the install stays; the older copy comes back beside it
+        target = _free_name(config_path, name)
+        os.replace(os.path.join(backup, name), target)
     os.rmdir(backup)
     logger.info("restored containerd registry config", extra={"path": config_path})
     return True
 
 
 def configure_main(cfg: MirrorConfig) -> int:
+    """`spegla configuration`: 0 when written; 1 with one error log line when it could not be
+    (a bad value is a ConfigError, reported by the CLI as a usage error, exit 2)."""
     try:
         configure(cfg)
-    except OSError as exc:
-        logger.error("could not write containerd configuration", extra={"error": str(exc)})
+    except (OSError, UnicodeError) as exc:
+        logger.error(
+            "could not write containerd configuration",
+            extra={"path": cfg.config_path, "error": str(exc)},
+        )
         return 1
+    logger.info(
+        "containerd reads these files only with this registry config_path (one directory) and "
+        "layers kept after unpacking; restart containerd after changing its config",
+        extra={
+            "config_path": cfg.config_path,
+            "containerd_2x_config": snippets.spegla_settings(3, cfg.config_path),
+            "containerd_1x_config": snippets.spegla_settings(2, cfg.config_path),
+        },
+    )
     return 0
 
 

@@ -24,6 +24,8 @@ import fcntl
 import logging
 import os
 import re
+import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -193,6 +195,19 @@ def scan_ingests(
     return out
 
 
+def lease_break_signal_ignored() -> bool:
+    """Whether a lease may be taken safely: when a writer opens a leased file the kernel sends
+    the lease holder SIGIO, whose default action kills the process. Invariant: a lease is taken
+    only while SIGIO is ignored. Ignoring it is set here when called on the main thread (the
+    watcher does so at start; no part of the agent uses SIGIO); a worker thread can only read it."""
+    if signal.getsignal(signal.SIGIO) == signal.SIG_IGN:
+        return True
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGIO, signal.SIG_IGN)
+        return True
+    return False
+
+
 def being_written(data_path: str, now: float | None = None) -> bool:
     """Blocking: is a process still writing this download?
 
@@ -200,22 +215,24 @@ def being_written(data_path: str, now: float | None = None) -> bool:
     whose lease has not been collected yet); such a download never grows again, and a peer
     streaming from it would wait for nothing.  A live one is open for writing: then the kernel
     refuses a read lease (EAGAIN), which is asked for and, if granted, dropped at once.  Where
-    leases are not available (no CAP_LEASE, a filesystem without them) a download counts as
-    written if its data changed within QUIET_FOR seconds.
+    leases are not available (no CAP_LEASE, a filesystem without them, SIGIO not ignored) a
+    download counts as written if its data changed within QUIET_FOR seconds.
     """
     try:
         fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return False
     try:
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-        except OSError as exc:
-            if exc.errno == errno.EAGAIN:
-                return True  # open for writing by someone: containerd is on it
-        else:
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-            return False  # nobody has it open for writing
+        if lease_break_signal_ignored():
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            except OSError as exc:
+                if exc.errno == errno.EAGAIN:
+                    return True  # open for writing by someone: containerd is on it
+            else:
+                # a writer opening now breaks the lease: SIGIO, ignored; its open waits for this
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+                return False  # nobody has it open for writing
         when = time.time() if now is None else now
         return when - os.fstat(fd).st_mtime < QUIET_FOR
     finally:
@@ -274,6 +291,7 @@ class IngestWatcher:
         return self.table.find(digest)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        lease_break_signal_ignored()  # on Trio's (main) thread: the scans' lease probes are safe
         root = await self._content_dir()
         if root is None:
             # containerd creates the directory with its first content: look again until then

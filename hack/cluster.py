@@ -6,6 +6,7 @@ test images, and a mirror on every node's 127.0.0.1:5000.  State lives in a stat
 command can run in its own process.  Needs root.
 
   python -m hack.cluster up 3 [--rate-mbit 100] [--large-mib 200] [--mirror standin|agent|none]
+                               [--containerd ctrd1.6|ctrd2.2]
   python -m hack.cluster pull 2 small          # node index (or n2); test image name or full ref
   python -m hack.cluster status
   python -m hack.cluster logs 2 [agent|containerd|mirror|upstream] [-n 40]
@@ -25,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from tests.harness import cluster as hc
+from tests.harness.containerd import LINES, line_by_id
 from tests.harness.fixtures import missing_requirements
 from tests.harness.procs import is_alive
 
@@ -50,7 +52,12 @@ def cmd_up(a: argparse.Namespace) -> int:
     if (a.state_dir / "state.json").exists():
         sys.exit(f"cluster: already up in {a.state_dir}; run `hack/cluster down` first")
     tag = "c" if a.state_dir == default_state_dir() else None  # others: a random tag
-    c = hc.Cluster(a.state_dir, nodes=a.nodes, rate_mbit=a.rate_mbit, tag=tag, persistent=True)
+    line = line_by_id(a.containerd)
+    if line.missing():
+        sys.exit(f"cluster: {line.missing()}")
+    c = hc.Cluster(
+        a.state_dir, nodes=a.nodes, rate_mbit=a.rate_mbit, tag=tag, persistent=True, line=line
+    )
     print(f"cluster: bringing up {a.nodes} nodes in {a.state_dir}", file=sys.stderr)
     c.up(large_mib=a.large_mib)
     if a.mirror == "standin":
@@ -83,7 +90,8 @@ def cmd_status(a: argparse.Namespace) -> int:
         print("cluster: down")
         return 0
     st = json.loads(path.read_text())
-    print(f"cluster {st['tag']}: {st['nodes']} nodes, upstream {hc.UPSTREAM_HOST}"
+    print(f"cluster {st['tag']}: {st['nodes']} nodes ({st.get('containerd_line', 'ctrd1.6')}), "
+          f"upstream {hc.UPSTREAM_HOST}"
           f"{', rate ' + str(st['rate_mbit']) + ' Mbit/s' if st['rate_mbit'] else ''}")  # fmt: skip
     for d in st["daemons"]:
         state = "running" if is_alive(d["pid"], d.get("start_time")) else "EXITED"
@@ -132,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--rate-mbit", type=float, default=None, help="tbf limit on the upstream link")
     up.add_argument("--large-mib", type=int, default=4, help="size of the e2e/big image")
     up.add_argument("--mirror", choices=("standin", "agent", "none"), default="standin")
+    up.add_argument(
+        "--containerd",
+        choices=[line.id for line in LINES],
+        default=LINES[0].id,
+        help="the containerd line every node runs (2.x: ../shared/containerd/)",
+    )
     pull = sub.add_parser("pull", help="CRI pull on one node")
     pull.add_argument("node")
     pull.add_argument("image")

@@ -19,6 +19,7 @@ import pytest
 from tests.e2e.shared import wait_served_by_peer
 from tests.harness.agents import METRICS_PORT, start_agents
 from tests.harness.cluster import Cluster, Node
+from tests.harness.fixtures import on_one_line
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -81,6 +82,7 @@ def render(node: Node, workdir: str, path: str = "/debug/web/") -> str:
 
 @pytest.mark.root
 @pytest.mark.slow
+@on_one_line  # the page renders the agent's feed, not containerd's
 def test_debug_page_in_headless_chromium(cluster: Callable[..., Cluster]) -> None:
     c = cluster(nodes=2)
     start_agents(c)

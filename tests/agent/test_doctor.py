@@ -4,6 +4,7 @@ and on a two-node namespace cluster with running agents (all checks pass; a dead
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import subprocess
 import sys
@@ -14,8 +15,9 @@ from typing import Any
 import pytest
 
 from agent import doctor_checks as dc
+from agent.containerd_config import effective_settings
 from agent.doctor import content_facts, local_addresses
-from tests.harness.containerd import Containerd
+from tests.harness.containerd import LINE_1_6, Containerd, Line
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,39 +50,59 @@ def test_cri_info_shapes_of_1_6_and_1_7() -> None:
     assert (six.config_path, six.discard_unpacked_layers) == ("/etc/containerd/certs.d", False)
     seven = dc.from_cri_info({"config": json.dumps(CRI_1_7)})
     assert seven is not None and seven.discard_unpacked_layers is True
-    assert dc.check_config_path(seven, "/etc/containerd/certs.d/", 1).ok  # one of two paths
+    # 1.7 splits a `:` list itself (no transfer service for CRI): one of two paths is enough
+    assert dc.check_config_path(seven, "/etc/containerd/certs.d/", (1, 7)).ok
     assert not dc.check_discard(seven, 1).ok
+    assert "io.containerd.grpc.v1.cri" in dc.check_discard(seven, 1).fix  # a version-2 snippet
 
 
-def test_containerd_2_reads_the_config_file_with_2x_defaults() -> None:
+def test_containerd_2_settings_come_from_the_config_files() -> None:
     assert dc.from_cri_info({"config": json.dumps(CRI_2_X)}) is None
     assert dc.from_cri_info({"config": "not json"}) is None
     assert dc.from_cri_info({}) is None
-    v3 = dc.from_config_toml(
-        'version = 3\n[plugins."io.containerd.cri.v1.images"]\n'
-        "  discard_unpacked_layers = true\n"
-        '[plugins."io.containerd.cri.v1.images".registry]\n  config_path = "/x/certs.d"\n',
+    files = {
+        "/etc/containerd/config.toml": 'version = 3\nimports = ["conf.d/*.toml"]\n'
+        '[plugins."io.containerd.cri.v1.images"]\n  discard_unpacked_layers = true\n',
+        "/etc/containerd/conf.d/10-spegla.toml": 'version = 3\n[plugins."io.containerd.cri.v1.'
+        'images".registry]\n  config_path = "/etc/containerd/certs.d:/etc/docker/certs.d"\n',
+    }
+    settings = effective_settings(
         "/etc/containerd/config.toml",
+        lambda p: files[p],
+        lambda pattern: [p for p in files if fnmatch.fnmatch(p, pattern)],
     )
-    assert (v3.config_path, v3.discard_unpacked_layers) == ("/x/certs.d", True)
-    v2 = dc.from_config_toml(
-        'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = ""\n',
-        "c.toml",
-    )
-    assert v2.config_path == "" and v2.discard_unpacked_layers is False
-    check = dc.check_config_path(v2, "/etc/containerd/certs.d", 2)
-    assert not check.ok and "io.containerd.cri.v1.images" in check.fix
-    defaults = dc.from_config_toml("", "missing")
-    assert dc.check_config_path(defaults, "/etc/containerd/certs.d", 2).ok
-    assert dc.check_discard(defaults, 2).ok
-    with pytest.raises(ValueError):
-        dc.from_config_toml("version = [", "bad")
+    cfg = dc.from_settings(settings)
+    assert cfg.discard_unpacked_layers is True and cfg.config_version == 3
+    assert cfg.config_path_from == "/etc/containerd/conf.d/10-spegla.toml"
+    check = dc.check_config_path(cfg, "/etc/containerd/certs.d", (2, 2))
+    assert not check.ok and "ONE directory" in check.result and "10-spegla.toml" in check.result
+    assert 'config_path = "/etc/containerd/certs.d"' in check.fix
+    assert "use_local_image_pull = true" in check.fix
+    # 2.0 pulls for CRI without the transfer service: the list is read directory by directory
+    assert dc.check_config_path(cfg, "/etc/containerd/certs.d", (2, 0)).ok
+    local = dc.CriImageConfig("f", "/etc/containerd/certs.d:/x", False, use_local_image_pull=True)
+    assert dc.check_config_path(local, "/etc/containerd/certs.d", (2, 2)).ok
+    # nothing set anywhere: not ours, whatever containerd's built-in default is
+    unset = dc.from_settings(effective_settings("/c.toml", lambda p: "version = 3\n", list))
+    check = dc.check_config_path(unset, "/etc/containerd/certs.d", (2, 2))
+    assert not check.ok and "not set" in check.result
+    assert '[plugins."io.containerd.cri.v1.images".registry]' in check.fix
+    assert dc.check_discard(unset, 2).ok  # false unless set
 
 
 def test_versions() -> None:
     assert dc.major_version("1.6.20~ds1") == 1
     assert dc.major_version("v2.1.0") == 2
     assert dc.major_version("") is None
+    assert dc.version_tuple("v2.2.7") == (2, 2)
+    assert dc.version_tuple("1.7.0-rc.1") == (1, 7)
+    assert dc.version_tuple("2") == (2, 0)
+    assert dc.version_tuple("dev") is None
+    assert dc.transfer_service_pulls((2, 1), None)
+    assert not dc.transfer_service_pulls((2, 0), None)
+    assert not dc.transfer_service_pulls((1, 7), None)
+    assert dc.transfer_service_pulls((3, 0), dc.CriImageConfig("f", "/a", False, False))
+    assert not dc.transfer_service_pulls((2, 2), dc.CriImageConfig("f", "/a", False, True))
 
 
 def _hosts(text: str | None) -> dc.HostsFile:
@@ -123,7 +145,11 @@ def test_peer_checks_and_rendering() -> None:
 
 
 def test_content_directory(tmp_path: Path) -> None:
-    assert content_facts(str(tmp_path / "absent"))[0] is None
+    # containerd 2.x creates it at the first pull: fine while containerd's root exists
+    assert content_facts(str(tmp_path / "absent")) == (None, None)
+    assert dc.check_content(str(tmp_path / "absent"), None, None).ok
+    gone = content_facts(str(tmp_path / "no-root" / "content"))
+    assert gone[1] is not None and not dc.check_content("x", *gone).ok
     assert content_facts(str(tmp_path)) == (0, None)  # nothing pulled yet
     blobs = tmp_path / "blobs" / "sha256"
     blobs.mkdir(parents=True)
@@ -163,12 +189,13 @@ def _no_agent() -> list[str]:  # ports nobody listens on
 
 @pytest.mark.root
 def test_doctor_against_containerd_configured_wrong(
-    containerd_factory: Callable[..., Containerd],
+    containerd_factory: Callable[..., Containerd], containerd_line: Line
 ) -> None:
     good = containerd_factory("good")
     code, checks = doctor(*node_args(good), *_no_agent())
     assert code == 1
-    assert checks["containerd"]["ok"] and "1.6" in checks["containerd"]["result"]
+    version = "1.6" if containerd_line is LINE_1_6 else "2.2"
+    assert checks["containerd"]["ok"] and version in checks["containerd"]["result"]
     assert checks["registry config_path"]["ok"], checks["registry config_path"]
     assert checks["discard_unpacked_layers"]["ok"]
     assert checks["content directory"]["ok"]

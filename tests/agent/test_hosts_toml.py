@@ -8,6 +8,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.cli import main
 from agent.config import ConfigError, MirrorConfig
@@ -52,7 +54,7 @@ def test_docker_hub_is_rewritten_and_pull_only() -> None:
 def test_plain_http_registry_and_ipv6_target() -> None:
     text = render_hosts_toml("http://10.213.0.2:5000", ["http://fd00::5:30020"])
     golden("http_registry_ipv6.toml", text)
-    assert "[host.'http://[fd00::5]:30020']" in text
+    assert '[host."http://[fd00::5]:30020"]' in text
 
 
 def test_encapsulate_ipv6() -> None:
@@ -314,3 +316,102 @@ def test_unusable_basic_auth_files_stop_configuration(
     assert exit_info.value.code == 2
     assert "cannot contain ':'" in capsys.readouterr().err
     assert not (tmp_path / "certs.d").exists()  # nothing touched
+
+
+def test_registry_dirs_added_after_the_first_install_survive_a_reinstall(tmp_path: Path) -> None:
+    certs = tmp_path / "certs.d"
+    targets = ("http://127.0.0.1:30020",)
+    configure(MirrorConfig(config_path=str(certs), mirror_targets=targets))  # first install
+    first_backup = snapshot(certs / "_backup")
+    # the admin adds two registries later; spegla will mirror one of them on the next install
+    added = {"internal.example:5000": 'server = "https://internal.example:5000"\n',
+             "docker.io": '[host."https://cache.example"]\ncapabilities = ["pull"]\n'}  # fmt: skip
+    for name, text in added.items():
+        (certs / name).mkdir()
+        (certs / name / "hosts.toml").write_text(text)
+    (certs / "docker.io" / "ca.crt").write_text("CERT\n")
+
+    configure(
+        MirrorConfig(
+            config_path=str(certs),
+            mirrored_registries=("https://docker.io",),
+            mirror_targets=targets,
+        )
+    )
+    # untouched where spegla does not write; moved into the backup where it does
+    assert (certs / "internal.example:5000" / "hosts.toml").read_text() == added[
+        "internal.example:5000"
+    ]
+    assert (certs / "_backup" / "docker.io" / "hosts.toml").read_text() == added["docker.io"]
+    assert (certs / "_backup" / "docker.io" / "ca.crt").read_text() == "CERT\n"
+    assert tomllib.loads((certs / "docker.io" / "hosts.toml").read_text())["host"]
+    assert not (certs / "_default").exists()  # the first install's own directory is replaced
+
+    assert cleanup(str(certs)) is True
+    after = snapshot(certs)
+    assert after["docker.io/hosts.toml"] == added["docker.io"]
+    assert after["internal.example:5000/hosts.toml"] == added["internal.example:5000"]
+    assert {k: v for k, v in after.items() if not k.startswith(tuple(added))} == first_backup
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.text(), min_size=1, max_size=4),
+    keys=st.lists(st.text(min_size=1), min_size=1, max_size=3),
+)
+def test_any_value_round_trips_through_a_toml_parser(values: list[str], keys: list[str]) -> None:
+    """Prepended mirror tables come from a file on the node and are written back: whatever they
+    hold (control characters, quotes, newlines, any unicode) must parse back unchanged."""
+    old = {
+        f"https://m{i}.example": {"capabilities": ["pull"], "header": {k: values}}
+        for i, k in enumerate(keys)
+    }
+    headers = {"Authorization": values[0]}
+    text = render_hosts_toml("https://r.example", ["http://10.0.0.5:30020"], headers=headers,
+                             existing_hosts=old)  # fmt: skip
+    data = tomllib.loads(text)
+    assert data["host"]["http://10.0.0.5:30020"]["header"] == headers
+    for url, table in old.items():
+        assert data["host"][url] == table
+
+
+@pytest.mark.parametrize("registry", ["http://a\x01b:5000", "http://a\udcffb", "http://é.example"])
+def test_unusable_registry_names_are_usage_errors(
+    registry: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["configuration", f"--containerd-registry-config-path={tmp_path / 'c'}",
+            "--mirror-targets", "http://127.0.0.1:30020",
+            "--mirrored-registries", registry]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv, environ={})
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "printable ASCII" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_unwritable_config_path_is_one_error_line_and_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    argv = ["configuration", f"--containerd-registry-config-path={blocker}",
+            "--mirror-targets", "http://127.0.0.1:30020"]  # fmt: skip
+    assert main(argv, environ={}) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_configuration_logs_the_containerd_settings_for_each_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    certs = tmp_path / "certs.d"
+    argv = ["configuration", f"--containerd-registry-config-path={certs}",
+            "--mirror-targets", "http://127.0.0.1:30020"]  # fmt: skip
+    with caplog.at_level("INFO", logger="agent.hosts_toml"):
+        assert main(argv, environ={}) == 0
+    record = next(r for r in caplog.records if hasattr(r, "containerd_2x_config"))
+    v3 = tomllib.loads(record.containerd_2x_config)
+    v2 = tomllib.loads(record.containerd_1x_config)
+    assert v3["plugins"]["io.containerd.cri.v1.images"]["registry"]["config_path"] == str(certs)
+    assert v2["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["config_path"] == str(certs)

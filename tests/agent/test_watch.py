@@ -20,6 +20,7 @@ from agent.watch import ws_url
 from agent.watch_view import WatchView, progress_bar
 from tests.agent.test_agent_process import free_port
 from tests.harness.containerd import Containerd
+from tests.harness.fixtures import on_one_line
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -163,6 +164,7 @@ def _wait_for(read: Any, needle: str, limit: float = 15.0) -> str:
 
 
 @pytest.mark.root
+@on_one_line  # `spegla watch` reads the agent's feed, not containerd
 def test_watch_follows_a_running_agent_across_a_restart(
     agent: AgentProcess, tmp_path: Path
 ) -> None:
@@ -191,6 +193,7 @@ def test_watch_follows_a_running_agent_across_a_restart(
 
 
 @pytest.mark.root
+@on_one_line  # `spegla watch` reads the agent's feed, not containerd
 def test_watch_on_a_terminal_in_tmux(agent: AgentProcess, tmp_path: Path) -> None:
     tmux = shutil.which("tmux")
     assert tmux, "tmux is installed by hack/setup.sh"

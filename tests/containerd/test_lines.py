@@ -66,3 +66,10 @@ def test_misconfigurations_reach_the_written_config(tmp_path: Path) -> None:
     images = c.config()["plugins"]["io.containerd.cri.v1.images"]
     assert "config_path" not in images["registry"]
     assert images["discard_unpacked_layers"] is True
+
+
+def test_an_absent_line_says_why(tmp_path: Path) -> None:
+    from tests.harness.containerd import Line
+
+    reason = Line("ctrd9.9", 9, tmp_path / "9.9.9").missing()
+    assert reason is not None and "containerd-shim-runc-v2" in reason and "9.9.9" in reason

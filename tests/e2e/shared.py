@@ -14,18 +14,19 @@ from collections.abc import Iterator, Sequence
 
 from tests.harness import agents as ag
 from tests.harness.cluster import UPSTREAM_HOST, Cluster, Node, PullResult
-from tests.harness.fixtures import require_harness, short_tempdir
+from tests.harness.containerd import LINE_1_6, Line
+from tests.harness.fixtures import require_line, short_tempdir
 from tests.harness.images import BuiltImage
 
 
 @contextlib.contextmanager
 def cluster_with_agents(
-    prefix: str, nodes: int, large_mib: int, extra: Sequence[str] = ()
+    prefix: str, nodes: int, large_mib: int, extra: Sequence[str] = (), line: Line = LINE_1_6
 ) -> Iterator[Cluster]:
-    """A namespace cluster of `nodes` (skipped where the harness cannot run), an agent started
-    on each (with `extra` flags); torn down on exit."""
-    require_harness()
-    cl = Cluster(short_tempdir(prefix), nodes=nodes)
+    """A namespace cluster of `nodes` on containerd `line` (skipped where the harness cannot run),
+    an agent started on each (with `extra` flags); torn down on exit."""
+    require_line(line)
+    cl = Cluster(short_tempdir(prefix), nodes=nodes, line=line)
     try:
         cl.up(large_mib=large_mib)
         ag.start_agents(cl, extra=extra)

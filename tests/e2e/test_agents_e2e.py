@@ -32,6 +32,7 @@ from tests.e2e.shared import (
 )
 from tests.harness import agents as ag
 from tests.harness.cluster import Cluster, Node
+from tests.harness.containerd import Line
 from tests.harness.images import BuiltImage, build_large, build_small
 
 pytestmark = pytest.mark.root
@@ -39,8 +40,8 @@ Fresh = Callable[..., tuple[BuiltImage, str]]
 
 
 @pytest.fixture(scope="module")
-def c() -> Iterator[Cluster]:
-    with cluster_with_agents("spg-e2e-", nodes=3, large_mib=8) as cl:
+def c(containerd_line: Line) -> Iterator[Cluster]:
+    with cluster_with_agents("spg-e2e-", nodes=3, large_mib=8, line=containerd_line) as cl:
         yield cl
 
 

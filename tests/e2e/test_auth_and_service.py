@@ -22,6 +22,7 @@ import json
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import pytest
 from tests.e2e.shared import counter, upstream_blobs, wait_served_by_peer
 from tests.harness import agents as ag
 from tests.harness.cluster import REPO_ROOT, UPSTREAM_HOST, Cluster, Node
+from tests.harness.containerd import Line
 from tests.harness.fixtures import require_harness, short_tempdir
 from tests.harness.images import BuiltImage, build_small
 from tests.harness.service_proxy import read_log
@@ -59,9 +61,9 @@ def _service_order(c: Cluster, node: Node) -> list[Node]:
 
 
 @pytest.fixture(scope="module")
-def c() -> Iterator[Cluster]:
+def c(containerd_line: Line) -> Iterator[Cluster]:
     require_harness()
-    cl = Cluster(short_tempdir("spg-auth-"), nodes=3)
+    cl = Cluster(short_tempdir("spg-auth-"), nodes=3, line=containerd_line)
     try:
         cl.up(large_mib=1)
         secret = cl.workdir / "basic-auth"
@@ -114,8 +116,10 @@ def _service_answers_from(node: Node, endpoint: Node) -> bool:
 
 def test_hosts_toml_written_by_configuration_carries_the_header(c: Cluster) -> None:
     text = (c.node(2).containerd.certs_d / UPSTREAM_HOST / "hosts.toml").read_text()
-    assert text.index(f"127.0.0.1:{ag.REGISTRY_PORT}") < text.index(f"127.0.0.1:{SERVICE_PORT}")
-    assert text.count(f"Authorization = '{AUTH['Authorization']}'") == 2
+    hosts = tomllib.loads(text)["host"]
+    ours = [f"http://127.0.0.1:{ag.REGISTRY_PORT}", f"http://127.0.0.1:{SERVICE_PORT}"]
+    assert list(hosts) == ours  # the agent first, then the Service
+    assert [hosts[url]["header"] for url in ours] == [AUTH, AUTH]
 
 
 def test_pulls_through_auth_enabled_agents(c: Cluster, fresh: Fresh) -> None:

@@ -20,6 +20,7 @@ import pytest
 from tests.e2e.shared import assert_intact, cluster_with_agents, ingest_bytes
 from tests.harness import agents as ag
 from tests.harness.cluster import Cluster, Node, PullResult
+from tests.harness.containerd import Line
 from tests.harness.images import BuiltImage, build_large
 
 pytestmark = pytest.mark.root
@@ -28,9 +29,13 @@ RATE_MBIT = 16  # 8 MiB take ~4 s upstream
 
 
 @pytest.fixture(scope="module")
-def c() -> Iterator[Cluster]:
+def c(containerd_line: Line) -> Iterator[Cluster]:
     with cluster_with_agents(
-        "spg-burst-", nodes=3, large_mib=1, extra=["--mirror-claim-wait", "20s"]
+        "spg-burst-",
+        nodes=3,
+        large_mib=1,
+        extra=["--mirror-claim-wait", "20s"],
+        line=containerd_line,
     ) as cl:
         yield cl
 

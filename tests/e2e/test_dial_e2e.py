@@ -36,6 +36,7 @@ def _second_ip(node: Node) -> str:
 
 @pytest.fixture(scope="module")
 def c() -> Iterator[Cluster]:
+    # dialling a provider's addresses is the agents' behaviour, not containerd's: one line (1.6)
     with cluster_with_agents("spg-dial-", nodes=2, large_mib=1) as cl:
         yield cl
 

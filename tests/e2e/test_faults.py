@@ -37,6 +37,8 @@ from tests.e2e.shared import (
 from tests.harness import agents as ag
 from tests.harness import nsexec
 from tests.harness.cluster import Cluster, Node
+from tests.harness.containerd import Line
+from tests.harness.fixtures import on_one_line
 from tests.harness.images import BuiltImage, build_large, build_small
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -44,8 +46,8 @@ Push = Callable[..., tuple[BuiltImage, str]]
 
 
 @pytest.fixture(scope="module")
-def c() -> Iterator[Cluster]:
-    with cluster_with_agents("spg-fault-", nodes=3, large_mib=1) as cl:
+def c(containerd_line: Line) -> Iterator[Cluster]:
+    with cluster_with_agents("spg-fault-", nodes=3, large_mib=1, line=containerd_line) as cl:
         yield cl
 
 
@@ -115,6 +117,7 @@ def agent_pid(node: Node) -> int:
 # -- the cases ----------------------------------------------------------------------------------
 
 
+@on_one_line  # containerd only sees a mirror die: its own side is the same on both lines
 def test_own_agent_sigkilled_mid_transfer(c: Cluster, push: Push) -> None:
     """n2 pulls through its own agent from n1 (slowed link); n2's agent is SIGKILLed while the
     bytes flow.  containerd completes from upstream (now or on the retry); content is intact;
@@ -152,6 +155,7 @@ def test_own_agent_sigkilled_mid_transfer(c: Cluster, push: Push) -> None:
     )
 
 
+@on_one_line  # a frozen peer is the agents' failover, not containerd's
 def test_serving_peer_frozen_with_sigstop(c: Cluster, push: Push) -> None:
     """n1 and n3 hold the image (slowed links); the peer serving n2 is frozen with SIGSTOP.
     n2's pull completes (another peer or upstream), intact; after SIGCONT the frozen agent
@@ -268,6 +272,7 @@ def _flood(target: tuple[str, int], seconds: float, limit: int) -> int:
     return sent
 
 
+@on_one_line  # DHT traffic never reaches containerd
 def test_dht_flood_from_a_non_agent(c: Cluster, push: Push) -> None:
     """The upstream host (not an agent) floods n1's DHT port with junk datagrams while n2 pulls
     what n1 holds: the pull completes intact; n1's agent (same process) still serves peers."""
@@ -312,6 +317,7 @@ def test_content_directory_full_while_serving(c: Cluster, push: Push) -> None:
     content = n3.containerd.content_path
     saved = content.parent / "content-saved"
     n3.containerd.stop()
+    content.mkdir(exist_ok=True)  # containerd 2.x creates it only at its first pull
     content.rename(saved)
     content.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(content)], check=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import tarfile
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -45,10 +46,9 @@ def test_access_log_line_is_parsed() -> None:
 
 
 def test_hosts_toml_has_a_host_table_and_explicit_scheme() -> None:
-    text = hosts_toml("http://10.213.0.2:5000", ["http://127.0.0.1:5000"])
-    assert 'server = "http://10.213.0.2:5000"' in text
-    assert '[host."http://127.0.0.1:5000"]' in text
-    assert 'capabilities = ["pull", "resolve"]' in text
+    doc = tomllib.loads(hosts_toml("http://10.213.0.2:5000", ["http://127.0.0.1:5000"]))
+    assert doc["server"] == "http://10.213.0.2:5000"
+    assert doc["host"] == {"http://127.0.0.1:5000": {"capabilities": ["pull", "resolve"]}}
 
 
 @pytest.mark.root

@@ -24,14 +24,15 @@ from tests.e2e.shared import Pull, assert_intact, cluster_with_agents, counter
 from tests.harness import agents as ag
 from tests.harness import nsexec
 from tests.harness.cluster import UPSTREAM_HOST, Cluster, Node
+from tests.harness.containerd import Line
 from tests.harness.images import MIB, BuiltImage, _single
 
 pytestmark = pytest.mark.root
 
 
 @pytest.fixture(scope="module")
-def c() -> Iterator[Cluster]:
-    with cluster_with_agents("spg-infl-", nodes=2, large_mib=1) as cl:
+def c(containerd_line: Line) -> Iterator[Cluster]:
+    with cluster_with_agents("spg-infl-", nodes=2, large_mib=1, line=containerd_line) as cl:
         yield cl
 
 

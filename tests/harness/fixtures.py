@@ -12,8 +12,9 @@ Fixtures (all skip unless root with containerd, docker-registry, skopeo and ip i
 - ``containerd_line`` -> the ``Line`` a test runs on: parametrized over 1.6 and 2.x (ids
   ``ctrd1.6``, ``ctrd2.2``; 2.x skips with the reason when ``../shared/containerd/`` is absent).
   Every fixture below that starts containerd uses it, so every real-containerd test runs on both;
-  a test that does not depend on containerd's behaviour can pin one line with
-  ``@pytest.mark.parametrize("containerd_line", [LINE_1_6], indirect=True)``.
+  module-scoped, so a module's shared cluster can be built on it. A test that does not depend on
+  containerd's behaviour can pin one line with
+  ``@on_one_line`` (say why in a comment).
 - ``containerd_factory`` -> ``make(name="c", netns=None, **options) -> Containerd`` (started;
   stopped and removed after the test; options go to ``Containerd``).
   ``containerd_instance`` -> one started loopback ``Containerd``.
@@ -37,7 +38,7 @@ from typing import Any
 import pytest
 
 from .cluster import ACTIVE, Cluster, exit_on_sigterm, log_tails
-from .containerd import LINES, Containerd, Line
+from .containerd import LINE_1_6, LINES, Containerd, Line
 from .cri import CriClient
 from .images import TestImages, build_test_set
 from .upstream import Upstream
@@ -90,7 +91,13 @@ def require_line(line: Line) -> None:
         pytest.skip(reason)
 
 
-@pytest.fixture(params=LINES, ids=[line.id for line in LINES])
+# for a test whose behaviour does not depend on containerd: run it on one line only (1.6)
+on_one_line = pytest.mark.parametrize(
+    "containerd_line", [LINE_1_6], indirect=True, ids=[LINE_1_6.id]
+)
+
+
+@pytest.fixture(scope="module", params=LINES, ids=[line.id for line in LINES])
 def containerd_line(request: pytest.FixtureRequest) -> Line:
     line: Line = request.param
     require_line(line)

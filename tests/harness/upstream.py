@@ -10,7 +10,8 @@ API
 - ``.host`` ("127.0.0.1:PORT"; the cluster passes its own namespace address), ``.url``.
 - ``.push(image, repo=None, tag=None)``: skopeo push of a ``BuiltImage`` to ``e2e/<name>:<tag>``
   (run inside the upstream's namespace when it has one, so the push is loopback there); returns
-  the reference, also kept in ``.pushed[image.name]``.
+  the reference, also kept in ``.pushed[image.name]`` when pushed to that default repository (so
+  a session-wide registry's names stay what every test expects).
 - ``.access_log()`` -> list[``AccessRecord``] (remote_ip, method, path, status, bytes, ua);
   ``.blob_fetches(since=0)`` -> successful blob GETs; ``.blob_bytes(since=0)``;
   ``.mark()`` -> a position for ``since``.
@@ -152,7 +153,8 @@ class Upstream:
         if r.returncode != 0:
             raise RuntimeError(f"skopeo push of {image.name} failed: {r.stderr.strip()}")
         ref = f"{self.host}/{repo}:{tag}"
-        self.pushed[image.name] = ref
+        if repo == f"e2e/{image.name}":
+            self.pushed[image.name] = ref
         return ref
 
     def mark(self) -> int:

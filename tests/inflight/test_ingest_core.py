@@ -194,3 +194,50 @@ def test_a_download_nobody_writes_is_not_in_flight(tmp_path: Path) -> None:
         assert being_written(str(data))
     assert not being_written(str(data))  # left behind: its writer is gone
     assert not being_written(str(tmp_path / "missing"))
+
+
+CHILD = """
+import fcntl, sys
+from agent import ingest
+
+real = fcntl.fcntl
+
+def pausing(fd, cmd, arg=0):
+    out = real(fd, cmd, arg)
+    if cmd == fcntl.F_SETLEASE and arg == fcntl.F_RDLCK:
+        print("leased", flush=True)  # the probe's window is open: the parent opens for writing
+        sys.stdin.readline()
+    return out
+
+ingest.fcntl.fcntl = pausing
+print("written" if ingest.being_written(sys.argv[1]) else "idle", flush=True)
+"""
+
+
+def test_a_writer_opening_inside_the_lease_window_does_not_kill_the_prober(tmp_path: Path) -> None:
+    """The lease probe's window held open on purpose: a writer's open breaks the lease, the kernel
+    signals the holder (SIGIO, deadly by default), and the probing process lives on."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    data.write_bytes(b"x" * 100)
+    repo = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(data)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=repo,
+    )  # fmt: skip
+    assert child.stdout is not None and child.stdin is not None
+    try:
+        assert child.stdout.readline().strip() == "leased"
+        with pytest.raises(BlockingIOError):  # the lease is held: the open breaks it, not waits
+            os.open(data, os.O_WRONLY | os.O_NONBLOCK)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        answer = child.stdout.readline().strip()
+        assert child.wait(timeout=30) == 0, f"prober died: {child.returncode}"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert answer == "idle"  # nobody had it open for writing when the probe looked
