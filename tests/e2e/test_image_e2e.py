@@ -37,7 +37,7 @@ from tests.e2e.shared import upstream_blobs, wait_served_by_peer
 from tests.harness import agents as ag
 from tests.harness.cluster import Cluster, Node
 from tests.harness.containerd import LINE_2_2, NAMESPACE
-from tests.harness.ctr_pod import ctr_run_args, pod_container
+from tests.harness.ctr_pod import ctr_run_args, init_container_names, pod_container
 from tests.harness.fixtures import require_line, short_tempdir
 from tests.harness.runc_node import restart_for_containers
 
@@ -165,12 +165,20 @@ def host_paths(node: Node) -> dict[str, str]:
     }
 
 
+def no_secret(node: Node) -> str:
+    """What the kubelet mounts for an optional Secret that does not exist: an empty directory."""
+    empty = node.workdir / "absent-secret"
+    empty.mkdir(exist_ok=True)
+    return str(empty)
+
+
 def agent_run_args(cluster: Cluster, node: Node) -> list[str]:
     """`ctr run` of the DaemonSet's agent container on `node`, detached, with host networking (the
     node's namespace, where containerd and so its shim run) and its output in the node's
     agent.log.  What the ConfigMap sets in a cluster (bootstrap) is added as flags."""
+    env = {"POD_IP": node.ip, "NODE_IP": node.ip}
     spec = pod_container(
-        DAEMONSET.read_text(), "registry", host_paths(node), {"POD_IP": node.ip, "NODE_IP": node.ip}
+        DAEMONSET.read_text(), "registry", host_paths(node), env, absent_secret_dir=no_secret(node)
     )
     peers = [f"{n.ip}:{ag.ROUTER_PORT}" for n in cluster.nodes if n is not node]
     extra = ["--log-level=DEBUG",  # the access lines: which blob went to which peer
@@ -263,15 +271,22 @@ def test_peer_pull_served_by_the_agent_in_the_image(c: Cluster) -> None:
         assert n1 in ag.served_to(c, d, n2.ip), d
 
 
-def test_init_container_writes_hosts_toml_from_the_image(c: Cluster) -> None:
-    """The DaemonSet's init container from the image: `spegla configuration` writes the node's
-    certs.d (a directory of this test's own here, not the one the node's containerd reads)."""
+def test_init_containers_run_from_the_image(c: Cluster) -> None:
+    """Every init container of the DaemonSet, in order, from the image, on a node set up right:
+    each exits 0, and `configuration` writes the node's certs.d (a directory of this test's own
+    here, not the one the node's containerd reads)."""
     n1 = c.node(1)
     certs = n1.workdir / "init-certs.d"
     certs.mkdir()
     paths = {**host_paths(n1), "/etc/containerd/certs.d": str(certs)}
-    spec = pod_container(DAEMONSET.read_text(), "configuration", paths, {"NODE_IP": n1.ip})
-    out = ctr(n1, *ctr_run_args(spec, IMAGE, "spegla-init", ["spegla"]))
+    manifest = DAEMONSET.read_text()
+    names = init_container_names(manifest)
+    assert "configuration" in names
+    out = ""
+    for name in names:
+        env = {"NODE_IP": n1.ip}
+        spec = pod_container(manifest, name, paths, env, absent_secret_dir=no_secret(n1))
+        out += ctr(n1, *ctr_run_args(spec, IMAGE, f"spegla-init-{name}", ["spegla"]))
     written = certs / "_default" / "hosts.toml"
     hosts = tomllib.loads(written.read_text())
     assert list(hosts["host"]) == [f"http://{n1.ip}:30020", f"http://{n1.ip}:30021"], out

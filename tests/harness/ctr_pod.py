@@ -5,16 +5,21 @@ settings, not with a copy of them that drifts when the manifests change.  This r
 (or init container) from the DaemonSet manifest and translates it into `ctr run` arguments, with the
 node's host paths replaced by the test node's stand-ins.  Pure: no process is started here.
 
-What is translated: ``args`` (``$(VAR)`` references filled from ``env``; an unknown one is an
-error), ``volumeMounts`` of ``hostPath`` volumes (bind mounts; ``readOnly``; ``mountPropagation``
-HostToContainer -> rslave, Bidirectional -> rshared) and of in-memory ``emptyDir`` volumes (tmpfs
-of ``sizeLimit``), ``securityContext`` ``runAsUser``, ``readOnlyRootFilesystem``,
+What is translated: ``command`` and ``args`` (``$(VAR)`` references filled from ``env``; an
+unknown one is an error), ``volumeMounts`` of ``hostPath`` volumes (bind mounts; ``readOnly``;
+``mountPropagation`` HostToContainer -> rslave, Bidirectional -> rshared), of ``secret`` volumes
+(read-only binds of the directory the caller gives for that secret; an optional secret it gives
+none for is ``absent_secret_dir``, which should be empty: the kubelet mounts an absent optional
+secret as an empty directory) and of in-memory ``emptyDir`` volumes (tmpfs of
+``sizeLimit``), ``securityContext`` ``runAsUser``, ``readOnlyRootFilesystem``,
 ``allowPrivilegeEscalation`` and ``capabilities.drop: [ALL]``.  Anything else that would change how
 the container runs (``subPath``, other volume kinds) is refused with a ValueError.
 
 API
-- ``pod_container(manifest_text, name, host_paths, env)`` -> ``PodContainer``.
-- ``ctr_run_args(container, image, container_id, command, extra_args=(), detach=False,
+- ``pod_container(manifest_text, name, host_paths, env, secret_dirs=None, absent_secret_dir=None)``
+  -> ``PodContainer`` (``secret_dirs``: secretName -> directory).
+- ``init_container_names(manifest_text)`` -> the init containers, in the order they run.
+- ``ctr_run_args(container, image, container_id, entrypoint, extra_args=(), detach=False,
   net_host=False, log_uri=None)`` -> argv after ``ctr [global options]``.
 - ``DEFAULT_CAPS``: the capabilities ``ctr run`` grants unless dropped (it has no "ALL").
 """
@@ -44,6 +49,7 @@ class PodContainer:
     """What `ctr run` needs to know about one container of the pod."""
 
     name: str
+    command: tuple[str, ...] | None  # None: the image's entrypoint
     args: tuple[str, ...]
     mounts: tuple[str, ...]  # `ctr run --mount` values
     user: str  # uid:gid
@@ -78,7 +84,13 @@ def _tmpfs_size(limit: str | None) -> str:
     return f":size={m.group(1)}{unit}"
 
 
-def _mount(mount: dict[str, Any], volume: dict[str, Any], host_paths: Mapping[str, str]) -> str:
+def _mount(
+    mount: dict[str, Any],
+    volume: dict[str, Any],
+    host_paths: Mapping[str, str],
+    secret_dirs: Mapping[str, str],
+    absent_secret_dir: str | None,
+) -> str:
     if "subPath" in mount or "subPathExpr" in mount:
         raise ValueError(f"volumeMount {mount['name']}: subPath is not supported")
     dst = mount["mountPath"]
@@ -91,31 +103,51 @@ def _mount(mount: dict[str, Any], volume: dict[str, Any], host_paths: Mapping[st
         if propagation is None:
             raise ValueError(f"volumeMount {mount['name']}: {mount['mountPropagation']!r}")
         return f"type=bind,src={host_paths[path]},dst={dst},options=rbind:{access}:{propagation}"
+    if "secret" in volume:
+        secret = volume["secret"]["secretName"]
+        src = secret_dirs.get(secret)
+        if src is None and volume["secret"].get("optional"):
+            src = absent_secret_dir
+        if src is None:
+            raise ValueError(f"volume {volume['name']}: no directory for secret {secret}")
+        return f"type=bind,src={src},dst={dst},options=rbind:ro:rprivate"
     empty = volume.get("emptyDir")
     if isinstance(empty, dict) and empty.get("medium") == "Memory":
         size = _tmpfs_size(empty.get("sizeLimit"))
         return f"type=tmpfs,src=tmpfs,dst={dst},options=nosuid:nodev{size}"
-    raise ValueError(f"volume {volume['name']}: only hostPath and in-memory emptyDir are supported")
+    raise ValueError(f"volume {volume['name']}: only hostPath, secret and in-memory emptyDir")
+
+
+def init_container_names(manifest_text: str) -> list[str]:
+    pod = _daemonset(manifest_text)["spec"]["template"]["spec"]
+    return [c["name"] for c in pod.get("initContainers", [])]
 
 
 def pod_container(
-    manifest_text: str, name: str, host_paths: Mapping[str, str], env: Mapping[str, str]
+    manifest_text: str,
+    name: str,
+    host_paths: Mapping[str, str],
+    env: Mapping[str, str],
+    secret_dirs: Mapping[str, str] | None = None,
+    absent_secret_dir: str | None = None,
 ) -> PodContainer:
     pod = _daemonset(manifest_text)["spec"]["template"]["spec"]
     candidates = [*pod.get("initContainers", []), *pod.get("containers", [])]
     spec = next((c for c in candidates if c["name"] == name), None)
     if spec is None:
         raise ValueError(f"no container {name!r} in the DaemonSet")
-    if "command" in spec:
-        raise ValueError(f"container {name}: `command` replaces the entrypoint; not supported")
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    mounts = tuple(_mount(m, volumes[m["name"]], host_paths) for m in spec.get("volumeMounts", []))
+    mounts = tuple(
+        _mount(m, volumes[m["name"]], host_paths, secret_dirs or {}, absent_secret_dir)
+        for m in spec.get("volumeMounts", [])
+    )
     security = spec.get("securityContext", {})
     uid = security.get("runAsUser", pod.get("securityContext", {}).get("runAsUser"))
     if uid is None:
         raise ValueError(f"container {name}: no runAsUser (the image's user would be a guess)")
     return PodContainer(
         name=name,
+        command=tuple(_fill(str(a), env) for a in spec["command"]) if "command" in spec else None,
         args=tuple(_fill(str(a), env) for a in spec.get("args", [])),
         mounts=mounts,
         user=f"{uid}:{security.get('runAsGroup', uid)}",
@@ -129,14 +161,15 @@ def ctr_run_args(
     container: PodContainer,
     image: str,
     container_id: str,
-    command: Sequence[str],
+    entrypoint: Sequence[str],
     extra_args: Sequence[str] = (),
     detach: bool = False,
     net_host: bool = False,
     log_uri: str | None = None,
 ) -> list[str]:
     """``ctr run`` replaces the image's entrypoint with whatever follows the id, unlike a pod's
-    ``args``; ``command`` is therefore the image's entrypoint, named again by the caller."""
+    ``args``: the container's ``command`` goes there, or else ``entrypoint``, the image's own,
+    named again by the caller."""
     run = ["run", "--user", container.user]
     if detach:
         run.append("--detach")
@@ -155,4 +188,5 @@ def ctr_run_args(
         run += ["--log-uri", log_uri]
     for m in container.mounts:
         run += ["--mount", m]
+    command = container.command if container.command is not None else tuple(entrypoint)
     return [*run, image, container_id, *command, *container.args, *extra_args]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.ctr_pod import DEFAULT_CAPS, ctr_run_args, pod_container
+from tests.harness.ctr_pod import DEFAULT_CAPS, ctr_run_args, init_container_names, pod_container
 
 ROOT = Path(__file__).resolve().parents[2]
 DAEMONSET = (ROOT / "manifests" / "base" / "daemonset.yaml").read_text()
@@ -24,6 +24,7 @@ HOST = {
     "/var/lib/spegla": "/t/data",
 }
 ENV = {"POD_IP": "10.213.0.11", "NODE_IP": "10.213.0.11"}
+EMPTY = "/t/empty"  # for optional Secrets, which the tests do not create
 
 
 def _mount_to(mounts: tuple[str, ...], dst: str) -> str:
@@ -32,7 +33,7 @@ def _mount_to(mounts: tuple[str, ...], dst: str) -> str:
 
 
 def test_agent_container_runs_as_root_read_only_without_capabilities() -> None:
-    agent = pod_container(DAEMONSET, "registry", HOST, ENV)
+    agent = pod_container(DAEMONSET, "registry", HOST, ENV, absent_secret_dir=EMPTY)
     assert agent.user == "0:0"
     assert agent.read_only_root and agent.drop_all_caps and agent.no_new_privileges
     assert agent.args[0] == "registry"
@@ -46,14 +47,16 @@ def test_agent_container_runs_as_root_read_only_without_capabilities() -> None:
 
 
 def test_init_container_writes_certs_d_for_this_node() -> None:
-    init = pod_container(DAEMONSET, "configuration", HOST, {"NODE_IP": "10.213.0.12"})
+    init = pod_container(
+        DAEMONSET, "configuration", HOST, {"NODE_IP": "10.213.0.12"}, absent_secret_dir=EMPTY
+    )
     assert init.args[0] == "configuration"
     assert "--mirror-targets=http://10.213.0.12:30020,http://10.213.0.12:30021" in init.args
     assert ":rw:" in _mount_to(init.mounts, "/etc/containerd/certs.d")
 
 
 def test_ctr_run_args_keep_every_setting() -> None:
-    agent = pod_container(DAEMONSET, "registry", HOST, ENV)
+    agent = pod_container(DAEMONSET, "registry", HOST, ENV, absent_secret_dir=EMPTY)
     argv = ctr_run_args(agent, "localhost/spegla:0.1.0", "a", ["spegla"], ["--x"], detach=True,
                         net_host=True, log_uri="file:///t/agent.log")  # fmt: skip
     assert argv[0] == "run" and "--detach" in argv and "--rm" not in argv
@@ -68,12 +71,14 @@ def test_ctr_run_args_keep_every_setting() -> None:
 def test_a_host_path_without_stand_in_is_refused() -> None:
     paths = {k: v for k, v in HOST.items() if k != "/var/lib/spegla"}
     with pytest.raises(ValueError, match="no stand-in for hostPath /var/lib/spegla"):
-        pod_container(DAEMONSET, "registry", paths, ENV)
+        pod_container(DAEMONSET, "registry", paths, ENV, absent_secret_dir=EMPTY)
 
 
 def test_an_unset_variable_in_args_is_refused() -> None:
     with pytest.raises(ValueError, match=r"POD_IP"):
-        pod_container(DAEMONSET, "registry", HOST, {"NODE_IP": "10.213.0.11"})
+        pod_container(
+            DAEMONSET, "registry", HOST, {"NODE_IP": "10.213.0.11"}, absent_secret_dir=EMPTY
+        )
 
 
 def test_sub_path_and_unknown_containers_are_refused() -> None:
@@ -82,6 +87,48 @@ def test_sub_path_and_unknown_containers_are_refused() -> None:
     )
     assert with_sub_path != DAEMONSET
     with pytest.raises(ValueError, match="subPath"):
-        pod_container(with_sub_path, "registry", HOST, ENV)
+        pod_container(with_sub_path, "registry", HOST, ENV, absent_secret_dir=EMPTY)
     with pytest.raises(ValueError, match="no container 'nope'"):
-        pod_container(DAEMONSET, "nope", HOST, ENV)
+        pod_container(DAEMONSET, "nope", HOST, ENV, absent_secret_dir=EMPTY)
+
+
+POD = """
+kind: DaemonSet
+spec:
+  template:
+    spec:
+      initContainers:
+        - name: check
+          command: ["/bin/sh", "-c"]
+          args: ["test -S $(SOCK)"]
+          securityContext: {runAsUser: 0}
+          volumeMounts:
+            - {name: key, mountPath: /etc/key, readOnly: true}
+      containers:
+        - name: main
+          securityContext: {runAsUser: 1000, runAsGroup: 2000}
+      volumes:
+        - name: key
+          secret: {secretName: the-key, optional: true}
+"""
+
+
+def test_command_replaces_the_entrypoint_and_secrets_are_read_only_directories() -> None:
+    check = pod_container(POD, "check", {}, {"SOCK": "/run/s"}, absent_secret_dir="/t/empty")
+    assert check.command == ("/bin/sh", "-c") and check.args == ("test -S /run/s",)
+    assert check.mounts == ("type=bind,src=/t/empty,dst=/etc/key,options=rbind:ro:rprivate",)
+    argv = ctr_run_args(check, "img", "id", ["spegla"])
+    assert argv[argv.index("img") :] == ["img", "id", "/bin/sh", "-c", "test -S /run/s"]
+    given = pod_container(POD, "check", {}, {"SOCK": "/s"}, secret_dirs={"the-key": "/t/key"})
+    assert given.mounts[0].startswith("type=bind,src=/t/key,")
+    with pytest.raises(ValueError, match="no directory for secret the-key"):
+        pod_container(POD, "check", {}, {"SOCK": "/s"})
+    main = pod_container(POD, "main", {}, {})
+    assert main.user == "1000:2000" and main.command is None
+    assert not (main.read_only_root or main.drop_all_caps or main.no_new_privileges)
+    assert "--allow-new-privs" in ctr_run_args(main, "img", "id", ["spegla"])
+
+
+def test_init_containers_in_order() -> None:
+    assert init_container_names(POD) == ["check"]
+    assert "configuration" in init_container_names(DAEMONSET)
