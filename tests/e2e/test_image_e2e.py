@@ -78,12 +78,25 @@ def source_key(files: list[Path]) -> str:
     return h.hexdigest()[:24]
 
 
+def archive_name(path: Path) -> str | None:
+    """The image name in an OCI archive's index.json (None when it names none or is unreadable)."""
+    try:
+        with tarfile.open(path) as archive:
+            f = archive.extractfile("index.json")
+            manifests = json.load(f)["manifests"] if f is not None else []
+    except (OSError, KeyError, ValueError, tarfile.TarError):
+        return None
+    names = {m.get("annotations", {}).get("io.containerd.image.name") for m in manifests}
+    return names.pop() if len(names) == 1 else None
+
+
 def build_archive() -> Path:
     """The image archive for the checkout's current sources (built if no fresh one exists)."""
     files = source_files()
     made = ROOT / "build" / "spegla-image.tar"
     if made.exists() and made.stat().st_mtime > max(f.stat().st_mtime for f in files):
-        return made
+        if archive_name(made) == IMAGE:  # not one built with another IMAGE=
+            return made
     CACHE.mkdir(exist_ok=True)
     cached = CACHE / f"{source_key(files)}.tar"
     if cached.exists():
