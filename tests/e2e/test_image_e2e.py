@@ -39,6 +39,7 @@ from tests.harness.cluster import Cluster, Node
 from tests.harness.containerd import LINE_2_2, NAMESPACE
 from tests.harness.ctr_pod import ctr_run_args, init_container_names, pod_container
 from tests.harness.fixtures import require_line, short_tempdir
+from tests.harness.procs import Daemon
 from tests.harness.runc_node import restart_for_containers
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -222,11 +223,18 @@ def c(image_archive: Path) -> Iterator[Cluster]:
     """Two nodes on containerd 2.x: node 1's agent from the image, node 2's from the checkout."""
     cl = Cluster(short_tempdir("spg-image-"), nodes=2, line=LINE_2_2)
     n1 = cl.node(1)
+    adopted: list[Daemon] = []
     try:
         cl.up(large_mib=1)
         restart_for_containers(n1)
         ctr(n1, "images", "import", str(image_archive), timeout=300)
         ctr(n1, *agent_run_args(cl, n1))
+        # the agent and its shim outlive containerd: recorded, a killed run's are found
+        pid = task_pid(n1)
+        shim = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        log = n1.workdir / "agent.log"
+        adopted += [Daemon.adopt("image-agent-n1", pid, log),
+                    Daemon.adopt("image-agent-shim-n1", shim, log)]  # fmt: skip
         ag.start_agent(cl, cl.node(2), ready_timeout=None)
         try:
             ag.wait_ready(n1, timeout=60)
@@ -238,6 +246,8 @@ def c(image_archive: Path) -> Iterator[Cluster]:
         yield cl
     finally:
         remove_container(n1)
+        for d in adopted:
+            d.stop()
         cl.down()
 
 
