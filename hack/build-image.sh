@@ -114,7 +114,7 @@ mmdebstrap --quiet --mode=root --variant=essential --include=python3,libstdc++6 
   --dpkgopt='path-exclude=/usr/share/info/*' \
   --dpkgopt='path-exclude=/usr/share/locale/*' \
   --dpkgopt='path-exclude=/usr/share/lintian/*' \
-  --customize-hook="\"$PWD/hack/build-image.sh\" --customize \"\$1\"" \
+  --customize-hook="bash \"$PWD/hack/build-image.sh\" --customize \"\$1\"" \
   bookworm "$work/rootfs" "${sources[@]}"
 
 # What a container runtime provides, and what is only a leftover of the build.
