@@ -1,5 +1,6 @@
 """End-to-end through the agent image (issue 18, item 4): `make image`'s OCI archive, imported into
-containerd 2.x on a namespace node and run from there as a container, serves a peer.
+containerd (2.x, and Debian's 1.6) on a namespace node and run from there as a container, serves a
+peer.
 
 Why: the image is what every node runs; an entrypoint, a missing shared library, a file written to
 the read-only root or a mount the DaemonSet gives and the agent does not expect would only show up
@@ -36,9 +37,9 @@ import pytest
 from tests.e2e.shared import upstream_blobs, wait_served_by_peer
 from tests.harness import agents as ag
 from tests.harness.cluster import Cluster, Node
-from tests.harness.containerd import LINE_2_2, NAMESPACE
+from tests.harness.containerd import LINES, NAMESPACE, Line
 from tests.harness.ctr_pod import ctr_run_args, init_container_names, pod_container
-from tests.harness.fixtures import require_line, short_tempdir
+from tests.harness.fixtures import require_harness, require_line, short_tempdir
 from tests.harness.procs import Daemon
 from tests.harness.runc_node import restart_for_containers
 
@@ -54,6 +55,7 @@ CACHE_KEEP = 3  # archives of other source states kept (other checkouts may be u
 BUILD_TIMEOUT = 900.0
 CONTAINER = "spegla-agent"
 DAEMONSET = ROOT / "manifests" / "base" / "daemonset.yaml"
+IMAGE_USER = "0:0"  # the image config's (test_archive_names_the_image_and_its_entrypoint)
 
 
 def source_files() -> list[Path]:
@@ -120,7 +122,7 @@ def build_archive() -> Path:
 
 @pytest.fixture(scope="session")
 def image_archive() -> Path:
-    require_line(LINE_2_2)
+    require_harness()
     missing = [t for t in ("mmdebstrap", "umoci", "runc") if shutil.which(t) is None]
     if missing:
         pytest.skip(f"missing Debian tools: {', '.join(missing)} (run hack/setup.sh as root)")
@@ -149,7 +151,7 @@ def test_archive_names_the_image_and_its_entrypoint(image_archive: Path) -> None
     assert all(f"blobs/sha256/{d['digest'][7:]}" in members for d in manifest["layers"])
     assert config["os"] == "linux"
     assert config["config"]["Entrypoint"] == ["spegla"]
-    assert config["config"]["User"] == "0:0"
+    assert config["config"]["User"] == IMAGE_USER
     assert "PATH=/opt/spegla/bin" in ":".join(config["config"]["Env"])
     labels = config["config"]["Labels"]
     assert labels["org.opencontainers.image.version"] == IMAGE.rsplit(":", 1)[1]
@@ -199,7 +201,7 @@ def agent_run_args(cluster: Cluster, node: Node) -> list[str]:
              "--bootstrap-kind=static", "--static-bootstrap-peers", *peers]  # fmt: skip
     return ctr_run_args(
         spec, IMAGE, CONTAINER, ["spegla"], extra, detach=True, net_host=True,
-        log_uri=f"file://{node.workdir / 'agent.log'}",
+        log_uri=f"file://{node.workdir / 'agent.log'}", image_user=IMAGE_USER,
     )  # fmt: skip
 
 
@@ -218,10 +220,13 @@ def remove_container(node: Node) -> None:
                        capture_output=True, timeout=60)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def c(image_archive: Path) -> Iterator[Cluster]:
-    """Two nodes on containerd 2.x: node 1's agent from the image, node 2's from the checkout."""
-    cl = Cluster(short_tempdir("spg-image-"), nodes=2, line=LINE_2_2)
+@pytest.fixture(scope="module", params=LINES, ids=[line.id for line in LINES])
+def c(request: pytest.FixtureRequest, image_archive: Path) -> Iterator[Cluster]:
+    """Two nodes on one containerd line: node 1's agent from the image, node 2's from the
+    checkout."""
+    line: Line = request.param
+    require_line(line)
+    cl = Cluster(short_tempdir("spg-image-"), nodes=2, line=line)
     n1 = cl.node(1)
     adopted: list[Daemon] = []
     try:
@@ -309,7 +314,8 @@ def test_init_containers_run_from_the_image(c: Cluster) -> None:
     for name in names:
         env = {"NODE_IP": n1.ip}
         spec = pod_container(manifest, name, paths, env, absent_secret_dir=no_secret(n1))
-        out += ctr(n1, *ctr_run_args(spec, IMAGE, f"spegla-init-{name}", ["spegla"]))
+        argv = ctr_run_args(spec, IMAGE, f"spegla-init-{name}", ["spegla"], image_user=IMAGE_USER)
+        out += ctr(n1, *argv)
     written = certs / "_default" / "hosts.toml"
     hosts = tomllib.loads(written.read_text())
     assert list(hosts["host"]) == [f"http://{n1.ip}:30020", f"http://{n1.ip}:30021"], out

@@ -20,7 +20,7 @@ API
   -> ``PodContainer`` (``secret_dirs``: secretName -> directory).
 - ``init_container_names(manifest_text)`` -> the init containers, in the order they run.
 - ``ctr_run_args(container, image, container_id, entrypoint, extra_args=(), detach=False,
-  net_host=False, log_uri=None)`` -> argv after ``ctr [global options]``.
+  net_host=False, log_uri=None, image_user=None)`` -> argv after ``ctr [global options]``.
 - ``DEFAULT_CAPS``: the capabilities ``ctr run`` grants unless dropped (it has no "ALL").
 """
 
@@ -166,11 +166,15 @@ def ctr_run_args(
     detach: bool = False,
     net_host: bool = False,
     log_uri: str | None = None,
+    image_user: str | None = None,
 ) -> list[str]:
     """``ctr run`` replaces the image's entrypoint with whatever follows the id, unlike a pod's
     ``args``: the container's ``command`` goes there, or else ``entrypoint``, the image's own,
-    named again by the caller."""
-    run = ["run", "--user", container.user]
+    named again by the caller.  ``--user`` is left out when the image's own user (``image_user``)
+    is the container's: ctr 1.6 has no such flag."""
+    run = ["run"]
+    if container.user != image_user:
+        run += ["--user", container.user]
     if detach:
         run.append("--detach")
     else:

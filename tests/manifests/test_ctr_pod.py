@@ -127,6 +127,10 @@ def test_command_replaces_the_entrypoint_and_secrets_are_read_only_directories()
     assert main.user == "1000:2000" and main.command is None
     assert not (main.read_only_root or main.drop_all_caps or main.no_new_privileges)
     assert "--allow-new-privs" in ctr_run_args(main, "img", "id", ["spegla"])
+    argv = ctr_run_args(main, "img", "id", ["spegla"])
+    assert argv[argv.index("--user") + 1] == "1000:2000"
+    # the image's own user needs no flag (ctr 1.6 has none)
+    assert "--user" not in ctr_run_args(check, "img", "id", ["spegla"], image_user="0:0")
 
 
 def test_init_containers_in_order() -> None:
