@@ -322,6 +322,19 @@ def test_init_containers_run_from_the_image(c: Cluster) -> None:
     assert written.stat().st_uid == 0
 
 
+def test_kind_load_import_tags_the_image(c: Cluster, image_archive: Path) -> None:
+    """`kind load image-archive` streams the archive into this command on every node; the image
+    must come out under the name the manifests use (node 2 has not imported it yet)."""
+    n2 = c.node(2)
+    assert IMAGE not in ctr(n2, "images", "ls", "--quiet").split()
+    argv = n2.containerd.ctr("--namespace", NAMESPACE, "images", "import", "--all-platforms",
+                             "--digests", "--snapshotter=overlayfs", "-")  # fmt: skip
+    with image_archive.open("rb") as archive:
+        r = subprocess.run(argv, stdin=archive, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert IMAGE in ctr(n2, "images", "ls", "--quiet").split()
+
+
 def test_agent_in_the_image_stops_on_sigterm(c: Cluster) -> None:
     """What the kubelet sends at a rollout: the agent exits by itself, within the grace period."""
     n1 = c.node(1)
