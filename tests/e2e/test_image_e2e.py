@@ -244,8 +244,8 @@ def c(request: pytest.FixtureRequest, image_archive: Path) -> Iterator[Cluster]:
         try:
             ag.wait_ready(n1, timeout=60)
         except TimeoutError as e:
-            log = (n1.workdir / "agent.log").read_text(errors="replace")[-3000:]
-            raise AssertionError(f"{e}\n{ctr(n1, 'task', 'ls')}\ncontainer log:\n{log}") from e
+            tail = log.read_text(errors="replace")[-3000:]
+            raise AssertionError(f"{e}\n{ctr(n1, 'task', 'ls')}\ncontainer log:\n{tail}") from e
         ag.wait_ready(cl.node(2), timeout=30, daemon=cl.node(2).processes["agent"])
         cl.configure_mirrors(ag.REGISTRY_PORT)
         yield cl
