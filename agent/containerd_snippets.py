@@ -52,6 +52,9 @@ def discard_only(version: int) -> str:
     return tomli_w.dumps(_plugins(version, {"discard_unpacked_layers": False}, {}))
 
 
-def local_image_pull() -> str:
-    """2.1+: CRI pulls without the transfer service (which reads a multi-directory path too)."""
-    return tomli_w.dumps(_plugins(3, {"use_local_image_pull": True}, {}))
+def local_image_pull(version: int = 3) -> str:
+    """2.1+: CRI pulls without the transfer service (which reads a multi-directory path too).
+    The key exists only in the 2.x images plugin; a version-2 file may carry that plugin's table
+    (containerd 2.x merges it), and must: a drop-in newer than its root file is refused."""
+    table = {"plugins": {IMAGES_V3: {"use_local_image_pull": True}}}
+    return tomli_w.dumps({"version": 3 if version >= 3 else 2, **table})

@@ -3,10 +3,12 @@
 Why this shape: every probe is a small Trio function with its own time budget (cancel scopes), and
 none of them can fail the run: a probe that cannot get its fact reports why, and the check built on
 it fails with that reason. The probes only read: containerd's version and CRI status over its
-socket, files under certs.d and the content directory, the agent's own ports on this machine, and a
-TCP connect to peers' registry port. The DHT port is probed with one datagram the agent drops as
-malformed (a real DHT request would put the doctor into the agent's routing table) and confirmed by
-the agent's `spegla_dht_datagrams_received_total` going up.
+socket, containerd 2.x's config files (`agent.containerd_config`; the root file is the one on
+containerd's own command line when its process is visible, else --containerd-config), files under
+certs.d and the content directory, the agent's own ports on this machine, and a TCP connect to
+peers' registry port. The DHT port is probed with one datagram the agent drops as malformed (a
+real DHT request would put the doctor into the agent's routing table) and confirmed by the agent's
+`spegla_dht_datagrams_received_total` going up.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ async def containerd_facts(cfg: DoctorConfig) -> ContainerdFacts:
             facts.cri_error = f"CRI status failed: {getattr(exc, 'message', None) or exc}"
     facts.cri = dc.from_cri_info(info)
     if facts.cri is None and info and (dc.major_version(facts.version) or 0) >= 2:
-        located = locate_config(cfg)
+        located = await trio.to_thread.run_sync(locate_config, cfg)  # a socket connect, /proc
         settings = await trio.to_thread.run_sync(read_settings, located.path, located.host_root)
         if not settings.files:
             facts.cri_error = (

@@ -146,7 +146,8 @@ def check_config_path(
 ) -> Check:
     name = "registry config_path"
     major = version[0] if version else None
-    snippet = snippets.config_path_only(_snippet_version(cfg, major), certs_d)
+    config_version = _snippet_version(cfg, major)
+    snippet = snippets.config_path_only(config_version, certs_d)
     fix = (
         f"set config_path to the one directory {certs_d} in containerd's config and restart "
         "containerd (without it containerd never reads spegla's hosts.toml):" + _block(snippet)
@@ -175,7 +176,7 @@ def check_config_path(
             "reads no hosts.toml and never asks spegla",
             fix
             + "\nor keep the list and make CRI pull without the transfer service:"
-            + _block(snippets.local_image_pull()),
+            + _block(snippets.local_image_pull(config_version)),
         )
     return Check(name, True, f"{cfg.config_path}{where}")
 

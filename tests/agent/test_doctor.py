@@ -82,6 +82,20 @@ def test_containerd_2_settings_come_from_the_config_files() -> None:
     assert dc.check_config_path(cfg, "/etc/containerd/certs.d", (2, 0)).ok
     local = dc.CriImageConfig("f", "/etc/containerd/certs.d:/x", False, use_local_image_pull=True)
     assert dc.check_config_path(local, "/etc/containerd/certs.d", (2, 2)).ok
+    # a version-2 file on 2.x: both fixes as version-2 text (a newer drop-in would be refused)
+    v2 = dc.from_settings(
+        effective_settings(
+            "/c.toml",
+            lambda p: (
+                'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n'
+                '  config_path = "/etc/containerd/certs.d:/x"\n'
+            ),
+            list,
+        )
+    )
+    fix = dc.check_config_path(v2, "/etc/containerd/certs.d", (2, 2)).fix
+    assert fix.count("version = 2") == 2 and "version = 3" not in fix
+    assert '[plugins."io.containerd.grpc.v1.cri".registry]' in fix
     # nothing set anywhere: not ours, whatever containerd's built-in default is
     unset = dc.from_settings(effective_settings("/c.toml", lambda p: "version = 3\n", list))
     check = dc.check_config_path(unset, "/etc/containerd/certs.d", (2, 2))

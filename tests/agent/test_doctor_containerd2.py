@@ -78,6 +78,11 @@ CASES: dict[str, dict[str, str]] = {
         "config.toml": 'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n'
         "  discard_unpacked_layers = true\n",
     },
+    "version 2 file carrying the 2.x images table": {
+        "config.toml": 'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n'
+        '  config_path = "/a:/b"\n[plugins."io.containerd.cri.v1.images"]\n'
+        "  use_local_image_pull = true\n",
+    },
     "imports of imports, absolute and relative": {
         "config.toml": 'version = 3\nimports = ["sub/one.toml"]\n',
         "sub/one.toml": 'version = 3\nimports = ["two.toml"]\n',
@@ -159,8 +164,10 @@ def test_snippets_are_valid_toml_for_each_line() -> None:
     cri = v2["plugins"]["io.containerd.grpc.v1.cri"]
     assert v2["version"] == 2 and cri["registry"]["config_path"] == hostile
     assert cri["containerd"]["discard_unpacked_layers"] is False
-    local = tomllib.loads(snippets.local_image_pull())
-    assert local["plugins"]["io.containerd.cri.v1.images"]["use_local_image_pull"] is True
+    for version in (2, 3):
+        local = tomllib.loads(snippets.local_image_pull(version))
+        assert local["version"] == version
+        assert local["plugins"]["io.containerd.cri.v1.images"]["use_local_image_pull"] is True
     assert snippets.config_version_for(1) == 2 and snippets.config_version_for(2) == 3
 
 

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_install_restart_and_uninstall_keep_the_nodes_own_certs_d(tmp_path: Path
     for _ in range(2):  # first install, then the pod starting again on the same node
         _run(init, objects, host_dirs)
         hosts = (certs_d / "_default" / "hosts.toml").read_text()
-        assert "[host.'http://10.0.0.11:30020']" in hosts
+        assert "http://10.0.0.11:30020" in tomllib.loads(hosts)["host"]
         assert (certs_d / "_backup" / "docker.io" / "hosts.toml").read_text() == USER_HOSTS
 
     cleanup_objects = render(MANIFESTS / "cleanup")
@@ -134,7 +135,11 @@ def test_prepend_existing_keeps_a_named_registrys_certificates(tmp_path: Path) -
     _run(init, objects, {"containerd-certs-d": certs_d}, overrides)
     assert (private / "ca.crt").read_text() == "certificate\n"
     hosts = (private / "hosts.toml").read_text()
-    assert hosts.index("http://10.0.0.11:30020") < hosts.index("https://registry.internal.example']")
+    assert list(tomllib.loads(hosts)["host"]) == [
+        "http://10.0.0.11:30020",
+        "http://10.0.0.11:30021",
+        "https://registry.internal.example",
+    ]
     assert (certs_d / "_default" / "hosts.toml").is_file()
 
 

@@ -79,8 +79,12 @@ async def test_containerd_pulls_through_the_app(
         capture_stdout=True,
     )
     assert ref in listing.stdout.decode().split()
-    # every blob went out by sendfile, manifests through the app, on the same connections
-    assert stats.served == len(image.blob_digests()), (stats.served, stats.passed_on)
+    # every blob went out by sendfile, manifests through the app, on the same connections;
+    # containerd 2.x's ctr (transfer service) also fetches the other platforms' configs
+    blobs = len(image.blob_digests())
+    if containerd_instance.line.major >= 2:
+        blobs += len(image.manifests) - 1
+    assert stats.served == blobs, (stats.served, stats.passed_on)
     assert stats.passed_on >= len(image.manifest_digests())
 
 
