@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh Debian machine (as root): `make demo` and `make test`.
-.PHONY: setup test lint typecheck unit demo cluster-down protos
+.PHONY: setup test lint typecheck unit demo cluster-down protos image
 
 VENV := .venv/bin
 
@@ -23,3 +23,8 @@ cluster-down: setup
 
 protos: setup
 	bash hack/gen-protos.sh
+
+# The agent image as an OCI archive, build/spegla-image.tar, from Debian's packages and PyPI only
+# (no container registry): see docs/image.md.
+image: setup
+	bash hack/build-image.sh

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 # shellcheck: the manifests' scripts are linted in `make test`; chromium: the debug page is rendered
 # headless in a test; tmux: `spegla watch` is tested on a real terminal screen.
 APT_PACKAGES=(containerd docker-registry skopeo iproute2 python3-venv shellcheck chromium tmux)
+# `make image` (hack/build-image.sh) and its e2e test, which runs the agent from the image with runc.
+APT_PACKAGES+=(mmdebstrap umoci runc)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

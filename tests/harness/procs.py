@@ -8,7 +8,8 @@ never signalled; whether it has exited is judged from /proc/PID/status (gone or 
 API
 - ``Daemon.start(argv, log_path, netns=None, env=None)`` -> ``Daemon`` (``pid``, ``start_time``,
   ``log_path``, ``alive()``, ``stop(timeout)``, ``kill()``, ``record()`` -> dict for a state file,
-  ``Daemon.from_record(d)``).
+  ``Daemon.from_record(d)``); ``Daemon.adopt(name, pid, log_path)`` records a process someone
+  else started for the harness (a container's) the same way.
 - ``stop_recorded(record, timeout)``: stop a daemon described by ``Daemon.record()`` output.
 - Every running daemon is also recorded under ``leftovers_dir()`` until it is stopped, so
   ``stop_leftover_daemons()`` (``hack/cluster down --all``) can stop what a killed run left.
@@ -133,6 +134,16 @@ class Daemon:
                 start_new_session=True,  # a Ctrl-C in the terminal goes to us, not the daemons
             )
         d = cls(name, full, log_path, popen.pid, process_start_time(popen.pid), popen)
+        leftovers_dir().mkdir(parents=True, exist_ok=True)
+        d._pointer().write_text(json.dumps(d.record()))
+        return d
+
+    @classmethod
+    def adopt(cls, name: str, pid: int, log_path: Path) -> Daemon:
+        """A process started by someone else for the harness (a container's process or its shim,
+        started by containerd), recorded like the harness's own so a killed run's leftovers are
+        found; ``stop()`` stops and forgets it."""
+        d = cls(name, [], log_path, pid, process_start_time(pid))
         leftovers_dir().mkdir(parents=True, exist_ok=True)
         d._pointer().write_text(json.dumps(d.record()))
         return d
