@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# shellcheck: the manifests' scripts are linted in `make test`; chromium: the debug page is rendered
+# (shellcheck) the manifests' scripts are linted in `make test`; chromium: the debug page is rendered
 # headless in a test; tmux: `spegla watch` is tested on a real terminal screen.
 APT_PACKAGES=(containerd docker-registry skopeo iproute2 python3-venv shellcheck chromium tmux)
 # `make image` (hack/build-image.sh) and its e2e test, which runs the agent from the image with runc.
