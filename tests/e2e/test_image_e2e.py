@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.e2e.shared import upstream_blobs, wait_served_by_peer
 from tests.harness import agents as ag
@@ -188,16 +189,26 @@ def no_secret(node: Node) -> str:
     return str(empty)
 
 
+def configmap_value(name: str) -> str:
+    """A setting of the base ConfigMap (the pods read it through envFrom, which `ctr run` lacks)."""
+    configmap = yaml.safe_load((DAEMONSET.parent / "configmap.yaml").read_text())
+    return str(configmap["data"][name])
+
+
 def agent_run_args(cluster: Cluster, node: Node) -> list[str]:
     """`ctr run` of the DaemonSet's agent container on `node`, detached, with host networking (the
     node's namespace, where containerd and so its shim run) and its output in the node's
     agent.log.  What the ConfigMap sets in a cluster (bootstrap) is added as flags."""
     env = {"POD_IP": node.ip, "NODE_IP": node.ip}
+    # the cluster key Secret holds the key the harness gives the checkout's agents
+    key_dir = str(ag.cluster_key_file(cluster, create=True).parent)
     spec = pod_container(
-        DAEMONSET.read_text(), "registry", host_paths(node), env, absent_secret_dir=no_secret(node)
-    )
+        DAEMONSET.read_text(), "registry", host_paths(node), env,
+        secret_dirs={"spegla-cluster-key": key_dir}, absent_secret_dir=no_secret(node),
+    )  # fmt: skip
     peers = [f"{n.ip}:{ag.ROUTER_PORT}" for n in cluster.nodes if n is not node]
     extra = ["--log-level=DEBUG",  # the access lines: which blob went to which peer
+             "--cluster-key-file", configmap_value("CLUSTER_KEY_FILE"),
              "--bootstrap-kind=static", "--static-bootstrap-peers", *peers]  # fmt: skip
     return ctr_run_args(
         spec, IMAGE, CONTAINER, ["spegla"], extra, detach=True, net_host=True,
