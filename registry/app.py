@@ -493,6 +493,8 @@ def create_app(
     async def claim_holds() -> None:
         if claims is not None and claims.background is None:
             claims.background = app.nursery  # a claimant's claim outlives its request
+        if registry.forwarder.background is None:
+            registry.forwarder.background = app.nursery  # a shared fetch outlives its first GET
 
     @app.after_serving
     async def close_client() -> None:
