@@ -9,8 +9,10 @@ a blob (`registry.blob_stream`).
 Deadlines, all Trio cancel scopes: each wait for a provider `resolve_timeout` (20 ms), at most
 `resolve_retries` failed attempts; connect + response headers `response_timeout`; no body bytes
 for `stall_timeout` counts as a broken stream; HEAD and manifests finish within
-`manifest_deadline` (3 s) overall, blob GETs have no overall deadline, but resumptions end after
-`resume_patience` without progress.  A peer answering 404 for a key it advertised (deleted since;
+`manifest_deadline` (3 s) overall; a blob GET has a provider answering (its first body bytes
+here) or its 404 within `request_deadline` (claim waits and busy providers included), then its
+body is bounded by the stall bounds, and resumptions end after `resume_patience` without
+progress.  A peer answering 404 for a key it advertised (deleted since;
 its provider records live on) is skipped for that key for `stale_ttl` (60 s) by later requests
 (`mirror.StaleProviders`).
 
@@ -106,6 +108,8 @@ class MirrorRun:
         self.stuck_at = -1
         self.stuck_since = 0.0
         self.refusals = RefusalRounds()  # providers that cannot serve it at all now
+        # a blob GET's bound until a provider answers (`MirrorSettings.request_deadline`)
+        self.decision: trio.CancelScope | None = None
 
     async def _emit(self, item: MirrorItem) -> None:
         """Hand an item to the response; a response that stops reading counts as gone."""
@@ -133,8 +137,11 @@ class MirrorRun:
 
     async def run(self) -> None:
         bounded = self.is_head or not self.is_blob
-        deadline = self.settings.manifest_deadline if bounded else math.inf
+        s = self.settings
+        deadline = s.manifest_deadline if bounded else s.request_deadline
         with trio.move_on_after(deadline) as overall:
+            if not bounded:
+                self.decision = overall  # lifted once a provider answers (see `_fetch`)
             async with trio.open_nursery() as nursery:
                 supply = PeerSupply(self.fw.router, self.ref.identifier)
                 claims = self.fw.claims
@@ -145,7 +152,6 @@ class MirrorRun:
                     and self.ref.digest
                     and self.job.claimable
                 ):
-                    s = self.settings
                     self.claiming = ClaimingSupply(
                         self.fw.router,
                         claims,
@@ -153,7 +159,7 @@ class MirrorRun:
                             s.resolve_timeout,
                             s.resolve_retries,
                             s.claim_settle,
-                            s.claim_wait,
+                            min(s.claim_wait, s.request_deadline),
                             s.claim_poll,
                         ),
                         self.ref.digest,
@@ -248,6 +254,9 @@ class MirrorRun:
         )
         if isinstance(opened, GiveUp):
             return opened
+        if self.decision is not None:  # a provider answered: the body has its own bounds now
+            self.decision.deadline = math.inf
+            self.decision = None
         stack.push_async_callback(opened.stack.aclose)
         if opened.hedged:
             self.report.hedged = True

@@ -30,7 +30,10 @@ RATE_MBIT = 16  # 8 MiB take ~4 s upstream
 @pytest.fixture(scope="module")
 def c() -> Iterator[Cluster]:
     with cluster_with_agents(
-        "spg-burst-", nodes=3, large_mib=1, extra=["--mirror-claim-wait", "20s"]
+        "spg-burst-",
+        nodes=3,
+        large_mib=1,
+        extra=["--mirror-claim-wait", "20s", "--mirror-request-deadline", "20s"],
     ) as cl:
         yield cl
 
