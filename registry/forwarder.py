@@ -30,7 +30,7 @@ from registry.events import MirrorEvents
 from registry.hedging import HedgeDelay, HedgePolicy
 from registry.interfaces import DownloadDiscarder, Router
 from registry.mirror import Quarantine, StaleProviders
-from registry.mirror_job import MirrorItem, MirrorJob, MirrorSettings
+from registry.mirror_job import ItemSink, MirrorItem, MirrorJob, MirrorSettings
 from registry.mirror_run import MirrorRun
 from registry.mirror_share import SharedFetch, SharedFetches, ShareKey
 from registry.own_downloads import OwnDownloads
@@ -121,36 +121,35 @@ class Forwarder:
                 await share.read(job.range_spec, job.request.unknown_code, emit)
 
     async def _fetch_shared(self, share: SharedFetch, job: MirrorJob) -> None:
-        """The one fetch behind `share`: a whole-blob MirrorRun whose items go to the share."""
-        send, receive = trio.open_memory_channel[MirrorItem](1)
+        """The one fetch behind `share`: a whole-blob MirrorRun whose items go to the share
+        (in this task: no hop between the fetch and the share)."""
         share.transfers += 1
         with share.scope:
             try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._run_one, job, send)
-                    async with receive:
-                        async for item in receive:
-                            await share.put(item)
+                await self._produce(job, share)
             finally:
                 share.end()
 
     async def _run_one(self, job: MirrorJob, send: trio.MemorySendChannel[MirrorItem]) -> None:
         """One request's own fetch (`registry.mirror_run`), its items on `send`."""
         async with send:
-            state = MirrorRun(self, job, send)
-            failure: Exception | None = None
-            try:
-                await state.run()
-            except* (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the client went away
-            except* Exception as group:  # never let a peer's behaviour crash the app's nursery
-                failure = group
-            if failure is not None:
-                logger.error(
-                    "mirror request failed",
-                    exc_info=failure,
-                    extra={"key": str(job.request.reference)},
-                )
-                with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await state.fail(500, f"internal error while mirroring: {failure!r}", 0)
-            state.finish()
+            await self._produce(job, send)
+
+    async def _produce(self, job: MirrorJob, send: ItemSink) -> None:
+        state = MirrorRun(self, job, send)
+        failure: Exception | None = None
+        try:
+            await state.run()
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        except* Exception as group:  # never let a peer's behaviour crash the app's nursery
+            failure = group
+        if failure is not None:
+            logger.error(
+                "mirror request failed",
+                exc_info=failure,
+                extra={"key": str(job.request.reference)},
+            )
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await state.fail(500, f"internal error while mirroring: {failure!r}", 0)
+        state.finish()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 from registry.buffers import Chunk
 from registry.distribution import ContentRequest, ErrorCode
@@ -21,6 +22,7 @@ from registry.ranges import RangeSpec
 
 __all__ = [
     "MIRROR_DEFAULTS",
+    "ItemSink",
     "MirrorAbort",
     "MirrorFailure",
     "MirrorHead",
@@ -171,3 +173,10 @@ class MirrorAbort:
 
 # body bytes: a `Chunk` of a pooled buffer (the consumer releases it once written) or bytes
 MirrorItem = MirrorHead | MirrorFailure | MirrorAbort | Chunk | bytes | bytearray
+
+
+class ItemSink(Protocol):
+    """Where a mirror run's items go: a request's channel, or a shared fetch
+    (`registry.mirror_share`).  `send` waits while the reader is behind."""
+
+    async def send(self, value: MirrorItem, /) -> None: ...

@@ -52,7 +52,14 @@ from registry.events import PeerFetchFailed
 from registry.interfaces import Peer, PeerState
 from registry.mirror import GiveUp, MirrorAttempts, PeerAnswer, PeerBusy, peer_key
 from registry.mirror_framing import mirror_head, range_not_satisfiable
-from registry.mirror_job import MirrorAbort, MirrorFailure, MirrorHead, MirrorItem, MirrorJob
+from registry.mirror_job import (
+    ItemSink,
+    MirrorAbort,
+    MirrorFailure,
+    MirrorHead,
+    MirrorItem,
+    MirrorJob,
+)
 from registry.mirror_report import MirrorReport
 from registry.multi_peer_run import MultiPeerRun
 from registry.own_downloads import FED_BY_HEADER, DownloadFeed, parse_fed_by
@@ -74,9 +81,7 @@ if TYPE_CHECKING:
 class MirrorRun:
     """One mirror request: its attempts, its source now, what went out, and the sequence."""
 
-    def __init__(
-        self, forwarder: Forwarder, job: MirrorJob, send: trio.MemorySendChannel[MirrorItem]
-    ) -> None:
+    def __init__(self, forwarder: Forwarder, job: MirrorJob, send: ItemSink) -> None:
         self.fw = forwarder
         self.settings = forwarder.settings
         self.job = job

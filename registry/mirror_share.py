@@ -150,8 +150,10 @@ class SharedFetch:
             self.open = False
             self.on_close(self)
 
-    async def put(self, item: MirrorItem) -> None:
-        """One item of the fetch (waits while the slowest reader is `max_ahead` pieces behind)."""
+    async def send(self, value: MirrorItem, /) -> None:
+        """One item of the fetch (waits while the slowest reader is `max_ahead` pieces behind):
+        the share is the fetch's `ItemSink`."""
+        item = value
         if self.done:
             if isinstance(item, Chunk):
                 item.release()
