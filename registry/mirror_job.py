@@ -54,7 +54,7 @@ class MirrorSettings:
     multi_peer_slow_after: float = 1.0
     multi_peer_piece: int = 4 * 1024 * 1024  # one range (rounded to the buffer size)
     manifest_deadline: float = 3.0  # HEAD and manifest mirror requests finish within this
-    # A blob GET finds a provider that answers (its first body bytes are here) or answers 404
+    # A blob GET finds a provider that answers (its response head checked) or answers 404
     # within this, claim waits and busy providers included (--mirror-request-deadline): after a
     # 404 containerd goes upstream, so a long wait is worse than a fast miss.  The body's
     # transfer is bounded by the stall and resume bounds instead.

@@ -9,9 +9,9 @@ a blob (`registry.blob_stream`).
 Deadlines, all Trio cancel scopes: each wait for a provider `resolve_timeout` (20 ms), at most
 `resolve_retries` failed attempts; connect + response headers `response_timeout`; no body bytes
 for `stall_timeout` counts as a broken stream; HEAD and manifests finish within
-`manifest_deadline` (3 s) overall; a blob GET has a provider answering (its first body bytes
-here) or its 404 within `request_deadline` (claim waits and busy providers included), then its
-body is bounded by the stall bounds, and resumptions end after `resume_patience` without
+`manifest_deadline` (3 s) overall; a blob GET has a provider answering (its response head
+checked) or its 404 within `request_deadline` (claim waits and busy providers included), then
+its body is bounded by the stall bounds, and resumptions end after `resume_patience` without
 progress.  A peer answering 404 for a key it advertised (deleted since;
 its provider records live on) is skipped for that key for `stale_ttl` (60 s) by later requests
 (`mirror.StaleProviders`).
@@ -132,7 +132,15 @@ class MirrorRun:
     def finish(self) -> None:
         self.report.finish()
 
+    def _decided(self) -> None:
+        """A provider answered (its head passed the checks), or the answer is being sent: the
+        blob GET's `request_deadline` no longer applies; the stall and resume bounds do."""
+        if self.decision is not None:
+            self.decision.deadline = math.inf
+            self.decision = None
+
     async def fail(self, status: int, message: str, attempts: int) -> None:
+        self._decided()
         if not self.head_sent:
             self.head_sent = True
             code = self.job.request.unknown_code
@@ -215,6 +223,7 @@ class MirrorRun:
                 response_timeout=self.settings.response_timeout,
                 on_not_found=functools.partial(self._mark_stale, peer),
                 first_bytes_timeout=stall,
+                on_answer=self._decided,
             )
 
         def failed_or_busy(peer: Peer, exc: Exception) -> None:
@@ -259,9 +268,6 @@ class MirrorRun:
         )
         if isinstance(opened, GiveUp):
             return opened
-        if self.decision is not None:  # a provider answered: the body has its own bounds now
-            self.decision.deadline = math.inf
-            self.decision = None
         stack.push_async_callback(opened.stack.aclose)
         if opened.hedged:
             self.report.hedged = True
@@ -321,6 +327,7 @@ class MirrorRun:
         return mirror_head(answer, delivered, is_blob=self.is_blob, peer=peer)
 
     async def _send_head(self, head: MirrorHead | MirrorFailure) -> None:
+        self._decided()
         self.head_sent = True
         await self._emit(head)
 

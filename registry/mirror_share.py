@@ -19,7 +19,8 @@ Invariants:
 - a reader sends the last byte of its range only after the whole blob was verified (the fetch
   ended without an abort), like an unshared streamed blob;
 - the fetch is cancelled when its last reader leaves; a reader that stops taking items is dropped
-  after the consumer timeout (its own channel's bound), so one slow reader cannot stall the rest.
+  after the consumer timeout (its own channel's bound), so a reader that stopped holds a big
+  blob's other readers back by at most that long.
 """
 
 from __future__ import annotations
