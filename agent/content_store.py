@@ -14,8 +14,7 @@ Content.Info is the expensive part of serving a small blob (a gRPC round trip th
 bridge), and a blob GET asks twice (describe, then open).  So a size containerd confirmed is
 trusted for SIZE_TTL seconds (a file that is then found missing drops it at once), and concurrent
 requests for one digest share one Info call.  A "not found" is never kept: content appears
-without an event when a pull commits; but where the content directory is readable, a digest
-with no file there is not found without asking (a commit renames the file into place first).
+without an event when a pull commits.
 """
 
 from __future__ import annotations
@@ -278,11 +277,6 @@ class ContainerdContentStore:
             if call.size is not None:
                 return call.size
             # that call was cancelled: ask again
-        if self._no_blob_file(digest):
-            # containerd commits content by renaming its file into `blobs/`: no file, no content
-            # (in any namespace).  A stat, where Info is a gRPC round trip through the asyncio
-            # bridge that every miss and mirrored request would pay (twice) before its peers
-            raise ContentNotFound(f"{digest} is not in containerd")
         call = self._asking[digest] = _InfoCall()
         try:
             call.size = await self._ask_size(digest)
@@ -297,20 +291,6 @@ class ContainerdContentStore:
         while len(self._sizes) > SIZE_ENTRIES:
             del self._sizes[next(iter(self._sizes))]
         return call.size
-
-    def _no_blob_file(self, digest: str) -> bool:
-        """True when the content directory is known and holds no file for `digest`."""
-        root = self._content_dir if self._content_dir_known else None
-        if root is None:
-            return False
-        algorithm, _, encoded = digest.partition(":")
-        try:
-            os.stat(os.path.join(root, "blobs", algorithm, encoded))
-        except FileNotFoundError:
-            return os.path.isdir(os.path.join(root, "blobs")) or os.path.isdir(root)
-        except OSError:
-            return False
-        return False
 
     def forget(self, digest: str) -> None:
         """Ask containerd about `digest` next time (its file turned out missing)."""
