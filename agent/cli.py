@@ -215,6 +215,7 @@ def registry_config(ns: argparse.Namespace) -> RegistryConfig:
         mirror_buffer_memory=ns.mirror_buffer_memory << 20,
         mirror_peers_per_blob=ns.mirror_peers_per_blob,
         mirror_claim_wait=ns.mirror_claim_wait,
+        mirror_request_deadline=ns.mirror_request_deadline,
         peer_upload_limit=ns.peer_upload_limit,
         max_connections=ns.max_connections,
         send_timeout=ns.send_timeout,

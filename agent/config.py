@@ -319,6 +319,7 @@ class RegistryConfig:
     mirror_buffer_memory: int = MIRROR_DEFAULTS.buffer_memory  # bytes
     mirror_peers_per_blob: int = MIRROR_DEFAULTS.multi_peer_max
     mirror_claim_wait: float = MIRROR_DEFAULTS.claim_wait
+    mirror_request_deadline: float = MIRROR_DEFAULTS.request_deadline
     peer_upload_limit: int = 8
     max_connections: int = 1024  # registry connections at once (0: no cap)
     send_timeout: float = 30.0  # a client that takes no response bytes this long is cut
@@ -359,6 +360,8 @@ class RegistryConfig:
             raise ConfigError("--mirror-resolve-timeout must be greater than 0")
         if not MIRROR_DEFAULTS.claim_settle <= self.mirror_claim_wait <= 600:
             raise ConfigError("--mirror-claim-wait must be between 20ms and 10m")
+        if not 0.1 <= self.mirror_request_deadline <= 600:
+            raise ConfigError("--mirror-request-deadline must be between 100ms and 10m")
         if self.peer_upload_limit < 0:
             raise ConfigError("--peer-upload-limit must be 0 (no limit) or more")
         if self.max_connections < 0:
@@ -382,6 +385,7 @@ class RegistryConfig:
             buffer_memory=self.mirror_buffer_memory,
             multi_peer_max=self.mirror_peers_per_blob,
             claim_wait=self.mirror_claim_wait,
+            request_deadline=self.mirror_request_deadline,
         )
 
 

@@ -292,6 +292,24 @@ class ContainerdContentStore:
             del self._sizes[next(iter(self._sizes))]
         return call.size
 
+    def surely_absent(self, digest: str) -> bool:
+        """No file for `digest` in the readable content directory (containerd commits content
+        by renaming its file into `blobs/`): a stat, where Content.Info is a gRPC round trip
+        through the asyncio bridge.  The agent may see that directory differently from
+        containerd (another mount namespace, a remount), so the registry uses this only for
+        this node's own requests, which go to peers when it is wrong."""
+        root = self._content_dir if self._content_dir_known else None
+        algorithm, _, encoded = digest.partition(":")
+        if root is None or not encoded or "/" in encoded or "/" in algorithm:
+            return False
+        try:
+            os.stat(os.path.join(root, "blobs", algorithm, encoded))
+        except FileNotFoundError:
+            return os.path.isdir(root)
+        except OSError:
+            return False
+        return False
+
     def forget(self, digest: str) -> None:
         """Ask containerd about `digest` next time (its file turned out missing)."""
         self._sizes.pop(digest, None)

@@ -158,6 +158,11 @@ FLAGS: dict[str, tuple[Flag, ...]] = {
              "in a burst (nodes missing one layer at once), how long a node waits for the one "
              "that fetches it upstream to start receiving it before going upstream itself "
              "(Go duration)", metavar="DURATION"),
+        Flag("--mirror-request-deadline", format_duration(MIRROR_DEFAULTS.request_deadline),
+             parse_duration,
+             "a blob GET this node cannot serve from its own store finds a peer that answers, "
+             "or answers 404 (containerd then goes upstream), within this; claim waits and busy "
+             "peers count against it (Go duration)", metavar="DURATION"),
         Flag("--peer-upload-limit", "8", _int,
              "blob downloads this node serves to peers at once; more get 429 and ask another "
              "peer, so a burst spreads as a tree (0: no limit)", metavar="N"),

@@ -10,8 +10,13 @@ mirror GETs, HEADs, misses and malformed requests against node 1's agent, then t
 against a docker-registry serving the same storage in the same namespace.  Agent RSS and open
 descriptors are sampled idle, during and after the load.
 
-    python -m bench.load --json                  (60 s per server, 500 clients)
+    python -m bench.load --json                  (60 s per run, 500 clients)
     python -m bench.load --soak --json           (10 min against the agent only: RSS/fd drift)
+
+The agents run with their defaults (what users run): `agent` in the JSON.  Then, for comparison,
+the same load against agents restarted with `--peer-upload-limit 0` (no upload bound; labelled
+`extra_runs.peer_upload_limit_0`, skip it with `--compare-upload-limit -1`), and last against
+docker-registry.  Ratios are within the one run.
 
 Needs root (namespaces, containerd).  Prints one JSON object on stdout; progress on stderr.
 """
@@ -100,21 +105,37 @@ def blob_specs(image: BuiltImage, repo: str) -> list[dict[str, Any]]:
     ]
 
 
-def miss_reasons(node: Any, keys: set[str]) -> dict[str, int]:
-    # "waited too long for a free provider": the serving peer was at its upload bound (load
-    # shedding by design); the others are resolve/DHT misses
+def log_since(node: Any, mark: int) -> list[dict[str, Any]]:
+    """The agent's log records after the first `mark` (all of them if the log was restarted)."""
+    records = ag.agent_log(node)
+    return records[mark:] if len(records) >= mark else records
+
+
+def miss_reasons(records: list[dict[str, Any]], keys: set[str]) -> dict[str, int]:
     """Why the agent's mirror requests for `keys` (content a peer holds) missed, from its log."""
     reasons: Counter[str] = Counter()
-    for record in ag.agent_log(node):
+    for record in records:
         if record.get("cache") == "miss" and record.get("key") in keys:
-            reasons[str(record.get("reason", ""))[:120]] += 1
+            reason = str(record.get("reason", ""))
+            reasons[reason.split(" sha256:")[0].removesuffix(" for").removesuffix(" of")[:120]] += 1
     return dict(reasons)
 
 
-def warnings(node: Any) -> dict[str, int]:
+def peer_trouble(records: list[dict[str, Any]]) -> dict[str, int]:
+    """The asking agent's "peer busy"/"peer refused"/"peer fetch failed" lines, by reason."""
+    counts: Counter[str] = Counter()
+    for record in records:
+        msg = str(record.get("msg", record.get("message", "")))
+        if msg in ("peer busy", "peer refused", "peer fetch failed"):
+            why = str(record.get("reason", record.get("error", "")))[:80]
+            counts[f"{msg}: {why}"] += 1
+    return dict(counts)
+
+
+def warnings(records: list[dict[str, Any]]) -> dict[str, int]:
     """WARNING and worse log lines of a node's agent, by message."""
     counts: Counter[str] = Counter()
-    for record in ag.agent_log(node):
+    for record in records:
         if str(record.get("level", "")).upper() in ("WARNING", "ERROR", "CRITICAL"):
             counts[str(record.get("msg", record.get("message", "")))[:120]] += 1
     return dict(counts)
@@ -173,8 +194,67 @@ def wait_mirror_hit(cluster: Cluster, target: str, timeout: float = 60.0) -> Non
     raise RuntimeError("node 1's agent never served node 2's blob")
 
 
+def agent_phase(
+    cluster: Cluster,
+    plan: dict[str, Any],
+    work: Path,
+    name: str,
+    extra: list[str],
+    profile: str = "",
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """(Re)start both agents with `extra` flags, then run the plan against node 1's agent:
+    its client result, usage, and what its log says about misses and peers; the usage series."""
+    node1, node2 = cluster.node(1), cluster.node(2)
+    for node in (node1, node2):
+        if "agent" in node.processes:
+            ag.stop_agent(cluster, node)
+    marks = {node.name: len(ag.agent_log(node)) for node in (node1, node2)}
+    ag.start_agents(cluster, extra=extra)
+    for blob in plan["peer_blobs"]:
+        wait_mirror_hit(cluster, f"{blob['path']}?ns={plan['ns']}")
+    agent_pid = node1.processes["agent"].pid
+    time.sleep(3)
+    idle = usage(agent_pid)
+    clients, duration = plan["clients"], plan["duration"]
+    progress(f"{name}: agent idle {idle}; {clients} clients x {duration:.0f} s against the agent")
+    profiler = None
+    if profile:  # py-spy (not a project dependency) records the agent under load
+        profiler = subprocess.Popen(
+            ["py-spy", "record", "--pid", str(agent_pid), "--format", "raw", "--nonblocking",
+             "--duration", str(int(duration)), "--output", profile],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    with Sampler(agent_pid) as sampler:
+        agent_result = run_client(cluster, plan, work, name)
+        if profiler is not None:
+            profiler.wait(60)
+    time.sleep(10)  # connections closed, buffers given back
+    after = usage(agent_pid)
+    time.sleep(20)
+    after_30s = usage(agent_pid)
+    peer_keys = {b["digest"] for b in plan["peer_blobs"]}
+    logs = {node.name: log_since(node, marks[node.name]) for node in (node1, node2)}
+    result: dict[str, Any] = {
+        "agent_flags": extra,
+        "agent": agent_result,
+        "agent_usage": {
+            "idle": idle,
+            "peak": sampler.peak(),
+            "after_10s": after,
+            "after_30s": after_30s,
+        },
+        "agent_false_miss_reasons": miss_reasons(logs[node1.name], peer_keys),
+        "agent_peer_trouble": peer_trouble(logs[node1.name]),
+        "agent_warnings": {
+            "node1": warnings(logs[node1.name]),
+            "node2": warnings(logs[node2.name]),
+        },
+    }
+    return result, sampler.series
+
+
 def run(
-    clients: int, duration: float, soak: bool, profile: str = "", upload_limit: int = 0
+    clients: int, duration: float, soak: bool, profile: str = "", compare_limit: int = 0
 ) -> dict[str, Any]:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # agents inherit it
@@ -187,8 +267,8 @@ def run(
         peer = build_large(work / "images", BLOB_MIB, name="load-peer")
         for image in (local, peer):
             cluster.upstream.push(image)
-        progress("agents")
-        ag.start_agents(cluster, extra=["--peer-upload-limit", str(upload_limit)])
+        progress("agents (defaults)")
+        ag.start_agents(cluster)
         node1, node2 = cluster.node(1), cluster.node(2)
         node1.pull(cluster.ref("load-local"))
         node2.pull(cluster.ref("load-peer"))
@@ -197,8 +277,6 @@ def run(
         if {b["digest"] for b in local_blobs} & {b["digest"] for b in peer_blobs}:
             raise RuntimeError("the local and peer images share blobs")
         ns = cluster.upstream.host
-        for blob in peer_blobs:
-            wait_mirror_hit(cluster, f"{blob['path']}?ns={ns}")
         manifest = local.manifests[0].descriptor
         heads = [
             {"path": b["path"], "digest": b["digest"], "size": b["size"]} for b in local_blobs
@@ -221,44 +299,17 @@ def run(
             "clients": clients,
             "duration": duration,
         }
-        agent_pid = node1.processes["agent"].pid
-        time.sleep(3)
-        idle = usage(agent_pid)
-        progress(f"agent idle {idle}; load {clients} clients x {duration:.0f} s against the agent")
-        profiler = None
-        if profile:  # py-spy (not a project dependency) records the agent under load
-            profiler = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(agent_pid), "--format", "raw", "--nonblocking",
-                 "--duration", str(int(duration)), "--output", profile],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-        with Sampler(agent_pid) as sampler:
-            agent_result = run_client(cluster, plan, work, "agent")
-            if profiler is not None:
-                profiler.wait(60)
-        time.sleep(10)  # connections closed, buffers given back
-        after = usage(agent_pid)
-        time.sleep(20)
-        after_30s = usage(agent_pid)
-        peer_keys = {b["digest"] for b in peer_blobs}
+        default, series = agent_phase(cluster, plan, work, "agent", [], profile)
         result: dict[str, Any] = {
             "clients": clients,
             "duration_s": duration,
             "mix_weights": WEIGHTS,
-            "peer_upload_limit": upload_limit,
             "blob_sizes": sorted(b["size"] for b in local_blobs + peer_blobs),
-            "agent": agent_result,
-            "agent_usage": {
-                "idle": idle,
-                "peak": sampler.peak(),
-                "after_10s": after,
-                "after_30s": after_30s,
-            },
-            "agent_false_miss_reasons": miss_reasons(node1, peer_keys),
-            "agent_warnings": {"node1": warnings(node1), "node2": warnings(node2)},
+            "load_average_1m": round(os.getloadavg()[0], 2),
+            "cpus": os.cpu_count(),
+            **default,
         }
         if soak:
-            series = sampler.series
             minute = min(60, len(series) // 3) or 1
             first, last = series[:minute], series[-minute:]
 
@@ -272,14 +323,21 @@ def run(
                 "fds_last_minute": mean(last, "fds"),
             }
             return result
+        extra_runs: dict[str, Any] = {}
+        if compare_limit >= 0:
+            flags = ["--peer-upload-limit", str(compare_limit)]
+            label = f"peer_upload_limit_{compare_limit}"
+            extra_runs[label], _ = agent_phase(cluster, plan, work, label, flags)
         progress("docker-registry with the same plan")
         start_compare_registry(cluster, work)
         compare_plan = {**plan, "port": COMPARE_PORT, "ns": ""}
         registry_result = run_client(cluster, compare_plan, work, "registry")
         result["docker_registry"] = registry_result
-        result["ratio_requests_per_s"] = round(
-            agent_result["requests_per_s"] / max(registry_result["requests_per_s"], 1e-9), 3
-        )
+        rate = max(registry_result["requests_per_s"], 1e-9)
+        result["ratio_requests_per_s"] = round(default["agent"]["requests_per_s"] / rate, 3)
+        for extra in extra_runs.values():
+            extra["ratio_requests_per_s"] = round(extra["agent"]["requests_per_s"] / rate, 3)
+        result["extra_runs"] = extra_runs
         return result
     finally:
         cluster.down()
@@ -294,11 +352,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     parser.add_argument("--profile", default="", help="py-spy's collapsed stacks of the agent")
     parser.add_argument(
-        "--peer-upload-limit",
+        "--compare-upload-limit",
         type=int,
         default=0,
-        help="the agents' flag (default here 0, no bound: this suite measures serving capacity;"
-        " with the agents' default 8, mirror GETs beyond 8 at once wait for a slot or miss)",
+        help="after the run with the agents' defaults, an extra labelled run with"
+        " --peer-upload-limit set to this (default 0: no upload bound); -1 skips it",
     )
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= 2000 or not 1 <= args.duration <= 3600:
@@ -307,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise SystemExit(f"bench.load: {missing}")
     duration = 600.0 if args.soak else args.duration
-    result = run(args.clients, duration, args.soak, args.profile, args.peer_upload_limit)
+    result = run(args.clients, duration, args.soak, args.profile, args.compare_upload_limit)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
 

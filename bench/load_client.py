@@ -39,6 +39,9 @@ HEADERS = [
         "application/vnd.docker.distribution.manifest.v2+json, */*",
     ),
 ]
+# a blob GET as containerd asks for a layer (the descriptor's media type first): the agent treats
+# it as a layer, so claims and their waits take part as they do for users
+BLOB_HEADERS = [("Host", "load"), ("Accept", "application/vnd.oci.image.layer.v1.tar+gzip, */*")]
 FAILURES = (trio.TooSlowError, trio.BrokenResourceError, OSError, h11.ProtocolError)
 KINDS = ("local_get", "mirror_get", "head", "miss", "malformed")
 
@@ -76,8 +79,11 @@ class Client:
         self.stream = stream
         self.conn = h11.Connection(h11.CLIENT)
 
-    async def exchange(self, method: str, target: str) -> tuple[int, dict[bytes, bytes], bytes]:
-        request = h11.Request(method=method, target=target, headers=HEADERS)
+    async def exchange(
+        self, method: str, target: str, blob_get: bool = False
+    ) -> tuple[int, dict[bytes, bytes], bytes]:
+        headers = BLOB_HEADERS if blob_get else HEADERS
+        request = h11.Request(method=method, target=target, headers=headers)
         await self.stream.send_all(self.conn.send(request) + self.conn.send(h11.EndOfMessage()))
         status, headers, body = 0, {}, bytearray()
         while True:
@@ -151,7 +157,7 @@ class Load:
                     if client is None:
                         client = await self.connect()
                     with trio.fail_after(self.timeout):
-                        answer = await client.exchange(method, target)
+                        answer = await client.exchange(method, target, "/blobs/" in target)
                     break
                 except Closed:
                     client = None

@@ -49,6 +49,7 @@ from registry.interfaces import (
     DownloadDiscarder,
     InflightSource,
     IngestFile,
+    KnowsAbsence,
     Router,
 )
 from registry.mediatypes import OCTET_STREAM, is_manifest_media_type
@@ -218,7 +219,7 @@ class _Registry:
             except RangeError as exc:
                 return _oci_error(400, ErrorCode.RANGE_INVALID, str(exc))
         mirrored = request.headers.get(MIRRORED_HEADER, "").strip().lower() == "true"
-        descriptor = await self._local(parsed)
+        descriptor = await self._local(parsed, peer=mirrored)
         if descriptor is None and mirrored and (ingest := self._find_inflight(parsed)) is not None:
             return self._serve_inflight(parsed, ingest, method, range_spec)
         if descriptor is None:
@@ -246,8 +247,14 @@ class _Registry:
             return response
         return await self._serve_blob(parsed, descriptor, method, range_spec)
 
-    async def _local(self, parsed: ContentRequest) -> Descriptor | None:
+    async def _local(self, parsed: ContentRequest, peer: bool = False) -> Descriptor | None:
+        """What the store holds for `parsed`, or None.  This node's own requests (not a
+        `peer`'s) skip the store's round trip when its files say the digest is not there
+        (`KnowsAbsence`): a miss or a mirrored GET then costs no Content.Info calls."""
         ref = parsed.reference
+        if not peer and ref.digest and isinstance(self.store, KnowsAbsence):
+            if self.store.surely_absent(ref.digest):
+                return None
         try:
             digest = ref.digest or await self.store.resolve_tag(f"{ref.name}:{ref.tag}")
             return await self.store.describe(digest)
@@ -363,7 +370,7 @@ class _Registry:
             return None
         if method not in ("GET", "HEAD") or self.filters.is_filtered(parsed.reference):
             return None
-        descriptor = await self._local(parsed)
+        descriptor = await self._local(parsed, peer=mirrored)
         ingest = self._find_inflight(parsed) if descriptor is None and mirrored else None
         if ingest is not None:
             descriptor = Descriptor(ingest.digest, ingest.size, OCTET_STREAM)
@@ -545,6 +552,8 @@ def create_app(
     async def claim_holds() -> None:
         if claims is not None and claims.background is None:
             claims.background = app.nursery  # a claimant's claim outlives its request
+        if registry.forwarder.background is None:
+            registry.forwarder.background = app.nursery  # a shared fetch outlives its first GET
 
     @app.after_serving
     async def close_client() -> None:

@@ -33,7 +33,7 @@ from registry.claim import (
 from registry.interfaces import ClaimBoard, Peer, PeerState, Router
 from registry.metrics import CLAIM_OUTCOMES, CLAIM_WAIT
 from registry.mirror import GiveUp, MirrorAttempts, PeerKey, peer_key
-from registry.peer_supply import KnowsProviders, RouterFailure
+from registry.peer_supply import BUSY_FIRST_RETRY, KnowsProviders, RouterFailure
 from registry.provider_choice import BusyPeers, RecordState, Sighting
 
 __all__ = ["ClaimParticipation", "ClaimingSupply", "DistrustedClaims"]
@@ -144,6 +144,7 @@ class ClaimingSupply:
         self.claimant = False  # this request ended as the claimant
         self._reported = False
         self._last: Peer | None = None  # the provider the last Fetch handed out
+        self._busy_answers = 0
 
     # -- lookups -----------------------------------------------------------------------------------
 
@@ -273,7 +274,10 @@ class ClaimingSupply:
         if not self.wait.fetching:
             return
         now = trio.current_time()
-        self.wait.busy(peer_key(peer), now + max(0.0, min(retry_after, 10.0)), now)
+        # asked again after a backoff, as in the plain path (registry.peer_supply)
+        backoff = BUSY_FIRST_RETRY * 2 ** min(self._busy_answers, 16)
+        self._busy_answers += 1
+        self.wait.busy(peer_key(peer), now + max(0.0, min(retry_after, backoff, 10.0)), now)
 
     async def _claim(self) -> None:
         # awaited (ordered with a later unclaim) and shielded: a record half-sent when the
@@ -292,6 +296,8 @@ class ClaimingSupply:
         """End of the request: a claimant's claim is held for `ingest_wait`, others withdrawn."""
         if self._lookup is not None:
             self._lookup.cancel()
+        if not self._reported:  # ended before the wait decided: the deadline (or the client)
+            self._outcome("deadline")
         if not self._claimed:
             return
         if not self.claimant:

@@ -9,10 +9,15 @@ channel; the producer then stops at its next send.
 `Forwarder` holds what outlives one request: the peer client, the buffer pool, the quarantine,
 stale providers, hedging statistics, claims and this node's own downloads
 (`registry.own_downloads`).  One request is sequenced by `registry.mirror_run`.
+
+Concurrent blob GETs of one digest share one fetch (`registry.mirror_share`): the first starts a
+whole-blob `MirrorRun` in `background` (the app's nursery, so the fetch outlives whichever request
+started it), every one of them relays its items.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import suppress
 
@@ -20,12 +25,14 @@ import trio
 
 from registry.buffers import BufferPool
 from registry.claim_supply import ClaimParticipation
+from registry.distribution import ContentKind
 from registry.events import MirrorEvents
 from registry.hedging import HedgeDelay, HedgePolicy
 from registry.interfaces import DownloadDiscarder, Router
 from registry.mirror import Quarantine, StaleProviders
-from registry.mirror_job import MirrorItem, MirrorJob, MirrorSettings
+from registry.mirror_job import ItemSink, MirrorItem, MirrorJob, MirrorSettings
 from registry.mirror_run import MirrorRun
+from registry.mirror_share import SharedFetch, SharedFetches, ShareKey
 from registry.own_downloads import OwnDownloads
 from registry.peer_client import PeerClient
 from registry.peer_race import SlowPeers
@@ -78,24 +85,71 @@ class Forwarder:
         self.stale = stale if stale is not None else StaleProviders(self.settings.stale_ttl)
         # where the blobs streaming to this node's containerd come from (no loops in a burst)
         self.own = OwnDownloads()
+        # blob GETs of one digest in flight at once share one fetch; its task runs here (the
+        # app's nursery; None: every request fetches for itself)
+        self.background: trio.Nursery | None = None
+        self.shares = SharedFetches(self.settings.verify_first_max)
+
+    def share_key(self, job: MirrorJob) -> ShareKey | None:
+        """The key concurrent GETs of `job`'s blob share a fetch under; None: not shared."""
+        if job.method != "GET" or job.request.kind is not ContentKind.BLOB:
+            return None
+        ref = job.request.reference
+        if not ref.digest:
+            return None
+        local = self.claims is None or self.claims.local_client(job.client_ip)
+        return (ref.registry, ref.digest, job.claimable, None if local else job.client_ip)
 
     async def run(self, job: MirrorJob, send: trio.MemorySendChannel[MirrorItem]) -> None:
         """Produce the mirror response for `job` on `send` (closed when done)."""
+        key = self.share_key(job)
+        if key is None or self.background is None:
+            await self._run_one(job, send)
+            return
+        share, new = self.shares.join(key)
+        if new:
+            whole = dataclasses.replace(job, range_spec=None)
+            self.background.start_soon(self._fetch_shared, share, whole)
+        timeout = self.settings.consumer_timeout
+
+        async def emit(item: MirrorItem) -> None:
+            with trio.fail_after(timeout):  # a response that stops reading leaves the share
+                await send.send(item)
+
         async with send:
-            state = MirrorRun(self, job, send)
-            failure: Exception | None = None
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                await share.read(job.range_spec, job.request.unknown_code, emit)
+
+    async def _fetch_shared(self, share: SharedFetch, job: MirrorJob) -> None:
+        """The one fetch behind `share`: a whole-blob MirrorRun whose items go to the share
+        (in this task: no hop between the fetch and the share)."""
+        share.transfers += 1
+        with share.scope:
             try:
-                await state.run()
-            except* (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the client went away
-            except* Exception as group:  # never let a peer's behaviour crash the app's nursery
-                failure = group
-            if failure is not None:
-                logger.error(
-                    "mirror request failed",
-                    exc_info=failure,
-                    extra={"key": str(job.request.reference)},
-                )
-                with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await state.fail(500, f"internal error while mirroring: {failure!r}", 0)
-            state.finish()
+                await self._produce(job, share)
+            finally:
+                share.end()
+
+    async def _run_one(self, job: MirrorJob, send: trio.MemorySendChannel[MirrorItem]) -> None:
+        """One request's own fetch (`registry.mirror_run`), its items on `send`."""
+        async with send:
+            await self._produce(job, send)
+
+    async def _produce(self, job: MirrorJob, send: ItemSink) -> None:
+        state = MirrorRun(self, job, send)
+        failure: Exception | None = None
+        try:
+            await state.run()
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        except* Exception as group:  # never let a peer's behaviour crash the app's nursery
+            failure = group
+        if failure is not None:
+            logger.error(
+                "mirror request failed",
+                exc_info=failure,
+                extra={"key": str(job.request.reference)},
+            )
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await state.fail(500, f"internal error while mirroring: {failure!r}", 0)
+        state.finish()

@@ -152,6 +152,17 @@ class DownloadDiscarder(Protocol):
 
 
 @runtime_checkable
+class KnowsAbsence(Protocol):
+    """Optional face of a ContentStore: a cheap "certainly not held" (no round trip)."""
+
+    def surely_absent(self, digest: str) -> bool:
+        """True only when the store's own files say `digest` is not held; False when unsure.
+        May be wrong where the agent sees the files differently from containerd, so only
+        requests that can fall back to peers use it (never a peer's request)."""
+        ...
+
+
+@runtime_checkable
 class InflightSource(Protocol):
     """Optional face of a ContentStore: the blobs this node is still downloading."""
 

@@ -110,7 +110,9 @@ CLAIM_OUTCOMES = Counter(
     "spegla_claim_outcomes_total",
     "Blob mirror requests by how the claim protocol ended them: fetch (a provider was found, "
     "possibly after waiting), claimant (this node fetches upstream for the burst), wait_timeout "
-    "(the claimant's download never appeared), miss (no provider, no claim).",
+    "(the claimant's download never appeared), miss (no provider, no claim), deadline (the "
+    "request's overall bound, --mirror-request-deadline, or its client's departure ended the "
+    "wait first).",
     ["outcome"],
 )
 CLAIM_WAIT = Histogram(

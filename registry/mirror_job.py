@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 from registry.buffers import Chunk
 from registry.distribution import ContentRequest, ErrorCode
@@ -22,6 +23,7 @@ from registry.ranges import RangeSpec
 
 __all__ = [
     "MIRROR_DEFAULTS",
+    "ItemSink",
     "MirrorAbort",
     "MirrorFailure",
     "MirrorHead",
@@ -53,6 +55,11 @@ class MirrorSettings:
     multi_peer_slow_after: float = 1.0
     multi_peer_piece: int = 4 * 1024 * 1024  # one range (rounded to the buffer size)
     manifest_deadline: float = 3.0  # HEAD and manifest mirror requests finish within this
+    # A blob GET finds a provider that answers (its response head checked) or answers 404
+    # within this, claim waits and busy providers included (--mirror-request-deadline): after a
+    # 404 containerd goes upstream, so a long wait is worse than a fast miss.  The body's
+    # transfer is bounded by the stall and resume bounds instead.
+    request_deadline: float = 5.0
     max_manifest_size: int = SNIFF_LIMIT
     user_agent: str = "spegla"
     # `Authorization` header value sent to peers (Basic auth configured on every agent); not
@@ -91,7 +98,8 @@ class MirrorSettings:
     inflight_stall_timeout: float = 15.0
     # Bursts (registry.claim): a blob GET that finds no provider publishes a claim, lets
     # `claim_settle` pass, and the lowest-ranked claimant goes upstream while the others wait up
-    # to `claim_wait` for its download to appear (looking again every `claim_poll`).
+    # to `claim_wait` for its download to appear (looking again every `claim_poll`), and never
+    # past `request_deadline`.
     claim_settle: float = 0.020
     claim_wait: float = 10.0
     claim_poll: float = 0.1
@@ -113,6 +121,8 @@ class MirrorSettings:
             raise ValueError("hedging needs 0 < hedge_floor <= hedge_ceiling")
         if self.hedge_racers < 1:
             raise ValueError("hedge_racers must be at least 1")
+        if not 0 < self.request_deadline < math.inf:
+            raise ValueError("request_deadline must be a positive number of seconds")
         if not self.inflight_stall_timeout > 0:
             raise ValueError("inflight_stall_timeout must be positive")
         if not 0 < self.claim_settle <= self.claim_wait or not 0 < self.claim_poll:
@@ -171,3 +181,10 @@ class MirrorAbort:
 
 # body bytes: a `Chunk` of a pooled buffer (the consumer releases it once written) or bytes
 MirrorItem = MirrorHead | MirrorFailure | MirrorAbort | Chunk | bytes | bytearray
+
+
+class ItemSink(Protocol):
+    """Where a mirror run's items go: a request's channel, or a shared fetch
+    (`registry.mirror_share`).  `send` waits while the reader is behind."""
+
+    async def send(self, value: MirrorItem, /) -> None: ...

@@ -9,8 +9,10 @@ a blob (`registry.blob_stream`).
 Deadlines, all Trio cancel scopes: each wait for a provider `resolve_timeout` (20 ms), at most
 `resolve_retries` failed attempts; connect + response headers `response_timeout`; no body bytes
 for `stall_timeout` counts as a broken stream; HEAD and manifests finish within
-`manifest_deadline` (3 s) overall, blob GETs have no overall deadline, but resumptions end after
-`resume_patience` without progress.  A peer answering 404 for a key it advertised (deleted since;
+`manifest_deadline` (3 s) overall; a blob GET has a provider answering (its response head
+checked) or its 404 within `request_deadline` (claim waits and busy providers included), then
+its body is bounded by the stall bounds, and resumptions end after `resume_patience` without
+progress.  A peer answering 404 for a key it advertised (deleted since;
 its provider records live on) is skipped for that key for `stale_ttl` (60 s) by later requests
 (`mirror.StaleProviders`).
 
@@ -50,7 +52,14 @@ from registry.events import PeerFetchFailed
 from registry.interfaces import Peer, PeerState
 from registry.mirror import GiveUp, MirrorAttempts, PeerAnswer, PeerBusy, peer_key
 from registry.mirror_framing import mirror_head, range_not_satisfiable
-from registry.mirror_job import MirrorAbort, MirrorFailure, MirrorHead, MirrorItem, MirrorJob
+from registry.mirror_job import (
+    ItemSink,
+    MirrorAbort,
+    MirrorFailure,
+    MirrorHead,
+    MirrorItem,
+    MirrorJob,
+)
 from registry.mirror_report import MirrorReport
 from registry.multi_peer_run import MultiPeerRun
 from registry.own_downloads import FED_BY_HEADER, DownloadFeed, parse_fed_by
@@ -72,9 +81,7 @@ if TYPE_CHECKING:
 class MirrorRun:
     """One mirror request: its attempts, its source now, what went out, and the sequence."""
 
-    def __init__(
-        self, forwarder: Forwarder, job: MirrorJob, send: trio.MemorySendChannel[MirrorItem]
-    ) -> None:
+    def __init__(self, forwarder: Forwarder, job: MirrorJob, send: ItemSink) -> None:
         self.fw = forwarder
         self.settings = forwarder.settings
         self.job = job
@@ -116,6 +123,8 @@ class MirrorRun:
         self.stuck_at = -1
         self.stuck_since = 0.0
         self.refusals = RefusalRounds()  # providers that cannot serve it at all now
+        # a blob GET's bound until a provider answers (`MirrorSettings.request_deadline`)
+        self.decision: trio.CancelScope | None = None
 
     async def _emit(self, item: MirrorItem) -> None:
         """Hand an item to the response; a response that stops reading counts as gone."""
@@ -133,7 +142,15 @@ class MirrorRun:
     def finish(self) -> None:
         self.report.finish()
 
+    def _decided(self) -> None:
+        """A provider answered (its head passed the checks), or the answer is being sent: the
+        blob GET's `request_deadline` no longer applies; the stall and resume bounds do."""
+        if self.decision is not None:
+            self.decision.deadline = math.inf
+            self.decision = None
+
     async def fail(self, status: int, message: str, attempts: int) -> None:
+        self._decided()
         if not self.head_sent:
             self.head_sent = True
             code = self.job.request.unknown_code
@@ -143,8 +160,11 @@ class MirrorRun:
 
     async def run(self) -> None:
         bounded = self.is_head or not self.is_blob
-        deadline = self.settings.manifest_deadline if bounded else math.inf
+        s = self.settings
+        deadline = s.manifest_deadline if bounded else s.request_deadline
         with trio.move_on_after(deadline) as overall:
+            if not bounded:
+                self.decision = overall  # lifted once a provider answers (see `_fetch`)
             async with trio.open_nursery() as nursery:
                 supply = PeerSupply(self.fw.router, self.ref.identifier)
                 claims = self.fw.claims
@@ -155,7 +175,6 @@ class MirrorRun:
                     and self.ref.digest
                     and self.job.claimable
                 ):
-                    s = self.settings
                     self.claiming = ClaimingSupply(
                         self.fw.router,
                         claims,
@@ -163,7 +182,7 @@ class MirrorRun:
                             s.resolve_timeout,
                             s.resolve_retries,
                             s.claim_settle,
-                            s.claim_wait,
+                            min(s.claim_wait, s.request_deadline),
                             s.claim_poll,
                         ),
                         self.ref.digest,
@@ -214,6 +233,7 @@ class MirrorRun:
                 response_timeout=self.settings.response_timeout,
                 on_not_found=functools.partial(self._mark_stale, peer),
                 first_bytes_timeout=stall,
+                on_answer=self._decided,
             )
 
         def failed_or_busy(peer: Peer, exc: Exception) -> None:
@@ -317,6 +337,7 @@ class MirrorRun:
         return mirror_head(answer, delivered, is_blob=self.is_blob, peer=peer)
 
     async def _send_head(self, head: MirrorHead | MirrorFailure) -> None:
+        self._decided()
         self.head_sent = True
         await self._emit(head)
 

@@ -145,6 +145,8 @@ async def open_hedged(
             race.running -= 1
             if isinstance(exc, PeerBusy):
                 attempts.tried.discard(peer_key(peer))  # not a failure: it may serve later
+                if not exc.refused and next_peer is None:  # (a claim's wait has its own rule)
+                    supply.retry_later(peer, exc.retry_after)
                 race.notify()
                 return
             give_up = attempts.fetch_failed()

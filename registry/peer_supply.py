@@ -19,7 +19,12 @@ from registry.interfaces import Peer, Router
 from registry.metrics import RESOLVE_DURATION
 from registry.mirror import GiveUp, MirrorAttempts, peer_key
 
-__all__ = ["PeerSupply", "RouterFailure", "next_usable_peer"]
+__all__ = ["BUSY_FIRST_RETRY", "PeerSupply", "RouterFailure", "next_usable_peer"]
+
+# A provider at its upload limit (429) is asked again after this, doubling with each busy answer
+# the request got, never later than its Retry-After: an upload slot frees within milliseconds
+# of a small blob's transfer, while Retry-After has whole seconds only.
+BUSY_FIRST_RETRY = 0.1
 
 
 class RouterFailure(Exception):
@@ -48,6 +53,9 @@ class PeerSupply:
         self._returned: list[Peer] = []
         self.error: Exception | None = None
         self._seen: set[tuple[str, int]] = set()
+        # providers that answered busy, with when to ask them again (at most one per provider)
+        self._later: list[tuple[float, Peer]] = []
+        self._busy_answers = 0
         if isinstance(router, KnowsProviders):
             for peer in router.known_providers(key):
                 self._offer(peer)
@@ -82,6 +90,24 @@ class PeerSupply:
         """Hand `peer` out again (it was asked, but its answer was not needed: a hedge loser)."""
         self._returned.append(peer)
 
+    def retry_later(self, peer: Peer, retry_after: float) -> None:
+        """`peer` answered busy (at its upload limit, not a failure): hand it out again after a
+        backoff (`BUSY_FIRST_RETRY`, doubling per busy answer, at most `retry_after`)."""
+        delay = min(retry_after, BUSY_FIRST_RETRY * 2 ** min(self._busy_answers, 16))
+        self._busy_answers += 1
+        self._later = [(t, p) for t, p in self._later if peer_key(p) != peer_key(peer)]
+        self._later.append((trio.current_time() + delay, peer))
+
+    async def next_busy(self) -> Peer | None:
+        """The provider that answered busy due again first, once it is due; None if none.
+        Its wait is bounded by the request's overall deadline (a cancel scope around it)."""
+        if not self._later:
+            return None
+        self._later.sort(key=lambda entry: entry[0])
+        due, peer = self._later.pop(0)
+        await trio.sleep_until(due)
+        return peer
+
     async def next(self) -> Peer | None:
         """The next provider; None once the lookup converged; RouterFailure if it failed."""
         if self._returned:
@@ -98,22 +124,35 @@ class PeerSupply:
 async def next_usable_peer(
     supply: PeerSupply, attempts: MirrorAttempts, resolve_timeout: float
 ) -> Peer | GiveUp:
-    """The next provider `attempts` allows, each wait bounded by `resolve_timeout`."""
+    """The next provider `attempts` allows, each wait bounded by `resolve_timeout`.  A provider
+    that answered busy is waited for (`PeerSupply.next_busy`) rather than given up on: a full
+    uploader is not a miss."""
     # consecutive waits share one clock (deadline n = start + n x timeout): no drift
     deadline = trio.current_time()
     while True:
         deadline += resolve_timeout
+        converged = False
         with trio.move_on_at(deadline):
             while True:
                 peer = await supply.next()
                 if peer is None:
-                    return attempts.converged()
+                    converged = True
+                    break
                 if attempts.usable(peer):
                     return peer
-        # the lookup may have delivered while this task waited to be scheduled: use that first
-        while (ready := supply.next_ready()) is not None:
-            if attempts.usable(ready):
-                return ready
+        if not converged:
+            # the lookup may have delivered while this task waited to be scheduled: use it first
+            while (ready := supply.next_ready()) is not None:
+                if attempts.usable(ready):
+                    return ready
+        busy = await supply.next_busy()
+        if busy is not None:
+            deadline = trio.current_time()  # a fresh attempt's clock from here
+            if attempts.usable(busy):
+                return busy
+            continue
+        if converged:
+            return attempts.converged()
         give_up = attempts.wait_timed_out()
         if give_up is not None:
             return give_up

@@ -122,6 +122,7 @@ async def open_transfer(
     response_timeout: float,
     on_not_found: Callable[[], None],
     first_bytes_timeout: float | None = None,
+    on_answer: Callable[[], None] | None = None,
 ) -> PeerFetch:
     """Open `request` at `peer` on `stack` and check its answer.
 
@@ -131,7 +132,8 @@ async def open_transfer(
     With `first_bytes_timeout`, a GET with a non-empty body returns only once the body's first
     bytes arrived (kept in the response for the reader): an answer is useful only then, so a peer
     that sends its head and then stalls is raced like one that sends nothing
-    (`registry.peer_race`); no bytes within the timeout is a PeerError.
+    (`registry.peer_race`); no bytes within the timeout is a PeerError.  `on_answer` runs once
+    the peer's head passed the checks (before its first bytes).
     """
     hosts = allowed_hosts(peer, allow_loopback=request.allow_loopback)
     if not hosts or not 0 < peer.port < 65536:
@@ -160,6 +162,8 @@ async def open_transfer(
     )
     if not request.is_blob and answer.media_type not in MANIFEST_MEDIA_TYPES:
         raise PeerAnswerError(f"peer sent media type {answer.media_type}")
+    if on_answer is not None:
+        on_answer()
     if first_bytes_timeout is not None and not request.is_head and answer.length > 0:
         with trio.move_on_after(first_bytes_timeout) as waited:
             await response.first_bytes()

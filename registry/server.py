@@ -52,6 +52,10 @@ def hypercorn_config(host: str, port: int, *, graceful_timeout: float = 3.0) -> 
     config.bind = [f"{host_text}:{port}"]
     config.graceful_timeout = graceful_timeout
     config.keep_alive_timeout = 30.0
+    # the accept queue: the front door accepts one connection per scheduler pass, so under
+    # saturation (hundreds of clients reconnecting) Hypercorn's 100 overflows and connects are
+    # dropped or reset; the kernel caps it at net.core.somaxconn
+    config.backlog = 1024
     config.include_server_header = False
     config.accesslog = None
     config.errorlog = _ERROR_LOG

@@ -49,10 +49,12 @@ def test_mirror_settings_flow_from_the_flags_to_the_registry() -> None:
         [
             *("--mirror-resolve-timeout", "35ms", "--mirror-resolve-retries", "5"),
             *("--mirror-buffer-memory", "96", "--mirror-peers-per-blob", "2"),
+            *("--mirror-request-deadline", "2500ms"),
         ]
     ).mirror_settings()
     assert settings.resolve_timeout == pytest.approx(0.035) and settings.resolve_retries == 5
     assert settings.buffer_memory == 96 << 20 and settings.multi_peer_max == 2
+    assert settings.request_deadline == pytest.approx(2.5)
     assert settings.response_timeout == MIRROR_DEFAULTS.response_timeout
     assert settings.stall_timeout == MIRROR_DEFAULTS.stall_timeout
 
@@ -138,6 +140,7 @@ def test_bool_flags() -> None:
         (["--mirror-resolve-retries=0"], {}, "at least 1"),
         (["--mirror-buffer-memory=0"], {}, "at least 1"),
         (["--mirror-peers-per-blob=0"], {}, "at least 1"),
+        (["--mirror-request-deadline=10ms"], {}, "between 100ms and 10m"),
         (["--registry-addr=:0"], {}, "fixed port"),
         (["--debug-web-enabled=maybe"], {}, "boolean"),
         (["--no-such-flag"], {}, "unrecognized"),

@@ -46,3 +46,18 @@ async def test_opening_content_looks_for_the_dir_at_once(
     assert await store.content_dir() is None
     (tmp_path / "blobs").mkdir()
     assert await store.content_dir(look_now=True) == str(tmp_path)
+
+
+async def test_surely_absent_is_a_stat_of_the_content_directory(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    client = cast(ContainerdClient, cast(Any, object()))  # never called: only files are looked at
+    store = ContainerdContentStore(client, str(tmp_path))
+    present, absent = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    assert not store.surely_absent(absent)  # no content directory known yet: unsure
+    (tmp_path / "blobs" / "sha256").mkdir(parents=True)
+    (tmp_path / "blobs" / "sha256" / ("a" * 64)).write_bytes(b"x")
+    assert await store.content_dir(look_now=True) == str(tmp_path)
+    assert store.surely_absent(absent)
+    assert not store.surely_absent(present)
+    assert not store.surely_absent("sha256:../../etc/passwd")  # never a path outside blobs/

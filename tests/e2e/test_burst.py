@@ -34,7 +34,7 @@ def c(containerd_line: Line) -> Iterator[Cluster]:
         "spg-burst-",
         nodes=3,
         large_mib=1,
-        extra=["--mirror-claim-wait", "20s"],
+        extra=["--mirror-claim-wait", "20s", "--mirror-request-deadline", "20s"],
         line=containerd_line,
     ) as cl:
         yield cl

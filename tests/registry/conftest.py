@@ -172,6 +172,7 @@ class ScriptedPeer:
     media_type: str = "application/octet-stream"
     cut: int = 0
     dies_after: int = 0  # when set: after this many requests it hangs up without an answer
+    busy_first: int = 0  # answers its first this many requests busy (429, at its upload limit)
     port: int = 0
     pause: float = 0.0
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
@@ -205,16 +206,16 @@ class ScriptedPeer:
         self.requests.append((event.method.decode(), event.target.decode(), headers))
         if self.dies_after and len(self.requests) > self.dies_after:
             return  # it died: hangs up on every later request
+        if self.behaviour == "429" or len(self.requests) <= self.busy_first:
+            await stream.send_all(
+                b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n"
+            )
+            return
         if self.behaviour == "silent":
             await trio.sleep_forever()
         if self.behaviour == "500":
             await stream.send_all(
                 b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n"
-            )
-            return
-        if self.behaviour == "429":
-            await stream.send_all(
-                b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n"
             )
             return
         if self.behaviour == "refuse":  # its own download of it has no source (own_downloads)
