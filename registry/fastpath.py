@@ -5,8 +5,9 @@ Why: Hypercorn implements no zero-copy ASGI extension, so a Quart body tops out 
 beating docker-registry.  Local blob reads are what a node serves most, so they get this path.
 
 Design (small on purpose):
-- One listener; each connection is a `registry.http11.ServerConnection`: h11 parses every request
-  head (the only request parser), malformed ones get a 400 and a closed connection.
+- One listener, drained of every pending connection at each wakeup (`registry.accept`); each
+  connection is a `registry.http11.ServerConnection`: h11 parses every request head (the only
+  request parser), malformed ones get a 400 and a closed connection.
 - For a GET/HEAD of a blob the door asks `plan_local_blob` (in `registry.app`, the same code the
   Quart route uses) whether this is a satisfiable request for a local blob backed by a readable
   file.  If so it writes the head the app would have written and `sendfile`s the bytes, framed by
@@ -30,7 +31,6 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -40,6 +40,7 @@ from hypercorn.trio.lifespan import Lifespan
 from hypercorn.utils import wrap_app
 from quart_trio import QuartTrio
 
+from registry.accept import serve_connections
 from registry.access_log import access_logger, client_ip, log_access, record_request
 from registry.app import LocalBlob, MirrorPlan, mirror_events, plan_local_blob, plan_mirror_blob
 from registry.asgi_h11 import Address, run_asgi, socket_addresses, split_target
@@ -424,15 +425,9 @@ async def serve_front_door(
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         async with trio.open_nursery() as server_nursery:
-            listener = trio.SocketListener(sock)
             async with trio.open_nursery() as accept_nursery:
                 accept_nursery.start_soon(
-                    partial(
-                        trio.serve_listeners,
-                        door.connection,
-                        [listener],
-                        handler_nursery=server_nursery,
-                    )
+                    serve_connections, sock, door.connection, server_nursery
                 )
                 task_status.started()
                 if shutdown_trigger is not None:
@@ -440,7 +435,7 @@ async def serve_front_door(
                 else:
                     await trio.sleep_forever()
                 accept_nursery.cancel_scope.cancel()
-            await listener.aclose()
+            sock.close()
             door.close_idle()
             server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
         await lifespan.wait_for_shutdown()
