@@ -283,3 +283,18 @@ def unreachable_peer() -> Peer:
     port = sock.getsockname()[1]
     sock.close()
     return Peer(node_id=b"\xee" * 32, host=LOOPBACK, port=port)
+
+
+async def answer_each_request(
+    stream: trio.SocketStream, respond: Callable[[trio.SocketStream], Awaitable[None]]
+) -> None:
+    """A raw HTTP/1.1 server loop: `respond` once per request head (bodiless GETs) until EOF."""
+    buffer = b""
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            return
+        buffer += data
+        while b"\r\n\r\n" in buffer:
+            _, buffer = buffer.split(b"\r\n\r\n", 1)
+            await respond(stream)

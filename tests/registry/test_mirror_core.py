@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
@@ -24,6 +24,8 @@ from registry.peer_client import PeerClient, PeerError
 from registry.ranges import ByteRange
 from registry.reference import Reference
 from tests.fakes import MemoryNetwork, MemoryRouter
+
+from .conftest import answer_each_request
 
 D = "sha256:" + "ab" * 32
 P1 = Peer(b"\x01" * 32, "127.0.0.1", 1)
@@ -239,21 +241,6 @@ async def test_provider_slower_than_all_attempts_is_not_waited_for(
     assert isinstance(item, MirrorFailure)
     assert item.message.startswith("waited too long for new peer")
     assert trio.current_time() - start == pytest.approx(0.06)
-
-
-async def answer_each_request(
-    stream: trio.SocketStream, respond: Callable[[trio.SocketStream], Awaitable[None]]
-) -> None:
-    """A raw HTTP/1.1 server loop: `respond` once per request head (bodiless GETs) until EOF."""
-    buffer = b""
-    while True:
-        data = await stream.receive_some(65536)
-        if not data:
-            return
-        buffer += data
-        while b"\r\n\r\n" in buffer:
-            _, buffer = buffer.split(b"\r\n\r\n", 1)
-            await respond(stream)
 
 
 async def test_peer_client_reuses_connections(nursery: trio.Nursery) -> None:

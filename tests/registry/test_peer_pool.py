@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import functools
 
-import h11
 import trio
 import trio.lowlevel
 import trio.testing
 
 from registry.peer_client import PeerClient
 
-from .conftest import LOOPBACK
+from .conftest import LOOPBACK, answer_each_request
 
 
 class KeepAliveServer:
@@ -27,30 +26,16 @@ class KeepAliveServer:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self.accepted += 1
-        conn = h11.Connection(h11.SERVER)
         try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    conn.receive_data(data)
-                elif isinstance(event, h11.EndOfMessage):
-                    answer = conn.send(
-                        h11.Response(status_code=200, headers=[("content-length", "2")])
-                    )
-                    await stream.send_all(
-                        (answer or b"") + (conn.send(h11.Data(data=b"ok")) or b"")
-                    )
-                    await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
-                    conn.start_next_cycle()
-                elif isinstance(event, h11.ConnectionClosed):
-                    return
+            await answer_each_request(stream, self._ok)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             self.closed += 1
+
+    @staticmethod
+    async def _ok(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
 
 
 async def start(nursery: trio.Nursery) -> KeepAliveServer:
