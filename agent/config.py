@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
-from registry.mirror_job import MIRROR_DEFAULTS, MirrorSettings
+from registry.mirror.job import MIRROR_DEFAULTS, MirrorSettings
 
 
 class ConfigError(ValueError):
@@ -332,7 +332,7 @@ class RegistryConfig:
     advertise_addr: str = ""
     advertise_more_addrs: tuple[str, ...] = ()  # other IPs peers may dial (dht.addresses)
     # the cluster key (--cluster-key-file, alias --dht-psk-file): DHT datagram MACs, peer
-    # credentials and tag answer proofs (registry.peer_auth); empty: no key
+    # credentials and tag answer proofs (registry.auth.peer); empty: no key
     cluster_key_file: str = ""
     standalone: bool = False
     # on SIGTERM: how long running requests may still finish; None waits for every one of them

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import h11
 
-from registry.mirror_job import MIRROR_DEFAULTS
+from registry.mirror.job import MIRROR_DEFAULTS
 
 READ_SIZE = MIRROR_DEFAULTS.stream_buffer_size  # the agent's reads of a streamed blob
 

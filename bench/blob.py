@@ -2,7 +2,7 @@
 
 Why: the agent must serve layers at least as fast, and as cheaply, as a plain Go registry.  The
 agent side is the real registry app (front door + Quart app) in its own process, reading from a
-real containerd content store through `agent.content_store.ContainerdContentStore`; the
+real containerd content store through `agent.containerd.content_store.ContainerdContentStore`; the
 reference is Debian's docker-registry serving the same bytes from its filesystem storage.  Both
 listen on loopback; curl downloads (1 stream, then 4 in parallel) after one warm-up download.
 Server CPU is utime+stime of the server process from /proc.
@@ -110,16 +110,16 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def serve_agent(args: argparse.Namespace) -> None:
     import trio
 
-    from registry.app import create_app
     from registry.interfaces import ContentStore
-    from registry.server import serve_registry
+    from registry.serve.app import create_app
+    from registry.serve.server import serve_registry
     from tests.fakes import MemoryContentStore, MemoryRouter
 
     async def run() -> None:
         async with AsyncExitStack() as stack:
             if args.containerd_sock:
-                from agent.containerd import open_containerd
-                from agent.content_store import ContainerdContentStore
+                from agent.containerd.client import open_containerd
+                from agent.containerd.content_store import ContainerdContentStore
 
                 client = await stack.enter_async_context(
                     open_containerd(args.containerd_sock, "k8s.io")

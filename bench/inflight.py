@@ -3,9 +3,10 @@ growing file is served.
 
 Why: issue 10 asks that a new ingest is noticed within ~100 ms without a busy loop, and that a
 layer still arriving is streamed to peers as it lands.  This drives the agent's own pieces on real
-files and sockets (no containerd needed): `agent.ingest.IngestWatcher` over a content directory
+files and sockets (no containerd needed): `agent.containerd.ingest.IngestWatcher` over a content
+directory
 laid out as containerd 1.6 lays out its ingests (`ingest/<hash>/{ref,total,startedat,data}`), and
-`registry.inflight.send_growing` over a socket pair while a writer appends in 1 MiB steps (the
+`registry.serve.inflight.send_growing` over a socket pair while a writer appends in 1 MiB steps (the
 way containerd 1.6 writes a download).
 
   python -m bench.inflight --json [--downloads 40] [--size-mib 256]
@@ -34,9 +35,9 @@ from typing import Any
 
 import trio
 
-from agent.ingest import IngestChange, IngestStarted, IngestWatcher
-from registry.inflight import GrowingFile, InflightSettings, send_growing
+from agent.containerd.ingest import IngestChange, IngestStarted, IngestWatcher
 from registry.interfaces import IngestFile
+from registry.serve.inflight import GrowingFile, InflightSettings, send_growing
 
 MIB = 1024 * 1024
 

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.blob import cpu_seconds, download, make_blob, stop, wait_port
-from registry.mirror_job import MIRROR_DEFAULTS
+from registry.mirror.job import MIRROR_DEFAULTS
 
 GIB = 1 << 30
 SILENT = "sha256:f"
@@ -89,10 +89,10 @@ def serve(args: argparse.Namespace) -> None:
         prefix = os.environ["SPEGLA_BENCH_LOG"]
         logging.basicConfig(level=logging.INFO, filename=prefix + args.serve)
 
-    from registry.app import RegistrySettings, create_app
+    from registry.auth.peer import PeerAuth
     from registry.interfaces import Peer, Router
-    from registry.peer_auth import PeerAuth
-    from registry.server import serve_registry
+    from registry.serve.app import RegistrySettings, create_app
+    from registry.serve.server import serve_registry
     from tests.fakes import MemoryContentStore, MemoryRouter
 
     store = MemoryContentStore()
@@ -111,7 +111,7 @@ def serve(args: argparse.Namespace) -> None:
 
     async def run() -> None:
         # the settings users get (the upload bound included): the burst's concurrent pulls of
-        # one digest share one peer fetch in the agent (registry.mirror_share); and the cluster
+        # one digest share one peer fetch in the agent (registry.mirror.share); and the cluster
         # key, as the default install has it (each peer request signed and checked);
         # SPEGLA_BENCH_CLUSTER_KEY=0 runs without, to compare
         keyed = os.environ.get("SPEGLA_BENCH_CLUSTER_KEY", "1") != "0"
@@ -137,7 +137,7 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 def latencies(port: int, target: str, count: int, expect: int) -> dict[str, float]:
     import trio
 
-    from registry.peer_client import PeerClient
+    from registry.http.client import PeerClient
 
     async def run() -> list[float]:
         client = PeerClient()
@@ -263,7 +263,7 @@ def run(size_mib: int, burst_gib: float = 1.0, burst_streams: int = 16) -> dict[
         big_digest = make_blob(big, size)
         small_digest = make_blob(small, 4096)
         # blobs up to 64 MiB are verified in full before sending: the burst uses such a blob;
-        # its concurrent pulls of the one digest share one peer fetch (registry.mirror_share),
+        # its concurrent pulls of the one digest share one peer fetch (registry.mirror.share),
         # so the burst measures serving many clients from one verified copy
         per_stream = max(1, int(burst_gib * GIB / burst_streams))
         burst_digest = make_blob(work / "burst", per_stream)

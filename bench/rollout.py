@@ -1,8 +1,10 @@
 """Rollout simulation at scale: N nodes pull one new image at once; upstream copies, pull times.
 
 Why: a burst of thousands of nodes cannot run on one machine, but the decisions that shape it can.
-Every node's mirror request runs the agent's own sans-IO cores (`registry.claim.ProviderWait` for
-claim/wait/provider choice, `registry.provider_choice.UploadSlots` for the upload bound) over a
+Every node's mirror request runs the agent's own sans-IO cores (`registry.burst.claim.ProviderWait`
+for
+claim/wait/provider choice, `registry.burst.provider_choice.UploadSlots` for the upload bound) over
+a
 flow-level network model:
 - each node has an up and a down link (bytes/s); every transfer on a link gets an equal share,
   and a stream from an inflight provider never gets ahead of the bytes that provider has;
@@ -39,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from registry.claim import (
+from registry.burst.claim import (
     ClaimSettings,
     Fetch,
     Miss,
@@ -49,7 +51,7 @@ from registry.claim import (
     Wait,
     WithdrawClaim,
 )
-from registry.provider_choice import RecordState, Sighting, UploadSlots
+from registry.burst.provider_choice import RecordState, Sighting, UploadSlots
 
 GBIT = 1e9 / 8  # bytes per second
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import trio
 
-from agent.containerd import open_containerd
-from agent.content_store import ContainerdContentStore
+from agent.containerd.client import open_containerd
+from agent.containerd.content_store import ContainerdContentStore
 from tests.harness.containerd import Containerd
 from tests.harness.fixtures import missing_requirements
 from tests.harness.images import build_large

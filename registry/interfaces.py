@@ -2,7 +2,7 @@
 
 Why a module of its own: the registry is built and tested against in-memory doubles of these
 (`tests/fakes.py`), while the agent supplies the real ones: the DHT node adapted to a Router
-(`agent/peer_router.py`) and a containerd-backed ContentStore. Both are structural
+(`agent/advertising/peer_router.py`) and a containerd-backed ContentStore. Both are structural
 (`typing.Protocol`): the registry imports neither `dht/` nor `agent/`, and `dht/` does not import
 the registry.
 """
@@ -38,7 +38,7 @@ class Peer:
     port: int  # the peer's registry port
     state: PeerState = PeerState.COMPLETE
     # other addresses of the same node (dual-stack, a second interface): a new connection races
-    # them with `host` (`registry.dial`); the peer is still told apart by `host` and `port`
+    # them with `host` (`registry.http.dial`); the peer is still told apart by `host` and `port`
     more_hosts: tuple[str, ...] = ()
 
     @property

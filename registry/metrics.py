@@ -105,7 +105,8 @@ PEER_QUARANTINED = Counter(
     "Peers quarantined for a digest after serving content that did not match it.",
     ["registry"],
 )
-# Not in Spegel (no claims, no upload bound): a burst's one-upstream-copy protocol (registry.claim).
+# Not in Spegel (no claims, no upload bound): a burst's one-upstream-copy protocol
+# (registry.burst.claim).
 CLAIM_OUTCOMES = Counter(
     "spegla_claim_outcomes_total",
     "Blob mirror requests by how the claim protocol ended them: fetch (a provider was found, "

@@ -20,8 +20,8 @@ from pathlib import Path
 import trio
 
 from registry.interfaces import ContentNotFound, Descriptor, Peer, PeerState
-from registry.mediatypes import SNIFF_LIMIT, detect_media_type
-from registry.reference import parse_digest, sha256_digest, validate_tag
+from registry.oci.mediatypes import SNIFF_LIMIT, detect_media_type
+from registry.oci.reference import parse_digest, sha256_digest, validate_tag
 
 __all__ = ["MemoryContentStore", "MemoryNetwork", "MemoryRouter", "sha256_digest"]
 

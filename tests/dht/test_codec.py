@@ -48,9 +48,7 @@ messages = st.one_of(
         st.lists(contacts, max_size=5).map(tuple),
     ),
     st.builds(AddProvider, txids, ids, ids, ports, st.integers(1, codec.MAX_TTL), tokens),
-    st.builds(
-        AddProvider, txids, ids, ids, ports, st.integers(0, codec.MAX_TTL), tokens, states
-    ),
+    st.builds(AddProvider, txids, ids, ids, ports, st.integers(0, codec.MAX_TTL), tokens, states),
     st.builds(Ack, txids, ids, st.booleans(), tokens, st.lists(contacts, max_size=5).map(tuple)),
 )
 

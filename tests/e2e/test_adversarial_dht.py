@@ -30,12 +30,12 @@ from typing import Any
 
 import pytest
 
-from agent.node_setup import read_cluster_key
+from agent.node.setup import read_cluster_key
 from dht import codec
 from dht.codec import Ack, AddProvider, GetProviders, Message, Ping, Pong, Providers
 from dht.ids import RecordState, key_id
 from dht.protocol import PONG_SIZE
-from registry.claim import claim_rank
+from registry.burst.claim import claim_rank
 from tests.e2e.shared import (
     Pull,
     assert_intact,

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from agent.containerd import open_containerd
-from agent.content_store import ContainerdContentStore
+from agent.containerd.client import open_containerd
+from agent.containerd.content_store import ContainerdContentStore
 from tests.e2e.shared import Pull, assert_intact, cluster_with_agents, counter
 from tests.harness import agents as ag
 from tests.harness import nsexec

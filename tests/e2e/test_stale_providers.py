@@ -24,9 +24,9 @@ import pytest
 import trio
 
 from agent.config import HostPort, RegistryConfig
-from agent.run import AgentHandle, Backend, Hooks, run_agent
+from agent.runtime.run import AgentHandle, Backend, Hooks, run_agent
 from registry.interfaces import Router
-from tests.agent.test_run import config
+from tests.agent.runtime.test_run import config
 from tests.fakes import MemoryContentStore, sha256_digest
 
 BLOB = b"layer bytes held by the serving nodes " * 64
@@ -116,7 +116,7 @@ def answered_404(caplog: pytest.LogCaptureFixture, node: Node) -> bool:
     assert node.handle is not None
     port = f":{node.handle.registry_port}"
     return any(
-        r.name == "registry.forwarder"
+        r.name == "registry.mirror.forwarder"
         and "peer answered 404" in str(getattr(r, "error", ""))
         and str(getattr(r, "peer", "")).endswith(port)
         for r in caplog.records
@@ -126,7 +126,7 @@ def answered_404(caplog: pytest.LogCaptureFixture, node: Node) -> bool:
 async def test_deleted_on_the_only_holder_is_a_quick_404(
     tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="registry.forwarder")
+    caplog.set_level(logging.INFO, logger="registry.mirror.forwarder")
     holder, puller = await start_nodes(nursery, tmp_path, holders=1)
     async with httpx.AsyncClient(timeout=HANG_BOUND) as http:
         await wait_served_by_peers(http, puller, 1)
@@ -148,7 +148,7 @@ async def test_deleted_on_the_only_holder_is_a_quick_404(
 async def test_deleted_on_one_of_two_holders_fails_over_to_the_other(
     tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="registry.forwarder")
+    caplog.set_level(logging.INFO, logger="registry.mirror.forwarder")
     gone, keeps, puller = await start_nodes(nursery, tmp_path, holders=2)
     async with httpx.AsyncClient(timeout=HANG_BOUND) as http:
         await wait_served_by_peers(http, puller, 2)

@@ -49,8 +49,19 @@ _RELABEL = _strict(
         "regex": {"type": "string"},
         "replacement": {"type": "string"},
         "action": {
-            "enum": ["replace", "keep", "drop", "keepequal", "dropequal", "hashmod", "labelmap",
-                     "labeldrop", "labelkeep", "lowercase", "uppercase"],
+            "enum": [
+                "replace",
+                "keep",
+                "drop",
+                "keepequal",
+                "dropequal",
+                "hashmod",
+                "labelmap",
+                "labeldrop",
+                "labelkeep",
+                "lowercase",
+                "uppercase",
+            ],
         },
     }
 )

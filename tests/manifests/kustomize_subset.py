@@ -20,7 +20,13 @@ import yaml
 Object = dict[str, Any]
 
 _KUSTOMIZATION_KEYS = {
-    "apiVersion", "kind", "resources", "components", "patches", "configMapGenerator", "images",
+    "apiVersion",
+    "kind",
+    "resources",
+    "components",
+    "patches",
+    "configMapGenerator",
+    "images",
 }
 _KINDS = {
     "Kustomization": "kustomize.config.k8s.io/v1beta1",
@@ -146,7 +152,8 @@ def _apply_patch(directory: Path, patch: dict[str, Any], objects: list[Object]) 
     else:
         raise KustomizeError(f"{patch['path']}: neither a JSON 6902 nor a strategic-merge patch")
     matched = [
-        obj for obj in objects
+        obj
+        for obj in objects
         if obj["kind"] == target["kind"] and obj["metadata"]["name"] == target["name"]
     ]
     if not matched:

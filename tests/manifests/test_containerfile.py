@@ -76,15 +76,18 @@ def test_build_stage_copies_what_the_wheel_needs() -> None:
 def test_entrypoint_is_the_spegla_console_script_run_as_root() -> None:
     instructions = dict(_stages()[1])
     assert json.loads(instructions["ENTRYPOINT"]) == ["spegla"]
-    assert _pyproject()["project"]["scripts"] == {"spegla": "agent.cli:main"}  # type: ignore[index]
+    assert _pyproject()["project"]["scripts"] == {"spegla": "agent.cli.main:main"}  # type: ignore[index]
     assert instructions["USER"] == "0:0"
     text = (ROOT / "Containerfile").read_text()
     assert "containerd's socket" in text and "content directory" in text, "document why root"
 
 
 def test_oci_labels_match_the_project() -> None:
-    labels = dict(re.findall(r'(org\.opencontainers\.image\.[a-z]+)="([^"]*)"',
-                             (ROOT / "Containerfile").read_text()))
+    labels = dict(
+        re.findall(
+            r'(org\.opencontainers\.image\.[a-z]+)="([^"]*)"', (ROOT / "Containerfile").read_text()
+        )
+    )
     project = _pyproject()["project"]
     assert labels["org.opencontainers.image.title"] == project["name"]  # type: ignore[index]
     assert labels["org.opencontainers.image.licenses"] == project["license"]["text"]  # type: ignore[index]

@@ -56,7 +56,16 @@ def test_readme_platform_table_names_every_line_and_distribution() -> None:
     rows = {line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")}
     for containerd in ("1.6", "1.7", "2.0", "2.1 and newer"):
         assert containerd in rows, containerd
-    for name in ("kubeadm", "kind", "EKS (AL2023)", "AKS", "GKE", "k3s, RKE2", "Talos", "k0s",
-                 "Bottlerocket"):
+    for name in (
+        "kubeadm",
+        "kind",
+        "EKS (AL2023)",
+        "AKS",
+        "GKE",
+        "k3s, RKE2",
+        "Talos",
+        "k0s",
+        "Bottlerocket",
+    ):
         assert name in rows, name
     assert text.count("tested here") >= 2 and "not tested here" in text

@@ -44,7 +44,8 @@ def test_the_image_is_set_in_one_place_for_install_and_cleanup() -> None:
             # a loaded archive must be enough: no pull when the node has the image
             assert container["imagePullPolicy"] == "IfNotPresent", container["name"]
     entries = [
-        path for path in MANIFESTS.rglob("kustomization.yaml")
+        path
+        for path in MANIFESTS.rglob("kustomization.yaml")
         if "images" in (yaml.safe_load(path.read_text()) or {})
     ]
     assert entries == [IMAGE_COMPONENT], "set the image in manifests/image only"
@@ -55,13 +56,22 @@ def test_an_images_entry_in_an_overlay_reaches_every_container(tmp_path: Path) -
     for target, daemonset in (("base", "spegla"), ("cleanup", "spegla-cleanup")):
         overlay = tmp_path / target
         overlay.mkdir()
-        (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-            "apiVersion": "kustomize.config.k8s.io/v1beta1",
-            "kind": "Kustomization",
-            "resources": [str(MANIFESTS / target)],
-            "images": [{"name": "localhost/spegla", "newName": "registry.internal.example/spegla",
-                        "newTag": "0.1.0"}],
-        }))
+        (overlay / "kustomization.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                    "kind": "Kustomization",
+                    "resources": [str(MANIFESTS / target)],
+                    "images": [
+                        {
+                            "name": "localhost/spegla",
+                            "newName": "registry.internal.example/spegla",
+                            "newTag": "0.1.0",
+                        }
+                    ],
+                }
+            )
+        )
         images = {c["image"] for c in _containers(_pod(render(overlay), daemonset))}
         assert images == {"registry.internal.example/spegla:0.1.0"}, target
 
@@ -104,8 +114,12 @@ def test_containerd_check_fails_with_what_to_do_on_k3s(tmp_path: Path, leftover:
         (host_dir / "containerd.sock").write_text("")
     result = subprocess.run(command, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
-    for needed in ("/run/k3s/containerd/containerd.sock", "embedded registry mirror",
-                   "manifests/examples/k0s", "hostPath of volume containerd-sock"):
+    for needed in (
+        "/run/k3s/containerd/containerd.sock",
+        "embedded registry mirror",
+        "manifests/examples/k0s",
+        "hostPath of volume containerd-sock",
+    ):
         assert needed in result.stderr, needed
 
 
@@ -160,7 +174,8 @@ def _readme_block(heading: str) -> str:
 
 def test_readme_uninstall_stops_agents_then_restores_then_deletes() -> None:
     lines = [
-        line.split("#")[0].strip() for line in _readme_block("Uninstall").splitlines()
+        line.split("#")[0].strip()
+        for line in _readme_block("Uninstall").splitlines()
         if line.strip()
     ]
     order = [
@@ -206,7 +221,10 @@ def _dump(binary: str, version: int, snippet: str, tmp_path: Path) -> dict[str, 
     )
     out = subprocess.run(
         [binary, "--config", str(config), "config", "dump"],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     return tomllib.loads(out)
 
@@ -237,9 +255,7 @@ def test_readme_push_instructions_change_the_image_of_install_and_cleanup(tmp_pa
     """Run the README's edit of manifests/image on a copy of manifests/, then render both."""
     text = (ROOT / "README.md").read_text()
     block = text.split("### 3. Put the image on the nodes", 1)[1].split("### 4.", 1)[0]
-    (edit,) = [
-        b for b in re.findall(r"```sh\n(.*?)```", block, re.S) if "manifests/image" in b
-    ]
+    (edit,) = [b for b in re.findall(r"```sh\n(.*?)```", block, re.S) if "manifests/image" in b]
     command = "\n".join(line for line in edit.splitlines() if not line.startswith("skopeo "))
     pushed = re.search(r"docker://(\S+):(\S+)", edit)
     assert pushed is not None

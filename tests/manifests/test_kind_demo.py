@@ -26,9 +26,7 @@ def test_script_parses() -> None:
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_script_is_shellcheck_clean() -> None:
-    result = subprocess.run(
-        ["shellcheck", str(SCRIPT)], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout
 
 
@@ -77,20 +75,18 @@ _CONTAINERD_2 = sorted((ROOT.parent / "shared" / "containerd").glob("2.*/contain
 # section's discard_unpacked_layers only when that section also names runtimes.
 _KIND_LIKE = {
     3: 'version = 3\n[plugins."io.containerd.cri.v1.images"]\n  discard_unpacked_layers = true\n'
-       '[plugins."io.containerd.cri.v1.images".registry]\n  config_path = ""\n',
+    '[plugins."io.containerd.cri.v1.images".registry]\n  config_path = ""\n',
     2: 'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n'
-       '  discard_unpacked_layers = true\n'
-       '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]\n'
-       '  runtime_type = "io.containerd.runc.v2"\n'
-       '[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = ""\n',
+    "  discard_unpacked_layers = true\n"
+    '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]\n'
+    '  runtime_type = "io.containerd.runc.v2"\n'
+    '[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = ""\n',
 }
 
 
 @pytest.mark.skipif(not _CONTAINERD_2, reason="no containerd 2.x in ../shared/containerd/")
 @pytest.mark.parametrize("version", [3, 2])
-def test_containerd_2_reads_the_patch_for_its_config_version(
-    version: int, tmp_path: Path
-) -> None:
+def test_containerd_2_reads_the_patch_for_its_config_version(version: int, tmp_path: Path) -> None:
     """containerd 2.x loads a config of `version` with the script's patch for that version (as an
     import: kind merges the patch into the file, containerd merges imports the same way) and
     `config dump` shows the settings spegla needs in the plugin containerd 2.x uses."""
@@ -101,7 +97,10 @@ def test_containerd_2_reads_the_patch_for_its_config_version(
     config.write_text(f"imports = ['{patch}']\n" + _KIND_LIKE[version])
     dump = subprocess.run(
         [str(_CONTAINERD_2[-1]), "--config", str(config), "config", "dump"],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     images = tomllib.loads(dump)["plugins"]["io.containerd.cri.v1.images"]
     assert images["discard_unpacked_layers"] is False

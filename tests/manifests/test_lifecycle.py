@@ -67,8 +67,12 @@ def _run(
     env = {"PATH": os.environ.get("PATH", ""), **_env(container, objects, host_dirs)}
     env.update(overrides or {})
     result = subprocess.run(
-        _command(container, objects, host_dirs), cwd=ROOT, env=env,
-        capture_output=True, text=True, timeout=60,
+        _command(container, objects, host_dirs),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
 
@@ -117,8 +121,12 @@ def test_install_restart_and_uninstall_keep_the_nodes_own_certs_d(tmp_path: Path
     cleanup = {**cleanup, "args": args}
     env = {"PATH": os.environ.get("PATH", ""), **_container_env(cleanup, cleanup_objects)}
     proc = subprocess.Popen(
-        _command(cleanup, cleanup_objects, host_dirs), cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        _command(cleanup, cleanup_objects, host_dirs),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         probe = pod["containers"][0]["readinessProbe"]["httpGet"]["path"]
@@ -189,11 +197,18 @@ def test_agent_started_with_the_daemonsets_args_answers_its_probes(tmp_path: Pat
         "cluster-key": tmp_path / "cluster-key",  # the optional Secret not created: empty
     }
     for name in (
-        "containerd-content", "data", "tmp", "containerd-certs-d", "containerd-etc", "cluster-key"
+        "containerd-content",
+        "data",
+        "tmp",
+        "containerd-certs-d",
+        "containerd-etc",
+        "cluster-key",
     ):
         host_dirs[name].mkdir()
     addr_flags = {
-        "--registry-addr": "registry", "--router-addr": "router", "--metrics-addr": "metrics",
+        "--registry-addr": "registry",
+        "--router-addr": "router",
+        "--metrics-addr": "metrics",
     }
     args = []
     for arg in container["args"]:
@@ -219,11 +234,17 @@ def test_agent_started_with_the_daemonsets_args_answers_its_probes(tmp_path: Pat
         status, metrics = _get(f"http://127.0.0.1:{ports['metrics']}/metrics")
         assert status == 200
         families = {line.split()[2] for line in metrics.splitlines() if line.startswith("# TYPE")}
-        for name in ("spegel_mirror_requests_total", "spegel_mirror_last_success_timestamp_seconds",
-                     "spegel_resolve_duration_seconds", "spegel_advertised_keys",
-                     "spegel_advertised_images", "http_request_duration_seconds",
-                     "http_response_size_bytes", "http_requests_inflight",
-                     "process_start_time_seconds"):
+        for name in (
+            "spegel_mirror_requests_total",
+            "spegel_mirror_last_success_timestamp_seconds",
+            "spegel_resolve_duration_seconds",
+            "spegel_advertised_keys",
+            "spegel_advertised_images",
+            "http_request_duration_seconds",
+            "http_response_size_bytes",
+            "http_requests_inflight",
+            "process_start_time_seconds",
+        ):
             assert name in families, f"{name} not exported"
         assert _get(f"http://127.0.0.1:{ports['metrics']}/debug/tasks")[0] == 200
     finally:

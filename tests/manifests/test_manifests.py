@@ -25,7 +25,7 @@ import pytest
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError, all_versions
 
-from agent.cli import build_parser
+from agent.cli.main import build_parser
 from agent.config import parse_duration
 from tests.manifests.crd_schemas import CRD_SCHEMAS
 from tests.manifests.kustomize_subset import Object, object_id, render
@@ -278,7 +278,8 @@ def test_daemonset_is_safe_on_every_node(rendered: dict[str, list[Object]]) -> N
 @pytest.mark.parametrize(
     "variant",
     sorted(
-        v for v in set(VARIANTS) - {"cleanup", "examples/talos-cleanup"}
+        v
+        for v in set(VARIANTS) - {"cleanup", "examples/talos-cleanup"}
         if "node-port-local" not in v  # no host port there: test_install.py
     ),
 )
@@ -324,7 +325,7 @@ def test_registry_service_is_the_second_mirror_and_reaches_every_agent(
 def test_basic_auth_component_mounts_the_secret_where_both_containers_read_it(
     rendered: dict[str, list[Object]],
 ) -> None:
-    from registry.basic_auth import DEFAULT_DIR
+    from registry.auth.basic import DEFAULT_DIR
 
     objects = rendered["all-components"]
     pod = _one(objects, "DaemonSet", "spegla")["spec"]["template"]["spec"]
@@ -493,7 +494,7 @@ def _option_strings(command: str) -> set[str]:
 
 def _cross_check(ns: Any) -> None:
     """Run the agent's own cross-field checks if it has them (a bootstrap kind needs its flags)."""
-    import agent.cli as cli
+    import agent.cli.main as cli
 
     check = {"registry": "registry_config", "configuration": "mirror_config"}.get(ns.command)
     if check and hasattr(cli, check):
@@ -585,7 +586,7 @@ def test_configmap_keys_are_env_twins_the_agent_reads(
 EXTERNAL_METRICS = {"up", "process_start_time_seconds", "kube_pod_container_status_restarts_total"}
 _SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\{")
 # `Gauge("name", ...)` objects, and the `GaugeMetricFamily("name", ...)` families of custom
-# collectors (agent/dht_metrics.py reads the DHT node's statistics at scrape time).
+# collectors (agent/observability/dht_metrics.py reads the DHT node's statistics at scrape time).
 _DECLARED = re.compile(
     r"\b(Counter|Gauge|Histogram|Summary)(?:MetricFamily)?\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\""
 )
@@ -643,7 +644,7 @@ def test_alerts_and_dashboard_use_only_metrics_that_exist(
 
 def test_declared_names_include_what_the_dht_collector_exports() -> None:
     """The source scan above must see the custom collector's names, or the check means nothing."""
-    from agent.dht_metrics import DhtCollector
+    from agent.observability.dht_metrics import DhtCollector
 
     declared = _declared_metrics()
     exported = {(family.name, family.type) for family in DhtCollector().describe()}

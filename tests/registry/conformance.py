@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from registry.interfaces import ContentNotFound, ContentStore, Peer, Router
-from registry.mediatypes import MANIFEST_MEDIA_TYPES, OCTET_STREAM
+from registry.oci.mediatypes import MANIFEST_MEDIA_TYPES, OCTET_STREAM
 
 ABSENT = "sha256:" + "0" * 64
 

@@ -15,19 +15,19 @@ import httpx
 import pytest
 import trio
 
-from registry.app import RegistrySettings, create_app
-from registry.claim_supply import ClaimParticipation
+from registry.auth.peer import PeerAuth
+from registry.burst.claim_supply import ClaimParticipation
 from registry.events import MirrorEvents
-from registry.fastpath import FastPathStats
 from registry.interfaces import Peer
-from registry.mediatypes import OCI_INDEX, OCI_MANIFEST
-from registry.peer_auth import PeerAuth
-from registry.ranges import parse_range
-from registry.server import serve_registry
+from registry.oci.mediatypes import OCI_INDEX, OCI_MANIFEST
+from registry.oci.ranges import parse_range
+from registry.serve.app import RegistrySettings, create_app
+from registry.serve.front_door import FastPathStats
+from registry.serve.server import serve_registry
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha256_digest
 
 LOOPBACK = "127.0.0.1"
-# the cluster key the keyed test nodes share (registry.peer_auth): tags resolve only between them
+# the cluster key the keyed test nodes share (registry.auth.peer): tags resolve only between them
 CLUSTER_KEY = b"test cluster key: 32 bytes long!"
 
 
@@ -158,7 +158,7 @@ class ScriptedPeer:
     """A raw HTTP peer that misbehaves on purpose.
 
     behaviour: "500" (answers 500), "429" (busy: at its upload limit), "refuse" (429 saying its
-    own download has no source, `registry.own_downloads`), "404" (answers 404: it
+    own download has no source, `registry.burst.own_downloads`), "404" (answers 404: it
     advertised content it no longer holds), "silent" (accepts, never answers), "cut" (announces
     `body` in full but sends only `cut` bytes, then closes), "serve" (serves `body` as `digest`,
     honouring a Range, whatever the bytes are: with wrong bytes it is a lying peer), "mute"

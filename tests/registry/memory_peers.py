@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from registry.forwarder import Forwarder
+from registry.http.client import PeerError
 from registry.interfaces import Peer
-from registry.mirror_job import MirrorSettings
-from registry.peer_client import PeerError
-from registry.ranges import parse_range
+from registry.mirror.forwarder import Forwarder
+from registry.mirror.job import MirrorSettings
+from registry.oci.ranges import parse_range
 from tests.fakes import MemoryNetwork, MemoryRouter
 
 

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from registry.interfaces import ContentNotFound, ContentStore, Peer, Router
-from registry.mediatypes import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, OCTET_STREAM
+from registry.oci.mediatypes import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, OCTET_STREAM
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha256_digest
 
 from .conformance import check_content_store, check_router

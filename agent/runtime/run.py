@@ -1,0 +1,482 @@
+"""`spegla registry`: the node agent as one Trio nursery of supervised services.
+
+Why this shape: every service (DHT node, metrics/debug server, registry server, bootstrap,
+containerd state tracker) is started with `nursery.start` under a `Supervisor`, so readiness flows
+upwards and a crash is restarted with backoff or, when it keeps happening, ends the process non-
+zero. SIGTERM/SIGINT stop the HTTP servers from accepting, let in-flight requests finish within the
+grace period and exit 0; a second signal cancels at once. SIGUSR1 prints the live task tree to
+stderr.
+
+The containerd side and the HTTP registry app come from typed factories (`BackendFactory`,
+`AppFactory`, `ServeRegistry`) so the same wiring runs in-process in tests with in-memory doubles.
+Readiness is a condition over flags its inputs set (`agent.flag`); "agent ready" is awaited.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import ipaddress
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+from quart_trio import QuartTrio
+
+from agent.advertising.peer_router import registry_router
+from agent.config import ConfigError, ListenAddr, RegistryConfig, grace_seconds
+from agent.flag import Flag
+from agent.node.bootstrap import Bootstrapper, SelfInfo, keep_joined
+from agent.node.identity import load_or_create_node_id
+from agent.node.setup import (
+    detect_advertise_addr,
+    make_bootstrapper,
+    more_addresses,
+    read_basic_auth,
+    read_cluster_key,
+    trust_summary,
+)
+from agent.observability.debug import DebugState, render_task_tree, task_tree, watch_mirror_metrics
+from agent.observability.dht_metrics import export as export_dht_metrics
+from agent.observability.metrics_server import create_metrics_app, serve_app
+from agent.runtime.memory_trim import glibc_malloc_trim, trim_when_idle
+from agent.runtime.supervise import RestartPolicy, Service, ServiceFailed, Supervisor
+from registry.burst.claim_supply import ClaimParticipation
+from registry.events import MirrorEvents
+from registry.interfaces import ClaimBoard, ContentStore, Router
+from registry.serve.front_door import ConnectionLimits, FastPathStats
+
+if TYPE_CHECKING:
+    from registry.serve.front_door import FastPathStats
+
+logger = logging.getLogger(__name__)
+METRICS_GRACE = 2.0  # drain of the metrics/debug server on shutdown, whatever --shutdown-grace says
+
+
+@dataclass(slots=True)
+class Backend:
+    """What the containerd side gives the agent."""
+
+    store: ContentStore
+    run_tracker: Service  # started() after the first full advertise
+    connected: Flag = field(default_factory=lambda: Flag(True))  # containerd reachable
+    images: Callable[[], list[Any]] = list  # names or dicts (AdvertisedImage.as_dict)
+    stats: Callable[[], dict[str, Any]] = dict
+    claims: ClaimBoard | None = None  # where burst claims go (None: no claims)
+
+
+BackendFactory = Callable[[RegistryConfig, Router], AbstractAsyncContextManager[Backend]]
+
+
+class ServeRegistry(Protocol):
+    """Serves the registry app on `addr` until `shutdown_trigger` returns; reports the port."""
+
+    async def __call__(
+        self,
+        app: QuartTrio,
+        addr: ListenAddr,
+        *,
+        shutdown_trigger: Callable[[], Awaitable[None]],
+        grace: float,
+        task_status: trio.TaskStatus[int] = ...,
+    ) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class AppParts:
+    """What the registry app is built from."""
+
+    store: ContentStore
+    router: Router
+    cfg: RegistryConfig
+    ready: Callable[[], bool]
+    events: MirrorEvents  # the mirror path reports here (the debug page subscribes)
+    claims: ClaimParticipation | None = None  # take part in bursts' claims
+    cluster_key: bytes | None = None  # None: no key, so no tags through peers
+
+
+AppFactory = Callable[[AppParts], QuartTrio]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentHandle:
+    """What `nursery.start(run_agent, ...)` reports once every service is up."""
+
+    node_id: bytes
+    registry_port: int
+    router_port: int
+    metrics_port: int
+
+
+@dataclass(slots=True)
+class Readiness:
+    """containerd reachable + state advertised once + DHT table non-empty (or alone by config)."""
+
+    router: Router
+    router_ready: Callable[[], Awaitable[None]]  # returns once router.ready() (awaited, not polled)
+    connected: Flag = field(default_factory=Flag)
+    advertised: Flag = field(default_factory=Flag)
+    stopping: bool = False  # set on SIGTERM: take this node out of rotation while it drains
+
+    def __call__(self) -> bool:
+        return (
+            not self.stopping
+            and bool(self.advertised)
+            and bool(self.connected)
+            and self.router.ready()
+        )
+
+    def detail(self) -> dict[str, bool]:
+        return {
+            "containerd": bool(self.connected),
+            "advertised": bool(self.advertised),
+            "router": self.router.ready(),
+            "running": not self.stopping,
+        }
+
+    async def wait(self) -> None:
+        """Return once ready; each input is awaited in turn (none is polled), then re-checked."""
+        while not self():
+            if self.stopping:
+                await trio.sleep_forever()  # draining: never ready again
+            await self.advertised.wait()
+            await self.connected.wait()
+            await self.router_ready()
+
+
+@dataclass(slots=True)
+class Hooks:
+    """Injection points for tests; defaults build the real thing."""
+
+    backend: BackendFactory | None = None
+    app: AppFactory | None = None
+    serve_registry: ServeRegistry | None = None
+    bootstrapper: Bootstrapper | None = None
+    policy: RestartPolicy | None = None
+
+
+# --- defaults -------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def containerd_backend(cfg: RegistryConfig, router: Router) -> AsyncIterator[Backend]:
+    from agent.advertising.advertiser import KeyAdvertiser
+    from agent.advertising.state import StateTracker
+    from agent.containerd.client import open_containerd
+    from agent.containerd.content_store import ContainerdContentStore
+    from agent.containerd.ingest import IngestWatcher
+    from registry.oci.filters import ReferenceFilter
+
+    filters = ReferenceFilter.from_config(cfg.mirrored_registries, cfg.registry_filters)
+    async with open_containerd(
+        cfg.containerd_sock, cfg.containerd_namespace, check=False
+    ) as client:
+        store = ContainerdContentStore(client, cfg.containerd_content_path)
+        # one voice towards the router: the tracker's complete keys, downloads in progress
+        advertiser = KeyAdvertiser(router)
+        tracker = StateTracker(
+            client,
+            advertiser.tracker_router(),
+            filters=filters,
+            refresh_interval=cfg.state_refresh,
+        )
+        # a fresh node's containerd creates its content directory with its first pull: the
+        # watcher looks for it at once each time (cheap), not at the store's slower pace
+        watcher = IngestWatcher(
+            functools.partial(store.content_dir, look_now=True),
+            cfg.containerd_namespace,
+            advertiser.on_ingest,
+        )
+        store.ingests = watcher
+
+        def inflight_stats() -> dict[str, Any]:
+            from registry.serve.inflight import UPLOADS
+
+            downloads = [
+                {"key": e.digest, "total": e.total, "ref": e.ref} for e in watcher.table.entries()
+            ]
+            return {"inflight_downloads": downloads, "inflight_uploads": UPLOADS.snapshot()}
+
+        async def run_state(
+            *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(advertiser.run)
+                await nursery.start(watcher.run)
+                await nursery.start(tracker.run)
+                task_status.started()
+
+        yield Backend(
+            store=store,
+            run_tracker=run_state,
+            connected=tracker.connected,
+            images=lambda: [image.as_dict() for image in tracker.advertised_images()],
+            stats=lambda: {**tracker.statistics(), **inflight_stats()},
+            claims=advertiser,
+        )
+
+
+def default_app(parts: AppParts) -> QuartTrio:
+    from registry.auth.peer import PeerAuth
+    from registry.oci.filters import ReferenceFilter
+    from registry.serve.app import RegistrySettings, create_app
+
+    cfg = parts.cfg
+    # loopback peers only when this agent is itself on loopback: then every agent is on this host
+    mirror = dataclasses.replace(
+        cfg.mirror_settings(), allow_loopback_peers=_is_loopback(detect_advertise_addr(cfg))
+    )
+    settings = RegistrySettings(
+        mirror=mirror,
+        filters=ReferenceFilter.from_config(cfg.mirrored_registries, cfg.registry_filters),
+        readiness=parts.ready,
+        basic_auth=read_basic_auth(cfg.basic_auth_dir),
+        peer_upload_limit=cfg.peer_upload_limit,
+        peer_auth=None if parts.cluster_key is None else PeerAuth(parts.cluster_key),
+        trusted_proxies=cfg.trusted_proxies,
+    )
+    if settings.basic_auth is not None:
+        logger.info("basic auth enabled", extra={"basic_auth_dir": cfg.basic_auth_dir})
+    return create_app(parts.store, parts.router, settings, events=parts.events, claims=parts.claims)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def default_serve_registry(
+    app: QuartTrio,
+    addr: ListenAddr,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    grace: float,
+    stats: FastPathStats | None = None,
+    limits: ConnectionLimits | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    from registry.serve.server import serve_registry
+
+    await serve_registry(
+        app,
+        addr.bind_host,
+        addr.port,
+        shutdown_trigger=shutdown_trigger,
+        graceful_timeout=grace,
+        stats=stats,
+        limits=limits,
+        task_status=task_status,
+    )
+
+
+def _default_serve_with_stats(
+    debug: DebugState, stats: FastPathStats, cfg: RegistryConfig
+) -> ServeRegistry:
+    """The registry's own server, with its fast-path counters on the debug page."""
+    debug.sections["registry fast path"] = lambda: dict(vars(stats))
+    limits = ConnectionLimits(cfg.max_connections, cfg.send_timeout)
+    return functools.partial(default_serve_registry, stats=stats, limits=limits)
+
+
+# --- the agent ------------------------------------------------------------------------------------
+
+
+async def _signals(shutdown: trio.Event, root: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+        async for signum in signals:
+            if signum == signal.SIGUSR1:
+                print(render_task_tree(task_tree()), file=sys.stderr, flush=True)
+            elif shutdown.is_set():
+                logger.warning("second signal: stopping now")
+                root.cancel()
+            else:
+                logger.info("shutting down", extra={"signal": signal.Signals(signum).name})
+                shutdown.set()
+
+
+async def run_agent(
+    cfg: RegistryConfig,
+    shutdown: trio.Event | None = None,
+    hooks: Hooks | None = None,
+    *,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[AgentHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run every service until `shutdown` is set (or a signal arrives); raise ServiceFailed on a
+    service that keeps crashing."""
+    from dht.node import Node, NodeConfig
+
+    hooks = hooks or Hooks()
+    shutdown = trio.Event() if shutdown is None else shutdown
+    logger.info("configuration", extra={"config": dataclasses.asdict(cfg)})
+    started_at = trio.current_time()
+    node_id = load_or_create_node_id(cfg.data_dir)
+    psk = read_cluster_key(cfg.cluster_key_file)
+    trust = trust_summary(psk, cfg.cluster_key_file)
+    if psk is None:
+        logger.warning(trust["notice"], extra={"cluster_key": False, "tags_through_peers": False})
+    node = Node(
+        NodeConfig(
+            node_id=node_id,
+            bind_host=cfg.router_addr.bind_host,
+            bind_port=cfg.router_addr.port,
+            registry_port=cfg.registry_addr.port,
+            psk=psk,
+            standalone=cfg.standalone,
+            more_hosts=more_addresses(cfg, detect_advertise_addr(cfg)),
+        )
+    )
+    router = registry_router(node.router)
+    supervisor = Supervisor(hooks.policy or RestartPolicy())
+    readiness = Readiness(router, node.router.wait_ready)
+    debug = DebugState(
+        node_id=node_id.hex(),
+        peers=node.contacts,
+        services=lambda: dict(supervisor.states),
+        ready=readiness,
+        ready_detail=readiness.detail,
+        trust=trust,
+    )
+    events = MirrorEvents()
+    events.subscribe(debug.on_mirror_event)  # per-request results and last success for the page
+    backend_factory = hooks.backend or containerd_backend
+    unexport_dht_metrics = export_dht_metrics(node.statistics)  # spegla_dht_* on /metrics
+    try:
+        async with backend_factory(cfg, router) as backend, trio.open_nursery() as root:
+            readiness.connected = backend.connected
+            debug.images = backend.images
+            debug.sections["dht"] = lambda: dataclasses.asdict(node.statistics())
+            debug.sections["containerd state"] = backend.stats
+            if handle_signals:
+                root.start_soon(_signals, shutdown, root.cancel_scope, name="signals")
+            bound = await root.start(supervisor.run, "dht", node.serve)
+            await root.start(
+                supervisor.run, "debug-feed", functools.partial(watch_mirror_metrics, debug)
+            )
+            me = SelfInfo(node_id, detect_advertise_addr(cfg), int(bound[1]))
+            claims = None
+            if backend.claims is not None:
+                addresses = (me.host, cfg.registry_addr.bind_host, *cfg.advertise_more_addrs)
+                own = frozenset(h for h in addresses if h)
+                connected = backend.connected
+                claims = ClaimParticipation(
+                    backend.claims, node_id, own_hosts=own, containerd_up=lambda: bool(connected)
+                )
+            parts = AppParts(backend.store, router, cfg, readiness, events, claims, psk)
+            app = (hooks.app or default_app)(parts)
+            front_door = FastPathStats()
+            serve_registry = hooks.serve_registry or _default_serve_with_stats(
+                debug, front_door, cfg
+            )
+            root.start_soon(
+                functools.partial(trim_when_idle, front_door.requests, trim=glibc_malloc_trim()),
+                name="memory-trim",
+            )
+            grace = grace_seconds(cfg.shutdown_grace)
+            metrics_app = create_metrics_app(debug, web_enabled=cfg.debug_web_enabled)
+            with trio.CancelScope() as http_scope:
+                async with trio.open_nursery() as http:
+                    metrics_port = await http.start(
+                        supervisor.run,
+                        "metrics",
+                        functools.partial(
+                            serve_app,
+                            metrics_app,
+                            cfg.metrics_addr,
+                            shutdown_trigger=shutdown.wait,
+                            # its long-lived websockets must not hold the exit up
+                            grace=min(grace, METRICS_GRACE),
+                        ),
+                    )
+                    registry_port = await http.start(
+                        supervisor.run,
+                        "registry",
+                        functools.partial(
+                            serve_registry,
+                            app,
+                            cfg.registry_addr,
+                            shutdown_trigger=shutdown.wait,
+                            grace=grace,
+                        ),
+                    )
+                    bootstrapper = hooks.bootstrapper or make_bootstrapper(cfg, me)
+                    await root.start(supervisor.run, "bootstrap-source", bootstrapper.run)
+                    await root.start(
+                        supervisor.run,
+                        "bootstrap",
+                        functools.partial(
+                            keep_joined, bootstrapper, node.bootstrap, router.ready, me
+                        ),
+                    )
+                    root.start_soon(
+                        _run_state, supervisor, backend, readiness, started_at, name="state"
+                    )
+                    root.start_soon(_announce_ready, readiness, started_at, name="ready-watch")
+                    logger.info(
+                        "agent started",
+                        extra={
+                            "node_id": node_id.hex(),
+                            "registry_port": registry_port,
+                            "router_port": me.port,
+                            "metrics_port": metrics_port,
+                            "advertise_addr": me.host,
+                            "bootstrap": cfg.bootstrap.kind,
+                        },
+                    )
+                    task_status.started(AgentHandle(node_id, registry_port, me.port, metrics_port))
+                    await shutdown.wait()
+                    readiness.stopping = True
+                    # Servers stop accepting now; give in-flight requests the grace period.
+                    http_scope.deadline = trio.current_time() + grace + 1.0
+                    logger.info(
+                        "draining running requests",
+                        extra={"grace_s": cfg.shutdown_grace},  # null: as long as they take
+                    )
+            if http_scope.cancelled_caught:
+                logger.warning("grace period over; cancelling remaining requests")
+            root.cancel_scope.cancel()
+    finally:
+        unexport_dht_metrics()
+    logger.info("exit gracefully")
+
+
+async def _run_state(
+    supervisor: Supervisor, backend: Backend, readiness: Readiness, started_at: float
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run, "state", backend.run_tracker)
+        readiness.advertised.set()
+        logger.info(
+            "containerd state advertised",
+            extra={"elapsed_s": round(trio.current_time() - started_at, 3), **readiness.detail()},
+        )
+
+
+async def _announce_ready(readiness: Readiness, started_at: float) -> None:
+    """Log once when the agent first becomes ready, with the time it took."""
+    await readiness.wait()
+    logger.info(
+        "agent ready", extra={"start_to_ready_s": round(trio.current_time() - started_at, 3)}
+    )
+
+
+def main(cfg: RegistryConfig, hooks: Hooks | None = None) -> int:
+    """Blocking entry for the CLI: 0 after a signal, 1 when a service keeps failing."""
+    code = 0
+    try:
+        trio.run(functools.partial(run_agent, cfg, hooks=hooks))
+    except* ServiceFailed as group:
+        for exc in group.exceptions:
+            logger.error("agent stopping: a service keeps failing", extra={"error": str(exc)})
+        code = 1
+    except* ConfigError as group:
+        print(f"spegla registry: error: {group.exceptions[0]}", file=sys.stderr)
+        code = 2
+    return code

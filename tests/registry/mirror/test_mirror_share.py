@@ -1,0 +1,122 @@
+"""Concurrent GETs of one blob on one node share one peer fetch (real loopback sockets).
+
+The provider is a scripted peer that sends its head, then the body a while later, so every
+request arrives while the one fetch is in flight; each client must still get its own bytes
+(Range included), and the provider must see exactly one request.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from registry.mirror.job import MirrorSettings
+from registry.serve.app import RegistrySettings
+from tests.fakes import MemoryContentStore, MemoryNetwork
+from tests.registry.conftest import Node, ScriptedPeer, StartNode, StartScripted, fill
+
+SETTINGS = RegistrySettings(
+    mirror=MirrorSettings(resolve_timeout=0.5, response_timeout=2.0, stall_timeout=5.0)
+)
+RANGES = [None, "bytes=0-0", "bytes=100-4095", "bytes=5000-", "bytes=-10", None, "bytes=1-1", None]
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0.02)
+
+
+def expected(body: bytes, spec: str | None) -> tuple[int, bytes]:
+    if spec is None:
+        return 200, body
+    first, last = spec.removeprefix("bytes=").split("-")
+    if not first:
+        return 206, body[-int(last) :]
+    end = len(body) - 1 if not last else int(last)
+    return 206, body[int(first) : end + 1]
+
+
+async def get(node: Node, path: str, spec: str | None) -> httpx.Response:
+    headers = {"Accept": "application/vnd.oci.image.layer.v1.tar+gzip, */*"}
+    if spec is not None:
+        headers["Range"] = spec
+    async with node.client() as http:
+        return await http.get(path, headers=headers)
+
+
+async def many_at_once(node: Node, path: str) -> list[httpx.Response]:
+    answers: list[httpx.Response | None] = [None] * len(RANGES)
+
+    async def one(i: int, spec: str | None) -> None:
+        answers[i] = await get(node, path, spec)
+
+    async with trio.open_nursery() as nursery:
+        for i, spec in enumerate(RANGES):
+            nursery.start_soon(one, i, spec)
+    return [a for a in answers if a is not None]
+
+
+@pytest.mark.parametrize("zero_copy", [True, False])
+async def test_concurrent_gets_of_one_blob_make_one_peer_transfer(
+    clock: trio.testing.MockClock,
+    start_node: StartNode,
+    network: MemoryNetwork,
+    start_scripted: StartScripted,
+    zero_copy: bool,
+) -> None:
+    content = fill(MemoryContentStore())
+    body = content.layer_bytes
+    late = await start_scripted(ScriptedPeer("late", body, content.layer, pause=0.5))
+    network.add(content.layer, late.peer)
+    node = await start_node(settings=SETTINGS, zero_copy=zero_copy)
+    path = f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
+    answers = await many_at_once(node, path)
+    assert len(answers) == len(RANGES)
+    for spec, answer in zip(RANGES, answers, strict=True):
+        status, data = expected(body, spec)
+        assert (answer.status_code, spec) == (status, spec)
+        assert answer.content == data, spec
+        assert answer.headers["content-length"] == str(len(data))
+    assert len(late.requests) == 1  # one transfer of the whole blob for all of them
+    assert "range" not in late.requests[0][2]
+    assert len(node.app.extensions["spegla.registry"].forwarder.shares) == 0  # nothing left open
+
+
+async def test_a_client_that_leaves_does_not_cut_the_others(
+    clock: trio.testing.MockClock,
+    start_node: StartNode,
+    network: MemoryNetwork,
+    start_scripted: StartScripted,
+) -> None:
+    content = fill(MemoryContentStore())
+    body = content.layer_bytes
+    late = await start_scripted(ScriptedPeer("late", body, content.layer, pause=0.5))
+    network.add(content.layer, late.peer)
+    node = await start_node(settings=SETTINGS)
+    path = f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
+    got: list[httpx.Response] = []
+
+    async def stays() -> None:
+        got.append(await get(node, path, None))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stays)
+        with trio.move_on_after(0.2):  # the first client gives up before the body comes
+            await get(node, path, None)
+        nursery.start_soon(stays)
+    assert [(r.status_code, r.content == body) for r in got] == [(200, True), (200, True)]
+    assert len(late.requests) == 1
+
+
+async def test_a_miss_is_shared_too(
+    clock: trio.testing.MockClock, start_node: StartNode, start_scripted: StartScripted
+) -> None:
+    """With no provider, every concurrent request gets the one fetch's 404."""
+    content = fill(MemoryContentStore())
+    node = await start_node(settings=SETTINGS)
+    path = f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
+    answers = await many_at_once(node, path)
+    assert {a.status_code for a in answers} == {404}
+    assert all(a.json()["errors"][0]["code"] == "BLOB_UNKNOWN" for a in answers)
