@@ -1,5 +1,6 @@
-"""The README and docs/ link to files and headings that exist, and the README's platform table
-covers every containerd line and distribution an operator asks about.
+"""The README and docs/ link to files and headings that exist, name repository paths that exist,
+docs/decisions/README.md indexes every decision, and the README's platform table covers every
+containerd line and distribution an operator asks about.
 
 Why: the operator documentation is split over several files; a renamed heading or a moved file
 breaks the path from the README to the answer without anything else noticing.
@@ -13,10 +14,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 # written on other branches at the same time as these pages (the image build, the security model)
 ELSEWHERE = {ROOT / "docs" / "image.md", ROOT / "SECURITY.md"}
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
+# a repository path named in prose or code: a top-level folder of this repository, then more
+_REPO_PATH = re.compile(
+    r"(?<![\w./-])((?:agent|registry|dht|tests|bench|hack|manifests|docs)/[\w./-]*\w)"
+)
+# `registry/repo:tag` and `registry/repository` name image references, not files
+_NOT_PATHS = {"registry/repo", "registry/repository"}
 
 
 def _slug(heading: str) -> str:
@@ -42,6 +49,30 @@ def test_relative_links_reach_a_file_and_heading(page: Path) -> None:
         assert linked.exists(), f"{page.name}: {target} does not exist"
         if anchor and linked.suffix == ".md":
             assert anchor in _anchors(linked), f"{page.name}: no heading #{anchor} in {path}"
+
+
+def _exists(path: str) -> bool:
+    """A file or folder, or a module named without its `.py`."""
+    return (ROOT / path).exists() or (ROOT / f"{path}.py").exists()
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_named_repository_paths_exist(page: Path) -> None:
+    missing = [
+        path
+        for path in _REPO_PATH.findall(page.read_text())
+        if "<" not in path and path not in _NOT_PATHS and not _exists(path)
+    ]
+    assert not missing, f"{page.name} names paths that do not exist: {missing}"
+
+
+def test_decisions_index_lists_every_decision() -> None:
+    folder = ROOT / "docs" / "decisions"
+    index = (folder / "README.md").read_text()
+    listed = set(_LINK.findall(index))
+    files = {p.name for p in folder.glob("*.md") if p.name != "README.md"}
+    assert files, "no decisions"
+    assert files <= listed, f"not in docs/decisions/README.md: {sorted(files - listed)}"
 
 
 def test_slug_matches_githubs_rule() -> None:
