@@ -19,9 +19,8 @@ moves `--burst-gib` through it.
 
 The sha256 baseline hashes buffers of the size the agent reads a streamed blob in
 (`MirrorSettings.stream_buffer_size`), as the agent does: bytes a socket read has just written,
-in cache.  (Until issue 11 it hashed 16 MiB pieces, which do not fit this machine's 2 MiB L2:
-30-40% slower than the agent's own hashing, so the ratios flattered the agent; that figure is
-still printed, `sha256_16mib_pieces`, with its ratios.)  `bare_proxy` is the same copy through
+in cache.  `sha256_16mib_pieces` hashes 16 MiB pieces, which miss a small L2 cache, with its
+ratios beside (docs/decisions/bench-baselines.md).  `bare_proxy` is the same copy through
 `bench.bare_proxy`: a blocking loop that only reads, hashes and writes, measured in the same
 window; its ratios say how much of the gap to sha256 is the machine (loopback TCP on both
 sides, the peer and curl on the same 2 cores).
@@ -202,7 +201,7 @@ def frozen_provider(
 ) -> dict[str, Any]:
     """An image of `layers` layers pulled (all layers at once, like containerd) through an
     agent whose lookup names two providers, the first of which is then frozen (SIGSTOP): the
-    pull time with it frozen over the pull time with both healthy (issue 11: <= 1.5)."""
+    pull time with it frozen over the pull time with both healthy (target: <= 1.5)."""
     files = [work / f"layer{i}" for i in range(layers)]
     digests = [make_blob(path, layer_mib << 20) for path in files]
     procs: list[subprocess.Popen[bytes]] = []
@@ -243,7 +242,7 @@ def frozen_provider(
             "healthy_median_s": round(statistics.median(healthy), 3),
             "frozen_median_s": round(statistics.median(frozen), 3),
             "first_round_s": [round(healthy[0], 3), round(frozen[0], 3)],
-            # target (issue 11): <= 1.5 (the first frozen pull pays a hedge delay per layer;
+            # target: <= 1.5 (the first frozen pull pays a hedge delay per layer;
             # later ones hedge at once: the frozen peer lost a race lately)
             "ratio_median": round(statistics.median(frozen) / statistics.median(healthy), 3),
             "ratio_first_round": round(frozen[0] / healthy[0], 3),
@@ -362,7 +361,7 @@ def run(size_mib: int, burst_gib: float = 1.0, burst_streams: int = 16) -> dict[
                 "agent_cpu_s_per_gib": round(agent_cpu_per_gib, 3),
             },
             "sha256_single_core": {**sha, "piece_bytes": piece},
-            # targets (issue 11): >= 0.7 and <= 1.5
+            # targets: >= 0.7 and <= 1.5
             "ratios": ratios(proxied_mb_s, agent_cpu_per_gib, sha),
             "sha256_16mib_pieces": {
                 **legacy,

@@ -6,7 +6,7 @@ namespaces on one bridge (the harness topology, `tests.harness.netns`): node 1 r
 (the registry app; its lookup names the providers), nodes 2-4 run registries holding the blobs,
 each with its egress shaped by tbf to `--rate-mbit`.  curl in node 1 pulls one blob whose lookup
 names one provider and another (same size) whose lookup names all three; the figure is the ratio
-of the two throughputs (issue 11 target: >= 2.5).  Needs root.
+of the two throughputs (target: >= 2.5, docs/decisions/multi-peer-fetch.md).  Needs root.
 
     python -m bench.multipeer --size-mib 96 --rate-mbit 200 --json
 """
@@ -95,7 +95,7 @@ def run(size_mib: int, rate_mbit: float) -> dict[str, Any]:
             "provider_rate_mbit": rate_mbit,
             "one_provider": {"s": round(one_s, 3), "mb_s": round(size / one_s / 1e6, 1)},
             "three_providers": {"s": round(three_s, 3), "mb_s": round(size / three_s / 1e6, 1)},
-            # target (issue 11): >= 2.5
+            # target: >= 2.5
             "ratio_three_over_one": round(one_s / three_s, 3),
         }
     finally:

@@ -1,6 +1,6 @@
 """A pull's time while one host floods the DHT with provider records, against quiet pulls.
 
-Why: a flood of records from one source (issue 17) must not slow what honest nodes do; the DHT's
+Why: a flood of records from one source must not slow what honest nodes do; the DHT's
 per-source rate limit and quotas bound what it costs.  This runs the harness cluster (real
 containerd per node, agents as installed, a docker-registry upstream) with 3 nodes: node 1 holds
 `--images` distinct images; node 2 pulls them one by one (served by node 1 through the mirror),

@@ -1,11 +1,9 @@
 """Rollout simulation at scale: N nodes pull one new image at once; upstream copies, pull times.
 
 Why: a burst of thousands of nodes cannot run on one machine, but the decisions that shape it can.
-Every node's mirror request runs the agent's own sans-IO cores (`registry.burst.claim.ProviderWait`
-for
-claim/wait/provider choice, `registry.burst.provider_choice.UploadSlots` for the upload bound) over
-a
-flow-level network model:
+Every node's mirror request runs the agent's own sans-IO cores
+(`registry.burst.claim.ProviderWait` for claim/wait/provider choice,
+`registry.burst.provider_choice.UploadSlots` for the upload bound) over a flow-level network model:
 - each node has an up and a down link (bytes/s); every transfer on a link gets an equal share,
   and a stream from an inflight provider never gets ahead of the bytes that provider has;
 - the upstream registry is one shared link, split equally over the streams it serves;

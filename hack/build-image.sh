@@ -33,7 +33,7 @@ if [[ ${1:-} == --customize ]]; then
     /opt/spegla/bin/python "/tmp/spegla-wheels/$pip_wheel/pip" install --quiet --no-index \
     --find-links /tmp/spegla-wheels spegla
   rm -rf "$root/tmp/spegla-wheels"
-  # The asyncio twin of the Kubernetes client (~70 MB); spegla uses only the synchronous client.
+  # The asyncio twin of the Kubernetes client; spegla uses only the synchronous client.
   rm -rf "$root"/opt/spegla/lib/python3.*/site-packages/kubernetes/aio
   # Every shared library the wheels' extensions link must be in the root filesystem, and every
   # module of the agent must import (lazily imported ones too): `spegla version` alone loads few.
@@ -105,7 +105,7 @@ sources=()
 [[ -n ${APT_SOURCES:-} ]] && sources=("$APT_SOURCES")
 export SPEGLA_WHEELS="$work/wheels"
 # The merged-usr hook sets up merged /usr itself: otherwise init-system-helpers pulls in usrmerge and
-# with it all of perl (~30 MB).
+# with it all of perl.
 mmdebstrap --quiet --mode=root --variant=essential --include=python3,libstdc++6 \
   --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
   --dpkgopt='path-exclude=/usr/share/doc/*' \

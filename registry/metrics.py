@@ -1,11 +1,11 @@
-"""Prometheus metrics of the registry, with Spegel's names and labels (spec §7).
+"""Prometheus metrics of the registry, with Spegel's names and labels.
 
 Why module-level: prometheus-client registers each metric once per process in its default
 registry, which the agent's /metrics endpoint serves; every app instance in a process shares them.
 
 Invariant: every label value that comes from a request passes through `method_label` or
 `registry_label` first, so each label is drawn from a fixed set and the /metrics body stays small
-whatever clients send (a label per distinct 8 KB method name once made it hundreds of MiB).
+whatever clients send (docs/decisions/bounded-metric-labels.md).
 """
 
 from __future__ import annotations

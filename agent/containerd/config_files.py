@@ -1,6 +1,6 @@
 """The image settings containerd 2.x actually runs with, read from its config files the way it does.
 
-Why: containerd 2.x no longer reports its image settings (registry ``config_path``,
+Why: containerd 2.x does not report its image settings (registry ``config_path``,
 ``discard_unpacked_layers``, ``use_local_image_pull``) over CRI, so `spegla doctor` reads the
 config files.  A guess from one file and built-in defaults is wrong on real nodes (drop-ins under
 ``imports``, version-2 files that 2.x migrates), so this follows containerd's own loader:

@@ -2,7 +2,8 @@
 
 Why: grpclib (the mandated gRPC client) speaks asyncio only. trio-asyncio runs an asyncio loop as
 a few Trio tasks inside the caller's nursery tree, so its lifetime is a scope like any other and a
-Trio cancel scope cancels the asyncio task doing the call (measured in stack-notes §3.1).
+Trio cancel scope cancels the asyncio task doing the call (see
+docs/decisions/grpclib-via-trio-asyncio.md).
 Everything the rest of the agent sees here is Trio-flavoured: `unary()` returns the reply,
 `server_stream()` is an async context manager whose body iterates replies. Streams are context
 managers, never bare async generators, so a consumer cancelled mid-stream always resets the

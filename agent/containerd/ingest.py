@@ -2,8 +2,7 @@
 
 Why: a node that is still pulling a layer can already serve the bytes that have arrived (the
 registry's `registry.serve.inflight`), so peers pulling the same image at the same moment need not
-go
-upstream.  containerd keeps each download as an ingest, ``<content dir>/ingest/<hash>/`` with
+go upstream.  containerd keeps each download as an ingest, ``<content dir>/ingest/<hash>/`` with
 ``data`` (grows as bytes arrive), ``ref`` (for CRI pulls ``<namespace>/<n>/layer-sha256:<hex>``),
 ``total`` (expected size), ``startedat`` and ``updatedat``; when the blob is complete containerd
 renames ``data`` to ``blobs/<alg>/<hex>`` and removes the directory, and an abort removes it.
@@ -11,11 +10,11 @@ renames ``data`` to ``blobs/<alg>/<hex>`` and removes the directory, and an abor
 Shape: `IngestTable` is the pure part: it is given what a scan of the directory found and says
 which downloads started, which vanished (the driver then looks for the committed blob to tell a
 commit from an abort), and which were restarted.  `IngestWatcher` is the Trio driver: it scans
-every `interval` seconds (50 ms: new downloads are noticed well within 100 ms; a scan is one
-`scandir` of a directory holding a handful of entries, in a worker thread, so no busy loop and no
-inotify dependency) and reports changes to a callback.  Only layer downloads of the configured
-namespace with a known total are reported: configs and manifests are small enough to be complete
-before anyone could use them, and without a total nobody can be told the size.
+every `interval` seconds (a scan is one `scandir` of a directory holding a handful of entries, in
+a worker thread: no busy loop, no inotify dependency; docs/decisions/ingest-scanning.md) and
+reports changes to a callback.  Only layer downloads of the configured namespace with a known
+total are reported: configs and manifests are small enough to be complete before anyone could
+use them, and without a total nobody can be told the size.
 """
 
 from __future__ import annotations

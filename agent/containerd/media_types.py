@@ -1,7 +1,7 @@
 """Media types for content containerd holds: a cheap sniff, the project's detector, a digest cache.
 
 Why: containerd's content store keeps no media type per blob, yet the registry must answer with
-one (Content-Type) and must tell manifests from blobs. The fingerprinting rules (spec §3.4) live in
+one (Content-Type) and must tell manifests from blobs. The fingerprinting rules (Spegel's) live in
 `registry.oci.mediatypes.detect_media_type`, shared with the in-memory store; this module adds what
 the containerd-backed store needs around it:
 

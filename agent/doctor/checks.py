@@ -8,8 +8,8 @@ a node. `agent.doctor.probes` gathers the facts (containerd over gRPC, the agent
 files).
 
 containerd 1.6 and 1.7 report their effective CRI configuration in the verbose CRI `Status` (what
-`crictl info` prints: `registry.configPath`, `containerd.discardUnpackedLayers`); 2.x no longer
-reports image settings there, so they come from its config files read the way containerd reads
+`crictl info` prints: `registry.configPath`, `containerd.discardUnpackedLayers`); 2.x does not
+report image settings there, so they come from its config files read the way containerd reads
 them (`agent.containerd.config_files`). On 2.1+ CRI pulls go through the transfer service unless
 `use_local_image_pull = true`, and that path takes `config_path` as ONE directory: a `:`-joined
 list (2.1's default among them) silently ignores every hosts.toml, so that is a failure here.
@@ -338,7 +338,7 @@ def check_content(path: str, entries: int | None, error: str | None) -> Check:
 
 
 def check_cluster_key(path: str, present: bool, error: str | None) -> Check:
-    """The cluster key (issue 17): without it the agent is open to any pod and resolves no tag
+    """The cluster key: without it the agent is open to any pod and resolves no tag
     through peers; a key file that exists but cannot be used stops the agent from starting."""
     name = "cluster key"
     if error is not None:

@@ -1,4 +1,4 @@
-"""OCI distribution pull API: request paths, the `ns` parameter, and error bodies (§3.2, §3.3).
+"""OCI distribution pull API: request paths, the `ns` parameter, and error bodies.
 
 Why pure: every byte of a request's meaning is decided here, without I/O, so the app only maps the
 outcome to responses.  Parse failures are `PathError`s carrying an OCI error code and a message; the

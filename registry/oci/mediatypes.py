@@ -1,4 +1,4 @@
-"""OCI/Docker media types and content fingerprinting (Spegel §3.4 "media type detection").
+"""OCI/Docker media types and content fingerprinting (Spegel's media type detection).
 
 Why: containerd does not record a media type per blob, yet the registry must tell manifests from
 blobs (a manifest is never served as a blob and vice versa) and send a `Content-Type`.  The content

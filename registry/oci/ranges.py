@@ -1,4 +1,4 @@
-"""HTTP `Range` for blobs: parsing one `bytes=` range and resolving it against a size (§3.6).
+"""HTTP `Range` for blobs: parsing one `bytes=` range and resolving it against a size.
 
 Why pure: range arithmetic is where off-by-one bugs live; it is tested exhaustively without I/O
 and shared by local serving, mirroring (client ranges) and resuming (ranges sent to peers).

@@ -10,7 +10,7 @@ config, root and socket: content and images survive the restart.
 
 API
 - ``restart_for_containers(node, timeout=30.0)``: stop the node's containerd, start it again as
-  above, wait until it and its CRI answer.  ``Cluster.down()`` stops it as before.
+  above, wait until it and its CRI answer.  ``Cluster.down()`` stops it like every node process.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A stand-in for the node agent: a mirror that logs every request and answers 404.
 
-Why: it proves the harness before the real agent exists (containerd asks the mirror first, with
+Why: it tests the harness without the agent (containerd asks the mirror first, with
 ``?ns=``, then falls back to upstream), and it is the "agents answering 404" baseline of the bench.
 
 Run: ``python -m tests.harness.standin_mirror --listen 127.0.0.1:5000 --log FILE``.
