@@ -1,0 +1,313 @@
+"""Cross-module hops of one blob GET inside the registry, before its first body byte (issue 20).
+
+Why: the shape issue asks for "the cross-module hop count of a mirrored GET and a local GET
+before and after" the restructuring; this script measures it the same way on either layout.
+
+One process serves the registry as production does (`serve_registry`, zero-copy front door) on
+loopback with an in-memory store; the peer holding the mirrored blobs is a second registry in a
+subprocess, so its serving work is never traced.  A keep-alive h11 client first GETs a warm-up
+blob of the same kind (imports, pooled peer connection), then the measured one under
+`sys.setprofile`.  The window opens just before the client sends the request (the server is
+idle, blocked reading its connection) and closes at the first hand-off of body bytes to the
+socket: a call of `os.sendfile` or `os.write` from a registry frame, or a registry call of
+trio's `SocketStream.send_all` whose bytes go past the response head's blank line.
+
+Counted: fresh calls (a coroutine or generator resuming is not a call) whose callee and caller
+are both files under `registry/` and differ; contextlib and functools frames are looked
+through to find the caller (so `async with plan.open()` counts as a call to `plan.open`).
+Work handed to a new trio task counts inside that task; the hand-off itself is trio's call.
+
+    python -m bench.hops [--list]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dis
+import functools
+import importlib
+import json
+import os
+import pkgutil
+import random
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import CodeType, FrameType
+from typing import Any
+
+import h11
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+REGISTRY = ROOT / "registry"
+LOOK_THROUGH = {contextlib.__file__, functools.__file__}
+SENDERS = (os.sendfile, os.write)
+RESUME = dis.opmap["RESUME"]
+COROUTINE_LIKE = 0x20 | 0x80 | 0x100 | 0x200  # generator, coroutine, iterable coro, async gen
+NS = "docker.io"
+REPO = "library/hops"
+
+
+def find(name: str, preferred: list[str], package: str = "registry") -> Any:
+    """`name` from the first of `preferred` modules that has it, else from any module of
+    `package` that defines it (the layout moves modules; the names stay)."""
+    for module in preferred:
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    root = importlib.import_module(package)
+    for info in pkgutil.walk_packages(root.__path__, package + "."):
+        module = importlib.import_module(info.name)
+        value = getattr(module, name, None)
+        if value is not None and getattr(value, "__module__", None) == info.name:
+            return value
+    raise ImportError(f"no {name} under {package}")
+
+
+def make_blob(directory: Path, seed: int, size: int) -> tuple[Path, str]:
+    """A file of `size` bytes, the same for the same seed (stable digests across runs)."""
+    import hashlib
+
+    data = random.Random(seed).randbytes(size)
+    path = directory / f"blob{seed}"
+    path.write_bytes(data)
+    return path, "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def cluster_key() -> Any:
+    peer_auth = find("PeerAuth", ["registry.mirror.peer_auth", "registry.peer_auth"])
+    return peer_auth(b"bench cluster key, 32 bytes long")  # as the default install: signed
+
+
+def make_app(files: list[Path], providers: dict[str, list[Any]]) -> Any:
+    create_app = find("create_app", ["registry.serve.app", "registry.app"])
+    settings = find("RegistrySettings", ["registry.serve.app", "registry.app"])
+    store = find("MemoryContentStore", ["tests.fakes"], "tests")()
+    for path in files:
+        store.add_file(path)
+    events = find("MirrorEvents", ["registry.mirror.events", "registry.events"])()
+    return create_app(
+        store, StaticRouter(providers), settings(peer_auth=cluster_key()), events=events
+    )
+
+
+async def serve(app: Any, nursery: trio.Nursery) -> int:
+    serve_registry = find("serve_registry", ["registry.serve.server", "registry.server"])
+    port: int = await nursery.start(functools.partial(serve_registry, app, "127.0.0.1", 0))
+    return port
+
+
+class StaticRouter:
+    """Providers known up front; every lookup converges at once."""
+
+    def __init__(self, providers: dict[str, list[Any]]) -> None:
+        self.providers = providers
+
+    def ready(self) -> bool:
+        return True
+
+    async def advertise(self, keys: Any, state: Any = None) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def withdraw(self, keys: Any) -> None:
+        await trio.lowlevel.checkpoint()
+
+    @contextlib.asynccontextmanager
+    async def resolve(self, key: str) -> AsyncIterator[AsyncIterator[Any]]:
+        yield self._lookup(key)
+
+    async def _lookup(self, key: str) -> AsyncIterator[Any]:
+        for peer in self.providers.get(key, []):
+            await trio.lowlevel.checkpoint()
+            yield peer
+
+
+class Tracer:
+    """The profile hook: cross-file registry calls until the first body byte goes out."""
+
+    def __init__(self) -> None:
+        self.files: dict[CodeType, str | None] = {}
+        self.send_all = trio.SocketStream.send_all.__code__
+        self.sent = b""
+        self.done = False
+        self.calls = 0
+        self.edges: dict[tuple[str, str], int] = {}
+        self.modules: dict[str, None] = {}  # first visit order
+
+    def file(self, code: CodeType) -> str | None:
+        if code not in self.files:
+            path = Path(code.co_filename)
+            inside = path.is_absolute() and path.is_relative_to(REGISTRY)
+            self.files[code] = path.relative_to(ROOT).as_posix() if inside else None
+        return self.files[code]
+
+    def caller(self, frame: FrameType) -> FrameType | None:
+        back = frame.f_back
+        while back is not None and back.f_code.co_filename in LOOK_THROUGH:
+            back = back.f_back
+        return back
+
+    def hook(self, frame: FrameType, event: str, arg: Any) -> None:
+        if self.done:
+            return
+        if event == "c_call":
+            if any(arg is sender for sender in SENDERS) and self.file(frame.f_code):
+                self.done = True
+            return
+        if event != "call" or not fresh(frame):
+            return
+        back = self.caller(frame)
+        caller = None if back is None else self.file(back.f_code)
+        if frame.f_code is self.send_all and caller is not None:
+            self.sent += bytes(frame.f_locals["data"])
+            end = self.sent.find(b"\r\n\r\n")
+            self.done = end >= 0 and len(self.sent) > end + 4
+            return
+        callee = self.file(frame.f_code)
+        if callee is None:
+            return
+        if caller is not None and caller != callee:
+            self.calls += 1
+            self.edges[caller, callee] = self.edges.get((caller, callee), 0) + 1
+            self.modules.setdefault(caller)
+        self.modules.setdefault(callee)
+
+    def result(self, listing: bool) -> dict[str, Any]:
+        if not self.done:
+            raise RuntimeError("the response's first body byte was never seen")
+        out: dict[str, Any] = {
+            "cross_file_calls": self.calls,
+            "distinct_edges": len(self.edges),
+            "modules": len(self.modules),
+        }
+        if listing:
+            out["module_list"] = list(self.modules)
+            out["edges"] = {f"{a} -> {b}": n for (a, b), n in self.edges.items()}
+        return out
+
+
+def fresh(frame: FrameType) -> bool:
+    """A call that starts the frame (not a coroutine or generator resuming at a yield/await)."""
+    code = frame.f_code
+    if not code.co_flags & COROUTINE_LIKE:
+        return True
+    i = frame.f_lasti
+    return code.co_code[i] == RESUME and code.co_code[i + 1] & 3 == 0
+
+
+class Client:
+    """A keep-alive HTTP/1.1 client (h11) on one connection, like containerd's to its mirror."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    async def get(self, digest: str, tracer: Tracer | None = None) -> int:
+        target = f"/v2/{REPO}/blobs/{digest}?ns={NS}"
+        data = self.h11.send(h11.Request(method="GET", target=target, headers=[("host", "x")]))
+        data += self.h11.send(h11.EndOfMessage())
+        if tracer is not None:
+            sys.setprofile(tracer.hook)
+        try:
+            await self.stream.send_all(data)
+            status, size = 0, 0
+            while True:
+                event = self.h11.next_event()
+                if event is h11.NEED_DATA:
+                    self.h11.receive_data(await self.stream.receive_some(1 << 20))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    size += len(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+        finally:
+            sys.setprofile(None)
+        self.h11.start_next_cycle()
+        await trio.sleep(0.3)  # let the server finish its after-response work before the next
+        if status != 200:
+            raise RuntimeError(f"GET {digest}: status {status}")
+        return size
+
+
+async def measure(
+    peer_port: int, work: Path, remote: dict[str, str], size: int, listing: bool
+) -> Any:
+    peer = find("Peer", ["registry.oci.interfaces", "registry.interfaces"])(
+        node_id=b"\x01" * 32, host="127.0.0.1", port=peer_port
+    )
+    local = [make_blob(work, seed, size) for seed in (1, 2)]
+    app = make_app([path for path, _ in local], {digest: [peer] for digest in remote.values()})
+    kinds = [("local_get", local[0][1], local[1][1])]
+    kinds += [(name, remote["warm"], digest) for name, digest in remote.items() if name != "warm"]
+    results: dict[str, Any] = {}
+    async with trio.open_nursery() as nursery:
+        port = await serve(app, nursery)
+        client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+        for name, warm, digest in kinds:
+            await client.get(warm)
+            tracer = Tracer()
+            await client.get(digest, tracer)
+            results[name] = tracer.result(listing)
+        await client.stream.aclose()
+        nursery.cancel_scope.cancel()
+    return results
+
+
+def serve_peer(port_file: str, files: list[str]) -> None:
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await serve(make_app([Path(f) for f in files], {}), nursery)
+            await trio.Path(port_file).write_text(str(port))
+
+    trio.run(run)
+
+
+def tree() -> str:
+    cmd = ["git", "describe", "--always", "--dirty", "--tags"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--list", action="store_true", help="also list the modules visited and the edges"
+    )
+    parser.add_argument("--mirror-size", type=int, default=256 << 10, help="verified first")
+    parser.add_argument("--streamed-size", type=int, default=80 << 20, help="0: skip")
+    parser.add_argument("--serve-peer", metavar="PORT_FILE", help=argparse.SUPPRESS)
+    parser.add_argument("files", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_peer:
+        serve_peer(args.serve_peer, args.files)
+        return
+    sizes = {"warm": args.mirror_size, "mirror_get": args.mirror_size}
+    if args.streamed_size:
+        sizes["mirror_get_streamed"] = args.streamed_size
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        blobs = {
+            name: make_blob(work, 10 + i, size) for i, (name, size) in enumerate(sizes.items())
+        }
+        port_file = work / "peer-port"
+        cmd = [sys.executable, "-m", "bench.hops", "--serve-peer", str(port_file)]
+        peer = subprocess.Popen([*cmd, *(str(path) for path, _ in blobs.values())], cwd=ROOT)
+        try:
+            from bench.blob import wait_port
+
+            remote = {name: digest for name, (_, digest) in blobs.items()}
+            peer_port = wait_port(port_file, peer)
+            results = trio.run(measure, peer_port, work, remote, args.mirror_size, args.list)
+        finally:
+            peer.terminate()
+            peer.wait(10)
+    print(json.dumps({"tree": tree(), **results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
