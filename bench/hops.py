@@ -1,21 +1,16 @@
-"""Cross-module hops of one blob GET inside the registry, before its first body byte (issue 20).
+"""Cross-module hops of one blob GET in the registry before its first body byte (issue 20).
 
-Why: the shape issue asks for "the cross-module hop count of a mirrored GET and a local GET
-before and after" the restructuring; this script measures it the same way on either layout.
-
-One process serves the registry as production does (`serve_registry`, zero-copy front door) on
-loopback with an in-memory store; the peer holding the mirrored blobs is a second registry in a
-subprocess, so its serving work is never traced.  A keep-alive h11 client first GETs a warm-up
-blob of the same kind (imports, pooled peer connection), then the measured one under
-`sys.setprofile`.  The window opens just before the client sends the request (the server is
-idle, blocked reading its connection) and closes at the first hand-off of body bytes to the
-socket: a call of `os.sendfile` or `os.write` from a registry frame, or a registry call of
-trio's `SocketStream.send_all` whose bytes go past the response head's blank line.
-
-Counted: fresh calls (a coroutine or generator resuming is not a call) whose callee and caller
-are both files under `registry/` and differ; contextlib and functools frames are looked
-through to find the caller (so `async with plan.open()` counts as a call to `plan.open`).
-Work handed to a new trio task counts inside that task; the hand-off itself is trio's call.
+Why: issue 20 asks for the hop count of a local and a mirrored GET before and after the
+restructuring; this measures both the same way on the flat and the packaged layout.  The
+registry runs as in production (`serve_registry`, zero-copy front door) on loopback over an
+in-memory store; the peer holding the mirrored blobs runs in a subprocess (never traced).  A
+keep-alive h11 client GETs a warm-up blob of each kind, then `--runs` fresh ones under
+`sys.setprofile`.  The window opens as the client sends (the server idles in its read) and
+closes at the first hand-off of body bytes to the socket: `os.sendfile`/`os.write` called from
+registry code, or a registry call of trio's `SocketStream.send_all` passing the head's end.
+Counted: calls that start a frame (not a coroutine resuming) with caller and callee in
+different files under `registry/` (contextlib and functools frames looked through); a new trio
+task's calls count, its spawning is trio's call.  `modules`: registry files entered.
 
     python -m bench.hops [--list]
 """
@@ -26,6 +21,7 @@ import argparse
 import contextlib
 import dis
 import functools
+import hashlib
 import importlib
 import json
 import os
@@ -34,7 +30,6 @@ import random
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
@@ -62,8 +57,7 @@ def find(name: str, preferred: list[str], package: str = "registry") -> Any:
             continue
     root = importlib.import_module(package)
     for info in pkgutil.walk_packages(root.__path__, package + "."):
-        module = importlib.import_module(info.name)
-        value = getattr(module, name, None)
+        value = getattr(importlib.import_module(info.name), name, None)
         if value is not None and getattr(value, "__module__", None) == info.name:
             return value
     raise ImportError(f"no {name} under {package}")
@@ -71,60 +65,37 @@ def find(name: str, preferred: list[str], package: str = "registry") -> Any:
 
 def make_blob(directory: Path, seed: int, size: int) -> tuple[Path, str]:
     """A file of `size` bytes, the same for the same seed (stable digests across runs)."""
-    import hashlib
-
     data = random.Random(seed).randbytes(size)
     path = directory / f"blob{seed}"
     path.write_bytes(data)
     return path, "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def cluster_key() -> Any:
-    peer_auth = find("PeerAuth", ["registry.mirror.peer_auth", "registry.peer_auth"])
-    return peer_auth(b"bench cluster key, 32 bytes long")  # as the default install: signed
+def fake(name: str) -> Any:
+    return find(name, ["tests.fakes"], "tests")
 
 
 def make_app(files: list[Path], providers: dict[str, list[Any]]) -> Any:
+    """The registry app over an in-memory store holding `files`; lookups converge at once."""
     create_app = find("create_app", ["registry.serve.app", "registry.app"])
     settings = find("RegistrySettings", ["registry.serve.app", "registry.app"])
-    store = find("MemoryContentStore", ["tests.fakes"], "tests")()
+    store, network = fake("MemoryContentStore")(), fake("MemoryNetwork")()
     for path in files:
         store.add_file(path)
+    for digest, peers in providers.items():
+        for peer in peers:
+            network.add(digest, peer)
+    router = fake("MemoryRouter")(network)
     events = find("MirrorEvents", ["registry.mirror.events", "registry.events"])()
-    return create_app(
-        store, StaticRouter(providers), settings(peer_auth=cluster_key()), events=events
-    )
+    peer_auth = find("PeerAuth", ["registry.mirror.peer_auth", "registry.peer_auth"])
+    key = peer_auth(b"bench cluster key, 32 bytes long")  # as the default install: signed
+    return create_app(store, router, settings(peer_auth=key), events=events)
 
 
 async def serve(app: Any, nursery: trio.Nursery) -> int:
     serve_registry = find("serve_registry", ["registry.serve.server", "registry.server"])
     port: int = await nursery.start(functools.partial(serve_registry, app, "127.0.0.1", 0))
     return port
-
-
-class StaticRouter:
-    """Providers known up front; every lookup converges at once."""
-
-    def __init__(self, providers: dict[str, list[Any]]) -> None:
-        self.providers = providers
-
-    def ready(self) -> bool:
-        return True
-
-    async def advertise(self, keys: Any, state: Any = None) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def withdraw(self, keys: Any) -> None:
-        await trio.lowlevel.checkpoint()
-
-    @contextlib.asynccontextmanager
-    async def resolve(self, key: str) -> AsyncIterator[AsyncIterator[Any]]:
-        yield self._lookup(key)
-
-    async def _lookup(self, key: str) -> AsyncIterator[Any]:
-        for peer in self.providers.get(key, []):
-            await trio.lowlevel.checkpoint()
-            yield peer
 
 
 class Tracer:
@@ -146,12 +117,6 @@ class Tracer:
             self.files[code] = path.relative_to(ROOT).as_posix() if inside else None
         return self.files[code]
 
-    def caller(self, frame: FrameType) -> FrameType | None:
-        back = frame.f_back
-        while back is not None and back.f_code.co_filename in LOOK_THROUGH:
-            back = back.f_back
-        return back
-
     def hook(self, frame: FrameType, event: str, arg: Any) -> None:
         if self.done:
             return
@@ -161,7 +126,9 @@ class Tracer:
             return
         if event != "call" or not fresh(frame):
             return
-        back = self.caller(frame)
+        back = frame.f_back
+        while back is not None and back.f_code.co_filename in LOOK_THROUGH:
+            back = back.f_back
         caller = None if back is None else self.file(back.f_code)
         if frame.f_code is self.send_all and caller is not None:
             self.sent += bytes(frame.f_locals["data"])
@@ -180,11 +147,8 @@ class Tracer:
     def result(self, listing: bool) -> dict[str, Any]:
         if not self.done:
             raise RuntimeError("the response's first body byte was never seen")
-        out: dict[str, Any] = {
-            "cross_file_calls": self.calls,
-            "distinct_edges": len(self.edges),
-            "modules": len(self.modules),
-        }
+        out: dict[str, Any] = {"cross_file_calls": self.calls, "distinct_edges": len(self.edges)}
+        out["modules"] = len(self.modules)
         if listing:
             out["module_list"] = list(self.modules)
             out["edges"] = {f"{a} -> {b}": n for (a, b), n in self.edges.items()}
@@ -207,53 +171,52 @@ class Client:
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT)
 
-    async def get(self, digest: str, tracer: Tracer | None = None) -> int:
+    async def get(self, digest: str, tracer: Tracer | None = None) -> None:
+        """GET the blob, its whole body read; traced from the send on, when `tracer`."""
         target = f"/v2/{REPO}/blobs/{digest}?ns={NS}"
         data = self.h11.send(h11.Request(method="GET", target=target, headers=[("host", "x")]))
-        data += self.h11.send(h11.EndOfMessage())
-        if tracer is not None:
-            sys.setprofile(tracer.hook)
+        status, event = 0, None
+        sys.setprofile(tracer.hook if tracer else None)
         try:
-            await self.stream.send_all(data)
-            status, size = 0, 0
-            while True:
-                event = self.h11.next_event()
-                if event is h11.NEED_DATA:
+            await self.stream.send_all(data + (self.h11.send(h11.EndOfMessage()) or b""))
+            while not isinstance(event, h11.EndOfMessage):
+                if (event := self.h11.next_event()) is h11.NEED_DATA:
                     self.h11.receive_data(await self.stream.receive_some(1 << 20))
                 elif isinstance(event, h11.Response):
                     status = event.status_code
-                elif isinstance(event, h11.Data):
-                    size += len(event.data)
-                elif isinstance(event, h11.EndOfMessage):
-                    break
         finally:
             sys.setprofile(None)
         self.h11.start_next_cycle()
-        await trio.sleep(0.3)  # let the server finish its after-response work before the next
+        await trio.sleep(0.3)  # the server's after-response work ends before the next request
         if status != 200:
             raise RuntimeError(f"GET {digest}: status {status}")
-        return size
 
 
 async def measure(
-    peer_port: int, work: Path, remote: dict[str, str], size: int, listing: bool
+    peer_port: int, work: Path, remote: dict[str, list[str]], size: int, listing: bool
 ) -> Any:
+    """Each kind: a warm-up GET, then one traced GET per run, each of a blob not asked before;
+    the figures of the run with the median call count."""
     peer = find("Peer", ["registry.oci.interfaces", "registry.interfaces"])(
         node_id=b"\x01" * 32, host="127.0.0.1", port=peer_port
     )
-    local = [make_blob(work, seed, size) for seed in (1, 2)]
-    app = make_app([path for path, _ in local], {digest: [peer] for digest in remote.values()})
-    kinds = [("local_get", local[0][1], local[1][1])]
-    kinds += [(name, remote["warm"], digest) for name, digest in remote.items() if name != "warm"]
+    local = [make_blob(work, seed, size) for seed in range(1, len(remote["mirror_get"]) + 1)]
+    providers = {digest: [peer] for digests in remote.values() for digest in digests}
+    app = make_app([path for path, _ in local], providers)
+    kinds = {"local_get": [digest for _, digest in local], **remote}
     results: dict[str, Any] = {}
     async with trio.open_nursery() as nursery:
         port = await serve(app, nursery)
         client = Client(await trio.open_tcp_stream("127.0.0.1", port))
-        for name, warm, digest in kinds:
+        for name, (warm, *measured) in kinds.items():
             await client.get(warm)
-            tracer = Tracer()
-            await client.get(digest, tracer)
-            results[name] = tracer.result(listing)
+            runs = []
+            for digest in measured:
+                runs.append(Tracer())
+                await client.get(digest, runs[-1])
+            runs.sort(key=lambda tracer: tracer.calls)
+            results[name] = runs[len(runs) // 2].result(listing)
+            results[name]["runs_calls"] = [tracer.calls for tracer in runs]
         await client.stream.aclose()
         nursery.cancel_scope.cancel()
     return results
@@ -275,38 +238,39 @@ def tree() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--list", action="store_true", help="also list the modules visited and the edges"
-    )
+    parser.add_argument("--list", action="store_true", help="list modules (visit order), edges")
     parser.add_argument("--mirror-size", type=int, default=256 << 10, help="verified first")
     parser.add_argument("--streamed-size", type=int, default=80 << 20, help="0: skip")
+    parser.add_argument("--runs", type=int, default=3, help="traced GETs per kind (median)")
     parser.add_argument("--serve-peer", metavar="PORT_FILE", help=argparse.SUPPRESS)
     parser.add_argument("files", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_peer:
         serve_peer(args.serve_peer, args.files)
         return
-    sizes = {"warm": args.mirror_size, "mirror_get": args.mirror_size}
+    sizes = {"mirror_get": args.mirror_size}
     if args.streamed_size:
         sizes["mirror_get_streamed"] = args.streamed_size
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        blobs = {
-            name: make_blob(work, 10 + i, size) for i, (name, size) in enumerate(sizes.items())
+        blobs = {  # per kind: the warm-up blob, then one per run
+            name: [make_blob(work, 100 * (i + 1) + run, size) for run in range(args.runs + 1)]
+            for i, (name, size) in enumerate(sizes.items())
         }
         port_file = work / "peer-port"
+        files = [str(path) for pairs in blobs.values() for path, _ in pairs]
         cmd = [sys.executable, "-m", "bench.hops", "--serve-peer", str(port_file)]
-        peer = subprocess.Popen([*cmd, *(str(path) for path, _ in blobs.values())], cwd=ROOT)
+        peer = subprocess.Popen([*cmd, *files], cwd=ROOT)
         try:
             from bench.blob import wait_port
 
-            remote = {name: digest for name, (_, digest) in blobs.items()}
+            remote = {name: [digest for _, digest in pairs] for name, pairs in blobs.items()}
             peer_port = wait_port(port_file, peer)
             results = trio.run(measure, peer_port, work, remote, args.mirror_size, args.list)
         finally:
             peer.terminate()
             peer.wait(10)
-    print(json.dumps({"tree": tree(), **results}, indent=2))
+    print(json.dumps({"tree": tree(), **results}, indent=1))
 
 
 if __name__ == "__main__":
