@@ -38,7 +38,6 @@ import h11
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
-REGISTRY = ROOT / "registry"
 LOOK_THROUGH = {contextlib.__file__, functools.__file__}
 SENDERS = (os.sendfile, os.write)
 RESUME = dis.opmap["RESUME"]
@@ -101,11 +100,12 @@ async def serve(app: Any, nursery: trio.Nursery) -> int:
 class Tracer:
     """The profile hook: cross-file registry calls until the first body byte goes out."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: Path = ROOT, tree: str = "registry") -> None:
+        self.root, self.tree = root, root / tree
         self.files: dict[CodeType, str | None] = {}
         self.send_all = trio.SocketStream.send_all.__code__
         self.sent = b""
-        self.done = False
+        self.done = ""  # what closed the window
         self.calls = 0
         self.edges: dict[tuple[str, str], int] = {}
         self.modules: dict[str, None] = {}  # first visit order
@@ -113,8 +113,8 @@ class Tracer:
     def file(self, code: CodeType) -> str | None:
         if code not in self.files:
             path = Path(code.co_filename)
-            inside = path.is_absolute() and path.is_relative_to(REGISTRY)
-            self.files[code] = path.relative_to(ROOT).as_posix() if inside else None
+            inside = path.is_absolute() and path.is_relative_to(self.tree)
+            self.files[code] = path.relative_to(self.root).as_posix() if inside else None
         return self.files[code]
 
     def hook(self, frame: FrameType, event: str, arg: Any) -> None:
@@ -122,7 +122,7 @@ class Tracer:
             return
         if event == "c_call":
             if any(arg is sender for sender in SENDERS) and self.file(frame.f_code):
-                self.done = True
+                self.done = f"os.{arg.__name__}"
             return
         if event != "call" or not fresh(frame):
             return
@@ -133,7 +133,7 @@ class Tracer:
         if frame.f_code is self.send_all and caller is not None:
             self.sent += bytes(frame.f_locals["data"])
             end = self.sent.find(b"\r\n\r\n")
-            self.done = end >= 0 and len(self.sent) > end + 4
+            self.done = "SocketStream.send_all" if 0 <= end < len(self.sent) - 4 else ""
             return
         callee = self.file(frame.f_code)
         if callee is None:
@@ -148,7 +148,7 @@ class Tracer:
         if not self.done:
             raise RuntimeError("the response's first body byte was never seen")
         out: dict[str, Any] = {"cross_file_calls": self.calls, "distinct_edges": len(self.edges)}
-        out["modules"] = len(self.modules)
+        out["modules"], out["boundary"] = len(self.modules), self.done
         if listing:
             out["module_list"] = list(self.modules)
             out["edges"] = {f"{a} -> {b}": n for (a, b), n in self.edges.items()}
