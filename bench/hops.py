@@ -1,16 +1,16 @@
 """Cross-module hops of one blob GET in the registry before its first body byte (issue 20).
 
 Why: issue 20 asks for the hop count of a local and a mirrored GET before and after the
-restructuring; this measures both the same way on the flat and the packaged layout.  The
-registry runs as in production (`serve_registry`, zero-copy front door) on loopback over an
-in-memory store; the peer holding the mirrored blobs runs in a subprocess (never traced).  A
-keep-alive h11 client GETs a warm-up blob of each kind, then `--runs` fresh ones under
-`sys.setprofile`.  The window opens as the client sends (the server idles in its read) and
-closes at the first hand-off of body bytes to the socket: `os.sendfile`/`os.write` called from
-registry code, or a registry call of trio's `SocketStream.send_all` passing the head's end.
-Counted: calls that start a frame (not a coroutine resuming) with caller and callee in
-different files under `registry/` (contextlib and functools frames looked through); a new trio
-task's calls count, its spawning is trio's call.  `modules`: registry files entered.
+restructuring; this measures both alike on the flat and the packaged layout.  The registry
+runs as in production (`serve_registry`, zero-copy front door) on loopback over an in-memory
+store; the peer holding the mirrored blobs is a subprocess (never traced).  A keep-alive h11
+client GETs a warm-up blob of each kind, then `--runs` fresh ones under `sys.setprofile` (this
+thread).  The window opens as the client sends (the server idles in its read) and closes at
+the first hand-off of body bytes to the socket: `os.sendfile`/`os.write` called from registry
+code, or a registry call of trio's `SocketStream.send_all` past the head's end.  Counted: calls
+that start a frame (not a coroutine resuming) whose caller and callee are different files under
+`registry/` (contextlib and functools frames looked through); a new trio task's calls count,
+its spawning does not (trio's call).  `modules`: registry files entered.
 
     python -m bench.hops [--list]
 """
@@ -37,13 +37,13 @@ from typing import Any
 import h11
 import trio
 
+from bench.blob import wait_port
+
 ROOT = Path(__file__).resolve().parent.parent
 LOOK_THROUGH = {contextlib.__file__, functools.__file__}
 SENDERS = (os.sendfile, os.write)
 RESUME = dis.opmap["RESUME"]
 COROUTINE_LIKE = 0x20 | 0x80 | 0x100 | 0x200  # generator, coroutine, iterable coro, async gen
-NS = "docker.io"
-REPO = "library/hops"
 
 
 def find(name: str, preferred: list[str], package: str = "registry") -> Any:
@@ -65,25 +65,20 @@ def find(name: str, preferred: list[str], package: str = "registry") -> Any:
 def make_blob(directory: Path, seed: int, size: int) -> tuple[Path, str]:
     """A file of `size` bytes, the same for the same seed (stable digests across runs)."""
     data = random.Random(seed).randbytes(size)
-    path = directory / f"blob{seed}"
-    path.write_bytes(data)
+    (path := directory / f"blob{seed}").write_bytes(data)
     return path, "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def fake(name: str) -> Any:
-    return find(name, ["tests.fakes"], "tests")
-
-
-def make_app(files: list[Path], providers: dict[str, list[Any]]) -> Any:
-    """The registry app over an in-memory store holding `files`; lookups converge at once."""
+def make_app(files: list[Path], peer: Any = None, digests: tuple[str, ...] = ()) -> Any:
+    """The registry app over an in-memory store of `files`; `peer` provides `digests`."""
     create_app = find("create_app", ["registry.serve.app", "registry.app"])
     settings = find("RegistrySettings", ["registry.serve.app", "registry.app"])
+    fake = functools.partial(find, preferred=["tests.fakes"], package="tests")
     store, network = fake("MemoryContentStore")(), fake("MemoryNetwork")()
     for path in files:
         store.add_file(path)
-    for digest, peers in providers.items():
-        for peer in peers:
-            network.add(digest, peer)
+    for digest in digests:
+        network.add(digest, peer)
     router = fake("MemoryRouter")(network)
     events = find("MirrorEvents", ["registry.mirror.events", "registry.events"])()
     peer_auth = find("PeerAuth", ["registry.mirror.peer_auth", "registry.peer_auth"])
@@ -93,8 +88,7 @@ def make_app(files: list[Path], providers: dict[str, list[Any]]) -> Any:
 
 async def serve(app: Any, nursery: trio.Nursery) -> int:
     serve_registry = find("serve_registry", ["registry.serve.server", "registry.server"])
-    port: int = await nursery.start(functools.partial(serve_registry, app, "127.0.0.1", 0))
-    return port
+    return int(await nursery.start(functools.partial(serve_registry, app, "127.0.0.1", 0)))
 
 
 class Tracer:
@@ -104,9 +98,7 @@ class Tracer:
         self.root, self.tree = root, root / tree
         self.files: dict[CodeType, str | None] = {}
         self.send_all = trio.SocketStream.send_all.__code__
-        self.sent = b""
-        self.done = ""  # what closed the window
-        self.calls = 0
+        self.sent, self.calls, self.done = b"", 0, ""  # done: what closed the window
         self.edges: dict[tuple[str, str], int] = {}
         self.modules: dict[str, None] = {}  # first visit order
 
@@ -135,8 +127,7 @@ class Tracer:
             end = self.sent.find(b"\r\n\r\n")
             self.done = "SocketStream.send_all" if 0 <= end < len(self.sent) - 4 else ""
             return
-        callee = self.file(frame.f_code)
-        if callee is None:
+        if (callee := self.file(frame.f_code)) is None:
             return
         if caller is not None and caller != callee:
             self.calls += 1
@@ -164,76 +155,59 @@ def fresh(frame: FrameType) -> bool:
     return code.co_code[i] == RESUME and code.co_code[i + 1] & 3 == 0
 
 
-class Client:
-    """A keep-alive HTTP/1.1 client (h11) on one connection, like containerd's to its mirror."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT)
-
-    async def get(self, digest: str, tracer: Tracer | None = None) -> None:
-        """GET the blob, its whole body read; traced from the send on, when `tracer`."""
-        target = f"/v2/{REPO}/blobs/{digest}?ns={NS}"
-        data = self.h11.send(h11.Request(method="GET", target=target, headers=[("host", "x")]))
-        status, event = 0, None
-        sys.setprofile(tracer.hook if tracer else None)
-        try:
-            await self.stream.send_all(data + (self.h11.send(h11.EndOfMessage()) or b""))
-            while not isinstance(event, h11.EndOfMessage):
-                if (event := self.h11.next_event()) is h11.NEED_DATA:
-                    self.h11.receive_data(await self.stream.receive_some(1 << 20))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-        finally:
-            sys.setprofile(None)
-        self.h11.start_next_cycle()
-        await trio.sleep(0.3)  # the server's after-response work ends before the next request
-        if status != 200:
-            raise RuntimeError(f"GET {digest}: status {status}")
+async def get(stream: trio.SocketStream, conn: h11.Connection, digest: str, tracer: Any) -> None:
+    """GET the blob on the keep-alive connection, its body read; traced from the send on."""
+    target = f"/v2/library/hops/blobs/{digest}?ns=docker.io"  # as containerd asks a mirror
+    data = conn.send(h11.Request(method="GET", target=target, headers=[("host", "x")]))
+    status, event = 0, None
+    sys.setprofile(tracer.hook if tracer else None)
+    try:
+        await stream.send_all(data + (conn.send(h11.EndOfMessage()) or b""))
+        while not isinstance(event, h11.EndOfMessage):
+            if (event := conn.next_event()) is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(1 << 20))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+    finally:
+        sys.setprofile(None)
+    conn.start_next_cycle()
+    await trio.sleep(0.3)  # the server's after-response work ends before the next request
+    if status != 200:
+        raise RuntimeError(f"GET {digest}: status {status}")
 
 
-async def measure(
-    peer_port: int, work: Path, remote: dict[str, list[str]], size: int, listing: bool
-) -> Any:
+async def measure(peer_port: int, work: Path, remote: dict[str, list[str]], args: Any) -> Any:
     """Each kind: a warm-up GET, then one traced GET per run, each of a blob not asked before;
     the figures of the run with the median call count."""
     peer = find("Peer", ["registry.oci.interfaces", "registry.interfaces"])(
         node_id=b"\x01" * 32, host="127.0.0.1", port=peer_port
     )
-    local = [make_blob(work, seed, size) for seed in range(1, len(remote["mirror_get"]) + 1)]
-    providers = {digest: [peer] for digests in remote.values() for digest in digests}
-    app = make_app([path for path, _ in local], providers)
+    local = [make_blob(work, seed, args.mirror_size) for seed in range(1, args.runs + 2)]
+    digests = tuple(digest for digests in remote.values() for digest in digests)
+    app = make_app([path for path, _ in local], peer, digests)
     kinds = {"local_get": [digest for _, digest in local], **remote}
     results: dict[str, Any] = {}
     async with trio.open_nursery() as nursery:
         port = await serve(app, nursery)
-        client = Client(await trio.open_tcp_stream("127.0.0.1", port))
+        stream, conn = await trio.open_tcp_stream("127.0.0.1", port), h11.Connection(h11.CLIENT)
         for name, (warm, *measured) in kinds.items():
-            await client.get(warm)
+            await get(stream, conn, warm, None)  # like containerd's keep-alive to its mirror
             runs = []
             for digest in measured:
                 runs.append(Tracer())
-                await client.get(digest, runs[-1])
+                await get(stream, conn, digest, runs[-1])
             runs.sort(key=lambda tracer: tracer.calls)
-            results[name] = runs[len(runs) // 2].result(listing)
+            results[name] = runs[len(runs) // 2].result(args.list)
             results[name]["runs_calls"] = [tracer.calls for tracer in runs]
-        await client.stream.aclose()
+        await stream.aclose()
         nursery.cancel_scope.cancel()
     return results
 
 
-def serve_peer(port_file: str, files: list[str]) -> None:
-    async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            port = await serve(make_app([Path(f) for f in files], {}), nursery)
-            await trio.Path(port_file).write_text(str(port))
-
-    trio.run(run)
-
-
-def tree() -> str:
-    cmd = ["git", "describe", "--always", "--dirty", "--tags"]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+async def serve_peer(port_file: str, files: list[str]) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await serve(make_app([Path(f) for f in files]), nursery)
+        await trio.Path(port_file).write_text(str(port))
 
 
 def main() -> None:
@@ -246,31 +220,30 @@ def main() -> None:
     parser.add_argument("files", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_peer:
-        serve_peer(args.serve_peer, args.files)
+        trio.run(serve_peer, args.serve_peer, args.files)
         return
-    sizes = {"mirror_get": args.mirror_size}
-    if args.streamed_size:
-        sizes["mirror_get_streamed"] = args.streamed_size
+    sizes = {"mirror_get": args.mirror_size, "mirror_get_streamed": args.streamed_size}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         blobs = {  # per kind: the warm-up blob, then one per run
             name: [make_blob(work, 100 * (i + 1) + run, size) for run in range(args.runs + 1)]
             for i, (name, size) in enumerate(sizes.items())
+            if size
         }
         port_file = work / "peer-port"
         files = [str(path) for pairs in blobs.values() for path, _ in pairs]
         cmd = [sys.executable, "-m", "bench.hops", "--serve-peer", str(port_file)]
         peer = subprocess.Popen([*cmd, *files], cwd=ROOT)
         try:
-            from bench.blob import wait_port
-
             remote = {name: [digest for _, digest in pairs] for name, pairs in blobs.items()}
             peer_port = wait_port(port_file, peer)
-            results = trio.run(measure, peer_port, work, remote, args.mirror_size, args.list)
+            results = trio.run(measure, peer_port, work, remote, args)
         finally:
             peer.terminate()
             peer.wait(10)
-    print(json.dumps({"tree": tree(), **results}, indent=1))
+    git = ["git", "describe", "--always", "--dirty", "--tags"]
+    tree = subprocess.run(git, cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    print(json.dumps({"tree": tree, **results}, indent=1))
 
 
 if __name__ == "__main__":
