@@ -16,7 +16,7 @@ from types import ModuleType
 import pytest
 import trio
 
-from bench.hops import Tracer
+from bench.hops import Tracer, find
 
 CALLER = """
 import os
@@ -116,3 +116,10 @@ async def test_the_window_closes_when_send_all_passes_the_head(
 def test_a_window_that_never_sent_a_body_byte_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="first body byte"):
         Tracer(tmp_path, "hopspkg").result(listing=False)
+
+
+def test_find_falls_back_to_any_module_that_defines_the_name() -> None:
+    found = find("serve_registry", ["registry.no_such_module"])
+    assert found.__name__ == "serve_registry" and found.__module__.startswith("registry.")
+    with pytest.raises(ImportError, match="no NoSuchName under registry"):
+        find("NoSuchName", [])
