@@ -1,7 +1,8 @@
-"""Cross-module hops of one blob GET in the registry before its first body byte (issue 20).
+"""Cross-module hops of one blob GET in the registry before its first body byte.
 
-Why: issue 20 asks for the hop count of a local and a mirrored GET before and after the
-restructuring; this measures both alike on the flat and the packaged layout.  The registry
+Why: how many files a request passes through before its first byte is how much a reader must
+follow to understand it; this counts a local and a mirrored GET alike on any layout of
+`registry/` (it finds its entry points wherever they are defined).  The registry
 runs as in production (`serve_registry`, zero-copy front door) on loopback over an in-memory
 store; the peer holding the mirrored blobs is a subprocess (never traced).  A keep-alive h11
 client GETs a warm-up blob of each kind, then `--runs` fresh ones under `sys.setprofile` (this
