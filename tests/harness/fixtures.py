@@ -23,7 +23,7 @@ Fixtures (all skip unless root with containerd, docker-registry, skopeo and ip i
   images, one containerd per node, on ``containerd_line``); torn down after the test.
 Real agents on a cluster: ``tests.harness.agents.start_agents(cluster)`` (see that module).
 Mark such tests ``@pytest.mark.root``.  When a test fails while a cluster is up, the report gets
-the tail of every node's agent/mirror/containerd log.
+the tail of every node's agent, mirror and containerd log.
 """
 
 from __future__ import annotations
