@@ -1,6 +1,7 @@
 """The README and docs/ link to files and headings that exist, name repository paths that exist,
-docs/decisions/README.md indexes every decision, and the README's platform table covers every
-containerd line and distribution an operator asks about.
+docs/decisions/README.md indexes every decision, docs/metrics.md names every metric the agent
+exports, and the README's platform table covers every containerd line and distribution an
+operator asks about.
 
 Why: the operator documentation is split over several files; a renamed heading or a moved file
 breaks the path from the README to the answer without anything else noticing.
@@ -8,6 +9,7 @@ breaks the path from the README to the answer without anything else noticing.
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -73,6 +75,20 @@ def test_decisions_index_lists_every_decision() -> None:
     files = {p.name for p in folder.glob("*.md") if p.name != "README.md"}
     assert files, "no decisions"
     assert files <= listed, f"not in docs/decisions/README.md: {sorted(files - listed)}"
+
+
+def test_metrics_page_names_every_metric() -> None:
+    """Every `spegel_*` / `spegla_*` name the code registers is explained on docs/metrics.md."""
+    names = set()
+    for top in ("agent", "registry", "dht"):
+        for path in (ROOT / top).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    if re.fullmatch(r"spegl[ae]_[a-z_]+", node.value):
+                        names.add(node.value)
+    page = (ROOT / "docs" / "metrics.md").read_text()
+    assert names, "no metrics found"
+    assert not {name for name in names if f"`{name}`" not in page}
 
 
 def test_slug_matches_githubs_rule() -> None:
