@@ -1,8 +1,7 @@
 """The README and docs/ link to files and headings that exist, name repository paths that exist,
 docs/decisions/README.md indexes every decision, docs/metrics.md names every metric the agent
-exports, and the README's platform table covers every containerd line and distribution an
-operator asks about.
-
+exports and docs/benchmarks.md every bench script, and the README's platform table covers every
+containerd line and distribution an operator asks about.
 Why: the operator documentation is split over several files; a renamed heading or a moved file
 breaks the path from the README to the answer without anything else noticing.
 """
@@ -89,6 +88,13 @@ def test_metrics_page_names_every_metric() -> None:
     page = (ROOT / "docs" / "metrics.md").read_text()
     assert names, "no metrics found"
     assert not {name for name in names if f"`{name}`" not in page}
+
+
+def test_benchmarks_page_names_every_bench() -> None:
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    benches = {p.stem for p in (ROOT / "bench").glob("*.py") if p.stem != "__init__"}
+    assert benches, "no bench scripts"
+    assert not {name for name in benches if f"bench.{name}" not in page}
 
 
 def test_slug_matches_githubs_rule() -> None:
