@@ -2,6 +2,7 @@
 docs/decisions/README.md indexes every decision, docs/metrics.md names every metric the agent
 exports and docs/benchmarks.md every bench script, and the README's platform table covers every
 containerd line and distribution an operator asks about.
+
 Why: the operator documentation is split over several files; a renamed heading or a moved file
 breaks the path from the README to the answer without anything else noticing.
 """
