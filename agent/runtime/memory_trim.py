@@ -86,9 +86,11 @@ async def trim_when_idle(
     trim: Callable[[], object] | None,
     quiet_s: float = QUIET_S,
     check_every_s: float = CHECK_EVERY_S,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Forever: trim the heap once `quiet_s` after each burst of requests (`requests_seen` is a
     running count).  Returns at once when `trim` is None (no glibc)."""
+    task_status.started()
     if trim is None:
         logger.debug("no malloc_trim in this C library; idle heap trimming off")
         return
