@@ -119,7 +119,7 @@ class DebugState:
     # least recently used first, beyond 4x the transfers shown
     _transfer_started: LRUCache[str, float] = field(init=False, repr=False)
     clock: Callable[[], float] = time.time
-    # what this agent trusts (`agent.runtime.run.trust_summary`): the page shows `notice` when set
+    # what this agent trusts (`agent.node.setup.trust_summary`): the page shows `notice` when set
     trust: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
