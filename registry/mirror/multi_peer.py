@@ -2,11 +2,11 @@
 
 Why: a big layer from one peer is limited by that peer's uplink.  Here up to `max_peers` providers
 each fetch pieces of the blob (one Range request per piece, on keep-alive connections; the first
-provider's whole-blob stream goes on with the next piece while that one is free); one writer (the
-caller's task) takes the pieces in order, hashes them and hands the client's slice to the sink,
-holding back the last byte until the digest matched.  The decisions are
-`registry.mirror.range_plan`'s;
-this is the driver.
+provider's whole-blob stream goes on with the next piece while that one is free); the caller's
+task takes the pieces in order and hands them to the one hashing writer
+(`registry.mirror.blob_writer`: hashed in order, the client's slice passed on, the last byte held
+back until the digest matched).  The decisions are `registry.mirror.range_plan`'s; this is the
+driver.
 
 Bounded memory: only pieces inside the reorder window are fetched; a piece that is not the head
 takes a buffer only while the pool keeps `HEAD_RESERVE` buffers free for heads, so transfers never
@@ -41,7 +41,8 @@ import trio
 from registry.burst.attempts import GiveUp, peer_key
 from registry.http.client import PeerError, PeerResponse
 from registry.interfaces import Peer
-from registry.mirror.blob_stream import BufferSource, Mismatch, Sink
+from registry.mirror.blob_stream import BufferSource, Mismatch
+from registry.mirror.blob_writer import HashingWriter, Sink
 from registry.mirror.buffers import Chunk
 from registry.mirror.peer_answer import PeerAnswerError
 from registry.mirror.range_plan import Piece, RangePlan
@@ -113,9 +114,8 @@ async def copy_from_peers(
     piece_size = max(pool.buffer_size, settings.piece_size // pool.buffer_size * pool.buffer_size)
     state = _State(RangePlan(size, piece_size, max(2, settings.window)))
     plan = state.plan
-    start, end = (0, size - 1) if delivered is None else (delivered.start, delivered.end)
-    hasher = hashlib.sha256()
-    checkpoints: list[tuple[int, bytes]] = []
+    # prefix digests at every span boundary inside a chunk and at every chunk's end
+    writer = HashingWriter(size, digest, delivered, sink, checkpoints=True)
 
     async def take_buffer(piece: Piece) -> mmap.mmap:
         while True:
@@ -222,21 +222,6 @@ async def copy_from_peers(
             state.recruiting_done = True
             state.notify()
 
-    def hash_chunk(chunk: Chunk, offset: int, piece: Piece) -> None:
-        """Hash `chunk` (blob bytes from `offset`), with a prefix digest at every span start
-        inside it and at its end."""
-        cuts = sorted({s.start for s in piece.spans if offset < s.start < offset + len(chunk)})
-        with chunk.view() as view:
-            at = offset
-            for cut in cuts:
-                hasher.update(view[at - offset : cut - offset])
-                checkpoints.append((cut, hasher.copy().digest()))
-                at = cut
-            hasher.update(view[at - offset :])
-        checkpoints.append((offset + len(chunk), hasher.copy().digest()))
-
-    held = b""
-    position = 0
     async with trio.open_nursery() as nursery:
         first_piece = plan.assign(peer_key(first), trio.current_time())
         state.alive = 1
@@ -247,30 +232,7 @@ async def copy_from_peers(
                 piece = plan.pieces[plan.head]
                 queue = state.chunks.get(piece.index)
                 if queue:
-                    chunk = queue.popleft()
-                    hash_chunk(chunk, position, piece)
-                    first_byte, last_byte = (
-                        max(position, start),
-                        min(position + len(chunk) - 1, end),
-                    )
-                    chunk_offset = position
-                    position += len(chunk)
-                    if first_byte > last_byte:
-                        chunk.release()
-                        continue
-                    if last_byte == end:
-                        with chunk.view() as view:
-                            held = bytes(
-                                view[last_byte - chunk_offset : last_byte - chunk_offset + 1]
-                            )
-                    chunk.start, chunk.end = (
-                        first_byte - chunk_offset,
-                        last_byte - chunk_offset + (0 if last_byte == end else 1),
-                    )
-                    if len(chunk):
-                        await sink(chunk)
-                    else:
-                        chunk.release()
+                    await writer.write(queue.popleft(), (span.start for span in piece.spans))
                     continue
                 if piece.complete and piece.index not in state.partial:
                     plan.passed_on(piece)
@@ -301,13 +263,14 @@ async def copy_from_peers(
             for buffer, _ in state.partial.values():
                 pool.release(buffer)
             buffers.close()
-    if "sha256:" + hasher.hexdigest() != digest:
+    if not await writer.finish():
         spans = plan.spans()
         contributors = tuple(state.peers[s.peer] for s in spans if s.peer in state.peers)
         return Mismatch(
-            tuple(dict.fromkeys(contributors)), spans=tuple(spans), checkpoints=tuple(checkpoints)
+            tuple(dict.fromkeys(contributors)),
+            spans=tuple(spans),
+            checkpoints=tuple(writer.checkpoints),
         )
-    await sink(held)
     return None
 
 
