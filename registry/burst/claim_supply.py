@@ -2,7 +2,7 @@
 
 Why its own module: `registry.burst.claim.ProviderWait` decides (claim, wait, which provider); this
 performs its steps: lookups through the Router (restarted when it asks for a fresh one), claim
-records through the agent's `ClaimBoard`, waits as Trio deadlines.  The forwarder asks it for the
+records through the agent's `ClaimBoard`, waits as Trio deadlines.  The mirror run asks it for the
 next peer and reports fetch failures and busy answers back.
 
 A claimant's claim outlives its request (its containerd goes upstream after our 404 and the ingest
@@ -209,7 +209,7 @@ class ClaimingSupply:
                 if step.withdraw_claim:
                     await self._unclaim()
                 if not attempts.usable(peer):
-                    # tried or avoided by the forwarder's own rules: not a source for us
+                    # tried or avoided by the mirror run's own rules: not a source for us
                     self.wait.exclude(step.sighting.address, now)
                     continue
                 self._outcome("fetch")

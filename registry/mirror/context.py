@@ -1,8 +1,8 @@
 """What one mirror run needs from the agent-wide mirror state, as one typed record.
 
-Why a record: the per-request driver (`registry.mirror.run`) must not reach into the
-`Forwarder` that starts it (that was an import cycle and a dozen implicit attribute reads).  The
-Forwarder builds a `RunContext` from what it owns; the run reads only this.  The objects in it are
+Why a record: the per-request driver (`registry.mirror.run`) does not import the `Forwarder` that
+starts it (no import cycle) and reads nothing of it implicitly.  The Forwarder builds a
+`RunContext` from what it owns; the run reads only this.  The objects in it are
 shared, agent-wide state (the same buffer pool, quarantine, statistics for every request); the
 record itself never changes.
 """
