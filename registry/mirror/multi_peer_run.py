@@ -2,9 +2,8 @@
 the liar.
 
 Why its own module: `registry.mirror.multi_peer` is the byte engine (pieces, reorder window,
-in-order
-hashing) and knows nothing of a request; the mirror run sequences a request and should not also
-carry how that engine is fed.  This module is the glue between them: it turns the request's
+in-order hashing) and knows nothing of a request; the mirror run sequences a request and should
+not also carry how that engine is fed.  This module is the glue between them: it turns the request's
 provider supply and fail-over budget (`MirrorAttempts`) into the engine's `recruit` / `failed` /
 `open_range` callbacks, and after a mismatch asks which contributor's bytes do not fit.
 """

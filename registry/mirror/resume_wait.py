@@ -8,9 +8,8 @@ fresh budget of attempts, for up to `patience`, before the body is cut.  What it
 provider's agent restarting (a DaemonSet rolls it) or an in-flight provider whose record arrives
 late.  It stops early when `hopeless` says the providers there are cannot serve it at all (their
 own downloads have no source, or come from this node: `registry.burst.own_downloads`): waiting
-longer
-would not help, and the cut lets containerd's next request go through a claim.  The mirror run says
-how one attempt opens a transfer; this loop only paces the attempts.
+longer would not help, and the cut lets containerd's next request go through a claim.  The
+mirror run says how one attempt opens a transfer; this loop only paces the attempts.
 """
 
 from __future__ import annotations
