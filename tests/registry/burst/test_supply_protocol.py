@@ -168,6 +168,7 @@ async def test_claiming_supply_one_provider_at_a_time(
         first = await supply.next_peer(attempts)
         assert isinstance(first, Peer)
         attempts.start_fetch(first)
+        await trio.testing.wait_all_tasks_blocked()  # the lookup has delivered both
         assert supply.ready_peer(attempts) is None
         other = B if first == A else A
         assert await supply.extra_peer(attempts) == other
