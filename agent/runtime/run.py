@@ -51,6 +51,7 @@ from registry.burst.claim_supply import ClaimParticipation
 from registry.events import MirrorEvents
 from registry.interfaces import ClaimBoard, ContentStore, Router
 from registry.serve.front_door import ConnectionLimits, FastPathStats
+from registry.serve.inflight import InflightUploads
 
 if TYPE_CHECKING:
     from registry.serve.front_door import FastPathStats
@@ -99,6 +100,8 @@ class AppParts:
     events: MirrorEvents  # the mirror path reports here (the debug page subscribes)
     claims: ClaimParticipation | None = None  # take part in bursts' claims
     cluster_key: bytes | None = None  # None: no key, so no tags through peers
+    # the registry's uploads of blobs still downloading here (the debug page lists them)
+    uploads: InflightUploads = field(default_factory=InflightUploads)
 
 
 AppFactory = Callable[[AppParts], QuartTrio]
@@ -196,12 +199,10 @@ async def containerd_backend(cfg: RegistryConfig, router: Router) -> AsyncIterat
         store.ingests = watcher
 
         def inflight_stats() -> dict[str, Any]:
-            from registry.serve.inflight import UPLOADS
-
             downloads = [
                 {"key": e.digest, "total": e.total, "ref": e.ref} for e in watcher.table.entries()
             ]
-            return {"inflight_downloads": downloads, "inflight_uploads": UPLOADS.snapshot()}
+            return {"inflight_downloads": downloads}
 
         async def run_state(
             *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -243,7 +244,14 @@ def default_app(parts: AppParts) -> QuartTrio:
     )
     if settings.basic_auth is not None:
         logger.info("basic auth enabled", extra={"basic_auth_dir": cfg.basic_auth_dir})
-    return create_app(parts.store, parts.router, settings, events=parts.events, claims=parts.claims)
+    return create_app(
+        parts.store,
+        parts.router,
+        settings,
+        events=parts.events,
+        claims=parts.claims,
+        uploads=parts.uploads,
+    )
 
 
 def _is_loopback(host: str) -> bool:
@@ -362,7 +370,12 @@ async def run_agent(
             readiness.connected = backend.connected
             debug.images = backend.images
             debug.sections["dht"] = lambda: dataclasses.asdict(node.statistics())
-            debug.sections["containerd state"] = backend.stats
+            uploads = InflightUploads()  # the registry's (the app below counts them here)
+
+            def containerd_state() -> dict[str, Any]:
+                return {**backend.stats(), "inflight_uploads": uploads.snapshot()}
+
+            debug.sections["containerd state"] = containerd_state
             if handle_signals:
                 signals = functools.partial(_signals, shutdown, root.cancel_scope)
                 await supervisor.start(root, "signals", signals)
@@ -379,7 +392,7 @@ async def run_agent(
                 claims = ClaimParticipation(
                     backend.claims, node_id, own_hosts=own, containerd_up=lambda: bool(connected)
                 )
-            parts = AppParts(backend.store, router, cfg, readiness, events, claims, psk)
+            parts = AppParts(backend.store, router, cfg, readiness, events, claims, psk, uploads)
             app = (hooks.app or default_app)(parts)
             front_door = FastPathStats()
             serve_registry = hooks.serve_registry or _default_serve_with_stats(

@@ -72,7 +72,7 @@ from registry.oci.filters import ReferenceFilter
 from registry.oci.mediatypes import OCTET_STREAM, is_manifest_media_type
 from registry.oci.ranges import RangeError, RangeNotSatisfiable, RangeSpec, parse_range
 from registry.serve.access_log import TrustedProxies, with_request_metrics
-from registry.serve.inflight import GrowingFile, upload_chunks
+from registry.serve.inflight import GrowingFile, InflightUploads, upload_chunks
 from registry.serve.responses import LocalBlob, MirrorAborted, MirrorPlan, Response
 from registry.serve.responses import blob_response as _blob_response
 from registry.serve.responses import blob_response_parts as _blob_response_parts
@@ -131,6 +131,7 @@ class _Registry:
         settings: RegistrySettings,
         events: MirrorEvents | None,
         claims: ClaimParticipation | None = None,
+        uploads: InflightUploads | None = None,
     ) -> None:
         self.app = app
         self.store = store
@@ -157,6 +158,8 @@ class _Registry:
             discard=store if isinstance(store, DownloadDiscarder) else None,
         )
         self.uploads = UploadSlots(settings.peer_upload_limit)
+        # this registry's uploads of blobs still downloading here (rows of the debug page)
+        self.inflight_uploads = uploads if uploads is not None else InflightUploads()
 
     async def dispatch(self, path: str) -> Response:
         return await self._dispatch(path, request.method)
@@ -296,7 +299,8 @@ class _Registry:
                 growing.open()
             except OSError:
                 return _oci_error(404, ErrorCode.BLOB_UNKNOWN, f"{ingest.digest} not found")
-            return upload_chunks(growing, start, length, request.remote_addr or "")
+            ip = request.remote_addr or ""
+            return upload_chunks(growing, start, length, ip, self.inflight_uploads)
 
         descriptor = Descriptor(ingest.digest, ingest.size, OCTET_STREAM)
         registry = parsed.reference.registry
@@ -517,16 +521,20 @@ def create_app(
     *,
     events: MirrorEvents | None = None,
     claims: ClaimParticipation | None = None,
+    uploads: InflightUploads | None = None,
 ) -> QuartTrio:
     """The registry app; serve it with `registry.serve.server.serve_registry`.
 
     `events` receives the mirror path's events (`registry.events`), e.g. for a debug page.
     `claims`: take part in bursts' claims (`registry.burst.claim`; None: plain resolve).
+    `uploads`: where its uploads of blobs still downloading are counted (None: its own).
     """
     app = QuartTrio(__name__)
     app.response_class = Response
     app.config["RESPONSE_TIMEOUT"] = None
-    registry = _Registry(app, store, router, settings or RegistrySettings(), events, claims)
+    registry = _Registry(
+        app, store, router, settings or RegistrySettings(), events, claims, uploads
+    )
     app.extensions["spegla.registry"] = registry
     app.asgi_app = with_request_metrics(  # type: ignore[method-assign]
         app.asgi_app, registry.settings.trusted_proxies

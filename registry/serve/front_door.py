@@ -66,7 +66,7 @@ from registry.serve.app import (
     plan_mirror_blob,
 )
 from registry.serve.asgi_h11 import Address, run_asgi, socket_addresses, split_target
-from registry.serve.inflight import UPLOADS, GrowingFile, IngestBroken, upload_growing
+from registry.serve.inflight import GrowingFile, InflightUploads, IngestBroken, upload_growing
 from registry.serve.mirror_door import serve_mirror_blob
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "ConnectionLimits", "FastPathStats", "serve_front_door"]
@@ -193,7 +193,7 @@ class _FrontDoor:
         slots = registry.uploads
         refusal = registry.forwarder.own.refusal(upload, client[0] if client else "")
         if refusal is not None or not slots.try_acquire(
-            upload, lagging=UPLOADS.lagging(LAGGING_BYTES)
+            upload, lagging=registry.inflight_uploads.lagging(LAGGING_BYTES)
         ):
             UPLOADS_BUSY.inc()
             message = "upload limit reached, ask another peer"
@@ -316,7 +316,8 @@ class _FrontDoor:
                 head = conn.response_head(plan.status, headers)
                 if growing is not None and request.method == "GET" and plan.length:
                     await conn.send_bytes(head)
-                    sent = await _send_growing_body(conn, growing, plan, client, report)
+                    uploads = self.app.extensions["spegla.registry"].inflight_uploads
+                    sent = await _send_growing_body(conn, growing, plan, client, uploads, report)
                     await conn.send_bytes(conn.end_bytes())
                 elif fd < 0:
                     await conn.send_bytes(head + conn.end_bytes())
@@ -365,6 +366,7 @@ async def _send_growing_body(
     growing: GrowingFile,
     plan: LocalBlob,
     client: Address,
+    uploads: InflightUploads,
     report: TransferReport | None,
 ) -> int:
     """The body of a blob still downloading (registry.serve.inflight); a failed download closes the
@@ -375,8 +377,9 @@ async def _send_growing_body(
 
     ip = client[0] if client else ""
     try:
-        progress = None if report is None else report.progress
-        return await upload_growing(growing, plan.offset, plan.length, ip, send_range, progress)
+        return await upload_growing(
+            growing, plan.offset, plan.length, ip, send_range, uploads, report
+        )
     except IngestBroken as exc:
         raise ClientGone(f"in-flight upload cut: {exc}") from exc
 

@@ -12,16 +12,17 @@ committed blob's file (aborted, or restarted as a new file), the body is cut sho
 then resumes elsewhere.  Bytes already on disk go out by `os.sendfile` on the front door.
 
 `InflightUploads` counts and describes the uploads in progress (the `spegla_inflight_uploads`
-gauge, and the rows the debug page lists).
+gauge, and the rows the debug page lists); one per registry, passed to whoever serves (no
+process-wide state).  Each upload's progress is the one transfer record
+(`registry.mirror.transfer_report`), the same its `TransferProgress` events are made from.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import os
-import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,10 +31,10 @@ import trio
 from prometheus_client import Gauge
 
 from registry.interfaces import IngestFile
+from registry.mirror.transfer_report import Transfer, TransferReport
 
 __all__ = [
     "INFLIGHT_UPLOADS",
-    "UPLOADS",
     "GrowingFile",
     "InflightSettings",
     "InflightUploads",
@@ -222,17 +223,15 @@ async def growing_chunks(
 
 @dataclass(slots=True)
 class Upload:
-    """One response streaming an in-flight blob (a row of the debug page)."""
+    """One response streaming an in-flight blob: its transfer record and the file it reads."""
 
-    id: str
-    key: str
-    peer: str
-    total: int
-    started: float  # unix time
-    bytes: int = 0
-    state: str = "running"  # running | done | failed
+    report: TransferReport  # the progress record (and its events, when published)
     growing: GrowingFile | None = None  # the file it reads (for `InflightUploads.lagging`)
     offset: int = 0  # where in the blob it started
+
+    @property
+    def transfer(self) -> Transfer:
+        return self.report.transfer
 
     def behind(self) -> int:
         """Bytes this node's download holds that this upload has not sent yet (0: keeping up)."""
@@ -242,23 +241,11 @@ class Upload:
             written = os.fstat(self.growing.fd).st_size
         except OSError:
             return 0
-        return max(0, min(written, self.total) - (self.offset + self.bytes))
+        total = self.transfer.total or 0
+        return max(0, min(written, total) - (self.offset + self.transfer.bytes))
 
     def add(self, count: int) -> None:
-        self.bytes += count
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "key": self.key,
-            "peer": self.peer,
-            "direction": "out",
-            "bytes": self.bytes,
-            "total": self.total,
-            "started": self.started,
-            "state": self.state,
-            "source": "inflight",
-        }
+        self.report.progress(self.transfer.bytes + count)
 
 
 @dataclass(slots=True)
@@ -267,30 +254,36 @@ class InflightUploads:
 
     keep_finished: int = 20
     running: dict[str, Upload] = field(default_factory=dict)
-    finished: list[Upload] = field(default_factory=list)
+    finished: deque[Transfer] = field(default_factory=deque)
     served: int = 0
     cut: int = 0
-    listeners: list[Callable[[Upload], None]] = field(default_factory=list)
-    _ids: itertools.count[int] = field(default_factory=itertools.count)
 
-    def start(self, key: str, peer: str, total: int) -> Upload:
-        upload = Upload(f"up-{next(self._ids)}", key, peer, total, time.time())
-        self.running[upload.id] = upload
+    def start(
+        self, key: str, peer: str, total: int, report: TransferReport | None = None
+    ) -> Upload:
+        """Count an upload of `key` to `peer`; `report`: its transfer's publisher (None: a
+        record kept here only)."""
+        if report is None:
+            report = TransferReport(
+                None, key=key, peer=peer, total=total, direction="out", source="inflight"
+            )
+            report.start()
+        upload = Upload(report)
+        self.running[upload.transfer.id] = upload
         INFLIGHT_UPLOADS.set(len(self.running))
-        self._notify(upload)
         return upload
 
     def end(self, upload: Upload, ok: bool) -> None:
-        upload.state = "done" if ok else "failed"
-        self.running.pop(upload.id, None)
+        upload.report.end(upload.transfer.bytes, ok)
+        self.running.pop(upload.transfer.id, None)
         INFLIGHT_UPLOADS.set(len(self.running))
         if ok:
             self.served += 1
         else:
             self.cut += 1
-        self.finished.append(upload)
-        del self.finished[: -self.keep_finished]
-        self._notify(upload)
+        self.finished.append(upload.transfer)
+        while len(self.finished) > self.keep_finished:
+            self.finished.popleft()
 
     def lagging(self, limit: int) -> bool:
         """True when an upload of a blob still downloading here is more than `limit` bytes behind
@@ -298,15 +291,9 @@ class InflightUploads:
         would only slow the running ones (`registry.burst.provider_choice.UploadSlots`)."""
         return any(upload.behind() > limit for upload in self.running.values())
 
-    def _notify(self, upload: Upload) -> None:
-        for listener in self.listeners:
-            listener(upload)
-
     def snapshot(self) -> list[dict[str, object]]:
-        return [u.as_dict() for u in [*self.running.values(), *self.finished]]
-
-
-UPLOADS = InflightUploads()  # the process's uploads (one registry per agent process)
+        running = [u.transfer for u in self.running.values()]
+        return [t.as_dict() for t in [*running, *self.finished]]
 
 
 async def upload_growing(
@@ -315,26 +302,22 @@ async def upload_growing(
     length: int,
     peer: str,
     send_range: SendRange,
-    on_progress: Callable[[int], None] | None = None,
+    uploads: InflightUploads,
+    report: TransferReport | None = None,
 ) -> int:
-    """`send_growing`, counted as an upload (IngestBroken: the caller cuts the response);
-    `on_progress` gets the bytes sent so far after each run."""
-    with _counted_upload(growing, peer, offset) as upload:
-
-        def add(count: int) -> None:
-            upload.add(count)
-            if on_progress is not None:
-                on_progress(upload.bytes)
-
-        return await send_growing(growing, offset, length, send_range, add)
+    """`send_growing`, counted as an upload in `uploads` (IngestBroken: the caller cuts the
+    response); its progress goes to `report` when given (its transfer record is the row)."""
+    with _counted_upload(uploads, growing, peer, offset, report) as upload:
+        return await send_growing(growing, offset, length, send_range, upload.add)
 
 
 async def upload_chunks(
-    growing: GrowingFile, offset: int, length: int, peer: str
+    growing: GrowingFile, offset: int, length: int, peer: str, uploads: InflightUploads
 ) -> AsyncIterator[bytes]:
-    """`growing_chunks`, counted as an upload; closes the file when done (IngestBroken cuts)."""
+    """`growing_chunks`, counted as an upload in `uploads`; closes the file when done
+    (IngestBroken cuts)."""
     try:
-        with _counted_upload(growing, peer, offset) as upload:
+        with _counted_upload(uploads, growing, peer, offset, None) as upload:
             async for chunk in growing_chunks(growing, offset, length, upload.add):
                 yield chunk
     finally:
@@ -342,10 +325,16 @@ async def upload_chunks(
 
 
 @contextmanager
-def _counted_upload(growing: GrowingFile, peer: str, offset: int) -> Iterator[Upload]:
-    """An upload of `growing` to `peer` in `UPLOADS` while the block runs: served if it ends
+def _counted_upload(
+    uploads: InflightUploads,
+    growing: GrowingFile,
+    peer: str,
+    offset: int,
+    report: TransferReport | None,
+) -> Iterator[Upload]:
+    """An upload of `growing` to `peer` in `uploads` while the block runs: served if it ends
     normally, cut if it raises (an IngestBroken is logged)."""
-    upload = UPLOADS.start(growing.ingest.digest, peer, growing.size)
+    upload = uploads.start(growing.ingest.digest, peer, growing.size, report)
     upload.growing, upload.offset = growing, offset
     ok = False
     try:
@@ -353,8 +342,9 @@ def _counted_upload(growing: GrowingFile, peer: str, offset: int) -> Iterator[Up
         ok = True
     except IngestBroken as exc:
         logger.info(
-            "in-flight upload cut", extra={"key": upload.key, "peer": peer, "error": str(exc)}
+            "in-flight upload cut",
+            extra={"key": upload.transfer.key, "peer": peer, "error": str(exc)},
         )
         raise
     finally:
-        UPLOADS.end(upload, ok)
+        uploads.end(upload, ok)
