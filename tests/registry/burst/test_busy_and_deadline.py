@@ -19,6 +19,7 @@ from registry.interfaces import PeerState
 from registry.metrics import CLAIM_WAIT
 from registry.mirror.job import MirrorSettings
 from registry.serve.app import RegistrySettings
+from tests.clocks import loopback_clock
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha256_digest
 from tests.registry.burst.test_claims_loopback import RouterClaimBoard
 from tests.registry.conftest import Node, ScriptedPeer, StartNode, StartScripted
@@ -31,7 +32,7 @@ LAYER = {"Accept": "application/vnd.oci.image.layer.v1.tar+gzip, */*"}  # as con
 
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0.3)
+    return loopback_clock()  # virtual time (tests.clocks)
 
 
 def settings(deadline: float = 5.0, claim_wait: float = 10.0) -> RegistrySettings:

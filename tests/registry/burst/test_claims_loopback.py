@@ -19,6 +19,7 @@ from registry.interfaces import PeerState
 from registry.metrics import CLAIM_OUTCOMES, UPLOADS_BUSY
 from registry.mirror.job import MirrorSettings
 from registry.serve.app import RegistrySettings
+from tests.clocks import loopback_clock
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha256_digest
 from tests.registry.conftest import ScriptedPeer, StartNode, StartScripted
 
@@ -48,10 +49,7 @@ class RouterClaimBoard:
 
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
-    """Trio's clock for the tests that ask for it (pytest-trio runs them on it): the budgets these
-    tests assert are virtual time, exact on a loaded machine.  It jumps only once every task has
-    waited 0.3 s of real time, so loopback I/O finishes first."""
-    return trio.testing.MockClock(autojump_threshold=0.3)
+    return loopback_clock()  # virtual time (tests.clocks)
 
 
 def settings(wait: float = 5.0) -> RegistrySettings:

@@ -17,6 +17,7 @@ from registry.mirror.hedging import HedgeDelay, HedgePolicy
 from registry.mirror.job import MirrorSettings
 from registry.oci.mediatypes import OCI_MANIFEST
 from registry.serve.app import RegistrySettings
+from tests.clocks import loopback_clock
 from tests.fakes import MemoryNetwork
 from tests.registry.conftest import LOOPBACK, Node, ScriptedPeer, StartNode, StartScripted
 from tests.registry.mirror.test_mirror_peers import advertise, provider_and_client
@@ -52,8 +53,7 @@ def test_bad_policies_are_refused() -> None:
 
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
-    # jumps only when every task has waited 0.3 s of real time: loopback I/O finishes first
-    return trio.testing.MockClock(autojump_threshold=0.3)
+    return loopback_clock()  # virtual time (tests.clocks)
 
 
 @pytest.fixture
