@@ -128,7 +128,7 @@ async def test_without_hedging_a_frozen_provider_costs_the_response_timeout(
         client, f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
     )
     assert response.status_code == 200
-    assert elapsed >= 2.0
+    assert 2.0 <= elapsed < 2.05, elapsed  # the response timeout, not more
 
 
 async def test_a_slow_start_is_raced_but_the_body_comes_from_one_peer(
@@ -201,7 +201,7 @@ async def test_without_hedging_headers_then_silence_costs_the_stall_timeout(
     )
     assert response.status_code == 200
     assert response.content == content.layer_bytes
-    assert elapsed >= settings.mirror.stall_timeout
+    assert settings.mirror.stall_timeout <= elapsed < settings.mirror.stall_timeout + 0.05
 
 
 async def test_a_late_body_from_the_only_provider_is_waited_for(
