@@ -38,6 +38,13 @@ class KnowsProviders(Protocol):
     def known_providers(self, key: str) -> list[Peer]: ...
 
 
+@runtime_checkable
+class KnowsReach(Protocol):
+    """A Router that can say whether each of its lookups asks every node of the cluster."""
+
+    def lookups_reach_all(self) -> bool: ...
+
+
 class PeerSupply:
     """Runs one Router lookup and hands its providers out; None once it has converged.
 

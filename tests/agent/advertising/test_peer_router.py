@@ -145,3 +145,24 @@ async def test_lookup_results_are_known_for_a_while(autojump_clock: trio.testing
     assert router.known_providers("sha256:" + "00" * 32) == []
     await trio.sleep(RECENT_TTL + 1)
     assert router.known_providers(KEY) == []
+
+
+async def test_lookups_reach_every_node_while_the_table_holds_fewer_than_k() -> None:
+    """Two real nodes on loopback: each knows one contact, fewer than k (20), so every lookup
+    asks every node (the claim protocol's short settle window relies on it); with k = 1 the one
+    contact fills the table and a lookup may stop short of someone."""
+    async with provider_and_seeker(5, 6) as (provider, seeker):
+        with trio.fail_after(5):
+            while not provider.ready():
+                await trio.sleep(0.01)
+        assert provider.lookups_reach_all() and seeker.lookups_reach_all()
+    small = Node(NodeConfig(node_id=bytes([9]) * 32, bind_host="127.0.0.1", bind_port=0, k=1))
+    other = node(10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(small.serve)
+        await nursery.start(other.serve)
+        assert other.bound is not None
+        await small.bootstrap([other.bound])
+        assert small.router.ready()
+        assert not RegistryRouter(small.router).lookups_reach_all()
+        nursery.cancel_scope.cancel()
