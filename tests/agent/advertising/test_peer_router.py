@@ -151,11 +151,17 @@ async def test_lookups_reach_every_node_while_the_table_holds_fewer_than_k() -> 
     """Two real nodes on loopback: each knows one contact, fewer than k (20), so every lookup
     asks every node (the claim protocol's short settle window relies on it); with k = 1 the one
     contact fills the table and a lookup may stop short of someone."""
-    async with provider_and_seeker(5, 6) as (provider, seeker):
+    a, b = node(5), node(6)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        assert a.bound is not None
+        await b.bootstrap([a.bound])
         with trio.fail_after(5):
-            while not provider.ready():
-                await trio.sleep(0.01)
-        assert provider.lookups_reach_all() and seeker.lookups_reach_all()
+            await a.router.wait_ready()  # a learns b from its datagrams
+        assert RegistryRouter(a.router).lookups_reach_all()
+        assert RegistryRouter(b.router).lookups_reach_all()
+        nursery.cancel_scope.cancel()
     small = Node(NodeConfig(node_id=bytes([9]) * 32, bind_host="127.0.0.1", bind_port=0, k=1))
     other = node(10)
     async with trio.open_nursery() as nursery:
