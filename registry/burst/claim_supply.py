@@ -32,7 +32,13 @@ from registry.burst.claim import (
     WithdrawClaim,
 )
 from registry.burst.provider_choice import BusyPeers, RecordState, Sighting
-from registry.burst.supply import BUSY_FIRST_RETRY, KnowsProviders, NoExtraPeer, RouterFailure
+from registry.burst.supply import (
+    BUSY_FIRST_RETRY,
+    KnowsProviders,
+    KnowsReach,
+    NoExtraPeer,
+    RouterFailure,
+)
 from registry.interfaces import ClaimBoard, Peer, PeerState, Router
 from registry.metrics import CLAIM_OUTCOMES, CLAIM_WAIT
 
@@ -140,6 +146,7 @@ class ClaimingSupply:
             avoid=avoid,
             distrusted_claims=ignored,
             busy_peers=claims.busy,
+            lookups_reach_all=isinstance(router, KnowsReach) and router.lookups_reach_all(),
         )
         self._peers: dict[PeerKey, Peer] = {}
         self._changed = trio.Event()

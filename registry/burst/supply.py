@@ -100,6 +100,13 @@ class Supply(Protocol):
         ...
 
 
+@runtime_checkable
+class KnowsReach(Protocol):
+    """A Router that can say whether each of its lookups asks every node of the cluster."""
+
+    def lookups_reach_all(self) -> bool: ...
+
+
 class PeerSupply:
     """Runs one Router lookup and hands its providers out; None once it has converged.
 
