@@ -34,6 +34,7 @@ __all__ = [
     "MAX_HEAD",
     "ClientGone",
     "FileRange",
+    "HttpDates",
     "HttpRequest",
     "ServerConnection",
     "http_date",
@@ -104,16 +105,28 @@ def reason_phrase(status: int) -> bytes:
     return _REASONS.get(status, b"")
 
 
-_date_cache: tuple[int, str] = (0, "")
+def http_date(now: float) -> bytes:
+    """The Date header value for the time `now` (seconds since the epoch)."""
+    return email.utils.formatdate(int(now), usegmt=True).encode()
 
 
-def http_date() -> str:
-    """The Date header value, formatted once per second."""
-    global _date_cache
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
-    return _date_cache[1]
+class HttpDates:
+    """Date header values, formatted at most once per second.  One per server (its connections
+    share it), so no module holds mutable state; the value is always that of the current
+    second."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def now(self) -> bytes:
+        second = int(time.time())
+        if second != self._second:
+            self._value = http_date(second)
+            self._second = second
+        return self._value
 
 
 def _servable_target(target: bytes) -> bool:
@@ -142,8 +155,10 @@ class ServerConnection:
         head_timeout: float,
         idle_timeout: float,
         send_timeout: float = DEFAULT_SEND_TIMEOUT,
+        dates: HttpDates | None = None,
     ) -> None:
         self.stream = stream
+        self.dates = dates or HttpDates()
         self.head_timeout = head_timeout
         self.idle_timeout = idle_timeout
         self.send_timeout = send_timeout
@@ -249,7 +264,7 @@ class ServerConnection:
 
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
         """The bytes of a response head (a Date header is added)."""
-        headers = [*headers, (b"date", http_date().encode())]
+        headers = [*headers, (b"date", self.dates.now())]
         if self._closing:
             headers.append((b"connection", b"close"))
         event = h11.Response(status_code=status, headers=headers, reason=reason_phrase(status))
