@@ -111,8 +111,8 @@ def serve_agent(args: argparse.Namespace) -> None:
     import trio
 
     from registry.interfaces import ContentStore
-    from registry.serve.app import create_app
-    from registry.serve.server import serve_registry
+    from registry.serve.app import Registry
+    from registry.serve.server import run_registry
     from tests.fakes import MemoryContentStore, MemoryRouter
 
     async def run() -> None:
@@ -129,9 +129,11 @@ def serve_agent(args: argparse.Namespace) -> None:
                 memory = MemoryContentStore()
                 memory.add_file(args.blob_file, digest=args.digest)
                 store = memory
-            app = create_app(store, MemoryRouter())
+            registry = Registry(store, MemoryRouter())
             async with trio.open_nursery() as nursery:
-                port = await nursery.start(functools.partial(serve_registry, app, "127.0.0.1", 0))
+                port = await nursery.start(
+                    functools.partial(run_registry, registry, "127.0.0.1", 0)
+                )
                 await trio.Path(args.port_file).write_text(str(port))
 
     trio.run(run)

@@ -92,7 +92,7 @@ async def test_a_peer_is_refused_while_this_node_has_no_source_for_it(
 ) -> None:
     store = StalledDownload(tmp_path / "a")
     node = await start_node(store)
-    own = node.app.extensions["spegla.registry"].forwarder.own
+    own = node.registry.forwarder.own
     async with httpx.AsyncClient(base_url=node.url, timeout=10) as http:
         with own.open(DIGEST) as feed:
             refused = await http.get(PATH, headers=PEER)

@@ -15,7 +15,7 @@ import trio.testing
 from registry.mirror.job import MirrorSettings
 from registry.serve.app import RegistrySettings
 from tests.fakes import MemoryContentStore, MemoryNetwork
-from tests.registry.conftest import Node, ScriptedPeer, StartNode, StartScripted, fill
+from tests.registry.conftest import SERVERS, Node, ScriptedPeer, StartNode, StartScripted, fill
 
 SETTINGS = RegistrySettings(
     mirror=MirrorSettings(resolve_timeout=0.5, response_timeout=2.0, stall_timeout=5.0)
@@ -58,19 +58,18 @@ async def many_at_once(node: Node, path: str) -> list[httpx.Response]:
     return [a for a in answers if a is not None]
 
 
-@pytest.mark.parametrize("zero_copy", [True, False])
+@pytest.mark.parametrize("registry_server", SERVERS)
 async def test_concurrent_gets_of_one_blob_make_one_peer_transfer(
     clock: trio.testing.MockClock,
     start_node: StartNode,
     network: MemoryNetwork,
     start_scripted: StartScripted,
-    zero_copy: bool,
 ) -> None:
     content = fill(MemoryContentStore())
     body = content.layer_bytes
     late = await start_scripted(ScriptedPeer("late", body, content.layer, pause=0.5))
     network.add(content.layer, late.peer)
-    node = await start_node(settings=SETTINGS, zero_copy=zero_copy)
+    node = await start_node(settings=SETTINGS)
     path = f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
     answers = await many_at_once(node, path)
     assert len(answers) == len(RANGES)
@@ -81,7 +80,7 @@ async def test_concurrent_gets_of_one_blob_make_one_peer_transfer(
         assert answer.headers["content-length"] == str(len(data))
     assert len(late.requests) == 1  # one transfer of the whole blob for all of them
     assert "range" not in late.requests[0][2]
-    assert len(node.app.extensions["spegla.registry"].forwarder.shares) == 0  # nothing left open
+    assert len(node.registry.forwarder.shares) == 0  # nothing left open
 
 
 async def test_a_client_that_leaves_does_not_cut_the_others(
