@@ -24,7 +24,7 @@ from registry.mirror.peer_answer import PeerBusy
 from registry.mirror.resume_wait import RefusalRounds
 from registry.serve.app import RegistrySettings
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter
-from tests.registry.conftest import ScriptedPeer, StartNode, StartScripted
+from tests.registry.conftest import SERVERS, ScriptedPeer, StartNode, StartScripted
 
 CONTENT = os.urandom(3 * 1024 * 1024)
 DIGEST = "sha256:" + hashlib.sha256(CONTENT).hexdigest()
@@ -87,6 +87,7 @@ class StalledDownload(MemoryContentStore):
         return self.ingest if digest == DIGEST else None
 
 
+@pytest.mark.parametrize("registry_server", SERVERS)
 async def test_a_peer_is_refused_while_this_node_has_no_source_for_it(
     clock: trio.testing.MockClock, start_node: StartNode, tmp_path: Path
 ) -> None:

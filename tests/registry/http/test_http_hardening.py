@@ -27,7 +27,7 @@ from registry.serve.access_log import client_ip, parse_trusted_proxies
 from registry.serve.app import Registry, RegistrySettings
 from registry.serve.server import run_registry
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha256_digest
-from tests.registry.conftest import LOOPBACK, StartNode, fill
+from tests.registry.conftest import LOOPBACK, SERVERS, StartNode, fill
 
 FAST = MirrorSettings(resolve_timeout=0.5, response_timeout=1.0, stall_timeout=1.0)
 AUTH = BasicAuth("spegla", "s3cret")
@@ -121,6 +121,7 @@ def test_forwarded_for_is_ignored_unless_the_peer_is_a_trusted_proxy() -> None:
 # --- credentials before admission ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("registry_server", SERVERS)
 async def test_no_refusal_oracle_without_credentials(start_node: StartNode) -> None:
     node = await start_node(settings=RegistrySettings(basic_auth=AUTH, peer_upload_limit=1))
     digest = "sha256:" + "5" * 64
