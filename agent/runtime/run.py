@@ -195,12 +195,10 @@ async def containerd_backend(cfg: RegistryConfig, router: Router) -> AsyncIterat
         store.ingests = watcher
 
         def inflight_stats() -> dict[str, Any]:
-            from registry.serve.inflight import UPLOADS
-
             downloads = [
                 {"key": e.digest, "total": e.total, "ref": e.ref} for e in watcher.table.entries()
             ]
-            return {"inflight_downloads": downloads, "inflight_uploads": UPLOADS.snapshot()}
+            return {"inflight_downloads": downloads}
 
         async def run_state(
             *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -378,7 +376,10 @@ async def run_agent(
                 # the agent's, whichever server serves the app
                 registry = default_registry(parts)
                 await root.start(supervisor.run, "registry-tasks", registry.run)
-                debug.sections["registry answers"] = lambda: dataclasses.asdict(registry.stats)
+                debug.sections["registry answers"] = lambda: {
+                    **dataclasses.asdict(registry.stats),
+                    "inflight_uploads": registry.inflight_uploads.snapshot(),
+                }
                 app = create_app(registry)
             else:
                 app = hooks.app(parts)

@@ -69,7 +69,7 @@ from registry.serve.classify import (
     look_up,
 )
 from registry.serve.connection import CLIENT_WATCH, AnswerStats, ClientWatch, RegistryConnection
-from registry.serve.inflight import UPLOADS
+from registry.serve.inflight import InflightUploads
 from registry.serve.responses import Response, empty_response
 
 __all__ = ["Registry", "RegistrySettings", "create_app"]
@@ -145,6 +145,8 @@ class Registry:
             discard=store if isinstance(store, DownloadDiscarder) else None,
         )
         self.uploads = UploadSlots(settings.peer_upload_limit)
+        # this registry's uploads of blobs still downloading here (debug page, `lagging`)
+        self.inflight_uploads = InflightUploads()
         self.stats = AnswerStats()
         self._nursery: trio.Nursery | None = None
 
@@ -213,7 +215,7 @@ class Registry:
         release, or the 429 to answer."""
         refusal = self.forwarder.own.refusal(digest, request.remote_addr or "")
         if refusal is not None or not self.uploads.try_acquire(
-            digest, lagging=UPLOADS.lagging(LAGGING_BYTES)
+            digest, lagging=self.inflight_uploads.lagging(LAGGING_BYTES)
         ):
             UPLOADS_BUSY.inc()
             self.stats.refused += 1
@@ -281,6 +283,7 @@ class Registry:
             written = lambda: store.find_inflight(digest) is not None  # noqa: E731
         report = self._report(digest, plan, facts, "inflight")
         body = GrowingBody(
+            self.inflight_uploads,
             plan.ingest,
             plan.offset,
             _body_length(plan),

@@ -27,7 +27,13 @@ from registry.interfaces import BlobReader, ContentNotFound, ContentStore, Descr
 from registry.mirror.buffers import Chunk
 from registry.mirror.job import MirrorAbort, MirrorItem
 from registry.mirror.transfer_report import TransferReport
-from registry.serve.inflight import GrowingFile, IngestBroken, upload_chunks, upload_growing
+from registry.serve.inflight import (
+    GrowingFile,
+    InflightUploads,
+    IngestBroken,
+    upload_chunks,
+    upload_growing,
+)
 from registry.serve.responses import BodyCut
 
 __all__ = ["FileBody", "GrowingBody", "MirrorBody", "Send", "StoredBody"]
@@ -151,6 +157,7 @@ class GrowingBody(FileBody):
 
     def __init__(
         self,
+        uploads: InflightUploads,
         ingest: IngestFile,
         offset: int,
         length: int,
@@ -159,6 +166,7 @@ class GrowingBody(FileBody):
         report: TransferReport | None = None,
     ) -> None:
         super().__init__(offset, length, report)
+        self.uploads = uploads
         self.growing = GrowingFile(ingest, written=written)
         self.peer = peer
 
@@ -196,7 +204,13 @@ class GrowingBody(FileBody):
         with file:
             try:
                 await upload_growing(
-                    self.growing, self.offset, self.length, self.peer, send_range, progress
+                    self.uploads,
+                    self.growing,
+                    self.offset,
+                    self.length,
+                    self.peer,
+                    send_range,
+                    progress,
                 )
             except IngestBroken as exc:
                 raise BodyCut(f"in-flight upload cut: {exc}") from exc
@@ -207,7 +221,8 @@ class GrowingBody(FileBody):
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         try:
-            async for chunk in upload_chunks(self.growing, self.offset, self.length, self.peer):
+            chunks = upload_chunks(self.uploads, self.growing, self.offset, self.length, self.peer)
+            async for chunk in chunks:
                 self._progress(len(chunk))
                 yield chunk
         except IngestBroken as exc:

@@ -1,18 +1,17 @@
 """Serving a blob this node is still downloading: a body that follows a growing file.
 
-Why its own module: the zero-copy front door (`registry.serve.front_door`) and the Quart app both
-serve
-in-flight blobs, and the rules are the same: the response announces the full size (the ingest's
-`total`); bytes go out as they land in the ingest's `data` file; only the contiguous written
-prefix is sent (the file size, cut at the first hole `SEEK_HOLE` reports, so a containerd that
-writes ranges out of order is never read past a gap); when containerd commits, it renames `data`
-to the blob file, and the descriptor opened at the start keeps reading the same bytes.  If the
-file stops growing for `stall_timeout`, shrinks (truncated), or is no longer the ingest's nor the
-committed blob's file (aborted, or restarted as a new file), the body is cut short: the requester
-then resumes elsewhere.  Bytes already on disk go out by `os.sendfile` on the front door.
+Why its own module: the rules of an in-flight body, whichever way it leaves (runs of the file
+handed to the server's zero-copy sends, or chunks read here): the response announces the full
+size (the ingest's `total`); bytes go out as they land in the ingest's `data` file; only the
+contiguous written prefix is sent (the file size, cut at the first hole `SEEK_HOLE` reports, so
+a containerd that writes ranges out of order is never read past a gap); when containerd commits,
+it renames `data` to the blob file, and the descriptor opened at the start keeps reading the
+same bytes. If the file stops growing for `stall_timeout`, shrinks (truncated), or is no longer
+the ingest's nor the committed blob's file (aborted, or restarted as a new file), the body is
+cut short: the requester then resumes elsewhere.
 
-`InflightUploads` counts and describes the uploads in progress (the `spegla_inflight_uploads`
-gauge, and the rows the debug page lists).
+`InflightUploads` counts and describes one registry's uploads in progress (the
+`spegla_inflight_uploads` gauge, and the rows the debug page lists).
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from registry.interfaces import IngestFile
 
 __all__ = [
     "INFLIGHT_UPLOADS",
-    "UPLOADS",
     "GrowingFile",
     "InflightSettings",
     "InflightUploads",
@@ -181,8 +179,8 @@ async def send_growing(
     send_range: SendRange,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Send `length` bytes from `offset` of the growing file with `send_range` (sendfile on the
-    front door), each run as soon as it is on disk; the count sent (IngestBroken when the
+    """Send `length` bytes from `offset` of the growing file with `send_range` (a zero-copy
+    send), each run as soon as it is on disk; the count sent (IngestBroken when the
     download fails first)."""
     position = offset
     end = offset + length
@@ -202,7 +200,8 @@ async def growing_chunks(
     length: int,
     progress: Callable[[int], None] | None = None,
 ) -> AsyncIterator[bytes]:
-    """The same bytes as chunks (for the Quart app), read with pread in a worker thread."""
+    """The same bytes as chunks (for a server without zero-copy sends), read with pread in a
+    worker thread."""
     end = offset + length
     position = offset
     readable = offset
@@ -306,10 +305,8 @@ class InflightUploads:
         return [u.as_dict() for u in [*self.running.values(), *self.finished]]
 
 
-UPLOADS = InflightUploads()  # the process's uploads (one registry per agent process)
-
-
 async def upload_growing(
+    uploads: InflightUploads,
     growing: GrowingFile,
     offset: int,
     length: int,
@@ -319,7 +316,7 @@ async def upload_growing(
 ) -> int:
     """`send_growing`, counted as an upload (IngestBroken: the caller cuts the response);
     `on_progress` gets the bytes sent so far after each run."""
-    with _counted_upload(growing, peer, offset) as upload:
+    with _counted_upload(uploads, growing, peer, offset) as upload:
 
         def add(count: int) -> None:
             upload.add(count)
@@ -330,11 +327,11 @@ async def upload_growing(
 
 
 async def upload_chunks(
-    growing: GrowingFile, offset: int, length: int, peer: str
+    uploads: InflightUploads, growing: GrowingFile, offset: int, length: int, peer: str
 ) -> AsyncIterator[bytes]:
     """`growing_chunks`, counted as an upload; closes the file when done (IngestBroken cuts)."""
     try:
-        with _counted_upload(growing, peer, offset) as upload:
+        with _counted_upload(uploads, growing, peer, offset) as upload:
             async for chunk in growing_chunks(growing, offset, length, upload.add):
                 yield chunk
     finally:
@@ -342,10 +339,12 @@ async def upload_chunks(
 
 
 @contextmanager
-def _counted_upload(growing: GrowingFile, peer: str, offset: int) -> Iterator[Upload]:
-    """An upload of `growing` to `peer` in `UPLOADS` while the block runs: served if it ends
+def _counted_upload(
+    uploads: InflightUploads, growing: GrowingFile, peer: str, offset: int
+) -> Iterator[Upload]:
+    """An upload of `growing` to `peer` in `uploads` while the block runs: served if it ends
     normally, cut if it raises (an IngestBroken is logged)."""
-    upload = UPLOADS.start(growing.ingest.digest, peer, growing.size)
+    upload = uploads.start(growing.ingest.digest, peer, growing.size)
     upload.growing, upload.offset = growing, offset
     ok = False
     try:
@@ -357,4 +356,4 @@ def _counted_upload(growing: GrowingFile, peer: str, offset: int) -> Iterator[Up
         )
         raise
     finally:
-        UPLOADS.end(upload, ok)
+        uploads.end(upload, ok)

@@ -15,9 +15,9 @@ import trio.testing
 
 from registry.interfaces import IngestFile
 from registry.serve.inflight import (
-    UPLOADS,
     GrowingFile,
     InflightSettings,
+    InflightUploads,
     IngestBroken,
     SendRange,
     growing_chunks,
@@ -168,10 +168,10 @@ async def test_uploads_are_counted_and_a_cut_closes_the_connection(tmp_path: Pat
     put(ingest.data_path, CONTENT[:5000])
     a, b = trio.socket.socketpair()
     with a, b, GrowingFile(ingest, InflightSettings(poll_interval=0.005)) as growing:
-        before = UPLOADS.cut
+        uploads = InflightUploads()
         os.unlink(ingest.data_path)
         with pytest.raises(IngestBroken):
-            await upload_growing(growing, 0, len(CONTENT), "10.0.0.9", sender(a, growing))
-        assert UPLOADS.cut == before + 1 and not UPLOADS.running
-        row = UPLOADS.snapshot()[-1]
+            await upload_growing(uploads, growing, 0, len(CONTENT), "10.0.0.9", sender(a, growing))
+        assert uploads.cut == 1 and not uploads.running
+        row = uploads.snapshot()[-1]
         assert row["key"] == DIGEST and row["bytes"] == 5000 and row["state"] == "failed"
