@@ -1,7 +1,7 @@
 """Plans become responses: status, headers and the body each plan is answered with.
 
 Why its own module: `registry.serve.classify` decides; this only shapes.  Headers, status codes
-and error bodies are Spegel's (and the previous front door's, byte for byte): blob answers carry
+and error bodies are Spegel's: blob answers carry
 `Docker-Content-Digest`, `OCI-Namespace`, `Accept-Ranges` and an exact Content-Length; a manifest
 answer its media type; a mirrored answer the head the forwarder chose.  Invariant: a mirror
 response either starts (a `MirrorHead` came first) with the one consumer of the forwarder's

@@ -1,4 +1,4 @@
-"""A burst never turns into a loop: `OwnDownloads` bookkeeping, and the front door's refusal.
+"""A burst never turns into a loop: `OwnDownloads` bookkeeping, and the registry's refusal.
 
 The scene it guards against (seen on real containerd): the node two others streamed a layer from
 dies; each of the two then resumes from the other's download, which holds the same prefix and

@@ -1,5 +1,5 @@
-"""The front door's one HTTP/1.1 parser (h11) through a real socket: legal odd forms get a correct
-answer, malformed requests a 4xx and a closed connection (never silence, never a 5xx)."""
+"""The registry server's one HTTP/1.1 parser (h11) through a real socket: legal odd forms get a
+correct answer, malformed requests a 4xx and a closed connection (never silence, never a 5xx)."""
 
 from __future__ import annotations
 

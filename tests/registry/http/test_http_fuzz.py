@@ -2,7 +2,7 @@
 with a status below 500 (a 4xx for what it cannot read), never hangs past its head timeout and
 keeps serving.
 
-The registry (front door + app, file-backed content, no peers) runs in a thread of its own with
+The registry (the app on our server, file-backed content, no peers) runs in a thread of its own with
 its own Trio loop; each example is a raw request on a fresh blocking socket that half-closes after
 sending, so every example must get an answer: a complete request its response, an incomplete or
 malformed one a 400 (or 413/431).

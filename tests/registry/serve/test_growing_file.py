@@ -53,7 +53,7 @@ def put_at(path: str, offset: int, data: bytes) -> None:
 
 
 def sender(sock: trio.socket.SocketType, growing: GrowingFile) -> SendRange:
-    """Send file ranges on `sock` by sendfile (what the front door's h11 connection does)."""
+    """Send file ranges on `sock` by sendfile (what our server does with zero-copy sends)."""
 
     async def send_range(offset: int, count: int) -> None:
         done = 0
