@@ -1,11 +1,12 @@
 """Blob serving throughput: the agent's registry vs docker-registry, same blob, same machine.
 
-Why: the agent must serve layers at least as fast, and as cheaply, as a plain Go registry.  The
-agent side is the real registry (the Quart-Trio app on our h11 server, blob bodies by its
-zero-copy sends) in its own process, reading from a real containerd content store through `agent.containerd.content_store.ContainerdContentStore`; the
-reference is Debian's docker-registry serving the same bytes from its filesystem storage.  Both
-listen on loopback; curl downloads (1 stream, then 4 in parallel) after one warm-up download.
-Server CPU is utime+stime of the server process from /proc.
+Why: the agent must serve layers at least as fast, and as cheaply, as a plain Go registry. The
+agent side is the real registry (the Quart-Trio app on our h11 server, blob bodies by its zero-copy
+sends) in its own process, reading from a real containerd content store through
+`agent.containerd.content_store.ContainerdContentStore`; the reference is Debian's docker-registry
+serving the same bytes from its filesystem storage. Both listen on loopback; curl downloads (1
+stream, then 4 in parallel) after one warm-up download. Server CPU is utime+stime of the server
+process from /proc.
 
     python -m bench.blob --size-mib 1024 --json
 
