@@ -17,6 +17,8 @@ import dataclasses
 import ipaddress
 from collections.abc import Iterable
 
+from cachetools import TTLCache
+
 from dht.ids import ProviderInfo
 
 __all__ = [
@@ -151,24 +153,22 @@ def reported(
 
 
 class PlainContacts:
-    """Nodes that lately did not answer an ADD_PROVIDER naming addresses: they get the plain one."""
+    """Nodes that lately did not answer an ADD_PROVIDER naming addresses: they get the plain one.
+
+    A node is plain for `hold` s after its last `add`; at most `max_nodes` are remembered (the
+    expired, then the least recently used, go first). Sans-IO: `now` comes with every call and
+    is the cache's clock (monotonic, as the protocol's is)."""
 
     def __init__(self, hold: float = PLAIN_FOR, max_nodes: int = PLAIN_MAX) -> None:
-        self._hold = hold
-        self._max = max_nodes
-        self._until: dict[bytes, float] = {}
+        self._now = 0.0
+        self._nodes: TTLCache[bytes, bool] = TTLCache(
+            maxsize=max_nodes, ttl=hold, timer=lambda: self._now
+        )
 
     def add(self, node_id: bytes, now: float) -> None:
-        self._until.pop(node_id, None)
-        self._until[node_id] = now + self._hold
-        while len(self._until) > self._max:
-            del self._until[next(iter(self._until))]
+        self._now = now
+        self._nodes[node_id] = True
 
     def __call__(self, node_id: bytes, now: float) -> bool:
-        until = self._until.get(node_id)
-        if until is None:
-            return False
-        if until <= now:
-            del self._until[node_id]
-            return False
-        return True
+        self._now = now
+        return node_id in self._nodes

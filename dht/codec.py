@@ -176,6 +176,7 @@ def unseal(data: bytes, psk: bytes | None) -> bytes:
 # -- addresses -----------------------------------------------------------------------------------
 
 
+# memos of pure functions (bounded): shared by every node in the process, never changing an answer
 @functools.lru_cache(maxsize=8192)
 def pack_ip(host: str) -> bytes:
     return socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)

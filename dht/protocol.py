@@ -18,99 +18,53 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import itertools
-import os
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-
-from cachetools import LRUCache
 
 from dht import codec
-from dht.addresses import UNSPECIFIED, PlainContacts, reported
-from dht.announce import AnnounceSchedule
-from dht.codec import (
-    Ack,
-    AddProvider,
-    DecodeError,
-    FindNode,
-    GetProviders,
-    Message,
-    Nodes,
-    Ping,
-    Pong,
-    Providers,
-)
+from dht.addresses import UNSPECIFIED, reported
+from dht.codec import Ack, AddProvider, DecodeError, Message, Nodes, Ping, Providers
 from dht.config import ProtocolConfig as ProtocolConfig
 from dht.config import Statistics as Statistics
-from dht.effects import BootstrapDone, Effect, LookupDone, ProvidersFound, Send
-from dht.ids import ID_BITS, Contact, ProviderInfo, RecordState, key_id, random_id_in_bucket
-from dht.lookup import Lookup
+from dht.effects import Effect, ProvidersFound
+from dht.ids import Contact, ProviderInfo, RecordState, key_id, random_id_in_bucket
+from dht.jobs import L_ANNOUNCE, L_REFRESH, L_RESOLVE, Jobs
 from dht.providers import ProviderStore
-from dht.ratelimit import SourceLimiter, TokenBucket
+from dht.ratelimit import SourceLimiter
 from dht.relocation import Relocations
-from dht.responder import Responder, fit
-from dht.routing_table import RoutingTable
+from dht.responder import Responder
+from dht.rpc import (
+    P_ADD,
+    P_BOOTSTRAP,
+    P_EVICT_PING,
+    P_LOOKUP,
+    P_MOVE,
+    P_VERIFY,
+    PONG_SIZE,
+    T_DUE,
+    T_MAINTENANCE,
+    T_PACE,
+    T_STALL,
+    Pending,
+)
 from dht.tokens import TokenIssuer
+
+__all__ = ["PONG_SIZE", "TTL_SLACK", "DhtProtocol", "ProtocolConfig", "Statistics"]
 
 OWN_SLOT = ("0.0.0.0", 0)  # the store slot of this node's own records
 
-# what a pending RPC is for
-P_LOOKUP, P_EVICT_PING, P_BOOTSTRAP, P_ADD, P_MOVE, P_VERIFY = range(6)
-# lookup purposes
-L_RESOLVE, L_ANNOUNCE, L_JOIN, L_REFRESH = range(4)
-# timer kinds
-T_STALL, T_TIMEOUT, T_MAINTENANCE, T_DUE, T_PACE = range(5)
-
 BOOTSTRAP_TRIES = 3
-TOKEN_FRESH = 240.0  # a token we were given stays usable this long (secrets rotate every 300 s)
-TOKEN_CACHE = 8192
 TTL_SLACK = 1.25  # a stored record lives at most this times our own ttl for its state
 MAX_VERIFYING = 64  # pings in flight to unproven requesters before they enter the table
-# a ping padded so that the largest pong (with a token) fits in the size of the ping
-PONG_SIZE = len(codec.encode(Pong(codec.MAX_TXID, bytes(32), bytes(8))))
 PADDED_PING = PONG_SIZE + 1  # a padded ping is this long at most (its length header may grow)
 
-_REPLY_TYPE = {Ping: Pong, FindNode: Nodes, GetProviders: Providers, AddProvider: Ack}
 
+class DhtProtocol(Jobs):
+    """The whole core: `dht.rpc` (requests in flight) < `dht.jobs` (lookups, announces, joins) <
+    this (the public API, answering requests, replies, timeouts, trust, maintenance)."""
 
-@dataclass(slots=True)
-class _Pending:
-    addr: tuple[str, int]
-    node_id: bytes | None
-    reply_type: type
-    purpose: int
-    ref: int
-    # an ADD_PROVIDER naming our other addresses (version 3): the plain one, sent if this times out
-    plain_retry: AddProvider | None = None
-
-
-@dataclass(slots=True)
-class _LookupJob:
-    lookup: Lookup
-    purpose: int
-    ref: int = 0  # bootstrap job id for joins
-    key: bytes = b""
-    # resolve: providers reported, by (id, address)
-    seen: dict[tuple[bytes, str], RecordState] = field(default_factory=dict)
-    stored: set[bytes] = field(default_factory=set)  # announce: who already took our record
-
-
-@dataclass(slots=True)
-class _Bootstrap:
-    addrs: list[tuple[str, int]]
-    waiting: int
-    tries: dict[tuple[str, int], int] = field(default_factory=dict)
-
-
-class DhtProtocol:
     def __init__(self, config: ProtocolConfig, rng: random.Random | None = None) -> None:
-        self.config = config
-        self.node_id = config.node_id
-        # secrets and nonces: the OS's, unless the caller injects a seeded rng for determinism
-        self._random_bytes = os.urandom if rng is None else rng.randbytes
-        self.rng = rng or random.Random(os.urandom(16))
-        self.table = RoutingTable(config.node_id, config.k)
+        super().__init__(config, rng)
         self.tokens = TokenIssuer(self._random_bytes)
         # the answering side (dht.responder): reads the table, the store and the tokens
         self.responder = Responder(
@@ -125,39 +79,7 @@ class DhtProtocol:
         self.relocations = Relocations()
         self._verifying: set[bytes] = set()  # unproven requesters being pinged (bounded)
         self.limiter = SourceLimiter(config.rate, config.burst)
-        self.schedule = AnnounceSchedule(
-            config.refresh,
-            self.rng,
-            refresh_by_state={s: config.refresh_for(s) for s in RecordState},
-        )
-        # where our in-flight/claim records went, so withdrawing one reaches them at once
-        self._holders: dict[bytes, dict[bytes, Contact]] = {}
-        self._pending: dict[int, _Pending] = {}
-        self._timers: list[tuple[float, int, int, int]] = []  # (when, seq, kind, ref)
-        self._seq = itertools.count()
-        self._lookups: dict[int, _LookupJob] = {}
-        self._ids = itertools.count(1)
-        self._bootstraps: dict[int, _Bootstrap] = {}
-        # tokens others gave us, by their address: an announce lookup sends ADD_PROVIDER at once
-        # (its ACK lists closer nodes like a FIND_NODE reply) to nodes whose token is fresh
-        self._their_tokens: LRUCache[tuple[str, int], tuple[bytes, float]] = LRUCache(
-            maxsize=TOKEN_CACHE
-        )
-        self._bootstrap_addrs: list[tuple[str, int]] = []
-        self._plain = PlainContacts()  # older nodes: ADD_PROVIDER without our other addresses
-        self._announcing = 0
         self._maintenance_at: float | None = None
-        self._due_at: float | None = None
-        self._starting = False
-        self.pacer = TokenBucket(config.announce_rate, config.announce_burst)
-        self._pace_timer: float | None = None
-        self._c = dict.fromkeys(
-            (
-                "rpcs_sent rpcs_received rpcs_timed_out bad_datagrams rate_limited"
-                " unexpected_replies datagrams_sent datagrams_received replies_trimmed"
-            ).split(),
-            0,
-        )
 
     @property
     def store(self) -> ProviderStore:
@@ -184,9 +106,6 @@ class DhtProtocol:
             moves_refused=self.relocations.refused,
             **self._c,
         )
-
-    def next_deadline(self) -> float | None:
-        return self._timers[0][0] if self._timers else None
 
     def start_resolve(self, key: str, now: float) -> tuple[int, list[Effect]]:
         """Start finding providers of `key`; results come as ProvidersFound / LookupDone effects."""
@@ -250,18 +169,6 @@ class DhtProtocol:
         out: list[Effect] = []
         self._ensure_maintenance(now)
         return self._bootstrap(list(dict.fromkeys(addrs)), now, out), out
-
-    def _bootstrap(self, addrs: list[tuple[str, int]], now: float, out: list[Effect]) -> int:
-        job_id = next(self._ids)
-        if addrs:
-            self._bootstrap_addrs = addrs
-        self._bootstraps[job_id] = _Bootstrap(addrs, len(addrs), dict.fromkeys(addrs, 1))
-        for addr in addrs:
-            ping = Ping(self._txid(), self.node_id)
-            self._request(ping, addr, None, P_BOOTSTRAP, job_id, now, out)
-        if not addrs:
-            self._join(job_id, now, out)
-        return job_id
 
     # -- input -----------------------------------------------------------------------------------
 
@@ -333,60 +240,7 @@ class DhtProtocol:
                     self._on_failure(pending, now, out)
         return out
 
-    # -- internals: requests -----------------------------------------------------------------------
-
-    def _txid(self) -> int:
-        """A fresh random transaction id: the nonce a reply must echo from where we sent it."""
-        while True:
-            txid = int.from_bytes(self._random_bytes(4), "big") & codec.MAX_TXID
-            if txid not in self._pending:
-                return txid
-
-    def _timer(self, when: float, kind: int, ref: int) -> None:
-        heapq.heappush(self._timers, (when, next(self._seq), kind, ref))
-
-    def _send(
-        self, msg: Message, addr: tuple[str, int], out: list[Effect], budget: int | None = None
-    ) -> None:
-        payload: bytes | None = codec.encode(msg)
-        if budget is not None and payload is not None and len(payload) > budget:
-            self._c["replies_trimmed"] += 1
-            payload = fit(msg, budget)
-            if payload is None:
-                return
-        assert payload is not None
-        self._c["datagrams_sent"] += 1
-        out.append(Send(addr, codec.seal(payload, self.config.psk)))
-
-    def _request(
-        self,
-        msg: Ping | FindNode | GetProviders | AddProvider,
-        addr: tuple[str, int],
-        node_id: bytes | None,
-        purpose: int,
-        ref: int,
-        now: float,
-        out: list[Effect],
-    ) -> None:
-        plain = None
-        if isinstance(msg, AddProvider) and msg.more_hosts:
-            plain = dataclasses.replace(msg, more_hosts=())
-        elif not isinstance(msg, AddProvider) and self.config.psk is None:
-            # without the key the receiver answers in full only a proven source: its token for
-            # our IP proves us; without one, padding makes its full answer no larger than ours
-            entry = self._their_tokens.get(addr)
-            if entry is not None and now - entry[1] < TOKEN_FRESH:
-                msg = dataclasses.replace(msg, proof=entry[0])
-            else:
-                msg = codec.padded(msg, PONG_SIZE if isinstance(msg, Ping) else codec.MAX_PAYLOAD)
-        self._pending[msg.txid] = _Pending(
-            addr, node_id, _REPLY_TYPE[type(msg)], purpose, ref, plain
-        )
-        self._c["rpcs_sent"] += 1
-        self._send(msg, addr, out)
-        if purpose == P_LOOKUP:
-            self._timer(now + self.config.rpc_stall, T_STALL, msg.txid)
-        self._timer(now + self.config.rpc_timeout, T_TIMEOUT, msg.txid)
+    # -- internals: what a reply or a request teaches the table ---------------------------------
 
     def _seen(self, contact: Contact, now: float, out: list[Effect]) -> None:
         """`contact` spoke from a proven address (a reply, or a request with proof)."""
@@ -473,7 +327,7 @@ class DhtProtocol:
                     out.append(ProvidersFound(job.ref, tuple(found)))
             self._pump(job, now, out)
 
-    def _on_failure(self, pending: _Pending, now: float, out: list[Effect]) -> None:
+    def _on_failure(self, pending: Pending, now: float, out: list[Effect]) -> None:
         if pending.purpose == P_MOVE:  # the id's contact is judged by dht.relocation, not here
             if pending.node_id is not None:
                 moved = self.relocations.silent(pending.node_id, pending.addr)
@@ -505,130 +359,6 @@ class DhtProtocol:
             if job is not None and pending.node_id is not None:
                 job.lookup.failed(pending.node_id)
                 self._pump(job, now, out)
-
-    # -- internals: lookups ----------------------------------------------------------------------
-
-    def _new_lookup(self, target: bytes, purpose: int, now: float) -> _LookupJob:
-        seeds = self.table.closest(target, self.config.k)
-        k, alpha = self.config.k, self.config.alpha
-        lookup = Lookup(target, seeds, self_id=self.node_id, k=k, alpha=alpha)
-        job = _LookupJob(lookup, purpose, next(self._ids), target)
-        self._lookups[job.ref] = job
-        self.table.touch(target, now)
-        return job
-
-    def _pump(self, job: _LookupJob, now: float, out: list[Effect]) -> None:
-        lookup = job.lookup
-        for cand in lookup.next_queries():
-            txid = self._txid()
-            msg: FindNode | GetProviders | AddProvider
-            if job.purpose == L_RESOLVE:
-                msg = GetProviders(txid, self.node_id, lookup.target, 0)
-            elif job.purpose == L_ANNOUNCE and (token := self._fresh_token(cand.contact, now)):
-                msg = self._add_provider(txid, lookup.target, token, cand.contact.node_id, now)
-                self._note_holder(lookup.target, cand.contact)
-            else:
-                msg = FindNode(txid, self.node_id, lookup.target)
-            self._request(msg, cand.contact.addr, cand.contact.node_id, P_LOOKUP, job.ref, now, out)
-        if lookup.finished and self._lookups.pop(job.ref, None) is not None:
-            self._finished(job, now, out)
-
-    def _finished(self, job: _LookupJob, now: float, out: list[Effect]) -> None:
-        if job.purpose == L_RESOLVE:
-            out.append(LookupDone(job.ref, job.lookup.stats()))
-        elif job.purpose == L_JOIN:
-            out.append(BootstrapDone(job.ref, len(self.table)))
-            # the self-lookup taught us our neighbourhood; the far buckets, which hold the first hop
-            # of most lookups, are filled by looking up a random id in each
-            for index in range(ID_BITS - 1, ID_BITS - 1 - self.config.join_refresh, -1):
-                target = random_id_in_bucket(self.node_id, index, self.rng)
-                self._pump(self._new_lookup(target, L_REFRESH, now), now, out)
-        elif job.purpose == L_ANNOUNCE:
-            self._announcing -= 1
-            kid = job.key
-            responders = job.lookup.responders()
-            if kid in self.schedule:
-                for cand in responders:
-                    if cand.contact.node_id in job.stored:
-                        continue  # already stored while looking up
-                    msg = self._add_provider(
-                        self._txid(), kid, cand.token, cand.contact.node_id, now
-                    )
-                    self._note_holder(kid, cand.contact)
-                    self._request(msg, cand.contact.addr, cand.contact.node_id, P_ADD, 0, now, out)
-                # nobody to tell yet (alone, or cut off): try again soon rather than in `refresh`
-                delay = None if responders else min(self.config.refresh, 30.0)
-                self.schedule.reschedule(kid, now, delay)
-                self._arm_due()
-            self._start_announces(now, out)
-
-    def _add_provider(
-        self, txid: int, kid: bytes, token: bytes, to: bytes, now: float
-    ) -> AddProvider:
-        """Our record of `kid`, in the state it is advertised with now, for node `to` (our other
-        addresses too, unless `to` lately did not answer that form)."""
-        state = self.schedule.state(kid)
-        ttl = int(self.config.ttl_for(state))
-        more_hosts = () if self._plain(to, now) else self.config.more_hosts
-        port = self.config.registry_port
-        return AddProvider(txid, self.node_id, kid, port, ttl, token, state, more_hosts)
-
-    def _note_holder(self, kid: bytes, contact: Contact) -> None:
-        """Remember who got an in-flight/claim record of ours (bounded by k per such key)."""
-        if self.schedule.state(kid) is RecordState.COMPLETE:
-            self._holders.pop(kid, None)  # complete records lapse with their ttl
-            return
-        holders = self._holders.setdefault(kid, {})
-        if contact.node_id in holders or len(holders) < 2 * self.config.k:
-            holders[contact.node_id] = contact
-
-    def _fresh_token(self, contact: Contact, now: float) -> bytes:
-        entry = self._their_tokens.get(contact.addr)
-        return entry[0] if entry is not None and now - entry[1] < TOKEN_FRESH else b""
-
-    def _start_announces(self, now: float, out: list[Effect]) -> None:
-        if self._starting or not len(self.table):
-            return  # re-entered from a job that finished at once; or nobody to announce to yet
-        self._starting = True
-        try:
-            while self._announcing < self.config.announce_concurrency:
-                if not self.schedule.queued():
-                    return
-                if not self.pacer.take(now):
-                    if self._pace_timer is None:
-                        self._pace_timer = self.pacer.next_token_at(now)
-                        self._timer(self._pace_timer, T_PACE, 0)
-                    return
-                kid = self.schedule.pop_queued()
-                if kid is None:
-                    return
-                self._announcing += 1
-                self._pump(self._new_lookup(kid, L_ANNOUNCE, now), now, out)
-        finally:
-            self._starting = False
-
-    def _arm_due(self) -> None:
-        due = self.schedule.next_due()
-        if due is not None and (self._due_at is None or due < self._due_at):
-            self._due_at = due
-            self._timer(due, T_DUE, 0)
-
-    def _bootstrap_step(self, job_id: int, now: float, out: list[Effect]) -> None:
-        boot = self._bootstraps.get(job_id)
-        if boot is None:
-            return
-        boot.waiting -= 1
-        if boot.waiting <= 0:
-            self._join(job_id, now, out)
-
-    def _join(self, job_id: int, now: float, out: list[Effect]) -> None:
-        self._bootstraps.pop(job_id, None)
-        job = self._new_lookup(self.node_id, L_JOIN, now)
-        self._lookups.pop(job.ref)
-        job.ref = job_id
-        self._lookups[job_id] = job
-        self._pump(job, now, out)
-        self._start_announces(now, out)
 
     # -- internals: maintenance ------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from registry.interfaces import Peer, PeerState, Router
 
 logger = logging.getLogger(__name__)
 
+# a Prometheus metric: process-wide by design, registered once at import (agent.advertising.state)
 INFLIGHT_INGESTS = Gauge(
     "spegla_inflight_ingests",
     "Blobs this node's containerd is downloading right now, advertised as in progress.",

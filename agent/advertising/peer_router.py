@@ -15,13 +15,14 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 
 import trio
+from cachetools import TTLCache
 
 from dht.ids import ProviderInfo, RecordState
 from dht.node import DhtRouter
 from registry.interfaces import Peer, PeerState, Router
 
 RECENT_TTL = 10.0  # seconds a lookup's providers are handed out again without a lookup
-RECENT_KEYS = 4096  # keys remembered at most (oldest forgotten first)
+RECENT_KEYS = 4096  # keys remembered at most (the least recently used forgotten first)
 
 
 def as_peer(provider: ProviderInfo) -> Peer:
@@ -41,7 +42,11 @@ class RegistryRouter:
 
     def __init__(self, dht: DhtRouter) -> None:
         self._dht = dht
-        self._recent: dict[str, tuple[float, dict[tuple[str, int], Peer]]] = {}
+        # key -> providers found by lookups; a key's entry lives RECENT_TTL s from its last find
+        # (on the Trio clock: the router is only used inside the agent's trio.run)
+        self._recent: TTLCache[str, dict[tuple[str, int], Peer]] = TTLCache(
+            maxsize=RECENT_KEYS, ttl=RECENT_TTL, timer=trio.current_time
+        )
 
     def ready(self) -> bool:
         return self._dht.ready()
@@ -55,22 +60,14 @@ class RegistryRouter:
     def known_providers(self, key: str) -> list[Peer]:
         """Providers of `key` known without a lookup (see the module doc)."""
         peers = {(p.host, p.port): p for p in map(as_peer, self._dht.known_providers(key))}
-        recent = self._recent.get(key)
-        if recent is not None:
-            if recent[0] > trio.current_time():
-                for address, peer in recent[1].items():
-                    peers.setdefault(address, peer)
-            else:
-                del self._recent[key]
+        for address, peer in self._recent.get(key, {}).items():
+            peers.setdefault(address, peer)
         return list(peers.values())
 
     def _remember(self, key: str, peer: Peer) -> None:
-        expires = trio.current_time() + RECENT_TTL
-        _, peers = self._recent.pop(key, (0.0, {}))
+        peers = self._recent.get(key, {})
         peers[(peer.host, peer.port)] = peer
-        self._recent[key] = (expires, peers)  # re-inserted: newest last
-        while len(self._recent) > RECENT_KEYS:
-            del self._recent[next(iter(self._recent))]
+        self._recent[key] = peers  # (re)set: lives RECENT_TTL s from now
 
     @asynccontextmanager
     async def resolve(self, key: str) -> AsyncIterator[AsyncIterator[Peer]]:

@@ -48,6 +48,8 @@ from registry.oci.filters import ReferenceFilter
 
 logger = logging.getLogger(__name__)
 
+# Prometheus metrics are process-wide by design (Spegel's names, registered once at import): the
+# one kind of module-level state the agent keeps; the tracker writes them, /metrics reads them.
 ADVERTISED_IMAGES = Gauge(
     "spegel_advertised_images", "Number of images advertised to be available.", ["registry"]
 )

@@ -10,6 +10,7 @@ every node picks the same seeds and the network cannot split.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -19,10 +20,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-import h11
 import trio
+from quart import Response, request
+from quart_trio import QuartTrio
 
 from agent.config import ConfigError, HostPort, ListenAddr, parse_peer
+from agent.observability.metrics_server import serve_app
+from registry.http.client import PeerClient, PeerError
 
 logger = logging.getLogger(__name__)
 
@@ -167,43 +171,63 @@ def _endpoint(addr: str, port: int) -> HostPort:
 
 
 async def http_get(url: str, *, max_body: int = MAX_ID_BODY) -> tuple[int, bytes, str]:
-    """A minimal HTTP/1.1 GET (status, body, peer IP) over Trio; bounded body; plain http only."""
+    """GET `url` (plain http) with the registry's peer client: (status, body, peer IP).
+
+    The body is bounded by `max_body`; a connection that cannot be made raises the OS's error
+    (callers tell "refused" from "unreachable" by it); anything else is a BootstrapError. No
+    timeout inside: callers bound it with a cancel scope.
+    """
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise BootstrapError(f"only http:// bootstrap URLs are supported, got {url!r}")
-    port = parts.port or 80
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    host_header = parts.netloc
-    stream = await trio.open_tcp_stream(parts.hostname, port)
-    async with stream:
-        peer_ip = str(stream.socket.getpeername()[0])
-        conn = h11.Connection(h11.CLIENT)
-        request = h11.Request(
-            method="GET",
-            target=path,
-            headers=[("Host", host_header), ("Connection", "close"), ("User-Agent", "spegla")],
-        )
-        await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
-        status = 0
-        body = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-                continue
-            if isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                body += event.data
+    try:
+        port = parts.port or 80
+    except ValueError as exc:
+        raise BootstrapError(f"bad port in {url!r}: {exc}") from None
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    headers = [("Connection", "close"), ("User-Agent", "spegla")]
+    client = PeerClient()
+    try:
+        async with client.request(parts.hostname, port, "GET", target, headers) as response:
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_body:
+                raise BootstrapError(f"answer from {url} is larger than {max_body} bytes")
+            body = bytearray()
+            while (chunk := await response.receive()) is not None:
+                body += chunk
                 if len(body) > max_body:
                     raise BootstrapError(f"answer from {url} is larger than {max_body} bytes")
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                break
-        return status, bytes(body), peer_ip
+            return response.status, bytes(body), response.peer_ip
+    except PeerError as exc:
+        reason = exc.__context__
+        if isinstance(reason, OSError):  # the connect itself failed: its error, causes kept
+            raise reason from reason.__cause__
+        raise BootstrapError(f"GET {url} failed: {exc}") from None
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+
+
+def id_app(self_info: SelfInfo) -> QuartTrio:
+    """`GET /id` answers this node's `id_document`; every other request is a plain 404."""
+    app = QuartTrio("spegla-bootstrap")
+    methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+    @app.route("/", defaults={"path": ""}, methods=methods)
+    @app.route("/<path:path>", methods=methods)
+    async def answer(path: str) -> Response:
+        if request.method == "GET" and path == "id":
+            local_ip = str((request.scope.get("server") or ("",))[0] or "")
+            body = id_document(self_info, local_ip)
+            return Response(body, status=200, content_type="application/json")
+        return Response(b"not found\n", status=404, content_type="text/plain")
+
+    return app
 
 
 class HttpBootstrap:
-    """Serves this node's `/id` (when `serve_addr` is set) and fetches seeds from `url`."""
+    """Serves this node's `/id` on its own address (when `serve_addr` is set: `--http-bootstrap-
+    addr`, apart from the registry and metrics ports) and fetches seeds from `url`."""
 
     def __init__(self, self_info: SelfInfo, serve_addr: ListenAddr | None, url: str) -> None:
         self.self_info = self_info
@@ -215,49 +239,18 @@ class HttpBootstrap:
         if self.serve_addr is None:
             task_status.started()
             await trio.sleep_forever()
-        listeners = await trio.open_tcp_listeners(
-            self.serve_addr.port, host=self.serve_addr.host or None
-        )
-        self.bound_port = int(listeners[0].socket.getsockname()[1])
-        logger.info("serving bootstrap /id", extra={"port": self.bound_port})
         async with trio.open_nursery() as nursery:
+            self.bound_port = await nursery.start(
+                functools.partial(
+                    serve_app,
+                    id_app(self.self_info),
+                    self.serve_addr,
+                    shutdown_trigger=trio.sleep_forever,  # stops when cancelled
+                    grace=0.0,
+                )
+            )
+            logger.info("serving bootstrap /id", extra={"port": self.bound_port})
             task_status.started()
-            nursery.start_soon(trio.serve_listeners, self._handle, listeners)
-
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            with trio.move_on_after(HTTP_TIMEOUT):
-                try:
-                    await self._answer(stream)
-                except (trio.BrokenResourceError, h11.ProtocolError) as exc:
-                    logger.debug("bootstrap request failed", extra={"error": repr(exc)})
-
-    async def _answer(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
-                conn.receive_data(data)
-                if not data:
-                    return
-                continue
-            break
-        if not isinstance(event, h11.Request):
-            return
-        local_ip = str(stream.socket.getsockname()[0])
-        if event.method == b"GET" and event.target.split(b"?")[0] == b"/id":
-            status, body, ctype = 200, id_document(self.self_info, local_ip), "application/json"
-        else:
-            status, body, ctype = 404, b"not found\n", "text/plain"
-        headers = [
-            ("Content-Type", ctype),
-            ("Content-Length", str(len(body))),
-            ("Connection", "close"),
-        ]
-        out = conn.send(h11.Response(status_code=status, headers=headers))
-        out += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
-        await stream.send_all(out)
 
     async def get(self) -> list[HostPort]:
         if not self.url:
@@ -265,7 +258,7 @@ class HttpBootstrap:
         with trio.move_on_after(HTTP_TIMEOUT) as scope:
             try:
                 status, body, peer_ip = await http_get(self.url)
-            except (OSError, h11.ProtocolError, trio.BrokenResourceError) as exc:
+            except OSError as exc:
                 raise BootstrapError(f"GET {self.url} failed: {exc}") from None
         if scope.cancelled_caught:
             raise BootstrapError(f"GET {self.url} timed out")

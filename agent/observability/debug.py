@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import trio
+from cachetools import LRUCache
 
 from agent.observability.live_stats import LiveStats, Transfer
 from registry.events import MirrorEvent, MirrorOutcome, PeerFetchFailed, TransferProgress
@@ -114,10 +115,15 @@ class DebugState:
     _subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = field(default_factory=set)
     dropped: int = 0
     live: LiveStats = field(default_factory=LiveStats)
-    _transfer_started: dict[str, float] = field(default_factory=dict)
+    # transfer id -> when it started, until its end event; ends that never come are forgotten
+    # least recently used first, beyond 4x the transfers shown
+    _transfer_started: LRUCache[str, float] = field(init=False, repr=False)
     clock: Callable[[], float] = time.time
-    # what this agent trusts (`agent.runtime.run.trust_summary`): the page shows `notice` when set
+    # what this agent trusts (`agent.node.setup.trust_summary`): the page shows `notice` when set
     trust: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._transfer_started = LRUCache(maxsize=max(1, 4 * self.live.max_transfers))
 
     def record_mirror(self, result: MirrorResult) -> None:
         self.results.appendleft(result)
@@ -146,8 +152,6 @@ class DebugState:
                 )
             )
         elif isinstance(event, TransferProgress):
-            if len(self._transfer_started) > 4 * self.live.max_transfers:
-                self._transfer_started.clear()  # ends that never came: forget their start times
             started = self._transfer_started.setdefault(event.id, event.at)
             if event.state != "running":
                 self._transfer_started.pop(event.id, None)

@@ -162,6 +162,8 @@ class DhtCollector(Collector):
         return families(combined(source() for source in sources))
 
 
+# Prometheus registration, the one process-wide state here (prometheus-client's registries are
+# process-wide): each registry -> its one DHT collector, present while a node is attached to it.
 _collectors: dict[CollectorRegistry, DhtCollector] = {}
 _collectors_lock = threading.Lock()
 

@@ -11,9 +11,11 @@ the page and
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+from cachetools import LRUCache
 
 HIT_WINDOW = 300.0  # seconds: "hit ratio over the last 5 minutes"
 
@@ -66,9 +68,14 @@ class LiveStats:
     bytes_out_total: int = 0
     _outcomes: deque[tuple[float, bool]] = field(default_factory=deque)
     _buckets: deque[list[int]] = field(default_factory=deque)  # [second, in, out]
-    _peers: OrderedDict[str, PeerTraffic] = field(default_factory=OrderedDict)
-    _transfers: OrderedDict[str, Transfer] = field(default_factory=OrderedDict)
+    # the least recently touched peer / transfer is forgotten first (cachetools' LRU order)
+    _peers: LRUCache[str, PeerTraffic] = field(init=False, repr=False)
+    _transfers: LRUCache[str, Transfer] = field(init=False, repr=False)
     _finished: deque[Transfer] = field(default_factory=lambda: deque(maxlen=8))
+
+    def __post_init__(self) -> None:
+        self._peers = LRUCache(maxsize=max(1, self.max_peers))
+        self._transfers = LRUCache(maxsize=max(1, self.max_transfers))
 
     # --- observations -----------------------------------------------------------------------
 
@@ -104,9 +111,6 @@ class LiveStats:
         """Start or update a transfer (same id); a finished one leaves the current list."""
         if t.state == "running":
             self._transfers[t.id] = t
-            self._transfers.move_to_end(t.id)
-            while len(self._transfers) > self.max_transfers:
-                self._transfers.popitem(last=False)
         else:
             self._transfers.pop(t.id, None)
             self._finished.append(t)
@@ -202,6 +206,4 @@ class LiveStats:
         traffic = self._peers.get(peer)
         if traffic is None:
             traffic = self._peers[peer] = PeerTraffic(peer)
-            while len(self._peers) > self.max_peers:
-                self._peers.popitem(last=False)
         return traffic

@@ -104,7 +104,10 @@ def create_metrics_app(
     async def tasks() -> Response:
         tree = task_tree()
         if request.args.get("format") == "json":
-            body = json.dumps({"tasks": count_tasks(tree), "root": task_tree_json(tree)})
+            services = {} if debug is None else debug.services()
+            body = json.dumps(
+                {"tasks": count_tasks(tree), "root": task_tree_json(tree), "services": services}
+            )
             return Response(body, content_type="application/json")
         return Response(render_task_tree(tree) + "\n", content_type="text/plain; charset=utf-8")
 

@@ -1,10 +1,11 @@
 """Give the heap a burst of requests left behind back to the kernel once the agent goes quiet.
 
 Why: under load (hundreds of connections, each with its parser state, read buffers and tasks) the
-agent's heap grows by ~100 MiB.  When the load ends Python frees those objects, but glibc's malloc
-keeps the freed pages inside its arenas (the main heap and one per worker thread that allocated),
-so RSS stayed ~35 MiB above idle for as long as the agent ran.  `malloc_trim(0)` hands the free
-pages of every arena back.  It walks the heaps, so it is not run on a timer but once per quiet
+agent's heap grows.  When the load ends Python frees those objects, but glibc's malloc keeps the
+freed pages inside its arenas (the main heap and one per worker thread that allocated), so RSS
+would stay above idle for as long as the agent runs (docs/decisions/idle-heap-trim.md has the
+figures and the command that measures them).  `malloc_trim(0)` hands the free pages of every arena
+back.  It walks the heaps, so it is not run on a timer but once per quiet
 spell: `quiet_s` seconds after the last new request, if requests arrived since the last trim.
 Linux with glibc only; elsewhere (musl, macOS) the trimmer does nothing.
 
@@ -86,9 +87,11 @@ async def trim_when_idle(
     trim: Callable[[], object] | None,
     quiet_s: float = QUIET_S,
     check_every_s: float = CHECK_EVERY_S,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Forever: trim the heap once `quiet_s` after each burst of requests (`requests_seen` is a
     running count).  Returns at once when `trim` is None (no glibc)."""
+    task_status.started()
     if trim is None:
         logger.debug("no malloc_trim in this C library; idle heap trimming off")
         return

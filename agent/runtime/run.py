@@ -1,11 +1,12 @@
 """`spegla registry`: the node agent as one Trio nursery of supervised services.
 
-Why this shape: every service (DHT node, metrics/debug server, registry server, bootstrap,
-containerd state tracker) is started with `nursery.start` under a `Supervisor`, so readiness flows
-upwards and a crash is restarted with backoff or, when it keeps happening, ends the process non-
-zero. SIGTERM/SIGINT stop the HTTP servers from accepting, let in-flight requests finish within the
-grace period and exit 0; a second signal cancels at once. SIGUSR1 prints the live task tree to
-stderr.
+Why this shape: every long-lived task is a named service under one `Supervisor` (signals, DHT
+node, debug feed, memory trim, metrics/debug server, registry server, bootstrap source and join,
+containerd state tracker, ready watch), started with `nursery.start`, so readiness flows upwards,
+`/debug/tasks` shows each service by name with its own tasks below it, and a crash is restarted
+with backoff or, when it keeps happening, ends the process non-zero. SIGTERM/SIGINT stop the HTTP
+servers from accepting, let in-flight requests finish within the grace period and exit 0; a second
+signal cancels at once. SIGUSR1 prints the live task tree to stderr.
 
 The containerd side and the HTTP registry app come from typed factories (`BackendFactory`,
 `AppFactory`, `ServeRegistry`) so the same wiring runs in-process in tests with in-memory doubles.
@@ -287,8 +288,16 @@ def _default_serve_with_stats(
 # --- the agent ------------------------------------------------------------------------------------
 
 
-async def _signals(shutdown: trio.Event, root: trio.CancelScope) -> None:
+async def _signals(
+    shutdown: trio.Event,
+    root: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The first SIGTERM/SIGINT sets `shutdown`, a second cancels `root`; SIGUSR1 prints the task
+    tree. Ready once the receiver is installed."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+        task_status.started()
         async for signum in signals:
             if signum == signal.SIGUSR1:
                 print(render_task_tree(task_tree()), file=sys.stderr, flush=True)
@@ -354,10 +363,11 @@ async def run_agent(
             debug.sections["dht"] = lambda: dataclasses.asdict(node.statistics())
             debug.sections["containerd state"] = backend.stats
             if handle_signals:
-                root.start_soon(_signals, shutdown, root.cancel_scope, name="signals")
-            bound = await root.start(supervisor.run, "dht", node.serve)
-            await root.start(
-                supervisor.run, "debug-feed", functools.partial(watch_mirror_metrics, debug)
+                signals = functools.partial(_signals, shutdown, root.cancel_scope)
+                await supervisor.start(root, "signals", signals)
+            bound = await supervisor.start(root, "dht", node.serve)
+            await supervisor.start(
+                root, "debug-feed", functools.partial(watch_mirror_metrics, debug)
             )
             me = SelfInfo(node_id, detect_advertise_addr(cfg), int(bound[1]))
             claims = None
@@ -375,7 +385,7 @@ async def run_agent(
                 # the registry's task tree (mirror fetches, shared fetches, claims' holds) is
                 # the agent's, whichever server serves the app
                 registry = default_registry(parts)
-                await root.start(supervisor.run, "registry-tasks", registry.run)
+                await supervisor.start(root, "registry-tasks", registry.run)
                 debug.sections["registry answers"] = lambda: {
                     **dataclasses.asdict(registry.stats),
                     "inflight_uploads": registry.inflight_uploads.snapshot(),
@@ -387,18 +397,19 @@ async def run_agent(
             serve_registry = hooks.serve_registry or _default_serve_with_stats(
                 debug, server_stats, cfg
             )
-            root.start_soon(
+            await supervisor.start(
+                root,
+                "memory-trim",
                 functools.partial(
                     trim_when_idle, lambda: server_stats.requests, trim=glibc_malloc_trim()
                 ),
-                name="memory-trim",
             )
             grace = grace_seconds(cfg.shutdown_grace)
             metrics_app = create_metrics_app(debug, web_enabled=cfg.debug_web_enabled)
             with trio.CancelScope() as http_scope:
                 async with trio.open_nursery() as http:
-                    metrics_port = await http.start(
-                        supervisor.run,
+                    metrics_port = await supervisor.start(
+                        http,
                         "metrics",
                         functools.partial(
                             serve_app,
@@ -409,8 +420,8 @@ async def run_agent(
                             grace=min(grace, METRICS_GRACE),
                         ),
                     )
-                    registry_port = await http.start(
-                        supervisor.run,
+                    registry_port = await supervisor.start(
+                        http,
                         "registry",
                         functools.partial(
                             serve_registry,
@@ -421,18 +432,23 @@ async def run_agent(
                         ),
                     )
                     bootstrapper = hooks.bootstrapper or make_bootstrapper(cfg, me)
-                    await root.start(supervisor.run, "bootstrap-source", bootstrapper.run)
-                    await root.start(
-                        supervisor.run,
+                    await supervisor.start(root, "bootstrap-source", bootstrapper.run)
+                    await supervisor.start(
+                        root,
                         "bootstrap",
                         functools.partial(
                             keep_joined, bootstrapper, node.bootstrap, router.ready, me
                         ),
                     )
-                    root.start_soon(
-                        _run_state, supervisor, backend, readiness, started_at, name="state"
+                    # not awaited: the agent reports started before the first full advertise
+                    supervisor.start_soon(
+                        root, "state", functools.partial(_run_state, backend, readiness, started_at)
                     )
-                    root.start_soon(_announce_ready, readiness, started_at, name="ready-watch")
+                    supervisor.start_soon(
+                        root,
+                        "ready-watch",
+                        functools.partial(_announce_ready, readiness, started_at),
+                    )
                     logger.info(
                         "agent started",
                         extra={
@@ -462,19 +478,36 @@ async def run_agent(
 
 
 async def _run_state(
-    supervisor: Supervisor, backend: Backend, readiness: Readiness, started_at: float
+    backend: Backend,
+    readiness: Readiness,
+    started_at: float,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """The containerd state tracker; ready (and `readiness.advertised` set, for good) after its
+    first full advertise."""
     async with trio.open_nursery() as nursery:
-        await nursery.start(supervisor.run, "state", backend.run_tracker)
-        readiness.advertised.set()
-        logger.info(
-            "containerd state advertised",
-            extra={"elapsed_s": round(trio.current_time() - started_at, 3), **readiness.detail()},
-        )
+        await nursery.start(backend.run_tracker)
+        if not readiness.advertised:
+            readiness.advertised.set()
+            logger.info(
+                "containerd state advertised",
+                extra={
+                    "elapsed_s": round(trio.current_time() - started_at, 3),
+                    **readiness.detail(),
+                },
+            )
+        task_status.started()
 
 
-async def _announce_ready(readiness: Readiness, started_at: float) -> None:
-    """Log once when the agent first becomes ready, with the time it took."""
+async def _announce_ready(
+    readiness: Readiness,
+    started_at: float,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Log once when the agent first becomes ready, with the time it took; then done."""
+    task_status.started()
     await readiness.wait()
     logger.info(
         "agent ready", extra={"start_to_ready_s": round(trio.current_time() - started_at, 3)}

@@ -74,6 +74,15 @@ class Supervisor:
     states: dict[str, str] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
 
+    async def start(self, nursery: trio.Nursery, name: str, service: Service) -> Any:
+        """Supervise `service` in `nursery` as a task called `name` (so the task tree shows the
+        service by name); return its first readiness value."""
+        return await nursery.start(self.run, name, service, name=name)
+
+    def start_soon(self, nursery: trio.Nursery, name: str, service: Service) -> None:
+        """`start` without waiting for the service to be ready."""
+        nursery.start_soon(self.run, name, service, name=name)
+
     async def run(
         self,
         name: str,

@@ -83,6 +83,15 @@ class PeerResponse:
             if "close" in self.headers.get("connection", "").lower():
                 self.reusable = False
 
+    @property
+    def peer_ip(self) -> str:
+        """The address this response came from (the one a name or a peer's several addresses
+        reached); "" if the socket no longer knows it."""
+        try:
+            return str(self._conn.stream.socket.getpeername()[0])
+        except OSError:
+            return ""
+
     async def first_bytes(self) -> None:
         """Wait until the body's first bytes are here; they stay for the next `receive`.
 

@@ -9,7 +9,7 @@ from typing import cast
 import trio
 import trio.testing
 
-from agent.advertising.peer_router import RECENT_TTL, RegistryRouter
+from agent.advertising.peer_router import RECENT_KEYS, RECENT_TTL, RegistryRouter
 from dht.ids import ProviderInfo, RecordState
 from dht.node import DhtRouter, Node, NodeConfig
 from registry.interfaces import Peer, PeerState, Router
@@ -145,3 +145,17 @@ async def test_lookup_results_are_known_for_a_while(autojump_clock: trio.testing
     assert router.known_providers("sha256:" + "00" * 32) == []
     await trio.sleep(RECENT_TTL + 1)
     assert router.known_providers(KEY) == []
+
+
+async def test_lookup_results_are_bounded_least_recently_used_first(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    info = ProviderInfo(bytes([9]) * 32, "10.0.0.9", 5000, RecordState.COMPLETE)
+    router = RegistryRouter(cast(DhtRouter, _OneProviderDht(info)))
+    keys = [f"sha256:{i:064x}" for i in range(RECENT_KEYS + 1)]
+    for key in keys:
+        async with router.resolve(key) as peers:
+            assert [p async for p in peers]
+    # one key over the bound: the first one found is forgotten, the rest are known
+    assert router.known_providers(keys[0]) == []
+    assert router.known_providers(keys[1]) and router.known_providers(keys[-1])

@@ -3,10 +3,12 @@ and the keep-joined loop under a mock clock."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import socket
 
+import httpx
 import pytest
 import trio
 
@@ -172,3 +174,47 @@ async def test_keep_joined_survives_failing_bootstrapper(autojump_clock: trio.ab
         nursery.cancel_scope.cancel()
     # 50 ms doubling to a 10 s cap: 0.05+0.1+...+6.4 = 12.75 s for 8 rounds, then every 10 s
     assert 10 <= calls <= 14
+
+
+async def test_http_id_answers_only_get_id(nursery: trio.Nursery) -> None:
+    """The `/id` server answers as it always did: GET /id (any query) -> the document, anything
+    else -> 404 text."""
+    server = HttpBootstrap(ME, ListenAddr("127.0.0.1", 0), "")
+    await nursery.start(server.run)
+    base = f"http://127.0.0.1:{server.bound_port}"
+    status, body, _ = await http_get(f"{base}/id?from=peer")
+    assert status == 200 and json.loads(body) == [
+        {"ID": ME.node_id.hex(), "Addrs": [str(HostPort(ME.host, ME.port))]}
+    ]
+    status, body, _ = await http_get(f"{base}/")
+    assert (status, body) == (404, b"not found\n")
+    async with httpx.AsyncClient() as http:
+        posted = await http.post(f"{base}/id", content=b"x")
+    assert posted.status_code == 404 and posted.headers["content-type"].startswith("text/plain")
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_http_get_bounds_the_body(nursery: trio.Nursery, chunked: bool) -> None:
+    """An answer larger than `max_body` is refused, whether its length is declared or not."""
+    big = b"x" * 5000
+
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some(65536)
+            if chunked:
+                head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                body = b"".join(
+                    b"%x\r\n%s\r\n" % (len(big[i : i + 1000]), big[i : i + 1000])
+                    for i in range(0, 5000, 1000)
+                )
+                await stream.send_all(head + body + b"0\r\n\r\n")
+            else:
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + big)
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/id"
+    with pytest.raises(BootstrapError, match="larger than"):
+        await http_get(url, max_body=4096)
+    status, body, ip = await http_get(url, max_body=8192)
+    assert (status, body, ip) == (200, big, "127.0.0.1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from agent.observability.debug import DebugState, MirrorResult
 from agent.observability.live_stats import LiveStats, Transfer
+from registry.events import TransferProgress
 
 
 def test_hit_ratio_covers_the_last_five_minutes_only() -> None:
@@ -74,3 +75,25 @@ def test_snapshot_carries_summary_transfers_and_throughput() -> None:
     assert len(snap["throughput"]) == 60
     assert events.receive_nowait()["type"] == "mirror"
     assert events.receive_nowait()["transfer"]["bytes"] == 10
+
+
+def test_peers_are_bounded_least_recently_seen_first() -> None:
+    stats = LiveStats(max_peers=2)
+    stats.mirrored(1.0, "hit", "10.0.0.1:5000", 10)
+    stats.mirrored(2.0, "hit", "10.0.0.2:5000", 10)
+    stats.mirrored(3.0, "hit", "10.0.0.1:5000", 10)  # .1 seen again: .2 is now the oldest
+    stats.mirrored(4.0, "hit", "10.0.0.3:5000", 10)
+    assert sorted(p["peer"] for p in stats.peer_traffic()) == ["10.0.0.1", "10.0.0.3"]
+
+
+def test_start_times_of_transfers_that_never_end_are_bounded() -> None:
+    state = DebugState(live=LiveStats(max_transfers=2))
+    bound = 4 * 2
+    state.on_mirror_event(TransferProgress(1.0, "kept", "k", "p:5000", 0, None, "running"))
+    for i in range(3 * bound):  # transfers whose end never comes
+        state.on_mirror_event(TransferProgress(2.0, f"lost{i}", "k", "p:5000", 0, None, "running"))
+        # the one still reporting keeps the time it started
+        state.on_mirror_event(TransferProgress(3.0, "kept", "k", "p:5000", i, None, "running"))
+        assert len(state._transfer_started) <= bound
+    kept = [t for t in state.live.transfers() if t["id"] == "kept"]
+    assert kept and kept[0]["started"] == 1.0
