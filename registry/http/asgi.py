@@ -20,8 +20,11 @@ Invariants:
   reset its connection: a client's end of stream counts as leaving, as in nginx) or until the
   response is complete, and then returns `http.disconnect`.  The client's socket is watched
   (a one-byte MSG_PEEK receive) only while the application waits in `receive`; bytes of a
-  pipelined next request mean the client is still there.  A `send` after the client left raises
-  `ClientGone`.
+  pipelined next request mean the client is still there.  After an end of stream sends still
+  go out (a client that half-closed reads its answer; one that closed makes a later write fail
+  with `ClientGone`); after a reset every `send` raises `ClientGone`.  An application that must
+  answer half-closed clients holds the early `http.disconnect` back
+  (`registry.http.disconnect`).
 - The application failing before any response byte went out gets the client a 500; failing
   midway leaves the response incomplete, and the server closes the connection.
 """
@@ -32,7 +35,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import h11
@@ -140,6 +143,7 @@ class _Exchange:
         self.head_only = request.method == "HEAD"
         self.over = trio.Event()
         self.left = False  # the client closed or reset its connection
+        self.reset = False  # ... reset it (or the socket failed): nothing can reach it now
         self.watching = False
         self.body_given = False
         self.start: tuple[int, list[tuple[bytes, bytes]]] | None = None  # status, headers
@@ -164,6 +168,7 @@ class _Exchange:
         try:
             data = await self.conn.stream.socket.recv(1, socket.MSG_PEEK)
         except OSError:
+            self.reset = True
             data = b""
         if not data:
             self.left = True
@@ -172,8 +177,8 @@ class _Exchange:
     # -- send ------------------------------------------------------------------------------
 
     async def send(self, message: Message) -> None:
-        if self.left:
-            raise self.conn.gone("client closed the connection")
+        if self.reset:
+            raise self.conn.gone("client reset the connection")
         kind = message["type"]
         if kind == "http.response.start":
             if self.start is not None:
@@ -230,7 +235,8 @@ class _Exchange:
 
     async def _zerocopy(self, message: Message) -> None:
         more_body = bool(message.get("more_body", False))
-        fd = cast(int, message["file"].fileno())
+        file = message["file"]  # an object with fileno(), as the spec has it, or a descriptor
+        fd = file if isinstance(file, int) else int(file.fileno())
         offset = message.get("offset")
         from_position = offset is None  # the file's own position: it advances past the range
         start = os.lseek(fd, 0, os.SEEK_CUR) if offset is None else int(offset)
