@@ -13,6 +13,11 @@ registry.  Three servers, each in its own process on loopback, serve the same fi
 curl downloads (1 stream, then 4 in parallel), the servers measured in alternation for
 `--rounds` rounds; the JSON has each server's median and the ratios of the same run.
 
+Small requests (`small_requests`): the same registry app answers `GET /v2/` (a Quart route)
+behind the front door and behind `serve_asgi` (wrapped in `hold_disconnect`, as the registry
+runs it), `--clients` keep-alive connections for `--seconds` per server and round: requests/s
+and server CPU per thousand requests.
+
     python -m bench.asgi_server --size-mib 512 --rounds 3 --json
 """
 
@@ -27,10 +32,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from bench.blob import download, make_blob, measure, start_docker_registry, stop, wait_port
+from bench.blob import (
+    cpu_seconds,
+    download,
+    make_blob,
+    measure,
+    start_docker_registry,
+    stop,
+    wait_port,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAMS = ("1_stream", "4_streams")
@@ -55,6 +69,65 @@ def serve_front_door(args: argparse.Namespace) -> None:
             await trio.Path(args.port_file).write_text(str(port))
 
     trio.run(run)
+
+
+def serve_app_asgi(args: argparse.Namespace) -> None:
+    import trio
+
+    from registry.http.disconnect import hold_disconnect
+    from registry.http.server import serve_asgi
+    from registry.serve.app import create_app
+    from tests.fakes import MemoryContentStore, MemoryRouter
+
+    async def run() -> None:
+        app = hold_disconnect(create_app(MemoryContentStore(), MemoryRouter()))
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(functools.partial(serve_asgi, app, "127.0.0.1", 0))
+            await trio.Path(args.port_file).write_text(str(port))
+
+    trio.run(run)
+
+
+def small_requests(port: int, pid: int, clients: int, seconds: float) -> dict[str, float]:
+    """`clients` keep-alive connections asking GET /v2/ for `seconds`: requests/s, CPU."""
+    import h11
+    import trio
+
+    request = h11.Request(method="GET", target="/v2/", headers=[("Host", "bench")])
+    done = [0]
+
+    async def client(deadline: float) -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = h11.Connection(h11.CLIENT)
+        async with stream:
+            while trio.current_time() < deadline:
+                await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(await stream.receive_some(1 << 16))
+                    elif isinstance(event, h11.Response) and event.status_code != 200:
+                        raise RuntimeError(f"GET /v2/ answered {event.status_code}")
+                    elif isinstance(event, h11.EndOfMessage):
+                        break
+                conn.start_next_cycle()
+                done[0] += 1
+
+    async def load() -> None:
+        deadline = trio.current_time() + seconds
+        async with trio.open_nursery() as nursery:
+            for _ in range(clients):
+                nursery.start_soon(client, deadline)
+
+    before = cpu_seconds(pid)
+    started = time.monotonic()
+    trio.run(load)
+    wall = time.monotonic() - started
+    cpu = cpu_seconds(pid) - before
+    return {
+        "requests_per_s": round(done[0] / wall, 1),
+        "cpu_ms_per_1000": round(cpu / max(done[0], 1) * 1e6, 1),
+    }
 
 
 def serve_zerocopy(args: argparse.Namespace) -> None:
@@ -104,7 +177,7 @@ def _median(samples: list[dict[str, float]]) -> dict[str, float]:
     return {key: round(statistics.median(s[key] for s in samples), 3) for key in samples[0]}
 
 
-def run(size_mib: int, rounds: int, slice_mib: int) -> dict[str, Any]:
+def run(size_mib: int, rounds: int, slice_mib: int, clients: int, seconds: float) -> dict[str, Any]:
     size = size_mib << 20
     work = Path(tempfile.mkdtemp(prefix="spegla-bench-asgi-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -115,9 +188,13 @@ def run(size_mib: int, rounds: int, slice_mib: int) -> dict[str, Any]:
         digest = make_blob(blob, size)
         blob = blob.rename(shaped / digest.removeprefix("sha256:"))
         front, front_port = _start("front-door", work, blob, digest, slice_mib)
+        procs.append(front)
         zero, zero_port = _start("zerocopy", work, blob, digest, slice_mib)
+        procs.append(zero)
+        app_asgi, app_asgi_port = _start("app-asgi", work, blob, digest, slice_mib)
+        procs.append(app_asgi)
         registry, registry_url = start_docker_registry(work, blob, digest)
-        procs += [front, zero, registry]
+        procs.append(registry)
         servers = {
             "front_door": (
                 front.pid,
@@ -131,11 +208,25 @@ def run(size_mib: int, rounds: int, slice_mib: int) -> dict[str, Any]:
         }
         for _, url in servers.values():
             download([url], size)  # warm-up: page cache, connections, lazy imports
+        small = {"front_door": (front.pid, front_port), "serve_asgi": (app_asgi.pid, app_asgi_port)}
+        small_samples: dict[str, list[dict[str, float]]] = {name: [] for name in small}
         for _ in range(rounds):  # alternate, so a noisy moment hits every server alike
             for name, (pid, url) in servers.items():
                 samples[name]["1_stream"].append(measure(pid, url, size, 1))
                 samples[name]["4_streams"].append(measure(pid, url, size, 4))
+            for name, (pid, port) in small.items():
+                small_samples[name].append(small_requests(port, pid, clients, seconds))
         results: dict[str, Any] = {"size_mib": size_mib, "rounds": rounds, "slice_mib": slice_mib}
+        results["small_requests"] = {name: _median(small_samples[name]) for name in small}
+        results["small_requests"]["clients"] = clients
+        results["small_requests"]["ratios_serve_asgi_over_front_door"] = {
+            key: round(
+                results["small_requests"]["serve_asgi"][key]
+                / max(results["small_requests"]["front_door"][key], 1e-9),
+                3,
+            )
+            for key in ("requests_per_s", "cpu_ms_per_1000")
+        }
         for name in servers:
             results[name] = {streams: _median(samples[name][streams]) for streams in STREAMS}
 
@@ -169,8 +260,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size-mib", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--slice-mib", type=int, default=8, help="bytes per zerocopysend message")
+    parser.add_argument("--clients", type=int, default=32, help="small requests: connections")
+    parser.add_argument("--seconds", type=float, default=3.0, help="small requests: per run")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
-    parser.add_argument("--serve", choices=["front-door", "zerocopy"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve", choices=["front-door", "zerocopy", "app-asgi"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--port-file", help=argparse.SUPPRESS)
     parser.add_argument("--blob-file", default="", help=argparse.SUPPRESS)
     parser.add_argument("--digest", default="", help=argparse.SUPPRESS)
@@ -181,11 +276,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve == "zerocopy":
         serve_zerocopy(args)
         return
+    if args.serve == "app-asgi":
+        serve_app_asgi(args)
+        return
     if shutil.which("curl") is None or shutil.which("docker-registry") is None:
         raise SystemExit("bench.asgi_server needs curl and docker-registry (Debian packages)")
-    if not 1 <= args.rounds <= 20 or not 1 <= args.size_mib <= 8192:
-        raise SystemExit("--rounds 1..20, --size-mib 1..8192")
-    result = run(args.size_mib, args.rounds, args.slice_mib)
+    if not (1 <= args.rounds <= 20 and 1 <= args.size_mib <= 8192 and 1 <= args.clients <= 500):
+        raise SystemExit("--rounds 1..20, --size-mib 1..8192, --clients 1..500")
+    if not 0.5 <= args.seconds <= 60:
+        raise SystemExit("--seconds 0.5..60")
+    result = run(args.size_mib, args.rounds, args.slice_mib, args.clients, args.seconds)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
 

@@ -19,7 +19,8 @@ Invariants:
 - `receive` gives the request body once, then waits until the client has gone (it closed or
   reset its connection: a client's end of stream counts as leaving, as in nginx) or until the
   response is complete, and then returns `http.disconnect`.  The client's socket is watched
-  (a one-byte MSG_PEEK receive) only while the application waits in `receive`; bytes of a
+  (a one-byte MSG_PEEK receive, in the task that called `receive`, cancelled when the
+  exchange ends) only while the application waits in `receive`; bytes of a
   pipelined next request mean the client is still there.  After an end of stream sends still
   go out (a client that half-closed reads its answer; one that closed makes a later write fail
   with `ClientGone`); after a reset every `send` raises `ClientGone`.  An application that must
@@ -133,22 +134,27 @@ def http_scope(
 
 
 class _Exchange:
-    """The `receive` and `send` of one request; `over` is set once the response is complete,
-    the client left, or the application returned."""
+    """The `receive` and `send` of one request; `over` is set (by `end`) once the response is
+    complete, the client left, or the application returned."""
 
-    def __init__(self, conn: ServerConnection, request: HttpRequest, nursery: trio.Nursery):
+    def __init__(self, conn: ServerConnection, request: HttpRequest):
         self.conn = conn
         self.request = request
-        self.nursery = nursery
         self.head_only = request.method == "HEAD"
         self.over = trio.Event()
         self.left = False  # the client closed or reset its connection
         self.reset = False  # ... reset it (or the socket failed): nothing can reach it now
-        self.watching = False
+        self.watch: trio.CancelScope | None = None  # a `receive` watching the client's socket
         self.body_given = False
         self.start: tuple[int, list[tuple[bytes, bytes]]] | None = None  # status, headers
         self.head_out = False  # h11 has framed the head (bytes may be on the wire)
         self.complete = False
+
+    def end(self) -> None:
+        """The exchange is over: every `receive` returns `http.disconnect` now."""
+        self.over.set()
+        if self.watch is not None:
+            self.watch.cancel()
 
     # -- receive ---------------------------------------------------------------------------
 
@@ -156,23 +162,26 @@ class _Exchange:
         if not self.body_given:
             self.body_given = True
             return {"type": "http.request", "body": self.request.body, "more_body": False}
-        if not self.watching and not self.over.is_set():
-            self.watching = True
-            self.nursery.start_soon(self._watch_client)
+        if self.watch is None and not self.over.is_set():
+            with trio.CancelScope() as self.watch:  # cancelled by `end`
+                await self._watch_client()
+            self.watch = None
         await self.over.wait()
         return {"type": "http.disconnect"}
 
     async def _watch_client(self) -> None:
-        """Set `left` (and `over`) once the client closed or reset its connection; return if
-        it sends more (a pipelined request: h11 reads it after this answer)."""
+        """Return once the client closed or reset its connection (then `end`); if it sends
+        more (a pipelined request, which h11 reads after this answer), wait for `end`."""
         try:
             data = await self.conn.stream.socket.recv(1, socket.MSG_PEEK)
         except OSError:
             self.reset = True
             data = b""
-        if not data:
-            self.left = True
-            self.over.set()
+        if data:
+            await self.over.wait()
+            return
+        self.left = True
+        self.end()
 
     # -- send ------------------------------------------------------------------------------
 
@@ -217,7 +226,7 @@ class _Exchange:
         if end:
             await self.conn.send_bytes(end)
         if self.complete:
-            self.over.set()
+            self.end()
 
     async def _body(self, body: bytes | bytearray | memoryview, more_body: bool) -> None:
         head = self._head()
@@ -231,7 +240,7 @@ class _Exchange:
             if end:
                 await self.conn.send_bytes(end)
         if self.complete:
-            self.over.set()
+            self.end()
 
     async def _zerocopy(self, message: Message) -> None:
         more_body = bool(message.get("more_body", False))
@@ -254,7 +263,7 @@ class _Exchange:
     async def _pathsend(self, path: str) -> None:
         if self.head_only:
             await self.conn.send_bytes(self._head() + self._end(False))
-            self.over.set()
+            self.end()
             return
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -286,22 +295,20 @@ async def run_http(
     was meant, e.g. a body cut on purpose) and answered with a 500 if nothing went out yet."""
     scope = http_scope(request, client=client, server=server, state=state)
     gone: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        exchange = _Exchange(conn, request, nursery)
-        try:
-            await app(scope, exchange.receive, exchange.send)
-        except Exception as exc:
-            if exchange.left or is_client_gone(exc):
-                gone = exc
-            elif not _expected(exc, is_expected):
-                logger.warning(
-                    "ASGI application failed",
-                    extra={"error": repr(exc), "path": scope["path"]},
-                    exc_info=exc,
-                )
-        finally:
-            exchange.over.set()
-            nursery.cancel_scope.cancel()
+    exchange = _Exchange(conn, request)
+    try:
+        await app(scope, exchange.receive, exchange.send)
+    except Exception as exc:
+        if exchange.left or is_client_gone(exc):
+            gone = exc
+        elif not _expected(exc, is_expected):
+            logger.warning(
+                "ASGI application failed",
+                extra={"error": repr(exc), "path": scope["path"]},
+                exc_info=exc,
+            )
+    finally:
+        exchange.end()
     if gone is not None or (exchange.left and not exchange.complete):
         raise conn.gone("client closed the connection") from gone
     if not exchange.head_out:
