@@ -19,9 +19,13 @@ Invariants:
 - `receive` gives the request body once, then waits until the client has gone (it closed or
   reset its connection: a client's end of stream counts as leaving, as in nginx) or until the
   response is complete, and then returns `http.disconnect`.  The client's socket is watched
-  (a one-byte MSG_PEEK receive) only while the application waits in `receive`; bytes of a
-  pipelined next request mean the client is still there.  A `send` after the client left raises
-  `ClientGone`.
+  (a one-byte MSG_PEEK receive, in the task that called `receive`, cancelled when the
+  exchange ends) only while the application waits in `receive`; bytes of a
+  pipelined next request mean the client is still there.  After an end of stream sends still
+  go out (a client that half-closed reads its answer; one that closed makes a later write fail
+  with `ClientGone`); after a reset every `send` raises `ClientGone`.  An application that must
+  answer half-closed clients holds the early `http.disconnect` back
+  (`registry.http.disconnect`).
 - The application failing before any response byte went out gets the client a 500; failing
   midway leaves the response incomplete, and the server closes the connection.
 """
@@ -32,7 +36,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import h11
@@ -130,21 +134,27 @@ def http_scope(
 
 
 class _Exchange:
-    """The `receive` and `send` of one request; `over` is set once the response is complete,
-    the client left, or the application returned."""
+    """The `receive` and `send` of one request; `over` is set (by `end`) once the response is
+    complete, the client left, or the application returned."""
 
-    def __init__(self, conn: ServerConnection, request: HttpRequest, nursery: trio.Nursery):
+    def __init__(self, conn: ServerConnection, request: HttpRequest):
         self.conn = conn
         self.request = request
-        self.nursery = nursery
         self.head_only = request.method == "HEAD"
         self.over = trio.Event()
         self.left = False  # the client closed or reset its connection
-        self.watching = False
+        self.reset = False  # ... reset it (or the socket failed): nothing can reach it now
+        self.watch: trio.CancelScope | None = None  # a `receive` watching the client's socket
         self.body_given = False
         self.start: tuple[int, list[tuple[bytes, bytes]]] | None = None  # status, headers
         self.head_out = False  # h11 has framed the head (bytes may be on the wire)
         self.complete = False
+
+    def end(self) -> None:
+        """The exchange is over: every `receive` returns `http.disconnect` now."""
+        self.over.set()
+        if self.watch is not None:
+            self.watch.cancel()
 
     # -- receive ---------------------------------------------------------------------------
 
@@ -152,28 +162,32 @@ class _Exchange:
         if not self.body_given:
             self.body_given = True
             return {"type": "http.request", "body": self.request.body, "more_body": False}
-        if not self.watching and not self.over.is_set():
-            self.watching = True
-            self.nursery.start_soon(self._watch_client)
+        if self.watch is None and not self.over.is_set():
+            with trio.CancelScope() as self.watch:  # cancelled by `end`
+                await self._watch_client()
+            self.watch = None
         await self.over.wait()
         return {"type": "http.disconnect"}
 
     async def _watch_client(self) -> None:
-        """Set `left` (and `over`) once the client closed or reset its connection; return if
-        it sends more (a pipelined request: h11 reads it after this answer)."""
+        """Return once the client closed or reset its connection (then `end`); if it sends
+        more (a pipelined request, which h11 reads after this answer), wait for `end`."""
         try:
             data = await self.conn.stream.socket.recv(1, socket.MSG_PEEK)
         except OSError:
+            self.reset = True
             data = b""
-        if not data:
-            self.left = True
-            self.over.set()
+        if data:
+            await self.over.wait()
+            return
+        self.left = True
+        self.end()
 
     # -- send ------------------------------------------------------------------------------
 
     async def send(self, message: Message) -> None:
-        if self.left:
-            raise self.conn.gone("client closed the connection")
+        if self.reset:
+            raise self.conn.gone("client reset the connection")
         kind = message["type"]
         if kind == "http.response.start":
             if self.start is not None:
@@ -212,7 +226,7 @@ class _Exchange:
         if end:
             await self.conn.send_bytes(end)
         if self.complete:
-            self.over.set()
+            self.end()
 
     async def _body(self, body: bytes | bytearray | memoryview, more_body: bool) -> None:
         head = self._head()
@@ -226,11 +240,12 @@ class _Exchange:
             if end:
                 await self.conn.send_bytes(end)
         if self.complete:
-            self.over.set()
+            self.end()
 
     async def _zerocopy(self, message: Message) -> None:
         more_body = bool(message.get("more_body", False))
-        fd = cast(int, message["file"].fileno())
+        file = message["file"]  # an object with fileno(), as the spec has it, or a descriptor
+        fd = file if isinstance(file, int) else int(file.fileno())
         offset = message.get("offset")
         from_position = offset is None  # the file's own position: it advances past the range
         start = os.lseek(fd, 0, os.SEEK_CUR) if offset is None else int(offset)
@@ -248,7 +263,7 @@ class _Exchange:
     async def _pathsend(self, path: str) -> None:
         if self.head_only:
             await self.conn.send_bytes(self._head() + self._end(False))
-            self.over.set()
+            self.end()
             return
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -280,22 +295,20 @@ async def run_http(
     was meant, e.g. a body cut on purpose) and answered with a 500 if nothing went out yet."""
     scope = http_scope(request, client=client, server=server, state=state)
     gone: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        exchange = _Exchange(conn, request, nursery)
-        try:
-            await app(scope, exchange.receive, exchange.send)
-        except Exception as exc:
-            if exchange.left or is_client_gone(exc):
-                gone = exc
-            elif not _expected(exc, is_expected):
-                logger.warning(
-                    "ASGI application failed",
-                    extra={"error": repr(exc), "path": scope["path"]},
-                    exc_info=exc,
-                )
-        finally:
-            exchange.over.set()
-            nursery.cancel_scope.cancel()
+    exchange = _Exchange(conn, request)
+    try:
+        await app(scope, exchange.receive, exchange.send)
+    except Exception as exc:
+        if exchange.left or is_client_gone(exc):
+            gone = exc
+        elif not _expected(exc, is_expected):
+            logger.warning(
+                "ASGI application failed",
+                extra={"error": repr(exc), "path": scope["path"]},
+                exc_info=exc,
+            )
+    finally:
+        exchange.end()
     if gone is not None or (exchange.left and not exchange.complete):
         raise conn.gone("client closed the connection") from gone
     if not exchange.head_out:

@@ -1,28 +1,30 @@
-"""One HTTP/1.1 server connection, read and framed by h11: the registry's only request parser.
+"""One HTTP/1.1 server connection, read and framed by h11: the server's only request parser.
 
-Why: the front door used to read request heads with a parser of its own and replay them into
-Hypercorn; two parsers that can disagree on where a request ends is the request-smuggling set-up,
-and the hand-written one answered odd but legal forms (bare LF line ends, HTTP/1.0 from a client
-that half-closes) with silence.  Here h11 reads every request head and body and frames every
-response, whether its body is bytes from the app or a file range sent with `os.sendfile` (h11's
-data pass-through keeps its Content-Length bookkeeping exact).  Malformed requests get a 400
-(h11's 4xx hint where it has one) and a closed connection; never silence, never a 5xx.
+Invariants: h11 reads every request head and body and frames every response, whether its body
+is bytes from the application or a file range sent with `os.sendfile` (h11's data pass-through
+keeps its Content-Length bookkeeping exact), so no second parser can disagree on where a request
+ends.  Odd but legal forms (bare LF line ends, HTTP/1.0, a client that half-closes after its
+request) are answered; malformed requests get a 400 (h11's 4xx hint where it has one) and a
+closed connection: never silence, never a 5xx.
 
 Timeouts are cancel scopes: a request head (and its small body) must arrive within `head_timeout`
 of its first byte; between requests the connection may idle for `idle_timeout`, and `close_idle`
 cuts idle waits short at shutdown.  Sending has a deadline too: every wait for the client to take
 response bytes lasts at most `send_timeout` (a client that reads nothing for that long is gone:
-ClientGone, so whoever holds an upload slot or a file for it lets go).
+ClientGone, so whoever holds an upload slot or a file for it lets go).  Every send returns once
+its bytes are in the kernel: no body buffer is referenced after it.
 """
 
 from __future__ import annotations
 
 import email.utils
+import errno
 import os
 import socket
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
+from types import MappingProxyType
 from typing import cast
 
 import h11
@@ -98,7 +100,7 @@ class HttpRequest:
         return None
 
 
-_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+_REASONS = MappingProxyType({status.value: status.phrase.encode() for status in HTTPStatus})
 
 
 def reason_phrase(status: int) -> bytes:
@@ -337,7 +339,7 @@ class ServerConnection:
         """`send_bytes` for a big body piece: write to the socket's descriptor until the kernel
         stops taking bytes, wait only then.  Trio's `send_all` passes through the scheduler at
         each `send` call; with the not-sent mark lifted (`_allow_bulk`) the kernel takes a
-        piece in one call unless the client lags (a proxied GiB: ~500 writes, was ~5,000)."""
+        piece in one call unless the client lags."""
         self._answered = True
         self._allow_bulk()
         sock = self.stream.socket
@@ -369,8 +371,8 @@ class ServerConnection:
         return part.length
 
     async def _sendfile(self, part: FileRange) -> None:
-        # (the not-sent mark stays: lifted here, 16 concurrent 64 MiB pulls through a mirror
-        # ran ~20% slower, at more CPU in the mirror too; `_send_direct` lifts it)
+        # sendfile keeps Trio's not-sent mark (lifting it measured slower for many concurrent
+        # file bodies); only `_send_direct` lifts it
         sock = self.stream.socket
         sent = 0
         while sent < part.length:
@@ -444,4 +446,4 @@ class ServerConnection:
             await self.stream.aclose()
 
 
-_CLIENT_GONE_ERRNOS = {32, 104}  # EPIPE, ECONNRESET
+_CLIENT_GONE_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET})

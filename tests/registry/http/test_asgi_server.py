@@ -5,6 +5,7 @@ lifespan protocol, 500s and cut responses for failing apps.  Real loopback socke
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import os
 from collections.abc import Awaitable, Callable
@@ -137,6 +138,8 @@ async def test_scope_as_hypercorn_gives_it_with_our_extensions(nursery: trio.Nur
         }
     )
     assert (b"host", b"x") in scope["headers"]
+    date = parse(answer, ["POST"])[0][1]["date"]  # the server's Date header, RFC 9110 form
+    assert email.utils.format_datetime(email.utils.parsedate_to_datetime(date), True) == date
 
 
 @pytest.mark.parametrize(

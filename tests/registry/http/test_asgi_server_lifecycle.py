@@ -37,8 +37,9 @@ async def test_a_client_leaving_is_told_to_the_app_and_stops_its_work(
     nursery: trio.Nursery, how: str, started: bool
 ) -> None:
     """The app waits on a slow upstream and on `receive`; the client leaves (before any byte
-    or after the head and a first piece): `http.disconnect` arrives, the app cancels its
-    upstream work, and a send after that raises."""
+    or after the head and a first piece): `http.disconnect` arrives and the app cancels its
+    upstream work.  After a reset every send raises; after a close the server cannot know yet
+    (the first write after it may still succeed)."""
     waiting = trio.Event()
     outcome: list[str] = []
 
@@ -61,7 +62,11 @@ async def test_a_client_leaving_is_told_to_the_app_and_stops_its_work(
             outcome.append(message["type"])
             work.cancel_scope.cancel()
         try:
+            if not started:
+                await start_response(send, length=10)
+                await send({"type": "http.response.body", "body": b"12345", "more_body": True})
             await send({"type": "http.response.body", "body": b"67890"})
+            outcome.append("sent")
         except Exception as exc:
             outcome.append(type(exc).__name__)
 
@@ -78,7 +83,32 @@ async def test_a_client_leaving_is_told_to_the_app_and_stops_its_work(
         client.close()
         while len(outcome) < 3:  # noqa: ASYNC110 - the app's own steps, in order
             await trio.sleep(0.01)
-    assert outcome == ["http.disconnect", "upstream cancelled", "ClientGone"]
+    assert outcome[:2] == ["http.disconnect", "upstream cancelled"]
+    assert outcome[2] in (["ClientGone"] if how == "reset" else ["ClientGone", "sent"])
+
+
+async def test_a_half_closed_client_still_gets_what_the_app_sends(nursery: trio.Nursery) -> None:
+    """An end of stream is reported (`http.disconnect`), but it may be a half-close: an app
+    that answers anyway gets its answer to the client."""
+    seen: list[str] = []
+
+    async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        seen.append((await receive())["type"])  # the client's end of stream
+        await start_response(send, length=6)
+        await send({"type": "http.response.body", "body": b"answer"})
+
+    port, _ = await start(nursery, app_of(handler))
+    stream = await trio.open_tcp_stream(LOOPBACK, port)
+    await stream.send_all(get("/", method="GET", close=False))
+    await stream.send_eof()
+    answer = bytearray()
+    with trio.fail_after(5):
+        while data := await stream.receive_some(1 << 16):
+            answer += data
+    await stream.aclose()
+    assert seen == ["http.disconnect"]
+    assert parse(bytes(answer), ["GET"])[0][::2] == (200, b"answer")
 
 
 async def test_receive_waits_for_the_end_of_the_response_when_the_client_stays(
