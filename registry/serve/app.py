@@ -33,6 +33,7 @@ from registry.burst.own_downloads import FED_BY_HEADER, REFUSED_HEADER
 from registry.burst.provider_choice import UploadSlots
 from registry.events import MirrorEvents
 from registry.http.client import PeerClient
+from registry.http.disconnect import hold_disconnect, watch_client
 from registry.interfaces import (
     ContentNotFound,
     ContentStore,
@@ -68,7 +69,7 @@ from registry.serve.classify import (
     decide,
     look_up,
 )
-from registry.serve.connection import CLIENT_WATCH, AnswerStats, ClientWatch, RegistryConnection
+from registry.serve.connection import AnswerStats, RegistryConnection
 from registry.serve.inflight import InflightUploads
 from registry.serve.responses import Response, empty_response
 
@@ -317,9 +318,9 @@ class Registry:
             return simple_answer(
                 OciError(503, job.request.unknown_code, "the registry is not running")
             )
-        watch = cast(dict[str, Any], request.scope).get(CLIENT_WATCH)
-        if isinstance(watch, ClientWatch):
-            watch.arm()  # a client that leaves cancels this request and its fetch at once
+        # a client that leaves cancels this request and its fetch at once (even one whose end
+        # of stream came before this point)
+        watch_client(cast(dict[str, Any], request.scope))
         send, receive = trio.open_memory_channel[MirrorItem](self.settings.channel_depth)
         fetch = trio.CancelScope()
         nursery.start_soon(self._fetch, job, send, fetch)
@@ -365,7 +366,8 @@ def create_app(registry: Registry) -> QuartTrio:
             for finish in finishers:  # the response is over: sent, cut or abandoned
                 finish()
 
-    app.asgi_app = asgi  # type: ignore[method-assign,assignment]
+    # an early http.disconnect reaches only requests that watch their client (mirrors)
+    app.asgi_app = hold_disconnect(asgi)  # type: ignore[method-assign,assignment]
 
     async def handle(path: str = "") -> Response:
         return await registry.handle("/" + path)

@@ -12,10 +12,8 @@ mirrored body's fetch stops at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
-import trio
-from quart.wrappers import Request
 from quart_trio.asgi import TrioASGIHTTPConnection
 
 from registry.interfaces import ContentNotFound
@@ -26,32 +24,6 @@ from registry.serve.responses import Response, oci_error
 __all__ = ["ZERO_COPY", "AnswerStats", "RegistryConnection"]
 
 ZERO_COPY = "http.response.zerocopysend"
-CLIENT_WATCH = "spegla.client"  # scope key of the request's `ClientWatch`
-
-
-class ClientWatch:
-    """Tells a request whether its client left, once the request asks (`arm`).
-
-    Only an armed request reads `receive` past its body: our server then watches the socket
-    and reports `http.disconnect` when the client closed or reset it; the request (handler and
-    body) is cancelled at once."""
-
-    def __init__(self, request: trio.Nursery, receive: Any) -> None:
-        self.request = request
-        self.receive = receive
-        self.body_read = trio.Event()
-        self.armed = False
-
-    def arm(self) -> None:
-        if not self.armed:
-            self.armed = True
-            self.request.start_soon(self._watch)
-
-    async def _watch(self) -> None:
-        await self.body_read.wait()
-        while (await self.receive())["type"] != "http.disconnect":
-            pass
-        self.request.cancel_scope.cancel()
 
 
 @dataclass(slots=True)
@@ -73,28 +45,6 @@ class RegistryConnection(TrioASGIHTTPConnection):
     """One ASGI HTTP request of the registry app (see the module docstring)."""
 
     stats: ClassVar[AnswerStats] = AnswerStats()  # create_app gives each app its own
-
-    async def __call__(self, receive: Any, send: Any) -> None:
-        request = self._create_request_from_scope(send)
-        async with trio.open_nursery() as nursery:
-            watch = ClientWatch(nursery, receive)
-            cast(dict[str, Any], self.scope)[CLIENT_WATCH] = watch
-            nursery.start_soon(self._read_body, request, watch)
-            nursery.start_soon(self.handle_request, nursery, request, send)
-
-    async def _read_body(self, request: Request, watch: ClientWatch) -> None:
-        """The request's body (a client gone before it is complete cancels the request)."""
-        while True:
-            message = await watch.receive()
-            if message["type"] == "http.disconnect":
-                watch.request.cancel_scope.cancel()
-                return
-            if message["type"] == "http.request":
-                request.body.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    request.body.set_complete()
-                    watch.body_read.set()
-                    return
 
     async def _send_response(self, send: Any, response: Any) -> None:
         self.stats.answered += 1
