@@ -4,9 +4,11 @@ Why: Quart sends every body as `http.response.body` messages.  A file body
 (`registry.serve.bodies.FileBody`) is opened first (content gone: a 404 instead), then, when the
 server offers the ASGI `http.response.zerocopysend` extension (our h11 server does), leaves as
 zerocopysend messages the server sendfiles; otherwise (Hypercorn) it streams as chunks.
-Invariant: quart_trio cancels the handler
-and its response as soon as the server reports `http.disconnect` (the client left), so a
-mirrored body's fetch stops at once.
+Invariant: quart_trio cancels the request, handler and body, when `receive` gives
+`http.disconnect`; the app (`registry.serve.app`) lets an early disconnect through only for a
+request answered from peers (`registry.http.disconnect.watch_client`), so its fetch stops as soon
+as its client leaves, while a client that half-closes after its request still gets a local
+answer.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ ZERO_COPY = "http.response.zerocopysend"
 
 @dataclass(slots=True)
 class AnswerStats:
-    """Responses the app gave: blob bodies sent by the server's zero-copy extension (`served`,
-    HEADs of file-backed blobs included), answered from peers (`mirrored`), all (`requests`)."""
+    """Responses the app gave: file-backed blob answers on a server with the zero-copy extension
+    (`served`, HEADs included), answers from peers (`mirrored`, misses included), all
+    (`answered`), peer blob GETs refused with a 429 (`refused`)."""
 
     served: int = 0
     mirrored: int = 0
     answered: int = 0
-    refused: int = 0  # peer blob GETs answered 429 (upload slots full, or own-download refusals)
+    refused: int = 0
 
     def requests(self) -> int:
         """Requests answered so far (a running count; the idle heap trimmer watches it move)."""
