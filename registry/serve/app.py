@@ -151,15 +151,11 @@ class Registry:
         self.stats = AnswerStats()
         self._nursery: trio.Nursery | None = None
 
-    @property
-    def running(self) -> bool:
-        return self._nursery is not None
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The task tree of the registry: every request's mirror fetch, the shared fetches that
         outlive the request that started them, and claims' holds run in this nursery, whichever
-        server serves the app.  Requests that need it wait for nothing: before `run` started
-        (and after it ended) a mirror request is answered 503."""
+        server serves the app.  Before `run` started (and after it ended) a request that would be
+        answered from peers gets a 503."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -184,14 +180,12 @@ class Registry:
         plan = classify(facts, self.rules)
         if not isinstance(plan, Wanted):
             return await self._answer(plan, facts)
-        release = None
         if plan.upload is not None:
             admitted = self._admit(plan.upload)
             if isinstance(admitted, OciError):
                 return simple_answer(admitted)
-            release = admitted
-            scope = cast(dict[str, Any], request.scope)
-            scope.setdefault(FINISHERS, []).append(release)
+            # the slot is held until the response is over (create_app's wrapper runs this)
+            cast(dict[str, Any], request.scope).setdefault(FINISHERS, []).append(admitted)
         found = await look_up(plan, self.store)
         return await self._answer(decide(plan, found, self.rules), facts)
 
