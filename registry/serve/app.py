@@ -33,12 +33,10 @@ from registry.burst.own_downloads import FED_BY_HEADER, REFUSED_HEADER
 from registry.burst.provider_choice import UploadSlots
 from registry.events import MirrorEvents
 from registry.http.client import PeerClient
-from registry.http.disconnect import hold_disconnect, watch_client
 from registry.interfaces import (
     ContentNotFound,
     ContentStore,
     DownloadDiscarder,
-    InflightSource,
     Router,
 )
 from registry.metrics import UPLOADS_ACTIVE, UPLOADS_BUSY, set_label_registries
@@ -63,13 +61,14 @@ from registry.serve.classify import (
     Readiness,
     RequestFacts,
     Rules,
+    StoreFaces,
     Unauthorized,
     Wanted,
     classify,
     decide,
     look_up,
 )
-from registry.serve.connection import AnswerStats, RegistryConnection
+from registry.serve.connection import CLIENT_WATCH, AnswerStats, ClientWatch, RegistryConnection
 from registry.serve.inflight import InflightUploads
 from registry.serve.responses import Response, empty_response
 
@@ -145,6 +144,7 @@ class Registry:
             claims=claims,
             discard=store if isinstance(store, DownloadDiscarder) else None,
         )
+        self.faces = StoreFaces.of(store)
         self.uploads = UploadSlots(settings.peer_upload_limit)
         # this registry's uploads of blobs still downloading here (debug page, `lagging`)
         self.inflight_uploads = InflightUploads()
@@ -186,7 +186,7 @@ class Registry:
                 return simple_answer(admitted)
             # the slot is held until the response is over (create_app's wrapper runs this)
             cast(dict[str, Any], request.scope).setdefault(FINISHERS, []).append(admitted)
-        found = await look_up(plan, self.store)
+        found = await look_up(plan, self.store, self.faces)
         return await self._answer(decide(plan, found, self.rules), facts)
 
     def _facts(self, path: str) -> RequestFacts:
@@ -271,11 +271,11 @@ class Registry:
         headers = plan.headers
         if fed_by := self.forwarder.own.fed_by(digest):
             headers += ((FED_BY_HEADER, ",".join(fed_by)),)  # see registry.burst.own_downloads
-        store = self.store
+        inflight = self.faces.inflight
         written = None
-        if isinstance(store, InflightSource):
+        if inflight is not None:
             # does a process still write it? (the store's table drops a download nobody writes)
-            written = lambda: store.find_inflight(digest) is not None  # noqa: E731
+            written = lambda: inflight.find_inflight(digest) is not None  # noqa: E731
         report = self._report(digest, plan, facts, "inflight")
         body = GrowingBody(
             self.inflight_uploads,
@@ -312,9 +312,12 @@ class Registry:
             return simple_answer(
                 OciError(503, job.request.unknown_code, "the registry is not running")
             )
-        # a client that leaves cancels this request and its fetch at once (even one whose end
-        # of stream came before this point)
-        watch_client(cast(dict[str, Any], request.scope))
+        scope = cast(dict[str, Any], request.scope)
+        watch = scope.get(CLIENT_WATCH)
+        if isinstance(watch, ClientWatch):
+            # a client that leaves cancels this request and its fetch at once (even one whose
+            # end of stream came before this point); the watch ends with the request
+            scope.setdefault(FINISHERS, []).append(watch.start(nursery))
         send, receive = trio.open_memory_channel[MirrorItem](self.settings.channel_depth)
         fetch = trio.CancelScope()
         nursery.start_soon(self._fetch, job, send, fetch)
@@ -360,8 +363,7 @@ def create_app(registry: Registry) -> QuartTrio:
             for finish in finishers:  # the response is over: sent, cut or abandoned
                 finish()
 
-    # an early http.disconnect reaches only requests that watch their client (mirrors)
-    app.asgi_app = hold_disconnect(asgi)  # type: ignore[method-assign,assignment]
+    app.asgi_app = asgi  # type: ignore[method-assign,assignment]
 
     async def handle(path: str = "") -> Response:
         return await registry.handle("/" + path)

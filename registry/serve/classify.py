@@ -56,6 +56,7 @@ __all__ = [
     "Readiness",
     "RequestFacts",
     "Rules",
+    "StoreFaces",
     "Unauthorized",
     "Wanted",
     "classify",
@@ -242,7 +243,22 @@ class Found:
     ingest: IngestFile | None = None
 
 
-async def look_up(wanted: Wanted, store: ContentStore) -> Found:
+@dataclass(frozen=True, slots=True)
+class StoreFaces:
+    """The optional faces of a store (checked once: a Protocol isinstance check is slow)."""
+
+    absence: KnowsAbsence | None = None
+    inflight: InflightSource | None = None
+
+    @classmethod
+    def of(cls, store: ContentStore) -> StoreFaces:
+        return cls(
+            store if isinstance(store, KnowsAbsence) else None,
+            store if isinstance(store, InflightSource) else None,
+        )
+
+
+async def look_up(wanted: Wanted, store: ContentStore, faces: StoreFaces | None = None) -> Found:
     """The store's answer for `wanted` (one lookup: a tag's resolution and the description of
     its digest, or the digest's description, then a peer may be given a download in progress).
 
@@ -251,12 +267,10 @@ async def look_up(wanted: Wanted, store: ContentStore) -> Found:
     differently from containerd and a peer must not be refused what this node holds."""
     ref = wanted.request.reference
     peer = wanted.facts.mirrored
+    faces = faces if faces is not None else StoreFaces.of(store)
+    absence = faces.absence
     descriptor = None
-    if (
-        peer
-        or not ref.digest
-        or not (isinstance(store, KnowsAbsence) and store.surely_absent(ref.digest))
-    ):
+    if peer or not ref.digest or not (absence is not None and absence.surely_absent(ref.digest)):
         try:
             digest = ref.digest or await store.resolve_tag(f"{ref.name}:{ref.tag}")
             descriptor = await store.describe(digest)
@@ -270,9 +284,9 @@ async def look_up(wanted: Wanted, store: ContentStore) -> Found:
     if descriptor is not None:
         return Found(descriptor)
     if peer and wanted.request.kind is ContentKind.BLOB and ref.digest is not None:
-        if isinstance(store, InflightSource):
+        if faces.inflight is not None:
             try:
-                return Found(ingest=store.find_inflight(ref.digest))
+                return Found(ingest=faces.inflight.find_inflight(ref.digest))
             except Exception as exc:
                 logger.warning(
                     "in-flight lookup failed", extra={"key": ref.digest, "error": str(exc)}
