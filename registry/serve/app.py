@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
+from urllib.parse import unquote_plus
 
 import trio
 from quart import request
@@ -78,6 +79,9 @@ logger = logging.getLogger(__name__)
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 LAGGING_BYTES = 2 * 1024 * 1024  # an in-flight upload this far behind the download: uplink-bound
 FINISHERS = "spegla.finishers"  # scope key: what runs once the response is over
+FACT_HEADERS = frozenset(
+    (b"authorization", b"range", MIRRORED_HEADER.lower().encode(), b"x-forwarded-for", b"accept")
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,18 +194,24 @@ class Registry:
         return await self._answer(decide(plan, found, self.rules), facts)
 
     def _facts(self, path: str) -> RequestFacts:
-        headers = request.headers
-        remote = request.remote_addr or ""
+        scope = cast(dict[str, Any], request.scope)
+        wanted: dict[bytes, str] = {}  # the first value of each header classification reads
+        for name, value in scope["headers"]:
+            key = name.lower()
+            if key in FACT_HEADERS and key not in wanted:
+                wanted[key] = value.decode("latin-1")
+        client = scope.get("client")
+        remote = str(client[0]) if client else ""
         trusted = self.settings.trusted_proxies
         return RequestFacts(
-            method=request.method,
+            method=scope["method"],
             path=path,
-            ns=request.args.get("ns"),
-            authorization=headers.get("Authorization"),
-            range_header=headers.get("Range"),
-            mirrored=headers.get(MIRRORED_HEADER, "").strip().lower() == "true",
-            client_ip=client_ip(headers.get("X-Forwarded-For"), remote, trusted),
-            accept=headers.get("Accept"),
+            ns=query_value(scope["query_string"], "ns"),
+            authorization=wanted.get(b"authorization"),
+            range_header=wanted.get(b"range"),
+            mirrored=wanted.get(b"x-spegel-mirrored", "").strip().lower() == "true",
+            client_ip=client_ip(wanted.get(b"x-forwarded-for"), remote, trusted),
+            accept=wanted.get(b"accept"),
         )
 
     def _admit(self, digest: str) -> OciError | Callable[[], None]:
@@ -335,6 +345,17 @@ class Registry:
                     logger.exception(
                         "mirror task failed", extra={"key": job.request.reference.identifier}
                     )
+
+
+def query_value(query: bytes, name: str) -> str | None:
+    """The first value of `name` in a query string (form-decoded, UTF-8), or None."""
+    if not query:
+        return None
+    for part in query.decode("latin-1").split("&"):
+        key, _, value = part.partition("=")
+        if unquote_plus(key, errors="replace") == name:
+            return unquote_plus(value, errors="replace")
+    return None
 
 
 def _body_length(plan: LocalBlob | InflightBlob) -> int:

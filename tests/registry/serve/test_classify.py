@@ -12,6 +12,7 @@ from registry.interfaces import Descriptor, IngestFile
 from registry.oci.distribution import ErrorCode
 from registry.oci.filters import ReferenceFilter
 from registry.oci.mediatypes import OCI_MANIFEST
+from registry.serve.app import query_value
 from registry.serve.classify import (
     Empty,
     Found,
@@ -180,3 +181,12 @@ async def test_a_miss_through_the_app_asks_the_store_once(start_node: StartNode)
         miss = await http.get(f"{BLOB}?ns=docker.io")  # no provider: the mirror's 404
     assert miss.status_code == 404
     assert store.calls == ["describe"]
+
+
+def test_the_ns_query_value_is_read_like_a_form() -> None:
+    assert query_value(b"", "ns") is None
+    assert query_value(b"ns=docker.io", "ns") == "docker.io"
+    assert query_value(b"a=1&ns=ghcr.io&ns=quay.io", "ns") == "ghcr.io"  # the first one
+    assert query_value(b"n%73=a%2Eb+c", "ns") == "a.b c"
+    assert query_value(b"nsx=1&ns", "ns") == ""
+    assert query_value(b"other=ns", "ns") is None
