@@ -178,23 +178,22 @@ class Registry:
 
     # --- one request ------------------------------------------------------------------------
 
-    async def handle(self, path: str) -> Response:
-        """Classify the current request once, admit it, look it up once, answer it."""
-        facts = self._facts(path)
+    async def handle(self, scope: dict[str, Any], path: str) -> Response:
+        """Classify the request of `scope` once, admit it, look it up once, answer it."""
+        facts = self._facts(scope, path)
         plan = classify(facts, self.rules)
         if not isinstance(plan, Wanted):
-            return await self._answer(plan, facts)
+            return await self._answer(plan, facts, scope)
         if plan.upload is not None:
-            admitted = self._admit(plan.upload)
+            admitted = self._admit(plan.upload, facts.remote)
             if isinstance(admitted, OciError):
                 return simple_answer(admitted)
             # the slot is held until the response is over (create_app's wrapper runs this)
-            cast(dict[str, Any], request.scope).setdefault(FINISHERS, []).append(admitted)
+            scope.setdefault(FINISHERS, []).append(admitted)
         found = await look_up(plan, self.store, self.faces)
-        return await self._answer(decide(plan, found, self.rules), facts)
+        return await self._answer(decide(plan, found, self.rules), facts, scope)
 
-    def _facts(self, path: str) -> RequestFacts:
-        scope = cast(dict[str, Any], request.scope)
+    def _facts(self, scope: dict[str, Any], path: str) -> RequestFacts:
         wanted: dict[bytes, str] = {}  # the first value of each header classification reads
         for name, value in scope["headers"]:
             key = name.lower()
@@ -211,14 +210,15 @@ class Registry:
             range_header=wanted.get(b"range"),
             mirrored=wanted.get(b"x-spegel-mirrored", "").strip().lower() == "true",
             client_ip=client_ip(wanted.get(b"x-forwarded-for"), remote, trusted),
+            remote=remote,
             accept=wanted.get(b"accept"),
         )
 
-    def _admit(self, digest: str) -> OciError | Callable[[], None]:
+    def _admit(self, digest: str, remote: str) -> OciError | Callable[[], None]:
         """A peer's GET of `digest`: bounded (--peer-upload-limit), so a burst forms a tree; and
         never fed from a download of ours that has no source or that it feeds itself.  The slot's
         release, or the 429 to answer."""
-        refusal = self.forwarder.own.refusal(digest, request.remote_addr or "")
+        refusal = self.forwarder.own.refusal(digest, remote)
         if refusal is not None or not self.uploads.try_acquire(
             digest, lagging=self.inflight_uploads.lagging(LAGGING_BYTES)
         ):
@@ -242,7 +242,7 @@ class Registry:
 
         return release
 
-    async def _answer(self, plan: Plan, facts: RequestFacts) -> Response:
+    async def _answer(self, plan: Plan, facts: RequestFacts, scope: dict[str, Any]) -> Response:
         if isinstance(plan, Empty | OciError | Unauthorized):
             return simple_answer(plan)
         if isinstance(plan, Readiness):
@@ -260,7 +260,7 @@ class Registry:
             return blob_answer(plan.status, plan.headers, body)
         if isinstance(plan, InflightBlob):
             return self._inflight(plan, facts)
-        return await self._mirror(plan)
+        return await self._mirror(plan, scope)
 
     async def _manifest(self, plan: LocalManifest) -> Response:
         body = None
@@ -292,7 +292,7 @@ class Registry:
             plan.ingest,
             plan.offset,
             _body_length(plan),
-            request.remote_addr or "",
+            facts.remote,
             written,
             report,
         )
@@ -313,16 +313,15 @@ class Registry:
             source=source,
         )
 
-    async def _mirror(self, plan: Mirror) -> Response:
+    async def _mirror(self, plan: Mirror, scope: dict[str, Any]) -> Response:
         job = plan.job
-        cast(dict[str, Any], request.scope)["spegla.mirrored"] = True  # access log: "mirror"
+        scope["spegla.mirrored"] = True  # access log: "mirror"
         self.stats.mirrored += 1
         nursery = self._nursery
         if nursery is None:
             return simple_answer(
                 OciError(503, job.request.unknown_code, "the registry is not running")
             )
-        scope = cast(dict[str, Any], request.scope)
         watch = scope.get(CLIENT_WATCH)
         if isinstance(watch, ClientWatch):
             # a client that leaves cancels this request and its fetch at once (even one whose
@@ -387,7 +386,7 @@ def create_app(registry: Registry) -> QuartTrio:
     app.asgi_app = asgi  # type: ignore[method-assign,assignment]
 
     async def handle(path: str = "") -> Response:
-        return await registry.handle("/" + path)
+        return await registry.handle(cast(dict[str, Any], request.scope), "/" + path)
 
     app.add_url_rule("/", "root", handle, methods=ALL_METHODS, provide_automatic_options=False)
     app.add_url_rule(

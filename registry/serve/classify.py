@@ -79,6 +79,7 @@ class RequestFacts:
     range_header: str | None = None
     mirrored: bool = False  # X-Spegel-Mirrored: true (a peer asks)
     client_ip: str = ""  # the requester (X-Forwarded-For only from trusted proxies)
+    remote: str = ""  # the connection's remote address
     accept: str | None = None
 
 
