@@ -23,9 +23,9 @@ Invariants:
   exchange ends) only while the application waits in `receive`; bytes of a
   pipelined next request mean the client is still there.  After an end of stream sends still
   go out (a client that half-closed reads its answer; one that closed makes a later write fail
-  with `ClientGone`); after a reset every `send` raises `ClientGone`.  So an application that
-  must answer clients that half-close reads `receive` past the body only for requests whose
-  work should stop when the client leaves.
+  with `ClientGone`); after a reset every `send` raises `ClientGone`.  An application that must
+  answer half-closed clients holds the early `http.disconnect` back
+  (`registry.http.disconnect`).
 - The application failing before any response byte went out gets the client a 500; failing
   midway leaves the response incomplete, and the server closes the connection.
 """
