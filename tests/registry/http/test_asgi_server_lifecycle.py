@@ -13,7 +13,7 @@ import trio
 import trio.testing
 from quart_trio import QuartTrio
 
-from registry.http.lifespan import LifespanFailed
+from registry.http.lifespan import DEFAULT_LIFESPAN_TIMEOUT, LifespanFailed
 from registry.http.server import OVER_CAPACITY, ConnectionLimits, ServerStats
 from tests.registry.http.test_asgi_server import (
     LOOPBACK,
@@ -194,6 +194,34 @@ async def test_a_failed_startup_stops_the_server_before_it_serves() -> None:
     ):
         async with trio.open_nursery() as nursery:
             await start(nursery, app)
+
+
+async def test_a_startup_that_never_ends_fails_after_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await trio.sleep_forever()  # startup never completes
+
+    with pytest.RaisesGroup(trio.TooSlowError, flatten_subgroups=True):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, app)
+    assert trio.current_time() == pytest.approx(DEFAULT_LIFESPAN_TIMEOUT)
+
+
+async def test_a_shutdown_that_never_ends_is_waited_for_at_most_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await trio.sleep_forever()  # never answers the shutdown
+
+    async with trio.open_nursery() as nursery:
+        _, stop = await start(nursery, app)
+        stop.set()
+    assert trio.current_time() == pytest.approx(DEFAULT_LIFESPAN_TIMEOUT)
 
 
 async def test_an_app_without_lifespan_is_served(nursery: trio.Nursery) -> None:
