@@ -270,6 +270,12 @@ class DhtRouter:
     def ready(self) -> bool:
         return self._node.config.standalone or len(self._node.protocol.table) > 0
 
+    def lookups_reach_all(self) -> bool:
+        """True while this node knows fewer than k contacts: a lookup converges only once the
+        k nearest are asked, so every lookup asks every node it knows or learns of."""
+        protocol = self._node.protocol
+        return len(protocol.table) < protocol.config.k
+
     async def wait_ready(self) -> None:
         """Return once `ready()`: woken when the node's table changes, never polled."""
         await trio.lowlevel.checkpoint()

@@ -9,6 +9,12 @@ in-flight record or an aborted download withdraw a key an image holds.  `KeyStat
 each source's set and yields the effective state per key, best first: COMPLETE (tracker, or
 committed within `committed_grace`) over INFLIGHT over CLAIM; `KeyAdvertiser` tells the Router
 only when a key's effective state changes.
+
+Publishing is a group commit: changes queue in the order they were decided, and whoever holds the
+lock hands every queued change to the Router (each key at its latest state) in one go.  So a
+burst of claims costs the Router a few calls instead of one scheduler pass per queued caller,
+and a caller cancelled while it waits (a claim bounded by the resolve budget) still has its
+change published by the holder that drains the queue.
 """
 
 from __future__ import annotations
@@ -113,6 +119,7 @@ class KeyAdvertiser:
         self._router = router
         self.states = KeyStates(committed_grace)
         self._lock = trio.Lock()
+        self._queue: dict[str, PeerState | None] = {}  # decided, not yet handed to the Router
 
     def tracker_router(self) -> Router:
         """The Router the state tracker talks to: its keys are the COMPLETE source."""
@@ -125,16 +132,25 @@ class KeyAdvertiser:
         INFLIGHT_INGESTS.set(len(self.states.inflight))
         if not changes:
             return
-        async with self._lock:  # router calls keep the order the changes were decided in
-            withdrawn = [key for key, state in changes if state is None]
-            by_state: dict[PeerState, list[str]] = {}
-            for key, state in changes:
-                if state is not None:
-                    by_state.setdefault(state, []).append(key)
-            for state, keys in by_state.items():
-                await self._router.advertise(keys, state)
-            if withdrawn:
-                await self._router.withdraw(withdrawn)
+        for key, state in changes:
+            self._queue.pop(key, None)  # re-inserted: the queue stays in decision order
+            self._queue[key] = state
+        # invariant: a change is in the queue until a lock holder has taken it, and the holder
+        # hands what it took to the Router shielded (nothing taken is ever dropped)
+        async with self._lock:
+            if not self._queue:
+                return  # an earlier holder published ours with its batch
+            batch, self._queue = self._queue, {}
+            by_state: dict[PeerState | None, list[str]] = {}
+            for key, state in batch.items():
+                by_state.setdefault(state, []).append(key)
+            with trio.CancelScope(shield=True):
+                for state, keys in by_state.items():
+                    if state is not None:
+                        await self._router.advertise(keys, state)
+                withdrawn = by_state.get(None)
+                if withdrawn:
+                    await self._router.withdraw(withdrawn)
 
     async def on_ingest(self, change: IngestChange, committed: bool) -> None:
         """The ingest watcher's callback."""

@@ -57,6 +57,10 @@ class RegistryRouter:
     async def withdraw(self, keys: Iterable[str]) -> None:
         await self._dht.withdraw(keys)
 
+    def lookups_reach_all(self) -> bool:
+        """Every lookup asks every node (the claim protocol's settle window depends on it)."""
+        return self._dht.lookups_reach_all()
+
     def known_providers(self, key: str) -> list[Peer]:
         """Providers of `key` known without a lookup (see the module doc)."""
         peers = {(p.host, p.port): p for p in map(as_peer, self._dht.known_providers(key))}

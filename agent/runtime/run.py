@@ -51,6 +51,7 @@ from registry.burst.claim_supply import ClaimParticipation
 from registry.events import MirrorEvents
 from registry.http.server import ConnectionLimits, ServerStats
 from registry.interfaces import ClaimBoard, ContentStore, Router
+from registry.serve.inflight import InflightUploads
 
 if TYPE_CHECKING:
     from registry.serve.app import Registry
@@ -99,6 +100,8 @@ class AppParts:
     events: MirrorEvents  # the mirror path reports here (the debug page subscribes)
     claims: ClaimParticipation | None = None  # take part in bursts' claims
     cluster_key: bytes | None = None  # None: no key, so no tags through peers
+    # the registry's uploads of blobs still downloading here (the debug page lists them)
+    uploads: InflightUploads = field(default_factory=InflightUploads)
 
 
 AppFactory = Callable[[AppParts], QuartTrio]
@@ -242,7 +245,14 @@ def default_registry(parts: AppParts) -> Registry:
     )
     if settings.basic_auth is not None:
         logger.info("basic auth enabled", extra={"basic_auth_dir": cfg.basic_auth_dir})
-    return Registry(parts.store, parts.router, settings, events=parts.events, claims=parts.claims)
+    return Registry(
+        parts.store,
+        parts.router,
+        settings,
+        events=parts.events,
+        claims=parts.claims,
+        uploads=parts.uploads,
+    )
 
 
 def _is_loopback(host: str) -> bool:
@@ -361,7 +371,12 @@ async def run_agent(
             readiness.connected = backend.connected
             debug.images = backend.images
             debug.sections["dht"] = lambda: dataclasses.asdict(node.statistics())
-            debug.sections["containerd state"] = backend.stats
+            uploads = InflightUploads()  # the registry's (the app below counts them here)
+
+            def containerd_state() -> dict[str, Any]:
+                return {**backend.stats(), "inflight_uploads": uploads.snapshot()}
+
+            debug.sections["containerd state"] = containerd_state
             if handle_signals:
                 signals = functools.partial(_signals, shutdown, root.cancel_scope)
                 await supervisor.start(root, "signals", signals)
@@ -378,7 +393,7 @@ async def run_agent(
                 claims = ClaimParticipation(
                     backend.claims, node_id, own_hosts=own, containerd_up=lambda: bool(connected)
                 )
-            parts = AppParts(backend.store, router, cfg, readiness, events, claims, psk)
+            parts = AppParts(backend.store, router, cfg, readiness, events, claims, psk, uploads)
             if hooks.app is None:
                 from registry.serve.app import create_app
 
@@ -386,10 +401,7 @@ async def run_agent(
                 # the agent's, whichever server serves the app
                 registry = default_registry(parts)
                 await supervisor.start(root, "registry-tasks", registry.run)
-                debug.sections["registry answers"] = lambda: {
-                    **dataclasses.asdict(registry.stats),
-                    "inflight_uploads": registry.inflight_uploads.snapshot(),
-                }
+                debug.sections["registry answers"] = lambda: dataclasses.asdict(registry.stats)
                 app = create_app(registry)
             else:
                 app = hooks.app(parts)

@@ -17,8 +17,8 @@ returns, feeding back lookup results (`seen`, `round_ended`) and fetch outcomes 
   SETTLING  `settle` after our claim went out, a fresh lookup (`Resolve`) shows the claims made at
             about the same moment.  Decided when that lookup converges, and never later than the
             resolve budget (`resolve_timeout` x `resolve_retries`, the 60 ms a plain miss takes)
-            or, on a network so slow that the first lookup took more than a third of `settle`,
-            the settle window stretched to 3 lookups (`settle_for`, at most 250 ms):
+            or, when the first lookup took longer than `settle`, the settle window stretched
+            to what a claim needs to be seen (`settle_for`, at most 250 ms, below):
             the claimant is the claim of lowest `claim_rank` (a hash of node id and key, so the
             layers of one image get different claimants and no node uploads every layer first)
             among the claims seen (ours included).  Every node that sees a set of claims
@@ -34,6 +34,18 @@ returns, feeding back lookup results (`seen`, `round_ended`) and fetch outcomes 
             `Miss` at once.
 A source appearing in any phase wins (`Fetch`; a claim of ours stays until the request ends).
 Every path ends by a deadline, so the protocol never waits unbounded and cannot deadlock.
+
+How long a claim needs to be seen (the settle window).  Two nodes A and B miss together; B's first
+lookup asked A before A's claim was out, so B claimed too.  A must look again late enough to see
+B's claim.  Where a lookup asks every node of the cluster (`lookups_reach_all`: this node knows
+fewer than the DHT's k contacts, so every lookup converges only after asking each of them), B's
+claim is in B's own store, and so visible to A's next lookup, as soon as B published it: at most
+one first attempt of B's (its lookup, bounded by `resolve_timeout`, plus B's scheduling delay)
+after B's lookup asked A.  One first lookup of ours (the same work, on a node as loaded) covers
+that.  Elsewhere a claim is seen only once B's announce reached the key's storers (a lookup plus
+a store): the window is three first lookups.  Under saturation the first lookup is mostly this
+node's own scheduling delay; stretching by one lookup instead of three is what keeps a miss
+within a few times a local GET there.
 """
 
 from __future__ import annotations
@@ -77,12 +89,16 @@ class ClaimSettings:
     poll: float = 0.1  # a waiter re-resolves this often
     # Two nodes that claim within about twice the time a claim takes to become visible may not
     # see each other.  That time is about a lookup plus a store, so the settle window grows with
-    # the first lookup's duration (a loaded network): settle = clamp(lookup x factor).
+    # the first lookup's duration (a loaded network): settle = clamp(lookup x factor).  Where
+    # every lookup asks every node a claim is visible once published: one lookup's time (see
+    # the module doc).
     settle_per_lookup: float = 3.0
+    settle_per_lookup_reaching_all: float = 1.0
     settle_max: float = 0.25
 
-    def settle_for(self, first_lookup: float) -> float:
-        return max(self.settle, min(first_lookup * self.settle_per_lookup, self.settle_max))
+    def settle_for(self, first_lookup: float, reaches_all: bool = False) -> float:
+        factor = self.settle_per_lookup_reaching_all if reaches_all else self.settle_per_lookup
+        return max(self.settle, min(first_lookup * factor, self.settle_max))
 
     @property
     def budget(self) -> float:
@@ -150,6 +166,7 @@ class ProviderWait:
     avoid: frozenset[PeerKey] = frozenset()  # quarantined or stale for this key
     distrusted_claims: frozenset[bytes] = frozenset()  # claimants that recently did not deliver
     busy_peers: BusyPeers = field(default_factory=BusyPeers)
+    lookups_reach_all: bool = False  # every lookup asks every node (a cluster within k)
 
     phase: _Phase = _Phase.LOOKING
     sources: dict[PeerKey, Sighting] = field(default_factory=dict)
@@ -309,7 +326,7 @@ class ProviderWait:
         self.own_claim = True
         self.claim_at = now
         first = self.first_lookup if self.first_lookup is not None else now - self.started
-        self.settle = self.settings.settle_for(first)
+        self.settle = self.settings.settle_for(first, self.lookups_reach_all)
         self.resolve_due = now + self.settle
         return PublishClaim()
 
@@ -323,6 +340,20 @@ class ProviderWait:
         if self.resolve_due is not None:
             if now < self.resolve_due:
                 return Wait(self.resolve_due)
+            if self.first_lookup is None and not self.round_done:
+                # the claim went out before the first lookup converged: its length, which the
+                # window must cover, is not known yet.  Let it converge (no later than the
+                # three-lookup window would start the second lookup), then size the window by it.
+                latest = self.claim_at + self.settings.settle_for(self.claim_at - self.started)
+                if now < latest:
+                    return Wait(latest)
+            elif self.first_lookup is not None:
+                settle = self.settings.settle_for(self.first_lookup, self.lookups_reach_all)
+                if settle > self.settle:
+                    self.settle = settle
+                    self.resolve_due = self.claim_at + settle
+                    if now < self.resolve_due:
+                        return Wait(self.resolve_due)
             return self._start_round(now)
         if not self.round_done and now < decide_by:
             return Wait(decide_by)

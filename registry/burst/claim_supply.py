@@ -2,7 +2,7 @@
 
 Why its own module: `registry.burst.claim.ProviderWait` decides (claim, wait, which provider); this
 performs its steps: lookups through the Router (restarted when it asks for a fresh one), claim
-records through the agent's `ClaimBoard`, waits as Trio deadlines.  The forwarder asks it for the
+records through the agent's `ClaimBoard`, waits as Trio deadlines.  The mirror run asks it for the
 next peer and reports fetch failures and busy answers back.
 
 A claimant's claim outlives its request (its containerd goes upstream after our 404 and the ingest
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
+from cachetools import TTLCache
 
 from registry.burst.attempts import GiveUp, MirrorAttempts, PeerKey, peer_key
 from registry.burst.claim import (
@@ -32,7 +32,13 @@ from registry.burst.claim import (
     WithdrawClaim,
 )
 from registry.burst.provider_choice import BusyPeers, RecordState, Sighting
-from registry.burst.supply import BUSY_FIRST_RETRY, KnowsProviders, RouterFailure
+from registry.burst.supply import (
+    BUSY_FIRST_RETRY,
+    KnowsProviders,
+    KnowsReach,
+    NoExtraPeer,
+    RouterFailure,
+)
 from registry.interfaces import ClaimBoard, Peer, PeerState, Router
 from registry.metrics import CLAIM_OUTCOMES, CLAIM_WAIT
 
@@ -53,20 +59,19 @@ class DistrustedClaims:
     """Claimants that let a waiter down for a key (no download appeared), skipped for `ttl`."""
 
     def __init__(self, ttl: float = 60.0, max_entries: int = 4096) -> None:
-        self._ttl = ttl
-        self._max = max_entries
-        self._until: OrderedDict[tuple[str, bytes], float] = OrderedDict()
+        self._now = 0.0  # the caller's clock, as of the last call (the cache's timer reads it)
+        self._entries: TTLCache[tuple[str, bytes], bool] = TTLCache(
+            maxsize=max_entries, ttl=ttl, timer=lambda: self._now
+        )
 
     def add(self, key: str, node_id: bytes, now: float) -> None:
-        self._until[(key, node_id)] = now + self._ttl
-        self._until.move_to_end((key, node_id))
-        while len(self._until) > self._max:
-            self._until.popitem(last=False)
+        self._now = now
+        self._entries[(key, node_id)] = True
 
     def nodes(self, key: str, now: float) -> frozenset[bytes]:
-        for entry in [e for e, until in self._until.items() if until <= now]:
-            del self._until[entry]
-        return frozenset(n for (k, n) in self._until if k == key)
+        self._now = now
+        self._entries.expire()
+        return frozenset(n for (k, n) in self._entries if k == key)
 
 
 @dataclass(slots=True)
@@ -106,7 +111,13 @@ class ClaimParticipation:
 
 
 class ClaimingSupply:
-    """Runs one `ProviderWait` for a blob digest; `next_peer` returns a provider or a GiveUp."""
+    """Runs one `ProviderWait` for a blob digest; `next_peer` returns a provider or a GiveUp.
+
+    A `registry.burst.supply.Supply`: the claim/wait decides who is asked, so one provider serves
+    at a time (`multi_peer` is false) and hedges come only from complete providers already seen.
+    """
+
+    multi_peer = False
 
     def __init__(
         self,
@@ -135,6 +146,7 @@ class ClaimingSupply:
             avoid=avoid,
             distrusted_claims=ignored,
             busy_peers=claims.busy,
+            lookups_reach_all=isinstance(router, KnowsReach) and router.lookups_reach_all(),
         )
         self._peers: dict[PeerKey, Peer] = {}
         self._changed = trio.Event()
@@ -204,7 +216,7 @@ class ClaimingSupply:
                 if step.withdraw_claim:
                     await self._unclaim()
                 if not attempts.usable(peer):
-                    # tried or avoided by the forwarder's own rules: not a source for us
+                    # tried or avoided by the mirror run's own rules: not a source for us
                     self.wait.exclude(step.sighting.address, now)
                     continue
                 self._outcome("fetch")
@@ -270,6 +282,21 @@ class ClaimingSupply:
             ):
                 return peer
         return None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Nothing to start: the first `next_peer` starts its lookup (in the nursery given)."""
+
+    async def extra_peer(self, attempts: MirrorAttempts) -> Peer | NoExtraPeer:
+        """`spare_peer`, without waiting (no claim or wait step is taken for a hedge)."""
+        peer = self.spare_peer(attempts)
+        return NoExtraPeer.LATER if peer is None else peer
+
+    def ready_peer(self, attempts: MirrorAttempts) -> Peer | None:
+        """None: a claim's decision hands out one provider at a time."""
+        return None
+
+    def put_back(self, peer: Peer) -> None:
+        """Nothing to do: `spare_peer` hands out any complete provider seen that is usable."""
 
     def busy(self, peer: Peer, retry_after: float) -> None:
         if not self.wait.fetching:

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from cachetools import TLRUCache
 
 __all__ = [
     "BusyPeers",
@@ -74,28 +75,25 @@ def rank_providers(requester: bytes, key: str, sightings: Iterable[Sighting]) ->
 
 
 class BusyPeers:
-    """Providers that answered busy, until their Retry-After passes (bounded, oldest go first)."""
+    """Providers that answered busy, until their Retry-After passes (at most `max_entries`;
+    the least recently added or asked about go first)."""
 
     def __init__(self, max_entries: int = 4096) -> None:
-        self._max = max_entries
-        self._until: OrderedDict[PeerKey, float] = OrderedDict()
+        self._now = 0.0  # the caller's clock, as of the last call (the cache's timer reads it)
+        # each entry's value is its own expiry time
+        self._until: TLRUCache[PeerKey, float] = TLRUCache(
+            maxsize=max_entries, ttu=lambda _peer, until, _now: until, timer=lambda: self._now
+        )
 
     def add(self, peer: PeerKey, until: float) -> None:
         self._until[peer] = until
-        self._until.move_to_end(peer)
-        while len(self._until) > self._max:
-            self._until.popitem(last=False)
 
     def busy(self, peer: PeerKey, now: float) -> bool:
-        until = self._until.get(peer)
-        if until is None:
-            return False
-        if until <= now:
-            del self._until[peer]
-            return False
-        return True
+        self._now = now
+        return peer in self._until
 
     def until(self, peer: PeerKey) -> float | None:
+        """When `peer` stops being busy (None: not busy as of the last call)."""
         return self._until.get(peer)
 
 

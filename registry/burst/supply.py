@@ -9,6 +9,7 @@ belongs here too: it is a question of supply.
 
 from __future__ import annotations
 
+import enum
 import math
 import time
 from typing import Protocol, runtime_checkable
@@ -19,7 +20,14 @@ from registry.burst.attempts import GiveUp, MirrorAttempts, peer_key
 from registry.interfaces import Peer, Router
 from registry.metrics import RESOLVE_DURATION
 
-__all__ = ["BUSY_FIRST_RETRY", "PeerSupply", "RouterFailure", "next_usable_peer"]
+__all__ = [
+    "BUSY_FIRST_RETRY",
+    "NoExtraPeer",
+    "PeerSupply",
+    "RouterFailure",
+    "Supply",
+    "next_usable_peer",
+]
 
 # A provider at its upload limit (429) is asked again after this, doubling with each busy answer
 # the request got, never later than its Retry-After: an upload slot frees within milliseconds
@@ -38,6 +46,67 @@ class KnowsProviders(Protocol):
     def known_providers(self, key: str) -> list[Peer]: ...
 
 
+class NoExtraPeer(enum.Enum):
+    """Why `Supply.extra_peer` has no provider to add."""
+
+    LATER = "later"  # none known now: ask again after a while
+    NEVER = "never"  # the lookup converged: none will come for this request
+
+
+class Supply(Protocol):
+    """Where one mirror request's providers come from; the request depends on this only.
+
+    Two implementations: `PeerSupply` (one Router lookup on the resolve clock, as Spegel does)
+    and `registry.burst.claim_supply.ClaimingSupply` (a burst's claim/wait decides who is asked).
+    Every peer it hands out is one `attempts.usable` allows.
+    """
+
+    @property
+    def multi_peer(self) -> bool:
+        """Several providers may serve one blob at once (not when a claim decides who serves)."""
+        ...
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Start looking for providers (its tasks run in `nursery`, cancelled at the end)."""
+        ...
+
+    async def next_peer(self, attempts: MirrorAttempts) -> Peer | GiveUp:
+        """The next provider to fetch from (a fail-over), or GiveUp: answer 404."""
+        ...
+
+    async def extra_peer(self, attempts: MirrorAttempts) -> Peer | NoExtraPeer:
+        """A provider to ask beside the ones already asked (a hedge, a multi-peer helper),
+        waiting as long as the caller lets it."""
+        ...
+
+    def ready_peer(self, attempts: MirrorAttempts) -> Peer | None:
+        """A provider that is already here, without waiting (give it back with `put_back`)."""
+        ...
+
+    def put_back(self, peer: Peer) -> None:
+        """`peer` was asked but its answer was not needed: it may be handed out again."""
+        ...
+
+    def failed(self, peer: Peer) -> None:
+        """`peer`'s fetch failed or its stream broke."""
+        ...
+
+    def busy(self, peer: Peer, retry_after: float) -> None:
+        """`peer` answered busy (at its upload limit: not a failure)."""
+        ...
+
+    async def finish(self) -> None:
+        """The request is over."""
+        ...
+
+
+@runtime_checkable
+class KnowsReach(Protocol):
+    """A Router that can say whether each of its lookups asks every node of the cluster."""
+
+    def lookups_reach_all(self) -> bool: ...
+
+
 class PeerSupply:
     """Runs one Router lookup and hands its providers out; None once it has converged.
 
@@ -46,9 +115,12 @@ class PeerSupply:
     resolve deadline, and content a peer holds must not become a miss because of it.
     """
 
-    def __init__(self, router: Router, key: str) -> None:
+    multi_peer = True
+
+    def __init__(self, router: Router, key: str, resolve_timeout: float = 0.020) -> None:
         self._router = router
         self._key = key
+        self.resolve_timeout = resolve_timeout  # each wait for a provider in `next_peer`
         self._send, self._receive = trio.open_memory_channel[Peer](math.inf)
         self._returned: list[Peer] = []
         self.error: Exception | None = None
@@ -76,6 +148,39 @@ class PeerSupply:
                         self._offer(peer)
             except Exception as exc:
                 self.error = exc  # raised to the request by next(), not to the nursery
+
+    # -- the `Supply` protocol ------------------------------------------------------------------
+
+    def start(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self.feed)
+
+    async def next_peer(self, attempts: MirrorAttempts) -> Peer | GiveUp:
+        return await next_usable_peer(self, attempts, self.resolve_timeout)
+
+    async def extra_peer(self, attempts: MirrorAttempts) -> Peer | NoExtraPeer:
+        """The next usable provider, however long the lookup takes; NEVER once it converged."""
+        while (peer := await self.next()) is not None:
+            if attempts.usable(peer):
+                return peer
+        return NoExtraPeer.NEVER
+
+    def ready_peer(self, attempts: MirrorAttempts) -> Peer | None:
+        """A usable provider that has already arrived (unusable ones on the way are dropped)."""
+        while (peer := self.next_ready()) is not None:
+            if attempts.usable(peer):
+                return peer
+        return None
+
+    def failed(self, peer: Peer) -> None:
+        """Nothing to do: `attempts` counts the failure, and the lookup goes on."""
+
+    def busy(self, peer: Peer, retry_after: float) -> None:
+        self.retry_later(peer, retry_after)
+
+    async def finish(self) -> None:
+        """Nothing to do: the lookup task ends with the request's nursery."""
+
+    # -- the plain supply's own surface ----------------------------------------------------------
 
     def next_ready(self) -> Peer | None:
         """A provider that has already arrived, without waiting; None if there is none."""

@@ -2,7 +2,7 @@
 
 Why: a blob proxied from a peer is read from its socket into a buffer, hashed and written to the
 client; allocating a fresh buffer per read costs page faults and keeps freed memory in the heap
-(RSS grew to ~160 MB after proxying 200 MiB and stayed there).  Here every body byte lands in one
+(docs/decisions/pooled-buffers.md).  Here every body byte lands in one
 of a few fixed-size anonymous mappings that are handed from request to request; the total is
 capped per agent (`max_bytes`, the `--mirror-buffer-memory` flag, sized against the DaemonSet's
 memory limit), and mappings beyond `keep_idle` idle ones are unmapped, so RSS returns near idle

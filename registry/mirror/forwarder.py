@@ -8,7 +8,8 @@ channel; the producer then stops at its next send.
 
 `Forwarder` holds what outlives one request: the peer client, the buffer pool, the quarantine,
 stale providers, hedging statistics, claims and this node's own downloads
-(`registry.burst.own_downloads`).  One request is sequenced by `registry.mirror.run`.
+(`registry.burst.own_downloads`).  One request is sequenced by `registry.mirror.run`, which reads
+these through one record (`registry.mirror.context.RunContext`, built by `Forwarder.context`).
 
 Concurrent blob GETs of one digest share one fetch (`registry.mirror.share`): the first starts a
 whole-blob `MirrorRun` in `background` (the app's nursery, so the fetch outlives whichever request
@@ -30,6 +31,7 @@ from registry.events import MirrorEvents
 from registry.http.client import PeerClient
 from registry.interfaces import DownloadDiscarder, Router
 from registry.mirror.buffers import BufferPool
+from registry.mirror.context import RunContext
 from registry.mirror.hedging import HedgeDelay, HedgePolicy
 from registry.mirror.job import ItemSink, MirrorItem, MirrorJob, MirrorSettings
 from registry.mirror.peer_answer import Quarantine, StaleProviders
@@ -90,6 +92,24 @@ class Forwarder:
         self.background: trio.Nursery | None = None
         self.shares = SharedFetches(self.settings.verify_first_max)
 
+    def context(self) -> RunContext:
+        """What one run reads of this agent-wide state."""
+        return RunContext(
+            router=self.router,
+            client=self.client,
+            settings=self.settings,
+            buffers=self.buffers,
+            quarantine=self.quarantine,
+            verification=self.verification,
+            stale=self.stale,
+            slow_peers=self.slow_peers,
+            hedge_delay=self.hedge_delay,
+            own=self.own,
+            events=self.events,
+            claims=self.claims,
+            discard=self.discard,
+        )
+
     def share_key(self, job: MirrorJob) -> ShareKey | None:
         """The key concurrent GETs of `job`'s blob share a fetch under; None: not shared."""
         if job.method != "GET" or job.request.kind is not ContentKind.BLOB:
@@ -136,7 +156,7 @@ class Forwarder:
             await self._produce(job, send)
 
     async def _produce(self, job: MirrorJob, send: ItemSink) -> None:
-        state = MirrorRun(self, job, send)
+        state = MirrorRun(self.context(), job, send)
         failure: Exception | None = None
         try:
             await state.run()

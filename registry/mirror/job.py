@@ -85,9 +85,8 @@ class MirrorSettings:
     buffer_memory: int = 256 * 1024 * 1024
     buffer_size: int = 1024 * 1024  # one socket read fills at most this (the pool's unit)
     # A blob streamed because it is bigger than verify_first_max is read in buffers of this many
-    # bytes (a multiple of buffer_size): per piece the mirror path costs a scheduler pass or two
-    # and some Python, so 2 MiB pieces cut its CPU per GiB by ~10% (bench.mirror).  Smaller
-    # blobs keep 1 MiB buffers: 2 MiB ones made 16 concurrent 64 MiB pulls ~20% slower.
+    # bytes (a multiple of buffer_size); smaller blobs keep buffer_size buffers
+    # (docs/decisions/stream-buffers.md).
     stream_buffer_size: int = 2 * 1024 * 1024
     # a peer answering 404 for a key it advertises is skipped for that key this long (its
     # provider records outlive a delete until their ttl; it may also pull the content again)

@@ -2,11 +2,11 @@
 
 Why: a big layer from one peer is limited by that peer's uplink.  Here up to `max_peers` providers
 each fetch pieces of the blob (one Range request per piece, on keep-alive connections; the first
-provider's whole-blob stream goes on with the next piece while that one is free); one writer (the
-caller's task) takes the pieces in order, hashes them and hands the client's slice to the sink,
-holding back the last byte until the digest matched.  The decisions are
-`registry.mirror.range_plan`'s;
-this is the driver.
+provider's whole-blob stream goes on with the next piece while that one is free); the caller's
+task takes the pieces in order and hands them to the one hashing writer
+(`registry.mirror.blob_writer`: hashed in order, the client's slice passed on, the last byte held
+back until the digest matched).  The decisions are `registry.mirror.range_plan`'s; this is the
+driver.
 
 Bounded memory: only pieces inside the reorder window are fetched; a piece that is not the head
 takes a buffer only while the pool keeps `HEAD_RESERVE` buffers free for heads, so transfers never
@@ -34,14 +34,15 @@ import mmap
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
 from registry.burst.attempts import GiveUp, peer_key
 from registry.http.client import PeerError, PeerResponse
 from registry.interfaces import Peer
-from registry.mirror.blob_stream import BufferSource, Mismatch, Sink
+from registry.mirror.blob_stream import BufferSource, Mismatch
+from registry.mirror.blob_writer import HashingWriter, Sink
 from registry.mirror.buffers import Chunk
 from registry.mirror.peer_answer import PeerAnswerError
 from registry.mirror.range_plan import Piece, RangePlan
@@ -66,22 +67,221 @@ class MultiPeerSettings:
     stall_timeout: float = 5.0
 
 
-@dataclass
-class _State:
-    plan: RangePlan
-    chunks: dict[int, deque[Chunk]] = field(default_factory=dict)
-    partial: dict[int, tuple[mmap.mmap, int]] = field(default_factory=dict)  # buffer, filled
-    scopes: dict[int, trio.CancelScope] = field(default_factory=dict)  # piece -> owner's scope
-    peers: dict[tuple[str, int], Peer] = field(default_factory=dict)
-    alive: int = 0
-    give_up: GiveUp | None = None
-    recruiting_done: bool = False
-    recruit_wait: trio.CancelScope | None = None  # a patient wait for more providers
-    changed: trio.Event = field(default_factory=trio.Event)
+class _MultiPeerCopy:
+    """One multi-peer copy: workers (one per provider) fill pieces, the recruiter adds
+    providers, and the caller's task (`run`) writes the head piece's chunks in order.
+
+    Invariants: a piece's bytes are owned by at most one worker at a time (`plan`); a buffer is
+    in exactly one place (a worker's hands, `partial`, `chunks`, the writer's sink, or back in
+    the pool); `alive` counts the workers running; every change a waiter may care about ends
+    with `notify()`.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        writer: HashingWriter,
+        buffers: BufferSource,
+        open_range: OpenRange,
+        recruit: Callable[[bool], Awaitable[Peer | GiveUp | None]],
+        failed: Callable[[Peer, Exception], GiveUp | None],
+        settings: MultiPeerSettings,
+        close_first: Callable[[], Awaitable[None]] | None,
+    ) -> None:
+        pool = buffers.pool
+        unit = pool.buffer_size
+        piece_size = max(unit, settings.piece_size // unit * unit)
+        self.plan = RangePlan(size, piece_size, max(2, settings.window))
+        self.writer = writer
+        self.buffers = buffers
+        self.pool = pool
+        self.open_range = open_range
+        self.recruit = recruit
+        self.failed = failed
+        self.settings = settings
+        self.close_first = close_first
+        self.chunks: dict[int, deque[Chunk]] = {}  # whole buffers of a piece, in order
+        self.partial: dict[int, tuple[mmap.mmap, int]] = {}  # piece -> (buffer, filled)
+        self.scopes: dict[int, trio.CancelScope] = {}  # piece -> its owner's scope
+        self.peers: dict[tuple[str, int], Peer] = {}
+        self.alive = 0
+        self.give_up: GiveUp | None = None
+        self.recruiting_done = False
+        self.recruit_wait: trio.CancelScope | None = None  # a patient wait for more providers
+        self.changed = trio.Event()
 
     def notify(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+    async def take_buffer(self, piece: Piece) -> mmap.mmap:
+        while True:
+            if piece.index == self.plan.head:
+                return await self.buffers.take()
+            buffer = self.buffers.take_nowait(HEAD_RESERVE)
+            if buffer is not None:
+                return buffer
+            await self.changed.wait()  # the head moved, or buffers came back
+
+    async def read_piece(self, peer: Peer, stream: PeerResponse, piece: Piece) -> None:
+        key = peer_key(peer)
+        while not piece.complete:
+            buffer, filled = self.partial.pop(piece.index, (None, 0))
+            if buffer is None:
+                buffer = await self.take_buffer(piece)
+            want = min(len(buffer), piece.end - (piece.offset - filled)) - filled
+            try:
+                with memoryview(buffer) as view:
+                    with trio.fail_after(self.settings.stall_timeout):
+                        n = await stream.receive_into(view[filled : filled + want])
+                if n == 0:
+                    raise PeerError("peer sent a body of the wrong length")
+            except BaseException:
+                self.partial[piece.index] = (buffer, filled)  # the next owner goes on with it
+                raise
+            filled += n
+            self.plan.received(piece, key, n, trio.current_time())
+            if filled == len(buffer) or piece.complete:
+                queue = self.chunks.setdefault(piece.index, deque())
+                queue.append(Chunk(self.pool, buffer, 0, filled))
+                self.notify()  # the writer (and idle workers) care about whole buffers only
+            else:
+                self.partial[piece.index] = (buffer, filled)
+
+    async def worker(self, peer: Peer, stream: PeerResponse | None, piece: Piece | None) -> None:
+        plan = self.plan
+        key = peer_key(peer)
+        open_ended = first_stream = stream is not None
+        self.peers[key] = peer
+        stack = AsyncExitStack()
+        try:
+            while not plan.done:
+                if piece is None:
+                    if stream is not None and first_stream and self.close_first is not None:
+                        await self.close_first()  # what `first` sends on past here is not needed
+                    first_stream = False
+                    await stack.aclose()
+                    stream = None
+                    piece = plan.assign(key, trio.current_time())
+                    if piece is None:
+                        await self.changed.wait()
+                        continue
+                with trio.CancelScope() as scope:
+                    self.scopes[piece.index] = scope
+                    try:
+                        if stream is None:  # exactly the rest of this piece: nothing wasted
+                            stream = await self.open_range(peer, piece.offset, piece.end, stack)
+                        await self.read_piece(peer, stream, piece)
+                    finally:
+                        self.scopes.pop(piece.index, None)
+                if scope.cancelled_caught:  # taken away for being slow: make room for another
+                    plan.stopped(piece, key, slow=True)
+                    piece = None
+                    raise PeerError("too slow with the head of the blob")
+                # only the first stream (the whole blob) can go on with the next piece; a
+                # ranged one has ended (its connection goes back to the pool)
+                piece = plan.go_on(key, piece, trio.current_time()) if open_ended else None
+                open_ended = open_ended and piece is not None
+        except (PeerError, PeerAnswerError, trio.TooSlowError) as exc:
+            if piece is not None:
+                plan.stopped(piece, key)
+            give_up = self.failed(peer, exc)
+            if give_up is not None:
+                self.give_up = give_up
+        finally:
+            with trio.CancelScope(shield=True):
+                await stack.aclose()
+            self.alive -= 1
+            if self.alive == 0 and self.recruit_wait is not None:
+                self.recruit_wait.cancel()  # nobody works now: wait on the resolve clock
+            self.notify()
+
+    async def recruiter(self, nursery: trio.Nursery) -> None:
+        try:
+            while not self.plan.done and self.give_up is None:
+                if self.alive >= self.settings.max_peers:
+                    await self.changed.wait()
+                    continue
+                urgent = self.alive == 0
+                peer: Peer | GiveUp | None = None
+                with trio.CancelScope() as scope:
+                    self.recruit_wait = None if urgent else scope
+                    peer = await self.recruit(urgent)
+                self.recruit_wait = None
+                if scope.cancelled_caught:
+                    continue
+                if peer is None or isinstance(peer, GiveUp):
+                    if isinstance(peer, GiveUp):
+                        self.give_up = peer
+                    return
+                self.alive += 1
+                nursery.start_soon(self.worker, peer, None, None)
+        finally:
+            self.recruiting_done = True
+            self.notify()
+
+    async def run(self, first: Peer, response: PeerResponse) -> GiveUp | None:
+        """Write the blob in order until it is done (None) or nobody can go on (GiveUp)."""
+        plan = self.plan
+        async with trio.open_nursery() as nursery:
+            first_piece = plan.assign(peer_key(first), trio.current_time())
+            self.alive = 1
+            nursery.start_soon(self.worker, first, response, first_piece)
+            nursery.start_soon(self.recruiter, nursery)
+            try:
+                while not plan.done:
+                    piece = plan.pieces[plan.head]
+                    queue = self.chunks.get(piece.index)
+                    if queue:
+                        cuts = (span.start for span in piece.spans)
+                        await self.writer.write(queue.popleft(), cuts)
+                        continue
+                    if piece.complete and piece.index not in self.partial:
+                        plan.passed_on(piece)
+                        self.chunks.pop(piece.index, None)
+                        self.notify()
+                        continue
+                    if self.give_up is not None and self.alive == 0:
+                        return self.give_up
+                    if self.alive == 0 and self.recruiting_done:
+                        return GiveUp("no peer left to fetch from", 0)
+                    with trio.move_on_after(self.settings.slow_after):
+                        await self.changed.wait()
+                        continue
+                    self.pass_on_a_stalled_head()
+            finally:
+                nursery.cancel_scope.cancel()
+                self.release_all()
+        return None
+
+    def pass_on_a_stalled_head(self) -> None:
+        """Take the head piece from a peer that sent nothing of it for `slow_after`, but only
+        when another peer is there to take it over (a lone peer that stalls for good is caught
+        by `stall_timeout` and failed over like any broken stream)."""
+        stalled = self.plan.stalled_head(trio.current_time(), self.settings.slow_after)
+        if stalled is not None and stalled.index in self.scopes and self.alive > 1:
+            logger.info(
+                "peer slow with the head of a multi-peer blob; passing it on",
+                extra={"key": self.writer.digest, "offset": stalled.offset},
+            )
+            self.scopes[stalled.index].cancel()
+
+    def release_all(self) -> None:
+        for queue in self.chunks.values():
+            for chunk in queue:
+                chunk.release()
+        for buffer, _ in self.partial.values():
+            self.pool.release(buffer)
+        self.buffers.close()
+
+    def mismatch(self) -> Mismatch:
+        spans = self.plan.spans()
+        contributors = tuple(self.peers[s.peer] for s in spans if s.peer in self.peers)
+        return Mismatch(
+            tuple(dict.fromkeys(contributors)),
+            spans=tuple(spans),
+            checkpoints=tuple(self.writer.checkpoints),
+        )
 
 
 async def copy_from_peers(
@@ -109,205 +309,14 @@ async def copy_from_peers(
     `failed(peer, exc)` records a failed attempt (GiveUp when none is left).  Returns None on
     success, a `Mismatch` (with the spans and prefix digests for `find_liars`) or a GiveUp.
     """
-    pool = buffers.pool
-    piece_size = max(pool.buffer_size, settings.piece_size // pool.buffer_size * pool.buffer_size)
-    state = _State(RangePlan(size, piece_size, max(2, settings.window)))
-    plan = state.plan
-    start, end = (0, size - 1) if delivered is None else (delivered.start, delivered.end)
-    hasher = hashlib.sha256()
-    checkpoints: list[tuple[int, bytes]] = []
-
-    async def take_buffer(piece: Piece) -> mmap.mmap:
-        while True:
-            if piece.index == plan.head:
-                return await buffers.take()
-            buffer = buffers.take_nowait(HEAD_RESERVE)
-            if buffer is not None:
-                return buffer
-            await state.changed.wait()  # the head moved, or buffers came back
-
-    async def read_piece(peer: Peer, stream: PeerResponse, piece: Piece) -> None:
-        key = peer_key(peer)
-        while not piece.complete:
-            buffer, filled = state.partial.pop(piece.index, (None, 0))
-            if buffer is None:
-                buffer = await take_buffer(piece)
-            want = min(len(buffer), piece.end - (piece.offset - filled)) - filled
-            try:
-                with memoryview(buffer) as view:
-                    with trio.fail_after(settings.stall_timeout):
-                        n = await stream.receive_into(view[filled : filled + want])
-                if n == 0:
-                    raise PeerError("peer sent a body of the wrong length")
-            except BaseException:
-                state.partial[piece.index] = (buffer, filled)  # the next owner goes on with it
-                raise
-            filled += n
-            plan.received(piece, key, n, trio.current_time())
-            if filled == len(buffer) or piece.complete:
-                queue = state.chunks.setdefault(piece.index, deque())
-                queue.append(Chunk(pool, buffer, 0, filled))
-                state.notify()  # the writer (and idle workers) care about whole buffers only
-            else:
-                state.partial[piece.index] = (buffer, filled)
-
-    async def worker(peer: Peer, stream: PeerResponse | None, piece: Piece | None) -> None:
-        key = peer_key(peer)
-        open_ended = first_stream = stream is not None
-        state.peers[key] = peer
-        stack = AsyncExitStack()
-        try:
-            while not plan.done:
-                if piece is None:
-                    if stream is not None and first_stream and close_first is not None:
-                        await close_first()  # what `first` sends on past here is not needed
-                    first_stream = False
-                    await stack.aclose()
-                    stream = None
-                    piece = plan.assign(key, trio.current_time())
-                    if piece is None:
-                        await state.changed.wait()
-                        continue
-                with trio.CancelScope() as scope:
-                    state.scopes[piece.index] = scope
-                    try:
-                        if stream is None:  # exactly the rest of this piece: nothing wasted
-                            stream = await open_range(peer, piece.offset, piece.end, stack)
-                        await read_piece(peer, stream, piece)
-                    finally:
-                        state.scopes.pop(piece.index, None)
-                if scope.cancelled_caught:  # taken away for being slow: make room for another
-                    plan.stopped(piece, key, slow=True)
-                    piece = None
-                    raise PeerError("too slow with the head of the blob")
-                # only the first stream (the whole blob) can go on with the next piece; a
-                # ranged one has ended (its connection goes back to the pool)
-                piece = plan.go_on(key, piece, trio.current_time()) if open_ended else None
-                open_ended = open_ended and piece is not None
-        except (PeerError, PeerAnswerError, trio.TooSlowError) as exc:
-            if piece is not None:
-                plan.stopped(piece, key)
-            give_up = failed(peer, exc)
-            if give_up is not None:
-                state.give_up = give_up
-        finally:
-            with trio.CancelScope(shield=True):
-                await stack.aclose()
-            state.alive -= 1
-            if state.alive == 0 and state.recruit_wait is not None:
-                state.recruit_wait.cancel()  # nobody works now: wait on the resolve clock
-            state.notify()
-
-    async def recruiter(nursery: trio.Nursery) -> None:
-        try:
-            while not plan.done and state.give_up is None:
-                if state.alive >= settings.max_peers:
-                    await state.changed.wait()
-                    continue
-                urgent = state.alive == 0
-                peer: Peer | GiveUp | None = None
-                with trio.CancelScope() as scope:
-                    state.recruit_wait = None if urgent else scope
-                    peer = await recruit(urgent)
-                state.recruit_wait = None
-                if scope.cancelled_caught:
-                    continue
-                if peer is None or isinstance(peer, GiveUp):
-                    if isinstance(peer, GiveUp):
-                        state.give_up = peer
-                    return
-                state.alive += 1
-                nursery.start_soon(worker, peer, None, None)
-        finally:
-            state.recruiting_done = True
-            state.notify()
-
-    def hash_chunk(chunk: Chunk, offset: int, piece: Piece) -> None:
-        """Hash `chunk` (blob bytes from `offset`), with a prefix digest at every span start
-        inside it and at its end."""
-        cuts = sorted({s.start for s in piece.spans if offset < s.start < offset + len(chunk)})
-        with chunk.view() as view:
-            at = offset
-            for cut in cuts:
-                hasher.update(view[at - offset : cut - offset])
-                checkpoints.append((cut, hasher.copy().digest()))
-                at = cut
-            hasher.update(view[at - offset :])
-        checkpoints.append((offset + len(chunk), hasher.copy().digest()))
-
-    held = b""
-    position = 0
-    async with trio.open_nursery() as nursery:
-        first_piece = plan.assign(peer_key(first), trio.current_time())
-        state.alive = 1
-        nursery.start_soon(worker, first, response, first_piece)
-        nursery.start_soon(recruiter, nursery)
-        try:
-            while not plan.done:
-                piece = plan.pieces[plan.head]
-                queue = state.chunks.get(piece.index)
-                if queue:
-                    chunk = queue.popleft()
-                    hash_chunk(chunk, position, piece)
-                    first_byte, last_byte = (
-                        max(position, start),
-                        min(position + len(chunk) - 1, end),
-                    )
-                    chunk_offset = position
-                    position += len(chunk)
-                    if first_byte > last_byte:
-                        chunk.release()
-                        continue
-                    if last_byte == end:
-                        with chunk.view() as view:
-                            held = bytes(
-                                view[last_byte - chunk_offset : last_byte - chunk_offset + 1]
-                            )
-                    chunk.start, chunk.end = (
-                        first_byte - chunk_offset,
-                        last_byte - chunk_offset + (0 if last_byte == end else 1),
-                    )
-                    if len(chunk):
-                        await sink(chunk)
-                    else:
-                        chunk.release()
-                    continue
-                if piece.complete and piece.index not in state.partial:
-                    plan.passed_on(piece)
-                    state.chunks.pop(piece.index, None)
-                    state.notify()
-                    continue
-                if state.give_up is not None and state.alive == 0:
-                    return state.give_up
-                if state.alive == 0 and state.recruiting_done:
-                    return GiveUp("no peer left to fetch from", 0)
-                with trio.move_on_after(settings.slow_after):
-                    await state.changed.wait()
-                    continue
-                stalled = plan.stalled_head(trio.current_time(), settings.slow_after)
-                # only when another peer is there to take it over (a lone peer that stalls for
-                # good is caught by stall_timeout and failed over like any broken stream)
-                if stalled is not None and stalled.index in state.scopes and state.alive > 1:
-                    logger.info(
-                        "peer slow with the head of a multi-peer blob; passing it on",
-                        extra={"key": digest, "offset": stalled.offset},
-                    )
-                    state.scopes[stalled.index].cancel()
-        finally:
-            nursery.cancel_scope.cancel()
-            for queue in state.chunks.values():
-                for chunk in queue:
-                    chunk.release()
-            for buffer, _ in state.partial.values():
-                pool.release(buffer)
-            buffers.close()
-    if "sha256:" + hasher.hexdigest() != digest:
-        spans = plan.spans()
-        contributors = tuple(state.peers[s.peer] for s in spans if s.peer in state.peers)
-        return Mismatch(
-            tuple(dict.fromkeys(contributors)), spans=tuple(spans), checkpoints=tuple(checkpoints)
-        )
-    await sink(held)
+    # prefix digests at every span boundary inside a chunk and at every chunk's end
+    writer = HashingWriter(size, digest, delivered, sink, checkpoints=True)
+    copy = _MultiPeerCopy(size, writer, buffers, open_range, recruit, failed, settings, close_first)
+    give_up = await copy.run(first, response)
+    if give_up is not None:
+        return give_up
+    if not await writer.finish():
+        return copy.mismatch()
     return None
 
 

@@ -2,9 +2,8 @@
 the liar.
 
 Why its own module: `registry.mirror.multi_peer` is the byte engine (pieces, reorder window,
-in-order
-hashing) and knows nothing of a request; the forwarder sequences a request and should not also
-carry how that engine is fed.  This module is the glue between them: it turns the request's
+in-order hashing) and knows nothing of a request; the mirror run sequences a request and should
+not also carry how that engine is fed.  This module is the glue between them: it turns the request's
 provider supply and fail-over budget (`MirrorAttempts`) into the engine's `recruit` / `failed` /
 `open_range` callbacks, and after a mismatch asks which contributor's bytes do not fit.
 """
@@ -18,7 +17,7 @@ from contextlib import AsyncExitStack
 import trio
 
 from registry.burst.attempts import GiveUp, MirrorAttempts, peer_key
-from registry.burst.supply import PeerSupply, next_usable_peer
+from registry.burst.supply import NoExtraPeer, Supply
 from registry.http.client import PeerClient, PeerResponse
 from registry.interfaces import Peer
 from registry.mirror.blob_stream import BufferSource, Mismatch, Sink
@@ -36,7 +35,7 @@ logger = logging.getLogger("registry.mirror.forwarder")  # one logger for the mi
 
 
 class MultiPeerRun:
-    """What one request lends the multi-peer engine (the forwarder builds one per request)."""
+    """What one request lends the multi-peer engine (the mirror run builds one per request)."""
 
     def __init__(
         self,
@@ -57,13 +56,13 @@ class MultiPeerRun:
         self.fetch_failed = fetch_failed
         self.mark_stale = mark_stale
 
-    def another_provider(self, supply: PeerSupply) -> bool:
+    def another_provider(self, supply: Supply) -> bool:
         """True when a second usable provider has already turned up (it stays in `supply`)."""
-        while (peer := supply.next_ready()) is not None:
-            if self.attempts.usable(peer):
-                supply.put_back(peer)
-                return True
-        return False
+        peer = supply.ready_peer(self.attempts)
+        if peer is None:
+            return False
+        supply.put_back(peer)
+        return True
 
     def open_range(self, size: int) -> OpenRange:
         async def open_range(
@@ -86,7 +85,7 @@ class MultiPeerRun:
     async def copy(
         self,
         fetch: PeerFetch,
-        supply: PeerSupply,
+        supply: Supply,
         stack: AsyncExitStack,
         delivered: ByteRange | None,
         sink: Sink,
@@ -98,12 +97,13 @@ class MultiPeerRun:
         key = self.attempts.identifier
 
         async def recruit(urgent: bool) -> Peer | GiveUp | None:
-            peer: Peer | GiveUp | None
+            peer: Peer | GiveUp | NoExtraPeer
             if urgent:  # nobody is working: the resolve clock applies
-                peer = await next_usable_peer(supply, self.attempts, settings.resolve_timeout)
+                peer = await supply.next_peer(self.attempts)
             else:
-                while (peer := await supply.next()) is not None and not self.attempts.usable(peer):
-                    pass
+                peer = await supply.extra_peer(self.attempts)
+                if isinstance(peer, NoExtraPeer):
+                    return None
             if isinstance(peer, Peer):
                 self.attempts.start_fetch(peer)
                 self.report.serving.append(peer)
@@ -137,9 +137,7 @@ class MultiPeerRun:
             ),
         )
 
-    async def liars(
-        self, outcome: Mismatch, size: int, digest: str, supply: PeerSupply
-    ) -> list[Peer]:
+    async def liars(self, outcome: Mismatch, size: int, digest: str, supply: Supply) -> list[Peer]:
         """The peers behind a blob that did not match: only the one whose bytes do not fit
         (found against a provider whose whole blob matches: providers that sent none of these
         bytes are tried first, then the contributors), else all of them."""
@@ -149,8 +147,8 @@ class MultiPeerRun:
         contributors = {peer_key(peer) for peer in liars}
         others = [p for p in self.report.serving if peer_key(p) not in contributors]
         with trio.move_on_after(self.settings.resolve_timeout):
-            while (peer := await supply.next()) is not None:
-                if peer_key(peer) not in contributors and self.attempts.usable(peer):
+            while isinstance(peer := await supply.extra_peer(self.attempts), Peer):
+                if peer_key(peer) not in contributors:
                     others.append(peer)
         candidates = list({peer_key(p): p for p in others + liars}.values())
         found = await find_liars(

@@ -1,15 +1,13 @@
 """Opening a peer response with hedging: race the start, not the body.
 
 Why its own module: which peer is asked next (`registry.burst.supply`) and what one peer's answer
-must look like (`registry.mirror.peer_transfer`) do not change with hedging; what changes is *when*
-the
-next provider is asked.  `open_hedged` asks one provider; if it has not answered within the hedge
-delay (`registry.mirror.hedging`), the next usable provider is asked too, up to `max_racers` at
-once.
-What counts as an answer is `open_one`'s to say: the mirror's (`registry.mirror.peer_transfer`)
-returns
-once the response head *and* the body's first bytes are here (kept for the body reader), so a
-peer that sends its head and then stalls is hedged like a silent one.  The first useful answer
+must look like (`registry.mirror.peer_transfer`) do not change with hedging; what changes is
+*when* the next provider is asked.  `open_hedged` asks one provider; if it has not answered
+within the hedge delay (`registry.mirror.hedging`), the next usable provider is asked too, up to
+`max_racers` at once.  What counts as an answer is `open_one`'s to say: the mirror's
+(`registry.mirror.peer_transfer`) returns once the response head *and* the body's first bytes
+are here (kept for the body reader), so a peer that sends its head and then stalls is hedged like
+a silent one.  The first useful answer
 wins; every other open attempt is cancelled by its cancel scope (its connection closed), so a
 long transfer is never fetched twice: only the start is raced.  A provider that
 fails fast (refused, 404, bad headers) is failed over at once, as without hedging, and counts as a
@@ -29,9 +27,10 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import trio
+from cachetools import TTLCache
 
 from registry.burst.attempts import GiveUp, MirrorAttempts, peer_key
-from registry.burst.supply import PeerSupply, next_usable_peer
+from registry.burst.supply import NoExtraPeer, Supply
 from registry.http.client import PeerError
 from registry.interfaces import Peer, PeerState
 from registry.mirror.hedging import HedgeDelay
@@ -63,21 +62,21 @@ class SlowPeers:
 
     def __init__(self, ttl: float = 10.0, max_peers: int = 1024) -> None:
         self.ttl = ttl
-        self._max = max_peers
-        self._until: dict[tuple[str, int], float] = {}
+        self._now = 0.0  # the caller's clock, as of the last call (the cache's timer reads it)
+        self._slow: TTLCache[tuple[str, int], bool] = TTLCache(
+            maxsize=max_peers, ttl=ttl, timer=lambda: self._now
+        )
 
     def lost(self, peer: Peer, now: float) -> None:
-        self._until.pop(peer_key(peer), None)
-        self._until[peer_key(peer)] = now + self.ttl
-        while len(self._until) > self._max:
-            self._until.pop(next(iter(self._until)))
+        self._now = now
+        self._slow[peer_key(peer)] = True
 
     def answered(self, peer: Peer) -> None:
-        self._until.pop(peer_key(peer), None)
+        self._slow.pop(peer_key(peer), None)
 
     def is_slow(self, peer: Peer, now: float) -> bool:
-        until = self._until.get(peer_key(peer))
-        return until is not None and until > now
+        self._now = now
+        return peer_key(peer) in self._slow
 
 
 class _Race(Generic[T]):
@@ -98,28 +97,24 @@ class _Race(Generic[T]):
 
 
 async def open_hedged(
-    supply: PeerSupply,
+    supply: Supply,
     attempts: MirrorAttempts,
     *,
-    resolve_timeout: float,
     delay: HedgeDelay,
     max_racers: int,
     open_one: Callable[[Peer, AsyncExitStack], Awaitable[T]],
     on_failure: Callable[[Peer, Exception], None],
-    next_peer: Callable[[], Awaitable[Peer | GiveUp]] | None = None,
     slow: SlowPeers | None = None,
-    spare_peer: Callable[[], Peer | None] | None = None,
 ) -> Opened[T] | GiveUp:
     """Open with the first provider that answers; GiveUp when attempts or providers ran out.
 
     `open_one(peer, stack)` opens and checks one response, entering its connection on `stack`;
     it raises PeerError, PeerAnswerError or trio.TooSlowError when that peer fails.  A busy
     peer (PeerBusy: at its upload limit) is reported to `on_failure` but uses up no attempt and
-    may be asked again later.  `next_peer` replaces the resolve clock's choice of the next
-    provider (a burst's claim/wait, `registry.burst.claim_supply`); hedges then come from
-    `spare_peer`
-    (a provider already known, no waiting), not from `supply`.  Peers that lately lost a race
-    they started first (`slow`) get company at once, not after the delay.
+    may be asked again later (`on_failure` tells the supply).  Fail-overs come from
+    `supply.next_peer` (the resolve clock, or a burst's claim/wait), hedges from
+    `supply.extra_peer`.  Peers that lately lost a race they started first (`slow`) get company
+    at once, not after the delay.
     """
     race: _Race[T] = _Race()
     slow = slow if slow is not None else SlowPeers()
@@ -150,8 +145,6 @@ async def open_hedged(
             race.running -= 1
             if isinstance(exc, PeerBusy):
                 attempts.tried.discard(peer_key(peer))  # not a failure: it may serve later
-                if not exc.refused and next_peer is None:  # (a claim's wait has its own rule)
-                    supply.retry_later(peer, exc.retry_after)
                 race.notify()
                 return
             give_up = attempts.fetch_failed()
@@ -198,10 +191,7 @@ async def open_hedged(
                     result = race.give_up
                     break
                 # nobody is being asked: the next provider, on the resolve clock (fail-over)
-                if next_peer is not None:
-                    peer = await next_peer()
-                else:
-                    peer = await next_usable_peer(supply, attempts, resolve_timeout)
+                peer = await supply.next_peer(attempts)
                 if isinstance(peer, GiveUp):
                     result = peer
                     break
@@ -217,15 +207,14 @@ async def open_hedged(
                 await race.changed.wait()
                 continue
             # the hedge delay passed without an answer: ask the next provider too
-            if spare_peer is not None:
-                hedge = spare_peer()
-                if hedge is None:  # none known now: look again after another delay
-                    with trio.move_on_after(delay.current()):
-                        await race.changed.wait()
-                    continue
-            else:
-                hedge = await _hedge_peer(supply, attempts, race)
-            if hedge is not None:
+            hedge = await _hedge_peer(supply, attempts, race)
+            if hedge is NoExtraPeer.LATER:  # none known now: look again after another delay
+                with trio.move_on_after(delay.current()):
+                    await race.changed.wait()
+                continue
+            if hedge is NoExtraPeer.NEVER:
+                race.converged = True
+            elif hedge is not None:
                 logger.info(
                     "peer slow to answer; hedging",
                     extra={
@@ -243,20 +232,15 @@ async def open_hedged(
     return result
 
 
-async def _hedge_peer(supply: PeerSupply, attempts: MirrorAttempts, race: _Race[T]) -> Peer | None:
-    """The next usable provider, waiting as long as the race is unchanged (no resolve clock:
-    a hedge is optional, so waiting for one uses up no attempt); None when the race changed or
-    the lookup converged."""
+async def _hedge_peer(
+    supply: Supply, attempts: MirrorAttempts, race: _Race[T]
+) -> Peer | NoExtraPeer | None:
+    """The supply's extra provider, waiting as long as the race is unchanged (no resolve clock:
+    a hedge is optional, so waiting for one uses up no attempt); None when the race changed."""
     with trio.CancelScope() as scope:
         race.peer_wait = scope
         try:
-            while True:
-                peer = await supply.next()
-                if peer is None:
-                    race.converged = True
-                    return None
-                if attempts.usable(peer):
-                    return peer
+            return await supply.extra_peer(attempts)
         finally:
             race.peer_wait = None
     return None

@@ -1,28 +1,29 @@
 """What one mirror request reports: progress while a blob body goes out, then one outcome.
 
-Why its own module: the forwarder decides where bytes come from; this keeps the account of what
+Why its own module: the mirror run decides where bytes come from; this keeps the account of what
 went out (head sent, body bytes, the serving peer and the ones a broken stream resumed from, why
-it missed or was cut short) and turns it into events (`registry.events`: `TransferProgress`,
-then one `MirrorOutcome`) and the request's one INFO line (`make demo` reads it).
+it missed or was cut short) and turns it into events (`registry.events`: a blob body's progress
+through the one transfer record, `registry.mirror.transfer_report`, then one `MirrorOutcome`) and
+the request's one INFO line (`make demo` reads it).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 from registry.burst.attempts import MirrorAttempts
-from registry.events import PROGRESS_INTERVAL, MirrorEvents, MirrorOutcome, TransferProgress
+from registry.events import MirrorEvents, MirrorOutcome
 from registry.interfaces import Peer, PeerState
 from registry.mirror.buffers import Chunk
 from registry.mirror.job import MirrorFailure, MirrorHead, MirrorItem
+from registry.mirror.transfer_report import TransferReport
 from registry.mirror.verification import peer_address
 from registry.oci.reference import Reference
 
 __all__ = ["MirrorReport", "log_outcome"]
 
-logger = logging.getLogger("registry.mirror.forwarder")  # the name these lines have always had
+logger = logging.getLogger("registry.mirror.forwarder")  # one name for the mirror path's lines
 
 
 class MirrorReport:
@@ -48,8 +49,7 @@ class MirrorReport:
         self.reason = ""  # why it missed or was cut short
         self.serving: list[Peer] = []  # the peer whose answer is being sent, then resumed-from
         self.hedged = False  # a second provider was asked while one was slow
-        self.total: int | None = None  # body size from the response head, for progress reports
-        self.progress_at = -math.inf  # when the last TransferProgress went out
+        self.body: TransferReport | None = None  # a blob GET's body, once its head went out
 
     def gone(self, why: str) -> None:
         """The response stopped taking items (the first reason given sticks)."""
@@ -59,34 +59,32 @@ class MirrorReport:
         """`item` was handed to the response."""
         if isinstance(item, Chunk | bytes | bytearray):
             self.delivered += len(item)
-            if self.is_blob and time.monotonic() - self.progress_at >= PROGRESS_INTERVAL:
-                self.progress("running")
+            if self.body is not None:
+                self._via(self.body)
+                self.body.progress(self.delivered)
         elif isinstance(item, MirrorHead):
             self.hit = True
-            self.total = _content_length(item.headers) if self.is_blob else None
             if self.is_blob and not self.is_head:
-                self.progress("running")
+                self.body = TransferReport(
+                    self.events,
+                    key=self.ref.identifier,
+                    peer="",
+                    total=_content_length(item.headers),
+                    direction="in",
+                )
+                self._via(self.body)
+                self.body.start()
         elif isinstance(item, MirrorFailure):
             self.reason = item.message
         else:
             self.reason = item.reason
 
-    def progress(self, state: str) -> None:
-        """A `TransferProgress` for the blob body being sent (throttled by the caller)."""
-        self.progress_at = time.monotonic()
+    def _via(self, body: TransferReport) -> None:
         peer = self.serving[-1] if self.serving else None
-        self.events.emit(
-            TransferProgress(
-                at=time.time(),
-                id=f"{id(self):x}",
-                key=self.ref.identifier,
-                peer=peer_address(peer) if peer is not None else "",
-                bytes=self.delivered,
-                total=self.total,
-                state=state,
-                source=peer.state.value if peer is not None else "complete",
-            )
-        )
+        if peer is None:
+            body.via("", "complete")
+        else:
+            body.via(peer_address(peer), peer.state.value)
 
     def finish(self) -> None:
         """Report the request's outcome once, at its end (never per chunk): an event, a log line."""
@@ -106,8 +104,9 @@ class MirrorReport:
             inflight=bool(self.hit and self.serving)
             and self.serving[0].state is PeerState.INFLIGHT,
         )
-        if self.hit and self.is_blob and not self.is_head:
-            self.progress("failed" if self.reason else "done")
+        if self.body is not None:
+            self._via(self.body)
+            self.body.end(self.delivered, ok=not self.reason)
         self.events.emit(outcome)
         log_outcome(outcome)
 

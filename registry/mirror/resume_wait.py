@@ -8,9 +8,8 @@ fresh budget of attempts, for up to `patience`, before the body is cut.  What it
 provider's agent restarting (a DaemonSet rolls it) or an in-flight provider whose record arrives
 late.  It stops early when `hopeless` says the providers there are cannot serve it at all (their
 own downloads have no source, or come from this node: `registry.burst.own_downloads`): waiting
-longer
-would not help, and the cut lets containerd's next request go through a claim.  The forwarder says
-how one attempt opens a transfer; this loop only paces the attempts.
+longer would not help, and the cut lets containerd's next request go through a claim.  The
+mirror run says how one attempt opens a transfer; this loop only paces the attempts.
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ from typing import TypeVar
 import trio
 
 from registry.burst.attempts import GiveUp
-from registry.burst.supply import PeerSupply
-from registry.interfaces import Router
+from registry.burst.supply import Supply
 from registry.mirror.peer_answer import PeerBusy
 
 __all__ = ["RefusalRounds", "wait_for_provider"]
@@ -31,22 +29,21 @@ T = TypeVar("T")
 
 
 async def wait_for_provider(
-    router: Router,
-    key: str,
-    attempt: Callable[[PeerSupply], Awaitable[T | GiveUp]],
+    new_supply: Callable[[], Supply],
+    attempt: Callable[[Supply], Awaitable[T | GiveUp]],
     *,
     patience: float,
     interval: float,
     hopeless: Callable[[], bool] | None = None,
 ) -> T | None:
-    """`attempt(supply)` with a fresh lookup every `interval` until one opens a transfer (its
-    result) or `patience` is over (None)."""
+    """`attempt(supply)` with a fresh supply (`new_supply()`: a fresh lookup) every `interval`
+    until one opens a transfer (its result) or `patience` is over (None)."""
     deadline = trio.current_time() + patience
     while trio.current_time() + interval < deadline:
         await trio.sleep(interval)
         async with trio.open_nursery() as nursery:
-            supply = PeerSupply(router, key)
-            nursery.start_soon(supply.feed)
+            supply = new_supply()
+            supply.start(nursery)
             result = await attempt(supply)
             nursery.cancel_scope.cancel()
         if not isinstance(result, GiveUp):

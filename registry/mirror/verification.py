@@ -41,7 +41,7 @@ from registry.oci.reference import sha256_digest
 
 __all__ = ["VerificationPolicy", "peer_address"]
 
-logger = logging.getLogger("registry.mirror.forwarder")  # the name these lines have always had
+logger = logging.getLogger("registry.mirror.forwarder")  # one name for the mirror path's lines
 
 
 def peer_address(peer: Peer) -> str:

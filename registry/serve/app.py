@@ -122,7 +122,9 @@ class Registry:
         *,
         events: MirrorEvents | None = None,
         claims: ClaimParticipation | None = None,
+        uploads: InflightUploads | None = None,
     ) -> None:
+        """`uploads`: where its uploads of blobs still downloading are counted (None: its own)."""
         settings = settings or RegistrySettings()
         self.store = store
         self.router = router
@@ -151,7 +153,7 @@ class Registry:
         self.faces = StoreFaces.of(store)
         self.uploads = UploadSlots(settings.peer_upload_limit)
         # this registry's uploads of blobs still downloading here (debug page, `lagging`)
-        self.inflight_uploads = InflightUploads()
+        self.inflight_uploads = uploads if uploads is not None else InflightUploads()
         self.stats = AnswerStats()
         self._nursery: trio.Nursery | None = None
 

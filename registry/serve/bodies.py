@@ -198,19 +198,16 @@ class GrowingBody(FileBody):
                 }
             )
 
-        def progress(total: int) -> None:
-            self._progress(total - self.sent)
-
         with file:
-            try:
-                await upload_growing(
-                    self.uploads,
+            try:  # the upload reports its progress to this body's report, and ends it
+                self.sent = await upload_growing(
                     self.growing,
                     self.offset,
                     self.length,
                     self.peer,
                     send_range,
-                    progress,
+                    self.uploads,
+                    self.report,
                 )
             except IngestBroken as exc:
                 raise BodyCut(f"in-flight upload cut: {exc}") from exc
@@ -221,7 +218,7 @@ class GrowingBody(FileBody):
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         try:
-            chunks = upload_chunks(self.uploads, self.growing, self.offset, self.length, self.peer)
+            chunks = upload_chunks(self.growing, self.offset, self.length, self.peer, self.uploads)
             async for chunk in chunks:
                 self._progress(len(chunk))
                 yield chunk

@@ -1,26 +1,28 @@
 """Serving a blob this node is still downloading: a body that follows a growing file.
 
-Why its own module: the rules of an in-flight body, whichever way it leaves (runs of the file
-handed to the server's zero-copy sends, or chunks read here): the response announces the full
-size (the ingest's `total`); bytes go out as they land in the ingest's `data` file; only the
-contiguous written prefix is sent (the file size, cut at the first hole `SEEK_HOLE` reports, so
-a containerd that writes ranges out of order is never read past a gap); when containerd commits,
-it renames `data` to the blob file, and the descriptor opened at the start keeps reading the
-same bytes. If the file stops growing for `stall_timeout`, shrinks (truncated), or is no longer
-the ingest's nor the committed blob's file (aborted, or restarted as a new file), the body is
-cut short: the requester then resumes elsewhere.
+Why its own module: the zero-copy front door (`registry.serve.front_door`) and the Quart app both
+serve
+in-flight blobs, and the rules are the same: the response announces the full size (the ingest's
+`total`); bytes go out as they land in the ingest's `data` file; only the contiguous written
+prefix is sent (the file size, cut at the first hole `SEEK_HOLE` reports, so a containerd that
+writes ranges out of order is never read past a gap); when containerd commits, it renames `data`
+to the blob file, and the descriptor opened at the start keeps reading the same bytes.  If the
+file stops growing for `stall_timeout`, shrinks (truncated), or is no longer the ingest's nor the
+committed blob's file (aborted, or restarted as a new file), the body is cut short: the requester
+then resumes elsewhere.  Bytes already on disk go out by `os.sendfile` on the front door.
 
-`InflightUploads` counts and describes one registry's uploads in progress (the
-`spegla_inflight_uploads` gauge, and the rows the debug page lists).
+`InflightUploads` counts and describes the uploads in progress (the `spegla_inflight_uploads`
+gauge, and the rows the debug page lists); one per registry, passed to whoever serves (no
+process-wide state).  Each upload's progress is the one transfer record
+(`registry.mirror.transfer_report`), the same its `TransferProgress` events are made from.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import os
-import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ import trio
 from prometheus_client import Gauge
 
 from registry.interfaces import IngestFile
+from registry.mirror.transfer_report import Transfer, TransferReport
 
 __all__ = [
     "INFLIGHT_UPLOADS",
@@ -179,8 +182,8 @@ async def send_growing(
     send_range: SendRange,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Send `length` bytes from `offset` of the growing file with `send_range` (a zero-copy
-    send), each run as soon as it is on disk; the count sent (IngestBroken when the
+    """Send `length` bytes from `offset` of the growing file with `send_range` (sendfile on the
+    front door), each run as soon as it is on disk; the count sent (IngestBroken when the
     download fails first)."""
     position = offset
     end = offset + length
@@ -200,8 +203,7 @@ async def growing_chunks(
     length: int,
     progress: Callable[[int], None] | None = None,
 ) -> AsyncIterator[bytes]:
-    """The same bytes as chunks (for a server without zero-copy sends), read with pread in a
-    worker thread."""
+    """The same bytes as chunks (for the Quart app), read with pread in a worker thread."""
     end = offset + length
     position = offset
     readable = offset
@@ -221,17 +223,15 @@ async def growing_chunks(
 
 @dataclass(slots=True)
 class Upload:
-    """One response streaming an in-flight blob (a row of the debug page)."""
+    """One response streaming an in-flight blob: its transfer record and the file it reads."""
 
-    id: str
-    key: str
-    peer: str
-    total: int
-    started: float  # unix time
-    bytes: int = 0
-    state: str = "running"  # running | done | failed
+    report: TransferReport  # the progress record (and its events, when published)
     growing: GrowingFile | None = None  # the file it reads (for `InflightUploads.lagging`)
     offset: int = 0  # where in the blob it started
+
+    @property
+    def transfer(self) -> Transfer:
+        return self.report.transfer
 
     def behind(self) -> int:
         """Bytes this node's download holds that this upload has not sent yet (0: keeping up)."""
@@ -241,23 +241,11 @@ class Upload:
             written = os.fstat(self.growing.fd).st_size
         except OSError:
             return 0
-        return max(0, min(written, self.total) - (self.offset + self.bytes))
+        total = self.transfer.total or 0
+        return max(0, min(written, total) - (self.offset + self.transfer.bytes))
 
     def add(self, count: int) -> None:
-        self.bytes += count
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "key": self.key,
-            "peer": self.peer,
-            "direction": "out",
-            "bytes": self.bytes,
-            "total": self.total,
-            "started": self.started,
-            "state": self.state,
-            "source": "inflight",
-        }
+        self.report.progress(self.transfer.bytes + count)
 
 
 @dataclass(slots=True)
@@ -266,30 +254,36 @@ class InflightUploads:
 
     keep_finished: int = 20
     running: dict[str, Upload] = field(default_factory=dict)
-    finished: list[Upload] = field(default_factory=list)
+    finished: deque[Transfer] = field(default_factory=deque)
     served: int = 0
     cut: int = 0
-    listeners: list[Callable[[Upload], None]] = field(default_factory=list)
-    _ids: itertools.count[int] = field(default_factory=itertools.count)
 
-    def start(self, key: str, peer: str, total: int) -> Upload:
-        upload = Upload(f"up-{next(self._ids)}", key, peer, total, time.time())
-        self.running[upload.id] = upload
+    def start(
+        self, key: str, peer: str, total: int, report: TransferReport | None = None
+    ) -> Upload:
+        """Count an upload of `key` to `peer`; `report`: its transfer's publisher (None: a
+        record kept here only)."""
+        if report is None:
+            report = TransferReport(
+                None, key=key, peer=peer, total=total, direction="out", source="inflight"
+            )
+            report.start()
+        upload = Upload(report)
+        self.running[upload.transfer.id] = upload
         INFLIGHT_UPLOADS.set(len(self.running))
-        self._notify(upload)
         return upload
 
     def end(self, upload: Upload, ok: bool) -> None:
-        upload.state = "done" if ok else "failed"
-        self.running.pop(upload.id, None)
+        upload.report.end(upload.transfer.bytes, ok)
+        self.running.pop(upload.transfer.id, None)
         INFLIGHT_UPLOADS.set(len(self.running))
         if ok:
             self.served += 1
         else:
             self.cut += 1
-        self.finished.append(upload)
-        del self.finished[: -self.keep_finished]
-        self._notify(upload)
+        self.finished.append(upload.transfer)
+        while len(self.finished) > self.keep_finished:
+            self.finished.popleft()
 
     def lagging(self, limit: int) -> bool:
         """True when an upload of a blob still downloading here is more than `limit` bytes behind
@@ -297,41 +291,33 @@ class InflightUploads:
         would only slow the running ones (`registry.burst.provider_choice.UploadSlots`)."""
         return any(upload.behind() > limit for upload in self.running.values())
 
-    def _notify(self, upload: Upload) -> None:
-        for listener in self.listeners:
-            listener(upload)
-
     def snapshot(self) -> list[dict[str, object]]:
-        return [u.as_dict() for u in [*self.running.values(), *self.finished]]
+        running = [u.transfer for u in self.running.values()]
+        return [t.as_dict() for t in [*running, *self.finished]]
 
 
 async def upload_growing(
-    uploads: InflightUploads,
     growing: GrowingFile,
     offset: int,
     length: int,
     peer: str,
     send_range: SendRange,
-    on_progress: Callable[[int], None] | None = None,
+    uploads: InflightUploads,
+    report: TransferReport | None = None,
 ) -> int:
-    """`send_growing`, counted as an upload (IngestBroken: the caller cuts the response);
-    `on_progress` gets the bytes sent so far after each run."""
-    with _counted_upload(uploads, growing, peer, offset) as upload:
-
-        def add(count: int) -> None:
-            upload.add(count)
-            if on_progress is not None:
-                on_progress(upload.bytes)
-
-        return await send_growing(growing, offset, length, send_range, add)
+    """`send_growing`, counted as an upload in `uploads` (IngestBroken: the caller cuts the
+    response); its progress goes to `report` when given (its transfer record is the row)."""
+    with _counted_upload(uploads, growing, peer, offset, report) as upload:
+        return await send_growing(growing, offset, length, send_range, upload.add)
 
 
 async def upload_chunks(
-    uploads: InflightUploads, growing: GrowingFile, offset: int, length: int, peer: str
+    growing: GrowingFile, offset: int, length: int, peer: str, uploads: InflightUploads
 ) -> AsyncIterator[bytes]:
-    """`growing_chunks`, counted as an upload; closes the file when done (IngestBroken cuts)."""
+    """`growing_chunks`, counted as an upload in `uploads`; closes the file when done
+    (IngestBroken cuts)."""
     try:
-        with _counted_upload(uploads, growing, peer, offset) as upload:
+        with _counted_upload(uploads, growing, peer, offset, None) as upload:
             async for chunk in growing_chunks(growing, offset, length, upload.add):
                 yield chunk
     finally:
@@ -340,11 +326,15 @@ async def upload_chunks(
 
 @contextmanager
 def _counted_upload(
-    uploads: InflightUploads, growing: GrowingFile, peer: str, offset: int
+    uploads: InflightUploads,
+    growing: GrowingFile,
+    peer: str,
+    offset: int,
+    report: TransferReport | None,
 ) -> Iterator[Upload]:
     """An upload of `growing` to `peer` in `uploads` while the block runs: served if it ends
     normally, cut if it raises (an IngestBroken is logged)."""
-    upload = uploads.start(growing.ingest.digest, peer, growing.size)
+    upload = uploads.start(growing.ingest.digest, peer, growing.size, report)
     upload.growing, upload.offset = growing, offset
     ok = False
     try:
@@ -352,7 +342,8 @@ def _counted_upload(
         ok = True
     except IngestBroken as exc:
         logger.info(
-            "in-flight upload cut", extra={"key": upload.key, "peer": peer, "error": str(exc)}
+            "in-flight upload cut",
+            extra={"key": upload.transfer.key, "peer": peer, "error": str(exc)},
         )
         raise
     finally:

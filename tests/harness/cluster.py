@@ -10,7 +10,8 @@ what.  Everything it starts is recorded (by PID and start time) in ``<workdir>/s
 API
 - ``Cluster(workdir, nodes=3, rate_mbit=None, tag=None, persistent=False, line=LINE_1_6)``
   (``line``: the containerd release line every node runs, see ``containerd.Line``);
-  ``.up(images=None, large_mib=4)`` (builds/pushes the test images), ``.down()``;
+  ``.up(images=None, large_mib=4)`` (builds/pushes the test images), ``.down()`` (its files
+  are deleted in a background thread);
   ``Cluster.load(workdir)`` re-attaches to a cluster started by another process.
 - ``.nodes`` (list of ``Node``), ``.node(i)`` (1-based), ``.upstream`` (``Upstream``,
   reached at ``UPSTREAM_HOST``), ``.images`` (``TestImages``), ``.ref(name)`` ->
@@ -62,6 +63,17 @@ ACTIVE: list[Cluster] = []  # clusters up in this process (failure reports show 
 def registry_dir() -> Path:
     """Pointers to every live cluster (any process), so leftovers can always be found."""
     return state_root()
+
+
+def remove_in_background(path: Path) -> threading.Thread:
+    """Delete `path` in a thread, once nothing of the cluster runs any more: a node's unpacked
+    images take many seconds to delete and nothing waits for them.  The thread is not a daemon,
+    so the interpreter finishes the deletion before it exits."""
+    thread = threading.Thread(
+        target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True}, name=f"rm {path}"
+    )
+    thread.start()
+    return thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +215,7 @@ class Cluster:
         warnings += netns.destroy(self.topology.all_namespaces)
         (registry_dir() / f"{self.tag}.json").unlink(missing_ok=True)
         if remove_files:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            remove_in_background(self.workdir)
         return warnings
 
     def __enter__(self) -> Cluster:

@@ -119,6 +119,15 @@ class BuiltImage:
     def total_size(self) -> int:
         return sum(layer.size for m in self.manifests for layer in m.layers)
 
+    def read(self, digest: str) -> bytes:
+        """The exact bytes of one of this image's blobs (manifests and index included)."""
+        hex_digest = digest.removeprefix("sha256:")
+        if self.transport == "oci":
+            return (self.path / "blobs" / "sha256" / hex_digest).read_bytes()
+        if digest == self.top.digest:  # skopeo's dir layout keeps the manifest by name
+            return (self.path / "manifest.json").read_bytes()
+        return (self.path / hex_digest).read_bytes()
+
 
 @dataclass(frozen=True, slots=True)
 class TestImages:

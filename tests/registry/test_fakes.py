@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
-from registry.interfaces import ContentNotFound, ContentStore, Peer, Router
+from registry.interfaces import ContentNotFound, ContentStore, Peer, PeerState, Router
 from registry.oci.mediatypes import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, OCTET_STREAM
-from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha256_digest
+from tests.fakes import (
+    MemoryContentStore,
+    MemoryNetwork,
+    MemoryRouter,
+    _Lookup,
+    _Reader,
+    sha256_digest,
+)
 
 from .conformance import check_content_store, check_router
 
@@ -121,3 +130,49 @@ async def test_fakes_pass_the_conformance_checks(tmp_path: Path) -> None:
     await check_content_store(store, blobs, {"docker.io/a/b:v1": sha256_digest(manifest)})
     net = MemoryNetwork()
     await check_router(net.router(peer(1)), net.router(peer(2)), peer(1))
+
+
+class _SelfFindingRouter(MemoryRouter):
+    """Broken on purpose: its lookups include itself."""
+
+    @asynccontextmanager
+    async def resolve(self, key: str) -> AsyncIterator[AsyncIterator[Peer]]:
+        async with super().resolve(key) as peers:
+            found = [p async for p in peers] + ([self.self_peer] if self.self_peer else [])
+            yield _Lookup(found, 0.0, True)
+
+
+class _StatelessRouter(MemoryRouter):
+    """Broken on purpose: every record it advertises says COMPLETE."""
+
+    async def advertise(self, keys: Iterable[str], state: PeerState = PeerState.COMPLETE) -> None:
+        await super().advertise(keys)
+
+
+class _OffsetBlindStore(MemoryContentStore):
+    """Broken on purpose: its readers read from the start whatever the offset."""
+
+    @asynccontextmanager
+    async def open(self, digest: str) -> AsyncIterator[_Reader]:
+        async with super().open(digest) as reader:
+            whole = reader.read
+
+            def read(offset: int, length: int) -> AsyncIterator[bytes]:
+                return whole(0, length)
+
+            reader.read = read  # type: ignore[method-assign]
+            yield reader
+
+
+async def test_the_conformance_checks_catch_broken_implementations(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    for broken in (_SelfFindingRouter, _StatelessRouter):
+        net = MemoryNetwork()
+        provider = broken(net, peer(1))
+        with pytest.raises((AssertionError, trio.TooSlowError)):
+            await check_router(provider, net.router(peer(2)), peer(1))
+    store = _OffsetBlindStore()
+    layer = b"\x1f\x8b" + bytes(range(256)) * 10
+    with pytest.raises(AssertionError):
+        await check_content_store(store, {store.add(layer): layer}, {})

@@ -159,3 +159,30 @@ async def test_lookup_results_are_bounded_least_recently_used_first(
     # one key over the bound: the first one found is forgotten, the rest are known
     assert router.known_providers(keys[0]) == []
     assert router.known_providers(keys[1]) and router.known_providers(keys[-1])
+
+
+async def test_lookups_reach_every_node_while_the_table_holds_fewer_than_k() -> None:
+    """Two real nodes on loopback: each knows one contact, fewer than k (20), so every lookup
+    asks every node (the claim protocol's short settle window relies on it); with k = 1 the one
+    contact fills the table and a lookup may stop short of someone."""
+    a, b = node(5), node(6)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        assert a.bound is not None
+        await b.bootstrap([a.bound])
+        with trio.fail_after(5):
+            await a.router.wait_ready()  # a learns b from its datagrams
+        assert RegistryRouter(a.router).lookups_reach_all()
+        assert RegistryRouter(b.router).lookups_reach_all()
+        nursery.cancel_scope.cancel()
+    small = Node(NodeConfig(node_id=bytes([9]) * 32, bind_host="127.0.0.1", bind_port=0, k=1))
+    other = node(10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(small.serve)
+        await nursery.start(other.serve)
+        assert other.bound is not None
+        await small.bootstrap([other.bound])
+        assert small.router.ready()
+        assert not RegistryRouter(small.router).lookups_reach_all()
+        nursery.cancel_scope.cancel()

@@ -23,6 +23,7 @@ from registry.mirror.job import MirrorSettings
 from registry.mirror.peer_answer import PeerBusy
 from registry.mirror.resume_wait import RefusalRounds
 from registry.serve.app import RegistrySettings
+from tests.clocks import loopback_clock
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter
 from tests.registry.conftest import SERVERS, ScriptedPeer, StartNode, StartScripted
 
@@ -34,9 +35,7 @@ PEER = {"X-Spegel-Mirrored": "true"}
 
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
-    """Virtual time (asked for by the tests that use it); it jumps once every task has waited
-    0.3 s of real time, so loopback I/O finishes first."""
-    return trio.testing.MockClock(autojump_threshold=0.3)
+    return loopback_clock()  # virtual time (tests.clocks)
 
 
 def test_a_download_without_a_source_refuses_everyone() -> None:

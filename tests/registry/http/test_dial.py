@@ -18,6 +18,7 @@ from registry.http.dial import STAGGER, connect_first, dial_order
 from registry.interfaces import Peer
 from registry.mirror.job import MirrorSettings
 from registry.serve.app import RegistrySettings
+from tests.clocks import loopback_clock
 from tests.fakes import MemoryNetwork
 from tests.registry.conftest import StartNode
 from tests.registry.mirror.test_mirror_peers import provider_and_client
@@ -46,8 +47,7 @@ def test_a_peer_lists_its_addresses_host_first() -> None:
 
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
-    # jumps only when every task has waited 0.3 s of real time: loopback I/O finishes first
-    return trio.testing.MockClock(autojump_threshold=0.3)
+    return loopback_clock()  # virtual time (tests.clocks)
 
 
 @pytest.fixture

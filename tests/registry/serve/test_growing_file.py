@@ -13,7 +13,9 @@ import pytest
 import trio
 import trio.testing
 
+from registry.events import MirrorEvents, TransferProgress
 from registry.interfaces import IngestFile
+from registry.mirror.transfer_report import TransferReport
 from registry.serve.inflight import (
     GrowingFile,
     InflightSettings,
@@ -53,7 +55,7 @@ def put_at(path: str, offset: int, data: bytes) -> None:
 
 
 def sender(sock: trio.socket.SocketType, growing: GrowingFile) -> SendRange:
-    """Send file ranges on `sock` by sendfile (what our server does with zero-copy sends)."""
+    """Send file ranges on `sock` by sendfile (what the front door's h11 connection does)."""
 
     async def send_range(offset: int, count: int) -> None:
         done = 0
@@ -171,7 +173,38 @@ async def test_uploads_are_counted_and_a_cut_closes_the_connection(tmp_path: Pat
         uploads = InflightUploads()
         os.unlink(ingest.data_path)
         with pytest.raises(IngestBroken):
-            await upload_growing(uploads, growing, 0, len(CONTENT), "10.0.0.9", sender(a, growing))
+            await upload_growing(growing, 0, len(CONTENT), "10.0.0.9", sender(a, growing), uploads)
         assert uploads.cut == 1 and not uploads.running
-        row = uploads.snapshot()[-1]
+        [row] = uploads.snapshot()
         assert row["key"] == DIGEST and row["bytes"] == 5000 and row["state"] == "failed"
+
+
+async def test_an_uploads_row_and_its_events_are_one_record(tmp_path: Path) -> None:
+    """The debug page's row and the TransferProgress events of an in-flight upload come from
+    the same transfer record: same id, same bytes, same end."""
+    ingest = ingest_at(tmp_path)
+    put(ingest.data_path, CONTENT)
+    events = MirrorEvents()
+    seen: list[TransferProgress] = []
+    events.subscribe(lambda e: seen.append(e) if isinstance(e, TransferProgress) else None)
+    report = TransferReport(
+        events, key=DIGEST, peer="10.0.0.9", total=len(CONTENT), direction="out", source="inflight"
+    )
+    report.start()
+    a, b = trio.socket.socketpair()
+    uploads = InflightUploads()
+    received = bytearray()
+    with a, b, GrowingFile(ingest, InflightSettings(poll_interval=0.005)) as growing:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain, b, received)
+            sent = await upload_growing(
+                growing, 0, len(CONTENT), "10.0.0.9", sender(a, growing), uploads, report
+            )
+            a.shutdown(socket.SHUT_WR)
+    assert bytes(received) == CONTENT
+    assert sent == len(CONTENT) and uploads.served == 1
+    [row] = uploads.snapshot()
+    assert (seen[0].state, seen[0].bytes) == ("running", 0)
+    last = seen[-1]
+    assert (last.state, last.bytes) == ("done", len(CONTENT)) == (row["state"], row["bytes"])
+    assert {e.id for e in seen} == {row["id"]}

@@ -19,7 +19,7 @@ def test_an_upload_behind_the_download_makes_the_node_lagging(tmp_path: Path) ->
     growing.open()
     try:
         uploads = InflightUploads()
-        upload = uploads.start(D, "10.0.0.2", 10 * MIB)
+        upload = uploads.start(D, "10.0.0.2", 10 * MIB)  # a record kept here only
         upload.growing, upload.offset = growing, MIB
         assert upload.behind() == 5 * MIB and uploads.lagging(2 * MIB)
         upload.add(4 * MIB)  # caught up to 1 MiB behind what has arrived
