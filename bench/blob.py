@@ -1,11 +1,12 @@
 """Blob serving throughput: the agent's registry vs docker-registry, same blob, same machine.
 
-Why: the agent must serve layers at least as fast, and as cheaply, as a plain Go registry.  The
-agent side is the real registry app (front door + Quart app) in its own process, reading from a
-real containerd content store through `agent.containerd.content_store.ContainerdContentStore`; the
-reference is Debian's docker-registry serving the same bytes from its filesystem storage.  Both
-listen on loopback; curl downloads (1 stream, then 4 in parallel) after one warm-up download.
-Server CPU is utime+stime of the server process from /proc.
+Why: the agent must serve layers at least as fast, and as cheaply, as a plain Go registry. The
+agent side is the real registry (the Quart-Trio app on our h11 server, blob bodies by its zero-copy
+sends) in its own process, reading from a real containerd content store through
+`agent.containerd.content_store.ContainerdContentStore`; the reference is Debian's docker-registry
+serving the same bytes from its filesystem storage. Both listen on loopback; curl downloads (1
+stream, then 4 in parallel) after one warm-up download. Server CPU is utime+stime of the server
+process from /proc.
 
     python -m bench.blob --size-mib 1024 --json
 
@@ -111,8 +112,8 @@ def serve_agent(args: argparse.Namespace) -> None:
     import trio
 
     from registry.interfaces import ContentStore
-    from registry.serve.app import create_app
-    from registry.serve.server import serve_registry
+    from registry.serve.app import Registry
+    from registry.serve.server import run_registry
     from tests.fakes import MemoryContentStore, MemoryRouter
 
     async def run() -> None:
@@ -129,9 +130,11 @@ def serve_agent(args: argparse.Namespace) -> None:
                 memory = MemoryContentStore()
                 memory.add_file(args.blob_file, digest=args.digest)
                 store = memory
-            app = create_app(store, MemoryRouter())
+            registry = Registry(store, MemoryRouter())
             async with trio.open_nursery() as nursery:
-                port = await nursery.start(functools.partial(serve_registry, app, "127.0.0.1", 0))
+                port = await nursery.start(
+                    functools.partial(run_registry, registry, "127.0.0.1", 0)
+                )
                 await trio.Path(args.port_file).write_text(str(port))
 
     trio.run(run)

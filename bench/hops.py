@@ -3,7 +3,8 @@
 Why: how many files a request passes through before its first byte is how much a reader must
 follow to understand it; this counts a local and a mirrored GET alike on any layout of
 `registry/` (it finds its entry points wherever they are defined).  The registry
-runs as in production (`serve_registry`, zero-copy front door) on loopback over an in-memory
+runs as in production (its app on our h11 server, file bodies by zero-copy sends; on older
+layouts `serve_registry` with the front door) on loopback over an in-memory
 store; the peer holding the mirrored blobs is a subprocess (never traced).  A keep-alive h11
 client GETs a warm-up blob of each kind, then `--runs` fresh ones under `sys.setprofile` (this
 thread).  The window opens as the client sends (the server idles in its read) and closes at
@@ -84,12 +85,19 @@ def make_app(files: list[Path], peer: Any = None, digests: tuple[str, ...] = ())
     events = find("MirrorEvents", ["registry.mirror.events", "registry.events"])()
     peer_auth = find("PeerAuth", ["registry.mirror.peer_auth", "registry.peer_auth"])
     key = peer_auth(b"bench cluster key, 32 bytes long")  # as the default install: signed
-    return create_app(store, router, settings(peer_auth=key), events=events)
+    try:  # the app on a `Registry` (its task tree run beside the server), or the older layouts
+        registry = find("Registry", ["registry.serve.app"])
+    except ImportError:
+        return create_app(store, router, settings(peer_auth=key), events=events)
+    return registry(store, router, settings(peer_auth=key), events=events)
 
 
 async def serve(app: Any, nursery: trio.Nursery) -> int:
-    serve_registry = find("serve_registry", ["registry.serve.server", "registry.server"])
-    return int(await nursery.start(functools.partial(serve_registry, app, "127.0.0.1", 0)))
+    try:
+        run_registry = find("run_registry", ["registry.serve.server"])
+    except ImportError:
+        run_registry = find("serve_registry", ["registry.serve.server", "registry.server"])
+    return int(await nursery.start(functools.partial(run_registry, app, "127.0.0.1", 0)))
 
 
 class Tracer:

@@ -90,8 +90,8 @@ def serve(args: argparse.Namespace) -> None:
 
     from registry.auth.peer import PeerAuth
     from registry.interfaces import Peer, Router
-    from registry.serve.app import RegistrySettings, create_app
-    from registry.serve.server import serve_registry
+    from registry.serve.app import Registry, RegistrySettings
+    from registry.serve.server import run_registry
     from tests.fakes import MemoryContentStore, MemoryRouter
 
     store = MemoryContentStore()
@@ -115,9 +115,9 @@ def serve(args: argparse.Namespace) -> None:
         # SPEGLA_BENCH_CLUSTER_KEY=0 runs without, to compare
         keyed = os.environ.get("SPEGLA_BENCH_CLUSTER_KEY", "1") != "0"
         peer_auth = PeerAuth(b"bench cluster key, 32 bytes long") if keyed else None
-        app = create_app(store, router, RegistrySettings(peer_auth=peer_auth))
+        registry = Registry(store, router, RegistrySettings(peer_auth=peer_auth))
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(functools.partial(serve_registry, app, args.host, 0))
+            port = await nursery.start(functools.partial(run_registry, registry, args.host, 0))
             await trio.Path(args.port_file).write_text(str(port))
 
     trio.run(run)

@@ -112,7 +112,6 @@ def test_imports_go_down_the_layers(module: str) -> None:
     assert wrong == []
 
 
-@pytest.mark.xfail(strict=True, reason="serve.app <-> serve.responses")
 def test_no_import_cycles() -> None:
     """Module-level cycles (a package's __init__ re-exporting is not counted as an edge back)."""
     edges = {

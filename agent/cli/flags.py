@@ -28,9 +28,9 @@ from agent.config import (
 )
 from registry.auth.basic import DEFAULT_DIR as DEFAULT_BASIC_AUTH_DIR
 from registry.http.connection import DEFAULT_SEND_TIMEOUT
+from registry.http.server import DEFAULT_MAX_CONNECTIONS
 from registry.mirror.job import MIRROR_DEFAULTS
 from registry.serve.access_log import TrustedProxies, parse_trusted_proxies
-from registry.serve.front_door import DEFAULT_MAX_CONNECTIONS
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,12 +49,12 @@ from agent.runtime.memory_trim import glibc_malloc_trim, trim_when_idle
 from agent.runtime.supervise import RestartPolicy, Service, ServiceFailed, Supervisor
 from registry.burst.claim_supply import ClaimParticipation
 from registry.events import MirrorEvents
+from registry.http.server import ConnectionLimits, ServerStats
 from registry.interfaces import ClaimBoard, ContentStore, Router
-from registry.serve.front_door import ConnectionLimits, FastPathStats
 from registry.serve.inflight import InflightUploads
 
 if TYPE_CHECKING:
-    from registry.serve.front_door import FastPathStats
+    from registry.serve.app import Registry
 
 logger = logging.getLogger(__name__)
 METRICS_GRACE = 2.0  # drain of the metrics/debug server on shutdown, whatever --shutdown-grace says
@@ -223,10 +223,11 @@ async def containerd_backend(cfg: RegistryConfig, router: Router) -> AsyncIterat
         )
 
 
-def default_app(parts: AppParts) -> QuartTrio:
+def default_registry(parts: AppParts) -> Registry:
+    """The registry (its parts and task tree) the default app is built on."""
     from registry.auth.peer import PeerAuth
     from registry.oci.filters import ReferenceFilter
-    from registry.serve.app import RegistrySettings, create_app
+    from registry.serve.app import Registry, RegistrySettings
 
     cfg = parts.cfg
     # loopback peers only when this agent is itself on loopback: then every agent is on this host
@@ -244,7 +245,7 @@ def default_app(parts: AppParts) -> QuartTrio:
     )
     if settings.basic_auth is not None:
         logger.info("basic auth enabled", extra={"basic_auth_dir": cfg.basic_auth_dir})
-    return create_app(
+    return Registry(
         parts.store,
         parts.router,
         settings,
@@ -267,7 +268,7 @@ async def default_serve_registry(
     *,
     shutdown_trigger: Callable[[], Awaitable[None]],
     grace: float,
-    stats: FastPathStats | None = None,
+    stats: ServerStats | None = None,
     limits: ConnectionLimits | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -286,10 +287,10 @@ async def default_serve_registry(
 
 
 def _default_serve_with_stats(
-    debug: DebugState, stats: FastPathStats, cfg: RegistryConfig
+    debug: DebugState, stats: ServerStats, cfg: RegistryConfig
 ) -> ServeRegistry:
-    """The registry's own server, with its fast-path counters on the debug page."""
-    debug.sections["registry fast path"] = lambda: dict(vars(stats))
+    """The registry's own server, with its counters on the debug page."""
+    debug.sections["registry server"] = lambda: dict(vars(stats))
     limits = ConnectionLimits(cfg.max_connections, cfg.send_timeout)
     return functools.partial(default_serve_registry, stats=stats, limits=limits)
 
@@ -393,15 +394,27 @@ async def run_agent(
                     backend.claims, node_id, own_hosts=own, containerd_up=lambda: bool(connected)
                 )
             parts = AppParts(backend.store, router, cfg, readiness, events, claims, psk, uploads)
-            app = (hooks.app or default_app)(parts)
-            front_door = FastPathStats()
+            if hooks.app is None:
+                from registry.serve.app import create_app
+
+                # the registry's task tree (mirror fetches, shared fetches, claims' holds) is
+                # the agent's, whichever server serves the app
+                registry = default_registry(parts)
+                await supervisor.start(root, "registry-tasks", registry.run)
+                debug.sections["registry answers"] = lambda: dataclasses.asdict(registry.stats)
+                app = create_app(registry)
+            else:
+                app = hooks.app(parts)
+            server_stats = ServerStats()
             serve_registry = hooks.serve_registry or _default_serve_with_stats(
-                debug, front_door, cfg
+                debug, server_stats, cfg
             )
             await supervisor.start(
                 root,
                 "memory-trim",
-                functools.partial(trim_when_idle, front_door.requests, trim=glibc_malloc_trim()),
+                functools.partial(
+                    trim_when_idle, lambda: server_stats.requests, trim=glibc_malloc_trim()
+                ),
             )
             grace = grace_seconds(cfg.shutdown_grace)
             metrics_app = create_metrics_app(debug, web_enabled=cfg.debug_web_enabled)

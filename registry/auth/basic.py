@@ -1,9 +1,9 @@
 """HTTP Basic authentication between containerd, this agent and its peers (Spegel's scheme).
 
-Why its own module: the Quart app and the zero-copy front door must make the same decision, before
-either looks anything up (an answer that depends on whether a tag or digest exists would tell an
-unauthenticated client what the node holds).  So the decision is one pure function,
-`authorized(auth, header)`, that both call first.  Credentials live in two files, `username` and
+Why its own module: the decision must come before anything is looked up (an answer that depends
+on whether a tag or digest exists would tell an unauthenticated client what the node holds).  So
+it is one pure function, `authorized(auth, header)`, that the registry's one classification
+(`registry.serve.classify`) calls first.  Credentials live in two files, `username` and
 `password`, in one directory (Spegel's `/etc/secrets/basic-auth`, where a Secret is mounted);
 either alone is enough to turn authentication on.  Comparisons are constant-time.
 """

@@ -276,8 +276,8 @@ class PeerClient:
         (`registry.http.dial`).  Idle connections are pooled by `host`, whichever address they
         reached.
         """
-        # Blob fetches get connections of their own: a peer's zero-copy front door keeps serving a
-        # connection only while it carries local blob requests (see registry.serve.front_door).
+        # Blob fetches get connections of their own: a long body never holds up a manifest or a
+        # HEAD queued behind it on the same kept-alive connection.
         key = (host, port, "blobs" if "/blobs/" in target else "other")
         authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         request = h11.Request(method=method, target=target, headers=[("Host", authority), *headers])

@@ -1,28 +1,30 @@
-"""One HTTP/1.1 server connection, read and framed by h11: the registry's only request parser.
+"""One HTTP/1.1 server connection, read and framed by h11: the server's only request parser.
 
-Why: the front door used to read request heads with a parser of its own and replay them into
-Hypercorn; two parsers that can disagree on where a request ends is the request-smuggling set-up,
-and the hand-written one answered odd but legal forms (bare LF line ends, HTTP/1.0 from a client
-that half-closes) with silence.  Here h11 reads every request head and body and frames every
-response, whether its body is bytes from the app or a file range sent with `os.sendfile` (h11's
-data pass-through keeps its Content-Length bookkeeping exact).  Malformed requests get a 400
-(h11's 4xx hint where it has one) and a closed connection; never silence, never a 5xx.
+Invariants: h11 reads every request head and body and frames every response, whether its body
+is bytes from the application or a file range sent with `os.sendfile` (h11's data pass-through
+keeps its Content-Length bookkeeping exact), so no second parser can disagree on where a request
+ends.  Odd but legal forms (bare LF line ends, HTTP/1.0, a client that half-closes after its
+request) are answered; malformed requests get a 400 (h11's 4xx hint where it has one) and a
+closed connection: never silence, never a 5xx.
 
 Timeouts are cancel scopes: a request head (and its small body) must arrive within `head_timeout`
 of its first byte; between requests the connection may idle for `idle_timeout`, and `close_idle`
 cuts idle waits short at shutdown.  Sending has a deadline too: every wait for the client to take
 response bytes lasts at most `send_timeout` (a client that reads nothing for that long is gone:
-ClientGone, so whoever holds an upload slot or a file for it lets go).
+ClientGone, so whoever holds an upload slot or a file for it lets go).  Every send returns once
+its bytes are in the kernel: no body buffer is referenced after it.
 """
 
 from __future__ import annotations
 
 import email.utils
+import errno
 import os
 import socket
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
+from types import MappingProxyType
 from typing import cast
 
 import h11
@@ -34,6 +36,7 @@ __all__ = [
     "MAX_HEAD",
     "ClientGone",
     "FileRange",
+    "HttpDates",
     "HttpRequest",
     "ServerConnection",
     "http_date",
@@ -97,23 +100,35 @@ class HttpRequest:
         return None
 
 
-_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+_REASONS = MappingProxyType({status.value: status.phrase.encode() for status in HTTPStatus})
 
 
 def reason_phrase(status: int) -> bytes:
     return _REASONS.get(status, b"")
 
 
-_date_cache: tuple[int, str] = (0, "")
+def http_date(now: float) -> bytes:
+    """The Date header value for the time `now` (seconds since the epoch)."""
+    return email.utils.formatdate(int(now), usegmt=True).encode()
 
 
-def http_date() -> str:
-    """The Date header value, formatted once per second."""
-    global _date_cache
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
-    return _date_cache[1]
+class HttpDates:
+    """Date header values, formatted at most once per second.  One per server (its connections
+    share it), so no module holds mutable state; the value is always that of the current
+    second."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def now(self) -> bytes:
+        second = int(time.time())
+        if second != self._second:
+            self._value = http_date(second)
+            self._second = second
+        return self._value
 
 
 def _servable_target(target: bytes) -> bool:
@@ -142,8 +157,10 @@ class ServerConnection:
         head_timeout: float,
         idle_timeout: float,
         send_timeout: float = DEFAULT_SEND_TIMEOUT,
+        dates: HttpDates | None = None,
     ) -> None:
         self.stream = stream
+        self.dates = dates or HttpDates()
         self.head_timeout = head_timeout
         self.idle_timeout = idle_timeout
         self.send_timeout = send_timeout
@@ -249,7 +266,7 @@ class ServerConnection:
 
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
         """The bytes of a response head (a Date header is added)."""
-        headers = [*headers, (b"date", http_date().encode())]
+        headers = [*headers, (b"date", self.dates.now())]
         if self._closing:
             headers.append((b"connection", b"close"))
         event = h11.Response(status_code=status, headers=headers, reason=reason_phrase(status))
@@ -322,7 +339,7 @@ class ServerConnection:
         """`send_bytes` for a big body piece: write to the socket's descriptor until the kernel
         stops taking bytes, wait only then.  Trio's `send_all` passes through the scheduler at
         each `send` call; with the not-sent mark lifted (`_allow_bulk`) the kernel takes a
-        piece in one call unless the client lags (a proxied GiB: ~500 writes, was ~5,000)."""
+        piece in one call unless the client lags."""
         self._answered = True
         self._allow_bulk()
         sock = self.stream.socket
@@ -354,8 +371,8 @@ class ServerConnection:
         return part.length
 
     async def _sendfile(self, part: FileRange) -> None:
-        # (the not-sent mark stays: lifted here, 16 concurrent 64 MiB pulls through a mirror
-        # ran ~20% slower, at more CPU in the mirror too; `_send_direct` lifts it)
+        # sendfile keeps Trio's not-sent mark (lifting it measured slower for many concurrent
+        # file bodies); only `_send_direct` lifts it
         sock = self.stream.socket
         sent = 0
         while sent < part.length:
@@ -429,4 +446,4 @@ class ServerConnection:
             await self.stream.aclose()
 
 
-_CLIENT_GONE_ERRNOS = {32, 104}  # EPIPE, ECONNRESET
+_CLIENT_GONE_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET})

@@ -1,10 +1,8 @@
-"""Per-request bookkeeping shared by both listeners: Spegel's HTTP metrics and access log line.
+"""Per-request bookkeeping: Spegel's HTTP metrics and the access log line.
 
-Why its own module: the Quart app (`registry.serve.app`) and the zero-copy front door
-(`registry.serve.front_door`) serve different requests but must count and log them identically;
-this holds
-the one definition of the `handler` labels, the metric updates and the DEBUG access line, plus the
-ASGI middleware that applies them to every request the app serves.
+Why its own module: this holds the one definition of the `handler` labels, the metric updates and
+the DEBUG access line, plus the ASGI middleware that applies them to every request the app serves
+(bytes counted from body and zerocopysend messages alike, so both servers count the same).
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ __all__ = [
     "handler_label",
     "log_access",
     "parse_trusted_proxies",
-    "record_request",
     "with_request_metrics",
 ]
 
@@ -39,11 +36,6 @@ __all__ = [
 # callers check `access_logger.isEnabledFor(logging.DEBUG)` and skip all work when it is off.
 access_logger = logging.getLogger("registry.access")
 MAX_LOGGED_METHOD = 32  # a method is a token of any length; the log line keeps its start
-
-
-def record_request(handler: str, method: str, code: str, size: int, started: float) -> None:
-    """Request metrics for a response served outside the Quart app (inflight already counted)."""
-    _record(handler, method, code, size, started)
 
 
 def handler_label(path: str) -> str:
@@ -189,6 +181,8 @@ def with_request_metrics(asgi_app: Any, trusted: TrustedProxies = ()) -> Any:
                 status = int(message["status"])
             elif message["type"] == "http.response.body":
                 size += len(message.get("body", b""))
+            elif message["type"] == "http.response.zerocopysend":
+                size += int(message.get("count") or 0)
             await send(message)
 
         HTTP_INFLIGHT.labels(handler).inc()

@@ -8,7 +8,6 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import h11
 import httpx
@@ -21,9 +20,9 @@ from registry.events import MirrorEvents
 from registry.interfaces import Peer
 from registry.oci.mediatypes import OCI_INDEX, OCI_MANIFEST
 from registry.oci.ranges import parse_range
-from registry.serve.app import RegistrySettings, create_app
-from registry.serve.front_door import FastPathStats
-from registry.serve.server import serve_registry
+from registry.serve.app import Registry, RegistrySettings
+from registry.serve.connection import AnswerStats
+from registry.serve.server import ServerKind, run_registry
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha256_digest
 
 LOOPBACK = "127.0.0.1"
@@ -45,8 +44,14 @@ class Node:
     store: MemoryContentStore
     router: MemoryRouter
     port: int
-    stats: FastPathStats
-    app: Any = None  # the Quart app (its extensions hold the registry's parts)
+    registry: Registry
+    server: ServerKind = "h11"
+
+    @property
+    def stats(self) -> AnswerStats:
+        """What the app answered (`served`: file bodies sent by the server's zero-copy
+        extension, which only our h11 server offers)."""
+        return self.registry.stats
 
     @property
     def peer(self) -> Peer:
@@ -68,29 +73,42 @@ def network() -> MemoryNetwork:
     return MemoryNetwork()
 
 
+# Both servers run the same app: tests where the server matters parametrize this fixture
+# (`@pytest.mark.parametrize("registry_server", SERVERS)`); the others run on ours.
+SERVERS: tuple[ServerKind, ...] = ("h11", "hypercorn")
+
+
 @pytest.fixture
-def start_node(nursery: trio.Nursery, network: MemoryNetwork) -> StartNode:
-    """`await start_node(store, settings=..., router=...)` -> a served Node."""
+def registry_server() -> ServerKind:
+    return "h11"
+
+
+@pytest.fixture
+def start_node(
+    nursery: trio.Nursery, network: MemoryNetwork, registry_server: ServerKind
+) -> StartNode:
+    """`await start_node(store, settings=..., router=...)` -> a served Node (its task tree and
+    app, on the `registry_server` kind unless `server` says otherwise)."""
 
     async def start(
         store: MemoryContentStore | None = None,
         *,
         settings: RegistrySettings | None = None,
         router: MemoryRouter | None = None,
-        zero_copy: bool = True,
+        server: ServerKind | None = None,
         events: MirrorEvents | None = None,
         claims: ClaimParticipation | None = None,
     ) -> Node:
         store = store if store is not None else MemoryContentStore()
         router = router if router is not None else MemoryRouter(network)
-        app = create_app(
+        registry = Registry(
             store, router, settings or RegistrySettings(), events=events, claims=claims
         )
-        stats = FastPathStats()
+        kind = server or registry_server
         port = await nursery.start(
-            functools.partial(serve_registry, app, LOOPBACK, 0, zero_copy=zero_copy, stats=stats)
+            functools.partial(run_registry, registry, LOOPBACK, 0, server=kind)
         )
-        node = Node(store, router, port, stats, app)
+        node = Node(store, router, port, registry, kind)
         router.self_peer = node.peer
         if claims is not None:
             claims.node_id = node.peer.node_id

@@ -24,8 +24,8 @@ from agent.containerd.client import open_containerd
 from agent.containerd.content_store import ContainerdContentStore
 from agent.containerd.image_walk import AdvertisedImage
 from registry.oci.mediatypes import is_manifest_media_type
-from registry.serve.app import create_app
-from registry.serve.server import serve_registry
+from registry.serve.app import Registry
+from registry.serve.server import run_registry
 from tests.agent.containerd.fakes import OCI_MANIFEST, FakeContent, RecordingRouter
 from tests.fakes import MemoryRouter
 from tests.harness.containerd import Containerd
@@ -103,8 +103,8 @@ async def test_every_advertised_key_is_served_to_a_mirrored_request(
         assert router.keys and set(tracker.keys()) == router.keys
 
         store = ContainerdContentStore(client, str(containerd_instance.content_path))
-        app = create_app(store, MemoryRouter())
-        port = await nursery.start(functools.partial(serve_registry, app, "127.0.0.1", 0))
+        registry = Registry(store, MemoryRouter())
+        port = await nursery.start(functools.partial(run_registry, registry, "127.0.0.1", 0))
         failures: list[str] = []
         served: set[str] = set()
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=20) as http:

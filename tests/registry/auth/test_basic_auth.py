@@ -124,7 +124,7 @@ async def test_every_registry_route_needs_credentials(
     content, node = await auth_node(start_node, tmp_path)
     layer = f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
     targets = [
-        layer,  # a local file-backed blob: the zero-copy path's
+        layer,  # a local file-backed blob
         f"/v2/library/app/blobs/{MISSING}?ns=docker.io",
         f"/v2/library/app/manifests/{content.manifest}?ns=docker.io",
         "/v2/library/app/manifests/v1?ns=docker.io",
@@ -159,8 +159,8 @@ async def test_every_registry_route_needs_credentials(
     for probe in ("/livez", "/readyz"):
         status, _, _ = await exchange(stream, conn, probe)
         assert status in (200, 500)
-    # (POST sent the connection to Hypercorn for good) with the right credentials a fresh
-    # connection gets content, the blob by sendfile
+    # with the right credentials a fresh connection gets content, the blob by the zero-copy
+    # extension
     await stream.aclose()
     stream = await trio.open_tcp_stream("127.0.0.1", node.port)
     conn = h11.Connection(h11.CLIENT)

@@ -69,9 +69,7 @@ class _Node:
     outcome: Fetch | Miss | None = None
 
 
-def claimants_of_a_burst(
-    arrivals: list[float], lookups: list[float], reach_all: bool
-) -> int:
+def claimants_of_a_burst(arrivals: list[float], lookups: list[float], reach_all: bool) -> int:
     """Nodes miss one key at `arrivals`.  Every lookup asks every node: it reads their stores
     halfway through (its queries arriving) and reports at its end, node i's lookups taking
     `lookups[i]`; a published record is in its node's store at once.  How many went upstream."""

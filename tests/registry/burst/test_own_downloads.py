@@ -1,4 +1,4 @@
-"""A burst never turns into a loop: `OwnDownloads` bookkeeping, and the front door's refusal.
+"""A burst never turns into a loop: `OwnDownloads` bookkeeping, and the registry's refusal.
 
 The scene it guards against (seen on real containerd): the node two others streamed a layer from
 dies; each of the two then resumes from the other's download, which holds the same prefix and
@@ -25,7 +25,7 @@ from registry.mirror.resume_wait import RefusalRounds
 from registry.serve.app import RegistrySettings
 from tests.clocks import loopback_clock
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter
-from tests.registry.conftest import ScriptedPeer, StartNode, StartScripted
+from tests.registry.conftest import SERVERS, ScriptedPeer, StartNode, StartScripted
 
 CONTENT = os.urandom(3 * 1024 * 1024)
 DIGEST = "sha256:" + hashlib.sha256(CONTENT).hexdigest()
@@ -86,12 +86,13 @@ class StalledDownload(MemoryContentStore):
         return self.ingest if digest == DIGEST else None
 
 
+@pytest.mark.parametrize("registry_server", SERVERS)
 async def test_a_peer_is_refused_while_this_node_has_no_source_for_it(
     clock: trio.testing.MockClock, start_node: StartNode, tmp_path: Path
 ) -> None:
     store = StalledDownload(tmp_path / "a")
     node = await start_node(store)
-    own = node.app.extensions["spegla.registry"].forwarder.own
+    own = node.registry.forwarder.own
     async with httpx.AsyncClient(base_url=node.url, timeout=10) as http:
         with own.open(DIGEST) as feed:
             refused = await http.get(PATH, headers=PEER)

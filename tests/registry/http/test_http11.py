@@ -1,5 +1,5 @@
-"""The front door's one HTTP/1.1 parser (h11) through a real socket: legal odd forms get a correct
-answer, malformed requests a 4xx and a closed connection (never silence, never a 5xx)."""
+"""The registry server's one HTTP/1.1 parser (h11) through a real socket: legal odd forms get a
+correct answer, malformed requests a 4xx and a closed connection (never silence, never a 5xx)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import h11
 import pytest
 import trio
 
+from registry.http.asgi import split_target
 from registry.http.connection import (
     BULK_NOTSENT_LOWAT,
     MAX_BODY,
@@ -18,9 +19,8 @@ from registry.http.connection import (
     ClientGone,
     ServerConnection,
 )
-from registry.serve.app import create_app
-from registry.serve.asgi_h11 import split_target
-from registry.serve.server import serve_registry
+from registry.serve.app import Registry
+from registry.serve.server import run_registry
 from tests.fakes import MemoryContentStore, MemoryRouter
 from tests.registry.conftest import Content, StartNode, fill
 
@@ -195,9 +195,9 @@ async def test_request_bodies_are_read_and_the_connection_kept(start_node: Start
 async def test_a_head_must_complete_within_the_head_timeout(
     nursery: trio.Nursery,
 ) -> None:
-    app = create_app(MemoryContentStore(), MemoryRouter())
+    registry = Registry(MemoryContentStore(), MemoryRouter())
     port = await nursery.start(
-        functools.partial(serve_registry, app, "127.0.0.1", 0, head_timeout=0.5)
+        functools.partial(run_registry, registry, "127.0.0.1", 0, head_timeout=0.5)
     )
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     with trio.fail_after(5):  # hang guard

@@ -2,7 +2,7 @@
 with a status below 500 (a 4xx for what it cannot read), never hangs past its head timeout and
 keeps serving.
 
-The registry (front door + app, file-backed content, no peers) runs in a thread of its own with
+The registry (the app on our server, file-backed content, no peers) runs in a thread of its own with
 its own Trio loop; each example is a raw request on a fresh blocking socket that half-closes after
 sending, so every example must get an answer: a complete request its response, an incomplete or
 malformed one a 400 (or 413/431).
@@ -23,8 +23,8 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from registry.serve.app import create_app
-from registry.serve.server import serve_registry
+from registry.serve.app import Registry
+from registry.serve.server import run_registry
 from tests.fakes import MemoryContentStore, MemoryRouter
 from tests.registry.conftest import Content, fill
 
@@ -43,7 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     files: Path = tmp_path_factory.mktemp("fuzz-content")
     store = MemoryContentStore()
     content = fill(store, files=files)
-    app = create_app(store, MemoryRouter())
+    registry = Registry(store, MemoryRouter())
     started = threading.Event()
     box: dict[str, object] = {}
 
@@ -53,8 +53,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         async with trio.open_nursery() as nursery:
             box["port"] = await nursery.start(
                 functools.partial(
-                    serve_registry,
-                    app,
+                    run_registry,
+                    registry,
                     "127.0.0.1",
                     0,
                     shutdown_trigger=stop.wait,

@@ -19,15 +19,15 @@ import trio
 from prometheus_client import REGISTRY, generate_latest
 
 from registry.auth.basic import BasicAuth
+from registry.http.server import ConnectionLimits, ServerStats
 from registry.interfaces import Peer
 from registry.metrics import METHODS, method_label, registry_label
 from registry.mirror.job import MirrorSettings
 from registry.serve.access_log import client_ip, parse_trusted_proxies
-from registry.serve.app import RegistrySettings, create_app
-from registry.serve.front_door import ConnectionLimits, FastPathStats
-from registry.serve.server import serve_registry
+from registry.serve.app import Registry, RegistrySettings
+from registry.serve.server import run_registry
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha256_digest
-from tests.registry.conftest import LOOPBACK, StartNode, fill
+from tests.registry.conftest import LOOPBACK, SERVERS, StartNode, fill
 
 FAST = MirrorSettings(resolve_timeout=0.5, response_timeout=1.0, stall_timeout=1.0)
 AUTH = BasicAuth("spegla", "s3cret")
@@ -121,11 +121,11 @@ def test_forwarded_for_is_ignored_unless_the_peer_is_a_trusted_proxy() -> None:
 # --- credentials before admission ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("registry_server", SERVERS)
 async def test_no_refusal_oracle_without_credentials(start_node: StartNode) -> None:
     node = await start_node(settings=RegistrySettings(basic_auth=AUTH, peer_upload_limit=1))
     digest = "sha256:" + "5" * 64
-    registry = node.app.extensions["spegla.registry"]
-    assert registry.uploads.try_acquire(digest)  # the one upload slot is busy with this blob
+    assert node.registry.uploads.try_acquire(digest)  # the one upload slot is busy with this blob
     peer_get = f"/v2/a/blobs/{digest}?ns=docker.io"
     async with node.client() as http:
         anonymous = await http.get(peer_get, headers={"X-Spegel-Mirrored": "true"})
@@ -142,13 +142,13 @@ async def test_no_refusal_oracle_without_credentials(start_node: StartNode) -> N
 
 async def serve(
     nursery: trio.Nursery, store: MemoryContentStore, limits: ConnectionLimits, **settings: object
-) -> tuple[int, FastPathStats, object]:
-    app = create_app(store, MemoryRouter(MemoryNetwork()), RegistrySettings(**settings))  # type: ignore[arg-type]
-    stats = FastPathStats()
+) -> tuple[int, ServerStats, Registry]:
+    registry = Registry(store, MemoryRouter(MemoryNetwork()), RegistrySettings(**settings))  # type: ignore[arg-type]
+    stats = ServerStats()
     port = await nursery.start(
-        functools.partial(serve_registry, app, LOOPBACK, 0, stats=stats, limits=limits)
+        functools.partial(run_registry, registry, LOOPBACK, 0, stats=stats, limits=limits)
     )
-    return port, stats, app
+    return port, stats, registry
 
 
 async def test_connections_beyond_the_cap_get_a_clean_503(nursery: trio.Nursery) -> None:
@@ -190,8 +190,8 @@ async def test_a_client_that_never_reads_is_cut_and_frees_its_slot_and_file(
     store = MemoryContentStore()
     digest = store.add_file(path)
     limits = ConnectionLimits(send_timeout=0.5)
-    port, _, app = await serve(nursery, store, limits, peer_upload_limit=1)
-    uploads = app.extensions["spegla.registry"].uploads  # type: ignore[attr-defined]
+    port, _, registry = await serve(nursery, store, limits, peer_upload_limit=1)
+    uploads = registry.uploads
     sock = trio.socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     await sock.connect((LOOPBACK, port))
@@ -290,7 +290,7 @@ async def test_forwarded_for_from_a_trusted_proxy_names_the_logged_client(
     async with node.client() as http:
         assert (await http.get("/v2/", headers=forwarded)).status_code == 200  # the app
         blob = await http.get(f"/v2/a/blobs/{content.layer}?ns=docker.io", headers=forwarded)
-        assert blob.status_code == 200  # the front door (sendfile)
+        assert blob.status_code == 200  # a file body (zero-copy sends)
     with trio.fail_after(5):
         while len([r for r in caplog.records if r.name == "registry.access"]) < 2:  # noqa: ASYNC110
             await trio.sleep(0.01)

@@ -13,9 +13,9 @@ import pytest
 import trio
 import trio.testing
 
-from registry.serve.app import RegistrySettings, create_app
-from registry.serve.front_door import ConnectionLimits
-from registry.serve.server import serve_registry
+from registry.http.server import ConnectionLimits
+from registry.serve.app import Registry, RegistrySettings
+from registry.serve.server import run_registry
 from tests.clocks import loopback_clock
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter
 from tests.registry.conftest import LOOPBACK
@@ -47,9 +47,11 @@ async def test_a_client_that_stops_reading_is_cut_at_the_send_deadline_not_after
     path.write_bytes(data)
     store = MemoryContentStore()
     digest = store.add_file(path)
-    app = create_app(store, MemoryRouter(MemoryNetwork()), RegistrySettings())
+    registry = Registry(store, MemoryRouter(MemoryNetwork()), RegistrySettings())
     limits = ConnectionLimits(send_timeout=SEND_TIMEOUT)
-    port = await nursery.start(functools.partial(serve_registry, app, LOOPBACK, 0, limits=limits))
+    port = await nursery.start(
+        functools.partial(run_registry, registry, LOOPBACK, 0, limits=limits)
+    )
     sock = trio.socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     await sock.connect((LOOPBACK, port))

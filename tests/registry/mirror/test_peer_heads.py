@@ -23,8 +23,8 @@ from registry.mirror.job import MirrorSettings
 from registry.mirror.peer_answer import PeerAnswerError, check_peer_answer
 from registry.mirror.peer_transfer import _retry_after
 from registry.oci.ranges import ByteRange
-from registry.serve.app import RegistrySettings, create_app
-from registry.serve.server import serve_registry
+from registry.serve.app import Registry, RegistrySettings
+from registry.serve.server import run_registry
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter, sha256_digest
 from tests.registry.conftest import LOOPBACK, ScriptedPeer
 
@@ -196,8 +196,10 @@ async def mirror_with_a_liar(
             server.port = listeners[0].socket.getsockname()[1]
         network.add(digest, liar.peer)  # asked first
         network.add(digest, good.peer)
-        app = create_app(MemoryContentStore(), MemoryRouter(network), RegistrySettings(mirror=FAST))
-        port = await nursery.start(functools.partial(serve_registry, app, LOOPBACK, 0))
+        registry = Registry(
+            MemoryContentStore(), MemoryRouter(network), RegistrySettings(mirror=FAST)
+        )
+        port = await nursery.start(functools.partial(run_registry, registry, LOOPBACK, 0))
         async with httpx.AsyncClient(base_url=f"http://{LOOPBACK}:{port}", timeout=20) as http:
             answer = await http.get(f"/v2/a/blobs/{digest}?ns=docker.io")
         nursery.cancel_scope.cancel()

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,6 +37,7 @@ from registry.serve.app import RegistrySettings
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter
 from tests.registry.conftest import (
     CLUSTER_KEY,
+    SERVERS,
     ScriptedPeer,
     StartNode,
     StartScripted,
@@ -447,6 +449,25 @@ async def test_a_replayed_credential_is_refused(
         )
     assert first.status_code == 200 and ANSWER_HEADER.lower() in first.headers
     assert again.status_code == 401 and other.status_code == 401
+
+
+@pytest.mark.parametrize("registry_server", SERVERS)
+async def test_a_replayed_credential_is_refused_for_a_local_blob_too(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    """The one classification spends a credential whatever answers it: a file-backed blob sent
+    by the zero-copy extension included."""
+    store = MemoryContentStore()
+    content = fill(store, files=tmp_path)
+    keyed = with_key(RegistrySettings(basic_auth=BasicAuth("spegla", "s3cret")))
+    node = await start_node(store, settings=keyed)
+    path = f"/v2/library/app/blobs/{content.layer}"
+    captured, _ = PeerAuth(CLUSTER_KEY).sign("GET", path, "docker.io", time.time())
+    async with node.client() as http:
+        first = await http.get(f"{path}?ns=docker.io", headers={"Authorization": captured})
+        again = await http.get(f"{path}?ns=docker.io", headers={"Authorization": captured})
+    assert (first.status_code, first.content) == (200, content.layer_bytes)
+    assert again.status_code == 401
 
 
 async def test_without_the_key_digests_still_come_from_peers(
