@@ -98,6 +98,22 @@ def test_benchmarks_page_names_every_bench() -> None:
     assert not {name for name in benches if f"bench.{name}" not in page}
 
 
+def test_every_page_is_reachable_from_the_readme() -> None:
+    """Following relative links from the README reaches every page under docs/."""
+    seen: set[Path] = set()
+    todo = [ROOT / "README.md"]
+    while todo:
+        page = todo.pop()
+        if page in seen or page.suffix != ".md" or not page.is_file():
+            continue
+        seen.add(page)
+        for target in _LINK.findall(page.read_text()):
+            if not target.startswith(("http://", "https://", "mailto:", "#")):
+                todo.append((page.parent / target.partition("#")[0]).resolve())
+    pages = {p.resolve() for p in (ROOT / "docs").rglob("*.md")}
+    assert not sorted(str(p.relative_to(ROOT)) for p in pages - seen)
+
+
 def test_slug_matches_githubs_rule() -> None:
     assert _slug("Clusters without hostPort support: `components/node-port-local`") == (
         "clusters-without-hostport-support-componentsnode-port-local"
