@@ -24,8 +24,9 @@ Invariants:
   pipelined next request mean the client is still there.  After an end of stream sends still
   go out (a client that half-closed reads its answer; one that closed makes a later write fail
   with `ClientGone`); after a reset every `send` raises `ClientGone`.  An application that must
-  answer half-closed clients holds the early `http.disconnect` back
-  (`registry.http.disconnect`).
+  answer half-closed clients does not wait in `receive` while it answers (the registry app
+  watches for `http.disconnect` only while it fetches a blob from peers:
+  `registry.serve.connection.ClientWatch`).
 - The application failing before any response byte went out gets the client a 500; failing
   midway leaves the response incomplete, and the server closes the connection.
 """

@@ -24,7 +24,8 @@ import pytest
 import trio
 
 from agent.config import HostPort, RegistryConfig
-from agent.runtime.run import AgentHandle, Backend, Hooks, run_agent
+from agent.runtime.run import AgentHandle, Hooks, run_agent
+from agent.runtime.wiring import Backend
 from registry.interfaces import Router
 from tests.agent.runtime.test_run import config
 from tests.fakes import MemoryContentStore, sha256_digest

@@ -27,7 +27,8 @@ from agent.doctor import checks as dc
 from agent.doctor.probes import cluster_key_check
 from agent.node.setup import read_cluster_key, trust_summary
 from agent.observability.debug import DebugState
-from agent.runtime.run import AgentHandle, Backend, Hooks, run_agent
+from agent.runtime.run import AgentHandle, Hooks, run_agent
+from agent.runtime.wiring import Backend
 from registry.interfaces import Router
 from tests.agent.observability.test_debug_page import CHROMIUM_FLAGS
 from tests.agent.runtime.test_run import config

@@ -21,8 +21,9 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from agent.config import BootstrapConfig, HostPort, ListenAddr, RegistryConfig
-from agent.runtime.run import AgentHandle, AppParts, Backend, Hooks, run_agent
+from agent.runtime.run import AgentHandle, Hooks, run_agent
 from agent.runtime.supervise import ServiceFailed
+from agent.runtime.wiring import AppParts, Backend
 from registry.interfaces import Router
 from tests.fakes import MemoryContentStore, sha256_digest
 
