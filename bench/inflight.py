@@ -1,10 +1,9 @@
 """In-flight downloads: how fast a new download is noticed, what watching costs, how fast a
 growing file is served.
 
-Why: issue 10 asks that a new ingest is noticed within ~100 ms without a busy loop, and that a
-layer still arriving is streamed to peers as it lands.  This drives the agent's own pieces on real
-files and sockets (no containerd needed): `agent.containerd.ingest.IngestWatcher` over a content
-directory
+Why: issue 10 asks that a new ingest is noticed within ~100 ms without a busy loop, and that a layer
+still arriving is streamed to peers as it lands.  This drives the agent's own pieces on real files
+and sockets (no containerd needed): `agent.containerd.ingest.IngestWatcher` over a content directory
 laid out as containerd 1.6 lays out its ingests (`ingest/<hash>/{ref,total,startedat,data}`), and
 `registry.serve.inflight.send_growing` over a socket pair while a writer appends in 1 MiB steps (the
 way containerd 1.6 writes a download).

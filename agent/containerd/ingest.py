@@ -2,8 +2,7 @@
 
 Why: a node that is still pulling a layer can already serve the bytes that have arrived (the
 registry's `registry.serve.inflight`), so peers pulling the same image at the same moment need not
-go
-upstream.  containerd keeps each download as an ingest, ``<content dir>/ingest/<hash>/`` with
+go upstream.  containerd keeps each download as an ingest, ``<content dir>/ingest/<hash>/`` with
 ``data`` (grows as bytes arrive), ``ref`` (for CRI pulls ``<namespace>/<n>/layer-sha256:<hex>``),
 ``total`` (expected size), ``startedat`` and ``updatedat``; when the blob is complete containerd
 renames ``data`` to ``blobs/<alg>/<hex>`` and removes the directory, and an abort removes it.

@@ -1,7 +1,7 @@
 """Which references this node serves and advertises: `--mirrored-registries`, `--registry-filters`.
 
 Why one object: serving (registry app) and advertising (state tracker) must agree exactly, so both
-ask the same `ReferenceFilter.is_filtered(ref)`.  Semantics follow Spegel §2.6:
+ask the same `ReferenceFilter.is_filtered(ref)`.  Semantics follow Spegel's:
 
 - mirrored registries: empty, or containing `_default` / `*`, means every registry; otherwise only
   the hosts (with port, if any) of the given `http(s)://host[:port]` URLs are served.

@@ -15,7 +15,7 @@ from registry.serve.app import Registry, RegistrySettings, create_app
 from registry.serve.server import serve_registry
 from tests.fakes import MemoryContentStore, MemoryNetwork, MemoryRouter
 from tests.registry.conftest import LOOPBACK, Content, fill
-from tests.registry.serve.test_fastpath import exchange
+from tests.registry.serve.test_local_blobs import exchange
 
 UNKNOWN = "sha256:" + "0" * 64
 
