@@ -8,7 +8,7 @@ next peer and reports fetch failures and busy answers back.
 A claimant's claim outlives its request (its containerd goes upstream after our 404 and the ingest
 then turns the record into an in-flight one): it is withdrawn `claim_wait` later by a task in the
 registry's task nursery (`ClaimParticipation.background`, owned by `Registry.run`), or inline when
-there is none (tests). """
+there is none (tests)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ these through one record (`registry.mirror.context.RunContext`, built by `Forwar
 
 Concurrent blob GETs of one digest share one fetch (`registry.mirror.share`): the first starts a
 whole-blob `MirrorRun` in `background` (the registry's task nursery, so the fetch outlives whichever
-request started it), every one of them relays its items. """
+request started it), every one of them relays its items."""
 
 from __future__ import annotations
 
