@@ -1,14 +1,13 @@
 """State tracker: keeps what this node advertises equal to what its containerd holds.
 
 Why: peers find content through what each node advertises, so an advertised key whose content is
-missing costs them a slow 404, and an unadvertised one costs an upstream download. The tracker
-lists every image in the namespace, walks each one (`agent.containerd.image_walk` says which keys
-an image
+missing costs them a slow 404, and an unadvertised one costs an upstream download. The tracker lists
+every image in the namespace, walks each one (`agent.containerd.image_walk` says which keys an image
 gives), and advertises the union. Then it follows containerd's event stream (image
-create/update/delete, content create on containerd >= 2.1, content delete) and re-walks on a
-timer. Keys are reference-counted across images, so content shared by two images stays
-advertised when one of them is deleted. When containerd restarts, the tracker resubscribes with
-backoff and resyncs; the agent keeps running. It also keeps the `spegel_advertised_*` gauges.
+create/update/delete, content create on containerd >= 2.1, content delete) and re-walks on a timer.
+Keys are reference-counted across images, so content shared by two images stays advertised when one
+of them is deleted. When containerd restarts, the tracker resubscribes with backoff and resyncs; the
+agent keeps running. It also keeps the `spegel_advertised_*` gauges.
 """
 
 from __future__ import annotations

@@ -2,11 +2,10 @@
 dispatch.
 
 Why this shape: every flag is declared once in a table (`agent.cli.flags.FLAGS`) giving its env
-twin,
-default and parser, so `--help`, env handling and error messages cannot drift apart. Values are
-converted while parsing; a bad value (on the command line or in the environment) ends the process
-with one `spegla: error:` line and exit code 2. `build_parser()` is public: the manifests' tests
-parse the DaemonSet's args with it.
+twin, default and parser, so `--help`, env handling and error messages cannot drift apart. Values
+are converted while parsing; a bad value (on the command line or in the environment) ends the
+process with one `spegla: error:` line and exit code 2. `build_parser()` is public: the manifests'
+tests parse the DaemonSet's args with it.
 """
 
 from __future__ import annotations

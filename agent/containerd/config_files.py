@@ -10,9 +10,8 @@ config files.  A guess from one file and built-in defaults is wrong on real node
   glob (no match: nothing), any other entry must exist (containerd refuses to start otherwise);
 - each file older than version 3 is migrated alone before it is merged: the CRI plugin's
   ``registry`` table moves to ``io.containerd.cri.v1.images``;
-  ``containerd.discard_unpacked_layers`` moves too, but only when that file's ``containerd``
-  table has ``runtimes`` (containerd 2.2's migration returns early without them: the value is
-  then lost);
+  ``containerd.discard_unpacked_layers`` moves too, but only when that file's ``containerd`` table
+  has ``runtimes`` (containerd 2.2's migration returns early without them: the value is then lost);
 - later files win key by key (tables merge deeply).
 
 Checked against ``containerd config dump`` of the 2.x binary in the tests.  The pure core

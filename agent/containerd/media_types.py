@@ -8,8 +8,8 @@ the containerd-backed store needs around it:
 - `may_be_json_object(prefix)`: a first look at a few bytes, so small gzip/tar layers are classified
   `application/octet-stream` without reading them whole;
 - `media_type_of(size, data)`: the detector, except that JSON of an unknown shape (Spegel: an
-  error, so "not found") is `application/octet-stream` here: such a blob is still served as a
-  blob, never as a manifest;
+  error, so "not found") is `application/octet-stream` here: such a blob is still served as a blob,
+  never as a manifest;
 - `MediaTypeCache`: content is immutable per digest, so a detection is done once.
 """
 

@@ -1,11 +1,10 @@
 """The numbers behind "what is the mirror doing right now": hit ratio over the last 5 minutes, bytes
 received from peers and served, per-peer traffic, a throughput series, transfers in progress.
 
-Why sans-IO: these are running sums over timestamped observations (mirror results, sampled
-byte counters, transfer progress), so they are plain methods taking `now`, tested with made-up
-clocks; `agent.observability.debug` feeds them and puts their views into the debug snapshot that
-the page and
-`spegla watch` show. Memory is bounded: per-second buckets for `history` seconds, the last
+Why sans-IO: these are running sums over timestamped observations (mirror results, sampled byte
+counters, transfer progress), so they are plain methods taking `now`, tested with made-up clocks;
+`agent.observability.debug` feeds them and puts their views into the debug snapshot that the page
+and `spegla watch` show. Memory is bounded: per-second buckets for `history` seconds, the last
 `window` seconds of outcomes, at most `max_peers` peers and `max_transfers` transfers.
 """
 

@@ -7,8 +7,8 @@ next peer and reports fetch failures and busy answers back.
 
 A claimant's claim outlives its request (its containerd goes upstream after our 404 and the ingest
 then turns the record into an in-flight one): it is withdrawn `claim_wait` later by a task in the
-app's nursery (`ClaimParticipation.background`), or inline when there is none (tests).
-"""
+registry's task nursery (`ClaimParticipation.background`, owned by `Registry.run`), or inline when
+there is none (tests)."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ class ClaimParticipation:
     board: ClaimBoard
     node_id: bytes  # this node's DHT id (the one in its provider records)
     own_hosts: frozenset[str] = frozenset()  # this node's addresses (besides loopback)
-    background: trio.Nursery | None = None  # where claim holds run (the app's nursery)
+    background: trio.Nursery | None = None  # where claim holds run (`Registry.run`'s nursery)
     busy: BusyPeers = field(default_factory=BusyPeers)
     distrusted: DistrustedClaims = field(default_factory=DistrustedClaims)
     # is this node's containerd still there to fetch what it claimed? (the agent's connection

@@ -2,8 +2,7 @@
 
 Why its own module: in a burst, nodes stream a layer from each other's downloads still in progress
 (registry.serve.inflight).  If the node they all streamed from dies, two nodes holding the same
-prefix
-could each resume from the other's stalled download and wait on each other for ever: neither
+prefix could each resume from the other's stalled download and wait on each other for ever: neither
 download grows, and neither node lets its containerd go upstream, because its response has begun.
 
 So each blob the mirror streams to this node's containerd is recorded here with its current source
@@ -14,7 +13,7 @@ close a loop), or when this node has no source at the moment (its bytes would ne
 requester then finds no live source either, cuts its body, and containerd resumes it with a Range
 request that goes through the claim again: one node goes upstream for the rest.
 
-Pure bookkeeping, no I/O: the forwarder updates it, the front door asks it.
+Pure bookkeeping, no I/O: the forwarder updates it, the app's peer admission asks it.
 """
 
 from __future__ import annotations

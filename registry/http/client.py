@@ -1,9 +1,10 @@
 """A small HTTP/1.1 client for fetching from peer registries: h11 over Trio TCP streams.
 
-Why not httpx: httpcore reads at most 64 KiB per `receive_some`, which caps proxying at ~0.7 GB/s
-(stack notes §2.5).  Here reads are up to `read_size` (1 MiB) and the body is handed out in the
-sizes the kernel returns.  Idle keep-alive connections are pooled per peer, so a hit costs no
-handshake.  There are no timeouts inside: callers bound every step with Trio cancel scopes.
+Why our own: a peer body is proxied at memory speed only if each read takes what the kernel has
+(httpcore reads at most 64 KiB per `receive_some`, a scheduler pass per 64 KiB of body).  Here reads
+are up to `read_size` (1 MiB) and the body is handed out in the sizes the kernel returns.  Idle
+keep-alive connections are pooled per peer, so a hit costs no handshake.  There are no timeouts
+inside: callers bound every step with Trio cancel scopes.
 
 Usage::
 

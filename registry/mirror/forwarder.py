@@ -1,10 +1,10 @@
 """The mirror path's agent-wide parts, and the task that answers one request from peers.
 
-Why a producer task: a blob response outlives the request handler, and the fetch needs cancel
-scopes and a nursery (the lookup runs beside it) that must not be held across a `yield` of the
-response body.  So `Forwarder.run` runs as its own task (in the app's nursery) and sends the items
-of `registry.mirror.job` over a bounded memory channel.  A consumer that goes away closes its
-channel; the producer then stops at its next send.
+Why a producer task: a blob response outlives the request handler, and the fetch needs cancel scopes
+and a nursery (the lookup runs beside it) that must not be held across a `yield` of the response
+body.  So `Forwarder.run` runs as its own task (in the registry's task nursery, `Registry.run`) and
+sends the items of `registry.mirror.job` over a bounded memory channel.  A consumer that goes away
+closes its channel; the producer then stops at its next send.
 
 `Forwarder` holds what outlives one request: the peer client, the buffer pool, the quarantine,
 stale providers, hedging statistics, claims and this node's own downloads
@@ -12,9 +12,8 @@ stale providers, hedging statistics, claims and this node's own downloads
 these through one record (`registry.mirror.context.RunContext`, built by `Forwarder.context`).
 
 Concurrent blob GETs of one digest share one fetch (`registry.mirror.share`): the first starts a
-whole-blob `MirrorRun` in `background` (the app's nursery, so the fetch outlives whichever request
-started it), every one of them relays its items.
-"""
+whole-blob `MirrorRun` in `background` (the registry's task nursery, so the fetch outlives whichever
+request started it), every one of them relays its items."""
 
 from __future__ import annotations
 
@@ -88,7 +87,7 @@ class Forwarder:
         # where the blobs streaming to this node's containerd come from (no loops in a burst)
         self.own = OwnDownloads()
         # blob GETs of one digest in flight at once share one fetch; its task runs here (the
-        # app's nursery; None: every request fetches for itself)
+        # registry's task nursery; None: every request fetches for itself)
         self.background: trio.Nursery | None = None
         self.shares = SharedFetches(self.settings.verify_first_max)
 
@@ -162,7 +161,8 @@ class Forwarder:
             await state.run()
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
-        except* Exception as group:  # never let a peer's behaviour crash the app's nursery
+        # never let a peer's behaviour crash the registry's task nursery
+        except* Exception as group:
             failure = group
         if failure is not None:
             logger.error(

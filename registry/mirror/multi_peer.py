@@ -15,10 +15,9 @@ starve each other's head piece (which is what makes them progress).
 Failures: a peer whose stream breaks or stalls (`stall_timeout`) stops; its piece goes back to the
 plan with what it received so far, and a failed attempt is counted.  A head piece whose owner sent
 nothing for `slow_after` while another peer works is taken away from it, and that peer stops the
-same way (a failed
-attempt: so a frozen provider cannot be retried forever, and its place goes to another).  While
-fewer than `max_peers` work, more providers are asked for (`recruit`).  When no peer works and
-none is left, the copy gives up.
+same way (a failed attempt: so a frozen provider cannot be retried forever, and its place goes to
+another).  While fewer than `max_peers` work, more providers are asked for (`recruit`).  When no
+peer works and none is left, the copy gives up.
 
 Lies: the writer records the prefix digest at every span boundary (where the source of the bytes
 changes) and at every buffer end.  When the blob does not match its digest, `find_liars` fetches

@@ -1,18 +1,17 @@
 """Opening a peer response with hedging: race the start, not the body.
 
 Why its own module: which peer is asked next (`registry.burst.supply`) and what one peer's answer
-must look like (`registry.mirror.peer_transfer`) do not change with hedging; what changes is
-*when* the next provider is asked.  `open_hedged` asks one provider; if it has not answered
-within the hedge delay (`registry.mirror.hedging`), the next usable provider is asked too, up to
-`max_racers` at once.  What counts as an answer is `open_one`'s to say: the mirror's
-(`registry.mirror.peer_transfer`) returns once the response head *and* the body's first bytes
-are here (kept for the body reader), so a peer that sends its head and then stalls is hedged like
-a silent one.  The first useful answer
-wins; every other open attempt is cancelled by its cancel scope (its connection closed), so a
-long transfer is never fetched twice: only the start is raced.  A provider that
-fails fast (refused, 404, bad headers) is failed over at once, as without hedging, and counts as a
-failed attempt; a cancelled loser does not.  Any other exception from an open (a peer answer no
-check foresaw) is such a failure too: peer answers are untrusted input.
+must look like (`registry.mirror.peer_transfer`) do not change with hedging; what changes is *when*
+the next provider is asked.  `open_hedged` asks one provider; if it has not answered within the
+hedge delay (`registry.mirror.hedging`), the next usable provider is asked too, up to `max_racers`
+at once.  What counts as an answer is `open_one`'s to say: the mirror's
+(`registry.mirror.peer_transfer`) returns once the response head *and* the body's first bytes are
+here (kept for the body reader), so a peer that sends its head and then stalls is hedged like a
+silent one.  The first useful answer wins; every other open attempt is cancelled by its cancel scope
+(its connection closed), so a long transfer is never fetched twice: only the start is raced.  A
+provider that fails fast (refused, 404, bad headers) is failed over at once, as without hedging, and
+counts as a failed attempt; a cancelled loser does not.  Any other exception from an open (a peer
+answer no check foresaw) is such a failure too: peer answers are untrusted input.
 
 Several addresses of one peer (`Peer.more_hosts`): they are one provider here; its connect races
 them (happy eyeballs, `registry.http.dial`), so a blackholed address costs one dial stagger.

@@ -3,15 +3,13 @@
 Why its own module: the mirror path asks many peers in turn; what happens with a single one (the
 request headers we send, the response deadline, the announced digest/size/range checks of
 `registry.mirror.peer_answer.check_peer_answer`, reading a whole manifest body within the stall
-deadline) does
-not depend on how the peer was found (`registry.burst.supply`) or on what is then trusted
-(`registry.mirror.verification`).
+deadline) does not depend on how the peer was found (`registry.burst.supply`) or on what is then
+trusted (`registry.mirror.verification`).
 
 Trust (`registry.auth.peer`, `registry.burst.peer_addresses`): a request goes only to the peer's
-allowed
-addresses; with the cluster key it carries a per-request credential instead of the Basic password,
-and a tag's answer is used only when its `Spegla-Peer-Answer` proof verifies for this request's
-nonce (checked before the announced digest is used, for GET and HEAD alike).
+allowed addresses; with the cluster key it carries a per-request credential instead of the Basic
+password, and a tag's answer is used only when its `Spegla-Peer-Answer` proof verifies for this
+request's nonce (checked before the announced digest is used, for GET and HEAD alike).
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """One body transfer: its progress record (`Transfer`) and the one publisher of its reports.
 
-Why one record: every path that moves a blob body (the front door serving a peer from disk or
-from a download still in progress, the Quart app doing the same, a mirror run fetching from
-peers) keeps the same account: who, what, how far, how it ended.  The debug page's rows
-(`registry.serve.inflight.InflightUploads`) and the `registry.events.TransferProgress` events
-are both made from it, so they cannot disagree.
+Why one record: every path that moves a blob body (the app serving a peer from disk or from a
+download still in progress, a mirror run fetching from peers) keeps the same account: who, what, how
+far, how it ended.  The debug page's rows (`registry.serve.inflight.InflightUploads`) and the
+`registry.events.TransferProgress` events are both made from it, so they cannot disagree.
 
 Invariants of a report: one id per transfer; a first report at 0 bytes; progress at most every
 `PROGRESS_INTERVAL` seconds; exactly one final done/failed, after which nothing changes.

@@ -185,7 +185,7 @@ def with_request_metrics(asgi_app: Any, trusted: TrustedProxies = ()) -> Any:
                 size += int(message.get("count") or 0)
             await send(message)
 
-        HTTP_INFLIGHT.labels(handler).inc()
+        _inflight_gauge(handler).inc()
         try:
             await asgi_app(scope, receive, counting_send)
         finally:
@@ -196,8 +196,30 @@ def with_request_metrics(asgi_app: Any, trusted: TrustedProxies = ()) -> Any:
     return app
 
 
+# Each label combination's children, looked up once (prometheus_client's `labels` takes a lock
+# and builds a key per call).  Bounded: handlers, method labels and status codes are few; past
+# the bound a combination is looked up each time.
+MAX_CACHED_LABELS = 1024
+_inflight: dict[str, Any] = {}
+_observed: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+
+def _inflight_gauge(handler: str) -> Any:
+    gauge = _inflight.get(handler)
+    if gauge is None:
+        gauge = HTTP_INFLIGHT.labels(handler)
+        if len(_inflight) < MAX_CACHED_LABELS:
+            _inflight[handler] = gauge
+    return gauge
+
+
 def _record(handler: str, method: str, code: str, size: int, started: float) -> None:
-    method = method_label(method)  # a client may send any token as its method
-    HTTP_REQUEST_DURATION.labels(handler, method, code).observe(time.monotonic() - started)
-    HTTP_RESPONSE_SIZE.labels(handler, method, code).observe(size)
-    HTTP_INFLIGHT.labels(handler).dec()
+    key = (handler, method_label(method), code)  # a client may send any token as its method
+    children = _observed.get(key)
+    if children is None:
+        children = (HTTP_REQUEST_DURATION.labels(*key), HTTP_RESPONSE_SIZE.labels(*key))
+        if len(_observed) < MAX_CACHED_LABELS:
+            _observed[key] = children
+    children[0].observe(time.monotonic() - started)
+    children[1].observe(size)
+    _inflight_gauge(handler).dec()

@@ -18,7 +18,7 @@ admission until the response is over (sent, cut, or abandoned by its client).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 from urllib.parse import unquote_plus
@@ -77,6 +77,8 @@ __all__ = ["Registry", "RegistrySettings", "create_app"]
 
 logger = logging.getLogger(__name__)
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+DIRECT_METHODS = frozenset(ALL_METHODS)
+DIRECT_PATHS = frozenset(("/v2", "/readyz", "/livez"))
 LAGGING_BYTES = 2 * 1024 * 1024  # an in-flight upload this far behind the download: uplink-bound
 FINISHERS = "spegla.finishers"  # scope key: what runs once the response is over
 FACT_HEADERS = frozenset(
@@ -363,9 +365,15 @@ def _body_length(plan: LocalBlob | InflightBlob) -> int:
     return 0 if plan.head_only else plan.length
 
 
-def create_app(registry: Registry) -> QuartTrio:
+def create_app(registry: Registry, *, fast: bool = True) -> QuartTrio:
     """The registry app on `registry` (whose `run` must be running to mirror); serve it with
-    `registry.serve.server.serve_registry`."""
+    `registry.serve.server.serve_registry`.
+
+    The app owns every route.  Its ASGI layer answers the registry's own routes (`/v2/...` and
+    the probes, `_direct_route`) by calling `Registry.handle` itself, without building Quart's
+    request and context (`fast=False`: through Quart's dispatch too; the tests compare both);
+    whatever else arrives, and every error a handler raises, is Quart's.
+    """
     app = QuartTrio(__name__)
     app.response_class = Response
     app.config["RESPONSE_TIMEOUT"] = None
@@ -373,14 +381,21 @@ def create_app(registry: Registry) -> QuartTrio:
     app.asgi_http_class = type(  # type: ignore[assignment]
         "Connection", (RegistryConnection,), {"stats": registry.stats}
     )
-    metered = with_request_metrics(app.asgi_app, registry.settings.trusted_proxies)
+    trusted = registry.settings.trusted_proxies
+    metered = with_request_metrics(app.asgi_app, trusted)
+    direct = with_request_metrics(_direct(app, registry), trusted) if fast else None
 
     async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        finishers: list[Callable[[], None]] = []
-        if scope["type"] == "http":
-            scope[FINISHERS] = finishers
-        try:
+        if scope["type"] != "http":
             await metered(scope, receive, send)
+            return
+        finishers: list[Callable[[], None]] = []
+        scope[FINISHERS] = finishers
+        try:
+            if direct is not None and _direct_route(scope):
+                await direct(scope, receive, send)
+            else:
+                await metered(scope, receive, send)
         finally:
             for finish in finishers:  # the response is over: sent, cut or abandoned
                 finish()
@@ -406,3 +421,57 @@ def create_app(registry: Registry) -> QuartTrio:
         return empty_response(404)
 
     return app
+
+
+def _direct_route(scope: dict[str, Any]) -> bool:
+    """A request Quart's routing would give, unchanged, to `Registry.handle`: one of the methods
+    the rules take, on a path of the registry's own routes (no empty segments, which routing
+    may rewrite), without a root path."""
+    path: str = scope["path"]
+    return (
+        scope["method"] in DIRECT_METHODS
+        and not scope.get("root_path")
+        and (path.startswith("/v2/") or path in DIRECT_PATHS)
+        and "//" not in path
+    )
+
+
+def _direct(app: QuartTrio, registry: Registry) -> Callable[..., Awaitable[None]]:
+    """The ASGI handler of `_direct_route`'s requests: what `RegistryConnection` does, with
+    `Registry.handle` in place of Quart's dispatch; a handler's exception gets Quart's answer."""
+    connection_class = app.asgi_http_class
+
+    async def answer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while True:  # the request's body, unread (a client gone before it ended is not answered)
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                break
+        connection = cast(RegistryConnection, connection_class(app, cast(Any, scope)))
+        with trio.CancelScope() as cancel:
+            scope[CLIENT_WATCH] = ClientWatch(cancel, receive)
+            try:
+                response: Any = await registry.handle(scope, scope["path"])
+            except trio.Cancelled:
+                raise
+            except BaseExceptionGroup as group:  # as Quart: cancellation is the server's
+                error, _ = group.split(trio.Cancelled)
+                if error is None:
+                    raise
+                response = await _quart_error(app, connection, send, error)
+            except Exception as error:
+                response = await _quart_error(app, connection, send, error)
+            await connection._send_response(send, response)
+
+    return answer
+
+
+async def _quart_error(
+    app: QuartTrio, connection: RegistryConnection, send: Any, error: BaseException
+) -> Any:
+    """Quart's answer to a handler's exception (logged, 500), in a request context of its own."""
+    request_ = connection._create_request_from_scope(send)
+    request_.body.set_complete()
+    async with app.request_context(request_):
+        return await app.handle_exception(cast(Exception, error))

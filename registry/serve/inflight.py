@@ -1,15 +1,15 @@
 """Serving a blob this node is still downloading: a body that follows a growing file.
 
-Why its own module: the zero-copy front door (`registry.serve.front_door`) and the Quart app both
-serve
-in-flight blobs, and the rules are the same: the response announces the full size (the ingest's
-`total`); bytes go out as they land in the ingest's `data` file; only the contiguous written
-prefix is sent (the file size, cut at the first hole `SEEK_HOLE` reports, so a containerd that
-writes ranges out of order is never read past a gap); when containerd commits, it renames `data`
-to the blob file, and the descriptor opened at the start keeps reading the same bytes.  If the
-file stops growing for `stall_timeout`, shrinks (truncated), or is no longer the ingest's nor the
-committed blob's file (aborted, or restarted as a new file), the body is cut short: the requester
-then resumes elsewhere.  Bytes already on disk go out by `os.sendfile` on the front door.
+Why its own module: both ways a body leaves (zero-copy sends on our server, chunks on Hypercorn:
+`registry.serve.bodies.GrowingBody`) serve in-flight blobs by the same rules: the response announces
+the full size (the ingest's `total`); bytes go out as they land in the ingest's `data` file; only
+the contiguous written prefix is sent (the file size, cut at the first hole `SEEK_HOLE` reports, so
+a containerd that writes ranges out of order is never read past a gap); when containerd commits, it
+renames `data` to the blob file, and the descriptor opened at the start keeps reading the same
+bytes.  If the file stops growing for `stall_timeout`, shrinks (truncated), or is no longer the
+ingest's nor the committed blob's file (aborted, or restarted as a new file), the body is cut short:
+the requester then resumes elsewhere.  Bytes already on disk go out by `os.sendfile` where the
+server offers it.
 
 `InflightUploads` counts and describes the uploads in progress (the `spegla_inflight_uploads`
 gauge, and the rows the debug page lists); one per registry, passed to whoever serves (no
@@ -182,9 +182,9 @@ async def send_growing(
     send_range: SendRange,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Send `length` bytes from `offset` of the growing file with `send_range` (sendfile on the
-    front door), each run as soon as it is on disk; the count sent (IngestBroken when the
-    download fails first)."""
+    """Send `length` bytes from `offset` of the growing file with `send_range` (zero-copy sends
+    where the server offers them), each run as soon as it is on disk; the count sent (IngestBroken
+    when the download fails first)."""
     position = offset
     end = offset + length
     while position < end:

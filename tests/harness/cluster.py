@@ -10,9 +10,9 @@ what.  Everything it starts is recorded (by PID and start time) in ``<workdir>/s
 API
 - ``Cluster(workdir, nodes=3, rate_mbit=None, tag=None, persistent=False, line=LINE_1_6)``
   (``line``: the containerd release line every node runs, see ``containerd.Line``);
-  ``.up(images=None, large_mib=4)`` (builds/pushes the test images), ``.down()`` (its files
-  are deleted in a background thread);
-  ``Cluster.load(workdir)`` re-attaches to a cluster started by another process.
+  ``.up(images=None, large_mib=4)`` (builds/pushes the test images), ``.down()`` (its files are
+  deleted in a background thread); ``Cluster.load(workdir)`` re-attaches to a cluster started by
+  another process.
 - ``.nodes`` (list of ``Node``), ``.node(i)`` (1-based), ``.upstream`` (``Upstream``,
   reached at ``UPSTREAM_HOST``), ``.images`` (``TestImages``), ``.ref(name)`` ->
   ``10.213.0.2:5000/e2e/NAME:v1``.

@@ -17,7 +17,7 @@ from registry.serve.app import RegistrySettings
 from tests.fakes import MemoryContentStore, MemoryNetwork
 from tests.registry.conftest import Content, Node, ScriptedPeer, StartNode, StartScripted, fill
 from tests.registry.mirror.test_mirror_peers import FAST
-from tests.registry.serve.test_fastpath import exchange
+from tests.registry.serve.test_local_blobs import exchange
 
 AUTH = BasicAuth("spegla", "s3cret:with colon")
 GOOD = AUTH.header_value

@@ -1,6 +1,5 @@
 """The registry's accept loop (registry.http.accept) on real loopback sockets: every pending
-connection
-is taken at one wakeup, each handed to the handler as a stream."""
+connection is taken at one wakeup, each handed to the handler as a stream."""
 
 from __future__ import annotations
 

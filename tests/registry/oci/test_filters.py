@@ -1,4 +1,4 @@
-"""`--mirrored-registries` and `--registry-filters` (§2.6)."""
+"""`--mirrored-registries` and `--registry-filters` as Spegel has them."""
 
 from __future__ import annotations
 

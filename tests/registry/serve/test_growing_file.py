@@ -1,6 +1,6 @@
 """Serving a growing file (registry.serve.inflight) with real files and real sockets: bytes as they
-land,
-the commit rename mid-stream, holes, truncation, a restarted download and a stall all behave."""
+land, the commit rename mid-stream, holes, truncation, a restarted download and a stall all
+behave."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def put_at(path: str, offset: int, data: bytes) -> None:
 
 
 def sender(sock: trio.socket.SocketType, growing: GrowingFile) -> SendRange:
-    """Send file ranges on `sock` by sendfile (what the front door's h11 connection does)."""
+    """Send file ranges on `sock` by sendfile (what our ASGI server's zerocopysend does)."""
 
     async def send_range(offset: int, count: int) -> None:
         done = 0
