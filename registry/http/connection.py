@@ -50,9 +50,9 @@ READ_SIZE = 64 * 1024
 SENDFILE_CHUNK = 8 * 1024 * 1024
 DIRECT_SEND_MIN = 64 * 1024  # body pieces from this size are written by `_send_direct`
 # Trio sets TCP_NOTSENT_LOWAT to 16 KiB on every socket stream (low latency for chatty protocols):
-# the kernel then takes only ~190 KiB per write or sendfile call on loopback, and a non-blocking
-# sender pays a system call and a scheduler pass per slice.  A mirrored body is bulk: its first
-# big piece on a connection lifts the mark to this (the send buffer still bounds it).
+# the kernel then takes a small slice per write or sendfile call, and a non-blocking sender pays a
+# system call and a scheduler pass per slice.  A mirrored body is bulk: its first big piece on a
+# connection lifts the mark to this (the send buffer still bounds it; docs/decisions/bulk-sends.md).
 BULK_NOTSENT_LOWAT = 4 * 1024 * 1024
 LINGER = 1.0  # after answering and half-closing, read what the client still sends this long
 DEFAULT_SEND_TIMEOUT = 30.0  # a client that takes no response bytes for this long is cut
@@ -371,8 +371,8 @@ class ServerConnection:
         return part.length
 
     async def _sendfile(self, part: FileRange) -> None:
-        # sendfile keeps Trio's not-sent mark (lifting it measured slower for many concurrent
-        # file bodies); only `_send_direct` lifts it
+        # sendfile keeps Trio's not-sent mark (docs/decisions/bulk-sends.md); only
+        # `_send_direct` lifts it
         sock = self.stream.socket
         sent = 0
         while sent < part.length:

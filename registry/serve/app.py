@@ -1,4 +1,4 @@
-"""The registry's face: a Quart-Trio app serving the OCI pull API, /readyz and /livez (spec §3).
+"""The registry's face: a Quart-Trio app serving the OCI pull API, /readyz and /livez.
 
 Why this shape: `Registry` holds what outlives a request (the store, the forwarder, the peer
 upload slots, the task tree of mirror fetches and claims: `Registry.run`, started by the agent

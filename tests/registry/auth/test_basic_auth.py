@@ -195,7 +195,7 @@ async def test_mirror_sends_credentials_to_peers(
         assert refused.status_code == 401
         blob = await http.get(layer, headers={"Authorization": GOOD})
         assert (blob.status_code, blob.content) == (200, content.layer_bytes)
-        # no cluster key: a tag is never resolved through peers (tests/registry/test_peer_trust)
+        # no cluster key: a tag is never resolved through peers (serve/test_peer_trust.py)
         tag = await http.get(
             "/v2/library/app/manifests/v1?ns=docker.io", headers={"Authorization": GOOD}
         )

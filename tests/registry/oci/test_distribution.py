@@ -1,4 +1,4 @@
-"""Path and `ns` parsing (§3.2) and error bodies (§3.3)."""
+"""Path and `ns` parsing and error bodies."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Range parsing and arithmetic (§3.6), including property tests against slicing."""
+"""Range parsing and arithmetic, including property tests against slicing."""
 
 from __future__ import annotations
 
