@@ -13,7 +13,8 @@ these through one record (`registry.mirror.context.RunContext`, built by `Forwar
 
 Concurrent blob GETs of one digest share one fetch (`registry.mirror.share`): the first starts a
 whole-blob `MirrorRun` in `background` (the registry's task nursery, so the fetch outlives whichever
-request started it), every one of them relays its items."""
+request started it); each of them reads its items (`open_shared`: the response pulls them
+itself)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from registry.mirror.job import ItemSink, MirrorItem, MirrorJob, MirrorSettings
 from registry.mirror.peer_answer import Quarantine, StaleProviders
 from registry.mirror.peer_race import SlowPeers
 from registry.mirror.run import MirrorRun
-from registry.mirror.share import SharedFetch, SharedFetches, ShareKey
+from registry.mirror.share import SharedFetch, SharedFetches, ShareKey, ShareReader
 from registry.mirror.verification import VerificationPolicy
 from registry.oci.distribution import ContentKind
 
@@ -89,7 +90,7 @@ class Forwarder:
         # blob GETs of one digest in flight at once share one fetch; its task runs here (the
         # registry's task nursery; None: every request fetches for itself)
         self.background: trio.Nursery | None = None
-        self.shares = SharedFetches(self.settings.verify_first_max)
+        self.shares = SharedFetches(self.settings.verify_first_max, self.settings.consumer_timeout)
 
     def context(self) -> RunContext:
         """What one run reads of this agent-wide state."""
@@ -119,25 +120,42 @@ class Forwarder:
         local = self.claims is None or self.claims.local_client(job.client_ip)
         return (ref.registry, ref.digest, job.claimable, None if local else job.client_ip)
 
-    async def run(self, job: MirrorJob, send: trio.MemorySendChannel[MirrorItem]) -> None:
-        """Produce the mirror response for `job` on `send` (closed when done)."""
+    def open_shared(self, job: MirrorJob) -> ShareReader | None:
+        """`job`'s reader of the shared fetch of its blob (started here if it is the first), or
+        None when it is not shared (not a blob GET, or no task nursery to run the fetch in)."""
         key = self.share_key(job)
         if key is None or self.background is None:
-            await self._run_one(job, send)
-            return
+            return None
         share, new = self.shares.join(key)
+        reader = share.reader(job.range_spec, job.request.unknown_code)
         if new:
             whole = dataclasses.replace(job, range_spec=None)
             self.background.start_soon(self._fetch_shared, share, whole)
+        return reader
+
+    async def run(self, job: MirrorJob, send: trio.MemorySendChannel[MirrorItem]) -> None:
+        """Produce the mirror response for `job` on `send` (closed when done): its own fetch, or
+        relayed from the shared fetch of its blob."""
+        reader = self.open_shared(job)
+        if reader is None:
+            await self._run_one(job, send)
+            return
         timeout = self.settings.consumer_timeout
-
-        async def emit(item: MirrorItem) -> None:
-            with trio.fail_after(timeout):  # a response that stops reading leaves the share
-                await send.send(item)
-
         async with send:
-            with suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-                await share.read(job.range_spec, job.request.unknown_code, emit)
+            try:
+                while True:
+                    item = await reader.receive()
+                    with trio.fail_after(timeout):  # a response that stops reading leaves
+                        await send.send(item)
+            except (
+                trio.EndOfChannel,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                trio.TooSlowError,
+            ):
+                pass
+            finally:
+                reader.close()
 
     async def _fetch_shared(self, share: SharedFetch, job: MirrorJob) -> None:
         """The one fetch behind `share`: a whole-blob MirrorRun whose items go to the share

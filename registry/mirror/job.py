@@ -24,6 +24,7 @@ from registry.oci.ranges import RangeSpec
 __all__ = [
     "MIRROR_DEFAULTS",
     "ItemSink",
+    "ItemSource",
     "MirrorAbort",
     "MirrorFailure",
     "MirrorHead",
@@ -189,3 +190,13 @@ class ItemSink(Protocol):
     (`registry.mirror.share`).  `send` waits while the reader is behind."""
 
     async def send(self, value: MirrorItem, /) -> None: ...
+
+
+class ItemSource(Protocol):
+    """Where a response takes a mirror run's items from: a shared fetch's reader
+    (`registry.mirror.share.ShareReader`) or a request's channel.  `receive` raises
+    `trio.EndOfChannel` after the last item; `close` stops the fetch if nobody else reads it."""
+
+    async def receive(self) -> MirrorItem: ...
+
+    def close(self) -> None: ...

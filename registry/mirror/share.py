@@ -5,7 +5,9 @@ several times at once.  Each request running its own peer fetch multiplies the p
 (past its upload limit: 429s, and claims for content a peer holds) and this node's buffer memory.
 So the first blob GET of a key starts one fetch of the whole blob (a `MirrorRun`, in the agent's
 nursery) whose items land in a `SharedFetch`; every concurrent GET of that key, the first one
-included, is a reader that relays the items as they arrive, cut to its own Range.
+included, is a `ShareReader` that its response pulls the items from as they arrive, cut to its
+own Range (no task between the fetch and the response: under load every hop between tasks is
+one more wait for a pass of the run queue).
 
 Invariants:
 - at most one open share per key; a reader joins only an open share, and a share is open only
@@ -18,9 +20,9 @@ Invariants:
   of its slowest reader, so its memory stays bounded;
 - a reader sends the last byte of its range only after the whole blob was verified (the fetch
   ended without an abort), like an unshared streamed blob;
-- the fetch is cancelled when its last reader leaves; a reader that stops taking items is dropped
-  after the consumer timeout (its own channel's bound), so a reader that stopped holds a big
-  blob's other readers back by at most that long.
+- the fetch is cancelled when its last reader leaves; a reader that holds a big blob's fetch back
+  for the consumer timeout is dropped (its next item is a cut), so a reader that stopped holds
+  the other readers back by at most that long.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from registry.mirror.job import MirrorAbort, MirrorFailure, MirrorHead, MirrorIt
 from registry.oci.distribution import ErrorCode
 from registry.oci.ranges import ByteRange, RangeNotSatisfiable, RangeSpec
 
-__all__ = ["ShareKey", "SharedFetch", "SharedFetches", "ranged_head"]
+__all__ = ["ShareKey", "ShareReader", "SharedFetch", "SharedFetches", "ranged_head"]
 
 # (registry, digest, claimable, the asking host when it is not this node: its records are
 # ignored, see registry.burst.claim_supply)
@@ -120,10 +122,13 @@ def _size_of(head: MirrorHead) -> int:
 class SharedFetch:
     """The items of one whole-blob fetch, read by every request that joined it."""
 
-    def __init__(self, key: ShareKey, retain_max: int, max_ahead: int = 4) -> None:
+    def __init__(
+        self, key: ShareKey, retain_max: int, max_ahead: int = 4, consumer_timeout: float = 60.0
+    ) -> None:
         self.key = key
         self.retain_max = retain_max
         self.max_ahead = max_ahead
+        self.consumer_timeout = consumer_timeout
         self.head: MirrorHead | MirrorFailure | None = None
         self.size = 0
         self.pieces: list[_Piece] = []  # held pieces; pieces[0] has index `first`
@@ -134,6 +139,7 @@ class SharedFetch:
         self.open = True  # new readers may join
         self.retaining = True  # every piece is held until the end
         self.readers: dict[int, int] = {}  # reader -> index of the next piece it reads
+        self.dropped: set[int] = set()  # readers that held the fetch back too long (no longer read)
         self.scope = trio.CancelScope()  # the fetch's
         self._changed = trio.Event()
         self._ids = itertools.count()
@@ -177,7 +183,20 @@ class SharedFetch:
             self._trim()
         self._notify()
         while not self.retaining and self.readers and self._ahead() > self.max_ahead:
-            await self._changed.wait()
+            with trio.move_on_after(self.consumer_timeout) as waited:
+                await self._changed.wait()
+            if waited.cancelled_caught:
+                self._drop_slowest()
+
+    def _drop_slowest(self) -> None:
+        """The readers furthest behind stopped reading: they leave, with a cut for their next
+        item, so the others go on."""
+        slowest = min(self.readers.values())
+        for reader in [r for r, index in self.readers.items() if index == slowest]:
+            del self.readers[reader]
+            self.dropped.add(reader)
+        self._trim()
+        self._notify()
 
     def end(self) -> None:
         """The fetch is over (its items all put, or it was cancelled)."""
@@ -206,100 +225,156 @@ class SharedFetch:
 
     def leave(self, reader: int) -> None:
         self.readers.pop(reader, None)
+        self.dropped.discard(reader)
         if not self.readers and not self.done:
             self._close_to_readers()
             self.scope.cancel()  # nobody reads it any more
         self._trim()
         self._notify()
 
-    async def read(self, range_spec: RangeSpec | None, code: ErrorCode, emit: Emit) -> None:
-        """Relay the fetch's answer to one request (cut to `range_spec`) through `emit`;
-        `code`: the OCI error code of its failure when the fetch ended without an answer."""
+    def reader(self, range_spec: RangeSpec | None, code: ErrorCode) -> ShareReader:
+        """A new reader of the fetch's answer cut to `range_spec` (`code`: the OCI error code of
+        its failure when the fetch ends without an answer).  It counts from now on: the fetch
+        runs as long as one reader has not closed."""
         if not self.open:
             raise RuntimeError("joined a closed share")
-        reader = next(self._ids)
-        self.readers[reader] = self.first
+        return ShareReader(self, range_spec, code)
+
+    async def read(self, range_spec: RangeSpec | None, code: ErrorCode, emit: Emit) -> None:
+        """Relay the fetch's answer to one request (cut to `range_spec`) through `emit`."""
+        reader = self.reader(range_spec, code)
         try:
-            await self._relay(reader, range_spec, code, emit)
+            while True:
+                try:
+                    item = await reader.receive()
+                except trio.EndOfChannel:
+                    return
+                await emit(item)
         finally:
-            self.leave(reader)
+            reader.close()
 
     async def _wait(self) -> None:
         await self._changed.wait()
 
-    async def _relay(
-        self, reader: int, range_spec: RangeSpec | None, code: ErrorCode, emit: Emit
-    ) -> None:
-        while self.head is None and not self.done:
-            await self._wait()
-        head = self.head
-        if not isinstance(head, MirrorHead):
-            failure = head
-            if failure is None:
-                reason = self.cut.reason if self.cut is not None else "no answer"
-                failure = MirrorFailure(500, code, reason, 0)
-            await emit(failure)
-            return
-        try:
-            delivered = None if range_spec is None else range_spec.resolve(self.size)
-        except RangeNotSatisfiable:
-            await emit(
-                MirrorFailure(
-                    416,
-                    ErrorCode.RANGE_INVALID,
-                    f"range not satisfiable for {self.size} bytes",
-                    0,
-                    (("Content-Range", f"bytes */{self.size}"),),
-                )
-            )
-            return
-        await emit(ranged_head(head, self.size, delivered))
-        start = 0 if delivered is None else delivered.start
-        stop = self.size if delivered is None else delivered.end + 1  # exclusive
-        held = stop - 1  # the last byte waits for the whole blob's verification
-        index = self.readers[reader]
-        last: bytes | None = None  # the held-back byte, once it arrived
+
+class ShareReader:
+    """One request's side of a `SharedFetch`: its items in channel order (`registry.mirror.job`),
+    pulled by the request's own task (`receive`, then `trio.EndOfChannel`), so the fetch's items
+    reach the response without a task between them.  `close` leaves the share (the fetch is
+    cancelled when its last reader leaves).  A reader that holds a big blob's fetch back longer
+    than the consumer timeout is dropped: its next item is a `MirrorAbort`."""
+
+    def __init__(self, share: SharedFetch, range_spec: RangeSpec | None, code: ErrorCode) -> None:
+        self._share = share
+        self._id = next(share._ids)
+        share.readers[self._id] = share.first
+        self._range_spec = range_spec
+        self._code = code
+        self._phase = "head"  # -> "body" -> "end"
+        self._start = 0
+        self._held = 0  # the last byte of the range: sent once the whole blob was verified
+        self._last: bytes | None = None  # the held-back byte, once it arrived
+        self._closed = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._phase = "end"
+            self._share.leave(self._id)
+
+    async def receive(self) -> MirrorItem:
+        """The next item (waits for the fetch); `trio.EndOfChannel` after the last one."""
+        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
-            while index < self.first + len(self.pieces):
-                piece = self.pieces[index - self.first]
-                index += 1
-                self.readers[reader] = index
-                lo = max(start, piece.offset)
-                hi = min(held, piece.offset + len(piece))
-                if piece.offset <= held < piece.offset + len(piece):
-                    at = held - piece.offset
-                    last = bytes(piece.view()[at : at + 1])
-                if lo < hi:
-                    await emit(_PieceView(piece, lo - piece.offset, hi - piece.offset))
-                self._trim()
-                self._notify()
-            if self.done:
-                break
-            await self._wait()
-        if self.cut is not None or self.received < self.size or last is None:
-            await emit(self.cut if self.cut is not None else MirrorAbort("the fetch ended short"))
-            return
-        await emit(last)
+            item = self._next()
+            if item is not None:
+                return item
+            if self._phase == "end":
+                raise trio.EndOfChannel
+            await self._share._wait()
+
+    def _next(self) -> MirrorItem | None:
+        share = self._share
+        if self._phase == "head":
+            return self._head()
+        if self._phase != "body":
+            return None
+        if self._id in share.dropped:
+            self._phase = "end"
+            return MirrorAbort("the response stopped reading the shared fetch")
+        index = share.readers[self._id]
+        while index < share.first + len(share.pieces):
+            piece = share.pieces[index - share.first]
+            index += 1
+            share.readers[self._id] = index
+            held = self._held
+            lo = max(self._start, piece.offset)
+            hi = min(held, piece.offset + len(piece))
+            if piece.offset <= held < piece.offset + len(piece):
+                at = held - piece.offset
+                self._last = bytes(piece.view()[at : at + 1])
+            view = _PieceView(piece, lo - piece.offset, hi - piece.offset) if lo < hi else None
+            share._trim()
+            share._notify()
+            if view is not None:
+                return view
+        if not share.done:
+            return None
+        self._phase = "end"
+        if share.cut is not None:
+            return share.cut
+        if share.received < share.size or self._last is None:
+            return MirrorAbort("the fetch ended short")
+        return self._last
+
+    def _head(self) -> MirrorItem | None:
+        share = self._share
+        if share.head is None and not share.done:
+            return None
+        head = share.head
+        self._phase = "end"
+        if not isinstance(head, MirrorHead):
+            if head is not None:
+                return head
+            reason = share.cut.reason if share.cut is not None else "no answer"
+            return MirrorFailure(500, self._code, reason, 0)
+        try:
+            delivered = None if self._range_spec is None else self._range_spec.resolve(share.size)
+        except RangeNotSatisfiable:
+            return MirrorFailure(
+                416,
+                ErrorCode.RANGE_INVALID,
+                f"range not satisfiable for {share.size} bytes",
+                0,
+                (("Content-Range", f"bytes */{share.size}"),),
+            )
+        self._phase = "body"
+        self._start = 0 if delivered is None else delivered.start
+        stop = share.size if delivered is None else delivered.end + 1  # exclusive
+        self._held = stop - 1
+        return ranged_head(head, share.size, delivered)
 
 
 class SharedFetches:
     """The open shares by key.  Bounded by the requests in flight: a share leaves the table
     when it closes to readers (its head for a big blob, its end, or its last reader gone)."""
 
-    def __init__(self, retain_max: int) -> None:
+    def __init__(self, retain_max: int, consumer_timeout: float = 60.0) -> None:
         self.retain_max = retain_max
+        self.consumer_timeout = consumer_timeout
         self._open: dict[ShareKey, SharedFetch] = {}
 
     def __len__(self) -> int:
         return len(self._open)
 
     def join(self, key: ShareKey) -> tuple[SharedFetch, bool]:
-        """The open share of `key`, or a new one (True: the caller starts its fetch).  Read it
-        (`SharedFetch.read`) before the next checkpoint, so it cannot close in between."""
+        """The open share of `key`, or a new one (True: the caller starts its fetch).  Join it
+        as a reader (`SharedFetch.reader`) before the next checkpoint, so it cannot close in
+        between."""
         share = self._open.get(key)
         if share is not None and share.open:
             return share, False
-        share = SharedFetch(key, self.retain_max)
+        share = SharedFetch(key, self.retain_max, consumer_timeout=self.consumer_timeout)
         share.on_close = self._closed
         self._open[key] = share
         return share, True

@@ -4,9 +4,8 @@ Why its own module: `registry.serve.classify` decides; this only shapes.  Header
 and error bodies are Spegel's: blob answers carry
 `Docker-Content-Digest`, `OCI-Namespace`, `Accept-Ranges` and an exact Content-Length; a manifest
 answer its media type; a mirrored answer the head the forwarder chose.  Invariant: a mirror
-response either starts (a `MirrorHead` came first) with the one consumer of the forwarder's
-channel as its body (`registry.serve.bodies.MirrorBody`), or is an OCI error and its fetch is
-already cancelled.
+response either starts (a `MirrorHead` came first) with the one consumer of its items as its body
+(`registry.serve.bodies.MirrorBody`), or is an OCI error and its items' source is already closed.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import trio
 
 from registry.auth.peer import ANSWER_HEADER
 from registry.metrics import MIRROR_LAST_SUCCESS, MIRROR_REQUESTS, registry_label
-from registry.mirror.job import MirrorFailure, MirrorHead, MirrorItem, MirrorJob
+from registry.mirror.job import ItemSource, MirrorFailure, MirrorHead, MirrorItem, MirrorJob
 from registry.oci.distribution import ErrorCode
 from registry.serve.bodies import FileBody, MirrorBody
 from registry.serve.classify import Empty, LocalManifest, OciError, Unauthorized
@@ -62,15 +61,13 @@ def manifest_answer(plan: LocalManifest, body: bytes | None, proof: str | None) 
     return response
 
 
-async def mirror_answer(
-    job: MirrorJob, receive: trio.MemoryReceiveChannel[MirrorItem], fetch: trio.CancelScope
-) -> Response:
-    """The answer of a mirror job whose items arrive on `receive` (`fetch`: the producer's
-    scope).  Waits for the first item: a head starts the body, anything else is a miss."""
-    body = MirrorBody(receive, fetch)
+async def mirror_answer(job: MirrorJob, source: ItemSource) -> Response:
+    """The answer of a mirror job whose items come from `source`.  Waits for the first item: a
+    head starts the body, anything else is a miss (and `source` is closed)."""
+    body = MirrorBody(source)
     registry = registry_label(job.request.reference.registry)
     try:
-        first: MirrorItem | None = await receive.receive()
+        first: MirrorItem | None = await source.receive()
     except trio.EndOfChannel:
         first = None
     except BaseException:

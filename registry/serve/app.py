@@ -49,7 +49,7 @@ from registry.oci.distribution import ErrorCode
 from registry.oci.filters import ReferenceFilter
 from registry.serve.access_log import TrustedProxies, client_ip, with_request_metrics
 from registry.serve.answers import blob_answer, manifest_answer, mirror_answer, simple_answer
-from registry.serve.bodies import GrowingBody, StoredBody
+from registry.serve.bodies import ChannelItems, GrowingBody, StoredBody
 from registry.serve.classify import (
     MIRRORED_HEADER,
     Empty,
@@ -331,10 +331,14 @@ class Registry:
             # a client that leaves cancels this request and its fetch at once (even one whose
             # end of stream came before this point); the watch ends with the request
             scope.setdefault(FINISHERS, []).append(watch.start(nursery))
+        # a blob GET reads the shared fetch of its blob itself; the rest get a fetch task each
+        shared = self.forwarder.open_shared(job)
+        if shared is not None:
+            return await mirror_answer(job, shared)
         send, receive = trio.open_memory_channel[MirrorItem](self.settings.channel_depth)
         fetch = trio.CancelScope()
         nursery.start_soon(self._fetch, job, send, fetch)
-        return await mirror_answer(job, receive, fetch)
+        return await mirror_answer(job, ChannelItems(receive, fetch))
 
     async def _fetch(
         self, job: MirrorJob, send: trio.MemorySendChannel[MirrorItem], fetch: trio.CancelScope

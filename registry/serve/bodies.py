@@ -5,11 +5,13 @@ Why: each body is written once and leaves by whichever way the server offers.  A
 (`StoredBody`, `GrowingBody`) is opened before the response head is sent (content that vanished
 becomes a 404, not a cut body) and then either goes out as ASGI `http.response.zerocopysend`
 messages (`zero_copy`: the server sendfiles the file's bytes) or, on a server without that
-extension, as chunks (`__aiter__`).  `MirrorBody` is the one consumer of the forwarder's channel:
-it yields pooled chunks as memoryviews and gives each buffer back once the server's `send`
-returned, which both servers guarantee only happens once they no longer need the bytes.
+extension, as chunks (`__aiter__`).  `MirrorBody` is the one consumer of a mirror request's items
+(its reader of a shared fetch, or its fetch task's channel): it yields pooled chunks as
+memoryviews and gives each buffer back once the server's `send` returned, which both servers
+guarantee only happens once they no longer need the bytes.
 Invariants: a body once opened reports its transfer's start and end exactly once; a mirrored
-body's fetch is cancelled as soon as the body ends, is cut, or is abandoned (the client left).
+body stops reading its fetch as soon as the body ends, is cut, or is abandoned (the client left),
+and the fetch is cancelled once no response reads it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from quart.wrappers.response import ResponseBody
 
 from registry.interfaces import BlobReader, ContentNotFound, ContentStore, Descriptor, IngestFile
 from registry.mirror.buffers import Chunk
-from registry.mirror.job import MirrorAbort, MirrorItem
+from registry.mirror.job import ItemSource, MirrorAbort, MirrorItem
 from registry.mirror.transfer_report import TransferReport
 from registry.serve.inflight import (
     GrowingFile,
@@ -36,7 +38,7 @@ from registry.serve.inflight import (
 )
 from registry.serve.responses import BodyCut
 
-__all__ = ["FileBody", "GrowingBody", "MirrorBody", "Send", "StoredBody"]
+__all__ = ["ChannelItems", "FileBody", "GrowingBody", "MirrorBody", "Send", "StoredBody"]
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]  # an ASGI send
 REPORT_SLICE = 8 << 20  # bytes per zerocopysend message between progress reports
@@ -226,17 +228,38 @@ class GrowingBody(FileBody):
             raise BodyCut(f"in-flight upload cut: {exc}") from exc
 
 
-class MirrorBody(ResponseBody):
-    """The body of a blob answered from peers: the forwarder's items, relayed.
-
-    `fetch` is the cancel scope of the forwarder task producing them: cancelled when the body is
-    done, cut, or abandoned, so a client that leaves stops its fetch at once."""
+class ChannelItems:
+    """The items of a request's own fetch task, as an `ItemSource`: closing it cancels the task
+    (`fetch`, its cancel scope) and gives back the buffers of chunks still queued."""
 
     def __init__(
         self, receive: trio.MemoryReceiveChannel[MirrorItem], fetch: trio.CancelScope
     ) -> None:
-        self.receive = receive
-        self.fetch = fetch
+        self._receive = receive
+        self._fetch = fetch
+
+    async def receive(self) -> MirrorItem:
+        return await self._receive.receive()
+
+    def close(self) -> None:
+        self._fetch.cancel()
+        while True:
+            try:
+                item = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if isinstance(item, Chunk):
+                item.release()
+        self._receive.close()
+
+
+class MirrorBody(ResponseBody):
+    """The body of a blob answered from peers: the items of its `ItemSource` (a shared fetch's
+    reader, or its own fetch task's channel), closed as soon as the body is done, cut, or
+    abandoned, so a client that leaves stops its fetch at once."""
+
+    def __init__(self, source: ItemSource) -> None:
+        self.source = source
         self.sent = 0
 
     async def __aenter__(self) -> MirrorBody:
@@ -248,22 +271,18 @@ class MirrorBody(ResponseBody):
         self.close()
 
     def close(self) -> None:
-        """Stop the fetch and give back the buffers of chunks still queued."""
-        self.fetch.cancel()
-        while True:
-            try:
-                item = self.receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-            if isinstance(item, Chunk):
-                item.release()
-        self.receive.close()
+        """Stop reading: the fetch stops unless another response reads it."""
+        self.source.close()
 
     def __aiter__(self) -> AsyncIterator[bytes | bytearray | memoryview]:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[bytes | bytearray | memoryview]:
-        async for item in self.receive:
+        while True:
+            try:
+                item = await self.source.receive()
+            except trio.EndOfChannel:
+                return
             if isinstance(item, Chunk):
                 try:
                     with item.view() as view:

@@ -116,3 +116,77 @@ async def test_a_failure_reaches_every_reader_and_the_last_reader_leaving_cancel
         await share.read(None, ErrorCode.BLOB_UNKNOWN, Reader().emit)
     assert share.scope.cancel_called  # nobody reads it any more
     assert len(shares) == 0
+
+
+async def test_a_reader_that_stops_pulling_a_big_blob_is_dropped_after_the_consumer_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    body = bytes(range(256)) * (PIECE * 12 // 256)
+    pool = BufferPool(PIECE, PIECE * 64)
+    shares = SharedFetches(PIECE, consumer_timeout=5.0)  # streamed: bounded ahead of readers
+    share, _ = shares.join(KEY)
+    stalled = share.reader(None, ErrorCode.BLOB_UNKNOWN)
+    reader = share.reader(None, ErrorCode.BLOB_UNKNOWN)  # both join before the head
+    active = Reader()
+    fetch_done = trio.Event()
+
+    async def pull_all() -> None:
+        try:
+            while True:
+                try:
+                    item = await reader.receive()
+                except trio.EndOfChannel:
+                    return
+                await active.emit(item)
+        finally:
+            reader.close()
+
+    async def fetch() -> None:
+        await share.send(head(len(body)))
+        for start in range(0, len(body), PIECE):
+            await share.send(pooled(pool, body[start : start + PIECE]))
+        share.end()
+        fetch_done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pull_all)
+        nursery.start_soon(fetch)
+        assert isinstance(await stalled.receive(), MirrorHead)  # then it stops pulling
+        await trio.sleep(4.0)
+        assert not fetch_done.is_set()  # held back by the stalled reader, within its bound
+        with trio.fail_after(60):  # not held back for ever
+            await fetch_done.wait()
+        # the stalled reader was dropped: its next item is a cut, then the end
+        item = await stalled.receive()
+        assert isinstance(item, MirrorAbort), item
+        with pytest.raises(trio.EndOfChannel):
+            await stalled.receive()
+        stalled.close()
+    assert trio.current_time() >= 5.0
+    assert bytes(active.body) == body  # the other reader got every byte
+    assert pool.in_use == 0
+    assert len(shares) == 0
+
+
+async def test_a_pulled_item_needs_no_task_in_between(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The fetch's item is there for the reader's next `receive` at once: pulling an available
+    item does not yield to the scheduler (the response's own sends do)."""
+    shares = SharedFetches(1 << 30)
+    share, _ = shares.join(KEY)
+    reader = share.reader(None, ErrorCode.BLOB_UNKNOWN)
+    await share.send(head(2))
+    await share.send(b"ab")
+    share.end()
+    before = trio.lowlevel.current_statistics().tasks_runnable
+    assert isinstance(await reader.receive(), MirrorHead)
+    piece = await reader.receive()
+    assert isinstance(piece, Chunk) and bytes(piece.view()) == b"a"
+    piece.release()
+    assert await reader.receive() == b"b"  # the held-back last byte, after the verdict
+    with pytest.raises(trio.EndOfChannel):
+        await reader.receive()
+    assert trio.lowlevel.current_statistics().tasks_runnable == before
+    reader.close()
+    assert len(shares) == 0
