@@ -14,8 +14,9 @@ agent's `RegistryRouter` over the seeker, claims through the agent's `KeyAdverti
                  a step: every pass counted is a hop)
 
 each with the Router `pushed` (its `watch` face, when the code has one) and `pulled` (a wrapper
-without it: the lookup task iterating `resolve`).  Medians over `--runs` fresh keys; `ms` is wall
-time, for information only.
+without it: the lookup task iterating `resolve`).  Counted from the request's first line to it
+seeing its answer (not its nursery's teardown, which the agent does after the response).  Medians
+over `--runs` fresh keys; `ms` is wall time, for information only.
 
     python -m bench.lookup_hops [--busy 500] [--runs 20]
 """
@@ -23,11 +24,10 @@ time, for information only.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -88,30 +88,55 @@ async def spin() -> None:
         await trio.lowlevel.checkpoint()
 
 
-async def plain_miss(router: Any, key: str) -> None:
+Sample = tuple[int, float]  # passes, milliseconds
+
+
+class Meter:
+    """Passes and time from `start` to `stop`: a request's wait, without its nursery's teardown
+    (which comes after the response in the agent)."""
+
+    def __init__(self, passes: Passes) -> None:
+        self._passes = passes
+        self._start = (0, 0.0)
+        self.sample: Sample = (0, 0.0)
+
+    def start(self) -> None:
+        self._start = (self._passes.count, time.perf_counter())
+
+    def stop(self) -> None:
+        count, t0 = self._start
+        self.sample = (self._passes.count - count, (time.perf_counter() - t0) * 1000)
+
+
+async def plain_miss(router: Any, key: str, meter: Meter) -> None:
     async with trio.open_nursery() as request:
+        meter.start()
         supply = PeerSupply(router, key)
         supply.start(request)
         while await supply.next() is not None:
             pass
+        meter.stop()
         request.cancel_scope.cancel()
 
 
-async def claim_miss(router: Any, claims: ClaimParticipation, key: str) -> None:
+async def claim_publish(board: KeyAdvertiser, key: str, meter: Meter) -> None:
+    meter.start()
+    await board.claim(key)
+    meter.stop()
+    await board.unclaim(key)
+
+
+async def claim_miss(router: Any, claims: ClaimParticipation, key: str, meter: Meter) -> None:
     async with trio.open_nursery() as request:
+        meter.start()
         supply = ClaimingSupply(router, claims, SETTINGS, key, frozenset(), request, None)
         supply.start(request)
         result = await supply.next_peer(MirrorAttempts(key, max_attempts=3))
+        meter.stop()
         if isinstance(result, Peer) or not supply.claimant:
             raise RuntimeError(f"a lone miss must end as the claimant, got {result!r}")
         await supply.finish()
         request.cancel_scope.cancel()
-
-
-async def measured(passes: Passes, work: Callable[[], Awaitable[object]]) -> tuple[int, float]:
-    start, t0 = passes.count, time.perf_counter()
-    await work()
-    return passes.count - start, (time.perf_counter() - t0) * 1000
 
 
 async def scenarios(busy: int, runs: int) -> dict[str, Any]:
@@ -135,20 +160,17 @@ async def scenarios(busy: int, runs: int) -> dict[str, Any]:
         serial = 0
         for mode in ("pushed", "pulled"):
             router: Any = agent_router if mode == "pushed" else Pulled(agent_router)
-            samples: dict[str, list[tuple[int, float]]] = {}
+            samples: dict[str, list[Sample]] = {}
             for _ in range(runs):
                 keys = [f"sha256:{serial + i:064x}" for i in range(3)]
                 serial += 3
-                samples.setdefault("plain_miss", []).append(
-                    await measured(passes, functools.partial(plain_miss, router, keys[0]))
-                )
-                samples.setdefault("claim_publish", []).append(
-                    await measured(passes, functools.partial(board.claim, keys[1]))
-                )
-                await board.unclaim(keys[1])
-                samples.setdefault("claim_miss", []).append(
-                    await measured(passes, functools.partial(claim_miss, router, claims, keys[2]))
-                )
+                meter = Meter(passes)
+                await plain_miss(router, keys[0], meter)
+                samples.setdefault("plain_miss", []).append(meter.sample)
+                await claim_publish(board, keys[1], meter)
+                samples.setdefault("claim_publish", []).append(meter.sample)
+                await claim_miss(router, claims, keys[2], meter)
+                samples.setdefault("claim_miss", []).append(meter.sample)
             out[mode] = {
                 name: {
                     "passes": statistics.median(p for p, _ in values),
