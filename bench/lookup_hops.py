@@ -8,6 +8,7 @@ how many hops the code takes.  Two real `dht.node.Node`s on 127.0.0.1 (loopback 
 agent's `RegistryRouter` over the seeker, claims through the agent's `KeyAdvertiser`:
 
   plain_miss     `PeerSupply`: start to the request seeing the lookup converge (nobody holds it)
+  plain_known    `PeerSupply.next_peer` for a provider whose record the seeker already holds
   claim_publish  `KeyAdvertiser.claim` of a key nobody holds (before the settle window starts)
   claim_miss     `ClaimingSupply.next_peer` to the claimant's 404: first lookup, claim, second
                  lookup (settle window and resolve deadlines set to 0 and 10 s, so no timer ends
@@ -119,6 +120,18 @@ async def plain_miss(router: Any, key: str, meter: Meter) -> None:
         request.cancel_scope.cancel()
 
 
+async def plain_known(router: Any, key: str, meter: Meter) -> None:
+    async with trio.open_nursery() as request:
+        meter.start()
+        supply = PeerSupply(router, key)
+        supply.start(request)
+        peer = await supply.next_peer(MirrorAttempts(key, max_attempts=3))
+        meter.stop()
+        if not isinstance(peer, Peer):
+            raise RuntimeError(f"the provider's record was held, got {peer!r}")
+        request.cancel_scope.cancel()
+
+
 async def claim_publish(board: KeyAdvertiser, key: str, meter: Meter) -> None:
     meter.start()
     await board.claim(key)
@@ -153,6 +166,12 @@ async def scenarios(busy: int, runs: int) -> dict[str, Any]:
             await provider.router.wait_ready()
         for _ in range(busy):
             nursery.start_soon(spin)
+        held = [f"sha256:{i:064x}" for i in range(10**6, 10**6 + runs)]
+        await provider.router.advertise(held)  # stored at the seeker: known without a lookup
+        with trio.fail_after(10):
+            # the records travel over UDP: look again until they are there (bounded above)
+            while not all(seeker.router.known_providers(key) for key in held):  # noqa: ASYNC110
+                await trio.sleep(0.01)
         trio.lowlevel.add_instrument(passes)
         agent_router = RegistryRouter(seeker.router)
         board = KeyAdvertiser(agent_router)
@@ -161,12 +180,14 @@ async def scenarios(busy: int, runs: int) -> dict[str, Any]:
         for mode in ("pushed", "pulled"):
             router: Any = agent_router if mode == "pushed" else Pulled(agent_router)
             samples: dict[str, list[Sample]] = {}
-            for _ in range(runs):
+            for run in range(runs):
                 keys = [f"sha256:{serial + i:064x}" for i in range(3)]
                 serial += 3
                 meter = Meter(passes)
                 await plain_miss(router, keys[0], meter)
                 samples.setdefault("plain_miss", []).append(meter.sample)
+                await plain_known(router, held[run], meter)
+                samples.setdefault("plain_known", []).append(meter.sample)
                 await claim_publish(board, keys[1], meter)
                 samples.setdefault("claim_publish", []).append(meter.sample)
                 await claim_miss(router, claims, keys[2], meter)

@@ -301,7 +301,11 @@ async def next_usable_peer(
 ) -> Peer | GiveUp:
     """The next provider `attempts` allows, each wait bounded by `resolve_timeout`.  A provider
     that answered busy is waited for (`PeerSupply.next_busy`) rather than given up on: a full
-    uploader is not a miss."""
+    uploader is not a miss.  A usable provider already here (known to the Router, put back, or
+    delivered) is handed out without a yield: the request's next step is its own I/O."""
+    while (ready := supply.next_ready()) is not None:
+        if attempts.usable(ready):
+            return ready
     # consecutive waits share one clock (deadline n = start + n x timeout): no drift
     deadline = trio.current_time()
     while True:

@@ -231,3 +231,16 @@ async def test_claiming_supply_one_provider_at_a_time(
         assert isinstance(await supply.next_peer(attempts), GiveUp)
 
     await with_supply(claiming, [A, B], use)
+
+
+async def test_a_provider_already_known_is_handed_out_without_a_yield() -> None:
+    """Under load every yield is a pass over every task: a provider the Router already knows
+    needs none (the request's next step is its own I/O)."""
+
+    class Knowing(ListRouter):
+        def known_providers(self, key: str) -> list[Peer]:
+            return [A]
+
+    supply = PeerSupply(Knowing([]), KEY)  # type: ignore[arg-type]
+    with trio.testing.assert_no_checkpoints():
+        assert await supply.next_peer(MirrorAttempts(KEY, max_attempts=3)) == A
