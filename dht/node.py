@@ -15,10 +15,10 @@ import math
 import random
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -83,8 +83,20 @@ def _normalize(addr: Any) -> tuple[str, int]:
     return (host, port)
 
 
+class _Sink(Protocol):
+    """Where one lookup's results go (`Node._streams`): a pulled stream or a pushed watch."""
+
+    def push(self, peers: Iterable[ProviderInfo]) -> None: ...
+
+    def finish(self) -> None: ...
+
+
 class _PeerStream:
-    """Providers of one lookup, as an async iterator; ends when the lookup has converged."""
+    """Providers of one lookup, as an async iterator; ends when the lookup has converged.
+
+    Each `__anext__` is one checkpoint: the wait for the next item when there is none yet, or a
+    bare checkpoint when one is already there (a woken reader does not yield a second time).
+    """
 
     def __init__(self) -> None:
         self._queue: deque[ProviderInfo] = deque()
@@ -103,15 +115,68 @@ class _PeerStream:
         return self
 
     async def __anext__(self) -> ProviderInfo:
+        waited = False
         while True:
             if self._queue:
-                await trio.lowlevel.checkpoint()
+                if not waited:
+                    await trio.lowlevel.checkpoint()
                 return self._queue.popleft()
             if self._done:
-                await trio.lowlevel.checkpoint()
+                if not waited:
+                    await trio.lowlevel.checkpoint()
                 raise StopAsyncIteration
             await self._wakeup.wait()
+            waited = True
             self._wakeup = trio.Event()
+
+
+class LookupWatch:
+    """One lookup whose results are pushed to callbacks (`DhtRouter.watch`).
+
+    The callbacks run synchronously in the node's receive or timer loop: an exception from one is
+    logged here and never reaches those loops.  After `done`, or once `cancel`led, the watch is
+    out of the node's table and no callback runs again.
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        found: Callable[[ProviderInfo], None],
+        done: Callable[[], None],
+    ) -> None:
+        self._node = node
+        self._found = found
+        self._done = done
+        self._lookup_id: int | None = None  # set while in the node's table
+
+    @property
+    def active(self) -> bool:
+        return self._lookup_id is not None
+
+    def push(self, peers: Iterable[ProviderInfo]) -> None:
+        for peer in peers:
+            if self._lookup_id is None:
+                return  # cancelled by an earlier callback
+            try:
+                self._found(peer)
+            except Exception:
+                logger.exception("dht lookup callback failed", extra={"callback": "found"})
+
+    def finish(self) -> None:
+        if self._lookup_id is None:
+            return
+        self.cancel()
+        try:
+            self._done()
+        except Exception:
+            logger.exception("dht lookup callback failed", extra={"callback": "done"})
+
+    def cancel(self) -> None:
+        """Stop the lookup and its callbacks (idempotent; safe from inside a callback)."""
+        lookup_id, self._lookup_id = self._lookup_id, None
+        if lookup_id is not None:
+            self._node._streams.pop(lookup_id, None)
+            self._node.protocol.cancel_lookup(lookup_id)
 
 
 class Node:
@@ -123,7 +188,7 @@ class Node:
         self._bound: tuple[str, int] | None = None
         self._timer_changed = trio.Event()
         self._armed = math.inf
-        self._streams: dict[int, _PeerStream] = {}
+        self._streams: dict[int, _Sink] = {}  # running lookups' results (bounded by them)
         self._bootstraps: dict[int, trio.Event] = {}
         self._ready_waiters = trio.lowlevel.ParkingLot()  # DhtRouter.wait_ready
 
@@ -150,7 +215,7 @@ class Node:
         finally:
             self._sock = None
             sock.close()
-            for stream in self._streams.values():
+            for stream in list(self._streams.values()):  # a watch leaves the table as it ends
                 stream.finish()
             for event in self._bootstraps.values():
                 event.set()
@@ -285,6 +350,8 @@ class DhtRouter:
     async def advertise(
         self, keys: Iterable[str], state: RecordState = RecordState.COMPLETE
     ) -> None:
+        """Advertise `keys` (stored here at once, announced by sends without waiting): one
+        checkpoint, the only yield of an uncontended claim's publication."""
         node = self._node
         node._apply(node.protocol.advertise(list(keys), trio.current_time(), state))
         await trio.lowlevel.checkpoint()
@@ -314,3 +381,25 @@ class DhtRouter:
         finally:
             del node._streams[lookup_id]
             node.protocol.cancel_lookup(lookup_id)
+
+    def watch(
+        self,
+        key: str,
+        found: Callable[[ProviderInfo], None],
+        done: Callable[[], None],
+    ) -> LookupWatch:
+        """Look `key` up, pushing each provider to `found` and the end to `done`, both called
+        synchronously from the node's loops (no task, no wake-up in between).  Providers this
+        node already knows may arrive before this returns; so may `done` when the node is not
+        serving.  `cancel()` the result when its reader is gone; it leaves on its own once done."""
+        node = self._node
+        watch = LookupWatch(node, found, done)
+        if node._sock is None:
+            watch._lookup_id = -1  # not serving: nobody can be asked
+            watch.finish()
+            return watch
+        lookup_id, effects = node.protocol.start_resolve(key, trio.current_time())
+        watch._lookup_id = lookup_id
+        node._streams[lookup_id] = watch
+        node._apply(effects)
+        return watch

@@ -7,6 +7,10 @@ the agent, which wires both, adapts the DHT node's advertise/resolve face to the
 lookups found in the last RECENT_TTL seconds.  The mirror starts with those, so a loaded event loop
 (a lookup task that is not scheduled within the 20 ms resolve deadline) does not turn content a
 peer holds into a false miss; the live lookup still runs beside it.
+
+`watch` is the push face of a lookup (`registry.burst.supply.WatchesProviders`): the DHT calls
+the request's callbacks from its receive loop, so a reply wakes the request task itself, with no
+lookup task in between.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import trio
 from cachetools import TTLCache
 
 from dht.ids import ProviderInfo, RecordState
-from dht.node import DhtRouter
+from dht.node import DhtRouter, LookupWatch
 from registry.interfaces import Peer, PeerState, Router
 
 RECENT_TTL = 10.0  # seconds a lookup's providers are handed out again without a lookup
@@ -77,6 +81,21 @@ class RegistryRouter:
     async def resolve(self, key: str) -> AsyncIterator[AsyncIterator[Peer]]:
         async with self._dht.resolve(key) as providers:
             yield _Peers(providers, lambda peer: self._remember(key, peer))
+
+
+    def watch(
+        self, key: str, found: Callable[[Peer], None], done: Callable[[], None]
+    ) -> LookupWatch:
+        """Look `key` up, calling `found` per provider and `done` at the end, synchronously
+        from the DHT's loops (see `dht.node.DhtRouter.watch`); `cancel()` the result when the
+        request is over.  Found providers are remembered as `resolve`'s are."""
+
+        def provider(info: ProviderInfo) -> None:
+            peer = as_peer(info)
+            self._remember(key, peer)
+            found(peer)
+
+        return self._dht.watch(key, provider, done)
 
 
 def registry_router(dht: DhtRouter) -> Router:

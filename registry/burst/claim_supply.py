@@ -8,7 +8,12 @@ next peer and reports fetch failures and busy answers back.
 A claimant's claim outlives its request (its containerd goes upstream after our 404 and the ingest
 then turns the record into an in-flight one): it is withdrawn `claim_wait` later by a task in the
 registry's task nursery (`ClaimParticipation.background`, owned by `Registry.run`), or inline when
-there is none (tests)."""
+there is none (tests).
+
+A Router that pushes lookup results (`registry.burst.supply.WatchesProviders`) is watched: its
+callbacks feed the `ProviderWait` and wake the request directly, and a restarted lookup is a new
+watch (the old one cancelled), with no task spawned per lookup.  Each watch's callbacks check
+that it is still the current one, so a replaced lookup's late replies change nothing."""
 
 from __future__ import annotations
 
@@ -36,8 +41,10 @@ from registry.burst.supply import (
     BUSY_FIRST_RETRY,
     KnowsProviders,
     KnowsReach,
+    LookupHandle,
     NoExtraPeer,
     RouterFailure,
+    WatchesProviders,
 )
 from registry.interfaces import ClaimBoard, Peer, PeerState, Router
 from registry.metrics import CLAIM_OUTCOMES, CLAIM_WAIT
@@ -150,7 +157,11 @@ class ClaimingSupply:
         )
         self._peers: dict[PeerKey, Peer] = {}
         self._changed = trio.Event()
-        self._lookup: trio.CancelScope | None = None
+        self._lookup: trio.CancelScope | None = None  # the lookup task's (Routers that do not push)
+        self._watch: LookupHandle | None = None  # the current watched lookup (Routers that push)
+        self._round = 0  # which lookup is current: a replaced watch's callbacks check it
+        self._looked = False  # the first lookup was started
+        self._holding = False  # a task cancels the current watch when the nursery ends
         self._error: Exception | None = None
         self._claimed = False  # our claim record is out
         self.claimant = False  # this request ended as the claimant
@@ -161,10 +172,60 @@ class ClaimingSupply:
     # -- lookups -----------------------------------------------------------------------------------
 
     def _start_lookup(self) -> None:
-        if self._lookup is not None:
-            self._lookup.cancel()
+        self._stop_lookup()
+        if isinstance(self._router, WatchesProviders):
+            self._start_watch(self._router)
+            return
         scope = self._lookup = trio.CancelScope()
         self._nursery.start_soon(self._run_lookup, scope)
+
+    def _stop_lookup(self) -> None:
+        self._round += 1  # whatever the previous lookup still reports is ignored
+        if self._lookup is not None:
+            self._lookup.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    def _start_watch(self, router: WatchesProviders) -> None:
+        """The lookup as callbacks from the Router (see the module doc): no task, no hop."""
+        current = self._round
+
+        def found(peer: Peer) -> None:
+            if current == self._round:
+                try:
+                    self._seen(peer)
+                except Exception as exc:  # a bug here fails this request, not the Router
+                    self._failed_lookup(exc)
+
+        def done() -> None:
+            if current == self._round:
+                self.wait.round_ended(trio.current_time())
+                self._changed.set()
+
+        try:
+            handle = router.watch(self._digest, found, done)
+        except Exception as exc:
+            self._failed_lookup(exc)
+            return
+        if current != self._round:  # a callback failed the lookup while it started
+            handle.cancel()
+            return
+        self._watch = handle
+        if not self._holding:  # one task per request, not per lookup, off the critical path
+            self._holding = True
+            self._nursery.start_soon(self._release_on_exit)
+
+    def _failed_lookup(self, exc: Exception) -> None:
+        self._error = exc
+        self._round += 1
+        self._changed.set()
+
+    async def _release_on_exit(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._stop_lookup()
 
     def _seen(self, peer: Peer) -> None:
         if self._client_host is not None and peer.host == self._client_host:
@@ -196,7 +257,8 @@ class ClaimingSupply:
 
     async def next_peer(self, attempts: MirrorAttempts) -> Peer | GiveUp:
         """The next provider to fetch from, or GiveUp (answer 404)."""
-        if self._lookup is None:
+        if not self._looked:
+            self._looked = True
             self._seed_known()
             self._start_lookup()
         if self.wait.decided:  # asked again after a miss (a resumption): the answer stands
@@ -235,8 +297,7 @@ class ClaimingSupply:
                 return self._missed(step, attempts)
 
     def _missed(self, step: Miss, attempts: MirrorAttempts) -> GiveUp:
-        if self._lookup is not None:
-            self._lookup.cancel()
+        self._stop_lookup()
         if step.claimant:
             self.claimant = True
             self._outcome("claimant")
@@ -322,8 +383,7 @@ class ClaimingSupply:
 
     async def finish(self) -> None:
         """End of the request: a claimant's claim is held for `ingest_wait`, others withdrawn."""
-        if self._lookup is not None:
-            self._lookup.cancel()
+        self._stop_lookup()
         if not self._reported:  # ended before the wait decided: the deadline (or the client)
             self._outcome("deadline")
         if not self._claimed:

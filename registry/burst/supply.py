@@ -5,13 +5,20 @@ Why its own module: where the next peer comes from (one lookup running beside th
 with a peer once chosen (`registry.mirror.peer_transfer`) and whether its bytes are trusted
 (`registry.mirror.verification`) are others.  Hedging (asking a second peer while the first is slow)
 belongs here too: it is a question of supply.
+
+A Router that can push a lookup's results (`WatchesProviders`) is watched rather than iterated:
+its callbacks hand each provider to the waiting request directly, so no lookup task has to be
+scheduled before the lookup starts nor between a reply and the request.  Other Routers keep the
+task that iterates `resolve`.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import trio
@@ -26,8 +33,12 @@ __all__ = [
     "PeerSupply",
     "RouterFailure",
     "Supply",
+    "WatchesProviders",
     "next_usable_peer",
+    "release_on_exit",
 ]
+
+logger = logging.getLogger(__name__)
 
 # A provider at its upload limit (429) is asked again after this, doubling with each busy answer
 # the request got, never later than its Retry-After: an upload slot frees within milliseconds
@@ -44,6 +55,39 @@ class KnowsProviders(Protocol):
     """A Router that can name providers it already knows, without a lookup or a wait."""
 
     def known_providers(self, key: str) -> list[Peer]: ...
+
+
+class LookupHandle(Protocol):
+    """A running watched lookup (`WatchesProviders.watch`)."""
+
+    def cancel(self) -> None:
+        """Stop it: no callback runs afterwards (idempotent, safe from inside a callback)."""
+        ...
+
+
+@runtime_checkable
+class WatchesProviders(Protocol):
+    """A Router whose lookups can push their results instead of being iterated (optional).
+
+    `watch` starts a lookup of `key` and calls `found` for each provider and `done` once it has
+    converged, synchronously from wherever the replies arrive; both may run before `watch`
+    returns (providers already known, a Router that cannot ask anyone).  The callbacks must not
+    block and their exceptions are the Router's to contain.  The caller `cancel`s the handle
+    when it no longer wants results; a watch also ends by itself after `done`.
+    """
+
+    def watch(
+        self, key: str, found: Callable[[Peer], None], done: Callable[[], None]
+    ) -> LookupHandle: ...
+
+
+async def release_on_exit(handle: LookupHandle) -> None:
+    """Hold `handle` for as long as the nursery this runs in: cancel it when that ends (a
+    request's end, however it ends, ends its watch).  Not on any request's critical path."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        handle.cancel()
 
 
 class NoExtraPeer(enum.Enum):
@@ -152,7 +196,33 @@ class PeerSupply:
     # -- the `Supply` protocol ------------------------------------------------------------------
 
     def start(self, nursery: trio.Nursery) -> None:
-        nursery.start_soon(self.feed)
+        if isinstance(self._router, WatchesProviders):
+            self._watch(self._router, nursery)
+        else:
+            nursery.start_soon(self.feed)
+
+    def _watch(self, router: WatchesProviders, nursery: trio.Nursery) -> None:
+        """`feed` without its task: the Router's callbacks fill the channel directly."""
+        started = time.monotonic()
+
+        def found(peer: Peer) -> None:
+            try:
+                RESOLVE_DURATION.labels("dht").observe(time.monotonic() - started)
+                self._offer(peer)
+            except Exception as exc:  # a bug here ends this lookup, not the Router's loop
+                self._fail(exc)
+
+        try:
+            handle = router.watch(self._key, found, self._send.close)
+        except Exception as exc:
+            self._fail(exc)
+            return
+        nursery.start_soon(release_on_exit, handle)
+
+    def _fail(self, exc: Exception) -> None:
+        if self.error is None:
+            self.error = exc  # raised to the request by next(), as feed's failures are
+        self._send.close()
 
     async def next_peer(self, attempts: MirrorAttempts) -> Peer | GiveUp:
         return await next_usable_peer(self, attempts, self.resolve_timeout)
@@ -231,7 +301,11 @@ async def next_usable_peer(
 ) -> Peer | GiveUp:
     """The next provider `attempts` allows, each wait bounded by `resolve_timeout`.  A provider
     that answered busy is waited for (`PeerSupply.next_busy`) rather than given up on: a full
-    uploader is not a miss."""
+    uploader is not a miss.  A usable provider already here (known to the Router, put back, or
+    delivered) is handed out without a yield: the request's next step is its own I/O."""
+    while (ready := supply.next_ready()) is not None:
+        if attempts.usable(ready):
+            return ready
     # consecutive waits share one clock (deadline n = start + n x timeout): no drift
     deadline = trio.current_time()
     while True:

@@ -13,6 +13,7 @@ import hashlib
 import pytest
 import trio
 
+from registry.burst.supply import WatchesProviders
 from registry.interfaces import ContentNotFound, ContentStore, Peer, PeerState, Router
 from registry.oci.mediatypes import MANIFEST_MEDIA_TYPES, OCTET_STREAM
 
@@ -83,7 +84,8 @@ async def check_router(provider: Router, seeker: Router, provider_peer: Peer) ->
     """Two routers of one network: what `provider` advertises, `seeker` finds, with the state it
     was advertised with (a switch of state is seen, eventually); an in-flight or claim record
     withdrawn is gone from the seeker's lookups; nobody finds itself; lookups end (converge),
-    and one left early or cancelled stops."""
+    and one left early or cancelled stops; a Router that pushes (`WatchesProviders`) finds by
+    `watch` what it finds by `resolve`, and ends."""
     key, other, absent = ("sha256:" + c * 64 for c in "cef")
     node_id = provider_peer.node_id
     assert provider.ready() and seeker.ready()
@@ -107,6 +109,14 @@ async def check_router(provider: Router, seeker: Router, provider_peer: Peer) ->
                 async for _ in peers:
                     pass
         assert cancelled.cancelled_caught
+        if isinstance(seeker, WatchesProviders):  # the optional push face finds the same
+            for wanted, expected in ((key, [provider_peer]), (absent, [])):
+                pushed: list[Peer] = []
+                ended = trio.Event()
+                handle = seeker.watch(wanted, pushed.append, ended.set)
+                await ended.wait()
+                handle.cancel()  # after the end: harmless
+                assert [p for p in pushed if p.node_id == node_id] == expected
 
         # the download's states: claimed, in flight, committed; a dropped claim is withdrawn
         transient = "sha256:" + "a" * 64

@@ -1,5 +1,6 @@
 """The advertiser's group commit: queued changes reach the Router in few calls, in order, and a
-caller cancelled while it waits still has its change published."""
+caller cancelled while it waits still has its change published; uncontended, a publish adds no
+yield to the Router's own."""
 
 from __future__ import annotations
 
@@ -105,3 +106,39 @@ async def test_a_key_queued_twice_reaches_the_router_at_its_latest_state() -> No
     assert router.last_state(digest(1)) is PeerState.CLAIM
     assert router.last_state(digest(2)) is None
     assert ("advertise", (digest(2),), PeerState.CLAIM) not in router.calls
+
+
+class InstantRouter(SlowRouter):
+    """Records each call and never yields (so any yield of a publish is the advertiser's)."""
+
+    async def _call(self, kind: str, keys: Iterable[str], state: PeerState | None) -> None:
+        self.calls.append((kind, tuple(keys), state))
+
+
+async def test_an_uncontended_claim_and_unclaim_add_no_yield_to_the_routers() -> None:
+    router = InstantRouter()
+    advertiser = KeyAdvertiser(router)
+    with trio.testing.assert_no_checkpoints():
+        await advertiser.claim(digest(1))
+        await advertiser.unclaim(digest(1))
+    assert router.calls == [
+        ("advertise", (digest(1),), PeerState.CLAIM),
+        ("withdraw", (digest(1),), None),
+    ]
+
+
+async def test_a_publisher_that_raises_lets_the_next_caller_publish() -> None:
+    class BrokenOnce(InstantRouter):
+        async def _call(self, kind: str, keys: Iterable[str], state: PeerState | None) -> None:
+            await super()._call(kind, keys, state)
+            if len(self.calls) == 1:
+                raise OSError("the router failed")
+
+    router = BrokenOnce()
+    advertiser = KeyAdvertiser(router)
+    try:
+        await advertiser.claim(digest(1))
+    except OSError:
+        pass
+    await advertiser.claim(digest(2))  # not stuck behind the failed publisher
+    assert router.calls[-1] == ("advertise", (digest(2),), PeerState.CLAIM)

@@ -1,5 +1,6 @@
 """The `Supply` protocol, through its two implementations: the plain lookup (`PeerSupply`) and a
-burst's claim/wait (`ClaimingSupply`).  The mirror run uses nothing else of either."""
+burst's claim/wait (`ClaimingSupply`).  The mirror run uses nothing else of either.  Each test runs
+over a Router that is iterated (`resolve`) and over one that pushes (`WatchesProviders.watch`)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,52 @@ class ListRouter:
         yield deliver()
 
 
+class Watch:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class WatchingRouter(ListRouter):
+    """`ListRouter` that also pushes: each peer, then the end, from another task (as the DHT's
+    receive loop does), none after `cancel`."""
+
+    def __init__(self, peers: list[Peer]) -> None:
+        super().__init__(peers)
+        self.watches: list[Watch] = []
+
+    def watch(self, key: str, found: Callable[[Peer], None], done: Callable[[], None]) -> Watch:
+        self.lookups += 1
+        handle = Watch()
+        self.watches.append(handle)
+
+        async def deliver() -> None:
+            for peer in self.peers:
+                await trio.lowlevel.checkpoint()
+                if handle.cancelled:
+                    return
+                found(peer)
+            await trio.lowlevel.checkpoint()
+            if not handle.cancelled:
+                done()
+
+        trio.lowlevel.spawn_system_task(deliver)
+        return handle
+
+
+@pytest.fixture(autouse=True, params=["pulled", "pushed"])
+def router_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here over both kinds of Router (`make_router` is what `with_supply` uses)."""
+    kind: str = request.param
+    monkeypatch.setitem(ROUTERS, "current", WatchingRouter if kind == "pushed" else ListRouter)
+    return kind
+
+
+ROUTERS: dict[str, type[ListRouter]] = {"current": ListRouter}
+
+
 class NoClaims:
     async def claim(self, digest: str) -> None:
         pass
@@ -87,14 +134,17 @@ async def with_supply(
     avoid: frozenset[tuple[str, int]] = frozenset(),
 ) -> None:
     attempts = MirrorAttempts(KEY, max_attempts=3, avoid=avoid)
+    router = ROUTERS["current"](peers)
     async with trio.open_nursery() as nursery:
-        supply = make(ListRouter(peers), nursery, avoid)
+        supply = make(router, nursery, avoid)
         supply.start(nursery)
         try:
             await use(supply, attempts)
         finally:
             await supply.finish()
         nursery.cancel_scope.cancel()
+    if isinstance(router, WatchingRouter):  # the request is over: no watch left running
+        assert router.watches and all(w.cancelled for w in router.watches)
 
 
 @BOTH
@@ -181,3 +231,16 @@ async def test_claiming_supply_one_provider_at_a_time(
         assert isinstance(await supply.next_peer(attempts), GiveUp)
 
     await with_supply(claiming, [A, B], use)
+
+
+async def test_a_provider_already_known_is_handed_out_without_a_yield() -> None:
+    """Under load every yield is a pass over every task: a provider the Router already knows
+    needs none (the request's next step is its own I/O)."""
+
+    class Knowing(ListRouter):
+        def known_providers(self, key: str) -> list[Peer]:
+            return [A]
+
+    supply = PeerSupply(Knowing([]), KEY)  # type: ignore[arg-type]
+    with trio.testing.assert_no_checkpoints():
+        assert await supply.next_peer(MirrorAttempts(KEY, max_attempts=3)) == A
