@@ -155,3 +155,34 @@ async def test_a_client_that_leaves_mid_mirror_stops_the_fetch_at_once(
     await stream.aclose()
     with trio.fail_after(SETTINGS.mirror.stall_timeout / 2):  # MockClock: well before the bound
         await mute.hung_up.wait()
+
+
+@pytest.mark.parametrize("registry_server", SERVERS)
+async def test_blob_gets_read_the_shared_fetch_without_a_task_of_their_own(
+    clock: trio.testing.MockClock,
+    start_node: StartNode,
+    network: MemoryNetwork,
+    start_scripted: StartScripted,
+) -> None:
+    """While the fetch is in flight, the registry's task tree holds the one shared fetch and no
+    fetch or relay task per request: each response pulls its items itself."""
+    content = fill(MemoryContentStore())
+    body = content.layer_bytes
+    late = await start_scripted(ScriptedPeer("late", body, content.layer, pause=0.5))
+    network.add(content.layer, late.peer)
+    node = await start_node(settings=SETTINGS)
+    path = f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
+    seen: list[str] = []
+
+    async def look() -> None:
+        await trio.sleep(0.3)  # every request is waiting for the paused peer
+        nursery = node.registry._nursery
+        assert nursery is not None
+        seen.extend(task.name.rsplit(".", 1)[-1] for task in nursery.child_tasks)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(look)
+        answers = await many_at_once(node, path)
+    assert all(a.status_code in (200, 206) for a in answers)
+    assert seen.count("_fetch_shared") == 1, seen
+    assert "_fetch" not in seen, seen  # Registry._fetch: a request's own fetch task
