@@ -438,12 +438,19 @@ class ServerConnection:
             if self._answered and not self._broken:
                 with trio.move_on_after(LINGER):
                     try:
-                        await self.stream.send_eof()
+                        _half_close(self.stream)
                         while await self.stream.receive_some(READ_SIZE):
                             pass
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         pass
             await self.stream.aclose()
+
+
+def _half_close(stream: trio.SocketStream) -> None:
+    """End our direction of `stream` now: the client sees the end of the answer at once, not
+    one pass of the run queue later (`send_eof` yields before it shuts down)."""
+    if not stream.socket.did_shutdown_SHUT_WR:
+        stream.socket.shutdown(socket.SHUT_WR)
 
 
 _CLIENT_GONE_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET})
