@@ -195,6 +195,8 @@ class SharedFetch:
         for reader in [r for r, index in self.readers.items() if index == slowest]:
             del self.readers[reader]
             self.dropped.add(reader)
+        if not self.readers:
+            self.scope.cancel()  # nobody reads it any more
         self._trim()
         self._notify()
 

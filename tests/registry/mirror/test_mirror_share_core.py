@@ -190,3 +190,31 @@ async def test_a_pulled_item_needs_no_task_in_between(
     assert trio.lowlevel.current_statistics().tasks_runnable == before
     reader.close()
     assert len(shares) == 0
+
+
+async def test_a_big_blob_whose_only_reader_stopped_pulling_stops_its_fetch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pool = BufferPool(PIECE, PIECE * 64)
+    shares = SharedFetches(PIECE, consumer_timeout=5.0)
+    share, _ = shares.join(KEY)
+    stalled = share.reader(None, ErrorCode.BLOB_UNKNOWN)
+    size = PIECE * 100
+
+    async def fetch() -> None:
+        with share.scope:
+            await share.send(head(size))
+            for _ in range(100):
+                await trio.sleep(0.01)  # the peer's bytes take a while
+                await share.send(pooled(pool, b"x" * PIECE))
+        share.end()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fetch)
+        assert isinstance(await stalled.receive(), MirrorHead)  # then it stops pulling
+    # the fetch stopped once its only reader was dropped, not after the whole blob
+    assert share.scope.cancel_called
+    assert share.received < size
+    assert 5.0 <= trio.current_time() < 10.0
+    stalled.close()
+    assert pool.in_use == 0
