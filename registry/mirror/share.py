@@ -196,7 +196,7 @@ class SharedFetch:
             del self.readers[reader]
             self.dropped.add(reader)
         if not self.readers:
-            self.scope.cancel()  # nobody reads it any more
+            self._abandoned()
         self._trim()
         self._notify()
 
@@ -223,6 +223,12 @@ class SharedFetch:
             self.pieces.pop(0).unref()
             self.first += 1
 
+    def _abandoned(self) -> None:
+        """Nobody reads the fetch any more: cancel it, unless it already gave its final answer
+        (a failure), so that it ends on its own and reports its outcome."""
+        if not isinstance(self.head, MirrorFailure):
+            self.scope.cancel()
+
     # -- the readers' side -------------------------------------------------------------------------
 
     def leave(self, reader: int) -> None:
@@ -230,7 +236,7 @@ class SharedFetch:
         self.dropped.discard(reader)
         if not self.readers and not self.done:
             self._close_to_readers()
-            self.scope.cancel()  # nobody reads it any more
+            self._abandoned()
         self._trim()
         self._notify()
 

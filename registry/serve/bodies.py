@@ -27,7 +27,7 @@ from quart.wrappers.response import ResponseBody
 
 from registry.interfaces import BlobReader, ContentNotFound, ContentStore, Descriptor, IngestFile
 from registry.mirror.buffers import Chunk
-from registry.mirror.job import ItemSource, MirrorAbort, MirrorItem
+from registry.mirror.job import ItemSource, MirrorAbort, MirrorFailure, MirrorItem
 from registry.mirror.transfer_report import TransferReport
 from registry.serve.inflight import (
     GrowingFile,
@@ -230,19 +230,25 @@ class GrowingBody(FileBody):
 
 class ChannelItems:
     """The items of a request's own fetch task, as an `ItemSource`: closing it cancels the task
-    (`fetch`, its cancel scope) and gives back the buffers of chunks still queued."""
+    (`fetch`, its cancel scope; not once the task gave its final answer, a failure, so that it
+    ends on its own and reports its outcome) and gives back the buffers of chunks still queued."""
 
     def __init__(
         self, receive: trio.MemoryReceiveChannel[MirrorItem], fetch: trio.CancelScope
     ) -> None:
         self._receive = receive
         self._fetch = fetch
+        self._answered = False  # the fetch's final answer (a failure) came
 
     async def receive(self) -> MirrorItem:
-        return await self._receive.receive()
+        item = await self._receive.receive()
+        if isinstance(item, MirrorFailure):
+            self._answered = True
+        return item
 
     def close(self) -> None:
-        self._fetch.cancel()
+        if not self._answered:
+            self._fetch.cancel()
         while True:
             try:
                 item = self._receive.receive_nowait()

@@ -218,3 +218,19 @@ async def test_a_big_blob_whose_only_reader_stopped_pulling_stops_its_fetch(
     assert 5.0 <= trio.current_time() < 10.0
     stalled.close()
     assert pool.in_use == 0
+
+
+async def test_a_fetch_that_gave_its_failure_is_not_cancelled_when_its_readers_leave(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The fetch still has to end on its own after its final answer (it reports its outcome:
+    the "mirror miss" line and event), so its readers leaving does not cancel it."""
+    shares = SharedFetches(1 << 30)
+    share, _ = shares.join(KEY)
+    reader = share.reader(None, ErrorCode.BLOB_UNKNOWN)
+    await share.send(MirrorFailure(404, ErrorCode.BLOB_UNKNOWN, "no provider", 3))
+    assert isinstance(await reader.receive(), MirrorFailure)
+    reader.close()
+    assert not share.scope.cancel_called
+    share.end()
+    assert len(shares) == 0
