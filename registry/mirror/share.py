@@ -250,16 +250,7 @@ class SharedFetch:
 
     async def read(self, range_spec: RangeSpec | None, code: ErrorCode, emit: Emit) -> None:
         """Relay the fetch's answer to one request (cut to `range_spec`) through `emit`."""
-        reader = self.reader(range_spec, code)
-        try:
-            while True:
-                try:
-                    item = await reader.receive()
-                except trio.EndOfChannel:
-                    return
-                await emit(item)
-        finally:
-            reader.close()
+        await self.reader(range_spec, code).relay(emit)
 
     async def _wait(self) -> None:
         await self._changed.wait()
@@ -289,6 +280,18 @@ class ShareReader:
             self._closed = True
             self._phase = "end"
             self._share.leave(self._id)
+
+    async def relay(self, emit: Emit) -> None:
+        """Every item to `emit` (for a consumer that is pushed to), then close."""
+        try:
+            while True:
+                try:
+                    item = await self.receive()
+                except trio.EndOfChannel:
+                    return
+                await emit(item)
+        finally:
+            self.close()
 
     async def receive(self) -> MirrorItem:
         """The next item (waits for the fetch); `trio.EndOfChannel` after the last one."""

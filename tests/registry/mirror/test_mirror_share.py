@@ -54,6 +54,19 @@ async def get(node: Node, path: str, spec: str | None) -> httpx.Response:
         return await http.get(path, headers=headers)
 
 
+async def slow_provider(
+    start_node: StartNode, network: MemoryNetwork, start_scripted: StartScripted
+) -> tuple[bytes, ScriptedPeer, Node, str]:
+    """A node whose one provider of a layer sends its head, then the body 0.5 s later: the
+    layer's bytes, the provider, the node and the layer's path."""
+    content = fill(MemoryContentStore())
+    body = content.layer_bytes
+    late = await start_scripted(ScriptedPeer("late", body, content.layer, pause=0.5))
+    network.add(content.layer, late.peer)
+    node = await start_node(settings=SETTINGS)
+    return body, late, node, f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
+
+
 async def many_at_once(node: Node, path: str) -> list[httpx.Response]:
     answers: list[httpx.Response | None] = [None] * len(RANGES)
 
@@ -73,12 +86,7 @@ async def test_concurrent_gets_of_one_blob_make_one_peer_transfer(
     network: MemoryNetwork,
     start_scripted: StartScripted,
 ) -> None:
-    content = fill(MemoryContentStore())
-    body = content.layer_bytes
-    late = await start_scripted(ScriptedPeer("late", body, content.layer, pause=0.5))
-    network.add(content.layer, late.peer)
-    node = await start_node(settings=SETTINGS)
-    path = f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
+    body, late, node, path = await slow_provider(start_node, network, start_scripted)
     answers = await many_at_once(node, path)
     assert len(answers) == len(RANGES)
     for spec, answer in zip(RANGES, answers, strict=True):
@@ -97,12 +105,7 @@ async def test_a_client_that_leaves_does_not_cut_the_others(
     network: MemoryNetwork,
     start_scripted: StartScripted,
 ) -> None:
-    content = fill(MemoryContentStore())
-    body = content.layer_bytes
-    late = await start_scripted(ScriptedPeer("late", body, content.layer, pause=0.5))
-    network.add(content.layer, late.peer)
-    node = await start_node(settings=SETTINGS)
-    path = f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
+    body, late, node, path = await slow_provider(start_node, network, start_scripted)
     got: list[httpx.Response] = []
 
     async def stays() -> None:
@@ -166,12 +169,7 @@ async def test_blob_gets_read_the_shared_fetch_without_a_task_of_their_own(
 ) -> None:
     """While the fetch is in flight, the registry's task tree holds the one shared fetch and no
     fetch or relay task per request: each response pulls its items itself."""
-    content = fill(MemoryContentStore())
-    body = content.layer_bytes
-    late = await start_scripted(ScriptedPeer("late", body, content.layer, pause=0.5))
-    network.add(content.layer, late.peer)
-    node = await start_node(settings=SETTINGS)
-    path = f"/v2/library/app/blobs/{content.layer}?ns=docker.io"
+    _, _, node, path = await slow_provider(start_node, network, start_scripted)
     seen: list[str] = []
 
     async def look() -> None:

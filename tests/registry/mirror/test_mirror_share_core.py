@@ -130,17 +130,6 @@ async def test_a_reader_that_stops_pulling_a_big_blob_is_dropped_after_the_consu
     active = Reader()
     fetch_done = trio.Event()
 
-    async def pull_all() -> None:
-        try:
-            while True:
-                try:
-                    item = await reader.receive()
-                except trio.EndOfChannel:
-                    return
-                await active.emit(item)
-        finally:
-            reader.close()
-
     async def fetch() -> None:
         await share.send(head(len(body)))
         for start in range(0, len(body), PIECE):
@@ -149,7 +138,7 @@ async def test_a_reader_that_stops_pulling_a_big_blob_is_dropped_after_the_consu
         fetch_done.set()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pull_all)
+        nursery.start_soon(reader.relay, active.emit)
         nursery.start_soon(fetch)
         assert isinstance(await stalled.receive(), MirrorHead)  # then it stops pulling
         await trio.sleep(4.0)
