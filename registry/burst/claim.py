@@ -28,6 +28,16 @@ returns, feeding back lookup results (`seen`, `round_ended`) and fetch outcomes 
             upstream copy, never a deadlock).  Winner -> `Miss(claimant=True)`: its containerd
             goes upstream, its ingest appears and becomes the inflight provider.  Loser ->
             `WithdrawClaim`, then WAITING.
+            A late claim (ours went out `settle` or more after our lookup began, e.g. at the end
+            of an attempt that did not converge) may have been invisible to a claimant whose
+            settle lookup asked us before it went out: that claimant may already have decided
+            without it.  So a late claim that would win against other claims confirms first:
+            it keeps its claim and looks again every `poll` until `settle_max` + the resolve
+            budget have passed (by then every claim made about when ours was is decided).
+            The others gone (they saw ours and deferred) -> winner; a source -> `Fetch`; one
+            still standing at the end (it won without seeing ours) -> `WithdrawClaim`, WAITING
+            for it.  Our claim stays out while confirming, so a claimant still settling sees it
+            and defers: two late claims never both withdraw.
   WAITING   re-resolve every `poll` until a source appears (-> `Fetch`) or `ingest_wait` has
             passed since the request began (-> `Miss`: its containerd goes upstream as today).  A
             lookup that converges with neither a claim nor a source means the claimant gave up:
@@ -186,6 +196,7 @@ class ProviderWait:
     reason: str = ""
     first_lookup: float | None = None  # how long the first lookup took to converge
     settle: float = 0.0  # the settle window chosen when our claim went out
+    confirm_until: float | None = None  # a late claim that would win looks again until then
 
     def __post_init__(self) -> None:
         self.round_started = self.started
@@ -355,11 +366,25 @@ class ProviderWait:
                     if now < self.resolve_due:
                         return Wait(self.resolve_due)
             return self._start_round(now)
+        if self.confirm_until is not None:
+            # a confirming lookup gets the same time as the second one
+            decide_by = max(decide_by, self.round_started + second_round)
         if not self.round_done and now < decide_by:
             return Wait(decide_by)
         lowest = min([self.requester, *self.claims], key=lambda n: claim_rank(n, self.key))
         if lowest == self.requester:
-            return self._miss(f"claimed {self.key}: this node fetches it upstream", claimant=True)
+            if not self.claims or self.claim_at - self.started < self.settings.settle:
+                return self._miss(
+                    f"claimed {self.key}: this node fetches it upstream", claimant=True
+                )
+            # a late claim (see the module doc): the other claimants may not have seen ours
+            if self.confirm_until is None:
+                self.confirm_until = now + self.settings.settle_max + self.settings.budget
+            if now + self.settings.poll <= self.confirm_until:
+                self.claims.clear()  # the next lookup says which claims still stand
+                self.resolve_due = now + self.settings.poll
+                return Wait(self.resolve_due)
+            lowest = min(self.claims, key=lambda n: claim_rank(n, self.key))
         self.own_claim = False
         self.phase = _Phase.WAITING
         self.wait_started = self.started
