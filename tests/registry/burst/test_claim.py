@@ -26,17 +26,10 @@ from registry.burst.provider_choice import (
     UploadSlots,
     rank_providers,
 )
+from tests.registry.burst.claim_kit import node, sighting
 
 KEY = "sha256:" + "cd" * 32
 S = ClaimSettings()
-
-
-def node(i: int) -> bytes:
-    return i.to_bytes(32, "big")
-
-
-def sighting(i: int, state: RecordState) -> Sighting:
-    return Sighting(node(i), (f"10.0.0.{i}", 5000), state)
 
 
 def test_a_source_found_in_the_first_attempt_is_fetched() -> None:

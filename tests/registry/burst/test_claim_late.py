@@ -18,13 +18,10 @@ from registry.burst.claim import (
     claim_rank,
 )
 from registry.burst.provider_choice import RecordState, Sighting
+from tests.registry.burst.claim_kit import node, sighting
 
 KEY = "sha256:" + "ab" * 32
 S = ClaimSettings()
-
-
-def node(i: int) -> bytes:
-    return i.to_bytes(32, "big")
 
 
 def ranked_pair() -> tuple[int, int]:
@@ -34,7 +31,7 @@ def ranked_pair() -> tuple[int, int]:
 
 
 def claim(i: int, state: RecordState = RecordState.CLAIM) -> Sighting:
-    return Sighting(node(i), (f"10.0.0.{i}", 5000), state)
+    return sighting(i, state)
 
 
 def fast_claimant(i: int) -> ProviderWait:

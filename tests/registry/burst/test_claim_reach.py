@@ -26,13 +26,10 @@ from registry.burst.claim import (
     WithdrawClaim,
 )
 from registry.burst.provider_choice import RecordState, Sighting
+from tests.registry.burst.claim_kit import node
 
 KEY = "sha256:" + "ab" * 32
 S = ClaimSettings()
-
-
-def node(i: int) -> bytes:
-    return i.to_bytes(32, "big")
 
 
 def test_where_lookups_reach_every_node_the_settle_is_one_first_lookup() -> None:
