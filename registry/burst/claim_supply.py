@@ -45,6 +45,7 @@ from registry.burst.supply import (
     NoExtraPeer,
     RouterFailure,
     WatchesProviders,
+    release_on_exit,
 )
 from registry.interfaces import ClaimBoard, Peer, PeerState, Router
 from registry.metrics import CLAIM_OUTCOMES, CLAIM_WAIT
@@ -214,18 +215,12 @@ class ClaimingSupply:
         self._watch = handle
         if not self._holding:  # one task per request, not per lookup, off the critical path
             self._holding = True
-            self._nursery.start_soon(self._release_on_exit)
+            self._nursery.start_soon(release_on_exit, self._stop_lookup)
 
     def _failed_lookup(self, exc: Exception) -> None:
         self._error = exc
         self._round += 1
         self._changed.set()
-
-    async def _release_on_exit(self) -> None:
-        try:
-            await trio.sleep_forever()
-        finally:
-            self._stop_lookup()
 
     def _seen(self, peer: Peer) -> None:
         if self._client_host is not None and peer.host == self._client_host:

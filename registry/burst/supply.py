@@ -15,7 +15,6 @@ task that iterates `resolve`.
 from __future__ import annotations
 
 import enum
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -37,8 +36,6 @@ __all__ = [
     "next_usable_peer",
     "release_on_exit",
 ]
-
-logger = logging.getLogger(__name__)
 
 # A provider at its upload limit (429) is asked again after this, doubling with each busy answer
 # the request got, never later than its Retry-After: an upload slot frees within milliseconds
@@ -81,13 +78,13 @@ class WatchesProviders(Protocol):
     ) -> LookupHandle: ...
 
 
-async def release_on_exit(handle: LookupHandle) -> None:
-    """Hold `handle` for as long as the nursery this runs in: cancel it when that ends (a
-    request's end, however it ends, ends its watch).  Not on any request's critical path."""
+async def release_on_exit(cancel: Callable[[], None]) -> None:
+    """Call `cancel` when the nursery this runs in ends (a request's end, however it ends, ends
+    its watch).  Not on any request's critical path."""
     try:
         await trio.sleep_forever()
     finally:
-        handle.cancel()
+        cancel()
 
 
 class NoExtraPeer(enum.Enum):
@@ -217,7 +214,7 @@ class PeerSupply:
         except Exception as exc:
             self._fail(exc)
             return
-        nursery.start_soon(release_on_exit, handle)
+        nursery.start_soon(release_on_exit, handle.cancel)
 
     def _fail(self, exc: Exception) -> None:
         if self.error is None:
