@@ -168,15 +168,27 @@ async def test_a_pulled_item_needs_no_task_in_between(
     await share.send(head(2))
     await share.send(b"ab")
     share.end()
-    before = trio.lowlevel.current_statistics().tasks_runnable
-    assert isinstance(await reader.receive(), MirrorHead)
-    piece = await reader.receive()
-    assert isinstance(piece, Chunk) and bytes(piece.view()) == b"a"
-    piece.release()
-    assert await reader.receive() == b"b"  # the held-back last byte, after the verdict
-    with pytest.raises(trio.EndOfChannel):
-        await reader.receive()
-    assert trio.lowlevel.current_statistics().tasks_runnable == before
+    passes = 0  # a task that counts the scheduler's passes: any yield of ours lets it run
+
+    async def count_passes() -> None:
+        nonlocal passes
+        while True:
+            passes += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(count_passes)
+        await trio.lowlevel.checkpoint()  # it runs once
+        before = passes
+        assert isinstance(await reader.receive(), MirrorHead)
+        piece = await reader.receive()
+        assert isinstance(piece, Chunk) and bytes(piece.view()) == b"a"
+        piece.release()
+        assert await reader.receive() == b"b"  # the held-back last byte, after the verdict
+        with pytest.raises(trio.EndOfChannel):
+            await reader.receive()
+        assert passes == before
+        nursery.cancel_scope.cancel()
     reader.close()
     assert len(shares) == 0
 
